@@ -1,0 +1,42 @@
+# The front door: `make run` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/local.toml
+# The local config's simulated Azure upstream checks this key, like Azure checks yours.
+export RELAY_SIMULATOR_KEY ?= local-simulator-key
+
+.PHONY: venv run simulate test lint typecheck pytest format clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: venv
+	$(BIN)/relay serve --config $(CONFIG)
+
+simulate: venv
+	$(BIN)/relay simulate
+
+lint: venv
+	$(BIN)/ruff check relay tests
+	$(BIN)/ruff format --check relay tests
+
+format: venv
+	$(BIN)/ruff format relay tests
+	$(BIN)/ruff check --fix relay tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

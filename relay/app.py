@@ -1,0 +1,98 @@
+"""The aiohttp application: typed state, resource lifetimes, routes, shutdown."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from relay import handlers
+from relay.auth import KeyRing
+from relay.config import RelayConfig
+from relay.credentials import build_credentials
+from relay.routes import REALTIME_PATHS
+from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
+from relay.state import STATE, RelayState
+from relay.upstream import UpstreamTarget, realtime_url
+
+_log = structlog.get_logger("relay.app")
+
+
+def create_app(config: RelayConfig, environ: Mapping[str, str]) -> web.Application:
+    """Build the relay; raises ConfigError when a secret it needs is missing."""
+    state = RelayState(
+        config=config,
+        keyring=KeyRing.from_teams(config.teams.values()),
+        credentials=build_credentials(config.deployments, environ),
+    )
+    app = web.Application()
+    app[STATE] = state
+    app.cleanup_ctx.append(_simulator)
+    app.cleanup_ctx.append(_upstream_http)
+    app.on_shutdown.append(_close_sessions)
+    for path in REALTIME_PATHS:
+        app.router.add_get(path, handlers.realtime)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    return app
+
+
+async def _simulator(app: web.Application) -> AsyncIterator[None]:
+    """Start the built-in simulated upstream when a deployment uses it."""
+    state = app[STATE]
+    simulated = [d for d in state.config.deployments.values() if d.uses_simulator]
+    running: RunningSimulator | None = None
+    if simulated:
+        # The simulator accepts exactly the keys the relay will present to it.
+        keys = frozenset(
+            [(await state.credentials[d.name].headers()).get("api-key", "") for d in simulated]
+        )
+        running = await start_simulator(
+            SimulatorOptions(api_keys=keys, speed=state.config.simulator.speed)
+        )
+        state.simulator_url = running.url
+        _log.info("simulator_started", url=running.url, deployments=[d.name for d in simulated])
+    try:
+        yield
+    finally:
+        if running is not None:
+            await running.close()
+
+
+async def _upstream_http(app: web.Application) -> AsyncIterator[None]:
+    """One client session for every upstream socket, without aiohttp's 100-connection cap."""
+    state = app[STATE]
+    ssl_context = ssl.create_default_context()
+    if state.config.upstream.ca_file is not None:
+        ssl_context.load_verify_locations(cafile=state.config.upstream.ca_file)
+    connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=state.config.upstream.connect_timeout_seconds
+    )
+    state.http = aiohttp.ClientSession(connector=connector, timeout=timeout)
+    for name, deployment in state.config.deployments.items():
+        endpoint = state.simulator_url if deployment.uses_simulator else deployment.endpoint
+        assert endpoint is not None
+        state.targets[name] = UpstreamTarget(
+            deployment, realtime_url(endpoint, deployment), state.credentials[name]
+        )
+    try:
+        yield
+    finally:
+        state.targets.clear()
+        await state.http.close()
+
+
+async def _close_sessions(app: web.Application) -> None:
+    state = app[STATE]
+    state.draining = True
+    for bridge in list(state.bridges):
+        await bridge.stop(
+            1001,
+            "relay shutting down",
+            error_code="relay_shutting_down",
+            message="The relay is restarting; reconnect to continue.",
+        )

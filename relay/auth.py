@@ -1,0 +1,72 @@
+"""Client authentication: find the relay key in a request, and the team it belongs to.
+
+Pure functions over headers, query and offered subprotocols; no I/O. Keys are compared by
+their SHA-256 hash in constant time, so neither the stored hashes nor the timing say
+anything about a key. Relay keys are random tokens, not passwords: a fast hash is right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from relay.config import TeamConfig
+
+# Browsers cannot set headers on a WebSocket, so OpenAI's browser clients send the key as a
+# subprotocol; the server must then select `realtime` or the browser aborts the handshake.
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+REALTIME_SUBPROTOCOL = "realtime"
+
+
+def hash_key(key: str) -> str:
+    """The form a relay key is stored in: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def find_key(
+    headers: Mapping[str, str], query: Mapping[str, str], subprotocols: Iterable[str]
+) -> str | None:
+    """The relay key the client presented, from the first place that has one."""
+    if key := headers.get("api-key", "").strip():
+        return key
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    for protocol in subprotocols:
+        if protocol.startswith(KEY_SUBPROTOCOL_PREFIX) and len(protocol) > len(
+            KEY_SUBPROTOCOL_PREFIX
+        ):
+            return protocol[len(KEY_SUBPROTOCOL_PREFIX) :]
+    if key := query.get("api-key", "").strip():
+        return key
+    # Azure's browser rtclient sends `?Authorization=Bearer <token>`.
+    scheme, _, token = query.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """Every team's key hashes, checked all at once in constant time."""
+
+    entries: tuple[tuple[bytes, TeamConfig], ...]
+
+    @classmethod
+    def from_teams(cls, teams: Iterable[TeamConfig]) -> KeyRing:
+        return cls(tuple((h.encode("ascii"), team) for team in teams for h in team.keys))
+
+    def identify(self, key: str) -> TeamConfig | None:
+        presented = hash_key(key).encode("ascii")
+        found: TeamConfig | None = None
+        # No early exit: every stored hash is compared whatever matches.
+        for stored, team in self.entries:
+            if hmac.compare_digest(presented, stored):
+                found = team
+        return found
+
+
+def offered_subprotocols(header: str) -> list[str]:
+    return [p.strip() for p in header.split(",") if p.strip()]

@@ -1,0 +1,371 @@
+"""Typed, validated configuration: a TOML file plus ``RELAY_*`` environment overrides.
+
+The file never holds secrets: it names the environment variable that holds each upstream key,
+and stores team keys as hashes (``relay hash-key``). Every problem found is reported at once,
+each naming where it came from (file or env var), the key and what is wrong.
+
+Environment overrides: ``RELAY_<SECTION>__<KEY>`` sets ``section.key``; ``__`` separates
+levels, matching is case-insensitive and ``-`` in names matches ``_``. So
+``RELAY_SERVER__PORT=9000`` sets ``server.port`` and
+``RELAY_DEPLOYMENTS__GPT_REALTIME__ENDPOINT=...`` sets ``deployments.gpt-realtime.endpoint``.
+Values are read as TOML values when they parse (``9000``, ``true``, ``["a", "b"]``) and as
+plain strings otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from relay.errors import ConfigError
+
+ENV_PREFIX = "RELAY_"
+SIMULATOR_ENDPOINT = "simulator"
+GA_API_VERSION = "2025-08-28"
+DEFAULT_PREVIEW_API_VERSION = "2025-04-01-preview"
+KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _positive(value: float, what: str) -> None:
+    if value <= 0:
+        raise ValueError(f"{what} must be greater than 0")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Largest WebSocket message accepted from either side. The API allows 15 MiB appends and
+    # real services send several-MiB events, so the default leaves room above that.
+    max_message_bytes: int = 16 * 1024 * 1024
+    heartbeat_seconds: float = 20.0
+    close_timeout_seconds: float = 5.0
+    tls: TlsConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+        _positive(self.max_message_bytes, "max_message_bytes")
+        _positive(self.heartbeat_seconds, "heartbeat_seconds")
+        _positive(self.close_timeout_seconds, "close_timeout_seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout_seconds: float = 10.0
+    heartbeat_seconds: float = 20.0
+    # Extra CA bundle for upstream TLS (private endpoints, test fakes); system CAs otherwise.
+    ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.connect_timeout_seconds, "connect_timeout_seconds")
+        _positive(self.heartbeat_seconds, "heartbeat_seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    # Audio pacing of the built-in simulator: 1.0 is real time, 0 as fast as possible.
+    speed: float = 1.0
+    # A key for local use only, printed by `relay serve` so a new user can connect at once.
+    # It must match one of the teams' key hashes. Never set it in production.
+    demo_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.speed < 0:
+            raise ValueError("speed must be 0 or more")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialConfig:
+    type: Literal["api-key"] = "api-key"
+    # Name of the environment variable that holds the Azure key.
+    env: str = "AZURE_OPENAI_API_KEY"
+
+    def __post_init__(self) -> None:
+        if not _ENV_NAME_RE.match(self.env):
+            raise ValueError(f"env must be an environment variable name, got {self.env!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    """A deployment clients ask for by name, and the Azure deployment behind it."""
+
+    name: str
+    # `https://<resource>.openai.azure.com` (or any base URL), or "simulator" for the
+    # built-in simulated upstream started in the same process.
+    endpoint: str
+    credential: CredentialConfig
+    # Deployment name on the Azure resource; defaults to the relay-side name.
+    azure_deployment: str = ""
+    protocol: Literal["ga", "preview"] = "ga"
+    # Only for protocol = "preview"; the GA endpoint takes no api-version.
+    api_version: str = DEFAULT_PREVIEW_API_VERSION
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"deployment name {self.name!r} must match {_NAME_RE.pattern}")
+        if self.endpoint != SIMULATOR_ENDPOINT and not re.match(
+            r"^(https?|wss?)://", self.endpoint
+        ):
+            raise ValueError(
+                f"endpoint must be an http(s):// or ws(s):// URL or {SIMULATOR_ENDPOINT!r}, "
+                f"got {self.endpoint!r}"
+            )
+        if not self.azure_deployment:
+            object.__setattr__(self, "azure_deployment", self.name)
+
+    @property
+    def uses_simulator(self) -> bool:
+        return self.endpoint == SIMULATOR_ENDPOINT
+
+
+@dataclass(frozen=True, slots=True)
+class TeamConfig:
+    name: str
+    # Hashes of the team's relay keys, as printed by `relay hash-key`.
+    keys: tuple[str, ...]
+    deployments: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("keys must list at least one key hash")
+        for key in self.keys:
+            if not KEY_HASH_RE.match(key):
+                raise ValueError(
+                    "keys must hold hashes made by `relay hash-key` (sha256:<64 hex>), "
+                    "never the keys themselves"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    deployments: Mapping[str, DeploymentConfig]
+    teams: Mapping[str, TeamConfig]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+
+    @property
+    def uses_simulator(self) -> bool:
+        return any(d.uses_simulator for d in self.deployments.values())
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, environ: Mapping[str, str]) -> RelayConfig:
+    """Read, override from ``environ`` and validate; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    overridden = apply_env_overrides(data, environ)
+    return parse_config(data, source=str(path), overridden=overridden)
+
+
+def parse_config(
+    data: dict[str, Any], *, source: str, overridden: Mapping[str, str] | None = None
+) -> RelayConfig:
+    builder = _Builder(source, overridden or {})
+    config = builder.build(RelayConfig, data, "")
+    if not builder.problems:
+        builder.check_references(config)
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    assert isinstance(config, RelayConfig)
+    return config
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply ``RELAY_A__B=value`` to ``data`` in place; return {dotted key: env var name}."""
+    applied: dict[str, str] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        segments = var[len(ENV_PREFIX) :].split("__")
+        if not all(segments):
+            continue
+        table = data
+        keys: list[str] = []
+        for segment in segments[:-1]:
+            key = _match_key(table, segment)
+            child = table.setdefault(key, {})
+            if not isinstance(child, dict):
+                break
+            table = child
+            keys.append(key)
+        else:
+            key = _match_key(table, segments[-1])
+            table[key] = _env_value(environ[var])
+            applied[".".join([*keys, key])] = var
+    return applied
+
+
+def _match_key(table: Mapping[str, Any], segment: str) -> str:
+    wanted = segment.lower()
+    for key in table:
+        if key.lower().replace("-", "_") == wanted:
+            return key
+    return wanted
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+class _Builder:
+    """Builds frozen dataclasses from TOML tables by their type hints, collecting problems."""
+
+    def __init__(self, source: str, overridden: Mapping[str, str]) -> None:
+        self.source = source
+        self.overridden = overridden
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        where = self.overridden.get(key, self.source)
+        self.problems.append(f"{where}: {key or '(top level)'}: {message}")
+
+    def build(self, cls: type[Any], data: Any, key: str, name: str | None = None) -> Any:
+        if not isinstance(data, dict):
+            self.problem(key, f"must be a table, got {_describe(data)}")
+            return None
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        for unknown in sorted(set(data) - known - {"name"}):
+            self.problem(_join(key, unknown), "unknown key")
+        kwargs: dict[str, Any] = {}
+        failed = False
+        for f in fields(cls):
+            sub = _join(key, f.name)
+            if f.name == "name" and name is not None:
+                kwargs["name"] = name
+            elif f.name in data:
+                value = self.convert(hints[f.name], data[f.name], sub)
+                if value is _INVALID:
+                    failed = True
+                else:
+                    kwargs[f.name] = value
+            elif f.default is MISSING and f.default_factory is MISSING:
+                self.problem(sub, "is required")
+                failed = True
+        if failed:
+            return None
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            self.problem(key, str(exc))
+            return None
+
+    def convert(self, hint: Any, value: Any, key: str) -> Any:
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin in (types.UnionType, typing.Union):
+            inner = [a for a in args if a is not type(None)]
+            return self.convert(inner[0], value, key)
+        if origin is Literal:
+            if value in args:
+                return value
+            return self._bad(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        if origin is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                return self._bad(key, f"must be a list of strings, got {_describe(value)}")
+            return tuple(value)
+        if origin in (Mapping, dict):
+            if not isinstance(value, dict):
+                return self._bad(key, f"must be a table, got {_describe(value)}")
+            item_cls = args[1]
+            built = {n: self.build(item_cls, v, _join(key, n), name=n) for n, v in value.items()}
+            return built if None not in built.values() else _INVALID
+        if is_dataclass(hint):
+            built = self.build(typing.cast(type[Any], hint), value, key)
+            return _INVALID if built is None else built
+        if hint is bool:
+            return value if isinstance(value, bool) else self._bad(key, "must be true or false")
+        if hint is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            return self._bad(key, f"must be an integer, got {_describe(value)}")
+        if hint is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            return self._bad(key, f"must be a number, got {_describe(value)}")
+        if hint is str:
+            return value if isinstance(value, str) else self._bad(key, "must be a string")
+        if hint is Path:
+            return Path(value) if isinstance(value, str) else self._bad(key, "must be a path")
+        raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module, not config
+
+    def _bad(self, key: str, message: str) -> object:
+        self.problem(key, message)
+        return _INVALID
+
+    def check_references(self, config: RelayConfig) -> None:
+        if not config.deployments:
+            self.problem("deployments", "define at least one deployment")
+        if not config.teams:
+            self.problem("teams", "define at least one team")
+        for team in config.teams.values():
+            for deployment in team.deployments:
+                if deployment not in config.deployments:
+                    self.problem(
+                        f"teams.{team.name}.deployments",
+                        f"names unknown deployment {deployment!r}",
+                    )
+
+
+_INVALID = object()
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a table"
+
+
+def masked_config(config: RelayConfig) -> dict[str, Any]:
+    """The effective config as plain data, with secret values masked, for `check-config`."""
+    data = _plain(config)
+    if config.simulator.demo_key:
+        data["simulator"]["demo_key"] = "***"
+    return typing.cast(dict[str, Any], data)
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,50 @@
+"""Errors the relay raises, by who is at fault.
+
+    RelayError
+    ├── ConfigError          the operator's config or environment is wrong (exit 2 at start-up)
+    ├── ClientRefused        the client's request is refused before the upgrade (HTTP status)
+    └── UpstreamRefused      the upstream could not be reached or refused us (HTTP status)
+
+Refusals carry the HTTP status the client gets, a stable machine-readable ``code`` and a
+message that is safe to show: never a key, token or upstream URL with credentials.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base of every error the relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """One or more problems in the configuration, each naming its source and key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class HttpRefusal(RelayError):
+    """A refusal answered with an HTTP status and a JSON body, before any upgrade."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ClientRefused(HttpRefusal):
+    """The client's request is wrong: bad key, unknown deployment, bad route."""
+
+
+class UpstreamRefused(HttpRefusal):
+    """The upstream could not be reached, timed out, or refused the relay."""

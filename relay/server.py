@@ -1,0 +1,68 @@
+"""Running the relay as a process: listeners, TLS, signals, orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+import ssl
+from collections.abc import Callable, Mapping
+
+import structlog
+from aiohttp import web
+
+from relay.app import create_app
+from relay.config import RelayConfig, TlsConfig
+from relay.logsetup import AccessLogger
+
+_log = structlog.get_logger("relay.server")
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
+    return context
+
+
+async def run_server(
+    config: RelayConfig,
+    environ: Mapping[str, str],
+    *,
+    on_ready: Callable[[str], None] = lambda url: None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then close every session and exit."""
+    app = create_app(config, environ)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        shutdown_timeout=config.server.close_timeout_seconds,
+    )
+    await runner.setup()
+    try:
+        tls = config.server.tls
+        site = web.TCPSite(
+            runner,
+            config.server.host,
+            config.server.port,
+            ssl_context=server_ssl_context(tls) if tls else None,
+        )
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        url = f"{'wss' if tls else 'ws'}://{_host_for_url(host)}:{port}"
+        # Objects made at start-up live forever: keep them out of every future GC pass.
+        gc.freeze()
+        _log.info("relay_listening", url=url)
+        on_ready(url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        _log.info("relay_stopping")
+    finally:
+        await runner.cleanup()
+    _log.info("relay_stopped")
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,40 @@
+"""What the handlers share: built once at start-up, read per request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from relay.auth import KeyRing
+from relay.config import RelayConfig
+from relay.credentials import UpstreamCredential
+from relay.pump import Bridge
+from relay.upstream import UpstreamTarget
+
+
+@dataclass(slots=True)
+class RelayState:
+    """What the handlers share: built once at start-up, read per request."""
+
+    config: RelayConfig
+    keyring: KeyRing
+    credentials: Mapping[str, UpstreamCredential]
+    targets: dict[str, UpstreamTarget] = field(default_factory=dict)
+    http: aiohttp.ClientSession | None = None
+    bridges: set[Bridge] = field(default_factory=set)
+    draining: bool = False
+    simulator_url: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return (
+            not self.draining
+            and bool(self.targets)
+            and all(c.usable for c in self.credentials.values())
+        )
+
+
+STATE = web.AppKey("state", RelayState)

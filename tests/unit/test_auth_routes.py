@@ -1,0 +1,88 @@
+import pytest
+
+from relay.auth import KeyRing, find_key, hash_key, offered_subprotocols
+from relay.config import CredentialConfig, DeploymentConfig, TeamConfig
+from relay.errors import ClientRefused
+from relay.routes import parse_realtime_request, resolve_deployment
+
+TEAM_A = TeamConfig("a", (hash_key("key-a"), hash_key("key-a2")), ("gpt-realtime",))
+TEAM_B = TeamConfig("b", (hash_key("key-b"),), ("gpt-realtime", "mini"))
+CRED = CredentialConfig()
+DEPLOYMENTS = {
+    "gpt-realtime": DeploymentConfig("gpt-realtime", "https://r.openai.azure.com", CRED),
+    "mini": DeploymentConfig("mini", "https://r.openai.azure.com", CRED),
+    "old": DeploymentConfig("old", "https://r.openai.azure.com", CRED, protocol="preview"),
+}
+
+
+def test_hash_is_stable_and_prefixed():
+    assert (
+        hash_key("abc") == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "protocols", "expected"),
+    [
+        ({"api-key": "k1"}, {}, [], "k1"),
+        ({"Authorization": "Bearer k2"}, {}, [], "k2"),
+        ({"Authorization": "bearer  k2 "}, {}, [], "k2"),
+        ({}, {}, ["realtime", "openai-insecure-api-key.k3"], "k3"),
+        ({}, {"api-key": "k4"}, [], "k4"),
+        ({}, {"Authorization": "Bearer k5"}, [], "k5"),
+        ({"Authorization": "Basic abc"}, {}, [], None),
+        ({}, {}, ["realtime", "openai-insecure-api-key."], None),
+        ({}, {}, [], None),
+        ({"api-key": "header"}, {"api-key": "query"}, [], "header"),
+    ],
+)
+def test_find_key(headers, query, protocols, expected):
+    assert find_key(headers, query, protocols) == expected
+
+
+def test_keyring_identifies_teams():
+    ring = KeyRing.from_teams([TEAM_A, TEAM_B])
+    assert ring.identify("key-a") is TEAM_A
+    assert ring.identify("key-a2") is TEAM_A
+    assert ring.identify("key-b") is TEAM_B
+    assert ring.identify("key-c") is None
+    assert ring.identify("") is None
+
+
+def test_offered_subprotocols():
+    assert offered_subprotocols("realtime, openai-insecure-api-key.x ,") == [
+        "realtime",
+        "openai-insecure-api-key.x",
+    ]
+
+
+def test_deployment_from_model_or_deployment_query():
+    assert parse_realtime_request({"model": "m"}, {}, []).deployment == "m"
+    assert parse_realtime_request({"deployment": "d", "api-version": "v"}, {}, []).deployment == "d"
+    with pytest.raises(ClientRefused) as info:
+        parse_realtime_request({}, {}, [])
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("team", "name", "beta", "status"),
+    [
+        (TEAM_A, "missing", False, 404),
+        (TEAM_A, "mini", False, 403),
+        (TEAM_B, "gpt-realtime", True, 400),
+    ],
+)
+def test_resolve_deployment_refusals(team, name, beta, status):
+    request = parse_realtime_request(
+        {"model": name}, {"OpenAI-Beta": "realtime=v1"} if beta else {}, []
+    )
+    with pytest.raises(ClientRefused) as info:
+        resolve_deployment(request, team, DEPLOYMENTS)
+    assert info.value.status == status
+
+
+def test_beta_client_on_a_preview_deployment_is_fine():
+    request = parse_realtime_request({"model": "old"}, {}, ["openai-beta.realtime-v1"])
+    assert request.wants_beta
+    team = TeamConfig("c", TEAM_B.keys, ("old",))
+    assert resolve_deployment(request, team, DEPLOYMENTS).name == "old"

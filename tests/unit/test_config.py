@@ -1,0 +1,145 @@
+from pathlib import Path
+
+import pytest
+
+from relay.config import load_config, masked_config, parse_config
+from relay.credentials import build_credentials
+from relay.errors import ConfigError
+
+HASH = "sha256:" + "a" * 64
+
+
+def minimal(**server):
+    return {
+        "server": server,
+        "deployments": {
+            "gpt-realtime": {
+                "endpoint": "https://res.openai.azure.com",
+                "credential": {"env": "AZ_KEY"},
+            }
+        },
+        "teams": {"t1": {"keys": [HASH], "deployments": ["gpt-realtime"]}},
+    }
+
+
+def problems(data, overridden=None):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="relay.toml", overridden=overridden)
+    return info.value.problems
+
+
+def test_minimal_config_gets_defaults():
+    config = parse_config(minimal(), source="relay.toml")
+    assert config.server.port == 8080
+    deployment = config.deployments["gpt-realtime"]
+    assert deployment.azure_deployment == "gpt-realtime"
+    assert deployment.protocol == "ga"
+    assert config.teams["t1"].deployments == ("gpt-realtime",)
+
+
+def test_every_problem_is_reported_with_source_and_key():
+    data = minimal(port="eighty", colour="blue")
+    data["teams"]["t1"]["keys"] = ["plain-text-key"]
+    data["deployments"]["gpt-realtime"]["protocol"] = "beta"
+    found = problems(data)
+    assert "relay.toml: server.port: must be an integer, got str 'eighty'" in found
+    assert "relay.toml: server.colour: unknown key" in found
+    assert any(
+        p.startswith("relay.toml: deployments.gpt-realtime.protocol: must be one of") for p in found
+    )
+    assert any(p.startswith("relay.toml: teams.t1: keys must hold hashes") for p in found)
+
+
+def test_range_checks_and_required_keys():
+    data = minimal(port=70000)
+    del data["deployments"]["gpt-realtime"]["credential"]
+    found = problems(data)
+    assert "relay.toml: server: port must be between 0 and 65535" in found
+    assert "relay.toml: deployments.gpt-realtime.credential: is required" in found
+
+
+def test_team_naming_an_unknown_deployment():
+    data = minimal()
+    data["teams"]["t1"]["deployments"] = ["nope"]
+    assert problems(data) == ["relay.toml: teams.t1.deployments: names unknown deployment 'nope'"]
+
+
+def test_bad_endpoint():
+    data = minimal()
+    data["deployments"]["gpt-realtime"]["endpoint"] = "res.openai.azure.com"
+    assert "endpoint must be an http(s):// or ws(s):// URL" in problems(data)[0]
+
+
+def test_env_overrides_follow_the_naming_rule(tmp_path: Path):
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        """
+[server]
+port = 8080
+[deployments.gpt-realtime]
+endpoint = "https://res.openai.azure.com"
+credential = { env = "AZ_KEY" }
+[teams.t1]
+keys = ["%s"]
+deployments = ["gpt-realtime"]
+"""
+        % HASH
+    )
+    environ = {
+        "RELAY_SERVER__PORT": "9001",
+        "RELAY_SERVER__HOST": "0.0.0.0",
+        "RELAY_DEPLOYMENTS__GPT_REALTIME__ENDPOINT": "https://other.openai.azure.com",
+        "RELAY_LOGGING__LEVEL": "debug",
+        "UNRELATED": "x",
+    }
+    config = load_config(path, environ)
+    assert config.server.port == 9001
+    assert config.server.host == "0.0.0.0"
+    assert config.deployments["gpt-realtime"].endpoint == "https://other.openai.azure.com"
+    assert config.logging.level == "debug"
+
+
+def test_env_override_errors_name_the_variable(tmp_path: Path):
+    path = tmp_path / "relay.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"RELAY_SERVER__PORT": "many"})
+    assert (
+        "RELAY_SERVER__PORT: server.port: must be an integer, got str 'many'" in info.value.problems
+    )
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml", {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, {})
+
+
+def test_missing_secret_names_the_variable_not_a_value():
+    config = parse_config(minimal(), source="relay.toml")
+    with pytest.raises(ConfigError) as info:
+        build_credentials(config.deployments, {})
+    assert info.value.problems == [
+        "environment: deployments.gpt-realtime.credential: environment variable AZ_KEY is not set or empty"
+    ]
+    credentials = build_credentials(config.deployments, {"AZ_KEY": "s3cret-azure"})
+    assert "s3cret" not in repr(credentials)
+
+
+def test_masked_config_hides_the_demo_key():
+    data = minimal()
+    data["simulator"] = {"demo_key": "rk-demo"}
+    masked = masked_config(parse_config(data, source="relay.toml"))
+    assert masked["simulator"]["demo_key"] == "***"
+    assert masked["deployments"]["gpt-realtime"]["credential"] == {
+        "type": "api-key",
+        "env": "AZ_KEY",
+    }
+
+
+def test_shipped_configs_are_valid():
+    for path in Path("config").glob("*.toml"):
+        load_config(path, {})

@@ -1,0 +1,81 @@
+import pytest
+
+from relay.config import CredentialConfig, DeploymentConfig
+from relay.pump import Ending, close_for_client, close_for_upstream
+from relay.upstream import realtime_url, refusal_for_status
+
+CRED = CredentialConfig()
+
+
+def test_ga_url_has_no_api_version():
+    deployment = DeploymentConfig("relay-name", "https://res.openai.azure.com", CRED, "gpt-rt")
+    url = realtime_url(deployment.endpoint, deployment)
+    assert str(url) == "wss://res.openai.azure.com/openai/v1/realtime?model=gpt-rt"
+
+
+def test_preview_url():
+    deployment = DeploymentConfig(
+        "old",
+        "https://res.openai.azure.com/",
+        CRED,
+        protocol="preview",
+        api_version="2025-04-01-preview",
+    )
+    url = realtime_url(deployment.endpoint, deployment)
+    assert str(url) == (
+        "wss://res.openai.azure.com/openai/realtime?api-version=2025-04-01-preview&deployment=old"
+    )
+
+
+def test_plain_http_endpoint_and_path_prefix():
+    deployment = DeploymentConfig("d", "http://127.0.0.1:9000/gateway", CRED)
+    assert str(realtime_url(deployment.endpoint, deployment)) == (
+        "ws://127.0.0.1:9000/gateway/openai/v1/realtime?model=d"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected_status", "code"),
+    [
+        (401, None, 502, "upstream_auth_failed"),
+        (403, None, 502, "upstream_auth_failed"),
+        (429, "7", 429, "upstream_rate_limited"),
+        (500, None, 502, "upstream_error"),
+        (503, None, 502, "upstream_error"),
+        (404, None, 502, "upstream_error"),
+        (200, None, 502, "upstream_not_websocket"),
+    ],
+)
+def test_handshake_status_mapping(status, retry_after, expected_status, code):
+    refusal = refusal_for_status(status, retry_after)
+    assert (refusal.status, refusal.code) == (expected_status, code)
+    if status == 429:
+        assert refusal.retry_after == "7"
+
+
+def test_429_without_retry_after_still_says_when():
+    assert refusal_for_status(429, None).retry_after == "1"
+
+
+@pytest.mark.parametrize(
+    ("ending", "to_upstream", "to_client"),
+    [
+        (Ending("client", 1000, "bye"), (1000, "bye"), (1011, "upstream connection lost")),
+        (Ending("client", 4001, "app"), (4001, "app"), (1011, "upstream connection lost")),
+        (Ending("client", 1006, "lost", clean=False), (1001, "client went away"), None),
+        (Ending("client", 1005, ""), (1001, "client went away"), None),
+        (Ending("upstream", 1000, "done"), None, (1000, "done")),
+        (Ending("upstream", 4000, "x"), None, (4000, "x")),
+        (Ending("upstream", 1006, "lost", clean=False), None, (1011, "upstream connection lost")),
+        (
+            Ending("relay", 1001, "shutting down"),
+            (1001, "relay closed the session"),
+            (1001, "shutting down"),
+        ),
+    ],
+)
+def test_close_code_mapping(ending, to_upstream, to_client):
+    if to_upstream is not None:
+        assert close_for_upstream(ending) == to_upstream
+    if to_client is not None:
+        assert close_for_client(ending) == to_client
