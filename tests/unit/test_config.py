@@ -73,17 +73,16 @@ def test_bad_endpoint():
 def test_env_overrides_follow_the_naming_rule(tmp_path: Path):
     path = tmp_path / "relay.toml"
     path.write_text(
-        """
+        f"""
 [server]
 port = 8080
 [deployments.gpt-realtime]
 endpoint = "https://res.openai.azure.com"
-credential = { env = "AZ_KEY" }
+credential = {{ env = "AZ_KEY" }}
 [teams.t1]
-keys = ["%s"]
+keys = ["{HASH}"]
 deployments = ["gpt-realtime"]
 """
-        % HASH
     )
     environ = {
         "RELAY_SERVER__PORT": "9001",
