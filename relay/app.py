@@ -13,6 +13,7 @@ from relay import handlers
 from relay.auth import KeyRing
 from relay.config import RelayConfig
 from relay.credentials import build_credentials
+from relay.policy import build_policy
 from relay.routes import REALTIME_PATHS
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import STATE, RelayState
@@ -27,6 +28,11 @@ def create_app(config: RelayConfig, environ: Mapping[str, str]) -> web.Applicati
         config=config,
         keyring=KeyRing.from_teams(config.teams.values()),
         credentials=build_credentials(config.deployments, environ),
+        policies={
+            (team.name, name): build_policy(config.deployments[name], team)
+            for team in config.teams.values()
+            for name in team.deployments
+        },
     )
     app = web.Application()
     app[STATE] = state

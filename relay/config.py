@@ -18,7 +18,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +106,67 @@ class CredentialConfig:
             raise ValueError(f"env must be an environment variable name, got {self.env!r}")
 
 
+# Top-level fields of a GA `session` object (RealtimeSessionCreateRequest).
+GA_SESSION_FIELDS = frozenset(
+    {
+        "type", "audio", "include", "instructions", "max_output_tokens", "model",
+        "output_modalities", "parallel_tool_calls", "prompt", "reasoning", "tool_choice",
+        "tools", "tracing", "truncation",
+    }
+)  # fmt: skip
+
+
+def _check_session_fields(fragment: Mapping[str, Any], what: str) -> None:
+    unknown = sorted(set(fragment) - GA_SESSION_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"{what} names {', '.join(unknown)}, not GA session fields "
+            "(write defaults and rules in GA names; preview deployments get them translated)"
+        )
+
+
+def _check_session_paths(paths: Iterable[str], what: str) -> None:
+    _check_session_fields({path.split(".")[0]: None for path in paths}, what)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Session rules. Unset fields inherit: team over deployment over built-in defaults."""
+
+    # GA dotted paths the client may not change, e.g. "instructions", "audio.output.voice".
+    locked: tuple[str, ...] | None = None
+    # GA dotted path -> the values a client may set, e.g. {"audio.output.voice" = [...]}.
+    allowed_values: Mapping[str, tuple[str, ...]] | None = None
+    # GA dotted path -> the largest number a client may set, e.g. {max_output_tokens = 1024}.
+    max_values: Mapping[str, float] | None = None
+    # Always kept in front of whatever instructions the client sets.
+    instructions_prefix: str | None = None
+    # Client event types let through; the default is every documented client event.
+    allowed_events: tuple[str, ...] | None = None
+    max_frame_bytes: int | None = None
+    # Decoded audio bytes per `input_audio_buffer.append` (the API's limit is 15 MiB).
+    max_append_audio_bytes: int | None = None
+    max_session_seconds: float | None = None
+    # Seconds without a client event before the session is closed.
+    idle_timeout_seconds: float | None = None
+    # Rejected client events tolerated before the session is closed.
+    max_violations: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_session_paths(self.locked or (), "locked")
+        _check_session_paths(self.allowed_values or {}, "allowed_values")
+        _check_session_paths(self.max_values or {}, "max_values")
+        for name in (
+            "max_frame_bytes", "max_append_audio_bytes", "max_session_seconds",
+            "idle_timeout_seconds",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                _positive(value, name)
+        if self.max_violations is not None and self.max_violations < 0:
+            raise ValueError("max_violations must be 0 or more")
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentConfig:
     """A deployment clients ask for by name, and the Azure deployment behind it."""
@@ -120,8 +181,12 @@ class DeploymentConfig:
     protocol: Literal["ga", "preview"] = "ga"
     # Only for protocol = "preview"; the GA endpoint takes no api-version.
     api_version: str = DEFAULT_PREVIEW_API_VERSION
+    # Session defaults (a GA `session` fragment) and rules for every team on this deployment.
+    session: dict[str, Any] = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
+        _check_session_fields(self.session, "session")
         if not _NAME_RE.match(self.name):
             raise ValueError(f"deployment name {self.name!r} must match {_NAME_RE.pattern}")
         if self.endpoint != SIMULATOR_ENDPOINT and not re.match(
@@ -145,8 +210,12 @@ class TeamConfig:
     # Hashes of the team's relay keys, as printed by `relay hash-key`.
     keys: tuple[str, ...]
     deployments: tuple[str, ...]
+    # Session defaults and rules of this team, over the deployment's.
+    session: dict[str, Any] = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
+        _check_session_fields(self.session, "session")
         if not self.keys:
             raise ValueError("keys must list at least one key hash")
         for key in self.keys:
@@ -284,6 +353,8 @@ class _Builder:
             return None
 
     def convert(self, hint: Any, value: Any, key: str) -> Any:
+        if hint is Any:
+            return value
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
         if origin in (types.UnionType, typing.Union):
@@ -300,8 +371,12 @@ class _Builder:
         if origin in (Mapping, dict):
             if not isinstance(value, dict):
                 return self._bad(key, f"must be a table, got {_describe(value)}")
-            item_cls = args[1]
-            built = {n: self.build(item_cls, v, _join(key, n), name=n) for n, v in value.items()}
+            item = args[1]
+            if not is_dataclass(item):
+                converted = {n: self.convert(item, v, _join(key, n)) for n, v in value.items()}
+                return converted if _INVALID not in converted.values() else _INVALID
+            cls = typing.cast(type[Any], item)
+            built = {n: self.build(cls, v, _join(key, n), name=n) for n, v in value.items()}
             return built if None not in built.values() else _INVALID
         if is_dataclass(hint):
             built = self.build(typing.cast(type[Any], hint), value, key)

@@ -19,6 +19,7 @@ from relay.errors import ClientRefused, HttpRefusal
 from relay.logsetup import redact_url
 from relay.pump import Bridge
 from relay.routes import parse_realtime_request, resolve_deployment
+from relay.session_setup import start_session
 from relay.state import STATE
 from relay.upstream import open_upstream
 
@@ -40,7 +41,7 @@ def error_response(refusal: HttpRefusal) -> web.Response:
 async def realtime(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     session_id = "rs_" + secrets.token_hex(8)
-    started = time.monotonic()
+    began = time.monotonic()
     log = _log.bind(session_id=session_id, peer=request.remote)
     subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
     try:
@@ -75,6 +76,14 @@ async def realtime(request: web.Request) -> web.StreamResponse:
             heartbeat=state.config.upstream.heartbeat_seconds,
             max_message_bytes=state.config.server.max_message_bytes,
         )
+        policy = state.policies[team.name, deployment.name]
+        try:
+            started = await start_session(
+                upstream, policy, setup_seconds=state.config.upstream.connect_timeout_seconds
+            )
+        except BaseException:
+            await upstream.close(code=1011, message=b"session start failed")
+            raise
     except HttpRefusal as refusal:
         log.warning(
             "session_refused",
@@ -99,16 +108,24 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await upstream.close(code=1001, message=b"client handshake failed")
         raise
-    bridge = Bridge(client, upstream, close_timeout=server.close_timeout_seconds)
+    bridge = Bridge(
+        client,
+        upstream,
+        policy=policy,
+        session=started.session,
+        greeting=(started.created_frame, *started.pending),
+        close_timeout=server.close_timeout_seconds,
+    )
     state.bridges.add(bridge)
-    log.info("session_started", setup_seconds=round(time.monotonic() - started, 6))
+    log.info("session_started", setup_seconds=round(time.monotonic() - began, 6))
     try:
         ending = await bridge.run()
     finally:
         state.bridges.discard(bridge)
     log.info(
         "session_ended",
-        duration_seconds=round(time.monotonic() - started, 3),
+        duration_seconds=round(time.monotonic() - began, 3),
+        violations=bridge.violations,
         ended_by=ending.side,
         close_code=ending.code,
         close_reason=ending.reason,

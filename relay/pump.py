@@ -4,7 +4,13 @@ How it works:
 - One pump per direction reads a frame from one socket and awaits its write to the other
   before reading the next. The write's drain is the backpressure: a slow reader stops its
   peer's pump, whose socket stops being read, whose TCP window closes.
-- Text frames travel as the bytes they arrived as (no decode, no re-encode).
+- Text frames travel as the bytes they arrived as (no decode, no re-encode). Client frames
+  pass the session policy first: a refused event is answered with an `error` event and the
+  session goes on, until too many refusals close it (1008).
+- The upstream's `session.updated` events are parsed to keep the session in force, which
+  the policy judges changes against. Everything else is only sniffed for its type.
+- A watchdog ends the session at the policy's maximum duration or idle timeout, with an
+  `error` event that says why and close code 1008.
 - The first side to end decides the `Ending`. Its pump closes the other socket with the
   mapped close code, which ends the other pump's read; both pumps then return. A relay-side
   stop (shutdown) records its own Ending first and closes both sockets.
@@ -15,14 +21,18 @@ How it works:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
+from relay.codec import FrameError, sniff_type
 from relay.events import error_event
+from relay.policy import PolicyViolation, SessionPolicy
 
 ClientSocket = web.WebSocketResponse[bool]
 UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]
@@ -75,20 +85,41 @@ class Bridge:
     """Forwards frames both ways between one client and one upstream socket."""
 
     def __init__(
-        self, client: ClientSocket, upstream: UpstreamSocket, *, close_timeout: float
+        self,
+        client: ClientSocket,
+        upstream: UpstreamSocket,
+        *,
+        policy: SessionPolicy,
+        session: dict[str, Any],
+        greeting: Sequence[bytes] = (),
+        close_timeout: float,
     ) -> None:
         self.client = client
         self.upstream = upstream
+        self.policy = policy
+        # The session in force, as the upstream last reported it.
+        self.session = session
+        # Frames the client gets before any other: the session.created in force.
+        self.greeting = greeting
         self.close_timeout = close_timeout
         self.ending: Ending | None = None
         self.frames_from_client = 0
         self.frames_from_upstream = 0
+        self.violations = 0
+        self._loop = asyncio.get_running_loop()
+        self.started_at = self._loop.time()
+        self.last_client_event_at = self.started_at
 
     async def run(self) -> Ending:
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._client_to_upstream(), name="pump client->upstream")
-                tasks.create_task(self._upstream_to_client(), name="pump upstream->client")
+                pumps = [
+                    tasks.create_task(self._client_to_upstream(), name="pump client->upstream"),
+                    tasks.create_task(self._upstream_to_client(), name="pump upstream->client"),
+                ]
+                watchdog = tasks.create_task(self._watchdog(), name="session watchdog")
+                await asyncio.wait(pumps)
+                watchdog.cancel()
         except* Exception as group:
             for exc in group.exceptions:
                 _log.error("pump_failed", error=repr(exc))
@@ -101,13 +132,20 @@ class Bridge:
         return self.ending
 
     async def stop(
-        self, code: int, reason: str, *, error_code: str | None = None, message: str = ""
+        self,
+        code: int,
+        reason: str,
+        *,
+        error_code: str | None = None,
+        message: str = "",
+        error_type: str = "server_error",
     ) -> None:
         """End the session from the relay's side: tell the client why, close both."""
         if not self._end(Ending("relay", code, reason)):
             return
         if error_code is not None and not self.client.closed:
-            await self._send_to_client(error_event(error_code, message or reason))
+            event = error_event(error_code, message or reason, error_type=error_type)
+            await self._send_to_client(event)
         await self._close_both()
 
     def _end(self, ending: Ending) -> bool:
@@ -122,8 +160,14 @@ class Bridge:
             msg = await client.receive()
             if msg.type is WSMsgType.TEXT:
                 self.frames_from_client += 1
+                self.last_client_event_at = self._loop.time()
                 try:
-                    await upstream.send_frame(msg.data, WSMsgType.TEXT)
+                    frame = self.policy.check_client_frame(msg.data, self.session)
+                except PolicyViolation as violation:
+                    await self._refuse(violation)
+                    continue
+                try:
+                    await upstream.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the upstream pump sees why
             elif msg.type is WSMsgType.BINARY:
@@ -145,10 +189,16 @@ class Bridge:
 
     async def _upstream_to_client(self) -> None:
         client, upstream = self.client, self.upstream
+        try:
+            for frame in self.greeting:
+                await client.send_frame(frame, WSMsgType.TEXT)
+        except ConnectionError:
+            pass  # the client pump sees why
         while True:
             msg = await upstream.receive()
             if msg.type is WSMsgType.TEXT:
                 self.frames_from_upstream += 1
+                self._observe_upstream(msg.data)
                 try:
                     await client.send_frame(msg.data, WSMsgType.TEXT)
                 except ConnectionError:
@@ -170,6 +220,78 @@ class Bridge:
                     )
                 break
         await self._close_client()
+
+    def _observe_upstream(self, frame: bytes) -> None:
+        try:
+            kind = sniff_type(frame)
+        except FrameError as exc:
+            _log.warning("upstream_invalid_event", code=exc.code, size=len(frame))
+            return
+        if kind == "session.updated":
+            session = orjson.loads(frame).get("session")
+            if isinstance(session, dict):
+                self.session = session
+
+    async def _refuse(self, violation: PolicyViolation) -> None:
+        self.violations += 1
+        _log.info(
+            "client_event_refused",
+            code=violation.code,
+            param=violation.param,
+            violations=self.violations,
+        )
+        await self._send_to_client(
+            error_event(
+                violation.code,
+                violation.message,
+                error_type="invalid_request_error",
+                param=violation.param,
+                event_id=violation.event_id,
+            )
+        )
+        if self.violations > self.policy.max_violations:
+            await self.stop(
+                1008,
+                "too many policy violations",
+                error_code="too_many_violations",
+                message=f"More than {self.policy.max_violations} events were refused; "
+                "the session is closed.",
+                error_type="invalid_request_error",
+            )
+
+    async def _watchdog(self) -> None:
+        """Close the session at its maximum duration or after its idle timeout."""
+        max_seconds = self.policy.max_session_seconds
+        idle_seconds = self.policy.idle_timeout_seconds
+        if max_seconds is None and idle_seconds is None:
+            return
+        while True:
+            deadlines = []
+            if max_seconds is not None:
+                deadlines.append(self.started_at + max_seconds)
+            if idle_seconds is not None:
+                deadlines.append(self.last_client_event_at + idle_seconds)
+            now = self._loop.time()
+            if now < min(deadlines):
+                await asyncio.sleep(min(deadlines) - now)
+                continue
+            if max_seconds is not None and now >= self.started_at + max_seconds:
+                await self.stop(
+                    1008,
+                    "session duration limit reached",
+                    error_code="session_expired",
+                    message=f"The session reached its maximum duration of {max_seconds:g} s.",
+                    error_type="invalid_request_error",
+                )
+            else:
+                await self.stop(
+                    1008,
+                    "idle timeout",
+                    error_code="idle_timeout",
+                    message=f"No client event for {idle_seconds:g} s; the session is closed.",
+                    error_type="invalid_request_error",
+                )
+            return
 
     async def _send_to_client(self, frame: bytes) -> None:
         try:

@@ -11,6 +11,7 @@ from aiohttp import web
 from relay.auth import KeyRing
 from relay.config import RelayConfig
 from relay.credentials import UpstreamCredential
+from relay.policy import SessionPolicy
 from relay.pump import Bridge
 from relay.upstream import UpstreamTarget
 
@@ -22,6 +23,8 @@ class RelayState:
     config: RelayConfig
     keyring: KeyRing
     credentials: Mapping[str, UpstreamCredential]
+    # (team, deployment) -> the effective session policy, built once.
+    policies: Mapping[tuple[str, str], SessionPolicy]
     targets: dict[str, UpstreamTarget] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     bridges: set[Bridge] = field(default_factory=set)

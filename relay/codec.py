@@ -1,0 +1,77 @@
+"""Looking inside frames without parsing them. Pure.
+
+Audio frames are most of the traffic and only need their type (and sometimes the length of
+their base64 payload). Clients put `type` first in practice (the SDKs build the event dict
+with `type` first), so a prefix check answers almost always; anything else gets an exact
+parse with orjson, so the answer is never a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_PREFIXES = (b'{"type":"', b'{"type": "')
+# Longest event type name is under 64 bytes; a prefix longer than this is not a type.
+_MAX_TYPE_LEN = 96
+
+
+class FrameError(ValueError):
+    """The frame is not a JSON object with a string `type`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def sniff_type(frame: bytes) -> str:
+    """The event's `type`; raises FrameError when the frame is not a typed JSON object."""
+    for prefix in _PREFIXES:
+        if frame.startswith(prefix):
+            start = len(prefix)
+            end = frame.find(b'"', start, start + _MAX_TYPE_LEN)
+            if end > start and b"\\" not in frame[start:end]:
+                return frame[start:end].decode("utf-8", "replace")
+    return event_type(parse_event(frame))
+
+
+def parse_event(frame: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError("invalid_json", f"The event is not valid JSON: {exc.msg}.") from exc
+    if not isinstance(event, dict):
+        raise FrameError("invalid_event", "An event must be a JSON object.")
+    event_type(event)
+    return event
+
+
+def event_type(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise FrameError("missing_event_type", "The event has no string `type` field.")
+    return kind
+
+
+def base64_field_length(frame: bytes, field: bytes) -> int | None:
+    """Length of the string value of a top-level ``field`` (e.g. b"audio"), found by scan.
+
+    Base64 holds no quotes or escapes, so the value ends at the next quote. Returns None
+    when the field is not found where expected; callers then parse.
+    """
+    key = b'"' + field + b'"'
+    at = frame.find(key)
+    while at != -1:
+        colon = at + len(key)
+        while frame[colon : colon + 1] == b" ":
+            colon += 1
+        if frame[colon : colon + 1] == b":":
+            start = frame.find(b'"', colon + 1)
+            if start == -1 or frame[colon + 1 : start].strip() != b"":
+                return None
+            end = frame.find(b'"', start + 1)
+            return None if end == -1 else end - start - 1
+        at = frame.find(key, at + 1)
+    return None

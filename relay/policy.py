@@ -1,0 +1,253 @@
+"""Session policy: team defaults and rules, decided on (policy, current session, event). Pure.
+
+Rules:
+- Defaults and rules are written in GA field names and merged team over deployment over
+  built-in defaults, once per (team, deployment) at start-up. A preview deployment gets them
+  translated to preview names then, so checking a frame never translates anything.
+- `check_client_frame` returns the bytes to forward (the very same object when the frame is
+  untouched) or raises `PolicyViolation`. Only the event types a rule concerns are parsed:
+  an audio append is judged by its type prefix and lengths, never decoded.
+- A locked field is "changed" when the client sets it to a value other than the one in
+  force; sending the current value again (as SDKs do) is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from relay.codec import FrameError, base64_field_length, parse_event, sniff_type
+from relay.config import DeploymentConfig, PolicyConfig, TeamConfig
+from relay.session_schema import deep_merge, get_path, preview_path, to_preview_session
+
+Flavour = Literal["ga", "preview"]
+
+# Client events of the realtime API (protocol reference 3.1).
+DOCUMENTED_CLIENT_EVENTS = frozenset(
+    {
+        "session.update",
+        "input_audio_buffer.append",
+        "input_audio_buffer.commit",
+        "input_audio_buffer.clear",
+        "conversation.item.create",
+        "conversation.item.retrieve",
+        "conversation.item.truncate",
+        "conversation.item.delete",
+        "response.create",
+        "response.cancel",
+        "output_audio_buffer.clear",
+    }
+)
+PREVIEW_ONLY_CLIENT_EVENTS = frozenset({"transcription_session.update"})
+API_MAX_APPEND_AUDIO_BYTES = 15 * 1024 * 1024
+DEFAULT_MAX_VIOLATIONS = 10
+DEFAULTS_EVENT_ID = "relay_session_defaults"
+
+
+class PolicyViolation(Exception):
+    """A client event the policy refuses; becomes an `error` event, not a close."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        event_id: str | None = None,
+        code: str = "policy_violation",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.event_id = event_id
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """The effective rules of one team on one deployment, in that deployment's dialect."""
+
+    flavour: Flavour = "ga"
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    locked: tuple[str, ...] = ()
+    allowed_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    max_values: Mapping[str, float] = field(default_factory=dict)
+    instructions_prefix: str = ""
+    allowed_events: frozenset[str] = DOCUMENTED_CLIENT_EVENTS
+    max_frame_bytes: int | None = None
+    max_append_audio_bytes: int = API_MAX_APPEND_AUDIO_BYTES
+    max_session_seconds: float | None = None
+    idle_timeout_seconds: float | None = None
+    max_violations: int = DEFAULT_MAX_VIOLATIONS
+
+    @property
+    def inspects_session(self) -> bool:
+        return bool(self.locked or self.allowed_values or self.max_values)
+
+    def defaults_event(self) -> bytes | None:
+        """The `session.update` that puts the defaults in force, or None when there are none."""
+        if not self.defaults:
+            return None
+        return orjson.dumps(
+            {"type": "session.update", "event_id": DEFAULTS_EVENT_ID, "session": self.defaults}
+        )
+
+    def check_client_frame(self, frame: bytes, session: Mapping[str, Any]) -> bytes:
+        """The frame to forward upstream, given the session in force; or PolicyViolation."""
+        if self.max_frame_bytes is not None and len(frame) > self.max_frame_bytes:
+            raise PolicyViolation(
+                f"The event is {len(frame)} bytes; this deployment allows "
+                f"{self.max_frame_bytes} per event.",
+                event_id=_event_id_of(frame),
+            )
+        try:
+            kind = sniff_type(frame)
+        except FrameError as exc:
+            raise PolicyViolation(exc.message, code=exc.code) from exc
+        if kind not in self.allowed_events:
+            raise PolicyViolation(
+                f"The event type {kind!r} is not allowed here.",
+                param="type",
+                event_id=_event_id_of(frame),
+            )
+        if kind == "input_audio_buffer.append":
+            self._check_append(frame)
+            return frame
+        if kind == "session.update":
+            return self._check_update(frame, "session", session)
+        if kind == "response.create":
+            return self._check_update(frame, "response", session)
+        return frame
+
+    def _check_append(self, frame: bytes) -> None:
+        encoded = base64_field_length(frame, b"audio")
+        if encoded is None:
+            audio = parse_event(frame).get("audio")
+            encoded = len(audio) if isinstance(audio, str) else 0
+        decoded = encoded * 3 // 4
+        if decoded > self.max_append_audio_bytes:
+            raise PolicyViolation(
+                f"The appended audio is {decoded} bytes; at most "
+                f"{self.max_append_audio_bytes} are allowed per append.",
+                param="audio",
+                event_id=_event_id_of(frame),
+            )
+
+    def _check_update(self, frame: bytes, key: str, session: Mapping[str, Any]) -> bytes:
+        if not (self.inspects_session or self.instructions_prefix):
+            return frame
+        try:
+            event = parse_event(frame)
+        except FrameError as exc:
+            raise PolicyViolation(exc.message, code=exc.code) from exc
+        fragment = event.get(key)
+        if not isinstance(fragment, dict):
+            return frame  # nothing set; the upstream judges the shape
+        event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+        self._check_fields(fragment, key, session, event_id)
+        instructions = fragment.get("instructions")
+        if self.instructions_prefix and isinstance(instructions, str):
+            prefixed = with_prefix(self.instructions_prefix, instructions)
+            if prefixed != instructions:
+                fragment["instructions"] = prefixed
+                return orjson.dumps(event)
+        return frame
+
+    def _check_fields(
+        self,
+        fragment: Mapping[str, Any],
+        key: str,
+        session: Mapping[str, Any],
+        event_id: str | None,
+    ) -> None:
+        for path in self.locked:
+            present, value = get_path(fragment, path)
+            if present and value != get_path(session, path)[1]:
+                raise PolicyViolation(
+                    f"{path} is locked by the relay's policy and cannot be changed.",
+                    param=f"{key}.{path}",
+                    event_id=event_id,
+                )
+        for path, allowed in self.allowed_values.items():
+            present, value = get_path(fragment, path)
+            if present and value not in allowed:
+                raise PolicyViolation(
+                    f"{path} must be one of {', '.join(map(repr, allowed))}; got {value!r}.",
+                    param=f"{key}.{path}",
+                    event_id=event_id,
+                )
+        for path, cap in self.max_values.items():
+            present, value = get_path(fragment, path)
+            too_big = not isinstance(value, int | float) or isinstance(value, bool) or value > cap
+            if present and too_big:
+                raise PolicyViolation(
+                    f"{path} may be at most {cap:g}; got {value!r}.",
+                    param=f"{key}.{path}",
+                    event_id=event_id,
+                )
+
+
+def with_prefix(prefix: str, instructions: str) -> str:
+    if instructions.startswith(prefix):
+        return instructions
+    return f"{prefix}\n\n{instructions}" if instructions else prefix
+
+
+def _event_id_of(frame: bytes) -> str | None:
+    try:
+        event_id = orjson.loads(frame).get("event_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return event_id if isinstance(event_id, str) else None
+
+
+def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolicy:
+    """Team over deployment over built-in defaults, in the deployment's dialect."""
+    rules = _overlay(deployment.policy, team.policy)
+    defaults = deep_merge(deployment.session, team.session)
+    prefix = rules.instructions_prefix or ""
+    if prefix and "instructions" in defaults:
+        defaults["instructions"] = with_prefix(prefix, str(defaults["instructions"]))
+    elif prefix:
+        defaults["instructions"] = prefix
+    allowed_events = frozenset(rules.allowed_events or DOCUMENTED_CLIENT_EVENTS)
+    locked = tuple(rules.locked or ())
+    allowed_values = dict(rules.allowed_values or {})
+    max_values = dict(rules.max_values or {})
+    if deployment.protocol == "preview":
+        defaults = to_preview_session(defaults)
+        locked = tuple(preview_path(p) for p in locked)
+        allowed_values = {preview_path(p): v for p, v in allowed_values.items()}
+        max_values = {preview_path(p): v for p, v in max_values.items()}
+        if rules.allowed_events is None:
+            allowed_events |= PREVIEW_ONLY_CLIENT_EVENTS
+    elif defaults:
+        defaults.setdefault("type", "realtime")  # GA requires it
+    return SessionPolicy(
+        flavour=deployment.protocol,
+        defaults=defaults,
+        locked=locked,
+        allowed_values=allowed_values,
+        max_values=max_values,
+        instructions_prefix=prefix,
+        allowed_events=allowed_events,
+        max_frame_bytes=rules.max_frame_bytes,
+        max_append_audio_bytes=rules.max_append_audio_bytes or API_MAX_APPEND_AUDIO_BYTES,
+        max_session_seconds=rules.max_session_seconds,
+        idle_timeout_seconds=rules.idle_timeout_seconds,
+        max_violations=(
+            DEFAULT_MAX_VIOLATIONS if rules.max_violations is None else rules.max_violations
+        ),
+    )
+
+
+def _overlay(base: PolicyConfig, override: PolicyConfig) -> PolicyConfig:
+    values = {
+        name: getattr(override, name)
+        if getattr(override, name) is not None
+        else getattr(base, name)
+        for name in PolicyConfig.__dataclass_fields__
+    }
+    return PolicyConfig(**values)

@@ -1,0 +1,87 @@
+"""Session start: put the team's defaults in force before the client sees anything.
+
+Runs before the client's upgrade completes, so a failure is still an HTTP answer. The
+upstream's `session.created` is held back; the defaults go up as a `session.update`; once
+the upstream confirms with `session.updated`, the client gets a `session.created` showing
+the session actually in force. No client event reaches the upstream before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from relay.codec import FrameError, parse_event
+from relay.errors import UpstreamRefused
+from relay.policy import SessionPolicy
+from relay.upstream import UpstreamSocket
+
+
+@dataclass(slots=True)
+class StartedSession:
+    # The `session.created` the client gets first.
+    created_frame: bytes
+    # The session in force, in the deployment's dialect.
+    session: dict[str, Any]
+    # Other upstream events that arrived during set-up, in order, for the client.
+    pending: list[bytes] = field(default_factory=list)
+
+
+async def start_session(
+    upstream: UpstreamSocket, policy: SessionPolicy, *, setup_seconds: float
+) -> StartedSession:
+    try:
+        async with asyncio.timeout(setup_seconds):
+            created_frame, created = await _next_event(upstream)
+            if created.get("type") != "session.created":
+                raise _refusal(f"expected session.created first, got {created.get('type')!r}")
+            update = policy.defaults_event()
+            if update is None:
+                return StartedSession(created_frame, _session_of(created))
+            await upstream.send_frame(update, aiohttp.WSMsgType.TEXT)
+            pending: list[bytes] = []
+            while True:
+                frame, event = await _next_event(upstream)
+                kind = event.get("type")
+                if kind == "session.updated":
+                    break
+                if kind == "error":
+                    error = event.get("error")
+                    detail = error if isinstance(error, dict) else {}
+                    raise UpstreamRefused(
+                        502,
+                        "session_defaults_rejected",
+                        "The upstream service rejected the relay's session defaults: "
+                        f"{detail.get('message', 'no message')}",
+                    )
+                pending.append(frame)
+    except TimeoutError as exc:
+        raise UpstreamRefused(
+            504, "upstream_timeout", "The upstream service did not start the session in time."
+        ) from exc
+    session = _session_of(event)
+    created["session"] = session
+    return StartedSession(orjson.dumps(created), session, pending)
+
+
+async def _next_event(upstream: UpstreamSocket) -> tuple[bytes, dict[str, Any]]:
+    msg = await upstream.receive()
+    if msg.type is not aiohttp.WSMsgType.TEXT:
+        raise _refusal(f"the upstream closed or failed during session start ({msg.type.name})")
+    try:
+        return msg.data, parse_event(msg.data)
+    except FrameError as exc:
+        raise _refusal(f"the upstream sent an invalid event during session start: {exc}") from exc
+
+
+def _session_of(event: dict[str, Any]) -> dict[str, Any]:
+    session = event.get("session")
+    return session if isinstance(session, dict) else {}
+
+
+def _refusal(detail: str) -> UpstreamRefused:
+    return UpstreamRefused(502, "upstream_protocol_error", f"Session start failed: {detail}.")

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from relay.app import create_app
+from relay.config import RelayConfig
+from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
+from tests.helpers import AZURE_KEY, ENVIRON
+
+RelayFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[RunningSimulator]:
+    running = await start_simulator(SimulatorOptions(api_keys=frozenset({AZURE_KEY}), speed=0))
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+def start_relay(aiohttp_server: Any) -> RelayFactory:
+    """Start a relay for a config on 127.0.0.1:0; stopped (sessions closed) at teardown."""
+
+    async def start(
+        config: RelayConfig, environ: dict[str, str] = ENVIRON, **server_kwargs: Any
+    ) -> TestServer:
+        return await aiohttp_server(create_app(config, environ), **server_kwargs)
+
+    return start
+
+
+@pytest.fixture
+def start_fake(aiohttp_server: Any) -> Callable[[web.Application], Awaitable[TestServer]]:
+    async def start(app: web.Application) -> TestServer:
+        return await aiohttp_server(app)
+
+    return start

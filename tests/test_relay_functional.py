@@ -1,0 +1,320 @@
+"""The relay over loopback: auth, routing, upstream refusals, close propagation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+import structlog
+from aiohttp import WSMsgType, web
+
+from tests.helpers import (
+    ALPHA_KEY,
+    AZURE_KEY,
+    BETA_KEY,
+    FakeUpstream,
+    read_until,
+    relay_config,
+)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def ws_url(relay, path="/openai/v1/realtime", **query) -> str:
+    query.setdefault("model", "gpt-realtime")
+    qs = "&".join(f"{k}={v}" for k, v in query.items())
+    return f"http://127.0.0.1:{relay.port}{path}?{qs}"
+
+
+async def refused(http, url, status, code, **kwargs):
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(url, **kwargs)
+    assert info.value.status == status
+    # The body says why, as JSON: fetch it again with a plain GET carrying the same upgrade.
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", **kwargs.get("headers", {})}
+    async with http.get(url, headers=headers) as response:
+        assert response.status == status
+        body = await response.json()
+    assert body["error"]["code"] == code
+    return info.value
+
+
+# --- client authentication and routing ----------------------------------------------------
+
+
+async def test_browser_subprotocol_key_gets_realtime_selected(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    async with http.ws_connect(
+        ws_url(relay), protocols=("realtime", f"openai-insecure-api-key.{ALPHA_KEY}")
+    ) as ws:
+        assert ws.protocol == "realtime"
+        events = await read_until(ws, "session.created")
+        assert events[0]["session"]["type"] == "realtime"
+
+
+async def test_query_key_is_accepted_and_never_logged(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(ws_url(relay, **{"api-key": ALPHA_KEY})) as ws:
+            await read_until(ws, "session.created")
+        await refused(http, ws_url(relay, **{"api-key": "wrong-key-123"}), 401, "invalid_api_key")
+    dumped = repr(logs)
+    assert ALPHA_KEY not in dumped and "wrong-key-123" not in dumped and AZURE_KEY not in dumped
+    refusal = next(entry for entry in logs if entry["event"] == "session_refused")
+    assert "api-key=<redacted>" in refusal["url"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [({}, "missing_api_key"), ({"api-key": "nope"}, "invalid_api_key")],
+)
+async def test_missing_or_wrong_key_is_401_without_upstream(
+    start_relay, start_fake, http, headers, code
+):
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    await refused(http, ws_url(relay), 401, code, headers=headers)
+    assert fake.requests == []
+
+
+async def test_unknown_and_forbidden_deployments(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    headers = {"api-key": ALPHA_KEY}
+    await refused(http, ws_url(relay, model="nope"), 404, "deployment_not_found", headers=headers)
+    await refused(
+        http, ws_url(relay, model="other"), 403, "deployment_not_allowed", headers=headers
+    )
+    # Team beta may use `other`, not gpt-realtime.
+    beta = {"api-key": BETA_KEY}
+    await refused(http, ws_url(relay), 403, "deployment_not_allowed", headers=beta)
+    await refused(http, ws_url(relay, path="/openai/v1/realtime"), 401, "missing_api_key")
+
+
+async def test_missing_model_and_plain_http(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime"
+    await refused(http, url, 400, "missing_deployment", headers={"api-key": ALPHA_KEY})
+    async with http.get(ws_url(relay), headers={"api-key": ALPHA_KEY}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "websocket_required"
+
+
+async def test_beta_header_on_a_ga_deployment_is_refused(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    headers = {"api-key": ALPHA_KEY, "OpenAI-Beta": "realtime=v1"}
+    await refused(http, ws_url(relay), 400, "protocol_mismatch", headers=headers)
+
+
+# --- what goes upstream -------------------------------------------------------------------
+
+
+async def test_upstream_gets_the_azure_url_and_credential_only(start_relay, start_fake, http):
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    url = ws_url(relay, path="/openai/realtime", deployment="gpt-realtime")
+    url = url.replace("model=gpt-realtime", "api-version=2025-08-28")
+    headers = {"api-key": ALPHA_KEY, "Authorization": f"Bearer {ALPHA_KEY}", "X-Extra": "1"}
+    async with http.ws_connect(url, headers=headers) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type":"input_audio_buffer.clear"}')
+        await read_until(ws, "input_audio_buffer.clear")  # the fake echoes
+    [request] = fake.requests
+    assert request["path"] == "/openai/v1/realtime"
+    assert request["query"] == {"model": "az-gpt-realtime"}  # GA: no api-version
+    sent = {k.lower(): v for k, v in request["headers"].items()}
+    assert sent["api-key"] == AZURE_KEY
+    assert "authorization" not in sent and "x-extra" not in sent and "openai-beta" not in sent
+    assert sent["x-ms-client-request-id"].startswith("rs_")
+    assert "permessage-deflate" not in sent.get("sec-websocket-extensions", "")
+    # Frames pass through as the same bytes.
+    assert fake.received == [b'{"type":"input_audio_buffer.clear"}']
+
+
+async def test_preview_deployment_gets_the_preview_url(start_relay, start_fake, http):
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    config = relay_config(
+        str(upstream.make_url("")),
+        deployments={
+            "gpt-realtime": {
+                "endpoint": str(upstream.make_url("")),
+                "protocol": "preview",
+                "api_version": "2025-04-01-preview",
+                "credential": {"env": "TEST_AZURE_KEY"},
+            }
+        },
+    )
+    relay = await start_relay(config)
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+    [request] = fake.requests
+    assert request["path"] == "/openai/realtime"
+    assert request["query"] == {"api-version": "2025-04-01-preview", "deployment": "gpt-realtime"}
+
+
+# --- upstream refusals become honest HTTP answers ----------------------------------------
+
+
+async def test_upstream_down_is_502(start_relay, http):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connection refused
+        relay = await start_relay(relay_config(f"http://127.0.0.1:{port}"))
+        await refused(
+            http, ws_url(relay), 502, "upstream_unavailable", headers={"api-key": ALPHA_KEY}
+        )
+
+
+async def test_upstream_401_is_502_with_a_generic_message(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url), environ={"TEST_AZURE_KEY": "wrong"})
+    error = await refused(
+        http, ws_url(relay), 502, "upstream_auth_failed", headers={"api-key": ALPHA_KEY}
+    )
+    assert error.status == 502
+
+
+async def test_upstream_429_passes_retry_after(start_relay, start_fake, http):
+    fake = FakeUpstream(refuse_status=429, refuse_headers={"Retry-After": "17"})
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    error = await refused(
+        http, ws_url(relay), 429, "upstream_rate_limited", headers={"api-key": ALPHA_KEY}
+    )
+    assert error.headers["Retry-After"] == "17"
+
+
+async def test_upstream_500_is_502(start_relay, start_fake, http):
+    upstream = await start_fake(FakeUpstream(refuse_status=500).app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    await refused(http, ws_url(relay), 502, "upstream_error", headers={"api-key": ALPHA_KEY})
+
+
+async def test_upstream_handshake_timeout_is_504(start_relay, http):
+    accepted = asyncio.Event()
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the relay gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = relay_config(f"http://127.0.0.1:{port}", upstream={"connect_timeout_seconds": 0.2})
+        relay = await start_relay(config)
+        await refused(http, ws_url(relay), 504, "upstream_timeout", headers={"api-key": ALPHA_KEY})
+        assert accepted.is_set()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --- close propagation --------------------------------------------------------------------
+
+
+async def test_client_close_code_reaches_the_upstream(start_relay, start_fake, http):
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    ws = await http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY})
+    await read_until(ws, "session.created")
+    await ws.close(code=4001, message=b"app closing")
+    await fake.closed.wait()
+    assert fake.close_code == 4001
+
+
+async def test_client_vanishing_closes_the_upstream(start_relay, start_fake):
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    async with aiohttp.ClientSession() as own:
+        ws = await own.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY})
+        await read_until(ws, "session.created")
+        # Tear the TCP connection down without a close frame.
+        ws._response.connection.transport.abort()
+        await fake.closed.wait()
+    assert fake.close_code == 1001
+
+
+async def test_upstream_close_code_reaches_the_client(start_relay, start_fake, http):
+    async def close_with_code(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
+        await ws.send_str('{"type":"session.created","event_id":"e","session":{}}')
+        await ws.close(code=4321, message=b"upstream says bye")
+
+    upstream = await start_fake(FakeUpstream(script=close_with_code).app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        msg = await ws.receive()
+        assert msg.type == WSMsgType.CLOSE
+        assert (msg.data, msg.extra) == (4321, "upstream says bye")
+
+
+async def test_upstream_dropping_mid_stream_gives_error_and_1011(start_relay, start_fake, http):
+    async def drop(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
+        await ws.send_str('{"type":"session.created","event_id":"e","session":{}}')
+        await ws.receive()  # the client's first event, then the TCP connection goes
+        ws._req.transport.abort()
+
+    upstream = await start_fake(FakeUpstream(script=drop).app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        [error] = await read_until(ws, "error")
+        assert error["error"]["code"] == "upstream_disconnected"
+        msg = await ws.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1011)
+
+
+async def test_binary_frames_get_an_error_and_the_session_goes_on(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_bytes(b"\x00\x01")
+        [error] = await read_until(ws, "error")
+        assert error["error"]["code"] == "invalid_frame_type"
+        await ws.send_str('{"type":"input_audio_buffer.clear"}')
+        await read_until(ws, "input_audio_buffer.cleared")
+
+
+async def test_shutdown_closes_sessions_with_1001_and_an_error(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    ws = await http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY})
+    await read_until(ws, "session.created")
+    closing = asyncio.ensure_future(relay.close())
+    [error] = await read_until(ws, "error")
+    assert error["error"]["code"] == "relay_shutting_down"
+    msg = await ws.receive()
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+    await closing
+
+
+# --- probes and the embedded simulator ----------------------------------------------------
+
+
+async def test_health_and_readiness(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    async with http.get(f"http://127.0.0.1:{relay.port}/healthz") as response:
+        assert (response.status, await response.json()) == (200, {"status": "ok"})
+    async with http.get(f"http://127.0.0.1:{relay.port}/readyz") as response:
+        assert (response.status, await response.json()) == (200, {"status": "ready"})
+
+
+async def test_embedded_simulator_serves_the_simulator_endpoint(start_relay, http):
+    relay = await start_relay(relay_config("simulator"))
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        # The simulator accepted the key the relay holds, and answers.
+        await ws.send_str(orjson.dumps({"type": "input_audio_buffer.clear"}).decode())
+        await read_until(ws, "input_audio_buffer.cleared")

@@ -1,0 +1,356 @@
+import base64
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.auth import hash_key
+from relay.codec import FrameError, base64_field_length, sniff_type
+from relay.config import CredentialConfig, DeploymentConfig, PolicyConfig, TeamConfig
+from relay.policy import (
+    DOCUMENTED_CLIENT_EVENTS,
+    PolicyViolation,
+    SessionPolicy,
+    build_policy,
+)
+from relay.session_schema import deep_merge, get_path, to_preview_session
+
+KEYS = (hash_key("k"),)
+DEFAULTS = {
+    "instructions": "Be brief.",
+    "audio": {
+        "input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "transcription": {"model": "whisper-1"},
+            "turn_detection": {"type": "server_vad"},
+        },
+        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy"},
+    },
+}
+
+
+def deployment(protocol="ga", **policy):
+    return DeploymentConfig(
+        "d",
+        "https://r.openai.azure.com",
+        CredentialConfig(),
+        protocol=protocol,
+        session=DEFAULTS,
+        policy=PolicyConfig(**policy),
+    )
+
+
+def team(session=None, **policy):
+    return TeamConfig("t", KEYS, ("d",), session=session or {}, policy=PolicyConfig(**policy))
+
+
+def frame(event) -> bytes:
+    return orjson.dumps(event)
+
+
+def violation(policy: SessionPolicy, event, session=None) -> PolicyViolation:
+    with pytest.raises(PolicyViolation) as info:
+        policy.check_client_frame(frame(event), session or {})
+    return info.value
+
+
+# --- codec -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b'{"type":"input_audio_buffer.append","audio":"AAAA"}', "input_audio_buffer.append"),
+        (b'{"type": "response.create"}', "response.create"),
+        (b'{"event_id":"e1","type":"session.update","session":{}}', "session.update"),
+        (b'{"type":"a\\"b"}', 'a"b'),
+    ],
+)
+def test_sniff_type(raw, kind):
+    assert sniff_type(raw) == kind
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"not json", "invalid_json"),
+        (b"[1, 2]", "invalid_event"),
+        (b'{"event_id": "x"}', "missing_event_type"),
+        (b'{"type": 3}', "missing_event_type"),
+        (b'{"type": ""}', "missing_event_type"),
+    ],
+)
+def test_sniff_type_refuses_what_is_not_an_event(raw, code):
+    with pytest.raises(FrameError) as info:
+        sniff_type(raw)
+    assert info.value.code == code
+
+
+def test_base64_field_length_scans_without_parsing():
+    audio = base64.b64encode(b"\x01" * 300).decode()
+    assert base64_field_length(frame({"type": "x", "audio": audio}), b"audio") == len(audio)
+    spaced = f'{{"type": "x", "event_id": "audio", "audio" :  "{audio}"}}'.encode()
+    assert base64_field_length(spaced, b"audio") == len(audio)
+    assert base64_field_length(b'{"type":"x"}', b"audio") is None
+
+
+# --- merging and dialects ----------------------------------------------------------------
+
+
+def test_team_overrides_deployment():
+    policy = build_policy(
+        deployment(locked=("instructions",), max_violations=3),
+        team({"audio": {"output": {"voice": "marin"}}}, max_violations=1),
+    )
+    assert policy.defaults["audio"]["output"]["voice"] == "marin"
+    assert policy.defaults["audio"]["input"]["transcription"] == {"model": "whisper-1"}
+    assert policy.defaults["type"] == "realtime"
+    assert policy.locked == ("instructions",)
+    assert policy.max_violations == 1
+
+
+def test_preview_dialect_of_the_same_policy():
+    policy = build_policy(
+        deployment(
+            "preview",
+            locked=("audio.output.voice", "audio.input.transcription.model"),
+            max_values={"max_output_tokens": 100},
+        ),
+        team(),
+    )
+    assert policy.defaults == {
+        "instructions": "Be brief.",
+        "input_audio_format": "pcm16",
+        "input_audio_transcription": {"model": "whisper-1"},
+        "turn_detection": {"type": "server_vad"},
+        "output_audio_format": "pcm16",
+        "voice": "alloy",
+    }
+    assert policy.locked == ("voice", "input_audio_transcription.model")
+    assert policy.max_values == {"max_response_output_tokens": 100}
+    assert "transcription_session.update" in policy.allowed_events
+    assert violation(policy, {"type": "session.update", "session": {"voice": "echo"}}).param == (
+        "session.voice"
+    )
+
+
+def test_to_preview_session_modalities_and_formats():
+    assert to_preview_session(
+        {
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "audio": {"output": {"format": {"type": "audio/pcmu"}}},
+        }
+    ) == {"modalities": ["text", "audio"], "output_audio_format": "g711_ulaw"}
+
+
+def test_deep_merge_and_get_path():
+    merged = deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}, "d": 4})
+    assert merged == {"a": {"b": 3, "c": 2}, "d": 4}
+    assert get_path({"a": None}, "a.b") == (True, None)
+    assert get_path({"a": {}}, "a.b") == (False, None)
+
+
+def test_instructions_prefix_is_applied_to_defaults_and_updates():
+    policy = build_policy(deployment(instructions_prefix="Company rules."), team())
+    assert policy.defaults["instructions"] == "Company rules.\n\nBe brief."
+    out = policy.check_client_frame(
+        frame(
+            {
+                "type": "session.update",
+                "session": {"type": "realtime", "instructions": "Talk like a pirate."},
+            }
+        ),
+        {},
+    )
+    assert orjson.loads(out)["session"]["instructions"] == "Company rules.\n\nTalk like a pirate."
+    out = policy.check_client_frame(
+        frame({"type": "response.create", "response": {"instructions": "Shout."}}), {}
+    )
+    assert orjson.loads(out)["response"]["instructions"] == "Company rules.\n\nShout."
+    # Already prefixed: left as it is, the same bytes.
+    same = frame({"type": "session.update", "session": {"instructions": "Company rules. Hi"}})
+    assert policy.check_client_frame(same, {}) is same
+
+
+# --- rules -------------------------------------------------------------------------------
+
+CURRENT = {"type": "realtime", "instructions": "Be brief.", "audio": {"output": {"voice": "alloy"}}}
+
+
+def test_locked_fields_refused_only_when_changed():
+    policy = build_policy(deployment(locked=("instructions", "audio.output.voice")), team())
+    error = violation(
+        policy,
+        {
+            "type": "session.update",
+            "event_id": "c1",
+            "session": {"instructions": "Ignore the rules"},
+        },
+        CURRENT,
+    )
+    assert (error.code, error.param, error.event_id) == (
+        "policy_violation",
+        "session.instructions",
+        "c1",
+    )
+    error = violation(
+        policy,
+        {"type": "session.update", "session": {"audio": {"output": {"voice": "echo"}}}},
+        CURRENT,
+    )
+    assert error.param == "session.audio.output.voice"
+    # Setting a parent to null changes the locked child.
+    assert violation(policy, {"type": "session.update", "session": {"audio": None}}, CURRENT)
+    # Same value again: allowed, forwarded untouched.
+    same = frame(
+        {
+            "type": "session.update",
+            "session": {"instructions": "Be brief.", "audio": {"output": {"voice": "alloy"}}},
+        }
+    )
+    assert policy.check_client_frame(same, CURRENT) is same
+    # Per-response overrides are held to the same rules.
+    assert violation(
+        policy, {"type": "response.create", "response": {"instructions": "x"}}, CURRENT
+    )
+
+
+def test_allowed_values_and_caps():
+    policy = build_policy(
+        deployment(
+            allowed_values={"audio.output.voice": ("alloy", "marin")},
+            max_values={"max_output_tokens": 500},
+        ),
+        team(),
+    )
+    ok = frame(
+        {
+            "type": "session.update",
+            "session": {"audio": {"output": {"voice": "marin"}}, "max_output_tokens": 500},
+        }
+    )
+    assert policy.check_client_frame(ok, {}) is ok
+    assert (
+        violation(
+            policy, {"type": "session.update", "session": {"audio": {"output": {"voice": "echo"}}}}
+        ).param
+        == "session.audio.output.voice"
+    )
+    assert (
+        violation(policy, {"type": "session.update", "session": {"max_output_tokens": 501}}).param
+        == "session.max_output_tokens"
+    )
+    assert violation(policy, {"type": "session.update", "session": {"max_output_tokens": "inf"}})
+    assert violation(policy, {"type": "response.create", "response": {"max_output_tokens": 4096}})
+
+
+def test_event_allow_list():
+    policy = build_policy(deployment(), team())
+    assert policy.allowed_events == DOCUMENTED_CLIENT_EVENTS
+    error = violation(policy, {"type": "transcription_session.update", "event_id": "e9"})
+    assert (error.param, error.event_id) == ("type", "e9")
+    narrow = build_policy(deployment(allowed_events=("input_audio_buffer.append",)), team())
+    assert violation(narrow, {"type": "response.create"})
+
+
+def test_malformed_events_are_refused_with_their_own_codes():
+    policy = build_policy(deployment(), team())
+    for raw, code in [
+        (b"{", "invalid_json"),
+        (b'"x"', "invalid_event"),
+        (b"{}", "missing_event_type"),
+    ]:
+        with pytest.raises(PolicyViolation) as info:
+            policy.check_client_frame(raw, {})
+        assert info.value.code == code
+
+
+def test_frame_and_append_size_limits():
+    policy = build_policy(deployment(max_frame_bytes=2000, max_append_audio_bytes=960), team())
+    small = frame(
+        {"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0" * 960).decode()}
+    )
+    assert policy.check_client_frame(small, {}) is small
+    big = {
+        "type": "input_audio_buffer.append",
+        "event_id": "a1",
+        "audio": base64.b64encode(b"\0" * 963).decode(),
+    }
+    error = violation(policy, big)
+    assert (error.param, error.event_id) == ("audio", "a1")
+    error = violation(
+        policy, {"type": "conversation.item.create", "event_id": "x", "item": {"pad": "p" * 3000}}
+    )
+    assert error.event_id == "x"
+
+
+def test_no_rules_means_frames_pass_untouched():
+    policy = SessionPolicy()
+    raw = frame({"type": "session.update", "session": {"instructions": "anything"}})
+    assert policy.check_client_frame(raw, {}) is raw
+    assert policy.defaults_event() is None
+
+
+# --- property: no forwarded event changes a locked field -----------------------------------
+
+LOCKED = ("instructions", "audio.output.voice", "tools", "audio.input.transcription.model")
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+fragments = st.fixed_dictionaries(
+    {},
+    optional={
+        "instructions": st.text(max_size=10) | json_values,
+        "tools": json_values,
+        "audio": st.fixed_dictionaries(
+            {},
+            optional={
+                "output": st.fixed_dictionaries(
+                    {}, optional={"voice": st.sampled_from(["alloy", "echo"]) | json_values}
+                )
+                | json_values,
+                "input": st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "transcription": st.fixed_dictionaries(
+                            {}, optional={"model": st.text(max_size=5)}
+                        )
+                        | json_values
+                    },
+                ),
+            },
+        )
+        | json_values,
+        "max_output_tokens": st.integers(1, 5000),
+    },
+)
+
+
+@given(
+    fragment=fragments,
+    kind=st.sampled_from(["session.update", "response.create"]),
+    prefix=st.sampled_from(["", "P."]),
+)
+def test_forwarded_events_never_change_a_locked_field(fragment, kind, prefix):
+    policy = build_policy(deployment(locked=LOCKED, instructions_prefix=prefix or None), team())
+    current = {
+        "instructions": "Be brief.",
+        "tools": [],
+        "audio": {"output": {"voice": "alloy"}, "input": {"transcription": {"model": "whisper-1"}}},
+    }
+    key = "session" if kind == "session.update" else "response"
+    try:
+        out = policy.check_client_frame(frame({"type": kind, key: fragment}), current)
+    except PolicyViolation:
+        return
+    forwarded = orjson.loads(out)[key]
+    for path in LOCKED:
+        present, value = get_path(forwarded, path)
+        if present:
+            assert value == get_path(current, path)[1], path
