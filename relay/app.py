@@ -8,23 +8,28 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from relay import handlers
 from relay.auth import KeyRing
 from relay.config import RelayConfig
 from relay.credentials import build_credentials
+from relay.metrics import Metrics
 from relay.policy import build_policy
 from relay.routes import REALTIME_PATHS
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
-from relay.state import STATE, RelayState
+from relay.state import REGISTRY, STATE, RelayState
 from relay.upstream import UpstreamTarget, realtime_url
 
 _log = structlog.get_logger("relay.app")
 
 
-def create_app(config: RelayConfig, environ: Mapping[str, str]) -> web.Application:
+def create_app(
+    config: RelayConfig, environ: Mapping[str, str], *, metrics: Metrics | None = None
+) -> web.Application:
     """Build the relay; raises ConfigError when a secret it needs is missing."""
     state = RelayState(
+        metrics=metrics or Metrics.create(),
         config=config,
         keyring=KeyRing.from_teams(config.teams.values()),
         credentials=build_credentials(config.deployments, environ),
@@ -36,6 +41,7 @@ def create_app(config: RelayConfig, environ: Mapping[str, str]) -> web.Applicati
     )
     app = web.Application()
     app[STATE] = state
+    app[REGISTRY] = state.metrics.registry
     app.cleanup_ctx.append(_simulator)
     app.cleanup_ctx.append(_upstream_http)
     app.on_shutdown.append(_close_sessions)
@@ -43,6 +49,16 @@ def create_app(config: RelayConfig, environ: Mapping[str, str]) -> web.Applicati
         app.router.add_get(path, handlers.realtime)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    if config.metrics.enabled and config.metrics.on_main_port:
+        app.router.add_get("/metrics", handlers.metrics)
+    return app
+
+
+def create_metrics_app(registry: CollectorRegistry) -> web.Application:
+    """The metrics listener's app: `/metrics` and nothing else."""
+    app = web.Application()
+    app[REGISTRY] = registry
+    app.router.add_get("/metrics", handlers.metrics)
     return app
 
 
@@ -99,6 +115,6 @@ async def _close_sessions(app: web.Application) -> None:
         await bridge.stop(
             1001,
             "relay shutting down",
-            error_code="relay_shutting_down",
+            cause="relay_shutting_down",
             message="The relay is restarting; reconnect to continue.",
         )

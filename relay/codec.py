@@ -55,8 +55,26 @@ def event_type(event: dict[str, Any]) -> str:
     return kind
 
 
-def base64_field_length(frame: bytes, field: bytes) -> int | None:
-    """Length of the string value of a top-level ``field`` (e.g. b"audio"), found by scan.
+def base64_size(frame: bytes, field: bytes) -> int:
+    """Decoded bytes in the base64 string value of ``field`` (e.g. b"audio"), never decoding.
+
+    Scans for the field; parses only when the scan can't tell. 0 when absent or not a string.
+    """
+    span = _string_span(frame, field)
+    if span is None:
+        value = parse_event(frame).get(field.decode())
+        if not isinstance(value, str):
+            return 0
+        encoded = value.encode("ascii", "replace")
+        span = (0, len(encoded))
+        frame = encoded
+    start, end = span
+    padding = (frame[end - 1 : end] == b"=") + (frame[end - 2 : end] == b"==")
+    return (end - start) * 3 // 4 - padding if end > start else 0
+
+
+def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
+    """Where the string value of a top-level ``field`` lies, found by scan.
 
     Base64 holds no quotes or escapes, so the value ends at the next quote. Returns None
     when the field is not found where expected; callers then parse.
@@ -72,6 +90,6 @@ def base64_field_length(frame: bytes, field: bytes) -> int | None:
             if start == -1 or frame[colon + 1 : start].strip() != b"":
                 return None
             end = frame.find(b'"', start + 1)
-            return None if end == -1 else end - start - 1
+            return None if end == -1 else (start + 1, end)
         at = frame.find(key, at + 1)
     return None

@@ -77,6 +77,20 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    # A listener of its own, so metrics are never exposed with the public port by accident.
+    host: str = "127.0.0.1"
+    port: int = 9464
+    # Also serve /metrics on the main port (behind whatever fronts it).
+    on_main_port: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -233,6 +247,7 @@ class RelayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
 
     @property

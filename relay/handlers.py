@@ -13,14 +13,17 @@ import time
 import orjson
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
-from relay.errors import ClientRefused, HttpRefusal
+from relay.config import DeploymentConfig
+from relay.errors import ClientRefused, HttpRefusal, UpstreamRefused
 from relay.logsetup import redact_url
+from relay.metrics import SessionMeter
 from relay.pump import Bridge
 from relay.routes import parse_realtime_request, resolve_deployment
 from relay.session_setup import start_session
-from relay.state import STATE
+from relay.state import REGISTRY, STATE
 from relay.upstream import open_upstream
 
 _log = structlog.get_logger("relay.session")
@@ -44,6 +47,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     began = time.monotonic()
     log = _log.bind(session_id=session_id, peer=request.remote)
     subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
+    deployment: DeploymentConfig | None = None
     try:
         if request.headers.get("Upgrade", "").lower() != "websocket":
             raise ClientRefused(
@@ -67,6 +71,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         if state.draining:
             raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
         assert state.http is not None
+        handshake_began = time.monotonic()
         upstream = await open_upstream(
             state.http,
             state.targets[deployment.name],
@@ -75,6 +80,9 @@ async def realtime(request: web.Request) -> web.StreamResponse:
             close_timeout=state.config.server.close_timeout_seconds,
             heartbeat=state.config.upstream.heartbeat_seconds,
             max_message_bytes=state.config.server.max_message_bytes,
+        )
+        state.metrics.upstream_handshake.labels(deployment.name).observe(
+            time.monotonic() - handshake_began
         )
         policy = state.policies[team.name, deployment.name]
         try:
@@ -85,6 +93,9 @@ async def realtime(request: web.Request) -> web.StreamResponse:
             await upstream.close(code=1011, message=b"session start failed")
             raise
     except HttpRefusal as refusal:
+        state.metrics.session_refusals.labels(str(refusal.status), refusal.code).inc()
+        if isinstance(refusal, UpstreamRefused) and deployment is not None:
+            state.metrics.upstream_connect_failures.labels(deployment.name, refusal.code).inc()
         log.warning(
             "session_refused",
             status=refusal.status,
@@ -108,32 +119,49 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await upstream.close(code=1001, message=b"client handshake failed")
         raise
+    metrics, labels = state.metrics, (team.name, deployment.name)
+    meter = SessionMeter(metrics, *labels)
     bridge = Bridge(
         client,
         upstream,
         policy=policy,
         session=started.session,
+        meter=meter,
         greeting=(started.created_frame, *started.pending),
         close_timeout=server.close_timeout_seconds,
     )
     state.bridges.add(bridge)
-    log.info("session_started", setup_seconds=round(time.monotonic() - began, 6))
+    setup_seconds = time.monotonic() - began
+    metrics.session_setup.labels(*labels).observe(setup_seconds)
+    metrics.sessions_active.labels(*labels).inc()
+    log.info("session_started", setup_seconds=round(setup_seconds, 6))
     try:
         ending = await bridge.run()
     finally:
         state.bridges.discard(bridge)
+        metrics.sessions_active.labels(*labels).dec()
+    duration = time.monotonic() - began
+    metrics.sessions.labels(*labels, ending.outcome).inc()
+    metrics.session_duration.labels(*labels).observe(duration)
     log.info(
         "session_ended",
-        duration_seconds=round(time.monotonic() - began, 3),
-        violations=bridge.violations,
+        duration_seconds=round(duration, 3),
+        outcome=ending.outcome,
         ended_by=ending.side,
         close_code=ending.code,
         close_reason=ending.reason,
-        clean=ending.clean,
-        frames_from_client=bridge.frames_from_client,
-        frames_from_upstream=bridge.frames_from_upstream,
+        audio_seconds_in=round(meter.audio_seconds_total["in"], 3),
+        audio_seconds_out=round(meter.audio_seconds_total["out"], 3),
+        tokens=dict(meter.tokens),
+        responses=meter.responses,
+        violations=bridge.violations,
     )
     return client
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(request: web.Request) -> web.Response:

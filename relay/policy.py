@@ -19,29 +19,15 @@ from typing import Any, Literal
 
 import orjson
 
-from relay.codec import FrameError, base64_field_length, parse_event, sniff_type
+from relay.codec import FrameError, base64_size, parse_event, sniff_type
 from relay.config import DeploymentConfig, PolicyConfig, TeamConfig
+from relay.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
 from relay.session_schema import deep_merge, get_path, preview_path, to_preview_session
 
 Flavour = Literal["ga", "preview"]
 
 # Client events of the realtime API (protocol reference 3.1).
-DOCUMENTED_CLIENT_EVENTS = frozenset(
-    {
-        "session.update",
-        "input_audio_buffer.append",
-        "input_audio_buffer.commit",
-        "input_audio_buffer.clear",
-        "conversation.item.create",
-        "conversation.item.retrieve",
-        "conversation.item.truncate",
-        "conversation.item.delete",
-        "response.create",
-        "response.cancel",
-        "output_audio_buffer.clear",
-    }
-)
-PREVIEW_ONLY_CLIENT_EVENTS = frozenset({"transcription_session.update"})
+DOCUMENTED_CLIENT_EVENTS = CLIENT_EVENT_TYPES
 API_MAX_APPEND_AUDIO_BYTES = 15 * 1024 * 1024
 DEFAULT_MAX_VIOLATIONS = 10
 DEFAULTS_EVENT_ID = "relay_session_defaults"
@@ -96,16 +82,20 @@ class SessionPolicy:
 
     def check_client_frame(self, frame: bytes, session: Mapping[str, Any]) -> bytes:
         """The frame to forward upstream, given the session in force; or PolicyViolation."""
+        try:
+            kind = sniff_type(frame)
+        except FrameError as exc:
+            raise PolicyViolation(exc.message, code=exc.code) from exc
+        return self.check(kind, frame, session)
+
+    def check(self, kind: str, frame: bytes, session: Mapping[str, Any]) -> bytes:
+        """As `check_client_frame`, for a frame whose type the caller already sniffed."""
         if self.max_frame_bytes is not None and len(frame) > self.max_frame_bytes:
             raise PolicyViolation(
                 f"The event is {len(frame)} bytes; this deployment allows "
                 f"{self.max_frame_bytes} per event.",
                 event_id=_event_id_of(frame),
             )
-        try:
-            kind = sniff_type(frame)
-        except FrameError as exc:
-            raise PolicyViolation(exc.message, code=exc.code) from exc
         if kind not in self.allowed_events:
             raise PolicyViolation(
                 f"The event type {kind!r} is not allowed here.",
@@ -122,11 +112,7 @@ class SessionPolicy:
         return frame
 
     def _check_append(self, frame: bytes) -> None:
-        encoded = base64_field_length(frame, b"audio")
-        if encoded is None:
-            audio = parse_event(frame).get("audio")
-            encoded = len(audio) if isinstance(audio, str) else 0
-        decoded = encoded * 3 // 4
+        decoded = base64_size(frame, b"audio")
         if decoded > self.max_append_audio_bytes:
             raise PolicyViolation(
                 f"The appended audio is {decoded} bytes; at most "
@@ -222,7 +208,7 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
         allowed_values = {preview_path(p): v for p, v in allowed_values.items()}
         max_values = {preview_path(p): v for p, v in max_values.items()}
         if rules.allowed_events is None:
-            allowed_events |= PREVIEW_ONLY_CLIENT_EVENTS
+            allowed_events |= PREVIEW_CLIENT_EVENT_TYPES
     elif defaults:
         defaults.setdefault("type", "realtime")  # GA requires it
     return SessionPolicy(

@@ -32,6 +32,7 @@ from aiohttp import WSMsgType, web
 
 from relay.codec import FrameError, sniff_type
 from relay.events import error_event
+from relay.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
 from relay.policy import PolicyViolation, SessionPolicy
 
 ClientSocket = web.WebSocketResponse[bool]
@@ -53,6 +54,15 @@ class Ending:
     reason: str
     # False when the side vanished without a close frame or broke the protocol.
     clean: bool = True
+    # For relay-side ends: the stable code saying why (the client's `error` event code).
+    cause: str = ""
+
+    @property
+    def outcome(self) -> str:
+        """A bounded label for metrics."""
+        if self.side == "relay":
+            return self.cause or "relay_closed"
+        return f"{self.side}_{'closed' if self.clean else 'lost'}"
 
 
 def is_sendable(code: int) -> bool:
@@ -91,6 +101,7 @@ class Bridge:
         *,
         policy: SessionPolicy,
         session: dict[str, Any],
+        meter: SessionMeter,
         greeting: Sequence[bytes] = (),
         close_timeout: float,
     ) -> None:
@@ -99,16 +110,16 @@ class Bridge:
         self.policy = policy
         # The session in force, as the upstream last reported it.
         self.session = session
+        self.meter = meter
         # Frames the client gets before any other: the session.created in force.
         self.greeting = greeting
         self.close_timeout = close_timeout
         self.ending: Ending | None = None
-        self.frames_from_client = 0
-        self.frames_from_upstream = 0
         self.violations = 0
         self._loop = asyncio.get_running_loop()
         self.started_at = self._loop.time()
         self.last_client_event_at = self.started_at
+        meter.session_changed(session)
 
     async def run(self) -> Ending:
         try:
@@ -117,17 +128,18 @@ class Bridge:
                     tasks.create_task(self._client_to_upstream(), name="pump client->upstream"),
                     tasks.create_task(self._upstream_to_client(), name="pump upstream->client"),
                 ]
-                watchdog = tasks.create_task(self._watchdog(), name="session watchdog")
+                ticker = tasks.create_task(self._tick(), name="session ticker")
                 await asyncio.wait(pumps)
-                watchdog.cancel()
+                ticker.cancel()
         except* Exception as group:
             for exc in group.exceptions:
                 _log.error("pump_failed", error=repr(exc))
-            await self.stop(1011, "relay internal error", error_code="relay_internal_error")
+            await self.stop(1011, "relay internal error", cause="relay_internal_error")
         finally:
             # Also on cancellation (relay shutdown): no socket outlives its session.
-            self._end(Ending("relay", 1001, "relay closed the session"))
+            self._end(Ending("relay", 1001, "relay closed the session", cause="relay_closed"))
             await self._close_both()
+            self.meter.flush()
         assert self.ending is not None
         return self.ending
 
@@ -136,15 +148,19 @@ class Bridge:
         code: int,
         reason: str,
         *,
-        error_code: str | None = None,
+        cause: str,
         message: str = "",
         error_type: str = "server_error",
+        tell_client: bool = True,
     ) -> None:
-        """End the session from the relay's side: tell the client why, close both."""
-        if not self._end(Ending("relay", code, reason)):
+        """End the session from the relay's side: tell the client why, close both.
+
+        ``cause`` is a stable code: the `error` event's code and the session's outcome label.
+        """
+        if not self._end(Ending("relay", code, reason, cause=cause)):
             return
-        if error_code is not None and not self.client.closed:
-            event = error_event(error_code, message or reason, error_type=error_type)
+        if tell_client and not self.client.closed:
+            event = error_event(cause, message or reason, error_type=error_type)
             await self._send_to_client(event)
         await self._close_both()
 
@@ -155,27 +171,33 @@ class Bridge:
         return True
 
     async def _client_to_upstream(self) -> None:
-        client, upstream = self.client, self.upstream
+        client, upstream, meter, now = self.client, self.upstream, self.meter, self._loop.time
         while True:
             msg = await client.receive()
             if msg.type is WSMsgType.TEXT:
-                self.frames_from_client += 1
-                self.last_client_event_at = self._loop.time()
+                arrived = self.last_client_event_at = now()
                 try:
-                    frame = self.policy.check_client_frame(msg.data, self.session)
+                    kind = sniff_type(msg.data)
+                    frame = self.policy.check(kind, msg.data, self.session)
+                except FrameError as exc:
+                    await self._refuse(PolicyViolation(exc.message, code=exc.code))
+                    continue
                 except PolicyViolation as violation:
                     await self._refuse(violation)
                     continue
+                meter.client_event(kind, frame)
+                writing = now()
                 try:
                     await upstream.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the upstream pump sees why
+                written = now()
+                meter.forwarded("in", written - arrived, written - writing)
             elif msg.type is WSMsgType.BINARY:
-                await self._send_to_client(
-                    error_event(
-                        "invalid_frame_type",
+                await self._refuse(
+                    PolicyViolation(
                         "Binary frames are not supported; send events as JSON text frames.",
-                        error_type="invalid_request_error",
+                        code="invalid_frame_type",
                     )
                 )
             elif msg.type is WSMsgType.CLOSE:
@@ -188,7 +210,7 @@ class Bridge:
         await self._close_upstream()
 
     async def _upstream_to_client(self) -> None:
-        client, upstream = self.client, self.upstream
+        client, upstream, meter, now = self.client, self.upstream, self.meter, self._loop.time
         try:
             for frame in self.greeting:
                 await client.send_frame(frame, WSMsgType.TEXT)
@@ -197,21 +219,32 @@ class Bridge:
         while True:
             msg = await upstream.receive()
             if msg.type is WSMsgType.TEXT:
-                self.frames_from_upstream += 1
-                self._observe_upstream(msg.data)
+                arrived = now()
+                frame = msg.data
                 try:
-                    await client.send_frame(msg.data, WSMsgType.TEXT)
+                    kind = sniff_type(frame)
+                except FrameError as exc:
+                    await self._upstream_broke(f"invalid event ({exc.code})")
+                    break
+                meter.upstream_event(kind, frame)
+                if kind == "session.updated":
+                    self._session_updated(frame)
+                writing = now()
+                try:
+                    await client.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the client pump sees why
+                written = now()
+                meter.forwarded("out", written - arrived, written - writing)
             elif msg.type is WSMsgType.BINARY:
-                _log.warning("upstream_binary_frame_dropped", size=len(msg.data))
+                await self._upstream_broke("binary frame")
+                break
             elif msg.type is WSMsgType.CLOSE:
                 self._end(Ending("upstream", msg.data, msg.extra or ""))
                 break
             else:
-                if self._end(
-                    Ending("upstream", 1006, _describe_error(msg.type, msg.data), clean=False)
-                ):
+                lost = Ending("upstream", 1006, _describe_error(msg.type, msg.data), clean=False)
+                if self._end(lost):
                     await self._send_to_client(
                         error_event(
                             "upstream_disconnected",
@@ -221,19 +254,24 @@ class Bridge:
                 break
         await self._close_client()
 
-    def _observe_upstream(self, frame: bytes) -> None:
-        try:
-            kind = sniff_type(frame)
-        except FrameError as exc:
-            _log.warning("upstream_invalid_event", code=exc.code, size=len(frame))
-            return
-        if kind == "session.updated":
-            session = orjson.loads(frame).get("session")
-            if isinstance(session, dict):
-                self.session = session
+    def _session_updated(self, frame: bytes) -> None:
+        session = orjson.loads(frame).get("session")
+        if isinstance(session, dict):
+            self.session = session
+            self.meter.session_changed(session)
+
+    async def _upstream_broke(self, what: str) -> None:
+        _log.warning("upstream_protocol_error", detail=what)
+        await self.stop(
+            1011,
+            "upstream protocol error",
+            cause="upstream_protocol_error",
+            message=f"The upstream service sent an {what}; the session is closed.",
+        )
 
     async def _refuse(self, violation: PolicyViolation) -> None:
         self.violations += 1
+        self.meter.violation(violation.code)
         _log.info(
             "client_event_refused",
             code=violation.code,
@@ -253,45 +291,43 @@ class Bridge:
             await self.stop(
                 1008,
                 "too many policy violations",
-                error_code="too_many_violations",
+                cause="too_many_violations",
                 message=f"More than {self.policy.max_violations} events were refused; "
                 "the session is closed.",
                 error_type="invalid_request_error",
             )
 
-    async def _watchdog(self) -> None:
-        """Close the session at its maximum duration or after its idle timeout."""
+    async def _tick(self) -> None:
+        """Flush the meter every second; end the session at its duration or idle limit."""
         max_seconds = self.policy.max_session_seconds
         idle_seconds = self.policy.idle_timeout_seconds
-        if max_seconds is None and idle_seconds is None:
-            return
         while True:
-            deadlines = []
-            if max_seconds is not None:
-                deadlines.append(self.started_at + max_seconds)
-            if idle_seconds is not None:
-                deadlines.append(self.last_client_event_at + idle_seconds)
             now = self._loop.time()
-            if now < min(deadlines):
-                await asyncio.sleep(min(deadlines) - now)
-                continue
             if max_seconds is not None and now >= self.started_at + max_seconds:
                 await self.stop(
                     1008,
                     "session duration limit reached",
-                    error_code="session_expired",
+                    cause="session_expired",
                     message=f"The session reached its maximum duration of {max_seconds:g} s.",
                     error_type="invalid_request_error",
                 )
-            else:
+                return
+            if idle_seconds is not None and now >= self.last_client_event_at + idle_seconds:
                 await self.stop(
                     1008,
                     "idle timeout",
-                    error_code="idle_timeout",
+                    cause="idle_timeout",
                     message=f"No client event for {idle_seconds:g} s; the session is closed.",
                     error_type="invalid_request_error",
                 )
-            return
+                return
+            wake = now + FLUSH_INTERVAL_SECONDS
+            if max_seconds is not None:
+                wake = min(wake, self.started_at + max_seconds)
+            if idle_seconds is not None:
+                wake = min(wake, self.last_client_event_at + idle_seconds)
+            await asyncio.sleep(wake - now)
+            self.meter.flush()
 
     async def _send_to_client(self, frame: bytes) -> None:
         try:

@@ -11,9 +11,10 @@ from collections.abc import Callable, Mapping
 import structlog
 from aiohttp import web
 
-from relay.app import create_app
+from relay.app import create_app, create_metrics_app
 from relay.config import RelayConfig, TlsConfig
 from relay.logsetup import AccessLogger
+from relay.state import REGISTRY
 
 _log = structlog.get_logger("relay.server")
 
@@ -38,6 +39,7 @@ async def run_server(
         shutdown_timeout=config.server.close_timeout_seconds,
     )
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     try:
         tls = config.server.tls
         site = web.TCPSite(
@@ -47,6 +49,15 @@ async def run_server(
             ssl_context=server_ssl_context(tls) if tls else None,
         )
         await site.start()
+        if config.metrics.enabled:
+            metrics_runner = web.AppRunner(create_metrics_app(app[REGISTRY]), access_log=None)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port).start()
+            metrics_host, metrics_port = metrics_runner.addresses[0][:2]
+            _log.info(
+                "metrics_listening",
+                url=f"http://{_host_for_url(metrics_host)}:{metrics_port}/metrics",
+            )
         host, port = runner.addresses[0][:2]
         url = f"{'wss' if tls else 'ws'}://{_host_for_url(host)}:{port}"
         # Objects made at start-up live forever: keep them out of every future GC pass.
@@ -61,6 +72,8 @@ async def run_server(
         _log.info("relay_stopping")
     finally:
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
     _log.info("relay_stopped")
 
 

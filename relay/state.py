@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from relay.auth import KeyRing
 from relay.config import RelayConfig
 from relay.credentials import UpstreamCredential
+from relay.metrics import Metrics
 from relay.policy import SessionPolicy
 from relay.pump import Bridge
 from relay.upstream import UpstreamTarget
@@ -25,6 +27,7 @@ class RelayState:
     credentials: Mapping[str, UpstreamCredential]
     # (team, deployment) -> the effective session policy, built once.
     policies: Mapping[tuple[str, str], SessionPolicy]
+    metrics: Metrics
     targets: dict[str, UpstreamTarget] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     bridges: set[Bridge] = field(default_factory=set)
@@ -41,3 +44,4 @@ class RelayState:
 
 
 STATE = web.AppKey("state", RelayState)
+REGISTRY = web.AppKey("registry", CollectorRegistry)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.auth import hash_key
-from relay.codec import FrameError, base64_field_length, sniff_type
+from relay.codec import FrameError, base64_size, sniff_type
 from relay.config import CredentialConfig, DeploymentConfig, PolicyConfig, TeamConfig
 from relay.policy import (
     DOCUMENTED_CLIENT_EVENTS,
@@ -87,12 +87,19 @@ def test_sniff_type_refuses_what_is_not_an_event(raw, code):
     assert info.value.code == code
 
 
-def test_base64_field_length_scans_without_parsing():
-    audio = base64.b64encode(b"\x01" * 300).decode()
-    assert base64_field_length(frame({"type": "x", "audio": audio}), b"audio") == len(audio)
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 300, 301, 302])
+def test_base64_size_without_decoding(size):
+    audio = base64.b64encode(b"\x01" * size).decode()
+    assert base64_size(frame({"type": "x", "audio": audio}), b"audio") == size
     spaced = f'{{"type": "x", "event_id": "audio", "audio" :  "{audio}"}}'.encode()
-    assert base64_field_length(spaced, b"audio") == len(audio)
-    assert base64_field_length(b'{"type":"x"}', b"audio") is None
+    assert base64_size(spaced, b"audio") == size
+    escaped = f'{{"type": "x", "audio": "{audio}", "note": "\\""}}'.encode()
+    assert base64_size(escaped, b"audio") == size
+
+
+def test_base64_size_when_absent():
+    assert base64_size(b'{"type":"x"}', b"audio") == 0
+    assert base64_size(b'{"type":"x","audio":3}', b"audio") == 0
 
 
 # --- merging and dialects ----------------------------------------------------------------

@@ -1,0 +1,395 @@
+"""Prometheus metrics, and the per-session meter that feeds them cheaply.
+
+Label sets are bounded: team, deployment, direction, event type (from the known set, else
+`other`), codes and outcomes from fixed lists. Never a session id, a key or a client-chosen
+string. Each app gets its own registry, so tests and several apps in one process don't mix.
+
+Cost per frame is kept low: counters are summed in plain attributes of a `SessionMeter` and
+flushed to Prometheus once a second and at session end; label children are bound once per
+session; only the histograms that need each value (added delay, audio chunk size, latency)
+observe per event. Audio is measured from base64 lengths, never decoded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from relay.codec import base64_size
+from relay.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
+
+# Voice latencies: from a few ms (relay overhead) to seconds (a model's first audio).
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+    10.0,
+)  # fmt: skip
+# Added delay per frame: microseconds to tens of milliseconds.
+DELAY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+)  # fmt: skip
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
+RESPONSE_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
+# 20 ms of 24 kHz PCM16 is 960 bytes; 250 ms is 12,000.
+CHUNK_BUCKETS = (160, 480, 960, 1920, 4800, 9600, 12000, 24000, 48000, 96000, 480000)
+# Bytes of audio per second, by wire format name (GA type or preview name).
+_BYTES_PER_SECOND = {
+    "audio/pcm": 48000,
+    "pcm16": 48000,
+    "audio/pcmu": 8000,
+    "audio/pcma": 8000,
+    "g711_ulaw": 8000,
+    "g711_alaw": 8000,
+}
+FLUSH_INTERVAL_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    registry: CollectorRegistry
+    sessions_active: Gauge
+    sessions: Counter
+    session_refusals: Counter
+    session_duration: Histogram
+    upstream_handshake: Histogram
+    session_setup: Histogram
+    time_to_first_audio: Histogram
+    response_duration: Histogram
+    relay_delay: Histogram
+    audio_chunk: Histogram
+    audio_seconds: Counter
+    events: Counter
+    frame_bytes: Counter
+    tokens: Counter
+    responses: Counter
+    upstream_errors: Counter
+    client_violations: Counter
+    upstream_connect_failures: Counter
+    backpressure: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
+        r = registry or CollectorRegistry()
+        td = ("team", "deployment")
+        return cls(
+            registry=r,
+            sessions_active=Gauge("relay_sessions_active", "Sessions open now.", td, registry=r),
+            sessions=Counter(
+                "relay_sessions",
+                "Sessions ended, by how they ended.",
+                (*td, "outcome"),
+                registry=r,
+            ),
+            session_refusals=Counter(
+                "relay_session_refusals",
+                "Connections refused before the upgrade.",
+                ("status", "code"),
+                registry=r,
+            ),
+            session_duration=Histogram(
+                "relay_session_duration_seconds",
+                "Session length.",
+                td,
+                buckets=DURATION_BUCKETS,
+                registry=r,
+            ),
+            upstream_handshake=Histogram(
+                "relay_upstream_handshake_seconds",
+                "Upstream WebSocket handshake time.",
+                ("deployment",),
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            session_setup=Histogram(
+                "relay_session_setup_seconds",
+                "From the client's upgrade request to the effective session.",
+                td,
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            time_to_first_audio=Histogram(
+                "relay_time_to_first_audio_seconds",
+                "From the end of the user's turn to the first audio delta.",
+                td,
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            response_duration=Histogram(
+                "relay_response_duration_seconds",
+                "From response.created to response.done.",
+                td,
+                buckets=RESPONSE_BUCKETS,
+                registry=r,
+            ),
+            relay_delay=Histogram(
+                "relay_forward_delay_seconds",
+                "Time from a frame's arrival to its write on the other side.",
+                ("direction",),
+                buckets=DELAY_BUCKETS,
+                registry=r,
+            ),
+            audio_chunk=Histogram(
+                "relay_audio_chunk_bytes",
+                "Decoded audio bytes per audio event.",
+                ("direction",),
+                buckets=CHUNK_BUCKETS,
+                registry=r,
+            ),
+            audio_seconds=Counter(
+                "relay_audio_seconds",
+                "Seconds of audio relayed.",
+                ("direction", *td),
+                registry=r,
+            ),
+            events=Counter(
+                "relay_events", "Events relayed, by type.", ("direction", "type"), registry=r
+            ),
+            frame_bytes=Counter(
+                "relay_frame_bytes",
+                "WebSocket payload bytes relayed.",
+                ("direction",),
+                registry=r,
+            ),
+            tokens=Counter(
+                "relay_tokens",
+                "Tokens from the upstream's usage blocks.",
+                (*td, "kind"),
+                registry=r,
+            ),
+            responses=Counter(
+                "relay_responses", "Responses finished, by status.", (*td, "status"), registry=r
+            ),
+            upstream_errors=Counter(
+                "relay_upstream_error_events",
+                "Upstream `error` events, by code.",
+                ("deployment", "code"),
+                registry=r,
+            ),
+            client_violations=Counter(
+                "relay_client_violations",
+                "Client events refused by the policy.",
+                (*td, "code"),
+                registry=r,
+            ),
+            upstream_connect_failures=Counter(
+                "relay_upstream_connect_failures",
+                "Upstream connections that failed.",
+                ("deployment", "reason"),
+                registry=r,
+            ),
+            backpressure=Counter(
+                "relay_backpressure_seconds",
+                "Time spent waiting for a slow peer to take data.",
+                ("direction",),
+                registry=r,
+            ),
+        )
+
+
+# Upstream error codes are the service's; keep the label set bounded all the same.
+_KNOWN_ERROR_CODES = frozenset(
+    {
+        "invalid_value", "missing_required_parameter", "invalid_json", "unknown_event",
+        "input_audio_buffer_commit_empty", "conversation_already_has_active_response",
+        "response_cancel_not_active", "session_expired", "rate_limit_exceeded",
+        "invalid_api_key", "server_error", "invalid_request_error", "decimal_above_max_value",
+        "decimal_below_min_value", "integer_above_max_value", "integer_below_min_value",
+        "string_above_max_length", "item_not_found", "invalid_type",
+    }
+)  # fmt: skip
+# The client event that marks the end of the user's turn, and the upstream ones.
+_TURN_END_UPSTREAM = frozenset(
+    {"input_audio_buffer.committed", "input_audio_buffer.speech_stopped"}
+)
+
+
+def label_for_type(kind: str) -> str:
+    return kind if kind in KNOWN_EVENT_TYPES else "other"
+
+
+class SessionMeter:
+    """Everything measured about one session. Call `flush` now and then, and at the end."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        team: str,
+        deployment: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.team = team
+        self.deployment = deployment
+        self.clock = clock
+        td = (team, deployment)
+        self._ttfa = metrics.time_to_first_audio.labels(*td)
+        self._response_duration = metrics.response_duration.labels(*td)
+        self._delay = {d: metrics.relay_delay.labels(d) for d in ("in", "out")}
+        self._chunk = {d: metrics.audio_chunk.labels(d) for d in ("in", "out")}
+        self._backpressure = {d: metrics.backpressure.labels(d) for d in ("in", "out")}
+        self._audio_seconds = {d: metrics.audio_seconds.labels(d, *td) for d in ("in", "out")}
+        self._frame_bytes = {d: metrics.frame_bytes.labels(d) for d in ("in", "out")}
+        # Sums since the last flush.
+        self._events: Tally[tuple[str, str]] = Tally()
+        self._bytes = {"in": 0, "out": 0}
+        self._audio_bytes = {"in": 0, "out": 0}
+        self._waited = {"in": 0.0, "out": 0.0}
+        # Session totals, for the end-of-session log line.
+        self.audio_bytes_total = {"in": 0, "out": 0}
+        self.audio_seconds_total = {"in": 0.0, "out": 0.0}
+        self.tokens: Tally[str] = Tally()
+        self.responses = 0
+        self._rate = {"in": 48000, "out": 48000}
+        self._turn_ended_at: float | None = None
+        self._response_started_at: float | None = None
+
+    # --- per frame ---------------------------------------------------------------------
+
+    def client_event(self, kind: str, frame: bytes) -> None:
+        """A client frame (direction "in") that will be forwarded."""
+        self._events["in", kind] += 1
+        self._bytes["in"] += len(frame)
+        if kind == "input_audio_buffer.append":
+            self._audio("in", frame, b"audio")
+        elif kind == "response.create" and self._turn_ended_at is None:
+            self._turn_ended_at = self.clock()
+
+    def upstream_event(self, kind: str, frame: bytes) -> None:
+        """An upstream frame (direction "out")."""
+        self._events["out", kind] += 1
+        self._bytes["out"] += len(frame)
+        if kind in AUDIO_DELTA_TYPES:
+            self._audio("out", frame, b"delta")
+            if self._turn_ended_at is not None:
+                self._ttfa.observe(self.clock() - self._turn_ended_at)
+                self._turn_ended_at = None
+        elif kind in _TURN_END_UPSTREAM:
+            if self._turn_ended_at is None:
+                self._turn_ended_at = self.clock()
+        elif kind == "response.created":
+            self._response_started_at = self.clock()
+        elif kind == "response.done":
+            self._response_done(frame)
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            self._transcription_usage(frame)
+        elif kind == "error":
+            self._upstream_error(frame)
+
+    def forwarded(self, direction: str, delay: float, waited: float) -> None:
+        """A frame written ``delay`` seconds after it arrived, ``waited`` of them in the write."""
+        self._delay[direction].observe(delay)
+        self._waited[direction] += waited
+
+    def _audio(self, direction: str, frame: bytes, field: bytes) -> None:
+        decoded = base64_size(frame, field)
+        self._audio_bytes[direction] += decoded
+        self._chunk[direction].observe(decoded)
+
+    # --- rare events, parsed ---------------------------------------------------------------
+
+    def session_changed(self, session: Any) -> None:
+        """Track the audio formats in force, to turn bytes into seconds."""
+        if not isinstance(session, Mapping):
+            return
+        for direction, ga, preview in (
+            ("in", "input", "input_audio_format"),
+            ("out", "output", "output_audio_format"),
+        ):
+            audio = session.get("audio")
+            fmt: Any = None
+            if isinstance(audio, Mapping) and isinstance(audio.get(ga), Mapping):
+                spec = audio[ga].get("format")
+                fmt = spec.get("type") if isinstance(spec, Mapping) else None
+            elif isinstance(session.get(preview), str):
+                fmt = session[preview]
+            if isinstance(fmt, str) and fmt in _BYTES_PER_SECOND:
+                self._rate[direction] = _BYTES_PER_SECOND[fmt]
+
+    def _response_done(self, frame: bytes) -> None:
+        response = orjson.loads(frame).get("response")
+        if not isinstance(response, Mapping):
+            return
+        self.responses += 1
+        status = str(response.get("status"))
+        status = status if status in ("completed", "cancelled", "failed", "incomplete") else "other"
+        self.metrics.responses.labels(self.team, self.deployment, status).inc()
+        if self._response_started_at is not None:
+            self._response_duration.observe(self.clock() - self._response_started_at)
+            self._response_started_at = None
+        self._turn_ended_at = None  # a response without audio ends the turn too
+        usage = response.get("usage")
+        if isinstance(usage, Mapping):
+            self._count_tokens(usage_tokens(usage))
+
+    def _transcription_usage(self, frame: bytes) -> None:
+        usage = orjson.loads(frame).get("usage")
+        if isinstance(usage, Mapping) and usage.get("type", "tokens") == "tokens":
+            self._count_tokens(
+                {
+                    "transcription_input": _int(usage.get("input_tokens")),
+                    "transcription_output": _int(usage.get("output_tokens")),
+                }
+            )
+
+    def _count_tokens(self, counts: Mapping[str, int]) -> None:
+        for kind, count in counts.items():
+            if count:
+                self.tokens[kind] += count
+                self.metrics.tokens.labels(self.team, self.deployment, kind).inc(count)
+
+    def _upstream_error(self, frame: bytes) -> None:
+        error = orjson.loads(frame).get("error")
+        code = error.get("code") if isinstance(error, Mapping) else None
+        code = code if isinstance(code, str) and code in _KNOWN_ERROR_CODES else "other"
+        self.metrics.upstream_errors.labels(self.deployment, code).inc()
+
+    def violation(self, code: str) -> None:
+        self.metrics.client_violations.labels(self.team, self.deployment, code).inc()
+
+    # --- flushing ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        events = self.metrics.events
+        for (direction, kind), count in self._events.items():
+            events.labels(direction, label_for_type(kind)).inc(count)
+        self._events.clear()
+        for direction in ("in", "out"):
+            if self._bytes[direction]:
+                self._frame_bytes[direction].inc(self._bytes[direction])
+                self._bytes[direction] = 0
+            if self._waited[direction]:
+                self._backpressure[direction].inc(self._waited[direction])
+                self._waited[direction] = 0.0
+            audio = self._audio_bytes[direction]
+            if audio:
+                seconds = audio / self._rate[direction]
+                self._audio_seconds[direction].inc(seconds)
+                self.audio_bytes_total[direction] += audio
+                self.audio_seconds_total[direction] += seconds
+                self._audio_bytes[direction] = 0
+
+
+def usage_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
+    """Token counts by kind from a `response.done` usage block."""
+    details_in = usage.get("input_token_details")
+    details_out = usage.get("output_token_details")
+    din = details_in if isinstance(details_in, Mapping) else {}
+    dout = details_out if isinstance(details_out, Mapping) else {}
+    return {
+        "input_text": _int(din.get("text_tokens")),
+        "input_audio": _int(din.get("audio_tokens")),
+        "input_image": _int(din.get("image_tokens")),
+        "input_cached": _int(din.get("cached_tokens")),
+        "output_text": _int(dout.get("text_tokens")),
+        "output_audio": _int(dout.get("audio_tokens")),
+    }
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

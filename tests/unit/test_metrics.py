@@ -1,0 +1,188 @@
+"""The meter on recorded event sequences, with a fake clock: no sockets."""
+
+import base64
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from relay.metrics import Metrics, SessionMeter, label_for_type, usage_tokens
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def sample(metrics: Metrics, name: str, labels: dict) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def ev(kind, **fields) -> bytes:
+    return orjson.dumps({"type": kind, **fields})
+
+
+def audio(nbytes: int) -> str:
+    return base64.b64encode(b"\0" * nbytes).decode()
+
+
+USAGE = {
+    "total_tokens": 82,
+    "input_tokens": 5,
+    "output_tokens": 77,
+    "input_token_details": {
+        "cached_tokens": 2,
+        "text_tokens": 5,
+        "audio_tokens": 0,
+        "image_tokens": 0,
+    },
+    "output_token_details": {"text_tokens": 21, "audio_tokens": 56},
+}
+
+
+@pytest.fixture
+def meter():
+    return SessionMeter(Metrics.create(CollectorRegistry()), "team-a", "gpt-rt", clock=Clock())
+
+
+def feed(meter: SessionMeter, direction: str, frame: bytes, at: float | None = None):
+    if at is not None:
+        meter.clock.now = at
+    kind = orjson.loads(frame)["type"]
+    if direction == "in":
+        meter.client_event(kind, frame)
+    else:
+        meter.upstream_event(kind, frame)
+
+
+def test_a_voice_turn(meter):
+    m = meter.metrics
+    meter.session_changed(
+        {
+            "audio": {
+                "input": {"format": {"type": "audio/pcm", "rate": 24000}},
+                "output": {"format": {"type": "audio/pcmu"}},
+            }
+        }
+    )
+    for _ in range(50):  # 50 x 20 ms of 24 kHz PCM16 = 1 s
+        feed(meter, "in", ev("input_audio_buffer.append", audio=audio(960)))
+    feed(
+        meter,
+        "out",
+        ev("input_audio_buffer.speech_stopped", item_id="i", audio_end_ms=1000),
+        at=101.0,
+    )
+    feed(meter, "out", ev("input_audio_buffer.committed", item_id="i"), at=101.1)
+    feed(meter, "out", ev("response.created", response={}), at=101.2)
+    # 2 s of G.711 (8000 bytes/s) out, in 4 chunks
+    feed(
+        meter,
+        "out",
+        ev("response.output_audio.delta", delta=audio(4000), response_id="r"),
+        at=101.35,
+    )
+    for _ in range(3):
+        feed(meter, "out", ev("response.output_audio.delta", delta=audio(4000), response_id="r"))
+    feed(
+        meter,
+        "out",
+        ev("response.done", response={"status": "completed", "usage": USAGE}),
+        at=103.2,
+    )
+    meter.flush()
+
+    td = {"team": "team-a", "deployment": "gpt-rt"}
+    # Time to first audio counts from speech_stopped (the earliest end-of-turn mark).
+    assert sample(m, "relay_time_to_first_audio_seconds_sum", td) == pytest.approx(0.35)
+    assert sample(m, "relay_time_to_first_audio_seconds_count", td) == 1
+    assert sample(m, "relay_response_duration_seconds_sum", td) == pytest.approx(2.0)
+    assert sample(m, "relay_audio_seconds_total", {"direction": "in", **td}) == pytest.approx(1.0)
+    assert sample(m, "relay_audio_seconds_total", {"direction": "out", **td}) == pytest.approx(2.0)
+    assert sample(m, "relay_audio_chunk_bytes_count", {"direction": "in"}) == 50
+    assert sample(m, "relay_audio_chunk_bytes_sum", {"direction": "in"}) == 50 * 960
+    assert (
+        sample(m, "relay_events_total", {"direction": "in", "type": "input_audio_buffer.append"})
+        == 50
+    )
+    assert (
+        sample(m, "relay_events_total", {"direction": "out", "type": "response.output_audio.delta"})
+        == 4
+    )
+    assert sample(m, "relay_tokens_total", {**td, "kind": "output_audio"}) == 56
+    assert sample(m, "relay_tokens_total", {**td, "kind": "input_cached"}) == 2
+    assert sample(m, "relay_responses_total", {**td, "status": "completed"}) == 1
+    assert meter.tokens["output_text"] == 21
+    assert meter.audio_seconds_total == {"in": pytest.approx(1.0), "out": pytest.approx(2.0)}
+
+
+def test_response_create_marks_the_turn_end_without_vad(meter):
+    feed(meter, "in", ev("response.create"), at=10.0)
+    feed(meter, "out", ev("response.created", response={}), at=10.1)
+    feed(meter, "out", ev("response.output_audio.delta", delta=audio(480)), at=10.5)
+    feed(meter, "out", ev("response.output_audio.delta", delta=audio(480)), at=11.0)
+    td = {"team": "team-a", "deployment": "gpt-rt"}
+    assert sample(meter.metrics, "relay_time_to_first_audio_seconds_sum", td) == pytest.approx(0.5)
+    assert sample(meter.metrics, "relay_time_to_first_audio_seconds_count", td) == 1
+
+
+def test_preview_names_and_formats(meter):
+    meter.session_changed({"input_audio_format": "g711_alaw", "output_audio_format": "pcm16"})
+    feed(meter, "in", ev("input_audio_buffer.append", audio=audio(8000)))
+    feed(meter, "out", ev("response.audio.delta", delta=audio(48000)))
+    meter.flush()
+    assert meter.audio_seconds_total == {"in": pytest.approx(1.0), "out": pytest.approx(1.0)}
+
+
+def test_upstream_errors_and_unknown_types_keep_labels_bounded(meter):
+    feed(
+        meter, "out", ev("error", error={"type": "invalid_request_error", "code": "invalid_value"})
+    )
+    feed(meter, "out", ev("error", error={"type": "x", "code": "some-new-code-" + "x" * 40}))
+    feed(meter, "out", ev("vendor.custom_event"))
+    meter.flush()
+    m = meter.metrics
+    assert (
+        sample(
+            m,
+            "relay_upstream_error_events_total",
+            {"deployment": "gpt-rt", "code": "invalid_value"},
+        )
+        == 1
+    )
+    assert (
+        sample(m, "relay_upstream_error_events_total", {"deployment": "gpt-rt", "code": "other"})
+        == 1
+    )
+    assert sample(m, "relay_events_total", {"direction": "out", "type": "other"}) == 1
+    assert label_for_type("session.update") == "session.update"
+
+
+def test_transcription_usage(meter):
+    feed(
+        meter,
+        "out",
+        ev(
+            "conversation.item.input_audio_transcription.completed",
+            usage={"type": "tokens", "input_tokens": 30, "output_tokens": 7, "total_tokens": 37},
+        ),
+    )
+    assert dict(meter.tokens) == {"transcription_input": 30, "transcription_output": 7}
+
+
+def test_usage_tokens_tolerates_missing_details():
+    assert usage_tokens({"total_tokens": 3})["output_audio"] == 0
+
+
+def test_forward_delay_and_backpressure(meter):
+    meter.forwarded("out", 0.002, 0.0015)
+    meter.flush()
+    m = meter.metrics
+    assert sample(m, "relay_forward_delay_seconds_count", {"direction": "out"}) == 1
+    assert sample(m, "relay_backpressure_seconds_total", {"direction": "out"}) == pytest.approx(
+        0.0015
+    )
