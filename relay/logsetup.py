@@ -51,7 +51,7 @@ def redact_url(url: URL) -> str:
     if not any(k.lower() in _SECRET_QUERY_KEYS for k in url.query):
         return str(url)
     query = [
-        (k, "<redacted>" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in url.query.items()
+        (k, "REDACTED" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in url.query.items()
     ]
     return str(url.with_query(query))
 

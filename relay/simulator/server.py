@@ -1,0 +1,195 @@
+"""The simulator's aiohttp application: authentication, the two endpoints, and start-up.
+
+``GET /openai/v1/realtime?model=<deployment>`` speaks the GA protocol;
+``GET /openai/realtime?api-version=<v>&deployment=<deployment>`` speaks the beta/preview
+protocol. Like Azure, credentials are checked first, then the query, and every refusal is
+an HTTP error with a JSON body before any WebSocket upgrade.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from types import TracebackType
+from typing import Literal
+
+import orjson
+import structlog
+from aiohttp import WSCloseCode, web
+
+from relay.simulator.connection import Connection
+from relay.simulator.engine import Engine
+from relay.simulator.ids import IdFactory, next_seed
+from relay.simulator.options import SimulatorOptions
+from relay.simulator.schema import BETA, GA, Dialect
+
+# The API accepts 15 MiB appends; leave room for the JSON around them.
+MAX_MSG_SIZE = 16 * 1024 * 1024
+API_KEY_DENIED = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
+    "provide a valid key for an active subscription and use a correct regional API endpoint "
+    "for your resource."
+)
+TOKEN_DENIED = (
+    "Unauthorized. Access token is missing, invalid, audience is incorrect "
+    "(https://cognitiveservices.azure.com), or have expired."
+)
+
+OPTIONS_KEY = web.AppKey("simulator_options", SimulatorOptions)
+_SimulatorSockets = set[web.WebSocketResponse[Literal[False]]]
+SOCKETS_KEY: web.AppKey[_SimulatorSockets] = web.AppKey("simulator_sockets", _SimulatorSockets)
+
+log = structlog.get_logger(__name__)
+
+
+def create_simulator_app(options: SimulatorOptions) -> web.Application:
+    """Build the simulated Azure realtime service as an aiohttp application."""
+    app = web.Application()
+    app[OPTIONS_KEY] = options
+    app[SOCKETS_KEY] = set()
+    app.router.add_get("/openai/v1/realtime", _ga_endpoint)
+    app.router.add_get("/openai/realtime", _preview_endpoint)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+def http_error(status: int, code: str, message: str) -> web.Response:
+    """An Azure-style JSON error response."""
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": {"code": code, "message": message}}),
+        content_type="application/json",
+        headers={"apim-request-id": str(uuid.uuid4())},
+    )
+
+
+def _matches(presented: str, accepted: frozenset[str]) -> bool:
+    given = presented.encode()
+    # Compare against every key in constant time, without stopping early.
+    return sum(hmac.compare_digest(given, key.encode()) for key in accepted) > 0
+
+
+def authenticate(request: web.Request, options: SimulatorOptions) -> web.Response | None:
+    """Return a 401 response unless the request carries an accepted credential.
+
+    Accepted: ``api-key`` header (or ``?api-key=``) from ``api_keys``, or
+    ``Authorization: Bearer`` with one of ``api_keys`` or ``bearer_tokens``.
+    """
+    api_key = request.headers.get("api-key") or request.query.get("api-key")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    if api_key and _matches(api_key, options.api_keys):
+        return None
+    if bearer and _matches(bearer, options.api_keys | options.bearer_tokens):
+        return None
+    via = "api-key" if api_key or not bearer else "bearer"
+    log.info("simulator.auth_failed", path=request.path, credential=via, peer=request.remote)
+    return http_error(401, "401", API_KEY_DENIED if via == "api-key" else TOKEN_DENIED)
+
+
+async def _ga_endpoint(request: web.Request) -> web.StreamResponse:
+    options = request.app[OPTIONS_KEY]
+    denied = authenticate(request, options)
+    if denied is not None:
+        return denied
+    if "api-version" in request.query:
+        return http_error(
+            400, "BadRequest", "api-version query parameter is not allowed when using /v1 path"
+        )
+    model = request.query.get("model")
+    if not model:
+        return http_error(400, "BadRequest", "Missing required query parameter: model")
+    return await _serve(request, GA, model, options)
+
+
+async def _preview_endpoint(request: web.Request) -> web.StreamResponse:
+    options = request.app[OPTIONS_KEY]
+    denied = authenticate(request, options)
+    if denied is not None:
+        return denied
+    if not request.query.get("api-version"):
+        return http_error(
+            400,
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        )
+    deployment = request.query.get("deployment")
+    if not deployment:
+        return http_error(400, "BadRequest", "Missing required query parameter: deployment")
+    return await _serve(request, BETA, deployment, options)
+
+
+async def _serve(
+    request: web.Request, dialect: Dialect, model: str, options: SimulatorOptions
+) -> web.StreamResponse:
+    ws: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
+        compress=False, max_msg_size=MAX_MSG_SIZE, decode_text=False
+    )
+    if not ws.can_prepare(request).ok:
+        return http_error(400, "BadRequest", "Expected a WebSocket upgrade request.")
+    await ws.prepare(request)
+    engine = Engine(
+        dialect, model=model, options=options, ids=IdFactory(next_seed()), now=time.time()
+    )
+    connection = Connection(ws, engine, speed=options.speed)
+    sockets = request.app[SOCKETS_KEY]
+    sockets.add(ws)
+    bound = log.bind(dialect=dialect.name, deployment=model, session_id=engine.session["id"])
+    bound.info("simulator.connected", peer=request.remote)
+    try:
+        await connection.run()
+    finally:
+        sockets.discard(ws)
+        bound.info("simulator.disconnected", close_code=ws.close_code, **connection.stats())
+    return ws
+
+
+async def _close_sockets(app: web.Application) -> None:
+    sockets = app[SOCKETS_KEY]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"Server shutdown")
+
+
+class RunningSimulator:
+    """A simulator listening on a TCP port; ``url`` is what an Azure ``endpoint`` would be."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        """Close every simulator socket (1001) and stop listening."""
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> RunningSimulator:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def start_simulator(
+    options: SimulatorOptions, host: str = "127.0.0.1", port: int = 0
+) -> RunningSimulator:
+    """Serve the simulator on ``host:port`` (port 0 picks a free one)."""
+    runner = web.AppRunner(create_simulator_app(options))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return RunningSimulator(runner, host, runner.addresses[0][1])
