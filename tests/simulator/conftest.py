@@ -54,7 +54,9 @@ class RealtimeSocket:
         """Append audio in one event, or in ``chunk_ms`` pieces."""
         size = len(audio) if chunk_ms is None else chunk_ms * 48
         for start in range(0, len(audio), size):
-            await self.send({"type": "input_audio_buffer.append", "audio": b64(audio[start : start + size])})
+            await self.send(
+                {"type": "input_audio_buffer.append", "audio": b64(audio[start : start + size])}
+            )
 
     async def recv(self) -> dict[str, Any]:
         message = await self.ws.receive(timeout=RECEIVE_TIMEOUT_S)
@@ -104,7 +106,9 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
     """A test client of a simulator app, with ``SimulatorOptions`` overrides."""
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = await aiohttp_client(create_simulator_app(sim_options(**overrides)))
+        client: TestClient[Any, Any] = await aiohttp_client(
+            create_simulator_app(sim_options(**overrides))
+        )
         return client
 
     return make

@@ -39,7 +39,9 @@ def rms(fmt: AudioFormat, data: bytes) -> float:
         ("x" * 100, 6000),
     ],
 )
-def test_reply_length_is_60_ms_per_character_and_at_least_500_ms(text: str, expected_ms: int) -> None:
+def test_reply_length_is_60_ms_per_character_and_at_least_500_ms(
+    text: str, expected_ms: int
+) -> None:
     assert reply_duration_ms(text) == expected_ms >= MIN_REPLY_MS
     assert PCM16.duration_ms(len(synthesize_reply(text))) == expected_ms
 

@@ -121,12 +121,36 @@ def test_session_created_has_a_future_expiry() -> None:
         (b'{"type": "input_audio_buffer.clear", "event_id": 3}', "invalid_type", "event_id"),
         (b'{"type": "output_audio_buffer.clear"}', "invalid_value", "type"),
         (b'{"type": "transcription_session.update", "session": {}}', "invalid_value", "type"),
-        (b'{"type": "conversation.item.retrieve", "item_id": "item_nope"}', "invalid_value", "item_id"),
-        (b'{"type": "conversation.item.delete", "item_id": "item_nope"}', "invalid_value", "item_id"),
-        (b'{"type": "conversation.item.create", "item": {"type": "message"}}', "missing_required_parameter", "item.role"),
-        (b'{"type": "response.create", "response": {"modalities": ["text"]}}', "unknown_parameter", "response.modalities"),
-        (b'{"type": "response.create", "response": {"conversation": "other"}}', "invalid_value", "response.conversation"),
-        (b'{"type": "response.create", "response": {"max_output_tokens": 0}}', "invalid_value", "response.max_output_tokens"),
+        (
+            b'{"type": "conversation.item.retrieve", "item_id": "item_nope"}',
+            "invalid_value",
+            "item_id",
+        ),
+        (
+            b'{"type": "conversation.item.delete", "item_id": "item_nope"}',
+            "invalid_value",
+            "item_id",
+        ),
+        (
+            b'{"type": "conversation.item.create", "item": {"type": "message"}}',
+            "missing_required_parameter",
+            "item.role",
+        ),
+        (
+            b'{"type": "response.create", "response": {"modalities": ["text"]}}',
+            "unknown_parameter",
+            "response.modalities",
+        ),
+        (
+            b'{"type": "response.create", "response": {"conversation": "other"}}',
+            "invalid_value",
+            "response.conversation",
+        ),
+        (
+            b'{"type": "response.create", "response": {"max_output_tokens": 0}}',
+            "invalid_value",
+            "response.max_output_tokens",
+        ),
     ],
 )
 def test_client_errors(raw: bytes, code: str, param: str | None) -> None:
@@ -134,7 +158,9 @@ def test_client_errors(raw: bytes, code: str, param: str | None) -> None:
     error = harness.error(raw)
     assert (error["code"], error["param"]) == (code, param)
     # The engine is still usable afterwards.
-    assert types(harness.events({"type": "input_audio_buffer.clear"})) == ["input_audio_buffer.cleared"]
+    assert types(harness.events({"type": "input_audio_buffer.clear"})) == [
+        "input_audio_buffer.cleared"
+    ]
 
 
 def test_unknown_type_lists_the_supported_ones() -> None:
@@ -160,7 +186,16 @@ def test_binary_frames_get_an_error() -> None:
 def test_invalid_session_update_changes_nothing() -> None:
     harness = Harness()
     before = harness.engine.session
-    harness.error({"type": "session.update", "session": {"type": "realtime", "instructions": "x", "audio": {"output": {"voice": "nova"}}}})
+    harness.error(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": "x",
+                "audio": {"output": {"voice": "nova"}},
+            },
+        }
+    )
     assert harness.engine.session is before
 
 
@@ -171,7 +206,10 @@ def test_manual_commit_creates_a_user_audio_item() -> None:
     harness = Harness()
     harness.no_vad()
     assert harness.events({"type": "input_audio_buffer.append", "audio": b64(speech(50))}) == []
-    assert harness.error({"type": "input_audio_buffer.commit"})["code"] == "input_audio_buffer_commit_empty"
+    assert (
+        harness.error({"type": "input_audio_buffer.commit"})["code"]
+        == "input_audio_buffer_commit_empty"
+    )
     harness.events({"type": "input_audio_buffer.append", "audio": b64(speech(150))})
     committed, added, done = harness.events({"type": "input_audio_buffer.commit"})
     assert types([committed, added, done]) == [
@@ -182,10 +220,14 @@ def test_manual_commit_creates_a_user_audio_item() -> None:
     assert committed["previous_item_id"] is None
     item = added["item"]
     assert committed["item_id"] == item["id"] == done["item"]["id"]
-    assert item["role"] == "user" and item["content"] == [{"type": "input_audio", "transcript": None}]
+    assert item["role"] == "user" and item["content"] == [
+        {"type": "input_audio", "transcript": None}
+    ]
     # The second commit points at the first item.
     harness.events({"type": "input_audio_buffer.append", "audio": b64(speech(100))})
-    assert harness.events({"type": "input_audio_buffer.commit"})[0]["previous_item_id"] == item["id"]
+    assert (
+        harness.events({"type": "input_audio_buffer.commit"})[0]["previous_item_id"] == item["id"]
+    )
     [retrieved] = harness.events({"type": "conversation.item.retrieve", "item_id": item["id"]})
     assert base64.b64decode(retrieved["item"]["content"][0]["audio"]) == speech(50) + speech(150)
 
@@ -194,25 +236,46 @@ def test_clear_empties_the_buffer() -> None:
     harness = Harness()
     harness.no_vad()
     harness.events({"type": "input_audio_buffer.append", "audio": b64(speech(500))})
-    assert types(harness.events({"type": "input_audio_buffer.clear"})) == ["input_audio_buffer.cleared"]
-    assert harness.error({"type": "input_audio_buffer.commit"})["code"] == "input_audio_buffer_commit_empty"
+    assert types(harness.events({"type": "input_audio_buffer.clear"})) == [
+        "input_audio_buffer.cleared"
+    ]
+    assert (
+        harness.error({"type": "input_audio_buffer.commit"})["code"]
+        == "input_audio_buffer_commit_empty"
+    )
 
 
-@pytest.mark.parametrize(("model", "usage_type"), [("whisper-1", "duration"), ("gpt-4o-transcribe", "tokens")])
+@pytest.mark.parametrize(
+    ("model", "usage_type"), [("whisper-1", "duration"), ("gpt-4o-transcribe", "tokens")]
+)
 def test_transcription(model: str, usage_type: str) -> None:
     harness = Harness()
-    harness.events({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": None, "transcription": {"model": model}}}}})
+    harness.events(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "audio": {"input": {"turn_detection": None, "transcription": {"model": model}}},
+            },
+        }
+    )
     harness.events({"type": "input_audio_buffer.append", "audio": b64(speech(1200))})
     events = harness.events({"type": "input_audio_buffer.commit"})
     completed = events[-1]
     assert completed["type"] == "conversation.item.input_audio_transcription.completed"
-    assert completed["transcript"] == transcript_for(1200) and completed["usage"]["type"] == usage_type
-    assert ("conversation.item.input_audio_transcription.delta" in types(events)) == (usage_type == "tokens")
+    assert (
+        completed["transcript"] == transcript_for(1200) and completed["usage"]["type"] == usage_type
+    )
+    assert ("conversation.item.input_audio_transcription.delta" in types(events)) == (
+        usage_type == "tokens"
+    )
 
 
 def test_server_vad_commits_and_responds() -> None:
     harness = Harness()
-    actions = harness.send({"type": "input_audio_buffer.append", "audio": b64(speech_then_silence(1000, 800))})
+    actions = harness.send(
+        {"type": "input_audio_buffer.append", "audio": b64(speech_then_silence(1000, 800))}
+    )
     *events, start = actions
     assert types(events) == [  # type: ignore[arg-type]
         "input_audio_buffer.speech_started",
@@ -230,8 +293,20 @@ def test_server_vad_commits_and_responds() -> None:
 
 def test_vad_without_create_response_only_commits() -> None:
     harness = Harness()
-    harness.events({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}}}})
-    actions = harness.send({"type": "input_audio_buffer.append", "audio": b64(speech_then_silence())})
+    harness.events(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "audio": {
+                    "input": {"turn_detection": {"type": "server_vad", "create_response": False}}
+                },
+            },
+        }
+    )
+    actions = harness.send(
+        {"type": "input_audio_buffer.append", "audio": b64(speech_then_silence())}
+    )
     assert not any(isinstance(a, StartResponse) for a in actions)
 
 
@@ -239,10 +314,18 @@ def test_speech_interrupts_the_active_response() -> None:
     harness = Harness()
     run = harness.start()
     harness.play(run, limit=6)
-    actions = harness.send({"type": "input_audio_buffer.append", "audio": b64(speech_then_silence())})
-    assert isinstance(actions[0], dict) and actions[0]["type"] == "input_audio_buffer.speech_started"
+    actions = harness.send(
+        {"type": "input_audio_buffer.append", "audio": b64(speech_then_silence())}
+    )
+    assert (
+        isinstance(actions[0], dict) and actions[0]["type"] == "input_audio_buffer.speech_started"
+    )
     cancel = actions[1]
-    assert isinstance(cancel, CancelResponse) and cancel.run is run and cancel.reason == "turn_detected"
+    assert (
+        isinstance(cancel, CancelResponse)
+        and cancel.run is run
+        and cancel.reason == "turn_detected"
+    )
     assert isinstance(actions[-1], StartResponse)  # the new turn gets its answer
     closing = [harness.check(e) for e in run.finish("cancelled", cancel.reason)]
     done = closing[-1]["response"]
@@ -255,7 +338,12 @@ def test_speech_interrupts_the_active_response() -> None:
 
 
 def user_text(text: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}], **extra}
+    return {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": text}],
+        **extra,
+    }
 
 
 def test_item_create_retrieve_delete() -> None:
@@ -264,25 +352,59 @@ def test_item_create_retrieve_delete() -> None:
     item_id = added["item"]["id"]
     assert added["previous_item_id"] is None and done["item"] == added["item"]
     assert added["item"]["status"] == "completed" and added["item"]["object"] == "realtime.item"
-    first, _ = harness.events({"type": "conversation.item.create", "previous_item_id": "root", "item": user_text("first", id="item_custom")})
+    first, _ = harness.events(
+        {
+            "type": "conversation.item.create",
+            "previous_item_id": "root",
+            "item": user_text("first", id="item_custom"),
+        }
+    )
     assert first["previous_item_id"] is None
     assert [i.id for i in harness.engine.conversation.items()] == ["item_custom", item_id]
-    assert harness.error({"type": "conversation.item.create", "item": user_text("dup", id="item_custom")})["param"] == "item.id"
-    assert harness.error({"type": "conversation.item.create", "previous_item_id": "item_x", "item": user_text("x")})["param"] == "previous_item_id"
+    assert (
+        harness.error(
+            {"type": "conversation.item.create", "item": user_text("dup", id="item_custom")}
+        )["param"]
+        == "item.id"
+    )
+    assert (
+        harness.error(
+            {
+                "type": "conversation.item.create",
+                "previous_item_id": "item_x",
+                "item": user_text("x"),
+            }
+        )["param"]
+        == "previous_item_id"
+    )
     [retrieved] = harness.events({"type": "conversation.item.retrieve", "item_id": item_id})
     assert retrieved["item"]["content"] == [{"type": "input_text", "text": "hello"}]
     [deleted] = harness.events({"type": "conversation.item.delete", "item_id": item_id})
     assert deleted["item_id"] == item_id
-    assert harness.error({"type": "conversation.item.retrieve", "item_id": item_id})["code"] == "invalid_value"
+    assert (
+        harness.error({"type": "conversation.item.retrieve", "item_id": item_id})["code"]
+        == "invalid_value"
+    )
 
 
 @pytest.mark.parametrize(
     ("dialect", "content_type", "ok"),
-    [(GA, "output_text", True), (GA, "text", False), (BETA, "text", True), (BETA, "output_text", False)],
+    [
+        (GA, "output_text", True),
+        (GA, "text", False),
+        (BETA, "text", True),
+        (BETA, "output_text", False),
+    ],
 )
-def test_assistant_content_types_follow_the_dialect(dialect: Dialect, content_type: str, ok: bool) -> None:
+def test_assistant_content_types_follow_the_dialect(
+    dialect: Dialect, content_type: str, ok: bool
+) -> None:
     harness = Harness(dialect)
-    item = {"type": "message", "role": "assistant", "content": [{"type": content_type, "text": "hi"}]}
+    item = {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": content_type, "text": "hi"}],
+    }
     events = harness.events({"type": "conversation.item.create", "item": item})
     assert (events[0]["type"] != "error") == ok
 
@@ -326,7 +448,9 @@ def test_audio_response_sequence_audio_and_usage() -> None:
     assert set(deltas) == {"response.output_audio.delta", "response.output_audio_transcript.delta"}
     assert deltas.count("response.output_audio.delta") == math.ceil(reply_duration_ms(reply) / 100)
     assert audio_of(events) == synthesize_reply(reply)
-    transcript = "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
+    transcript = "".join(
+        e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta"
+    )
     assert transcript == reply == events[-5]["transcript"]
     done = events[-1]["response"]
     assert done["status"] == "completed" and done["status_details"] is None
@@ -337,7 +461,9 @@ def test_audio_response_sequence_audio_and_usage() -> None:
         "audio_tokens": output_audio_tokens(reply_duration_ms(reply)),
     }
     instructions = harness.engine.settings.instructions
-    assert usage["input_token_details"]["text_tokens"] == text_tokens(instructions) + text_tokens("What's up?")
+    assert usage["input_token_details"]["text_tokens"] == text_tokens(instructions) + text_tokens(
+        "What's up?"
+    )
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert harness.engine.active_response is None
 
@@ -361,7 +487,10 @@ def test_reply_follows_the_input() -> None:
     harness.events({"type": "input_audio_buffer.append", "audio": b64(speech(1500))})
     harness.events({"type": "input_audio_buffer.commit"})
     events = harness.play(harness.start())
-    assert events[-1]["response"]["output"][0]["content"][0]["transcript"] == "I heard 1.5 seconds of audio."
+    assert (
+        events[-1]["response"]["output"][0]["content"][0]["transcript"]
+        == "I heard 1.5 seconds of audio."
+    )
     assert default_reply([]) == "Hello! This is the simulated realtime service."
 
 
@@ -369,7 +498,9 @@ def test_one_response_at_a_time() -> None:
     harness = Harness()
     run = harness.start()
     error = harness.error({"type": "response.create"})
-    assert error["code"] == "conversation_already_has_active_response" and run.id in error["message"]
+    assert (
+        error["code"] == "conversation_already_has_active_response" and run.id in error["message"]
+    )
     harness.play(run)
     harness.start()
 
@@ -378,7 +509,10 @@ def test_cancel_reports_usage_so_far() -> None:
     harness = Harness(reply_text="A long reply that will not be heard to the end. " * 4)
     run = harness.start()
     played = harness.play(run, limit=9)
-    assert harness.error({"type": "response.cancel", "response_id": "resp_other"})["code"] == "response_cancel_not_active"
+    assert (
+        harness.error({"type": "response.cancel", "response_id": "resp_other"})["code"]
+        == "response_cancel_not_active"
+    )
     [cancel] = harness.send({"type": "response.cancel", "response_id": run.id})
     assert isinstance(cancel, CancelResponse) and cancel.reason == "client_cancelled"
     closing = [harness.check(e) for e in run.finish("cancelled", cancel.reason)]
@@ -403,7 +537,9 @@ def test_cancel_before_any_output() -> None:
 
 def test_text_only_response() -> None:
     harness = Harness(reply_text="Just text, please.")
-    events = harness.play(harness.start({"output_modalities": ["text"], "instructions": "Be terse."}))
+    events = harness.play(
+        harness.start({"output_modalities": ["text"], "instructions": "Be terse."})
+    )
     kinds = types(events)
     assert "response.output_audio.delta" not in kinds
     assert kinds[-5:] == [
@@ -413,10 +549,16 @@ def test_text_only_response() -> None:
         "conversation.item.done",
         "response.done",
     ]
-    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Just text, please."
+    assert (
+        "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        == "Just text, please."
+    )
     assert events[4]["part"] == {"type": "text", "text": ""}
     done = events[-1]["response"]
-    assert done["output_modalities"] == ["text"] and done["usage"]["output_token_details"]["audio_tokens"] == 0
+    assert (
+        done["output_modalities"] == ["text"]
+        and done["usage"]["output_token_details"]["audio_tokens"] == 0
+    )
     assert done["output"][0]["content"] == [{"type": "output_text", "text": "Just text, please."}]
 
 
@@ -433,9 +575,17 @@ def test_max_output_tokens_makes_the_response_incomplete() -> None:
 def test_out_of_band_response() -> None:
     harness = Harness()
     harness.events({"type": "conversation.item.create", "item": user_text("in the conversation")})
-    run = harness.start({"conversation": "none", "metadata": {"topic": "summary"}, "input": [user_text("only this")]})
+    run = harness.start(
+        {
+            "conversation": "none",
+            "metadata": {"topic": "summary"},
+            "input": [user_text("only this")],
+        }
+    )
     events = harness.play(run)
-    assert "conversation.item.added" not in types(events) and "conversation.item.done" not in types(events)
+    assert "conversation.item.added" not in types(events) and "conversation.item.done" not in types(
+        events
+    )
     done = events[-1]["response"]
     assert done["conversation_id"] is None and done["metadata"] == {"topic": "summary"}
     assert done["output"][0]["content"][0]["transcript"] == "You said: only this"
@@ -444,38 +594,87 @@ def test_out_of_band_response() -> None:
 
 def test_response_input_can_reference_items() -> None:
     harness = Harness()
-    [added, _] = harness.events({"type": "conversation.item.create", "item": user_text("referenced")})
+    [added, _] = harness.events(
+        {"type": "conversation.item.create", "item": user_text("referenced")}
+    )
     run = harness.start({"input": [{"type": "item_reference", "id": added["item"]["id"]}]})
-    assert harness.play(run)[-1]["response"]["output"][0]["content"][0]["transcript"] == "You said: referenced"
-    assert harness.error({"type": "response.create", "response": {"input": [{"type": "item_reference", "id": "item_x"}]}})["param"] == "response.input[0].id"
+    assert (
+        harness.play(run)[-1]["response"]["output"][0]["content"][0]["transcript"]
+        == "You said: referenced"
+    )
+    assert (
+        harness.error(
+            {
+                "type": "response.create",
+                "response": {"input": [{"type": "item_reference", "id": "item_x"}]},
+            }
+        )["param"]
+        == "response.input[0].id"
+    )
 
 
 def test_metadata_limits() -> None:
     harness = Harness()
-    error = harness.error({"type": "response.create", "response": {"metadata": {str(i): "v" for i in range(17)}}})
+    error = harness.error(
+        {"type": "response.create", "response": {"metadata": {str(i): "v" for i in range(17)}}}
+    )
     assert error["param"] == "response.metadata"
 
 
 def test_voice_is_fixed_after_the_assistant_spoke() -> None:
     harness = Harness()
-    harness.events({"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": "marin"}}}})
+    harness.events(
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"output": {"voice": "marin"}}},
+        }
+    )
     harness.play(harness.start())
-    error = harness.error({"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": "cedar"}}}})
+    error = harness.error(
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"output": {"voice": "cedar"}}},
+        }
+    )
     assert error["param"] == "session.audio.output.voice"
-    harness.events({"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": "marin"}}}})
+    harness.events(
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"output": {"voice": "marin"}}},
+        }
+    )
 
 
 def test_truncate_assistant_audio() -> None:
     harness = Harness(reply_text="Hello there, how are you?")
     events = harness.play(harness.start())
     item_id = events[-1]["response"]["output"][0]["id"]
-    [truncated] = harness.events({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 300})
-    assert (truncated["item_id"], truncated["content_index"], truncated["audio_end_ms"]) == (item_id, 0, 300)
+    [truncated] = harness.events(
+        {
+            "type": "conversation.item.truncate",
+            "item_id": item_id,
+            "content_index": 0,
+            "audio_end_ms": 300,
+        }
+    )
+    assert (truncated["item_id"], truncated["content_index"], truncated["audio_end_ms"]) == (
+        item_id,
+        0,
+        300,
+    )
     [retrieved] = harness.events({"type": "conversation.item.retrieve", "item_id": item_id})
     assert retrieved["item"]["content"][0]["transcript"] == ""
-    too_long = {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 301}
+    too_long = {
+        "type": "conversation.item.truncate",
+        "item_id": item_id,
+        "content_index": 0,
+        "audio_end_ms": 301,
+    }
     assert harness.error(too_long)["param"] == "audio_end_ms"
-    assert harness.error({**too_long, "content_index": 1, "audio_end_ms": 0})["param"] == "content_index"
+    assert (
+        harness.error({**too_long, "content_index": 1, "audio_end_ms": 0})["param"]
+        == "content_index"
+    )
     [user, _] = harness.events({"type": "conversation.item.create", "item": user_text("hi")})
     assert harness.error({**too_long, "item_id": user["item"]["id"]})["param"] == "item_id"
 
@@ -484,7 +683,10 @@ def test_items_being_generated_cannot_be_deleted() -> None:
     harness = Harness()
     run = harness.start()
     harness.play(run, limit=4)
-    assert harness.error({"type": "conversation.item.delete", "item_id": run.item_id})["param"] == "item_id"
+    assert (
+        harness.error({"type": "conversation.item.delete", "item_id": run.item_id})["param"]
+        == "item_id"
+    )
 
 
 # -- beta dialect -------------------------------------------------------------------------
@@ -494,9 +696,14 @@ def test_beta_response_uses_beta_names() -> None:
     harness = Harness(BETA, reply_text="Beta reply.")
     [created] = harness.events({"type": "conversation.item.create", "item": user_text("hi")})
     assert created["type"] == "conversation.item.created"
-    events = harness.play(harness.start({"modalities": ["text", "audio"], "voice": "echo", "temperature": 0.9}))
+    events = harness.play(
+        harness.start({"modalities": ["text", "audio"], "voice": "echo", "temperature": 0.9})
+    )
     kinds = types(events)
-    assert kinds[:5] == GA_SEQUENCE_HEAD[:3] + ["conversation.item.created", "response.content_part.added"]
+    assert kinds[:5] == GA_SEQUENCE_HEAD[:3] + [
+        "conversation.item.created",
+        "response.content_part.added",
+    ]
     assert {"response.audio.delta", "response.audio_transcript.delta"} <= set(kinds)
     assert kinds[-5:] == [
         "response.audio.done",
@@ -506,7 +713,11 @@ def test_beta_response_uses_beta_names() -> None:
         "response.done",
     ]
     done = events[-1]["response"]
-    assert done["modalities"] == ["text", "audio"] and done["voice"] == "echo" and done["temperature"] == 0.9
+    assert (
+        done["modalities"] == ["text", "audio"]
+        and done["voice"] == "echo"
+        and done["temperature"] == 0.9
+    )
     assert done["output"][0]["content"] == [{"type": "audio", "transcript": "Beta reply."}]
     assert "image_tokens" not in done["usage"]["input_token_details"]
     assert audio_of(events, "response.audio.delta") == synthesize_reply("Beta reply.")

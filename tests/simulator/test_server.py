@@ -80,7 +80,9 @@ async def test_no_configured_credentials_refuses_everything(make_client: ClientF
         ({}, f"&api-key={KEY}"),
     ],
 )
-async def test_accepted_credentials(client: TestClient[Any, Any], headers: dict[str, str], query: str) -> None:
+async def test_accepted_credentials(
+    client: TestClient[Any, Any], headers: dict[str, str], query: str
+) -> None:
     socket = await open_socket(client, path=GA_PATH + query, headers=headers or {"x": "y"})
     await socket.close()
 
@@ -94,7 +96,9 @@ async def test_accepted_credentials(client: TestClient[Any, Any], headers: dict[
         ("/openai/realtime?api-version=2025-04-01-preview", "BadRequest"),
     ],
 )
-async def test_bad_queries_get_400_before_upgrade(client: TestClient[Any, Any], path: str, code: str) -> None:
+async def test_bad_queries_get_400_before_upgrade(
+    client: TestClient[Any, Any], path: str, code: str
+) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
         await client.ws_connect(path, headers={"api-key": KEY})
     assert caught.value.status == 400
@@ -111,7 +115,9 @@ async def test_plain_get_is_not_upgraded(client: TestClient[Any, Any]) -> None:
 async def test_no_compression_is_negotiated() -> None:
     async with await start_simulator(SimulatorOptions(api_keys=frozenset({KEY}), speed=0)) as sim:
         url = sim.url.replace("http", "ws") + GA_PATH
-        async with websockets.connect(url, additional_headers={"api-key": KEY}, compression="deflate") as ws:
+        async with websockets.connect(
+            url, additional_headers={"api-key": KEY}, compression="deflate"
+        ) as ws:
             assert ws.response is not None
             assert "Sec-WebSocket-Extensions" not in ws.response.headers
             assert orjson.loads(await ws.recv())["type"] == "session.created"
@@ -130,7 +136,10 @@ async def test_ga_conversation_with_server_vad(connect: SocketFactory) -> None:
                 "type": "realtime",
                 "instructions": "Answer briefly.",
                 "audio": {
-                    "input": {"transcription": {"model": "whisper-1"}, "turn_detection": {"type": "server_vad", "silence_duration_ms": 300}},
+                    "input": {
+                        "transcription": {"model": "whisper-1"},
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 300},
+                    },
                     "output": {"voice": "marin"},
                 },
             },
@@ -184,12 +193,24 @@ async def test_ga_manual_turn(connect: SocketFactory) -> None:
     ]
     assert events[-1]["response"]["status"] == "completed"
     assert events[-1]["response"]["metadata"] == {"turn": "1"}
-    assert events[-1]["response"]["output"][0]["content"][0]["transcript"] == "I heard 1.0 seconds of audio."
+    assert (
+        events[-1]["response"]["output"][0]["content"][0]["transcript"]
+        == "I heard 1.0 seconds of audio."
+    )
 
 
 async def test_text_only_response(connect: SocketFactory) -> None:
     socket = await connect()
-    await socket.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Spell it."}]}})
+    await socket.send(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Spell it."}],
+            },
+        }
+    )
     await socket.expect("conversation.item.added", "conversation.item.done")
     await socket.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
     events = await socket.recv_until("response.done")
@@ -204,7 +225,10 @@ async def test_response_cancel(make_client: ClientFactory) -> None:
     socket = await open_socket(await make_client(speed=1.0, reply_text=LONG_REPLY))
     await socket.send({"type": "response.cancel", "event_id": "evt_early"})
     [error] = await socket.expect("error")
-    assert error["error"]["code"] == "response_cancel_not_active" and error["error"]["event_id"] == "evt_early"
+    assert (
+        error["error"]["code"] == "response_cancel_not_active"
+        and error["error"]["event_id"] == "evt_early"
+    )
     await socket.send({"type": "response.create"})
     await socket.recv_until("response.output_audio.delta")
     await socket.send({"type": "response.cancel"})
@@ -226,7 +250,10 @@ async def test_speech_interrupts_a_response(make_client: ClientFactory) -> None:
     await socket.append(speech(300))
     events = await socket.recv_until("response.done")
     assert "input_audio_buffer.speech_started" in types(events)
-    assert events[-1]["response"]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+    assert events[-1]["response"]["status_details"] == {
+        "type": "cancelled",
+        "reason": "turn_detected",
+    }
 
 
 async def test_one_response_at_a_time(make_client: ClientFactory) -> None:
@@ -234,8 +261,7 @@ async def test_one_response_at_a_time(make_client: ClientFactory) -> None:
     await socket.send({"type": "response.create"})
     [created] = await socket.expect("response.created")
     await socket.send({"type": "response.create"})
-    error = next(e for e in await socket.recv_until("error"))
-    error = (await socket.recv_until("error"))[-1] if error["type"] != "error" else error
+    error = (await socket.recv_until("error"))[-1]
     assert error["error"]["code"] == "conversation_already_has_active_response"
     assert created["response"]["id"] in error["error"]["message"]
 
@@ -265,7 +291,9 @@ async def test_invalid_input_keeps_the_socket_open(connect: SocketFactory) -> No
         "invalid_value",
     ]
     assert [e["error"]["event_id"] for e in errors] == [None, None, "evt_x", "evt_y", None, None]
-    await socket.send({"type": "session.update", "session": {"type": "realtime", "instructions": "Still here."}})
+    await socket.send(
+        {"type": "session.update", "session": {"type": "realtime", "instructions": "Still here."}}
+    )
     [updated] = await socket.expect("session.updated")
     assert updated["session"]["instructions"] == "Still here."
 
@@ -277,7 +305,9 @@ async def test_large_appends_are_accepted(connect: SocketFactory) -> None:
     audio = speech(1000) * 90  # 90 s: a 5.8 MB frame, above aiohttp's 4 MiB default
     await socket.send({"type": "input_audio_buffer.append", "audio": b64(audio)})
     await socket.send({"type": "input_audio_buffer.commit"})
-    await socket.expect("input_audio_buffer.committed", "conversation.item.added", "conversation.item.done")
+    await socket.expect(
+        "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"
+    )
 
 
 # -- beta (preview path) ------------------------------------------------------------------
@@ -286,7 +316,15 @@ async def test_large_appends_are_accepted(connect: SocketFactory) -> None:
 async def test_beta_conversation(connect: SocketFactory) -> None:
     socket = await connect("beta")
     assert socket.received[0]["session"]["modalities"] == ["text", "audio"]
-    await socket.send({"type": "session.update", "session": {"voice": "sage", "turn_detection": {"type": "server_vad", "silence_duration_ms": 200}}})
+    await socket.send(
+        {
+            "type": "session.update",
+            "session": {
+                "voice": "sage",
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 200},
+            },
+        }
+    )
     [updated] = await socket.expect("session.updated")
     assert updated["session"]["voice"] == "sage"
     await socket.append(speech_then_silence(800, 400), chunk_ms=100)
@@ -304,7 +342,9 @@ async def test_beta_conversation(connect: SocketFactory) -> None:
 
 async def test_beta_rejects_ga_shapes(connect: SocketFactory) -> None:
     socket = await connect("beta")
-    await socket.send({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"]}})
+    await socket.send(
+        {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"]}}
+    )
     [error] = await socket.expect("error")
     assert error["error"]["code"] == "unknown_parameter"
 
@@ -315,7 +355,9 @@ async def test_beta_rejects_ga_shapes(connect: SocketFactory) -> None:
 async def test_connections_are_independent(connect: SocketFactory) -> None:
     first, second = await connect(), await connect()
     assert first.received[0]["session"]["id"] != second.received[0]["session"]["id"]
-    await first.send({"type": "session.update", "session": {"type": "realtime", "instructions": "first"}})
+    await first.send(
+        {"type": "session.update", "session": {"type": "realtime", "instructions": "first"}}
+    )
     await first.expect("session.updated")
     await second.send({"type": "conversation.item.retrieve", "item_id": "item_none"})
     await second.expect("error")
@@ -337,7 +379,9 @@ async def test_disconnect_mid_response_leaves_nothing_running(make_client: Clien
 
 
 async def test_shutdown_closes_sockets_with_1001() -> None:
-    sim = await start_simulator(SimulatorOptions(api_keys=frozenset({KEY}), speed=1.0, reply_text=LONG_REPLY))
+    sim = await start_simulator(
+        SimulatorOptions(api_keys=frozenset({KEY}), speed=1.0, reply_text=LONG_REPLY)
+    )
     assert sim.url == f"http://127.0.0.1:{sim.port}" and sim.port > 0
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(sim.url + GA_PATH, headers={"api-key": KEY})

@@ -88,7 +88,9 @@ def test_default_settings() -> None:
     assert settings.max_output_tokens is None and settings.transcription_model is None
     assert settings.input_format is PCM16 and settings.output_format is PCM16
     assert settings.turn_detection == TurnDetection(silence_duration_ms=500)
-    assert parse_settings(BETA, beta_session()).turn_detection == TurnDetection(silence_duration_ms=200)
+    assert parse_settings(BETA, beta_session()).turn_detection == TurnDetection(
+        silence_duration_ms=200
+    )
 
 
 @pytest.mark.parametrize(
@@ -191,7 +193,11 @@ GA_ERRORS = [
     ),
     ({"type": "realtime", "max_output_tokens": 0}, "invalid_value", "session.max_output_tokens"),
     ({"type": "realtime", "max_output_tokens": 4097}, "invalid_value", "session.max_output_tokens"),
-    ({"type": "realtime", "max_output_tokens": "lots"}, "invalid_value", "session.max_output_tokens"),
+    (
+        {"type": "realtime", "max_output_tokens": "lots"},
+        "invalid_value",
+        "session.max_output_tokens",
+    ),
     ({"type": "realtime", "max_output_tokens": True}, "invalid_value", "session.max_output_tokens"),
     (
         {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
@@ -209,7 +215,10 @@ GA_ERRORS = [
         "session.output_modalities",
     ),
     (
-        {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 2}}}},
+        {
+            "type": "realtime",
+            "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 2}}},
+        },
         "invalid_value",
         "session.audio.input.turn_detection.threshold",
     ),
