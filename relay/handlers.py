@@ -20,7 +20,7 @@ from relay.config import DeploymentConfig
 from relay.errors import ClientRefused, HttpRefusal, UpstreamRefused
 from relay.logsetup import redact_url
 from relay.metrics import SessionMeter
-from relay.pump import Bridge
+from relay.pump import Bridge, Ending
 from relay.routes import parse_realtime_request, resolve_deployment
 from relay.session_setup import start_session
 from relay.state import REGISTRY, STATE
@@ -130,32 +130,34 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         greeting=(started.created_frame, *started.pending),
         close_timeout=server.close_timeout_seconds,
     )
-    state.bridges.add(bridge)
+    state.track(bridge)
     setup_seconds = time.monotonic() - began
     metrics.session_setup.labels(*labels).observe(setup_seconds)
     metrics.sessions_active.labels(*labels).inc()
     log.info("session_started", setup_seconds=round(setup_seconds, 6))
     try:
-        ending = await bridge.run()
+        await bridge.run()
     finally:
-        state.bridges.discard(bridge)
+        # Also when the handler is cancelled (the client's connection dropped).
         metrics.sessions_active.labels(*labels).dec()
-    duration = time.monotonic() - began
-    metrics.sessions.labels(*labels, ending.outcome).inc()
-    metrics.session_duration.labels(*labels).observe(duration)
-    log.info(
-        "session_ended",
-        duration_seconds=round(duration, 3),
-        outcome=ending.outcome,
-        ended_by=ending.side,
-        close_code=ending.code,
-        close_reason=ending.reason,
-        audio_seconds_in=round(meter.audio_seconds_total["in"], 3),
-        audio_seconds_out=round(meter.audio_seconds_total["out"], 3),
-        tokens=dict(meter.tokens),
-        responses=meter.responses,
-        violations=bridge.violations,
-    )
+        ending = bridge.ending or Ending("relay", 1011, "handler cancelled", cause="relay_closed")
+        duration = time.monotonic() - began
+        metrics.sessions.labels(*labels, ending.outcome).inc()
+        metrics.session_duration.labels(*labels).observe(duration)
+        log.info(
+            "session_ended",
+            duration_seconds=round(duration, 3),
+            outcome=ending.outcome,
+            ended_by=ending.side,
+            close_code=ending.code,
+            close_reason=ending.reason,
+            audio_seconds_in=round(meter.audio_seconds_total["in"], 3),
+            audio_seconds_out=round(meter.audio_seconds_total["out"], 3),
+            tokens=dict(meter.tokens),
+            responses=meter.responses,
+            violations=bridge.violations,
+        )
+        state.forget(bridge)
     return client
 
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from relay.codec import base64_size
 from relay.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
@@ -47,6 +53,8 @@ _BYTES_PER_SECOND = {
     "g711_alaw": 8000,
 }
 FLUSH_INTERVAL_SECONDS = 1.0
+# `*_created` series double the scrape for no use on a long-running service.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True, slots=True)

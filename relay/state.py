@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,8 +32,22 @@ class RelayState:
     targets: dict[str, UpstreamTarget] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     bridges: set[Bridge] = field(default_factory=set)
+    # Set while no session is open: what a drain waits for.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
     simulator_url: str | None = None
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def track(self, bridge: Bridge) -> None:
+        self.bridges.add(bridge)
+        self.idle.clear()
+
+    def forget(self, bridge: Bridge) -> None:
+        self.bridges.discard(bridge)
+        if not self.bridges:
+            self.idle.set()
 
     @property
     def ready(self) -> bool:

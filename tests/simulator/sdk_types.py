@@ -23,7 +23,8 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 def _discriminated(union_alias: Any) -> TypeAdapter[Any]:
     members = typing.get_args(typing.get_args(union_alias)[0])
-    return TypeAdapter(Annotated[Union[members], Field(discriminator="type")])  # noqa: UP007
+    form: Any = Annotated[Union[members], Field(discriminator="type")]  # noqa: UP007
+    return TypeAdapter(form)
 
 
 GA: TypeAdapter[Any] = _discriminated(GaServerEvent)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import math
 import operator
+from array import array
+from collections.abc import Callable
 
 import pytest
 
@@ -96,7 +98,9 @@ def test_tone_and_silence() -> None:
     [(g711.linear_to_ulaw, g711.decode_ulaw), (g711.linear_to_alaw, g711.decode_alaw)],
     ids=["ulaw", "alaw"],
 )
-def test_g711_round_trip_error_is_bounded(encode, table) -> None:
+def test_g711_round_trip_error_is_bounded(
+    encode: Callable[[int], int], table: Callable[[bytes], array[int]]
+) -> None:
     samples = range(-32768, 32768)
     decoded = table(bytes(encode(s) for s in samples))
     worst = max(abs(d - s) / max(abs(s), 128) for s, d in zip(samples, decoded, strict=True))

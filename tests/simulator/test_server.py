@@ -404,9 +404,8 @@ async def test_sockets_are_tracked_until_closed(client: TestClient[Any, Any]) ->
     sockets = client.app[SOCKETS_KEY]
     assert len(sockets) == 1
     await socket.close()
-    await socket.ws.receive()  # the server's close reply has arrived
-    while sockets:  # the handler's finally runs on the next loop turns
-        await asyncio.sleep(0)
+    await client.close()  # waits for the server's handlers to finish
+    assert not sockets
 
 
 async def test_pacing_follows_speed(make_client: ClientFactory) -> None:

@@ -13,7 +13,7 @@ from tests.simulator.conftest import speech
 
 def feed_all(vad: VoiceActivityDetector, *pieces: bytes) -> list[tuple[str, int, int]]:
     """Feed pieces; return (kind, audio_ms, absolute byte offset) of each event."""
-    events = []
+    events: list[tuple[str, int, int]] = []
     consumed = 0
     for piece in pieces:
         events += [(e.kind, e.audio_ms, consumed + e.offset) for e in vad.feed(piece)]

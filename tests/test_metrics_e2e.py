@@ -1,0 +1,138 @@
+"""Metrics end to end: a session through relay and simulator, then what /metrics says."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import aiohttp
+from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.app import create_metrics_app
+from relay.state import STATE
+from tests.helpers import ALPHA_KEY, b64, relay_config, tone_pcm
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[s.name, frozenset(s.labels.items())] = s.value
+    return found
+
+
+def value(found, name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+async def voice_turn(port: int) -> dict[str, Any]:
+    """One turn with the SDK: 1 s of audio in 20 ms frames, a response; returns what came back."""
+    client = AsyncOpenAI(websocket_base_url=f"ws://127.0.0.1:{port}/openai/v1", api_key=ALPHA_KEY)
+    out_bytes = 0
+    deltas = 0
+    async with client.realtime.connect(model="gpt-realtime") as conn:
+        await conn.session.update(
+            session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+        )
+        frame = b64(tone_pcm(20))
+        for _ in range(50):
+            await conn.input_audio_buffer.append(audio=frame)
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        async for event in conn:
+            if event.type == "response.output_audio.delta":
+                out_bytes += len(base64.b64decode(event.delta))
+                deltas += 1
+            if event.type == "response.done":
+                return {"usage": event.response.usage, "out_bytes": out_bytes, "deltas": deltas}
+    raise AssertionError("no response.done")
+
+
+async def test_metrics_count_what_happened(simulator, start_relay, aiohttp_server):
+    relay = await start_relay(relay_config(simulator.url))
+    state = relay.app[STATE]
+    turn = await voice_turn(relay.port)
+    await state.idle.wait()  # the session has ended and flushed its meter
+
+    listener = await aiohttp_server(create_metrics_app(state.metrics.registry))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(listener.make_url("/metrics")) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            found = samples(await response.text())
+        # Not on the public port unless asked for.
+        async with http.get(relay.make_url("/metrics")) as response:
+            assert response.status == 404
+
+    td = {"team": "alpha", "deployment": "gpt-realtime"}
+    assert value(found, "relay_sessions_total", outcome="client_closed", **td) == 1
+    assert value(found, "relay_sessions_active", **td) == 0
+    assert value(found, "relay_audio_chunk_bytes_count", direction="in") == 50
+    assert value(found, "relay_audio_chunk_bytes_sum", direction="in") == 50 * 960
+    assert abs(value(found, "relay_audio_seconds_total", direction="in", **td) - 1.0) < 0.001
+    out_seconds = turn["out_bytes"] / 48000
+    assert (
+        abs(value(found, "relay_audio_seconds_total", direction="out", **td) - out_seconds) < 0.001
+    )
+    assert value(found, "relay_audio_chunk_bytes_count", direction="out") == turn["deltas"]
+    assert (
+        value(found, "relay_events_total", direction="in", type="input_audio_buffer.append") == 50
+    )
+    assert value(found, "relay_time_to_first_audio_seconds_count", **td) == 1
+    assert value(found, "relay_response_duration_seconds_count", **td) == 1
+    assert value(found, "relay_responses_total", status="completed", **td) == 1
+    usage = turn["usage"]
+    for kind, expected in [
+        ("input_text", usage.input_token_details.text_tokens),
+        ("input_audio", usage.input_token_details.audio_tokens),
+        ("output_text", usage.output_token_details.text_tokens),
+        ("output_audio", usage.output_token_details.audio_tokens),
+    ]:
+        assert value(found, "relay_tokens_total", kind=kind, **td) == expected, kind
+    assert value(found, "relay_upstream_handshake_seconds_count", deployment="gpt-realtime") == 1
+    assert value(found, "relay_session_setup_seconds_count", **td) == 1
+    assert value(found, "relay_forward_delay_seconds_count", direction="in") >= 53
+    assert value(found, "relay_frame_bytes_total", direction="out") > turn["out_bytes"]
+
+
+async def test_refusals_and_connect_failures_are_counted(start_relay, aiohttp_server):
+    relay = await start_relay(relay_config("http://127.0.0.1:9"))  # discard port: refused
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"api-key": ALPHA_KEY}):
+            url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
+            async with http.get(
+                url, headers={"Upgrade": "websocket", "Connection": "Upgrade", **headers}
+            ) as r:
+                assert r.status in (401, 502)
+        async with http.get(relay.make_url("/metrics")) as response:
+            assert response.status == 404
+    found = samples(await _scrape(relay.app[STATE].metrics.registry, aiohttp_server))
+    assert value(found, "relay_session_refusals_total", status="401", code="missing_api_key") == 1
+    assert (
+        value(found, "relay_session_refusals_total", status="502", code="upstream_unavailable") == 1
+    )
+    assert (
+        value(
+            found,
+            "relay_upstream_connect_failures_total",
+            deployment="gpt-realtime",
+            reason="upstream_unavailable",
+        )
+        == 1
+    )
+
+
+async def test_metrics_on_the_main_port_when_asked(simulator, start_relay):
+    relay = await start_relay(relay_config(simulator.url, metrics={"on_main_port": True}))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(relay.make_url("/metrics")) as response:
+            assert response.status == 200
+            assert "relay_sessions_active" in await response.text()
+
+
+async def _scrape(registry, aiohttp_server) -> str:
+    listener = await aiohttp_server(create_metrics_app(registry))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(listener.make_url("/metrics")) as response:
+            return await response.text()
