@@ -39,6 +39,7 @@ def create_app(
             for name in team.deployments
         },
     )
+    state.metrics.ready.set_function(lambda: float(state.ready))
     app = web.Application()
     app[STATE] = state
     app[REGISTRY] = state.metrics.registry

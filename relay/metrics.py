@@ -60,6 +60,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 @dataclass(frozen=True, slots=True)
 class Metrics:
     registry: CollectorRegistry
+    ready: Gauge
     sessions_active: Gauge
     sessions: Counter
     session_refusals: Counter
@@ -86,6 +87,7 @@ class Metrics:
         td = ("team", "deployment")
         return cls(
             registry=r,
+            ready=Gauge("relay_ready", "1 while the relay takes new sessions.", registry=r),
             sessions_active=Gauge("relay_sessions_active", "Sessions open now.", td, registry=r),
             sessions=Counter(
                 "relay_sessions",

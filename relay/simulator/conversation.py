@@ -247,6 +247,34 @@ class Conversation:
         self._by_id[item.id] = item
         return self._items[position - 1].id if position else None
 
+    def truncate(self, item_id: Any, content_index: int, audio_end_ms: int) -> None:
+        """Cut an assistant item's audio at ``audio_end_ms`` and drop its transcript.
+
+        Raises:
+            ClientEventError: not an assistant audio part, or the audio is shorter.
+        """
+        item = self.get(item_id)
+        if item.role != "assistant":
+            raise ClientEventError(
+                "invalid_value", "Only assistant messages can be truncated.", "item_id"
+            )
+        if content_index not in item.audio_ms:
+            raise ClientEventError(
+                "invalid_value",
+                f"Item '{item.id}' has no audio content at index {content_index}.",
+                "content_index",
+            )
+        duration = item.audio_ms[content_index]
+        if audio_end_ms > duration:
+            raise ClientEventError(
+                "invalid_value",
+                f"Audio content of {duration:.0f}ms is shorter than {audio_end_ms}ms.",
+                "audio_end_ms",
+            )
+        item.audio_ms[content_index] = audio_end_ms
+        # The service drops the transcript, so no unheard text stays in the context.
+        item.content[content_index] = {**item.content[content_index], "transcript": ""}
+
     def delete(self, item_id: str) -> None:
         item = self.get(item_id)
         self._items.remove(item)

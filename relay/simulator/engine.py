@@ -37,7 +37,8 @@ from relay.simulator.options import SimulatorOptions
 from relay.simulator.params import ResponseParams, defaults_from, parse_response_params
 from relay.simulator.response import Event, ResponseRun
 from relay.simulator.schema import Dialect, client_events
-from relay.simulator.session import SESSION_TTL_S, apply_update, default_session, parse_settings
+from relay.simulator.session import SESSION_TTL_S, apply_update, default_session
+from relay.simulator.settings import parse_settings
 from relay.simulator.usage import Usage, text_tokens, transcription_usage
 from relay.simulator.vad import TurnDetection, VadEvent, VoiceActivityDetector
 

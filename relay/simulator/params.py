@@ -10,7 +10,7 @@ from relay.simulator import validate as v
 from relay.simulator.audio import AudioFormat
 from relay.simulator.errors import ClientEventError, invalid_type
 from relay.simulator.schema import Dialect
-from relay.simulator.session import (
+from relay.simulator.settings import (
     SessionSettings,
     parse_beta_format,
     parse_beta_modalities,
