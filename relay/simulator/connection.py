@@ -17,7 +17,8 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from relay.simulator.engine import Action, CancelResponse, Engine, StartResponse
-from relay.simulator.response import Event, ResponseRun
+from relay.simulator.events import Event
+from relay.simulator.response import ResponseRun
 
 log = structlog.get_logger(__name__)
 

@@ -17,7 +17,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,18 +32,16 @@ from relay.simulator.conversation import (
     user_audio_item,
 )
 from relay.simulator.errors import ClientEventError, describe, invalid_type, invalid_value
+from relay.simulator.events import Event, ServerEvents
 from relay.simulator.ids import IdFactory
+from relay.simulator.input_buffer import InputBuffer, SpeechStarted, SpeechStopped
 from relay.simulator.options import SimulatorOptions
 from relay.simulator.params import ResponseParams, defaults_from, parse_response_params
-from relay.simulator.response import Event, ResponseRun
+from relay.simulator.replies import default_reply, input_usage, transcript_for
+from relay.simulator.response import ResponseRun
 from relay.simulator.schema import Dialect, client_events
 from relay.simulator.session import SESSION_TTL_S, apply_update, default_session
 from relay.simulator.settings import parse_settings
-from relay.simulator.usage import Usage, text_tokens, transcription_usage
-from relay.simulator.vad import TurnDetection, VadEvent, VoiceActivityDetector
-
-MIN_COMMIT_MS = 100
-_MAX_ECHO_CHARS = 160
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,36 +60,7 @@ class CancelResponse:
 
 
 Action = Event | StartResponse | CancelResponse
-
-
-def transcript_for(audio_ms: float) -> str:
-    """The deterministic "transcription" of user audio."""
-    return f"Hello, this is {audio_ms / 1000:.1f} seconds of simulated speech."
-
-
-def default_reply(context: Iterable[Item]) -> str:
-    """The reply to the latest user message in ``context``."""
-    for item in reversed(tuple(context)):
-        if item.role != "user":
-            continue
-        for index, part in enumerate(item.content):
-            said = part.get("text") or part.get("transcript")
-            if isinstance(said, str) and said:
-                clipped = said if len(said) <= _MAX_ECHO_CHARS else said[:_MAX_ECHO_CHARS] + "…"
-                return f"You said: {clipped}"
-            if index in item.audio_ms:
-                return f"I heard {item.audio_ms[index] / 1000:.1f} seconds of audio."
-    return "Hello! This is the simulated realtime service."
-
-
-def input_usage(instructions: str, context: Iterable[Item]) -> Usage:
-    """Input tokens of a response: its instructions plus every item of its context."""
-    text, audio = text_tokens(instructions), 0
-    for item in context:
-        item_text, item_audio = item.tokens()
-        text += item_text
-        audio += item_audio
-    return Usage(input_text=text, input_audio=audio)
+Handler = Callable[[dict[str, Any]], list[Action]]
 
 
 class Engine:
@@ -109,22 +78,17 @@ class Engine:
         self.dialect = dialect
         self._options = options
         self._ids = ids
+        self._events = ServerEvents(dialect, ids)
         self.session = default_session(
             dialect, session_id=ids.new("sess"), model=model, expires_at=int(now) + SESSION_TTL_S
         )
         self.settings = parse_settings(dialect, self.session)
         self.conversation = Conversation(ids.new("conv"))
-        # Input audio appended since the last commit or clear.
-        self._buffer = bytearray()
-        self._vad = VoiceActivityDetector(
-            self.settings.turn_detection or TurnDetection(), self.settings.input_format
-        )
-        # The user item id announced by speech_started, used when speech stops.
-        self._speech_item_id: str | None = None
+        self._input = InputBuffer(self.settings.turn_detection, self.settings.input_format, ids)
         self._active: ResponseRun | None = None
         # The voice is fixed once the assistant has spoken.
         self._assistant_spoke = False
-        self._handlers: dict[str, Callable[[dict[str, Any]], list[Action]]] = {
+        self._handlers: dict[str, Handler] = {
             "session.update": self._session_update,
             "input_audio_buffer.append": self._append,
             "input_audio_buffer.commit": self._commit_request,
@@ -135,8 +99,8 @@ class Engine:
             "conversation.item.delete": self._item_delete,
             "response.create": self._response_create,
             "response.cancel": self._response_cancel,
-            "output_audio_buffer.clear": self._webrtc_only,
-            "transcription_session.update": self._transcription_only,
+            "output_audio_buffer.clear": self._unsupported,
+            "transcription_session.update": self._unsupported,
         }
 
     @property
@@ -172,16 +136,7 @@ class Engine:
         return [self.error_event(error, None)]
 
     def error_event(self, error: ClientEventError, client_event_id: str | None) -> Event:
-        return self._event(
-            "error",
-            error={
-                "type": "invalid_request_error",
-                "code": error.code,
-                "message": error.message,
-                "param": error.param,
-                "event_id": client_event_id,
-            },
-        )
+        return self._events.error(error, client_event_id)
 
     def _dispatch(self, event: Any) -> list[Action]:
         if not isinstance(event, dict):
@@ -199,7 +154,8 @@ class Engine:
             v.string(event["event_id"], "event_id")
         return self._handlers[kind](event)
 
-    # -- session -------------------------------------------------------------------------
+    def _event(self, kind: str, **fields: Any) -> Event:
+        return self._events.make(kind, **fields)
 
     def _session_update(self, event: dict[str, Any]) -> list[Action]:
         session, settings = apply_update(self.dialect, self.session, event.get("session"))
@@ -210,141 +166,82 @@ class Engine:
                 "session.audio.output.voice" if self.dialect.is_ga else "session.voice",
             )
         self.session, self.settings = session, settings
-        self._vad.configure(settings.turn_detection or TurnDetection(), settings.input_format)
-        if settings.turn_detection is None:
-            self._reset_turn()
+        self._input.configure(settings.turn_detection, settings.input_format)
         return [self._event("session.updated", session=session)]
 
     # -- input audio buffer ----------------------------------------------------------------
 
     def _append(self, event: dict[str, Any]) -> list[Action]:
         audio = decode_audio(v.required(event, "audio", ""), "audio")
-        turn_detection = self.settings.turn_detection
-        if turn_detection is None:
-            self._vad.skip(audio)
-            self._buffer += audio
-            return []
         actions: list[Action] = []
-        cursor = 0
-        for change in self._vad.feed(audio):
-            self._buffer += audio[cursor : change.offset]
-            cursor = change.offset
-            if change.kind == "speech_started":
-                actions += self._speech_started(change, turn_detection)
+        for turn in self._input.append(audio):
+            if isinstance(turn, SpeechStarted):
+                actions += self._speech_started(turn)
             else:
-                actions += self._speech_stopped(change, turn_detection)
-        self._buffer += audio[cursor:]
-        if not self._vad.in_speech:
-            # Between utterances only the prefix padding is worth keeping.
-            keep = turn_detection.prefix_padding_ms * self.settings.input_format.bytes_per_ms
-            if len(self._buffer) > keep:
-                del self._buffer[: len(self._buffer) - keep]
+                actions += self._speech_stopped(turn)
         return actions
 
-    def _speech_started(self, change: VadEvent, turn_detection: TurnDetection) -> list[Action]:
-        self._speech_item_id = self._ids.item()
+    def _speech_started(self, turn: SpeechStarted) -> list[Action]:
         actions: list[Action] = [
             self._event(
                 "input_audio_buffer.speech_started",
-                audio_start_ms=change.audio_ms,
-                item_id=self._speech_item_id,
+                audio_start_ms=turn.audio_start_ms,
+                item_id=turn.item_id,
             )
         ]
-        active = self._active
-        if turn_detection.interrupt_response and active and not active.params.out_of_band:
+        active, turn_detection = self._active, self.settings.turn_detection
+        interrupts = turn_detection is not None and turn_detection.interrupt_response
+        if active is not None and interrupts and not active.params.out_of_band:
             actions.append(self._cancel(active, "turn_detected"))
         return actions
 
-    def _speech_stopped(self, change: VadEvent, turn_detection: TurnDetection) -> list[Action]:
-        item_id = self._speech_item_id or self._ids.item()
+    def _speech_stopped(self, turn: SpeechStopped) -> list[Action]:
         actions: list[Action] = [
             self._event(
-                "input_audio_buffer.speech_stopped", audio_end_ms=change.audio_ms, item_id=item_id
+                "input_audio_buffer.speech_stopped",
+                audio_end_ms=turn.audio_end_ms,
+                item_id=turn.item_id,
             )
         ]
-        actions += self._commit(item_id)
-        if turn_detection.create_response and self._active is None:
+        actions += self._commit(turn.item_id, turn.audio)
+        turn_detection = self.settings.turn_detection
+        if turn_detection and turn_detection.create_response and self._active is None:
             actions.append(self._start_response(defaults_from(self.settings)))
         return actions
 
     def _commit_request(self, event: dict[str, Any]) -> list[Action]:
-        buffered_ms = self.settings.input_format.duration_ms(len(self._buffer))
-        if buffered_ms < MIN_COMMIT_MS:
-            raise ClientEventError(
-                "input_audio_buffer_commit_empty",
-                "Error committing input audio buffer: buffer too small. Expected at least "
-                f"{MIN_COMMIT_MS}ms of audio, but buffer only has {buffered_ms:.2f}ms of audio.",
-            )
-        return self._commit(self._speech_item_id or self._ids.item())
+        return self._commit(*self._input.commit())
 
-    def _commit(self, item_id: str) -> list[Action]:
-        item = user_audio_item(item_id, bytes(self._buffer), self.settings.input_format)
-        self._buffer.clear()
-        self._reset_turn()
+    def _commit(self, item_id: str, audio: bytes) -> list[Action]:
+        item = user_audio_item(item_id, audio, self.settings.input_format)
         previous = self.conversation.add(item)
         actions: list[Action] = [
             self._event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         ]
-        actions += self._announce(item, previous)
-        if self.settings.transcription_model is not None:
-            actions += self._transcribe(item, self.settings.transcription_model)
-        return actions
-
-    def _transcribe(self, item: Item, model: str) -> list[Action]:
-        audio_ms = item.audio_ms[0]
-        transcript = transcript_for(audio_ms)
-        item.content[0] = {**item.content[0], "transcript": transcript}
-        where = {"item_id": item.id, "content_index": 0}
-        actions: list[Action] = []
-        if not model.startswith("whisper"):
-            actions.append(
-                self._event(
-                    "conversation.item.input_audio_transcription.delta", **where, delta=transcript
-                )
-            )
-        actions.append(
-            self._event(
-                "conversation.item.input_audio_transcription.completed",
-                **where,
-                transcript=transcript,
-                usage=transcription_usage(model, audio_ms, transcript),
-            )
-        )
+        actions += self._events.item_added(item, previous)
+        model = self.settings.transcription_model
+        if model is not None:
+            transcript = transcript_for(item.audio_ms[0])
+            item.content[0] = {**item.content[0], "transcript": transcript}
+            actions += self._events.transcription(item, model, transcript)
         return actions
 
     def _clear(self, event: dict[str, Any]) -> list[Action]:
-        self._buffer.clear()
-        self._reset_turn()
+        self._input.clear()
         return [self._event("input_audio_buffer.cleared")]
-
-    def _reset_turn(self) -> None:
-        self._vad.reset()
-        self._speech_item_id = None
 
     # -- conversation items ----------------------------------------------------------------
 
     def _item_create(self, event: dict[str, Any]) -> list[Action]:
-        item = item_from_client(
-            self.dialect, v.required(event, "item", ""), self._ids, self.settings.input_format
-        )
+        fmt = self.settings.input_format
+        item = item_from_client(self.dialect, v.required(event, "item", ""), self._ids, fmt)
         previous_id = event.get("previous_item_id")
         if previous_id is None:
             previous = self.conversation.add(item)
         else:
             v.string(previous_id, "previous_item_id")
             previous = self.conversation.add(item, previous_id, at_end=False)
-        return self._announce(item, previous)
-
-    def _announce(self, item: Item, previous: str | None) -> list[Action]:
-        snapshot = item.snapshot()
-        actions: list[Action] = [
-            self._event(self.dialect.item_added, previous_item_id=previous, item=snapshot)
-        ]
-        if self.dialect.item_done is not None:
-            actions.append(
-                self._event(self.dialect.item_done, previous_item_id=previous, item=snapshot)
-            )
-        return actions
+        return list(self._events.item_added(item, previous))
 
     def _item_retrieve(self, event: dict[str, Any]) -> list[Action]:
         item = self.conversation.get(v.required(event, "item_id", ""))
@@ -352,44 +249,30 @@ class Engine:
 
     def _item_delete(self, event: dict[str, Any]) -> list[Action]:
         item = self.conversation.get(v.required(event, "item_id", ""))
-        self._check_not_generating(item)
+        self._check_not_generating(item.id)
         self.conversation.delete(item.id)
         return [self._event("conversation.item.deleted", item_id=item.id)]
 
     def _item_truncate(self, event: dict[str, Any]) -> list[Action]:
-        item = self.conversation.get(v.required(event, "item_id", ""))
+        item_id = v.required(event, "item_id", "")
         index = v.integer(v.required(event, "content_index", ""), "content_index")
         end_ms = v.integer(v.required(event, "audio_end_ms", ""), "audio_end_ms")
-        if item.role != "assistant":
-            raise ClientEventError(
-                "invalid_value", "Only assistant messages can be truncated.", "item_id"
-            )
-        self._check_not_generating(item)
-        if index not in item.audio_ms:
-            raise invalid_value("content_index", index)
-        if end_ms > item.audio_ms[index]:
-            raise ClientEventError(
-                "invalid_value",
-                f"Audio content of {item.audio_ms[index]:.0f}ms is shorter than {end_ms}ms.",
-                "audio_end_ms",
-            )
-        item.audio_ms[index] = end_ms
-        # The service drops the transcript, so no unheard text stays in the context.
-        item.content[index] = {**item.content[index], "transcript": ""}
+        self._check_not_generating(item_id)
+        self.conversation.truncate(item_id, index, end_ms)
         return [
             self._event(
                 "conversation.item.truncated",
-                item_id=item.id,
+                item_id=item_id,
                 content_index=index,
                 audio_end_ms=end_ms,
             )
         ]
 
-    def _check_not_generating(self, item: Item) -> None:
-        if self._active is not None and self._active.item_id == item.id:
+    def _check_not_generating(self, item_id: Any) -> None:
+        if self._active is not None and self._active.item_id == item_id:
             raise ClientEventError(
                 "invalid_value",
-                f"Item '{item.id}' is still being generated by response '{self._active.id}'.",
+                f"Item '{item_id}' is still being generated by response '{self._active.id}'.",
                 "item_id",
             )
 
@@ -407,6 +290,7 @@ class Engine:
         return [self._start_response(params, self._context(params))]
 
     def _context(self, params: ResponseParams) -> tuple[Item, ...]:
+        """The items a response answers: its ``input`` if given, else the conversation."""
         if params.input_items is None:
             return self.conversation.items()
         context = []
@@ -426,8 +310,7 @@ class Engine:
             context = self.conversation.items()
         reply = self._options.reply_text
         run = ResponseRun(
-            dialect=self.dialect,
-            ids=self._ids,
+            events=self._events,
             params=params,
             text=default_reply(context) if reply is None else reply,
             chunk_ms=self._options.chunk_ms,
@@ -457,19 +340,12 @@ class Engine:
         self._active = None
         return CancelResponse(run, reason)
 
-    def _webrtc_only(self, event: dict[str, Any]) -> list[Action]:
-        raise ClientEventError(
-            "invalid_value",
-            "output_audio_buffer.clear is only supported for WebRTC and SIP sessions.",
-            "type",
+    def _unsupported(self, event: dict[str, Any]) -> list[Action]:
+        where = (
+            "WebRTC and SIP sessions"
+            if event["type"] == "output_audio_buffer.clear"
+            else "transcription sessions"
         )
-
-    def _transcription_only(self, event: dict[str, Any]) -> list[Action]:
         raise ClientEventError(
-            "invalid_value",
-            "transcription_session.update is only supported in transcription sessions.",
-            "type",
+            "invalid_value", f"{event['type']} is only supported in {where}.", "type"
         )
-
-    def _event(self, kind: str, **fields: Any) -> Event:
-        return {"type": kind, "event_id": self._ids.event(), **fields}

@@ -35,7 +35,9 @@ Turn = SpeechStarted | SpeechStopped
 class InputBuffer:
     """Audio appended since the last commit or clear, watched by server VAD when enabled."""
 
-    def __init__(self, turn_detection: TurnDetection | None, fmt: AudioFormat, ids: IdFactory) -> None:
+    def __init__(
+        self, turn_detection: TurnDetection | None, fmt: AudioFormat, ids: IdFactory
+    ) -> None:
         self._ids = ids
         self._turn_detection = turn_detection
         self._fmt = fmt

@@ -17,12 +17,10 @@ from typing import Any
 
 from relay.simulator.audio import reply_chunks
 from relay.simulator.conversation import Conversation, assistant_item
-from relay.simulator.ids import IdFactory
+from relay.simulator.events import Event, ServerEvents
 from relay.simulator.params import ResponseParams
-from relay.simulator.schema import Dialect
 from relay.simulator.usage import Usage, output_audio_tokens, text_tokens
 
-Event = dict[str, Any]
 Step = float | Event
 # Text-only replies stream a word every TEXT_DELTA_MS at speed 1.
 TEXT_DELTA_MS = 25
@@ -57,8 +55,7 @@ class ResponseRun:
     def __init__(
         self,
         *,
-        dialect: Dialect,
-        ids: IdFactory,
+        events: ServerEvents,
         params: ResponseParams,
         text: str,
         chunk_ms: int,
@@ -66,17 +63,17 @@ class ResponseRun:
         conversation: Conversation | None,
         on_done: Callable[[ResponseRun], None],
     ) -> None:
-        self.id = ids.response()
+        self.id = events.ids.response()
         self.params = params
-        self._dialect = dialect
-        self._ids = ids
+        self._dialect = events.dialect
+        self._events = events
         self._text = text
         self._chunk_ms = chunk_ms
         self._input = input_usage
         # None for out-of-band responses (``conversation: "none"``).
         self._conversation = conversation
         self._on_done = on_done
-        self._item = assistant_item(ids.item())
+        self._item = assistant_item(events.ids.item())
         self._stage = _Stage.NEW
         # Progress: transcript (or text) and audio handed out so far.
         self._sent_text = ""
@@ -228,7 +225,7 @@ class ResponseRun:
         return {"type": "text", "text": text}
 
     def _event(self, kind: str, **fields: Any) -> Event:
-        return {"type": kind, "event_id": self._ids.event(), **fields}
+        return self._events.make(kind, **fields)
 
     def _response(
         self, status: str, details: dict[str, Any] | None, output: list[dict[str, Any]]

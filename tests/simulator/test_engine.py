@@ -10,16 +10,10 @@ import orjson
 import pytest
 
 from relay.simulator.audio import PCM16, reply_duration_ms, synthesize_reply
-from relay.simulator.engine import (
-    Action,
-    CancelResponse,
-    Engine,
-    StartResponse,
-    default_reply,
-    transcript_for,
-)
+from relay.simulator.engine import Action, CancelResponse, Engine, StartResponse
 from relay.simulator.ids import IdFactory
 from relay.simulator.options import SimulatorOptions
+from relay.simulator.replies import default_reply, transcript_for
 from relay.simulator.response import ResponseRun
 from relay.simulator.schema import BETA, GA, Dialect
 from relay.simulator.usage import output_audio_tokens, text_tokens
