@@ -11,14 +11,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import handlers
+from relay.admission import AuthThrottle, MemoryAdmission
 from relay.auth import KeyRing
 from relay.config import RelayConfig
 from relay.credentials import build_credentials
+from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.policy import build_policy
 from relay.routes import REALTIME_PATHS
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
-from relay.state import REGISTRY, STATE, RelayState
+from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
 from relay.upstream import UpstreamTarget, realtime_url
 
 _log = structlog.get_logger("relay.app")
@@ -28,8 +30,15 @@ def create_app(
     config: RelayConfig, environ: Mapping[str, str], *, metrics: Metrics | None = None
 ) -> web.Application:
     """Build the relay; raises ConfigError when a secret it needs is missing."""
+    limits = config.limits
     state = RelayState(
         metrics=metrics or Metrics.create(),
+        admission=MemoryAdmission(limits, {t.name: t.limits for t in config.teams.values()}),
+        auth_throttle=AuthThrottle(
+            limits.auth_failures_allowed,
+            limits.auth_failure_window_seconds,
+            limits.auth_block_seconds,
+        ),
         config=config,
         keyring=KeyRing.from_teams(config.teams.values()),
         credentials=build_credentials(config.deployments, environ),
@@ -51,6 +60,13 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     if config.metrics.enabled and config.metrics.on_main_port:
+        assert config.metrics.token_env is not None  # validated in config
+        token = environ.get(config.metrics.token_env, "")
+        if not token:
+            raise ConfigError(
+                [f"environment: metrics.token_env: {config.metrics.token_env} is not set or empty"]
+            )
+        app[METRICS_TOKEN] = token
         app.router.add_get("/metrics", handlers.metrics)
     return app
 

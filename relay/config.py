@@ -54,14 +54,29 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     heartbeat_seconds: float = 20.0
     close_timeout_seconds: float = 5.0
+    # A peer that takes no data for this long while the relay has some for it is closed.
+    stall_timeout_seconds: float = 10.0
+    # Kernel send buffer per client socket: bounds what queues for a slow client before the
+    # relay stops reading its upstream. 0 leaves the OS default (which can reach megabytes).
+    client_send_buffer_bytes: int = 262144
+    # Browser Origins allowed to connect; ["*"] allows any (keys, not cookies, authenticate).
+    allowed_origins: tuple[str, ...] = ("*",)
+    # Longest request line and header field accepted (aiohttp answers 400 beyond).
+    max_header_bytes: int = 16384
+    # On SIGTERM: how long sessions may finish the response in progress before 1001.
+    drain_grace_seconds: float = 25.0
     tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
-        _positive(self.max_message_bytes, "max_message_bytes")
-        _positive(self.heartbeat_seconds, "heartbeat_seconds")
-        _positive(self.close_timeout_seconds, "close_timeout_seconds")
+        for name in (
+            "max_message_bytes", "heartbeat_seconds", "close_timeout_seconds",
+            "stall_timeout_seconds", "max_header_bytes",
+        ):  # fmt: skip
+            _positive(getattr(self, name), name)
+        if self.client_send_buffer_bytes < 0 or self.drain_grace_seconds < 0:
+            raise ValueError("client_send_buffer_bytes and drain_grace_seconds must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +92,58 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Relay-wide admission limits and the brake on failed authentication."""
+
+    max_sessions: int | None = None
+    max_new_sessions_per_second: float | None = None
+    # An address with this many failed authentications within the window is refused
+    # (429) for block_seconds, without its keys being checked.
+    auth_failures_allowed: int = 10
+    auth_failure_window_seconds: float = 60.0
+    auth_block_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_sessions", "max_new_sessions_per_second", "auth_failures_allowed",
+            "auth_failure_window_seconds", "auth_block_seconds",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                _positive(value, name)
+
+
+@dataclass(frozen=True, slots=True)
+class TeamLimits:
+    max_sessions: int | None = None
+    max_new_sessions_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_new_sessions_per_second"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(value, name)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     enabled: bool = True
     # A listener of its own, so metrics are never exposed with the public port by accident.
     host: str = "127.0.0.1"
     port: int = 9464
-    # Also serve /metrics on the main port (behind whatever fronts it).
+    # Also serve /metrics on the main port; then it requires the bearer token held in the
+    # environment variable `token_env` names.
     on_main_port: bool = False
+    token_env: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
+        if self.on_main_port and not self.token_env:
+            raise ValueError(
+                "on_main_port needs token_env: /metrics on the public port is "
+                "never served without a credential"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +283,7 @@ class TeamConfig:
     # Session defaults and rules of this team, over the deployment's.
     session: dict[str, Any] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: TeamLimits = field(default_factory=TeamLimits)
 
     def __post_init__(self) -> None:
         _check_session_fields(self.session, "session")
@@ -248,6 +305,7 @@ class RelayConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
 
     @property

@@ -7,24 +7,28 @@ failure. Only when the upstream socket is open does the client's upgrade complet
 
 from __future__ import annotations
 
+import hmac
 import secrets
+import socket
 import time
+from dataclasses import dataclass
 
 import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay.admission import Lease
 from relay.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
-from relay.config import DeploymentConfig
+from relay.config import DeploymentConfig, TeamConfig
 from relay.errors import ClientRefused, HttpRefusal, UpstreamRefused
 from relay.logsetup import redact_url
 from relay.metrics import SessionMeter
 from relay.pump import Bridge, Ending
 from relay.routes import parse_realtime_request, resolve_deployment
-from relay.session_setup import start_session
-from relay.state import REGISTRY, STATE
-from relay.upstream import open_upstream
+from relay.session_setup import StartedSession, start_session
+from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
+from relay.upstream import UpstreamSocket, open_upstream
 
 _log = structlog.get_logger("relay.session")
 
@@ -41,62 +45,29 @@ def error_response(refusal: HttpRefusal) -> web.Response:
     )
 
 
+@dataclass(slots=True)
+class Admitted:
+    """A request that passed every check, with its upstream session started."""
+
+    team: TeamConfig
+    deployment: DeploymentConfig
+    lease: Lease
+    upstream: UpstreamSocket
+    started: StartedSession
+
+
 async def realtime(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     session_id = "rs_" + secrets.token_hex(8)
     began = time.monotonic()
-    log = _log.bind(session_id=session_id, peer=request.remote)
-    subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
-    deployment: DeploymentConfig | None = None
+    # Every log line of this session carries these (tasks it starts inherit them).
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(session_id=session_id, peer=request.remote)
     try:
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            raise ClientRefused(
-                400, "websocket_required", "This endpoint takes WebSocket connections only."
-            )
-        key = find_key(request.headers, request.query, subprotocols)
-        if key is None:
-            raise ClientRefused(
-                401,
-                "missing_api_key",
-                "No relay key: send it as the `api-key` header, `Authorization: Bearer`, "
-                "or the `openai-insecure-api-key.<key>` subprotocol.",
-            )
-        team = state.keyring.identify(key)
-        if team is None:
-            raise ClientRefused(401, "invalid_api_key", "The relay key is not valid.")
-        log = log.bind(team=team.name)
-        wanted = parse_realtime_request(request.query, request.headers, subprotocols)
-        deployment = resolve_deployment(wanted, team, state.config.deployments)
-        log = log.bind(deployment=deployment.name)
-        if state.draining:
-            raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
-        assert state.http is not None
-        handshake_began = time.monotonic()
-        upstream = await open_upstream(
-            state.http,
-            state.targets[deployment.name],
-            request_id=session_id,
-            connect_timeout=state.config.upstream.connect_timeout_seconds,
-            close_timeout=state.config.server.close_timeout_seconds,
-            heartbeat=state.config.upstream.heartbeat_seconds,
-            max_message_bytes=state.config.server.max_message_bytes,
-        )
-        state.metrics.upstream_handshake.labels(deployment.name).observe(
-            time.monotonic() - handshake_began
-        )
-        policy = state.policies[team.name, deployment.name]
-        try:
-            started = await start_session(
-                upstream, policy, setup_seconds=state.config.upstream.connect_timeout_seconds
-            )
-        except BaseException:
-            await upstream.close(code=1011, message=b"session start failed")
-            raise
+        admitted = await _admit(request, state, session_id)
     except HttpRefusal as refusal:
         state.metrics.session_refusals.labels(str(refusal.status), refusal.code).inc()
-        if isinstance(refusal, UpstreamRefused) and deployment is not None:
-            state.metrics.upstream_connect_failures.labels(deployment.name, refusal.code).inc()
-        log.warning(
+        _log.warning(
             "session_refused",
             status=refusal.status,
             code=refusal.code,
@@ -104,8 +75,99 @@ async def realtime(request: web.Request) -> web.StreamResponse:
             cause=repr(refusal.__cause__) if refusal.__cause__ else None,
         )
         return error_response(refusal)
+    try:
+        return await _serve(request, state, admitted, began)
+    finally:
+        await admitted.lease.release()
 
+
+async def _admit(request: web.Request, state: RelayState, session_id: str) -> Admitted:
+    """Every check and the upstream start, before the client's upgrade; or an HttpRefusal."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        raise ClientRefused(
+            400, "websocket_required", "This endpoint takes WebSocket connections only."
+        )
+    origin = request.headers.get("Origin")
+    allowed = state.config.server.allowed_origins
+    if origin is not None and "*" not in allowed and origin not in allowed:
+        raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
+    address = request.remote or "unknown"
+    state.auth_throttle.check(address)
+    subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
+    team = _authenticate(state, address, find_key(request.headers, request.query, subprotocols))
+    structlog.contextvars.bind_contextvars(team=team.name)
+    wanted = parse_realtime_request(request.query, request.headers, subprotocols)
+    deployment = resolve_deployment(wanted, team, state.config.deployments)
+    structlog.contextvars.bind_contextvars(deployment=deployment.name)
+    if state.draining:
+        raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+    lease = await state.admission.acquire(team.name)
+    try:
+        upstream, started = await _start_upstream(state, deployment, team, session_id)
+    except BaseException:
+        await lease.release()
+        raise
+    return Admitted(team, deployment, lease, upstream, started)
+
+
+def _authenticate(state: RelayState, address: str, key: str | None) -> TeamConfig:
+    if key is None:
+        state.auth_throttle.failed(address)
+        raise ClientRefused(
+            401,
+            "missing_api_key",
+            "No relay key: send it as the `api-key` header, `Authorization: Bearer`, "
+            "or the `openai-insecure-api-key.<key>` subprotocol.",
+        )
+    team = state.keyring.identify(key)
+    if team is None:
+        state.auth_throttle.failed(address)
+        raise ClientRefused(401, "invalid_api_key", "The relay key is not valid.")
+    state.auth_throttle.succeeded(address)
+    return team
+
+
+async def _start_upstream(
+    state: RelayState, deployment: DeploymentConfig, team: TeamConfig, session_id: str
+) -> tuple[UpstreamSocket, StartedSession]:
+    config = state.config
+    assert state.http is not None
+    began = time.monotonic()
+    try:
+        upstream = await open_upstream(
+            state.http,
+            state.targets[deployment.name],
+            request_id=session_id,
+            connect_timeout=config.upstream.connect_timeout_seconds,
+            close_timeout=config.server.close_timeout_seconds,
+            heartbeat=config.upstream.heartbeat_seconds,
+            max_message_bytes=config.server.max_message_bytes,
+        )
+        state.metrics.upstream_handshake.labels(deployment.name).observe(time.monotonic() - began)
+        try:
+            started = await start_session(
+                upstream,
+                state.policies[team.name, deployment.name],
+                setup_seconds=config.upstream.connect_timeout_seconds,
+            )
+        except BaseException:
+            await upstream.close(code=1011, message=b"session start failed")
+            raise
+    except UpstreamRefused as refusal:
+        state.metrics.upstream_connect_failures.labels(deployment.name, refusal.code).inc()
+        raise
+    return upstream, started
+
+
+async def _serve(
+    request: web.Request,
+    state: RelayState,
+    admitted: Admitted,
+    began: float,
+) -> web.StreamResponse:
+    """Complete the upgrade and run the session to its end."""
     server = state.config.server
+    team, deployment, upstream = admitted.team, admitted.deployment, admitted.upstream
     client = web.WebSocketResponse(
         protocols=(REALTIME_SUBPROTOCOL,),
         compress=False,
@@ -114,6 +176,11 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         timeout=server.close_timeout_seconds,
         decode_text=False,
     )
+    transport = request.transport
+    if transport is not None and server.client_send_buffer_bytes:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server.client_send_buffer_bytes)
     try:
         await client.prepare(request)
     except BaseException:
@@ -124,17 +191,19 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     bridge = Bridge(
         client,
         upstream,
-        policy=policy,
-        session=started.session,
+        policy=state.policies[team.name, deployment.name],
+        session=admitted.started.session,
         meter=meter,
-        greeting=(started.created_frame, *started.pending),
+        greeting=(admitted.started.created_frame, *admitted.started.pending),
         close_timeout=server.close_timeout_seconds,
+        stall_timeout=server.stall_timeout_seconds,
+        abort_client=transport.abort if transport is not None else lambda: None,
     )
     state.track(bridge)
     setup_seconds = time.monotonic() - began
     metrics.session_setup.labels(*labels).observe(setup_seconds)
     metrics.sessions_active.labels(*labels).inc()
-    log.info("session_started", setup_seconds=round(setup_seconds, 6))
+    _log.info("session_started", setup_seconds=round(setup_seconds, 6))
     try:
         await bridge.run()
     finally:
@@ -144,7 +213,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         duration = time.monotonic() - began
         metrics.sessions.labels(*labels, ending.outcome).inc()
         metrics.session_duration.labels(*labels).observe(duration)
-        log.info(
+        _log.info(
             "session_ended",
             duration_seconds=round(duration, 3),
             outcome=ending.outcome,
@@ -162,6 +231,15 @@ async def realtime(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    token = request.app.get(METRICS_TOKEN)
+    if token is not None:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), token.encode()
+        ):
+            return error_response(
+                ClientRefused(401, "invalid_metrics_token", "The metrics token is not valid.")
+            )
     body = generate_latest(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -21,7 +21,7 @@ How it works:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,8 +60,10 @@ class Ending:
     @property
     def outcome(self) -> str:
         """A bounded label for metrics."""
+        if self.cause:
+            return self.cause
         if self.side == "relay":
-            return self.cause or "relay_closed"
+            return "relay_closed"
         return f"{self.side}_{'closed' if self.clean else 'lost'}"
 
 
@@ -104,6 +106,8 @@ class Bridge:
         meter: SessionMeter,
         greeting: Sequence[bytes] = (),
         close_timeout: float,
+        stall_timeout: float,
+        abort_client: Callable[[], None] = lambda: None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -114,7 +118,16 @@ class Bridge:
         # Frames the client gets before any other: the session.created in force.
         self.greeting = greeting
         self.close_timeout = close_timeout
+        self.stall_timeout = stall_timeout
+        # Drops the client's TCP connection at once: for a client that takes no data.
+        self.abort_client = abort_client
         self.ending: Ending | None = None
+        # When each pump began its current write, or None: a write that never ends is a
+        # stalled peer (the ticker checks).
+        self.writing_since: dict[str, float | None] = {"in": None, "out": None}
+        # Set while no response is being generated: what a graceful drain waits for.
+        self.between_responses = asyncio.Event()
+        self.between_responses.set()
         self.violations = 0
         self._loop = asyncio.get_running_loop()
         self.started_at = self._loop.time()
@@ -176,6 +189,9 @@ class Bridge:
             msg = await client.receive()
             if msg.type is WSMsgType.TEXT:
                 arrived = self.last_client_event_at = now()
+                if not msg.data.isascii() and not _is_utf8(msg.data):
+                    await self._client_broke(1007, "invalid UTF-8 in a text frame", "invalid_utf8")
+                    break
                 try:
                     kind = sniff_type(msg.data)
                     frame = self.policy.check(kind, msg.data, self.session)
@@ -186,12 +202,13 @@ class Bridge:
                     await self._refuse(violation)
                     continue
                 meter.client_event(kind, frame)
-                writing = now()
+                writing = self.writing_since["in"] = now()
                 try:
                     await upstream.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the upstream pump sees why
                 written = now()
+                self.writing_since["in"] = None
                 meter.forwarded("in", written - arrived, written - writing)
             elif msg.type is WSMsgType.BINARY:
                 await self._refuse(
@@ -205,7 +222,9 @@ class Bridge:
                 break
             else:  # CLOSING, CLOSED, ERROR: gone without a close frame, or broke the protocol
                 code = client.close_code or 1006
-                self._end(Ending("client", code, _describe_error(msg.type, msg.data), clean=False))
+                cause = "client_message_too_big" if code == 1009 else ""
+                reason = _describe_error(msg.type, msg.data)
+                self._end(Ending("client", code, reason, clean=False, cause=cause))
                 break
         await self._close_upstream()
 
@@ -229,12 +248,17 @@ class Bridge:
                 meter.upstream_event(kind, frame)
                 if kind == "session.updated":
                     self._session_updated(frame)
-                writing = now()
+                elif kind == "response.created":
+                    self.between_responses.clear()
+                elif kind == "response.done":
+                    self.between_responses.set()
+                writing = self.writing_since["out"] = now()
                 try:
                     await client.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the client pump sees why
                 written = now()
+                self.writing_since["out"] = None
                 meter.forwarded("out", written - arrived, written - writing)
             elif msg.type is WSMsgType.BINARY:
                 await self._upstream_broke("binary frame")
@@ -242,9 +266,15 @@ class Bridge:
             elif msg.type is WSMsgType.CLOSE:
                 self._end(Ending("upstream", msg.data, msg.extra or ""))
                 break
+            elif upstream.close_code == 1009:
+                await self._upstream_broke(
+                    "event larger than the relay's max_message_bytes", "upstream_message_too_big"
+                )
+                break
             else:
                 lost = Ending("upstream", 1006, _describe_error(msg.type, msg.data), clean=False)
                 if self._end(lost):
+                    _log.warning("upstream_lost", detail=lost.reason)
                     await self._send_to_client(
                         error_event(
                             "upstream_disconnected",
@@ -260,14 +290,19 @@ class Bridge:
             self.session = session
             self.meter.session_changed(session)
 
-    async def _upstream_broke(self, what: str) -> None:
-        _log.warning("upstream_protocol_error", detail=what)
+    async def _upstream_broke(self, what: str, cause: str = "upstream_protocol_error") -> None:
+        _log.warning(cause, detail=what)
         await self.stop(
             1011,
             "upstream protocol error",
-            cause="upstream_protocol_error",
+            cause=cause,
             message=f"The upstream service sent an {what}; the session is closed.",
         )
+
+    async def _client_broke(self, code: int, reason: str, cause: str) -> None:
+        """The client broke the WebSocket protocol: close it with ``code``, no error event."""
+        _log.info("client_protocol_error", detail=reason)
+        await self.stop(code, reason, cause=f"client_{cause}", tell_client=False)
 
     async def _refuse(self, violation: PolicyViolation) -> None:
         self.violations += 1
@@ -303,6 +338,10 @@ class Bridge:
         idle_seconds = self.policy.idle_timeout_seconds
         while True:
             now = self._loop.time()
+            for direction, since in self.writing_since.items():
+                if since is not None and now - since >= self.stall_timeout:
+                    await self._stalled(direction)
+                    return
             if max_seconds is not None and now >= self.started_at + max_seconds:
                 await self.stop(
                     1008,
@@ -321,13 +360,25 @@ class Bridge:
                     error_type="invalid_request_error",
                 )
                 return
-            wake = now + FLUSH_INTERVAL_SECONDS
+            wake = now + min(FLUSH_INTERVAL_SECONDS, self.stall_timeout)
             if max_seconds is not None:
                 wake = min(wake, self.started_at + max_seconds)
             if idle_seconds is not None:
                 wake = min(wake, self.last_client_event_at + idle_seconds)
             await asyncio.sleep(wake - now)
             self.meter.flush()
+
+    async def _stalled(self, direction: str) -> None:
+        """A peer took no data for stall_timeout: its pump is stuck writing to it."""
+        if direction == "out":
+            _log.warning("client_stalled", stall_timeout_seconds=self.stall_timeout)
+            message = "The client did not read for too long; the session is closed."
+            # An error event goes out only if the client's buffer takes it at once.
+            await self.stop(1008, "client too slow", cause="client_stalled", message=message)
+        else:
+            _log.warning("upstream_stalled", stall_timeout_seconds=self.stall_timeout)
+            message = "The upstream service stopped taking data; the session is closed."
+            await self.stop(1011, "upstream stalled", cause="upstream_stalled", message=message)
 
     async def _send_to_client(self, frame: bytes) -> None:
         try:
@@ -340,16 +391,35 @@ class Bridge:
         if self.upstream.closed or self.ending is None:
             return
         code, reason = close_for_upstream(self.ending)
-        await self.upstream.close(code=code, message=_reason(reason))
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await self.upstream.close(code=code, message=_reason(reason))
+        except TimeoutError:
+            _log.info("upstream_close_timeout")  # aiohttp has dropped the connection
 
     async def _close_client(self) -> None:
         if self.client.closed or self.ending is None:
             return
         code, reason = close_for_client(self.ending)
-        await self.client.close(code=code, message=_reason(reason))
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await self.client.close(code=code, message=_reason(reason))
+        except TimeoutError:
+            # A client that reads nothing never takes the close frame: drop the connection,
+            # releasing what is buffered for it.
+            _log.info("client_close_timeout")
+            self.abort_client()
 
     async def _close_both(self) -> None:
         await asyncio.gather(self._close_client(), self._close_upstream(), return_exceptions=True)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _describe_error(kind: WSMsgType, data: object) -> str:

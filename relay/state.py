@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from relay.admission import AdmissionStore, AuthThrottle
 from relay.auth import KeyRing
 from relay.config import RelayConfig
 from relay.credentials import UpstreamCredential
@@ -29,6 +30,8 @@ class RelayState:
     # (team, deployment) -> the effective session policy, built once.
     policies: Mapping[tuple[str, str], SessionPolicy]
     metrics: Metrics
+    admission: AdmissionStore
+    auth_throttle: AuthThrottle
     targets: dict[str, UpstreamTarget] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     bridges: set[Bridge] = field(default_factory=set)
@@ -60,3 +63,5 @@ class RelayState:
 
 STATE = web.AppKey("state", RelayState)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+# The bearer token /metrics requires, where it requires one.
+METRICS_TOKEN = web.AppKey("metrics_token", str)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import create_metrics_app
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, b64, relay_config, tone_pcm
+from tests.helpers import ALPHA_KEY, ENVIRON, b64, relay_config, tone_pcm
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -123,10 +123,16 @@ async def test_refusals_and_connect_failures_are_counted(start_relay, aiohttp_se
     )
 
 
-async def test_metrics_on_the_main_port_when_asked(simulator, start_relay):
-    relay = await start_relay(relay_config(simulator.url, metrics={"on_main_port": True}))
+async def test_metrics_on_the_main_port_need_their_token(simulator, start_relay):
+    config = relay_config(simulator.url, metrics={"on_main_port": True, "token_env": "METRICS_TOKEN"})
+    relay = await start_relay(config, environ={**ENVIRON, "METRICS_TOKEN": "scrape-s3cret"})
     async with aiohttp.ClientSession() as http:
-        async with http.get(relay.make_url("/metrics")) as response:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ALPHA_KEY}"}):
+            async with http.get(relay.make_url("/metrics"), headers=headers) as response:
+                assert response.status == 401
+                assert "scrape-s3cret" not in await response.text()
+        headers = {"Authorization": "Bearer scrape-s3cret"}
+        async with http.get(relay.make_url("/metrics"), headers=headers) as response:
             assert response.status == 200
             assert "relay_sessions_active" in await response.text()
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from relay.simulator import validate as v
 from relay.simulator.audio import AudioFormat
+from relay.simulator.checks import check_tools
 from relay.simulator.errors import ClientEventError, invalid_type
 from relay.simulator.schema import Dialect
 from relay.simulator.settings import (
@@ -93,6 +94,8 @@ def parse_response_params(dialect: Dialect, raw: Any, session: SessionSettings) 
         return base
     overrides = v.obj(raw, "response")
     v.check_keys(overrides, _GA_KEYS if dialect.is_ga else _BETA_KEYS, "response")
+    if "tools" in overrides or "tool_choice" in overrides:
+        check_tools(dialect, overrides, "response")
     common = _parse_common(overrides)
     if dialect.is_ga:
         specific = _parse_ga(overrides)

@@ -12,8 +12,9 @@ from typing import Any
 
 from relay.simulator import validate as v
 from relay.simulator.audio import AudioFormat
+from relay.simulator.checks import check_noise_reduction, check_passthrough, check_transcription
 from relay.simulator.errors import ClientEventError, invalid_type, invalid_value
-from relay.simulator.schema import BETA_FORMATS, GA_FORMAT_TYPES, Dialect
+from relay.simulator.schema import BETA, BETA_FORMATS, GA, GA_FORMAT_TYPES, Dialect
 from relay.simulator.vad import TurnDetection
 
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
@@ -64,9 +65,9 @@ def _parse_ga(session: Mapping[str, Any]) -> SessionSettings:
     audio = v.obj(session.get("audio", {}), "session.audio")
     inp = v.obj(audio.get("input", {}), "session.audio.input")
     out = v.obj(audio.get("output", {}), "session.audio.output")
-    _parse_tools(session, "session")
+    check_passthrough(GA, session)
     v.number(out.get("speed", 1.0), "session.audio.output.speed", 0.25, 1.5)
-    _parse_noise_reduction(inp.get("noise_reduction"), "session.audio.input.noise_reduction")
+    check_noise_reduction(GA, inp.get("noise_reduction"), "session.audio.input.noise_reduction")
     return SessionSettings(
         instructions=v.string(session.get("instructions", ""), "session.instructions"),
         voice=parse_voice(out.get("voice", "alloy"), "session.audio.output.voice"),
@@ -81,18 +82,18 @@ def _parse_ga(session: Mapping[str, Any]) -> SessionSettings:
         turn_detection=_parse_turn_detection(
             inp.get("turn_detection"), "session.audio.input.turn_detection"
         ),
-        transcription_model=_parse_transcription(
-            inp.get("transcription"), "session.audio.input.transcription"
+        transcription_model=check_transcription(
+            GA, inp.get("transcription"), "session.audio.input.transcription"
         ),
         temperature=None,
     )
 
 
 def _parse_beta(session: Mapping[str, Any]) -> SessionSettings:
-    _parse_tools(session, "session")
+    check_passthrough(BETA, session)
     v.number(session.get("speed", 1.0), "session.speed", 0.25, 1.5)
-    _parse_noise_reduction(
-        session.get("input_audio_noise_reduction"), "session.input_audio_noise_reduction"
+    check_noise_reduction(
+        BETA, session.get("input_audio_noise_reduction"), "session.input_audio_noise_reduction"
     )
     return SessionSettings(
         instructions=v.string(session.get("instructions", ""), "session.instructions"),
@@ -110,8 +111,8 @@ def _parse_beta(session: Mapping[str, Any]) -> SessionSettings:
         turn_detection=_parse_turn_detection(
             session.get("turn_detection"), "session.turn_detection"
         ),
-        transcription_model=_parse_transcription(
-            session.get("input_audio_transcription"), "session.input_audio_transcription"
+        transcription_model=check_transcription(
+            BETA, session.get("input_audio_transcription"), "session.input_audio_transcription"
         ),
         temperature=v.number(session.get("temperature", 0.8), "session.temperature", 0.6, 1.2),
     )
@@ -139,7 +140,7 @@ def parse_beta_modalities(value: Any, param: str) -> bool:
     """True for ``["text", "audio"]`` in any order, False for ``["text"]``."""
     if not isinstance(value, list):
         raise invalid_type(param, "an array", value)
-    if sorted(value) == ["audio", "text"]:
+    if value in (["text", "audio"], ["audio", "text"]):
         return True
     if value == ["text"]:
         return False
@@ -195,30 +196,3 @@ def _parse_turn_detection(value: Any, param: str) -> TurnDetection | None:
         create_response=create,
         interrupt_response=interrupt,
     )
-
-
-def _parse_transcription(value: Any, param: str) -> str | None:
-    if value is None:
-        return None
-    transcription = v.obj(value, param)
-    for key in ("language", "prompt"):
-        if transcription.get(key) is not None:
-            v.string(transcription[key], f"{param}.{key}")
-    return v.string(transcription.get("model", "whisper-1"), f"{param}.model")
-
-
-def _parse_noise_reduction(value: Any, param: str) -> None:
-    if value is not None:
-        noise = v.obj(value, param)
-        v.choice(noise.get("type"), f"{param}.type", ("near_field", "far_field"))
-
-
-def _parse_tools(container: Mapping[str, Any], path: str) -> None:
-    tools = container.get("tools", [])
-    if not isinstance(tools, list):
-        raise invalid_type(f"{path}.tools", "an array", tools)
-    for index, tool in enumerate(tools):
-        v.obj(tool, f"{path}.tools[{index}]")
-    choice = container.get("tool_choice", "auto")
-    if not isinstance(choice, dict):
-        v.choice(choice, f"{path}.tool_choice", ("auto", "none", "required"))

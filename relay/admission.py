@@ -1,0 +1,168 @@
+"""Admission: who may open a session now. Caps on concurrent sessions and on new sessions per
+second, globally and per team, and a brake on addresses that keep failing authentication.
+
+Decisions are made before the upgrade and answered as HTTP: a team over its own limits gets
+429, a relay that is itself full gets 503, both with Retry-After. The in-memory store here
+serves one process; the `AdmissionStore` interface is what a shared store implements.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.config import LimitsConfig, TeamLimits
+from relay.errors import ClientRefused
+
+Clock = Callable[[], float]
+
+
+class Lease(Protocol):
+    async def release(self) -> None:
+        """Give the session's slot back; safe to call more than once."""
+        ...
+
+
+class AdmissionStore(Protocol):
+    async def acquire(self, team: str) -> Lease:
+        """A slot for a new session of ``team``, or ClientRefused (429/503, Retry-After)."""
+        ...
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """`rate` tokens a second, up to `burst`; one token per new session."""
+
+    rate: float
+    burst: float
+    tokens: float
+    updated: float
+
+    @classmethod
+    def full(cls, rate: float, now: float) -> TokenBucket:
+        burst = max(1.0, rate)
+        return cls(rate, burst, burst, now)
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until one is there."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+@dataclass(slots=True)
+class MemoryLease:
+    store: MemoryAdmission
+    team: str
+    released: bool = False
+
+    async def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.store.active -= 1
+            self.store.team_active[self.team] -= 1
+
+
+@dataclass(slots=True)
+class MemoryAdmission:
+    """Admission state of one process."""
+
+    limits: LimitsConfig
+    team_limits: Mapping[str, TeamLimits]
+    clock: Clock = time.monotonic
+    active: int = 0
+    team_active: dict[str, int] = field(default_factory=dict)
+    _buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    async def acquire(self, team: str) -> Lease:
+        now = self.clock()
+        own = self.team_limits.get(team, TeamLimits())
+        if own.max_sessions is not None and self.team_active.get(team, 0) >= own.max_sessions:
+            raise ClientRefused(
+                429,
+                "team_session_limit",
+                f"The team has {own.max_sessions} sessions open, its limit; retry later.",
+                retry_after="1",
+            )
+        if self.limits.max_sessions is not None and self.active >= self.limits.max_sessions:
+            raise ClientRefused(
+                503,
+                "relay_full",
+                "The relay is at its session limit; retry later.",
+                retry_after="1",
+            )
+        self._take(f"team:{team}", own.max_new_sessions_per_second, now, 429, "team_rate_limit")
+        self._take("", self.limits.max_new_sessions_per_second, now, 503, "relay_rate_limit")
+        self.active += 1
+        self.team_active[team] = self.team_active.get(team, 0) + 1
+        return MemoryLease(self, team)
+
+    def _take(self, key: str, rate: float | None, now: float, status: int, code: str) -> None:
+        if rate is None:
+            return
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket.full(rate, now)
+        wait = bucket.take(now)
+        if wait:
+            who = "The team" if status == 429 else "The relay"
+            raise ClientRefused(
+                status,
+                code,
+                f"{who} is starting sessions faster than its limit of {rate:g} a second.",
+                retry_after=_retry_after(wait),
+            )
+
+
+@dataclass(slots=True)
+class AuthThrottle:
+    """Refuses, for a while, addresses that failed authentication too often.
+
+    Remembers at most `max_addresses` addresses (least recently seen forgotten first), so a
+    flood from many addresses costs bounded memory.
+    """
+
+    failures_allowed: int
+    window_seconds: float
+    block_seconds: float
+    clock: Clock = time.monotonic
+    max_addresses: int = 10_000
+    # address -> (failures in the current window, window start, blocked until)
+    _seen: OrderedDict[str, tuple[int, float, float]] = field(default_factory=OrderedDict)
+
+    def check(self, address: str) -> None:
+        """Raise ClientRefused (429) while ``address`` is blocked."""
+        entry = self._seen.get(address)
+        if entry is not None and entry[2] > self.clock():
+            raise ClientRefused(
+                429,
+                "too_many_auth_failures",
+                "Too many failed authentication attempts from this address; retry later.",
+                retry_after=_retry_after(entry[2] - self.clock()),
+            )
+
+    def failed(self, address: str) -> None:
+        now = self.clock()
+        count, start, blocked_until = self._seen.pop(address, (0, now, 0.0))
+        if now - start > self.window_seconds:
+            count, start = 0, now
+        count += 1
+        if count >= self.failures_allowed:
+            blocked_until, count, start = now + self.block_seconds, 0, now
+        self._seen[address] = (count, start, blocked_until)
+        while len(self._seen) > self.max_addresses:
+            self._seen.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        self._seen.pop(address, None)
