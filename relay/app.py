@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Mapping
 
@@ -18,6 +19,7 @@ from relay.credentials import build_credentials
 from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.policy import build_policy
+from relay.pump import Bridge
 from relay.routes import REALTIME_PATHS
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
@@ -126,12 +128,28 @@ async def _upstream_http(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sessions(app: web.Application) -> None:
-    state = app[STATE]
+    """aiohttp's shutdown hook: whatever a drain left open closes now."""
+    await drain(app[STATE], grace_seconds=0)
+
+
+async def drain(state: RelayState, *, grace_seconds: float) -> None:
+    """Stop taking sessions; give each open one until its response in progress is done (at
+    most ``grace_seconds``), then close it with an `error` event and 1001."""
     state.draining = True
-    for bridge in list(state.bridges):
+
+    async def finish(bridge: Bridge) -> None:
+        try:
+            async with asyncio.timeout(grace_seconds):
+                await bridge.between_responses.wait()
+        except TimeoutError:
+            pass
         await bridge.stop(
             1001,
             "relay shutting down",
             cause="relay_shutting_down",
             message="The relay is restarting; reconnect to continue.",
         )
+
+    if state.bridges:
+        _log.info("draining", sessions=len(state.bridges), grace_seconds=grace_seconds)
+        await asyncio.gather(*(finish(b) for b in list(state.bridges)))

@@ -197,7 +197,7 @@ async def _serve(
         greeting=(admitted.started.created_frame, *admitted.started.pending),
         close_timeout=server.close_timeout_seconds,
         stall_timeout=server.stall_timeout_seconds,
-        abort_client=transport.abort if transport is not None else lambda: None,
+        client_transport=transport,
     )
     state.track(bridge)
     setup_seconds = time.monotonic() - began

@@ -21,7 +21,7 @@ How it works:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -107,7 +107,7 @@ class Bridge:
         greeting: Sequence[bytes] = (),
         close_timeout: float,
         stall_timeout: float,
-        abort_client: Callable[[], None] = lambda: None,
+        client_transport: asyncio.Transport | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -119,8 +119,8 @@ class Bridge:
         self.greeting = greeting
         self.close_timeout = close_timeout
         self.stall_timeout = stall_timeout
-        # Drops the client's TCP connection at once: for a client that takes no data.
-        self.abort_client = abort_client
+        # To drop the client's TCP connection at once, when it takes no data.
+        self.client_transport = client_transport
         self.ending: Ending | None = None
         # When each pump began its current write, or None: a write that never ends is a
         # stalled peer (the ticker checks).
@@ -221,7 +221,7 @@ class Bridge:
                 self._end(Ending("client", msg.data, msg.extra or ""))
                 break
             else:  # CLOSING, CLOSED, ERROR: gone without a close frame, or broke the protocol
-                code = client.close_code or 1006
+                code = _error_code(msg.data) or client.close_code or 1006
                 cause = "client_message_too_big" if code == 1009 else ""
                 reason = _describe_error(msg.type, msg.data)
                 self._end(Ending("client", code, reason, clean=False, cause=cause))
@@ -408,10 +408,17 @@ class Bridge:
             # A client that reads nothing never takes the close frame: drop the connection,
             # releasing what is buffered for it.
             _log.info("client_close_timeout")
-            self.abort_client()
+            if self.client_transport is not None:
+                self.client_transport.abort()
 
     async def _close_both(self) -> None:
         await asyncio.gather(self._close_client(), self._close_upstream(), return_exceptions=True)
+
+
+def _error_code(data: object) -> int | None:
+    """The close code aiohttp chose for a protocol error it found (1009 for too big...)."""
+    code = getattr(data, "code", None) if isinstance(data, Exception) else None
+    return code if isinstance(code, int) else None
 
 
 def _is_utf8(data: bytes) -> bool:

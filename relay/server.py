@@ -7,14 +7,15 @@ import gc
 import signal
 import ssl
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from relay.app import create_app, create_metrics_app
+from relay.app import create_app, create_metrics_app, drain
 from relay.config import RelayConfig, TlsConfig
 from relay.logsetup import AccessLogger
-from relay.state import REGISTRY
+from relay.state import REGISTRY, STATE
 
 _log = structlog.get_logger("relay.server")
 
@@ -33,11 +34,7 @@ async def run_server(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then close every session and exit."""
     app = create_app(config, environ)
-    runner = web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        shutdown_timeout=config.server.close_timeout_seconds,
-    )
+    runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     try:
@@ -69,12 +66,24 @@ async def run_server(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
-        _log.info("relay_stopping")
+        # Readiness turns false at once; new sessions get 503 while the others finish.
+        _log.info("relay_stopping", grace_seconds=config.server.drain_grace_seconds)
+        await drain(app[STATE], grace_seconds=config.server.drain_grace_seconds)
     finally:
         await runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
     _log.info("relay_stopped")
+
+
+def runner_options(config: RelayConfig) -> dict[str, Any]:
+    """aiohttp server options from the config (also used by the tests' servers)."""
+    return {
+        "access_log_class": AccessLogger,
+        "shutdown_timeout": config.server.close_timeout_seconds,
+        "max_line_size": config.server.max_header_bytes,
+        "max_field_size": config.server.max_header_bytes,
+    }
 
 
 def _host_for_url(host: str) -> str:

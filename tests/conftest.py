@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestServer
 
 from relay.app import create_app
 from relay.config import RelayConfig
+from relay.server import runner_options
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from tests.helpers import AZURE_KEY, ENVIRON
 
@@ -29,7 +30,8 @@ def start_relay(aiohttp_server: Any) -> RelayFactory:
     async def start(
         config: RelayConfig, environ: dict[str, str] = ENVIRON, **server_kwargs: Any
     ) -> TestServer:
-        return await aiohttp_server(create_app(config, environ), **server_kwargs)
+        options = {**runner_options(config), **server_kwargs}
+        return await aiohttp_server(create_app(config, environ), **options)
 
     return start
 

@@ -44,7 +44,7 @@ class Connection:
             async for message in self._ws:
                 self.frames_received += 1
                 if message.type is WSMsgType.TEXT:
-                    actions = self._engine.receive_text(message.data)
+                    actions = self._receive(message.data)
                 elif message.type is WSMsgType.BINARY:
                     actions = self._engine.receive_binary()
                 else:  # WSMsgType.ERROR, e.g. a frame over max_msg_size: aiohttp closes.
@@ -54,6 +54,14 @@ class Connection:
             log.debug("simulator.client_gone")
         finally:
             await self._stop_all()
+
+    def _receive(self, data: bytes) -> list[Action]:
+        try:
+            return self._engine.receive_text(data)
+        except Exception:
+            # A simulator bug must not look like a network failure: report it like the service.
+            log.exception("simulator.internal_error")
+            return [self._engine.server_error_event()]
 
     async def _perform(self, actions: list[Action]) -> None:
         for action in actions:

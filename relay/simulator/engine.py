@@ -138,6 +138,9 @@ class Engine:
     def error_event(self, error: ClientEventError, client_event_id: str | None) -> Event:
         return self._events.error(error, client_event_id)
 
+    def server_error_event(self) -> Event:
+        return self._events.server_error()
+
     def _dispatch(self, event: Any) -> list[Action]:
         if not isinstance(event, dict):
             raise ClientEventError(

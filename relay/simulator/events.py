@@ -11,6 +11,7 @@ from relay.simulator.schema import Dialect
 from relay.simulator.usage import transcription_usage
 
 Event = dict[str, Any]
+_SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
 
 
 class ServerEvents:
@@ -33,6 +34,19 @@ class ServerEvents:
                 "message": error.message,
                 "param": error.param,
                 "event_id": client_event_id,
+            },
+        )
+
+    def server_error(self) -> Event:
+        """What the service says when it fails internally (a simulator bug, here)."""
+        return self.make(
+            "error",
+            error={
+                "type": "server_error",
+                "code": None,
+                "message": _SERVER_ERROR,
+                "param": None,
+                "event_id": None,
             },
         )
 

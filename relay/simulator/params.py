@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relay.simulator import validate as v
@@ -101,11 +101,7 @@ def parse_response_params(dialect: Dialect, raw: Any, session: SessionSettings) 
         specific = _parse_ga(overrides)
     else:
         specific = _parse_beta(overrides)
-    return ResponseParams(**{**_fields(base), **common, **specific})
-
-
-def _fields(params: ResponseParams) -> dict[str, Any]:
-    return {name: getattr(params, name) for name in ResponseParams.__slots__}
+    return replace(base, **common, **specific)
 
 
 def _parse_common(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class ResponseRun:
         self._on_done = on_done
         self._item = assistant_item(events.ids.item())
         self._stage = _Stage.NEW
+        # Whether the assistant item was announced as added to the conversation.
+        self._announced = False
         # Progress: transcript (or text) and audio handed out so far.
         self._sent_text = ""
         self._sent_audio_ms = 0.0
@@ -82,10 +84,6 @@ class ResponseRun:
     @property
     def item_id(self) -> str:
         return self._item.id
-
-    @property
-    def done(self) -> bool:
-        return self._stage is _Stage.DONE
 
     @property
     def audio_ms(self) -> float:
@@ -101,8 +99,7 @@ class ResponseRun:
 
     def steps(self) -> Iterator[Step]:
         """The whole response, from ``response.created`` to ``response.done``."""
-        self._stage = _Stage.CREATED
-        yield self._event("response.created", response=self._response("in_progress", None, []))
+        yield self._created()
         yield self._event("rate_limits.updated", rate_limits=self._rate_limits())
         yield from self._open()
         body = self._audio() if self.params.audio_output else self._text_only()
@@ -117,7 +114,8 @@ class ResponseRun:
         """
         if self._stage is _Stage.DONE:
             return []
-        events: list[Event] = []
+        # Cancelled before it could start: the client still learns it existed.
+        events: list[Event] = [self._created()] if self._stage is _Stage.NEW else []
         output: list[dict[str, Any]] = []
         if self._stage >= _Stage.PART:
             events += self._close_part()
@@ -131,6 +129,10 @@ class ResponseRun:
         self._on_done(self)
         return events
 
+    def _created(self) -> Event:
+        self._stage = _Stage.CREATED
+        return self._event("response.created", response=self._response("in_progress", None, []))
+
     def _open(self) -> Iterator[Event]:
         item = self._item
         self._stage = _Stage.ITEM
@@ -142,6 +144,7 @@ class ResponseRun:
         )
         if self._conversation is not None:
             previous = self._conversation.add(item)
+            self._announced = True
             yield self._event(
                 self._dialect.item_added, previous_item_id=previous, item=item.snapshot()
             )
@@ -207,7 +210,7 @@ class ResponseRun:
                 item=item.snapshot(),
             )
         ]
-        if self._conversation is not None and self._dialect.item_done is not None:
+        if self._announced and self._dialect.item_done is not None:
             events.append(self._event(self._dialect.item_done, item=item.snapshot()))
         return events
 

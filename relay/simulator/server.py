@@ -184,7 +184,8 @@ async def start_simulator(
     options: SimulatorOptions, host: str = "127.0.0.1", port: int = 0
 ) -> RunningSimulator:
     """Serve the simulator on ``host:port`` (port 0 picks a free one)."""
-    runner = web.AppRunner(create_simulator_app(options))
+    # No access log: request lines can carry ``?api-key=``, and credentials are never logged.
+    runner = web.AppRunner(create_simulator_app(options), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -529,6 +529,24 @@ def test_cancel_before_any_output() -> None:
     assert done["response"]["output"] == [] and done["response"]["usage"]["output_tokens"] == 0
 
 
+def test_cancel_before_the_run_started() -> None:
+    harness = Harness()
+    run = harness.start()
+    harness.send({"type": "response.cancel"})
+    closing = [harness.check(e) for e in run.finish("cancelled", "client_cancelled")]
+    assert types(closing) == ["response.created", "response.done"]
+    assert closing[0]["response"]["id"] == closing[1]["response"]["id"] == run.id
+
+
+def test_cancel_between_item_and_conversation_announcement() -> None:
+    harness = Harness()
+    run = harness.start()
+    assert types(harness.play(run, limit=3))[-1] == "response.output_item.added"
+    harness.send({"type": "response.cancel"})
+    closing = [harness.check(e) for e in run.finish("cancelled", "client_cancelled")]
+    assert types(closing) == ["response.output_item.done", "response.done"]
+
+
 def test_text_only_response() -> None:
     harness = Harness(reply_text="Just text, please.")
     events = harness.play(

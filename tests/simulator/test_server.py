@@ -13,9 +13,11 @@ import pytest
 import websockets
 from aiohttp import WSCloseCode, WSMsgType
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from relay.simulator import SimulatorOptions, start_simulator
 from relay.simulator.audio import reply_duration_ms
+from relay.simulator.engine import Engine
 from relay.simulator.server import SOCKETS_KEY
 from tests.simulator.conftest import (
     BETA_PATH,
@@ -85,6 +87,18 @@ async def test_accepted_credentials(
 ) -> None:
     socket = await open_socket(client, path=GA_PATH + query, headers=headers or {"x": "y"})
     await socket.close()
+
+
+async def test_credentials_are_never_logged(client: TestClient[Any, Any]) -> None:
+    wrong = "sk-wrong-secret-value"
+    with capture_logs() as logs:
+        await client.get(GA_PATH, headers={"api-key": wrong})
+        await client.get(GA_PATH, headers={"Authorization": f"Bearer {wrong}"})
+        socket = await open_socket(client, path=f"{GA_PATH}&api-key={KEY}", headers={"x": "y"})
+        await socket.close()
+    assert [entry["event"] for entry in logs][:2] == ["simulator.auth_failed"] * 2
+    assert "simulator.connected" in [entry["event"] for entry in logs]
+    assert wrong not in repr(logs) and KEY not in repr(logs)
 
 
 @pytest.mark.parametrize(
@@ -296,6 +310,23 @@ async def test_invalid_input_keeps_the_socket_open(connect: SocketFactory) -> No
     )
     [updated] = await socket.expect("session.updated")
     assert updated["session"]["instructions"] == "Still here."
+
+
+async def test_internal_errors_become_server_error_events(
+    connect: SocketFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    socket = await connect()
+
+    def broken(self: Engine, data: bytes) -> list[Any]:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(Engine, "receive_text", broken)
+    await socket.send({"type": "input_audio_buffer.clear"})
+    [error] = await socket.expect("error")
+    assert error["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    await socket.send({"type": "input_audio_buffer.clear"})
+    await socket.expect("input_audio_buffer.cleared")
 
 
 async def test_large_appends_are_accepted(connect: SocketFactory) -> None:

@@ -1,0 +1,92 @@
+"""Misbehaving peers, scripted at the WebSocket boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+
+from aiohttp import web
+
+from tests.helpers import FakeUpstream
+
+CREATED = '{"type":"session.created","event_id":"e0","session":{"type":"realtime"}}'
+# 100 ms of 24 kHz PCM16 per delta, as the real service might send.
+DELTA = (
+    '{"type":"response.output_audio.delta","event_id":"e","response_id":"r","item_id":"i",'
+    '"output_index":0,"content_index":0,"delta":"'
+    + base64.b64encode(b"\x01" * 4800).decode()
+    + '"}'
+)
+
+
+async def stall_after_created(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
+    """Greets, then never reads again: pings go unanswered, nothing is closed."""
+    await ws.send_str(CREATED)
+    await asyncio.Event().wait()  # until the test server shuts down and cancels us
+
+
+def send_after_created(payload: str | bytes):
+    async def script(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
+        await ws.send_str(CREATED)
+        await ws.receive()  # the client's first event
+        if isinstance(payload, bytes):
+            await ws.send_bytes(payload)
+        else:
+            await ws.send_str(payload)
+        await ws.receive()  # until the relay closes
+
+    return script
+
+
+class Firehose:
+    """Streams audio deltas as fast as TCP takes them, counting what it got out."""
+
+    def __init__(self) -> None:
+        self.sent_bytes = 0
+        self.started = asyncio.Event()
+
+    async def __call__(self, ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
+        await ws.send_str(CREATED)
+        await ws.receive()  # the client's go
+        self.started.set()
+        transport = ws._writer.transport if ws._writer else None  # writes stop raising once
+        while not ws.closed and transport is not None and not transport.is_closing():
+            try:
+                await ws.send_str(DELTA)
+            except ConnectionError:
+                break
+            self.sent_bytes += len(DELTA)
+
+
+async def raw_client(
+    port: int, path: str, key: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket client on a bare socket: it reads only the handshake, then what the test
+    asks for; a client that truly stops reading (aiohttp's reads in the background)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n"
+        f"api-key: {key}\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A client-to-server text frame (clients must mask), payload under 64 KiB."""
+    mask = os.urandom(4)
+    header = bytes([0x81])
+    header += (
+        bytes([0x80 | len(payload)])
+        if len(payload) < 126
+        else bytes([0x80 | 126]) + struct.pack("!H", len(payload))
+    )
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))

@@ -1,0 +1,162 @@
+"""Client faults: dead, half-open, slow, and protocol-breaking clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+
+from relay.auth import hash_key
+from relay.state import STATE
+from tests.faults.peers import Firehose, masked_text_frame, raw_client
+from tests.faults.test_upstream_faults import outcomes, url
+from tests.helpers import ALPHA_KEY, FakeUpstream, echo, read_until, relay_config
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_half_open_client_is_found_by_heartbeat(start_fake, start_relay):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(
+        relay_config(str(upstream.make_url("")), server={"heartbeat_seconds": 0.2})
+    )
+    async with aiohttp.ClientSession() as own:
+        # autoping off and never reading: the relay's pings go unanswered.
+        ws = await own.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}, autoping=False)
+        await fake.closed.wait()
+        assert fake.close_code == 1001
+        await ws.close()
+    await relay.app[STATE].idle.wait()
+    assert outcomes(relay) == {"client_lost": 1}
+
+
+async def test_invalid_utf8_closes_with_1007(start_fake, start_relay, http):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_frame(b'{"type":"response.create","x":"\xff\xfe"}', WSMsgType.TEXT)
+        msg = await ws.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1007)
+    await fake.closed.wait()
+    assert fake.received == []  # never forwarded
+    await relay.app[STATE].idle.wait()
+    assert outcomes(relay) == {"client_invalid_utf8": 1}
+
+
+async def test_oversize_frame_closes_with_1009(start_fake, start_relay, http):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(
+        relay_config(str(upstream.make_url("")), server={"max_message_bytes": 4096})
+    )
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type":"input_audio_buffer.append","audio":"' + "A" * 8000 + '"}')
+        msg = await ws.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1009)
+    await fake.closed.wait()
+    assert fake.close_code == 1001
+    await relay.app[STATE].idle.wait()
+    assert outcomes(relay) == {"client_message_too_big": 1}
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"not json at all", "invalid_json"),
+        (b"[1,2,3]", "invalid_event"),
+        (b'"just a string"', "invalid_event"),
+        (b'{"event_id":"no-type"}', "missing_event_type"),
+    ],
+)
+async def test_bad_events_get_errors_and_the_session_goes_on(
+    start_fake, start_relay, http, frame, code
+):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_frame(frame, WSMsgType.TEXT)
+        [error] = await read_until(ws, "error")
+        assert error["error"]["code"] == code
+        assert error["error"]["type"] == "invalid_request_error"
+        await ws.send_str('{"type":"input_audio_buffer.clear"}')
+        await read_until(ws, "input_audio_buffer.clear")  # echoed: still relaying
+    assert fake.received == [b'{"type":"input_audio_buffer.clear"}']
+
+
+async def test_slow_client_is_bounded_and_closed_while_others_keep_their_latency(
+    start_fake, start_relay
+):
+    firehose = Firehose()
+    fast_upstream = await start_fake(FakeUpstream(script=firehose).app())
+    echo_upstream = await start_fake(FakeUpstream(script=echo).app())
+    config = relay_config(
+        str(fast_upstream.make_url("")),
+        server={
+            "stall_timeout_seconds": 1.0,
+            "close_timeout_seconds": 0.5,
+            "client_send_buffer_bytes": 65536,
+        },
+        deployments={
+            "other": {
+                "endpoint": str(echo_upstream.make_url("")),
+                "credential": {"env": "TEST_AZURE_KEY"},
+            }
+        },
+        teams={
+            "alpha": {
+                "keys": [hash_key(ALPHA_KEY)],
+                "deployments": ["gpt-realtime", "other"],
+            }
+        },
+    )
+    relay = await start_relay(config)
+    state = relay.app[STATE]
+    path = "/openai/v1/realtime?model=gpt-realtime"
+    _, slow = await raw_client(relay.port, path, ALPHA_KEY)
+    slow.write(masked_text_frame(b'{"type":"response.create"}'))  # go; then never read
+    await firehose.started.wait()
+    async with aiohttp.ClientSession() as http:
+        [bridge] = state.bridges
+
+        # Meanwhile a healthy session on the same relay measures its round trips.
+        other_url = str(relay.make_url("/openai/v1/realtime?model=other"))
+        async with http.ws_connect(other_url, headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            round_trips, held, sent_while_live = [], [], 0
+            while bridge in state.bridges:
+                if bridge.ending is None:
+                    sent_while_live = firehose.sent_bytes
+                sent = time.perf_counter()
+                await ws.send_str('{"type":"input_audio_buffer.clear"}')
+                await ws.receive()
+                round_trips.append(time.perf_counter() - sent)
+                if bridge.client_transport is not None:
+                    held.append(bridge.client_transport.get_write_buffer_size())
+                await asyncio.sleep(0.005)  # pace the probe: 200 round trips a second
+    slow.close()
+    await state.idle.wait()
+
+    round_trips.sort()
+    p99 = round_trips[int(len(round_trips) * 0.99) - 1]
+    assert len(round_trips) > 50
+    assert p99 < 0.05, f"healthy session p99 round trip {p99 * 1000:.1f} ms during the stall"
+    # What the relay holds for the slow client stays bounded: aiohttp's write buffer stops
+    # at its high-water mark, and TCP backpressure stopped the upstream.
+    assert max(held) < 512 * 1024, max(held)
+    # (The close handshake then reads and drops what the upstream still sends.)
+    assert sent_while_live < 16 * 1024 * 1024, sent_while_live
+    assert outcomes(relay)["client_stalled"] == 1

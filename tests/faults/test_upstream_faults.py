@@ -1,0 +1,81 @@
+"""Upstream faults: each gives the client a clear error, closes promptly, logs and counts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import WSMsgType
+
+from relay.state import STATE
+from tests.faults.peers import send_after_created, stall_after_created
+from tests.helpers import ALPHA_KEY, FakeUpstream, read_until, relay_config
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def relay_with(start_fake, start_relay, script, **sections):
+    upstream = await start_fake(FakeUpstream(script=script).app())
+    return await start_relay(relay_config(str(upstream.make_url("")), **sections))
+
+
+def url(relay) -> str:
+    return str(relay.make_url("/openai/v1/realtime?model=gpt-realtime"))
+
+
+def outcomes(relay) -> dict[str, float]:
+    found = {}
+    for metric in relay.app[STATE].metrics.registry.collect():
+        if metric.name == "relay_sessions":
+            for s in metric.samples:
+                if s.name == "relay_sessions_total":
+                    found[s.labels["outcome"]] = s.value
+    return found
+
+
+async def session_fails(http, relay, *, code: str, close: int) -> None:
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        [error] = await read_until(ws, "error")
+        assert error["error"]["code"] == code
+        msg = await ws.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, close)
+    await relay.app[STATE].idle.wait()
+
+
+async def test_stalled_upstream_is_found_by_heartbeat(start_fake, start_relay, http):
+    relay = await relay_with(
+        start_fake, start_relay, stall_after_created, upstream={"heartbeat_seconds": 0.2}
+    )
+    with structlog.testing.capture_logs() as logs:
+        await session_fails(http, relay, code="upstream_disconnected", close=1011)
+    assert outcomes(relay) == {"upstream_lost": 1}
+    assert any(entry["event"] == "upstream_lost" for entry in logs)
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ("this is not json", "upstream_protocol_error"),
+        ('["an", "array"]', "upstream_protocol_error"),
+        (b"\x00binary", "upstream_protocol_error"),
+        ('{"type":"x","pad":"' + "p" * 5000 + '"}', "upstream_message_too_big"),
+    ],
+)
+async def test_upstream_sending_garbage_ends_the_session(
+    start_fake, start_relay, http, payload, code
+):
+    relay = await relay_with(
+        start_fake, start_relay, send_after_created(payload), server={"max_message_bytes": 4096}
+    )
+    with structlog.testing.capture_logs() as logs:
+        await session_fails(http, relay, code=code, close=1011)
+    assert outcomes(relay) == {code: 1}
+    assert any(entry["event"] == code for entry in logs)
