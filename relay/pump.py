@@ -149,7 +149,11 @@ class Bridge:
                 _log.error("pump_failed", error=repr(exc))
             await self.stop(1011, "relay internal error", cause="relay_internal_error")
         finally:
-            # Also on cancellation (relay shutdown): no socket outlives its session.
+            # Also on cancellation: no socket outlives its session. aiohttp may cancel the
+            # handler when the client's connection drops, before a pump sees it.
+            transport = self.client_transport
+            if transport is not None and transport.is_closing():
+                self._end(Ending("client", 1006, "connection lost", clean=False))
             self._end(Ending("relay", 1001, "relay closed the session", cause="relay_closed"))
             await self._close_both()
             self.meter.flush()
