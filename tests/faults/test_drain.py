@@ -1,0 +1,128 @@
+"""Graceful drain, with a real process and a real SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import WSMsgType
+
+from tests.helpers import read_until
+
+DEMO_KEY = "rk-drain-demo"
+CONFIG = """
+[server]
+port = 0
+drain_grace_seconds = {grace}
+close_timeout_seconds = 2
+[metrics]
+port = 0
+[logging]
+format = "json"
+[simulator]
+speed = 1.0
+[deployments.gpt-realtime]
+endpoint = "simulator"
+credential = {{ env = "RELAY_SIMULATOR_KEY" }}
+[teams.demo]
+keys = ["{key_hash}"]
+deployments = ["gpt-realtime"]
+"""
+
+
+async def start_relay_process(
+    tmp_path: Path, grace: float
+) -> tuple[asyncio.subprocess.Process, str]:
+    from relay.auth import hash_key
+
+    config = tmp_path / "relay.toml"
+    config.write_text(CONFIG.format(grace=grace, key_hash=hash_key(DEMO_KEY)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "RELAY_SIMULATOR_KEY": "sim-key"},
+    )
+    assert process.stdout is not None
+    while True:
+        line = await process.stdout.readline()
+        assert line, "the relay exited before listening"
+        event = orjson.loads(line)
+        if event.get("event") == "relay_listening":
+            return process, event["url"].replace("ws://", "http://")
+
+
+async def test_sigterm_lets_the_response_finish_then_closes_with_1001(tmp_path):
+    process, base = await start_relay_process(tmp_path, grace=20)
+    headers = {"api-key": DEMO_KEY}
+    url = f"{base}/openai/v1/realtime?model=gpt-realtime"
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(url, headers=headers)
+            await read_until(ws, "session.created")
+            await ws.send_str('{"type":"response.create"}')
+            await read_until(ws, "response.created")  # a response is in progress, in real time
+
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            # Readiness turns false and new sessions are refused while the response goes on.
+            for _ in range(1000):  # round trips until the signal is handled
+                async with http.get(f"{base}/readyz") as response:
+                    readiness = response.status, await response.json()
+                if readiness[0] == 503:
+                    break
+            assert readiness == (503, {"status": "not ready", "reason": "draining"})
+            async with http.get(
+                url, headers={**headers, "Upgrade": "websocket", "Connection": "Upgrade"}
+            ) as response:
+                assert response.status == 503
+                assert (await response.json())["error"]["code"] == "relay_draining"
+
+            events = await read_until(ws, "response.done")
+            assert events[-1]["response"]["status"] == "completed"
+            [error] = await read_until(ws, "error")
+            assert error["error"]["code"] == "relay_shutting_down"
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+        assert time.monotonic() - signalled < 20 + 5
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_grace_period_bounds_the_wait(tmp_path):
+    process, base = await start_relay_process(tmp_path, grace=0.5)
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(
+                f"{base}/openai/v1/realtime?model=gpt-realtime", headers={"api-key": DEMO_KEY}
+            )
+            await read_until(ws, "session.created")
+            await ws.send_str('{"type":"response.create"}')
+            await read_until(ws, "response.created")
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            events = await read_until(ws, "error")  # cut off mid-response, after the grace
+            assert events[-1]["error"]["code"] == "relay_shutting_down"
+            assert "response.done" not in [e["type"] for e in events]
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+        assert time.monotonic() - signalled < 0.5 + 5
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
