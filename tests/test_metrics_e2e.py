@@ -124,10 +124,16 @@ async def test_refusals_and_connect_failures_are_counted(start_relay, aiohttp_se
 
 
 async def test_metrics_on_the_main_port_need_their_token(simulator, start_relay):
-    config = relay_config(simulator.url, metrics={"on_main_port": True, "token_env": "METRICS_TOKEN"})
+    config = relay_config(
+        simulator.url, metrics={"on_main_port": True, "token_env": "METRICS_TOKEN"}
+    )
     relay = await start_relay(config, environ={**ENVIRON, "METRICS_TOKEN": "scrape-s3cret"})
     async with aiohttp.ClientSession() as http:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ALPHA_KEY}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Bearer {ALPHA_KEY}"},
+        ):
             async with http.get(relay.make_url("/metrics"), headers=headers) as response:
                 assert response.status == 401
                 assert "scrape-s3cret" not in await response.text()
