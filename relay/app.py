@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 import structlog
@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from relay import handlers
 from relay.admission import AuthThrottle, MemoryAdmission
 from relay.auth import KeyRing
-from relay.config import RelayConfig
-from relay.credentials import build_credentials
+from relay.backends import Backend, BackendPool, build_credentials
+from relay.config import SIMULATOR_ENDPOINT, DeploymentConfig, RelayConfig
 from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.policy import build_policy
@@ -23,7 +23,7 @@ from relay.pump import Bridge
 from relay.routes import REALTIME_PATHS
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
-from relay.upstream import UpstreamTarget, realtime_url
+from relay.upstream import realtime_url
 
 _log = structlog.get_logger("relay.app")
 
@@ -43,7 +43,7 @@ def create_app(
         ),
         config=config,
         keyring=KeyRing.from_teams(config.teams.values()),
-        credentials=build_credentials(config.deployments, environ),
+        credentials=build_credentials(config, environ),
         policies={
             (team.name, name): build_policy(config.deployments[name], team)
             for team in config.teams.values()
@@ -55,6 +55,7 @@ def create_app(
     app[STATE] = state
     app[REGISTRY] = state.metrics.registry
     app.cleanup_ctx.append(_simulator)
+    app.cleanup_ctx.append(_credentials)
     app.cleanup_ctx.append(_upstream_http)
     app.on_shutdown.append(_close_sessions)
     for path in REALTIME_PATHS:
@@ -84,18 +85,26 @@ def create_metrics_app(registry: CollectorRegistry) -> web.Application:
 async def _simulator(app: web.Application) -> AsyncIterator[None]:
     """Start the built-in simulated upstream when a deployment uses it."""
     state = app[STATE]
-    simulated = [d for d in state.config.deployments.values() if d.uses_simulator]
+    simulated = [
+        b
+        for d in state.config.deployments.values()
+        for b in d.backends
+        if b.endpoint == SIMULATOR_ENDPOINT
+    ]
     running: RunningSimulator | None = None
     if simulated:
         # The simulator accepts exactly the keys the relay will present to it.
         keys = frozenset(
-            [(await state.credentials[d.name].headers()).get("api-key", "") for d in simulated]
+            [
+                (await state.credentials[b.credential].headers()).get("api-key", "")
+                for b in simulated
+            ]
         )
         running = await start_simulator(
             SimulatorOptions(api_keys=keys, speed=state.config.simulator.speed)
         )
         state.simulator_url = running.url
-        _log.info("simulator_started", url=running.url, deployments=[d.name for d in simulated])
+        _log.info("simulator_started", url=running.url)
     try:
         yield
     finally:
@@ -115,16 +124,50 @@ async def _upstream_http(app: web.Application) -> AsyncIterator[None]:
     )
     state.http = aiohttp.ClientSession(connector=connector, timeout=timeout)
     for name, deployment in state.config.deployments.items():
-        endpoint = state.simulator_url if deployment.uses_simulator else deployment.endpoint
-        assert endpoint is not None
-        state.targets[name] = UpstreamTarget(
-            deployment, realtime_url(endpoint, deployment), state.credentials[name]
-        )
+        state.pools[name] = _pool(state, deployment)
     try:
         yield
     finally:
-        state.targets.clear()
+        state.pools.clear()
         await state.http.close()
+
+
+def _pool(state: RelayState, deployment: DeploymentConfig) -> BackendPool:
+    backends = []
+    for config in deployment.backends:
+        endpoint = config.endpoint
+        if endpoint == SIMULATOR_ENDPOINT:
+            assert state.simulator_url is not None
+            endpoint = state.simulator_url
+        url = realtime_url(endpoint, deployment, config.azure_deployment)
+        backends.append(Backend(config, url, state.credentials[config.credential]))
+    upstream = state.config.upstream
+    metrics = state.metrics
+    pool = BackendPool(
+        deployment,
+        backends,
+        eject_after_failures=upstream.eject_after_failures,
+        eject_seconds=upstream.eject_seconds,
+        on_eject=lambda b: metrics.backend_ejections.labels(deployment.name, b.name).inc(),
+    )
+    for backend in backends:
+        up = metrics.backend_up.labels(deployment.name, backend.name)
+        up.set_function(_availability(pool, backend))
+    return pool
+
+
+def _availability(pool: BackendPool, backend: Backend) -> Callable[[], float]:
+    return lambda: float(backend.available(pool.clock()))
+
+
+async def _credentials(app: web.Application) -> AsyncIterator[None]:
+    """Start every upstream credential (first Entra tokens, refresh tasks); close at the end."""
+    credentials = list(app[STATE].credentials.values())
+    await asyncio.gather(*(c.start() for c in credentials))
+    try:
+        yield
+    finally:
+        await asyncio.gather(*(c.close() for c in credentials))
 
 
 async def _close_sessions(app: web.Application) -> None:

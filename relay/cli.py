@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 import orjson
 
 from relay.auth import hash_key
+from relay.backends import build_credentials
 from relay.config import RelayConfig, load_config, masked_config
-from relay.credentials import build_credentials
 from relay.errors import ConfigError
 from relay.logsetup import configure_logging
 
@@ -145,7 +145,7 @@ def _check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     sys.stdout.buffer.write(orjson.dumps(masked_config(config), option=orjson.OPT_INDENT_2))
     sys.stdout.write("\n")
     try:
-        build_credentials(config.deployments, environ)
+        build_credentials(config, environ)
     except ConfigError as exc:
         print("warning: secrets missing from this environment:", file=sys.stderr)
         for problem in exc.problems:

@@ -85,10 +85,17 @@ class UpstreamConfig:
     heartbeat_seconds: float = 20.0
     # Extra CA bundle for upstream TLS (private endpoints, test fakes); system CAs otherwise.
     ca_file: Path | None = None
+    # A backend failing this many handshakes in a row is ejected for eject_seconds, then
+    # probed by the next session.
+    eject_after_failures: int = 3
+    eject_seconds: float = 30.0
 
     def __post_init__(self) -> None:
-        _positive(self.connect_timeout_seconds, "connect_timeout_seconds")
-        _positive(self.heartbeat_seconds, "heartbeat_seconds")
+        for name in (
+            "connect_timeout_seconds", "heartbeat_seconds", "eject_after_failures",
+            "eject_seconds",
+        ):  # fmt: skip
+            _positive(getattr(self, name), name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,15 +172,37 @@ class SimulatorConfig:
             raise ValueError("speed must be 0 or more")
 
 
+COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
 @dataclass(frozen=True, slots=True)
 class CredentialConfig:
-    type: Literal["api-key"] = "api-key"
-    # Name of the environment variable that holds the Azure key.
+    """How the relay authenticates to one Azure resource. Equal configs share one instance
+    (one token cache) however many backends use them."""
+
+    type: Literal["api-key", "entra"] = "api-key"
+    # api-key: the environment variable that holds the Azure key.
     env: str = "AZURE_OPENAI_API_KEY"
+    # entra: which azure-identity credential gets the tokens.
+    method: Literal["default", "managed-identity", "workload-identity", "client-secret"] = "default"
+    client_id: str | None = None  # user-assigned identity, app registration
+    tenant_id: str | None = None  # client-secret, workload-identity
+    client_secret_env: str | None = None  # client-secret: env var holding the secret
+    scope: str = COGNITIVE_SERVICES_SCOPE
+    # Refresh a token this long before it expires, in the background.
+    refresh_before_seconds: float = 300.0
 
     def __post_init__(self) -> None:
-        if not _ENV_NAME_RE.match(self.env):
-            raise ValueError(f"env must be an environment variable name, got {self.env!r}")
+        for name in ("env", "client_secret_env"):
+            value = getattr(self, name)
+            if value is not None and not _ENV_NAME_RE.match(value):
+                raise ValueError(f"{name} must be an environment variable name, got {value!r}")
+        if self.type == "entra" and self.method == "client-secret":
+            if not (self.client_id and self.tenant_id and self.client_secret_env):
+                raise ValueError(
+                    "method client-secret needs client_id, tenant_id and client_secret_env"
+                )
+        _positive(self.refresh_before_seconds, "refresh_before_seconds")
 
 
 # Top-level fields of a GA `session` object (RealtimeSessionCreateRequest).
@@ -237,16 +266,49 @@ class PolicyConfig:
             raise ValueError("max_violations must be 0 or more")
 
 
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint != SIMULATOR_ENDPOINT and not re.match(r"^(https?|wss?)://", endpoint):
+        raise ValueError(
+            f"endpoint must be an http(s):// or ws(s):// URL or {SIMULATOR_ENDPOINT!r}, "
+            f"got {endpoint!r}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
-class DeploymentConfig:
-    """A deployment clients ask for by name, and the Azure deployment behind it."""
+class BackendConfig:
+    """One Azure resource serving a deployment (a pool may list several)."""
 
     name: str
     # `https://<resource>.openai.azure.com` (or any base URL), or "simulator" for the
     # built-in simulated upstream started in the same process.
     endpoint: str
     credential: CredentialConfig
-    # Deployment name on the Azure resource; defaults to the relay-side name.
+    # Deployment name on this Azure resource; defaults to the deployment's.
+    azure_deployment: str = ""
+    # Lower is preferred: sessions go to the lowest priority with a healthy backend...
+    priority: int = 1
+    # ...spread by weight among the backends of that priority.
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"backend name {self.name!r} must match {_NAME_RE.pattern}")
+        _check_endpoint(self.endpoint)
+        _positive(self.weight, "weight")
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    """A deployment clients ask for by name, and the Azure backends behind it.
+
+    One backend can be given inline (`endpoint`, `credential`), or several as
+    `[[deployments.NAME.backends]]` tables.
+    """
+
+    name: str
+    endpoint: str = ""
+    credential: CredentialConfig | None = None
+    # Deployment name on the Azure resource(s); defaults to the relay-side name.
     azure_deployment: str = ""
     protocol: Literal["ga", "preview"] = "ga"
     # Only for protocol = "preview"; the GA endpoint takes no api-version.
@@ -254,24 +316,46 @@ class DeploymentConfig:
     # Session defaults (a GA `session` fragment) and rules for every team on this deployment.
     session: dict[str, Any] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    backends: tuple[BackendConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _check_session_fields(self.session, "session")
         if not _NAME_RE.match(self.name):
             raise ValueError(f"deployment name {self.name!r} must match {_NAME_RE.pattern}")
-        if self.endpoint != SIMULATOR_ENDPOINT and not re.match(
-            r"^(https?|wss?)://", self.endpoint
-        ):
-            raise ValueError(
-                f"endpoint must be an http(s):// or ws(s):// URL or {SIMULATOR_ENDPOINT!r}, "
-                f"got {self.endpoint!r}"
-            )
         if not self.azure_deployment:
             object.__setattr__(self, "azure_deployment", self.name)
+        if self.backends:
+            if self.endpoint or self.credential:
+                raise ValueError("give either endpoint and credential, or backends, not both")
+            names = [b.name for b in self.backends]
+            if len(set(names)) != len(names):
+                raise ValueError("backend names must be unique")
+            backends = tuple(
+                b if b.azure_deployment else _with_deployment(b, self.azure_deployment)
+                for b in self.backends
+            )
+        else:
+            if not self.endpoint or self.credential is None:
+                raise ValueError("needs endpoint and credential (or a backends list)")
+            backends = (
+                BackendConfig("default", self.endpoint, self.credential, self.azure_deployment),
+            )
+        object.__setattr__(self, "backends", backends)
 
     @property
     def uses_simulator(self) -> bool:
-        return self.endpoint == SIMULATOR_ENDPOINT
+        return any(b.endpoint == SIMULATOR_ENDPOINT for b in self.backends)
+
+
+def _with_deployment(backend: BackendConfig, azure_deployment: str) -> BackendConfig:
+    return BackendConfig(
+        backend.name,
+        backend.endpoint,
+        backend.credential,
+        azure_deployment,
+        backend.priority,
+        backend.weight,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +522,13 @@ class _Builder:
                 return value
             return self._bad(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         if origin is tuple:
+            item = args[0]
+            if is_dataclass(item):
+                if not isinstance(value, list):
+                    return self._bad(key, f"must be a list of tables, got {_describe(value)}")
+                cls = typing.cast(type[Any], item)
+                items = [self.build(cls, v, f"{key}[{i}]") for i, v in enumerate(value)]
+                return tuple(items) if None not in items else _INVALID
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 return self._bad(key, f"must be a list of strings, got {_describe(value)}")
             return tuple(value)

@@ -3,7 +3,8 @@
     RelayError
     ├── ConfigError          the operator's config or environment is wrong (exit 2 at start-up)
     ├── ClientRefused        the client's request is refused before the upgrade (HTTP status)
-    └── UpstreamRefused      the upstream could not be reached or refused us (HTTP status)
+    ├── UpstreamRefused      the upstream could not be reached or refused us (HTTP status)
+    └── CredentialUnavailable  no valid upstream credential right now (HTTP 503)
 
 Refusals carry the HTTP status the client gets, a stable machine-readable ``code`` and a
 message that is safe to show: never a key, token or upstream URL with credentials.
@@ -48,3 +49,7 @@ class ClientRefused(HttpRefusal):
 
 class UpstreamRefused(HttpRefusal):
     """The upstream could not be reached, timed out, or refused the relay."""
+
+
+class CredentialUnavailable(RelayError):
+    """No valid upstream credential right now (e.g. every Entra token refresh failed)."""

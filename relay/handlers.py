@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.admission import Lease
 from relay.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
+from relay.backends import Backend
 from relay.config import DeploymentConfig, TeamConfig
 from relay.errors import ClientRefused, HttpRefusal, UpstreamRefused
 from relay.logsetup import redact_url
@@ -28,7 +29,7 @@ from relay.pump import Bridge, Ending
 from relay.routes import parse_realtime_request, resolve_deployment
 from relay.session_setup import StartedSession, start_session
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
-from relay.upstream import UpstreamSocket, open_upstream
+from relay.upstream import SocketOptions, UpstreamSocket, connect_pool
 
 _log = structlog.get_logger("relay.session")
 
@@ -132,29 +133,35 @@ async def _start_upstream(
 ) -> tuple[UpstreamSocket, StartedSession]:
     config = state.config
     assert state.http is not None
+    metrics = state.metrics
+
+    def failed(backend: Backend, refusal: UpstreamRefused) -> None:
+        metrics.upstream_connect_failures.labels(deployment.name, backend.name, refusal.code).inc()
+        _log.warning("upstream_connect_failed", backend=backend.name, code=refusal.code)
+
     began = time.monotonic()
-    try:
-        upstream = await open_upstream(
-            state.http,
-            state.targets[deployment.name],
-            request_id=session_id,
-            connect_timeout=config.upstream.connect_timeout_seconds,
+    backend, upstream = await connect_pool(
+        state.http,
+        state.pools[deployment.name],
+        request_id=session_id,
+        connect_timeout=config.upstream.connect_timeout_seconds,
+        options=SocketOptions(
             close_timeout=config.server.close_timeout_seconds,
             heartbeat=config.upstream.heartbeat_seconds,
             max_message_bytes=config.server.max_message_bytes,
+        ),
+        on_failure=failed,
+    )
+    metrics.upstream_handshake.labels(deployment.name).observe(time.monotonic() - began)
+    structlog.contextvars.bind_contextvars(backend=backend.name)
+    try:
+        started = await start_session(
+            upstream,
+            state.policies[team.name, deployment.name],
+            setup_seconds=config.upstream.connect_timeout_seconds,
         )
-        state.metrics.upstream_handshake.labels(deployment.name).observe(time.monotonic() - began)
-        try:
-            started = await start_session(
-                upstream,
-                state.policies[team.name, deployment.name],
-                setup_seconds=config.upstream.connect_timeout_seconds,
-            )
-        except BaseException:
-            await upstream.close(code=1011, message=b"session start failed")
-            raise
-    except UpstreamRefused as refusal:
-        state.metrics.upstream_connect_failures.labels(deployment.name, refusal.code).inc()
+    except BaseException:
+        await upstream.close(code=1011, message=b"session start failed")
         raise
     return upstream, started
 

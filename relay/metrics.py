@@ -79,6 +79,9 @@ class Metrics:
     upstream_errors: Counter
     client_violations: Counter
     upstream_connect_failures: Counter
+    backend_up: Gauge
+    backend_ejections: Counter
+    credential_refresh_failures: Counter
     backpressure: Counter
 
     @classmethod
@@ -188,8 +191,27 @@ class Metrics:
             ),
             upstream_connect_failures=Counter(
                 "relay_upstream_connect_failures",
-                "Upstream connections that failed.",
-                ("deployment", "reason"),
+                "Upstream handshakes that failed (each failover attempt counts).",
+                ("deployment", "backend", "reason"),
+                registry=r,
+            ),
+            backend_up=Gauge(
+                "relay_backend_up",
+                "1 while a backend takes new sessions (not ejected or rate limited, credential "
+                "usable).",
+                ("deployment", "backend"),
+                registry=r,
+            ),
+            backend_ejections=Counter(
+                "relay_backend_ejections",
+                "Backends ejected after repeated failures.",
+                ("deployment", "backend"),
+                registry=r,
+            ),
+            credential_refresh_failures=Counter(
+                "relay_credential_refresh_failures",
+                "Entra token refreshes that failed.",
+                ("credential",),
                 registry=r,
             ),
             backpressure=Counter(

@@ -12,12 +12,12 @@ from prometheus_client import CollectorRegistry
 
 from relay.admission import AdmissionStore, AuthThrottle
 from relay.auth import KeyRing
-from relay.config import RelayConfig
+from relay.backends import BackendPool
+from relay.config import CredentialConfig, RelayConfig
 from relay.credentials import UpstreamCredential
 from relay.metrics import Metrics
 from relay.policy import SessionPolicy
 from relay.pump import Bridge
-from relay.upstream import UpstreamTarget
 
 
 @dataclass(slots=True)
@@ -26,13 +26,15 @@ class RelayState:
 
     config: RelayConfig
     keyring: KeyRing
-    credentials: Mapping[str, UpstreamCredential]
+    # One per distinct credential config, shared by every backend using it.
+    credentials: Mapping[CredentialConfig, UpstreamCredential]
     # (team, deployment) -> the effective session policy, built once.
     policies: Mapping[tuple[str, str], SessionPolicy]
     metrics: Metrics
     admission: AdmissionStore
     auth_throttle: AuthThrottle
-    targets: dict[str, UpstreamTarget] = field(default_factory=dict)
+    # deployment -> its backends; built once the simulator (if any) has an address.
+    pools: dict[str, BackendPool] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     bridges: set[Bridge] = field(default_factory=set)
     # Set while no session is open: what a drain waits for.
@@ -56,8 +58,8 @@ class RelayState:
     def ready(self) -> bool:
         return (
             not self.draining
-            and bool(self.targets)
-            and all(c.usable for c in self.credentials.values())
+            and bool(self.pools)
+            and all(pool.usable for pool in self.pools.values())
         )
 
 

@@ -117,6 +117,7 @@ async def test_refusals_and_connect_failures_are_counted(start_relay, aiohttp_se
             found,
             "relay_upstream_connect_failures_total",
             deployment="gpt-realtime",
+            backend="default",
             reason="upstream_unavailable",
         )
         == 1

@@ -71,11 +71,11 @@ async def test_no_secret_leaks_anywhere(simulator, start_relay, aiohttp_server, 
 
 
 def test_config_and_credential_reprs_hide_secrets():
-    from relay.credentials import build_credentials
+    from relay.backends import build_credentials
 
     config = relay_config("http://127.0.0.1:1")
-    credentials = build_credentials(config.deployments, ENVIRON)
+    credentials = build_credentials(config, ENVIRON)
     assert AZURE_KEY not in repr(credentials)
     with pytest.raises(Exception) as info:
-        build_credentials(config.deployments, {})
+        build_credentials(config, {})
     assert AZURE_KEY not in str(info.value)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import load_config, masked_config, parse_config
-from relay.credentials import build_credentials
+from relay.backends import build_credentials
 from relay.errors import ConfigError
 
 HASH = "sha256:" + "a" * 64
@@ -55,7 +55,7 @@ def test_range_checks_and_required_keys():
     del data["deployments"]["gpt-realtime"]["credential"]
     found = problems(data)
     assert "relay.toml: server: port must be between 0 and 65535" in found
-    assert "relay.toml: deployments.gpt-realtime.credential: is required" in found
+    assert "relay.toml: deployments.gpt-realtime: needs endpoint and credential (or a backends list)" in found
 
 
 def test_team_naming_an_unknown_deployment():
@@ -120,11 +120,11 @@ def test_unreadable_and_invalid_files(tmp_path: Path):
 def test_missing_secret_names_the_variable_not_a_value():
     config = parse_config(minimal(), source="relay.toml")
     with pytest.raises(ConfigError) as info:
-        build_credentials(config.deployments, {})
+        build_credentials(config, {})
     assert info.value.problems == [
-        "environment: deployments.gpt-realtime.credential: environment variable AZ_KEY is not set or empty"
+        "environment: deployments.gpt-realtime.backends.default.credential: environment variable AZ_KEY is not set or empty"
     ]
-    credentials = build_credentials(config.deployments, {"AZ_KEY": "s3cret-azure"})
+    credentials = build_credentials(config, {"AZ_KEY": "s3cret-azure"})
     assert "s3cret" not in repr(credentials)
 
 
@@ -133,10 +133,8 @@ def test_masked_config_hides_the_demo_key():
     data["simulator"] = {"demo_key": "rk-demo"}
     masked = masked_config(parse_config(data, source="relay.toml"))
     assert masked["simulator"]["demo_key"] == "***"
-    assert masked["deployments"]["gpt-realtime"]["credential"] == {
-        "type": "api-key",
-        "env": "AZ_KEY",
-    }
+    credential = masked["deployments"]["gpt-realtime"]["backends"][0]["credential"]
+    assert (credential["type"], credential["env"]) == ("api-key", "AZ_KEY")
 
 
 def test_shipped_configs_are_valid():
