@@ -43,6 +43,7 @@ def create_app(
         ),
         config=config,
         keyring=KeyRing.from_teams(config.teams.values()),
+        admin_keys=KeyRing.of(config.admin.keys, "admin"),
         credentials=build_credentials(config, environ),
         policies={
             (team.name, name): build_policy(config.deployments[name], team)
@@ -62,6 +63,7 @@ def create_app(
         app.router.add_get(path, handlers.realtime)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/status", handlers.status)
     if config.metrics.enabled and config.metrics.on_main_port:
         assert config.metrics.token_env is not None  # validated in config
         token = environ.get(config.metrics.token_env, "")

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from relay.config import TeamConfig
 
@@ -18,6 +19,7 @@ from relay.config import TeamConfig
 # subprotocol; the server must then select `realtime` or the browser aborts the handshake.
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 REALTIME_SUBPROTOCOL = "realtime"
+Owner = TypeVar("Owner")
 
 
 def hash_key(key: str) -> str:
@@ -49,22 +51,26 @@ def find_key(
 
 
 @dataclass(frozen=True, slots=True)
-class KeyRing:
-    """Every team's key hashes, checked all at once in constant time."""
+class KeyRing(Generic[Owner]):
+    """Key hashes and whom they belong to, checked all at once in constant time."""
 
-    entries: tuple[tuple[bytes, TeamConfig], ...]
+    entries: tuple[tuple[bytes, Owner], ...]
 
     @classmethod
-    def from_teams(cls, teams: Iterable[TeamConfig]) -> KeyRing:
-        return cls(tuple((h.encode("ascii"), team) for team in teams for h in team.keys))
+    def from_teams(cls, teams: Iterable[TeamConfig]) -> KeyRing[TeamConfig]:
+        return KeyRing(tuple((h.encode("ascii"), team) for team in teams for h in team.keys))
 
-    def identify(self, key: str) -> TeamConfig | None:
+    @classmethod
+    def of(cls, hashes: Iterable[str], owner: Owner) -> KeyRing[Owner]:
+        return KeyRing(tuple((h.encode("ascii"), owner) for h in hashes))
+
+    def identify(self, key: str) -> Owner | None:
         presented = hash_key(key).encode("ascii")
-        found: TeamConfig | None = None
+        found: Owner | None = None
         # No early exit: every stored hash is compared whatever matches.
-        for stored, team in self.entries:
+        for stored, owner in self.entries:
             if hmac.compare_digest(presented, stored):
-                found = team
+                found = owner
         return found
 
 

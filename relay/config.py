@@ -154,6 +154,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    # Hashes (`relay hash-key`) of the keys that may read GET /status. None: no status page.
+    keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(not KEY_HASH_RE.match(k) for k in self.keys):
+            raise ValueError("keys must hold hashes made by `relay hash-key`, never the keys")
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -390,6 +400,7 @@ class RelayConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
 
     @property

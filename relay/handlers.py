@@ -251,6 +251,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def status(request: web.Request) -> web.Response:
+    """Backends, credentials and sessions, for operators holding an admin key."""
+    state = request.app[STATE]
+    presented = find_key(request.headers, {}, ())
+    if presented is None or not state.admin_keys.identify(presented):
+        return error_response(
+            ClientRefused(401, "invalid_admin_key", "GET /status needs an admin key.")
+        )
+    body = {
+        "ready": state.ready,
+        "draining": state.draining,
+        "sessions_active": len(state.bridges),
+        "deployments": {
+            name: {"protocol": pool.deployment.protocol, "backends": pool.describe()}
+            for name, pool in state.pools.items()
+        },
+    }
+    return web.json_response(body, dumps=_dumps)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"}, dumps=_dumps)
 

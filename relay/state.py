@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from relay.admission import AdmissionStore, AuthThrottle
 from relay.auth import KeyRing
 from relay.backends import BackendPool
-from relay.config import CredentialConfig, RelayConfig
+from relay.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.credentials import UpstreamCredential
 from relay.metrics import Metrics
 from relay.policy import SessionPolicy
@@ -25,7 +25,8 @@ class RelayState:
     """What the handlers share: built once at start-up, read per request."""
 
     config: RelayConfig
-    keyring: KeyRing
+    keyring: KeyRing[TeamConfig]
+    admin_keys: KeyRing[str]
     # One per distinct credential config, shared by every backend using it.
     credentials: Mapping[CredentialConfig, UpstreamCredential]
     # (team, deployment) -> the effective session policy, built once.
