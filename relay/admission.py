@@ -3,7 +3,7 @@ second, globally and per team, and a brake on addresses that keep failing authen
 
 Decisions are made before the upgrade and answered as HTTP: a team over its own limits gets
 429, a relay that is itself full gets 503, both with Retry-After. The in-memory store here
-serves one process; the `AdmissionStore` interface is what a shared store implements.
+serves one process; `admission_redis.RedisAdmission` shares the state between processes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class Lease(Protocol):
 
 
 class AdmissionStore(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
     async def acquire(self, team: str) -> Lease:
         """A slot for a new session of ``team``, or ClientRefused (429/503, Retry-After)."""
         ...
@@ -84,6 +88,12 @@ class MemoryAdmission:
     active: int = 0
     team_active: dict[str, int] = field(default_factory=dict)
     _buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     async def acquire(self, team: str) -> Lease:
         now = self.clock()

@@ -12,7 +12,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay import handlers
-from relay.admission import AuthThrottle, MemoryAdmission
+from relay.admission import AdmissionStore, AuthThrottle, MemoryAdmission
+from relay.admission_redis import RedisAdmission
 from relay.auth import KeyRing
 from relay.backends import Backend, BackendPool, build_credentials
 from relay.config import SIMULATOR_ENDPOINT, DeploymentConfig, RelayConfig
@@ -33,9 +34,10 @@ def create_app(
 ) -> web.Application:
     """Build the relay; raises ConfigError when a secret it needs is missing."""
     limits = config.limits
+    metrics = metrics or Metrics.create()
     state = RelayState(
-        metrics=metrics or Metrics.create(),
-        admission=MemoryAdmission(limits, {t.name: t.limits for t in config.teams.values()}),
+        metrics=metrics,
+        admission=_admission(config, environ, metrics),
         auth_throttle=AuthThrottle(
             limits.auth_failures_allowed,
             limits.auth_failure_window_seconds,
@@ -56,6 +58,7 @@ def create_app(
     app[STATE] = state
     app[REGISTRY] = state.metrics.registry
     app.cleanup_ctx.append(_simulator)
+    app.cleanup_ctx.append(_admission_lifetime)
     app.cleanup_ctx.append(_credentials)
     app.cleanup_ctx.append(_upstream_http)
     app.on_shutdown.append(_close_sessions)
@@ -160,6 +163,32 @@ def _pool(state: RelayState, deployment: DeploymentConfig) -> BackendPool:
 
 def _availability(pool: BackendPool, backend: Backend) -> Callable[[], float]:
     return lambda: float(backend.available(pool.clock()))
+
+
+def _admission(config: RelayConfig, environ: Mapping[str, str], metrics: Metrics) -> AdmissionStore:
+    team_limits = {t.name: t.limits for t in config.teams.values()}
+    if config.admission.backend == "memory":
+        return MemoryAdmission(config.limits, team_limits)
+    url = environ.get(config.admission.redis_url_env, "").strip()
+    if not url:
+        env = config.admission.redis_url_env
+        raise ConfigError([f"environment: admission.redis_url_env: {env} is not set or empty"])
+    return RedisAdmission.connect(
+        config.admission,
+        config.limits,
+        team_limits,
+        url,
+        on_redis_error=lambda team: metrics.admission_errors.labels(team).inc(),
+    )
+
+
+async def _admission_lifetime(app: web.Application) -> AsyncIterator[None]:
+    admission = app[STATE].admission
+    await admission.start()
+    try:
+        yield
+    finally:
+        await admission.close()
 
 
 async def _credentials(app: web.Application) -> AsyncIterator[None]:

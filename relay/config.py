@@ -121,9 +121,34 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """Where admission state lives: this process ("memory") or Redis, shared by every relay
+    process and host."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    # Environment variable holding the Redis URL (redis://, rediss://, unix://).
+    redis_url_env: str = "RELAY_REDIS_URL"
+    # A session's slot expires this long after its process last refreshed it (a crashed
+    # process's slots come back after at most this long).
+    slot_ttl_seconds: float = 30.0
+    # Each Redis call's deadline; beyond it the team's `on_redis_error` applies.
+    redis_timeout_seconds: float = 0.5
+    key_prefix: str = "relay"
+
+    def __post_init__(self) -> None:
+        if not _ENV_NAME_RE.match(self.redis_url_env):
+            raise ValueError("redis_url_env must be an environment variable name")
+        _positive(self.slot_ttl_seconds, "slot_ttl_seconds")
+        _positive(self.redis_timeout_seconds, "redis_timeout_seconds")
+
+
+@dataclass(frozen=True, slots=True)
 class TeamLimits:
     max_sessions: int | None = None
     max_new_sessions_per_second: float | None = None
+    # With admission in Redis and Redis unreachable: "open" admits the team's sessions
+    # (unlimited meanwhile), "closed" refuses them with 503.
+    on_redis_error: Literal["open", "closed"] = "open"
 
     def __post_init__(self) -> None:
         for name in ("max_sessions", "max_new_sessions_per_second"):
@@ -400,6 +425,7 @@ class RelayConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
 

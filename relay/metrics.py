@@ -82,6 +82,7 @@ class Metrics:
     backend_up: Gauge
     backend_ejections: Counter
     credential_refresh_failures: Counter
+    admission_errors: Counter
     backpressure: Counter
 
     @classmethod
@@ -212,6 +213,12 @@ class Metrics:
                 "relay_credential_refresh_failures",
                 "Entra token refreshes that failed.",
                 ("credential",),
+                registry=r,
+            ),
+            admission_errors=Counter(
+                "relay_admission_redis_errors",
+                "Admission checks that could not reach Redis (the team's on_redis_error applied).",
+                ("team",),
                 registry=r,
             ),
             backpressure=Counter(

@@ -1,0 +1,237 @@
+"""Admission state in Redis, shared by every relay process and host.
+
+How it works:
+- Each open session holds a slot: a member of a sorted set per team (and one relay-wide),
+  scored with its expiry time on Redis's clock. One Lua script drops expired slots, checks
+  the caps and the per-window start counts, and adds the slot, atomically.
+- A process refreshes its live slots every third of `slot_ttl_seconds`. A process that dies
+  stops refreshing, so its slots expire within the TTL: no slot leaks past it.
+- New sessions per second are counted in fixed windows (a key per window, expiring with it).
+- If Redis cannot be reached, each team's `on_redis_error` decides: "open" admits (the team
+  is unlimited meanwhile), "closed" refuses with 503. Either way it is logged and counted,
+  and other teams are served as their own settings say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from relay.config import AdmissionConfig, LimitsConfig, TeamLimits
+from relay.errors import ClientRefused
+
+_log = structlog.get_logger("relay.admission")
+
+# KEYS: team slots, relay slots, team window counter, relay window counter
+# ARGV: slot id, ttl ms, team max, relay max, team budget, relay budget, window ms
+# (-1 = no limit). Returns {0, 0} when admitted, else {reason, retry ms}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local team_max, relay_max = tonumber(ARGV[3]), tonumber(ARGV[4])
+if team_max >= 0 and redis.call('ZCARD', KEYS[1]) >= team_max then return {1, 1000} end
+if relay_max >= 0 and redis.call('ZCARD', KEYS[2]) >= relay_max then return {2, 1000} end
+local team_budget, relay_budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+if team_budget >= 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= team_budget then
+  return {3, redis.call('PTTL', KEYS[3])}
+end
+if relay_budget >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= relay_budget then
+  return {4, redis.call('PTTL', KEYS[4])}
+end
+local window = tonumber(ARGV[7])
+for i = 3, 4 do
+  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], window) end
+end
+local ttl = tonumber(ARGV[2])
+for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+end
+return {0, 0}
+"""
+# KEYS: the slot sets; ARGV: ttl ms, then slot ids. Extends the live slots (XX: only those
+# still there, so a released or expired slot is not brought back).
+_REFRESH = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', expiry, ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1]) * 2)
+end
+return #KEYS
+"""
+
+_REFUSALS = {
+    1: (429, "team_session_limit", "The team has reached its limit of open sessions."),
+    2: (503, "relay_full", "The relay is at its session limit."),
+    3: (429, "team_rate_limit", "The team is starting sessions faster than its limit."),
+    4: (503, "relay_rate_limit", "The relay is starting sessions faster than its limit."),
+}
+
+
+def window(rate: float | None) -> tuple[int, int]:
+    """(window ms, sessions allowed per window) for a rate in sessions per second."""
+    if rate is None:
+        return 1000, -1
+    seconds = max(1, math.ceil(1 / rate))
+    return seconds * 1000, max(1, math.floor(rate * seconds))
+
+
+@dataclass(slots=True)
+class RedisLease:
+    store: RedisAdmission
+    team: str
+    slot: str
+    keys: tuple[str, str]
+    released: bool = False
+
+    async def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.store.live.pop(self.slot, None)
+        try:
+            async with asyncio.timeout(self.store.config.redis_timeout_seconds):
+                async with self.store.client.pipeline(transaction=True) as pipe:
+                    for key in self.keys:
+                        pipe.zrem(key, self.slot)
+                    await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The slot expires by itself within the TTL.
+            _log.warning("admission_release_failed", team=self.team, error=type(exc).__name__)
+
+
+@dataclass(slots=True)
+class _OpenLease:
+    """Admitted while Redis was unreachable (fail open): nothing to release."""
+
+    async def release(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class RedisAdmission:
+    config: AdmissionConfig
+    limits: LimitsConfig
+    team_limits: Mapping[str, TeamLimits]
+    client: aioredis.Redis
+    on_redis_error: Callable[[str], None] = lambda team: None
+    # Slots this process holds: slot id -> the sorted sets it is in.
+    live: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _refresher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def connect(
+        cls,
+        config: AdmissionConfig,
+        limits: LimitsConfig,
+        team_limits: Mapping[str, TeamLimits],
+        url: str,
+        on_redis_error: Callable[[str], None] = lambda team: None,
+    ) -> RedisAdmission:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=config.redis_timeout_seconds,
+            socket_connect_timeout=config.redis_timeout_seconds,
+            retry_on_timeout=False,
+        )
+        return cls(config, limits, team_limits, client, on_redis_error)
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.config.key_prefix, *parts))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refresher = loop.create_task(self._refresh_forever(), name="admission refresher")
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self.client.aclose()
+
+    async def acquire(self, team: str) -> RedisLease | _OpenLease:
+        own = self.team_limits.get(team, TeamLimits())
+        team_window, team_budget = window(own.max_new_sessions_per_second)
+        relay_window, relay_budget = window(self.limits.max_new_sessions_per_second)
+        now_ms = int(time.time() * 1000)
+        slots = (self._key("slots", "team", team), self._key("slots", "relay"))
+        counters = (
+            self._key("started", "team", team, str(now_ms // team_window)),
+            self._key("started", "relay", str(now_ms // relay_window)),
+        )
+        slot = secrets.token_hex(8)
+        try:
+            async with asyncio.timeout(self.config.redis_timeout_seconds):
+                reason, retry_ms = await self.client.eval(
+                    _ACQUIRE,
+                    4,
+                    *slots,
+                    *counters,
+                    slot,
+                    int(self.config.slot_ttl_seconds * 1000),
+                    -1 if own.max_sessions is None else own.max_sessions,
+                    -1 if self.limits.max_sessions is None else self.limits.max_sessions,
+                    team_budget,
+                    relay_budget,
+                    min(team_window, relay_window),
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            return self._unreachable(team, own, exc)
+        if int(reason):
+            status, code, message = _REFUSALS[int(reason)]
+            retry = str(max(1, math.ceil(max(int(retry_ms), 0) / 1000)))
+            raise ClientRefused(status, code, f"{message} Retry later.", retry_after=retry)
+        self.live[slot] = slots
+        return RedisLease(self, team, slot, slots)
+
+    def _unreachable(self, team: str, own: TeamLimits, exc: BaseException) -> _OpenLease:
+        self.on_redis_error(team)
+        _log.error(
+            "admission_redis_unreachable",
+            team=team,
+            error=type(exc).__name__,
+            policy=own.on_redis_error,
+        )
+        if own.on_redis_error == "closed":
+            raise ClientRefused(
+                503,
+                "admission_unavailable",
+                "The relay cannot check this team's limits right now; retry shortly.",
+                retry_after="5",
+            )
+        return _OpenLease()
+
+    async def _refresh_forever(self) -> None:
+        interval = self.config.slot_ttl_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Extend this process's live slots by a TTL from now."""
+        if not self.live:
+            return
+        keys: list[str] = []
+        members: list[str] = []
+        for slot, slot_keys in list(self.live.items()):
+            for key in slot_keys:
+                keys.append(key)
+                members.append(slot)
+        try:
+            async with asyncio.timeout(self.config.redis_timeout_seconds * 4):
+                await self.client.eval(
+                    _REFRESH, len(keys), *keys, int(self.config.slot_ttl_seconds * 1000), *members
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            _log.warning("admission_refresh_failed", slots=len(self.live), error=type(exc).__name__)

@@ -1,0 +1,85 @@
+"""Real relay and Redis processes for tests that need a process boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def relay_process(
+    config: Path, env: dict[str, str], *args: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`relay serve` as a child process; yields it and its base URL (http://...)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--config", str(config), *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        while True:
+            line = await process.stdout.readline()
+            assert line, "the relay exited before listening"
+            event = orjson.loads(line)
+            if event.get("event") == "relay_listening":
+                break
+        # Keep reading its log so the pipe never fills and blocks the relay.
+        drain = asyncio.ensure_future(_discard(process.stdout))
+        yield process, event["url"].replace("ws://", "http://")
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        if "drain" in locals():
+            drain.cancel()
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+needs_redis = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server not installed (Debian package `redis-server`; .ci/run installs it)",
+)
+
+
+@asynccontextmanager
+async def redis_server(tmp_path: Path) -> AsyncIterator[str]:
+    """A private redis-server on a free loopback port; yields its URL."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--dir", str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    while b"Ready to accept connections" not in await process.stdout.readline():
+        assert process.returncode is None, "redis-server exited"
+    drain = asyncio.ensure_future(_discard(process.stdout))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+        drain.cancel()

@@ -1,0 +1,162 @@
+"""Limits shared through a real Redis: across processes, after a crash, and when Redis dies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from relay.admission_redis import RedisAdmission, window
+from relay.auth import hash_key
+from relay.config import AdmissionConfig, LimitsConfig, TeamLimits
+from relay.errors import ClientRefused
+from relay.state import STATE
+from tests.helpers import ALPHA_KEY, BETA_KEY, ENVIRON, read_until, relay_config
+from tests.processes import needs_redis, redis_server, relay_process
+
+pytestmark = needs_redis
+
+CAPPED_KEY = "rk-capped-team-key"
+CONFIG = """
+[server]
+port = 0
+close_timeout_seconds = 1
+[metrics]
+enabled = false
+[logging]
+format = "json"
+[simulator]
+speed = 0
+[admission]
+backend = "redis"
+slot_ttl_seconds = {ttl}
+[deployments.gpt-realtime]
+endpoint = "simulator"
+credential = {{ env = "RELAY_SIMULATOR_KEY" }}
+[teams.capped]
+keys = ["{key}"]
+deployments = ["gpt-realtime"]
+limits = {{ max_sessions = 3 }}
+"""
+
+
+def test_rate_windows():
+    assert window(None) == (1000, -1)
+    assert window(5) == (1000, 5)
+    assert window(0.5) == (2000, 1)
+    assert window(2.5) == (1000, 2)
+
+
+async def test_caps_rates_release_and_refresh(tmp_path):
+    async with redis_server(tmp_path) as url:
+        store = RedisAdmission.connect(
+            AdmissionConfig(backend="redis", slot_ttl_seconds=1.0),
+            LimitsConfig(max_sessions=10),
+            {"a": TeamLimits(max_sessions=2), "b": TeamLimits(max_new_sessions_per_second=1)},
+            url,
+        )
+        await store.start()
+        try:
+            a1, a2 = await store.acquire("a"), await store.acquire("a")
+            with pytest.raises(ClientRefused) as info:
+                await store.acquire("a")
+            assert (info.value.status, info.value.code) == (429, "team_session_limit")
+            await a1.release()
+            a3 = await store.acquire("a")
+            await store.acquire("b")
+            with pytest.raises(ClientRefused) as info:
+                await store.acquire("b")
+            assert info.value.code == "team_rate_limit" and int(info.value.retry_after) >= 1
+            # Refreshed slots outlive their TTL: after 1.5 TTLs the cap still holds.
+            for _ in range(3):
+                await store.refresh()
+                await asyncio.sleep(0.5)  # real time must pass for Redis's clock to expire slots
+            with pytest.raises(ClientRefused):
+                await store.acquire("a")
+            for lease in (a2, a3):
+                await lease.release()
+        finally:
+            await store.close()
+
+
+async def test_a_team_cap_holds_across_two_processes_and_a_killed_process_frees_its_slots(tmp_path):
+    config = tmp_path / "relay.toml"
+    config.write_text(CONFIG.format(ttl=1.5, key=hash_key(CAPPED_KEY)))
+    async with redis_server(tmp_path) as url:
+        env = {"RELAY_SIMULATOR_KEY": "sim", "RELAY_REDIS_URL": url}
+        async with (
+            relay_process(config, env) as (first, first_url),
+            relay_process(config, env) as (
+                _,
+                second_url,
+            ),
+            aiohttp.ClientSession() as http,
+        ):
+
+            async def connect(base: str) -> aiohttp.ClientWebSocketResponse:
+                ws = await http.ws_connect(
+                    f"{base}/openai/v1/realtime?model=gpt-realtime", headers={"api-key": CAPPED_KEY}
+                )
+                await read_until(ws, "session.created")
+                return ws
+
+            held = [await connect(first_url), await connect(first_url), await connect(second_url)]
+            for base in (first_url, second_url):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                    await connect(base)
+                assert info.value.status == 429
+            # The first process dies without releasing its two slots...
+            first.kill()
+            await first.wait()
+            # ...which expire with their TTL (Redis's clock): then sessions are admitted again.
+            admitted = None
+            for _ in range(50):
+                try:
+                    admitted = await connect(second_url)
+                    break
+                except aiohttp.WSServerHandshakeError as exc:
+                    assert exc.status == 429
+                    await asyncio.sleep(0.1)  # waiting on Redis's clock, not on an event
+            assert admitted is not None
+            second_too = await connect(second_url)  # both of the dead process's slots came back
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await connect(second_url)
+            for ws in (*held, admitted, second_too):
+                await ws.close()
+
+
+async def test_redis_going_down_fails_open_or_closed_per_team(tmp_path, start_relay, simulator):
+    async with redis_server(tmp_path) as url:
+        config = relay_config(
+            simulator.url,
+            admission={"backend": "redis", "redis_timeout_seconds": 0.3},
+            teams={
+                "alpha": {
+                    "keys": [hash_key(ALPHA_KEY)],
+                    "deployments": ["gpt-realtime"],
+                    "limits": {"on_redis_error": "open"},
+                },
+                "beta": {
+                    "keys": [hash_key(BETA_KEY)],
+                    "deployments": ["gpt-realtime"],
+                    "limits": {"on_redis_error": "closed"},
+                },
+            },
+        )
+        relay = await start_relay(config, environ={**ENVIRON, "RELAY_REDIS_URL": url})
+        url_ = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
+        async with aiohttp.ClientSession() as http:
+            for key in (ALPHA_KEY, BETA_KEY):  # Redis up: both admitted
+                async with http.ws_connect(url_, headers={"api-key": key}) as ws:
+                    await read_until(ws, "session.created")
+    # Redis is gone now.
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url_, headers={"api-key": ALPHA_KEY}) as ws:  # fails open
+            await read_until(ws, "session.created")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:  # fails closed
+            await http.ws_connect(url_, headers={"api-key": BETA_KEY})
+        assert info.value.status == 503
+    registry = relay.app[STATE].metrics.registry
+    assert registry.get_sample_value("relay_admission_redis_errors_total", {"team": "alpha"}) == 1
+    assert registry.get_sample_value("relay_admission_redis_errors_total", {"team": "beta"}) == 1
