@@ -53,7 +53,7 @@ def create_app(
             for name in team.deployments
         },
     )
-    state.metrics.ready.set_function(lambda: float(state.ready))
+    state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
     app = web.Application()
     app[STATE] = state
     app[REGISTRY] = state.metrics.registry
@@ -61,6 +61,7 @@ def create_app(
     app.cleanup_ctx.append(_admission_lifetime)
     app.cleanup_ctx.append(_credentials)
     app.cleanup_ctx.append(_upstream_http)
+    app.cleanup_ctx.append(_live_gauges)
     app.on_shutdown.append(_close_sessions)
     for path in REALTIME_PATHS:
         app.router.add_get(path, handlers.realtime)
@@ -157,7 +158,7 @@ def _pool(state: RelayState, deployment: DeploymentConfig) -> BackendPool:
     )
     for backend in backends:
         up = metrics.backend_up.labels(deployment.name, backend.name)
-        up.set_function(_availability(pool, backend))
+        state.live_gauges.track(up, _availability(pool, backend))
     return pool
 
 
@@ -189,6 +190,17 @@ async def _admission_lifetime(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await admission.close()
+
+
+async def _live_gauges(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(
+        app[STATE].live_gauges.refresh_forever(), name="live gauges"
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _credentials(app: web.Application) -> AsyncIterator[None]:

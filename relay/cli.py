@@ -10,12 +10,14 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import orjson
+import structlog
 
 from relay.auth import hash_key
 from relay.backends import build_credentials
 from relay.config import RelayConfig, load_config, masked_config
 from relay.errors import ConfigError
 from relay.logsetup import configure_logging
+from relay.workers import worker_count
 
 DEFAULT_CONFIG = "config/local.toml"
 
@@ -44,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT); 'auto' = one per CPU (default: 1)",
+    )
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     serve.set_defaults(func=_serve)
 
     simulate = commands.add_parser("simulate", help="run the simulated Azure realtime service")
@@ -78,6 +87,21 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     configure_logging(config.logging.level, config.logging.format)
     from relay.server import run_server
 
+    if args.worker is not None:
+        structlog.contextvars.bind_contextvars(worker=args.worker)
+        asyncio.run(run_server(config, environ, worker=True))
+        return 0
+    if args.workers > 1:
+        from relay.workers import Supervisor
+
+        async def supervise() -> int:
+            cli_overrides = {k: v for k, v in overrides.items() if k not in environ}
+            supervisor = Supervisor(
+                config, args.config, environ, args.workers, overrides=cli_overrides
+            )
+            return await supervisor.run(on_ready=lambda url: _banner(config, url))
+
+        return asyncio.run(supervise())
     asyncio.run(run_server(config, environ, on_ready=lambda url: _banner(config, url)))
     return 0
 

@@ -12,10 +12,12 @@ observe per event. Audio is measured from base64 lengths, never decoded.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -91,8 +93,19 @@ class Metrics:
         td = ("team", "deployment")
         return cls(
             registry=r,
-            ready=Gauge("relay_ready", "1 while the relay takes new sessions.", registry=r),
-            sessions_active=Gauge("relay_sessions_active", "Sessions open now.", td, registry=r),
+            ready=Gauge(
+                "relay_ready",
+                "1 while the relay takes new sessions.",
+                registry=r,
+                multiprocess_mode="liveall",
+            ),
+            sessions_active=Gauge(
+                "relay_sessions_active",
+                "Sessions open now.",
+                td,
+                registry=r,
+                multiprocess_mode="livesum",
+            ),
             sessions=Counter(
                 "relay_sessions",
                 "Sessions ended, by how they ended.",
@@ -202,6 +215,7 @@ class Metrics:
                 "usable).",
                 ("deployment", "backend"),
                 registry=r,
+                multiprocess_mode="liveall",
             ),
             backend_ejections=Counter(
                 "relay_backend_ejections",
@@ -245,6 +259,30 @@ _KNOWN_ERROR_CODES = frozenset(
 _TURN_END_UPSTREAM = frozenset(
     {"input_audio_buffer.committed", "input_audio_buffer.speech_stopped"}
 )
+
+
+# Several worker processes share one scrape through prometheus-client's multiprocess mode.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
+@dataclass(slots=True)
+class LiveGauges:
+    """Gauges whose value is computed (readiness, backend health). One process: read at
+    scrape time. Several: written every second, since the scrape reads the workers' files."""
+
+    computed: list[tuple[Any, Callable[[], float]]] = field(default_factory=list)
+
+    def track(self, gauge: Any, compute: Callable[[], float]) -> None:
+        if MULTIPROCESS:
+            self.computed.append((gauge, compute))
+        else:
+            gauge.set_function(compute)
+
+    async def refresh_forever(self) -> None:
+        while self.computed:
+            for gauge, compute in self.computed:
+                gauge.set(compute())
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
 
 
 def label_for_type(kind: str) -> str:

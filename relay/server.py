@@ -31,8 +31,12 @@ async def run_server(
     environ: Mapping[str, str],
     *,
     on_ready: Callable[[str], None] = lambda url: None,
+    worker: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then close every session and exit."""
+    """Serve until SIGTERM or SIGINT, then close every session and exit.
+
+    A worker (of `relay.workers.Supervisor`) shares its port and leaves /metrics to the
+    supervisor."""
     app = create_app(config, environ)
     runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
@@ -44,9 +48,10 @@ async def run_server(
             config.server.host,
             config.server.port,
             ssl_context=server_ssl_context(tls) if tls else None,
+            reuse_port=worker or None,
         )
         await site.start()
-        if config.metrics.enabled:
+        if config.metrics.enabled and not worker:
             metrics_runner = web.AppRunner(create_metrics_app(app[REGISTRY]), access_log=None)
             await metrics_runner.setup()
             await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port).start()

@@ -15,7 +15,7 @@ from relay.auth import KeyRing
 from relay.backends import BackendPool
 from relay.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.credentials import UpstreamCredential
-from relay.metrics import Metrics
+from relay.metrics import LiveGauges, Metrics
 from relay.policy import SessionPolicy
 from relay.pump import Bridge
 
@@ -36,6 +36,7 @@ class RelayState:
     auth_throttle: AuthThrottle
     # deployment -> its backends; built once the simulator (if any) has an address.
     pools: dict[str, BackendPool] = field(default_factory=dict)
+    live_gauges: LiveGauges = field(default_factory=LiveGauges)
     http: aiohttp.ClientSession | None = None
     bridges: set[Bridge] = field(default_factory=set)
     # Set while no session is open: what a drain waits for.

@@ -50,6 +50,9 @@ def create_simulator_app(options: SimulatorOptions) -> web.Application:
     app[SOCKETS_KEY] = set()
     app.router.add_get("/openai/v1/realtime", _ga_endpoint)
     app.router.add_get("/openai/realtime", _preview_endpoint)
+    from relay.simulator import webrtc  # imports this module
+
+    webrtc.add_routes(app)
     app.on_shutdown.append(_close_sockets)
     return app
 

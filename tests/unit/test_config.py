@@ -55,7 +55,10 @@ def test_range_checks_and_required_keys():
     del data["deployments"]["gpt-realtime"]["credential"]
     found = problems(data)
     assert "relay.toml: server: port must be between 0 and 65535" in found
-    assert "relay.toml: deployments.gpt-realtime: needs endpoint and credential (or a backends list)" in found
+    assert (
+        "relay.toml: deployments.gpt-realtime: needs endpoint and credential (or a backends list)"
+        in found
+    )
 
 
 def test_team_naming_an_unknown_deployment():

@@ -1,0 +1,212 @@
+"""Several relay processes on one host: a supervisor and N workers sharing one port.
+
+How it works:
+- Each worker is a full relay (`relay serve --worker N`) listening with SO_REUSEPORT, so
+  the kernel spreads new connections across them. The supervisor holds the port bound (not
+  listening) for its lifetime, which also lets `port = 0` pick one port for all.
+- Workers write their metrics to files (prometheus-client's multiprocess mode); the
+  supervisor alone serves `/metrics`, one scrape that adds up every worker.
+- A worker that exits unexpectedly is restarted (with a growing delay if it keeps crashing
+  at start). SIGTERM/SIGINT go to every worker, each drains its sessions, and the
+  supervisor exits 0 when all have exited cleanly.
+- Workers' log lines pass through the supervisor's stdout unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from relay.config import RelayConfig
+
+_log = structlog.get_logger("relay.workers")
+_CRASH_WINDOW_SECONDS = 10.0
+_MAX_RESTART_DELAY_SECONDS = 30.0
+
+
+def worker_count(value: str) -> int:
+    """`--workers`: a positive number, or "auto" for one per CPU."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    count = int(value)
+    if count < 1:
+        raise ValueError("--workers must be 1 or more, or auto")
+    return count
+
+
+@dataclass(slots=True)
+class Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    started_at: float
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: RelayConfig,
+        config_path: str,
+        environ: Mapping[str, str],
+        count: int,
+        *,
+        overrides: Mapping[str, str],
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.environ = environ
+        self.count = count
+        self.overrides = dict(overrides)
+        self.stopping = False
+        self.workers: dict[int, Worker] = {}
+        self._metrics_dir = tempfile.TemporaryDirectory(prefix="relay-metrics-")
+        self._loop = asyncio.get_running_loop()
+
+    async def run(self, on_ready: Callable[[str], None]) -> int:
+        with _reserve_port(self.config.server.host, self.config.server.port) as port:
+            self.overrides["RELAY_SERVER__PORT"] = str(port)
+            metrics_runner = await self._serve_metrics()
+            try:
+                ready = [self._loop.create_future() for _ in range(self.count)]
+                for index in range(self.count):
+                    await self._spawn(index, ready[index])
+                url = await ready[0]
+                await asyncio.gather(*ready)
+                _log.info("relay_listening", url=url, workers=self.count)
+                on_ready(url)
+                return await self._supervise()
+            finally:
+                if metrics_runner is not None:
+                    await metrics_runner.cleanup()
+                self._metrics_dir.cleanup()
+
+    async def _serve_metrics(self) -> web.AppRunner | None:
+        if not self.config.metrics.enabled:
+            return None
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from relay.app import create_metrics_app
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._metrics_dir.name)  # type: ignore[no-untyped-call]
+        runner = web.AppRunner(create_metrics_app(registry), access_log=None)
+        await runner.setup()
+        metrics = self.config.metrics
+        await web.TCPSite(runner, metrics.host, metrics.port).start()
+        host, port = runner.addresses[0][:2]
+        _log.info("metrics_listening", url=f"http://{host}:{port}/metrics")
+        return runner
+
+    async def _spawn(self, index: int, ready: asyncio.Future[str] | None = None) -> None:
+        env = {
+            **self.environ,
+            **self.overrides,
+            "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir.name,
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "serve", "--config", self.config_path,
+            "--worker", str(index),
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )  # fmt: skip
+        previous = self.workers.get(index)
+        restarts = previous.restarts + 1 if previous else 0
+        self.workers[index] = Worker(index, process, self._loop.time(), restarts)
+        assert process.stdout is not None
+        self._loop.create_task(
+            self._relay_output(process.stdout, ready), name=f"worker {index} log"
+        )
+        _log.info("worker_started", worker=index, pid=process.pid)
+
+    async def _relay_output(
+        self, stream: asyncio.StreamReader, ready: asyncio.Future[str] | None
+    ) -> None:
+        """Pass a worker's log lines through; note when it is listening."""
+        while line := await stream.readline():
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+            if ready is not None and not ready.done() and b'"relay_listening"' in line:
+                import orjson
+
+                ready.set_result(str(orjson.loads(line).get("url", "")))
+        if ready is not None and not ready.done():
+            ready.set_exception(RuntimeError("a worker exited before listening"))
+
+    async def _supervise(self) -> int:
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(signum, stop.set)
+        while True:
+            waits = {
+                self._loop.create_task(w.process.wait(), name=f"wait worker {i}"): i
+                for i, w in self.workers.items()
+            }
+            stopper = self._loop.create_task(stop.wait(), name="stop")
+            done, _ = await asyncio.wait([*waits, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in [*waits, stopper]:
+                if task not in done:
+                    task.cancel()
+            if stopper in done:
+                return await self._stop_all()
+            for task in done:
+                await self._restart(waits[task])
+
+    async def _restart(self, index: int) -> None:
+        worker = self.workers[index]
+        _log.error(
+            "worker_exited", worker=index, pid=worker.process.pid, code=worker.process.returncode
+        )
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.process.pid, self._metrics_dir.name)  # type: ignore[no-untyped-call]
+        crashed_early = self._loop.time() - worker.started_at < _CRASH_WINDOW_SECONDS
+        delay = min(_MAX_RESTART_DELAY_SECONDS, 2.0**worker.restarts) if crashed_early else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        await self._spawn(index)
+
+    async def _stop_all(self) -> int:
+        """SIGTERM to every worker; each drains. Kill those that outlive the grace."""
+        self.stopping = True
+        _log.info("relay_stopping", workers=len(self.workers))
+        for worker in self.workers.values():
+            if worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGTERM)
+        server = self.config.server
+        deadline = server.drain_grace_seconds + 2 * server.close_timeout_seconds + 5
+        try:
+            async with asyncio.timeout(deadline):
+                codes = [await w.process.wait() for w in self.workers.values()]
+        except TimeoutError:
+            for worker in self.workers.values():
+                if worker.process.returncode is None:
+                    worker.process.kill()
+            return 1
+        _log.info("relay_stopped", exit_codes=codes)
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+class _reserve_port:
+    """Hold (host, port) bound with SO_REUSEPORT while the workers listen on it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind((host, port))
+
+    def __enter__(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()

@@ -1,0 +1,88 @@
+"""`relay serve --workers 2`: one port, one aggregated scrape, crashed workers restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.auth import hash_key
+from tests.helpers import read_until
+from tests.processes import free_port, relay_process
+
+KEY = "rk-workers-demo"
+CONFIG = """
+[server]
+port = 0
+drain_grace_seconds = 2
+[metrics]
+port = {metrics_port}
+[logging]
+format = "json"
+[simulator]
+speed = 0
+[deployments.gpt-realtime]
+endpoint = "simulator"
+credential = {{ env = "RELAY_SIMULATOR_KEY" }}
+[teams.demo]
+keys = ["{key}"]
+deployments = ["gpt-realtime"]
+"""
+
+
+async def scrape(http: aiohttp.ClientSession, port: int) -> dict[str, list]:
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    found: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append(sample)
+    return found
+
+
+async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
+    metrics_port = free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(CONFIG.format(metrics_port=metrics_port, key=hash_key(KEY)))
+    env = {"RELAY_SIMULATOR_KEY": "sim"}
+    async with relay_process(config, env, "--workers", "2") as (supervisor, base):
+        async with aiohttp.ClientSession() as http:
+            for _ in range(20):
+                connector = aiohttp.TCPConnector(force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as own:
+                    ws = await own.ws_connect(
+                        f"{base}/openai/v1/realtime?model=gpt-realtime", headers={"api-key": KEY}
+                    )
+                    await read_until(ws, "session.created")
+                    await ws.close()
+            # Workers write their gauges and flush their counters every second: poll.
+            for _ in range(100):
+                found = await scrape(http, metrics_port)
+                ready = {s.labels["pid"]: s.value for s in found.get("relay_ready", [])}
+                if len(ready) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(ready) == 2 and set(ready.values()) == {1.0}
+            for _ in range(100):
+                total = sum(s.value for s in found.get("relay_sessions_total", []))
+                if total == 20:
+                    break
+                await asyncio.sleep(0.05)  # the workers flush on their own schedule
+                found = await scrape(http, metrics_port)
+            assert total == 20
+
+            # A worker dies: the supervisor starts another in its place.
+            victim = int(next(iter(ready)))
+            os.kill(victim, signal.SIGKILL)
+            for _ in range(200):
+                pids = {s.labels["pid"] for s in (await scrape(http, metrics_port))["relay_ready"]}
+                if str(victim) not in pids and len(pids) == 2:
+                    break
+                await asyncio.sleep(0.05)  # a process restart: no event to await from here
+            assert str(victim) not in pids and len(pids) == 2
+
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0
