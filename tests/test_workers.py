@@ -62,7 +62,7 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
             for _ in range(100):
                 found = await scrape(http, metrics_port)
                 ready = {s.labels["pid"]: s.value for s in found.get("relay_ready", [])}
-                if len(ready) == 2:
+                if len(ready) == 2 and set(ready.values()) == {1.0}:
                     break
                 await asyncio.sleep(0.05)
             assert len(ready) == 2 and set(ready.values()) == {1.0}
