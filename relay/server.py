@@ -37,6 +37,11 @@ async def run_server(
 
     A worker (of `relay.workers.Supervisor`) shares its port and leaves /metrics to the
     supervisor."""
+    # Signals are handled from the start: a SIGTERM during start-up stops the relay cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     app = create_app(config, environ)
     runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
@@ -66,10 +71,6 @@ async def run_server(
         gc.freeze()
         _log.info("relay_listening", url=url)
         on_ready(url)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         # Readiness turns false at once; new sessions get 503 while the others finish.
         _log.info("relay_stopping", grace_seconds=config.server.drain_grace_seconds)
