@@ -118,6 +118,33 @@ class MemoryAdmission:
         self.team_active[team] = self.team_active.get(team, 0) + 1
         return MemoryLease(self, team)
 
+    async def take_client_secret(self, team: str) -> None:
+        """Count a client secret minted for ``team``; ClientRefused (429) over its rate."""
+        per_minute = self.team_limits.get(team, TeamLimits()).max_client_secrets_per_minute
+        if per_minute is None:
+            return
+        now, key = self.clock(), f"secrets:{team}"
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            burst = max(1.0, per_minute)
+            bucket = self._buckets[key] = TokenBucket(per_minute / 60, burst, burst, now)
+        wait = bucket.take(now)
+        if wait:
+            raise ClientRefused(
+                429,
+                "team_secret_rate_limit",
+                f"The team is minting client secrets faster than its limit of {per_minute:g} "
+                "a minute.",
+                retry_after=_retry_after(wait),
+            )
+
+    async def take_call(self, team: str) -> None:
+        """Count a WebRTC call as a new session (rates only: its end is never seen here)."""
+        now = self.clock()
+        own = self.team_limits.get(team, TeamLimits())
+        self._take(f"team:{team}", own.max_new_sessions_per_second, now, 429, "team_rate_limit")
+        self._take("", self.limits.max_new_sessions_per_second, now, 503, "relay_rate_limit")
+
     def _take(self, key: str, rate: float | None, now: float, status: int, code: str) -> None:
         if rate is None:
             return

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay import handlers
+from relay import handlers, webrtc
 from relay.admission import AdmissionStore, AuthThrottle, MemoryAdmission
 from relay.admission_redis import RedisAdmission
 from relay.auth import KeyRing
@@ -68,6 +68,7 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/status", handlers.status)
+    webrtc.add_routes(app)
     if config.metrics.enabled and config.metrics.on_main_port:
         assert config.metrics.token_env is not None  # validated in config
         token = environ.get(config.metrics.token_env, "")

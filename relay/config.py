@@ -149,12 +149,27 @@ class TeamLimits:
     # With admission in Redis and Redis unreachable: "open" admits the team's sessions
     # (unlimited meanwhile), "closed" refuses them with 503.
     on_redis_error: Literal["open", "closed"] = "open"
+    # Client secrets the team may mint through the relay per minute (WebRTC), bursts of as many.
+    max_client_secrets_per_minute: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_new_sessions_per_second"):
+        for name in (
+            "max_sessions", "max_new_sessions_per_second", "max_client_secrets_per_minute",
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 _positive(value, name)
+
+
+@dataclass(frozen=True, slots=True)
+class WebRtcConfig:
+    # Longest lifetime of a client secret minted through the relay; longer requests are cut
+    # to it (the service allows 10 to 7200 seconds, 600 by default).
+    max_secret_seconds: int = 600
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.max_secret_seconds <= 7200:
+            raise ValueError("max_secret_seconds must be between 10 and 7200")
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +443,7 @@ class RelayConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
 
     @property
     def uses_simulator(self) -> bool:

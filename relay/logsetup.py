@@ -44,6 +44,8 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     )
     # aiohttp's access log and errors go through the stdlib; keep them, at our level.
     logging.basicConfig(level=_LEVELS[level], format="%(name)s %(levelname)s %(message)s")
+    # azure-core logs every token request over several plain-text lines at INFO.
+    logging.getLogger("azure").setLevel(max(logging.WARNING, _LEVELS[level]))
 
 
 def redact_url(url: URL) -> str:

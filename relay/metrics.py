@@ -86,6 +86,10 @@ class Metrics:
     credential_refresh_failures: Counter
     admission_errors: Counter
     backpressure: Counter
+    client_secrets: Counter
+    webrtc_calls: Counter
+    webrtc_upstream: Histogram
+    webrtc_refusals: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -239,6 +243,31 @@ class Metrics:
                 "relay_backpressure_seconds",
                 "Time spent waiting for a slow peer to take data.",
                 ("direction",),
+                registry=r,
+            ),
+            client_secrets=Counter(
+                "relay_client_secrets",
+                "WebRTC client secrets minted through the relay.",
+                td,
+                registry=r,
+            ),
+            webrtc_calls=Counter(
+                "relay_webrtc_calls",
+                "WebRTC calls placed through the relay, by how the caller authenticated.",
+                (*td, "auth"),
+                registry=r,
+            ),
+            webrtc_upstream=Histogram(
+                "relay_webrtc_upstream_seconds",
+                "Upstream client_secrets and calls requests, until the answer.",
+                ("deployment", "endpoint"),
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            webrtc_refusals=Counter(
+                "relay_webrtc_refusals",
+                "WebRTC requests refused or failed, by endpoint, status and code.",
+                ("endpoint", "status", "code"),
                 registry=r,
             ),
         )

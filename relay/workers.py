@@ -15,6 +15,7 @@ How it works:
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -118,6 +119,7 @@ class Supervisor:
             "--worker", str(index),
             stdout=asyncio.subprocess.PIPE,
             env=env,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         previous = self.workers.get(index)
         restarts = previous.restarts + 1 if previous else 0
@@ -194,6 +196,19 @@ class Supervisor:
             return 1
         _log.info("relay_stopped", exit_codes=codes)
         return 0 if all(code == 0 for code in codes) else 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: have the kernel send SIGTERM if the supervisor dies (even
+    by SIGKILL), so no worker is left serving alone."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux/glibc: workers then outlive a killed supervisor
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class _reserve_port:

@@ -38,7 +38,9 @@ async def test_token_refresh_during_a_live_session_does_not_disturb_it(
 ):
     fake = FakeUpstream()
     upstream = await start_fake(fake.app())
-    relay = await start_relay(entra_config(str(upstream.make_url(""))), environ={"TEST_AZURE_KEY": "unused"})
+    relay = await start_relay(
+        entra_config(str(upstream.make_url(""))), environ={"TEST_AZURE_KEY": "unused"}
+    )
     url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(url, headers={"api-key": ALPHA_KEY})
@@ -65,7 +67,9 @@ async def test_token_refresh_during_a_live_session_does_not_disturb_it(
 async def test_no_valid_token_means_not_ready_and_503(identity, start_fake, start_relay):
     identity.failing = True
     upstream = await start_fake(FakeUpstream().app())
-    relay = await start_relay(entra_config(str(upstream.make_url(""))), environ={"TEST_AZURE_KEY": "unused"})
+    relay = await start_relay(
+        entra_config(str(upstream.make_url(""))), environ={"TEST_AZURE_KEY": "unused"}
+    )
     async with aiohttp.ClientSession() as http:
         async with http.get(relay.make_url("/readyz")) as response:
             assert response.status == 503

@@ -166,7 +166,8 @@ def _answer_media(media: MediaOffer, transport: Transport) -> list[str]:
             return _section(media, f"audio 9 {media.proto} {payload}", direction, body, transport)
     elif media.kind == "application":
         body = ["a=sctp-port:5000", "a=max-message-size:1073741823"]
-        return _section(media, f"application 9 {media.proto} {media.formats[0]}", "", body, transport)
+        mline = f"application 9 {media.proto} {media.formats[0]}"
+        return _section(media, mline, "", body, transport)
     # Rejected: port 0, the offer's own formats.
     lines = [f"m={media.kind} 0 {media.proto} {' '.join(media.formats)}", "c=IN IP4 0.0.0.0"]
     lines += [f"a=mid:{media.mid}"] if media.mid is not None else []
@@ -174,11 +175,12 @@ def _answer_media(media: MediaOffer, transport: Transport) -> list[str]:
 
 
 def _audio_format(media: MediaOffer) -> tuple[str, str] | None:
-    offered = {}
+    offered: dict[str, tuple[str, str]] = {}
     for attr in media.attributes:
         if attr.startswith("rtpmap:"):
             payload, _, codec = attr[len("rtpmap:") :].partition(" ")
-            offered.setdefault(codec.lower(), (payload, codec))
+            if payload in media.formats:
+                offered.setdefault(codec.lower(), (payload, codec))
     for codec in _AUDIO_CODECS:
         if codec.lower() in offered:
             return offered[codec.lower()]
@@ -334,7 +336,7 @@ async def calls(request: web.Request) -> web.Response:
     log.info("simulator.call_created", call_id=call_id, model=model_or_denied)
     return web.Response(
         status=201,
-        text=answer,
+        body=answer.encode(),
         content_type="application/sdp",
         headers={"Location": f"{CALLS_PATH}/{call_id}"},
     )

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_config, masked_config, parse_config
 from relay.backends import build_credentials
+from relay.config import load_config, masked_config, parse_config
 from relay.errors import ConfigError
 
 HASH = "sha256:" + "a" * 64
