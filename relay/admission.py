@@ -36,6 +36,14 @@ class AdmissionStore(Protocol):
         """A slot for a new session of ``team``, or ClientRefused (429/503, Retry-After)."""
         ...
 
+    async def take_client_secret(self, team: str) -> None:
+        """Count a WebRTC client secret minted for ``team``; ClientRefused over its rate."""
+        ...
+
+    async def take_call(self, team: str) -> None:
+        """Count a WebRTC call as a session start; ClientRefused over the rates."""
+        ...
+
 
 @dataclass(slots=True)
 class TokenBucket:

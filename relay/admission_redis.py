@@ -71,6 +71,21 @@ end
 return #KEYS
 """
 
+# KEYS: window counters; ARGV: budgets (-1 = none), then the window ms of each. Counts one
+# start in every window if all have room; else returns {index of the full one, retry ms}.
+_COUNT = """
+for i = 1, #KEYS do
+  local budget = tonumber(ARGV[i])
+  if budget >= 0 and tonumber(redis.call('GET', KEYS[i]) or '0') >= budget then
+    return {i, redis.call('PTTL', KEYS[i])}
+  end
+end
+for i = 1, #KEYS do
+  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[#KEYS + i]) end
+end
+return {0, 0}
+"""
+
 _REFUSALS = {
     1: (429, "team_session_limit", "The team has reached its limit of open sessions."),
     2: (503, "relay_full", "The relay is at its session limit."),
@@ -194,6 +209,67 @@ class RedisAdmission:
             raise ClientRefused(status, code, f"{message} Retry later.", retry_after=retry)
         self.live[slot] = slots
         return RedisLease(self, team, slot, slots)
+
+    async def take_client_secret(self, team: str) -> None:
+        """Count a WebRTC client secret minted for ``team`` against its per-minute limit."""
+        own = self.team_limits.get(team, TeamLimits())
+        if own.max_client_secrets_per_minute is None:
+            return
+        budget = max(1, math.floor(own.max_client_secrets_per_minute))
+        minute = int(time.time()) // 60
+        key = self._key("secrets", "team", team, str(minute))
+        refused = await self._count(team, own, [(key, budget, 60_000)])
+        if refused:
+            raise ClientRefused(
+                429,
+                "team_secret_rate_limit",
+                "The team is minting client secrets faster than its limit; retry later.",
+                retry_after=refused[1],
+            )
+
+    async def take_call(self, team: str) -> None:
+        """Count a WebRTC call as a session start (its end is never seen by the relay)."""
+        own = self.team_limits.get(team, TeamLimits())
+        team_window, team_budget = window(own.max_new_sessions_per_second)
+        relay_window, relay_budget = window(self.limits.max_new_sessions_per_second)
+        now_ms = int(time.time() * 1000)
+        counters = [
+            (
+                self._key("started", "team", team, str(now_ms // team_window)),
+                team_budget,
+                team_window,
+            ),
+            (
+                self._key("started", "relay", str(now_ms // relay_window)),
+                relay_budget,
+                relay_window,
+            ),
+        ]
+        refused = await self._count(team, own, counters)
+        if refused:
+            status, code, message = _REFUSALS[3 if refused[0] == "team" else 4]
+            raise ClientRefused(status, code, f"{message} Retry later.", retry_after=refused[1])
+
+    async def _count(
+        self, team: str, own: TeamLimits, counters: list[tuple[str, int, int]]
+    ) -> tuple[str, str] | None:
+        """Count one start in each window; None when counted, else (which, retry seconds)."""
+        try:
+            async with asyncio.timeout(self.config.redis_timeout_seconds):
+                full, retry_ms = await self.client.eval(
+                    _COUNT,
+                    len(counters),
+                    *(key for key, _, _ in counters),
+                    *(budget for _, budget, _ in counters),
+                    *(window_ms for _, _, window_ms in counters),
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._unreachable(team, own, exc)
+            return None
+        if not int(full):
+            return None
+        which = "team" if int(full) == 1 else "relay"
+        return which, str(max(1, math.ceil(max(int(retry_ms), 0) / 1000)))
 
     def _unreachable(self, team: str, own: TeamLimits, exc: BaseException) -> _OpenLease:
         self.on_redis_error(team)

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,7 +35,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from relay.admission import MemoryAdmission
+from relay.admission import AdmissionStore
 from relay.auth import find_key
 from relay.backends import Backend
 from relay.config import DeploymentConfig, TeamConfig
@@ -275,19 +275,10 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
 
 
-@runtime_checkable
-class WebRtcRates(Protocol):
-    """The admission checks for WebRTC requests (`MemoryAdmission` has them)."""
-
-    async def take_client_secret(self, team: str) -> None: ...
-
-    async def take_call(self, team: str) -> None: ...
-
-
 @dataclass(slots=True)
 class WebRtc:
     book: SecretBook
-    rates: WebRtcRates
+    rates: AdmissionStore
 
 
 WEBRTC = web.AppKey("webrtc", WebRtc)
@@ -680,13 +671,7 @@ def _cors(origin: str) -> dict[str, str]:
 def add_routes(app: web.Application) -> None:
     """Serve the WebRTC endpoints on a relay app whose STATE is set."""
     state = app[STATE]
-    rates = state.admission
-    if not isinstance(rates, WebRtcRates):
-        # A store without the WebRTC checks: count them in this process instead.
-        config = state.config
-        rates = MemoryAdmission(config.limits, {t.name: t.limits for t in config.teams.values()})
-        _log.info("webrtc_rates_per_process", store=type(state.admission).__name__)
-    app[WEBRTC] = WebRtc(SecretBook(), rates)
+    app[WEBRTC] = WebRtc(SecretBook(), state.admission)
     for path in SECRET_PATHS:
         app.router.add_post(path, client_secrets)
     for path in CALL_PATHS:

@@ -160,3 +160,25 @@ async def test_redis_going_down_fails_open_or_closed_per_team(tmp_path, start_re
     registry = relay.app[STATE].metrics.registry
     assert registry.get_sample_value("relay_admission_redis_errors_total", {"team": "alpha"}) == 1
     assert registry.get_sample_value("relay_admission_redis_errors_total", {"team": "beta"}) == 1
+
+
+async def test_webrtc_rates_are_shared_too(tmp_path):
+    async with redis_server(tmp_path) as url:
+        limits = {"a": TeamLimits(max_client_secrets_per_minute=2, max_new_sessions_per_second=1)}
+        stores = [
+            RedisAdmission.connect(AdmissionConfig(backend="redis"), LimitsConfig(), limits, url)
+            for _ in range(2)
+        ]
+        try:
+            await stores[0].take_client_secret("a")
+            await stores[1].take_client_secret("a")
+            with pytest.raises(ClientRefused) as info:  # two a minute, across both "processes"
+                await stores[0].take_client_secret("a")
+            assert (info.value.status, info.value.code) == (429, "team_secret_rate_limit")
+            await stores[1].take_call("a")
+            with pytest.raises(ClientRefused) as info:
+                await stores[0].take_call("a")
+            assert info.value.code == "team_rate_limit"
+        finally:
+            for store in stores:
+                await store.close()
