@@ -14,6 +14,7 @@ plain strings otherwise.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 import types
@@ -61,6 +62,9 @@ class ServerConfig:
     client_send_buffer_bytes: int = 262144
     # Browser Origins allowed to connect; ["*"] allows any (keys, not cookies, authenticate).
     allowed_origins: tuple[str, ...] = ("*",)
+    # Proxies (addresses or CIDR networks) whose X-Forwarded-For is believed: behind a load
+    # balancer, the client's own address is what the auth brake and the logs need.
+    trusted_proxies: tuple[str, ...] = ()
     # Longest request line and header field accepted (aiohttp answers 400 beyond).
     max_header_bytes: int = 16384
     # On SIGTERM: how long sessions may finish the response in progress before 1001.
@@ -75,6 +79,8 @@ class ServerConfig:
             "stall_timeout_seconds", "max_header_bytes",
         ):  # fmt: skip
             _positive(getattr(self, name), name)
+        for proxy in self.trusted_proxies:
+            ipaddress.ip_network(proxy, strict=False)  # ValueError names the bad one
         if self.client_send_buffer_bytes < 0 or self.drain_grace_seconds < 0:
             raise ValueError("client_send_buffer_bytes and drain_grace_seconds must be >= 0")
 

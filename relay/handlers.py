@@ -63,7 +63,9 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     began = time.monotonic()
     # Every log line of this session carries these (tasks it starts inherit them).
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(session_id=session_id, peer=request.remote)
+    structlog.contextvars.bind_contextvars(
+        session_id=session_id, peer=state.client_address(request)
+    )
     try:
         admitted = await _admit(request, state, session_id)
     except HttpRefusal as refusal:
@@ -92,7 +94,7 @@ async def _admit(request: web.Request, state: RelayState, session_id: str) -> Ad
     allowed = state.config.server.allowed_origins
     if origin is not None and "*" not in allowed and origin not in allowed:
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
-    address = request.remote or "unknown"
+    address = state.client_address(request)
     state.auth_throttle.check(address)
     subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
     team = _authenticate(state, address, find_key(request.headers, request.query, subprotocols))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay.admission import AdmissionStore, AuthThrottle
-from relay.auth import KeyRing
+from relay.auth import KeyRing, client_address
 from relay.backends import BackendPool
 from relay.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.credentials import UpstreamCredential
@@ -37,6 +38,7 @@ class RelayState:
     # deployment -> its backends; built once the simulator (if any) has an address.
     pools: dict[str, BackendPool] = field(default_factory=dict)
     live_gauges: LiveGauges = field(default_factory=LiveGauges)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     http: aiohttp.ClientSession | None = None
     bridges: set[Bridge] = field(default_factory=set)
     # Set while no session is open: what a drain waits for.
@@ -46,6 +48,9 @@ class RelayState:
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.trusted_proxies = tuple(
+            ipaddress.ip_network(p, strict=False) for p in self.config.server.trusted_proxies
+        )
 
     def track(self, bridge: Bridge) -> None:
         self.bridges.add(bridge)
@@ -55,6 +60,11 @@ class RelayState:
         self.bridges.discard(bridge)
         if not self.bridges:
             self.idle.set()
+
+    def client_address(self, request: web.BaseRequest) -> str:
+        return client_address(
+            request.remote, request.headers.get("X-Forwarded-For", ""), self.trusted_proxies
+        )
 
     @property
     def ready(self) -> bool:

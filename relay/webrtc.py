@@ -551,7 +551,7 @@ def _authenticate(
     """The team of a relay key, or (with ``book``) the record of a client secret this relay
     minted, from the request's headers; or a refusal."""
     _check_open(state, request)
-    address = request.remote or "unknown"
+    address = state.client_address(request)
     state.auth_throttle.check(address)
     key = find_key(request.headers, {}, ())
     team = state.keyring.identify(key) if key is not None else None

@@ -86,3 +86,18 @@ def test_beta_client_on_a_preview_deployment_is_fine():
     assert request.wants_beta
     team = TeamConfig("c", TEAM_B.keys, ("old",))
     assert resolve_deployment(request, team, DEPLOYMENTS).name == "old"
+
+
+def test_client_address_behind_trusted_proxies():
+    import ipaddress
+
+    from relay.auth import client_address
+
+    proxies = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")]
+    # Not behind a trusted proxy: the peer, whatever the header claims.
+    assert client_address("203.0.113.9", "1.2.3.4", proxies) == "203.0.113.9"
+    # Behind two trusted hops: the rightmost untrusted address (spoofed left parts ignored).
+    assert client_address("127.0.0.1", "6.6.6.6, 198.51.100.7, 10.1.2.3", proxies) == "198.51.100.7"
+    assert client_address("10.0.0.5", "", proxies) == "10.0.0.5"
+    assert client_address("10.0.0.5", "not-an-ip", proxies) == "not-an-ip"
+    assert client_address(None, "", []) == "unknown"
