@@ -22,7 +22,7 @@ import orjson
 from relay.codec import FrameError, base64_size, parse_event, sniff_type
 from relay.config import DeploymentConfig, PolicyConfig, TeamConfig
 from relay.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
-from relay.session_schema import deep_merge, get_path, preview_path, to_preview_session
+from relay.session_schema import get_path, merge_session, preview_path, to_preview_session
 
 Flavour = Literal["ga", "preview"]
 
@@ -192,7 +192,7 @@ def _event_id_of(frame: bytes) -> str | None:
 def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolicy:
     """Team over deployment over built-in defaults, in the deployment's dialect."""
     rules = _overlay(deployment.policy, team.policy)
-    defaults = deep_merge(deployment.session, team.session)
+    defaults = merge_session(deployment.session, team.session)
     prefix = rules.instructions_prefix or ""
     if prefix and "instructions" in defaults:
         defaults["instructions"] = with_prefix(prefix, str(defaults["instructions"]))

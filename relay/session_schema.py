@@ -51,12 +51,19 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``; tables merge, everything else replaces."""
+def merge_session(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``patch`` over a copy of ``base`` as the service merges a session update: tables merge
+    key by key, except one whose ``type`` changes (a turn-detection mode), which is replaced;
+    everything else replaces."""
     merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
+    for key, value in patch.items():
+        old = merged.get(key)
+        if (
+            isinstance(value, Mapping)
+            and isinstance(old, Mapping)
+            and value.get("type", old.get("type")) == old.get("type")
+        ):
+            merged[key] = merge_session(old, value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

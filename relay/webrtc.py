@@ -43,6 +43,7 @@ from relay.credentials import UpstreamCredential
 from relay.errors import ClientRefused, CredentialUnavailable, HttpRefusal, UpstreamRefused
 from relay.policy import PolicyViolation, SessionPolicy
 from relay.routes import RealtimeRequest, resolve_deployment
+from relay.session_schema import merge_session
 from relay.state import STATE, RelayState
 from relay.upstream import refusal_for_status
 
@@ -139,23 +140,6 @@ def _requested_seconds(raw: Any) -> int:
             "expires_after.seconds",
         )
     return seconds
-
-
-def merge_session(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """``patch`` over ``base`` as the service merges a session update: objects merge key by
-    key, except one whose ``type`` changes (a turn-detection mode), which is replaced."""
-    merged = dict(base)
-    for key, value in patch.items():
-        old = merged.get(key)
-        if (
-            isinstance(value, dict)
-            and isinstance(old, dict)
-            and value.get("type", old.get("type")) == old.get("type")
-        ):
-            merged[key] = merge_session(old, value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def effective_session(policy: SessionPolicy, fragment: Mapping[str, Any]) -> dict[str, Any]:

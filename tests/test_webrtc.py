@@ -18,6 +18,7 @@ from openai import AsyncOpenAI
 from yarl import URL
 
 from relay.policy import PolicyViolation, build_policy
+from relay.session_schema import merge_session
 from relay.simulator import SimulatorOptions, create_simulator_app
 from relay.simulator.webrtc import (
     STORE_KEY,
@@ -33,7 +34,6 @@ from relay.webrtc import (
     RequestRejected,
     SecretBook,
     effective_session,
-    merge_session,
     parse_secret_request,
     webrtc_url,
 )

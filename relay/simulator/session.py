@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from relay.session_schema import merge_session
 from relay.simulator import validate as v
 from relay.simulator.errors import ClientEventError, missing
 from relay.simulator.schema import Dialect
@@ -152,22 +153,6 @@ def beta_model_name(deployment: str) -> str:
     return "gpt-4o-realtime-preview"
 
 
-def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``patch`` into a copy of ``base``; objects whose ``type`` changes are replaced."""
-    merged = dict(base)
-    for key, value in patch.items():
-        old = merged.get(key)
-        if (
-            isinstance(value, dict)
-            and isinstance(old, dict)
-            and value.get("type", old.get("type")) == old.get("type")
-        ):
-            merged[key] = deep_merge(old, value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def apply_update(
     dialect: Dialect, session: Mapping[str, Any], fragment: Any
 ) -> tuple[dict[str, Any], SessionSettings]:
@@ -182,7 +167,7 @@ def apply_update(
     else:
         v.check_keys(patch, _BETA_KEYS, "session")
     patch = {key: value for key, value in patch.items() if key not in _READ_ONLY}
-    merged = _copy(deep_merge(session, patch))
+    merged = _copy(merge_session(session, patch))
     _normalize_turn_detection(dialect, merged)
     return merged, parse_settings(dialect, merged)
 

@@ -8,10 +8,11 @@ import pytest
 from openai.types.beta.realtime import SessionCreatedEvent as BetaSessionCreated
 from openai.types.realtime import SessionCreatedEvent
 
+from relay.session_schema import merge_session as deep_merge
 from relay.simulator.audio import G711_ALAW, G711_ULAW, PCM16
 from relay.simulator.errors import ClientEventError
 from relay.simulator.schema import BETA, GA
-from relay.simulator.session import apply_update, beta_model_name, deep_merge, default_session
+from relay.simulator.session import apply_update, beta_model_name, default_session
 from relay.simulator.settings import parse_settings
 from relay.simulator.vad import TurnDetection
 

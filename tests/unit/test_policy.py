@@ -14,7 +14,7 @@ from relay.policy import (
     SessionPolicy,
     build_policy,
 )
-from relay.session_schema import deep_merge, get_path, to_preview_session
+from relay.session_schema import get_path, merge_session, to_preview_session
 
 KEYS = (hash_key("k"),)
 DEFAULTS = {
@@ -153,7 +153,7 @@ def test_to_preview_session_modalities_and_formats():
 
 
 def test_deep_merge_and_get_path():
-    merged = deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}, "d": 4})
+    merged = merge_session({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}, "d": 4})
     assert merged == {"a": {"b": 3, "c": 2}, "d": 4}
     assert get_path({"a": None}, "a.b") == (True, None)
     assert get_path({"a": {}}, "a.b") == (False, None)
