@@ -3,6 +3,7 @@
     RelayError
     ├── ConfigError          the operator's config or environment is wrong (exit 2 at start-up)
     ├── ClientRefused        the client's request is refused before the upgrade (HTTP status)
+    │   └── RequestRejected  a bad request (HTTP 400) that can name the offending parameter
     ├── UpstreamRefused      the upstream could not be reached or refused us (HTTP status)
     └── CredentialUnavailable  no valid upstream credential right now (HTTP 503)
 
@@ -45,6 +46,14 @@ class HttpRefusal(RelayError):
 
 class ClientRefused(HttpRefusal):
     """The client's request is wrong: bad key, unknown deployment, bad route."""
+
+
+class RequestRejected(ClientRefused):
+    """A bad request (HTTP 400) that can name the offending parameter (``param``)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(400, code, message)
+        self.param = param
 
 
 class UpstreamRefused(HttpRefusal):

@@ -22,7 +22,7 @@ from relay.admission import Lease
 from relay.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
 from relay.backends import Backend
 from relay.config import DeploymentConfig, TeamConfig
-from relay.errors import ClientRefused, HttpRefusal, UpstreamRefused
+from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRefused
 from relay.logsetup import redact_url
 from relay.metrics import SessionMeter
 from relay.pump import Bridge, Ending
@@ -35,12 +35,19 @@ _log = structlog.get_logger("relay.session")
 
 
 def error_response(refusal: HttpRefusal) -> web.Response:
+    """The refusal as the service's JSON error (with ``param`` for a RequestRejected)."""
     error_type = "invalid_request_error" if isinstance(refusal, ClientRefused) else "server_error"
-    body = {"error": {"type": error_type, "code": refusal.code, "message": refusal.message}}
+    error: dict[str, str | None] = {
+        "type": error_type,
+        "code": refusal.code,
+        "message": refusal.message,
+    }
+    if isinstance(refusal, RequestRejected):
+        error["param"] = refusal.param
     headers = {"Retry-After": refusal.retry_after} if refusal.retry_after else None
     return web.Response(
         status=refusal.status,
-        body=orjson.dumps(body),
+        body=orjson.dumps({"error": error}),
         content_type="application/json",
         headers=headers,
     )

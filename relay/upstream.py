@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 from yarl import URL
@@ -17,9 +19,10 @@ from yarl import URL
 from relay.backends import Backend, BackendPool
 from relay.config import DeploymentConfig
 from relay.credentials import UpstreamCredential
-from relay.errors import CredentialUnavailable, UpstreamRefused
+from relay.errors import ClientRefused, CredentialUnavailable, UpstreamRefused
 
 UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]
+T = TypeVar("T")
 
 
 def realtime_url(endpoint: str, deployment: DeploymentConfig, azure_deployment: str = "") -> URL:
@@ -59,34 +62,60 @@ async def connect_pool(
 ) -> tuple[Backend, UpstreamSocket]:
     """Open a socket to the pool's best backend, failing over to the next within one overall
     deadline; or raise the refusal the client gets."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + connect_timeout
     candidates = pool.candidates()
     if not candidates:
         raise pool.unavailable_refusal()
+
+    async def attempt(backend: Backend, remaining: float) -> UpstreamSocket:
+        return await open_upstream(
+            session,
+            backend.url,
+            backend.credential,
+            request_id=request_id,
+            connect_timeout=remaining,
+            close_timeout=options.close_timeout,
+            heartbeat=options.heartbeat,
+            max_message_bytes=options.max_message_bytes,
+        )
+
+    return await fail_over(
+        pool, candidates, attempt, seconds=connect_timeout, on_failure=on_failure
+    )
+
+
+async def fail_over(
+    pool: BackendPool,
+    backends: Sequence[Backend],
+    attempt: Callable[[Backend, float], Awaitable[T]],
+    *,
+    seconds: float,
+    on_failure: Callable[[Backend, UpstreamRefused], None],
+) -> tuple[Backend, T]:
+    """Run ``attempt(backend, seconds_left)`` on each backend in turn until one succeeds, all
+    within one deadline ``seconds`` away; or raise the refusal the client gets.
+
+    An UpstreamRefused marks the backend failed in ``pool`` and moves on; a ClientRefused
+    means the backend answered and the request was the problem, so it is raised at once.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
     refusals: list[UpstreamRefused] = []
-    for backend in candidates:
+    for backend in backends:
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
         try:
-            upstream = await open_upstream(
-                session,
-                backend.url,
-                backend.credential,
-                request_id=request_id,
-                connect_timeout=remaining,
-                close_timeout=options.close_timeout,
-                heartbeat=options.heartbeat,
-                max_message_bytes=options.max_message_bytes,
-            )
+            result = await attempt(backend, remaining)
         except UpstreamRefused as refusal:
             pool.failed(backend, refusal)
             on_failure(backend, refusal)
             refusals.append(refusal)
             continue
+        except ClientRefused:
+            pool.succeeded(backend)
+            raise
         pool.succeeded(backend)
-        return backend, upstream
+        return backend, result
     raise _overall_refusal(refusals)
 
 
@@ -118,39 +147,54 @@ async def open_upstream(
     max_message_bytes: int,
 ) -> UpstreamSocket:
     """Open the upstream WebSocket, or raise UpstreamRefused with the status for the client."""
-    try:
-        headers = await credential.headers()
-    except CredentialUnavailable as exc:
-        raise UpstreamRefused(
-            503, "upstream_credential_unavailable", "The relay has no valid upstream credential."
-        ) from exc
+    headers = await credential_headers(credential)
     # Lets Azure support trace a session from the relay's logs.
     headers["x-ms-client-request-id"] = request_id
-    try:
-        async with asyncio.timeout(connect_timeout):
-            return await session.ws_connect(
-                url,
-                headers=headers,
-                compress=0,  # base64 audio barely compresses; deflate costs 2.5x the CPU
-                max_msg_size=max_message_bytes,
-                heartbeat=heartbeat,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
-                decode_text=False,
+    with transport_refusals():
+        try:
+            async with asyncio.timeout(connect_timeout):
+                return await session.ws_connect(
+                    url,
+                    headers=headers,
+                    compress=0,  # base64 audio barely compresses; deflate costs 2.5x the CPU
+                    max_msg_size=max_message_bytes,
+                    heartbeat=heartbeat,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
+                    decode_text=False,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            retry_after = retry_after_seconds(
+                exc.headers.get("Retry-After") if exc.headers else None
             )
+            raise refusal_for_status(exc.status, retry_after) from exc
+
+
+@contextmanager
+def transport_refusals() -> Iterator[None]:
+    """Raise a timeout as UpstreamRefused (504) and a connection failure as one (502)."""
+    try:
+        yield
     except TimeoutError as exc:
         raise UpstreamRefused(
             504, "upstream_timeout", "The upstream service did not answer in time."
         ) from exc
-    except aiohttp.WSServerHandshakeError as exc:
-        retry_after = _seconds(exc.headers.get("Retry-After") if exc.headers else None)
-        raise refusal_for_status(exc.status, retry_after) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamRefused(
             502, "upstream_unavailable", "The upstream service could not be reached."
         ) from exc
 
 
-def _seconds(retry_after: str | None) -> str | None:
+async def credential_headers(credential: UpstreamCredential) -> dict[str, str]:
+    """The credential's headers for one upstream request; or UpstreamRefused (503)."""
+    try:
+        return await credential.headers()
+    except CredentialUnavailable as exc:
+        raise UpstreamRefused(
+            503, "upstream_credential_unavailable", "The relay has no valid upstream credential."
+        ) from exc
+
+
+def retry_after_seconds(retry_after: str | None) -> str | None:
     """Retry-After as whole seconds (it may also be an HTTP date: then a safe default)."""
     if retry_after is None:
         return None

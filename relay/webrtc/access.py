@@ -1,0 +1,128 @@
+"""Who may call the WebRTC endpoints and where a call goes: a relay key or a client secret
+this process minted, the caller's Origin (CORS), the GA deployment and its backends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import structlog
+from aiohttp import web
+
+from relay.auth import find_key
+from relay.backends import Backend
+from relay.config import DeploymentConfig, TeamConfig
+from relay.errors import ClientRefused, RequestRejected
+from relay.routes import RealtimeRequest, resolve_deployment
+from relay.state import RelayState
+from relay.webrtc.secret_book import MintedSecret, SecretBook
+
+_INVALID_KEY = {
+    False: "The relay key is not valid.",
+    True: "The key is neither a relay key nor a client secret this relay minted.",
+}
+
+
+def authenticate(
+    request: web.Request, state: RelayState, book: SecretBook | None
+) -> tuple[TeamConfig | None, MintedSecret | None]:
+    """The team of a relay key, or (with ``book``) the record of a client secret this relay
+    minted, from the request's headers; or a refusal."""
+    _check_open(state, request)
+    address = state.client_address(request)
+    state.auth_throttle.check(address)
+    key = find_key(request.headers, {}, ())
+    team = state.keyring.identify(key) if key is not None else None
+    minted = book.find(key) if book is not None and key is not None and team is None else None
+    if team is None and minted is None:
+        state.auth_throttle.failed(address)
+        if key is None:
+            raise ClientRefused(
+                401,
+                "missing_api_key",
+                "No key: send a relay key (or, on /calls, a client secret this relay minted) "
+                "as the `api-key` header or `Authorization: Bearer`.",
+            )
+        raise ClientRefused(401, "invalid_api_key", _INVALID_KEY[book is not None])
+    state.auth_throttle.succeeded(address)
+    if team is not None:
+        structlog.contextvars.bind_contextvars(team=team.name)
+    return team, minted
+
+
+def secret_route(
+    state: RelayState, book: SecretBook, minted: MintedSecret, query: Mapping[str, str]
+) -> tuple[TeamConfig, DeploymentConfig, list[Backend]]:
+    """The team, deployment and minting backend of an unexpired secret; or a refusal."""
+    structlog.contextvars.bind_contextvars(team=minted.team, deployment=minted.deployment)
+    if minted.expires_at <= book.clock():
+        raise ClientRefused(
+            401, "client_secret_expired", "The client secret has expired; mint a new one."
+        )
+    if query.get("model") not in (None, minted.deployment):
+        raise RequestRejected(
+            "deployment_mismatch",
+            f"The client secret is for the deployment {minted.deployment!r}.",
+            "model",
+        )
+    pool = state.pools[minted.deployment]
+    backend = next(b for b in pool.backends if b.name == minted.backend)
+    return state.config.teams[minted.team], pool.deployment, [backend]
+
+
+def _check_open(state: RelayState, request: web.Request) -> None:
+    if state.draining:
+        raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(state, origin):
+        raise ClientRefused(403, "origin_not_allowed", "This Origin may not call.")
+
+
+def ga_deployment(state: RelayState, team: TeamConfig, name: str) -> DeploymentConfig:
+    """The GA deployment ``name`` that ``team`` may use; or a refusal."""
+    if not name:
+        raise ClientRefused(
+            400, "missing_deployment", "Name the deployment with the `model` query parameter."
+        )
+    deployment = resolve_deployment(RealtimeRequest(name, False), team, state.config.deployments)
+    structlog.contextvars.bind_contextvars(deployment=deployment.name)
+    if deployment.protocol != "ga":
+        raise ClientRefused(
+            400,
+            "protocol_mismatch",
+            f"The deployment {deployment.name!r} speaks the preview protocol; WebRTC through "
+            "the relay needs a GA deployment.",
+        )
+    return deployment
+
+
+def usable_backends(state: RelayState, deployment: DeploymentConfig) -> list[Backend]:
+    """The deployment's backends to try, best first; or the pool's refusal if none is up."""
+    pool = state.pools[deployment.name]
+    candidates = pool.candidates()
+    if not candidates:
+        raise pool.unavailable_refusal()
+    return candidates
+
+
+def origin_allowed(state: RelayState, origin: str) -> bool:
+    allowed = state.config.server.allowed_origins
+    return "*" in allowed or origin in allowed
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    """For an allowed Origin's call: the browser may read the answer and its ``Location``."""
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": "Location",
+        "Vary": "Origin",
+    }
+
+
+def preflight_headers(origin: str) -> dict[str, str]:
+    """For an allowed Origin's preflight: it may POST with a key and an SDP body."""
+    return {
+        **cors_headers(origin),
+        "Access-Control-Allow-Methods": "POST",
+        "Access-Control-Allow-Headers": "Authorization, Content-Type, api-key",
+        "Access-Control-Max-Age": "600",
+    }

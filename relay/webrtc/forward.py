@@ -1,0 +1,120 @@
+"""Sending one request to a deployment's backends, failing over like the WebSocket path,
+and judging the answer. The only module here that talks to the upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+from multidict import CIMultiDictProxy
+
+from relay.backends import Backend
+from relay.config import DeploymentConfig
+from relay.errors import ClientRefused, UpstreamRefused
+from relay.state import RelayState
+from relay.upstream import (
+    credential_headers,
+    fail_over,
+    refusal_for_status,
+    retry_after_seconds,
+    transport_refusals,
+)
+from relay.webrtc.requests import upstream_rejection, webrtc_url
+
+_log = structlog.get_logger("relay.webrtc")
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """One request to send to a backend, built per backend (names and credentials differ)."""
+
+    leaf: str  # "client_secrets" | "calls"
+    content_type: str
+    body: Callable[[Backend], bytes]
+    query: Callable[[Backend], Mapping[str, str]]
+    # A client secret to send instead of the backend's credential.
+    bearer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: CIMultiDictProxy[str]
+
+
+async def forward(
+    state: RelayState,
+    deployment: DeploymentConfig,
+    backends: list[Backend],
+    outbound: Outbound,
+) -> tuple[Backend, Answer]:
+    """Send ``outbound`` to the first backend that answers it, within one deadline; or raise
+    the refusal the caller gets."""
+    assert state.http is not None
+    # Lets Azure support trace a request from the relay's logs.
+    request_id = str(structlog.contextvars.get_contextvars().get("request_id", ""))
+
+    async def attempt(backend: Backend, seconds: float) -> Answer:
+        answer = await _send(state, deployment, backend, outbound, request_id, seconds)
+        _judge(answer, via_secret=outbound.bearer is not None)
+        return answer
+
+    def failed(backend: Backend, refusal: UpstreamRefused) -> None:
+        state.metrics.upstream_connect_failures.labels(
+            deployment.name, backend.name, refusal.code
+        ).inc()
+        _log.warning("webrtc_upstream_failed", backend=backend.name, code=refusal.code)
+
+    return await fail_over(
+        state.pools[deployment.name],
+        backends,
+        attempt,
+        seconds=state.config.upstream.connect_timeout_seconds,
+        on_failure=failed,
+    )
+
+
+async def _send(
+    state: RelayState,
+    deployment: DeploymentConfig,
+    backend: Backend,
+    outbound: Outbound,
+    request_id: str,
+    seconds: float,
+) -> Answer:
+    assert state.http is not None
+    if outbound.bearer is not None:
+        headers = {"Authorization": f"Bearer {outbound.bearer}"}
+    else:
+        headers = await credential_headers(backend.credential)
+    headers |= {"Content-Type": outbound.content_type, "x-ms-client-request-id": request_id}
+    url = webrtc_url(backend.url, outbound.leaf, outbound.query(backend))
+    began = time.monotonic()
+    with transport_refusals():
+        async with asyncio.timeout(seconds):
+            async with state.http.post(
+                url, data=outbound.body(backend), headers=headers, allow_redirects=False
+            ) as response:
+                answer = Answer(response.status, await response.read(), response.headers)
+    state.metrics.webrtc_upstream.labels(deployment.name, outbound.leaf).observe(
+        time.monotonic() - began
+    )
+    return answer
+
+
+def _judge(answer: Answer, *, via_secret: bool) -> None:
+    if answer.status < 300:
+        return
+    if answer.status == 400:
+        raise upstream_rejection(answer.body)
+    if via_secret and answer.status in (401, 403):
+        raise ClientRefused(
+            401,
+            "client_secret_rejected",
+            "The upstream service refused the client secret (expired or revoked); mint a new one.",
+        )
+    raise refusal_for_status(answer.status, retry_after_seconds(answer.headers.get("Retry-After")))

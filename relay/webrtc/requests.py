@@ -1,0 +1,149 @@
+"""The pure core: what a caller asks for, the session a secret carries, the upstream's URL,
+and what the upstream's answers mean. No I/O; each raises the refusal the caller gets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+from yarl import URL
+
+from relay.errors import RequestRejected, UpstreamRefused
+from relay.policy import PolicyViolation, SessionPolicy
+from relay.session_schema import merge_session
+
+DEFAULT_SECRET_SECONDS = 600  # the service's default
+MIN_SECRET_SECONDS, MAX_SECRET_SECONDS = 10, 7200  # the service's range
+
+
+class UpstreamRejected(RequestRejected):
+    """The upstream's own 400 for what the caller sent (a bad session, a bad offer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRequest:
+    deployment: str
+    session: dict[str, Any]
+    seconds: int
+
+
+def parse_secret_request(body: bytes, query_model: str | None, max_seconds: int) -> SecretRequest:
+    """The deployment, session fragment and capped lifetime a request asks for."""
+    try:
+        data = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise RequestRejected("invalid_json", "The request body is not valid JSON.") from exc
+    if not isinstance(data, dict):
+        raise RequestRejected("invalid_type", "The request body must be a JSON object.")
+    for key in data:
+        if key not in ("expires_after", "session"):
+            raise RequestRejected("unknown_parameter", f"Unknown parameter: '{key}'.", key)
+    session = data.get("session", {})
+    if not isinstance(session, dict):
+        raise RequestRejected("invalid_type", "session must be an object.", "session")
+    if session.get("type", "realtime") != "realtime":
+        raise RequestRejected(
+            "unsupported_session_type",
+            "The relay mints client secrets for realtime sessions only.",
+            "session.type",
+        )
+    model = session.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestRejected("invalid_type", "session.model must be a string.", "session.model")
+    if model and query_model and model != query_model:
+        raise RequestRejected(
+            "deployment_mismatch",
+            "session.model and the model query parameter name different deployments.",
+            "session.model",
+        )
+    if not (model or query_model):
+        raise RequestRejected(
+            "missing_deployment", "Name the deployment in session.model.", "session.model"
+        )
+    seconds = min(_requested_seconds(data.get("expires_after")), max_seconds)
+    fragment = {k: v for k, v in session.items() if k not in ("type", "model")}
+    return SecretRequest(str(model or query_model), fragment, seconds)
+
+
+def _requested_seconds(raw: Any) -> int:
+    if raw is None:
+        return DEFAULT_SECRET_SECONDS
+    if not isinstance(raw, dict):
+        raise RequestRejected("invalid_type", "expires_after must be an object.", "expires_after")
+    if raw.get("anchor", "created_at") != "created_at":
+        raise RequestRejected(
+            "invalid_value", "expires_after.anchor must be 'created_at'.", "expires_after.anchor"
+        )
+    seconds = raw.get("seconds", DEFAULT_SECRET_SECONDS)
+    if isinstance(seconds, bool) or not isinstance(seconds, int):
+        raise RequestRejected(
+            "invalid_type", "expires_after.seconds must be an integer.", "expires_after.seconds"
+        )
+    if not MIN_SECRET_SECONDS <= seconds <= MAX_SECRET_SECONDS:
+        raise RequestRejected(
+            "invalid_value",
+            f"expires_after.seconds must be between {MIN_SECRET_SECONDS} and {MAX_SECRET_SECONDS}.",
+            "expires_after.seconds",
+        )
+    return seconds
+
+
+def effective_session(policy: SessionPolicy, fragment: Mapping[str, Any]) -> dict[str, Any]:
+    """The session a secret carries: the policy's defaults with the client's fragment over
+    them, judged as a `session.update` against the defaults; or PolicyViolation."""
+    checked: Mapping[str, Any] = fragment
+    if fragment:
+        if "session.update" not in policy.allowed_events:
+            raise PolicyViolation(
+                "This team may not change the session; send no session settings.",
+                param="session",
+            )
+        frame = orjson.dumps({"type": "session.update", "session": fragment})
+        # The per-event size limit is for the WebSocket; the body has its own.
+        judge = replace(policy, max_frame_bytes=None)
+        judged = judge.check("session.update", frame, policy.defaults)
+        checked = orjson.loads(judged)["session"]
+    return {**merge_session(policy.defaults, checked), "type": "realtime"}
+
+
+def webrtc_url(backend_url: URL, leaf: str, query: Mapping[str, str]) -> URL:
+    """``…/openai/v1/realtime/{leaf}`` over HTTP(S) on the backend's host."""
+    scheme = {"wss": "https", "ws": "http"}.get(backend_url.scheme, backend_url.scheme)
+    path = backend_url.path.rstrip("/") + "/" + leaf
+    return backend_url.with_scheme(scheme).with_path(path).with_query(dict(query))
+
+
+def parse_minted(body: bytes) -> dict[str, Any]:
+    """The upstream's client secret answer, checked; or UpstreamRefused (502)."""
+    try:
+        minted = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        minted = None
+    if (
+        not isinstance(minted, dict)
+        or not isinstance(minted.get("value"), str)
+        or not minted["value"]
+        or not isinstance(minted.get("expires_at"), int | float)
+        or not isinstance(minted.get("session", {}), dict)
+    ):
+        raise UpstreamRefused(
+            502, "upstream_invalid_response", "The upstream service's answer was not a secret."
+        )
+    return minted
+
+
+def upstream_rejection(body: bytes) -> UpstreamRejected:
+    """The upstream's 400, told to the caller with its own message and parameter."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    error = error if isinstance(error, dict) else {}
+    code, message, param = error.get("code"), error.get("message"), error.get("param")
+    return UpstreamRejected(
+        code if isinstance(code, str) and len(code) <= 64 else "invalid_request",
+        message if isinstance(message, str) else "The upstream service refused the request.",
+        param if isinstance(param, str) else None,
+    )
