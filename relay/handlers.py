@@ -98,8 +98,7 @@ async def _admit(request: web.Request, state: RelayState, session_id: str) -> Ad
             400, "websocket_required", "This endpoint takes WebSocket connections only."
         )
     origin = request.headers.get("Origin")
-    allowed = state.config.server.allowed_origins
-    if origin is not None and "*" not in allowed and origin not in allowed:
+    if origin is not None and not state.origin_allowed(origin):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
     address = state.client_address(request)
     state.auth_throttle.check(address)

@@ -61,6 +61,10 @@ class RelayState:
         if not self.bridges:
             self.idle.set()
 
+    def origin_allowed(self, origin: str) -> bool:
+        allowed = self.config.server.allowed_origins
+        return "*" in allowed or origin in allowed
+
     def client_address(self, request: web.BaseRequest) -> str:
         return client_address(
             request.remote, request.headers.get("X-Forwarded-For", ""), self.trusted_proxies

@@ -73,7 +73,7 @@ def _check_open(state: RelayState, request: web.Request) -> None:
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     origin = request.headers.get("Origin")
-    if origin is not None and not origin_allowed(state, origin):
+    if origin is not None and not state.origin_allowed(origin):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not call.")
 
 
@@ -102,11 +102,6 @@ def usable_backends(state: RelayState, deployment: DeploymentConfig) -> list[Bac
     if not candidates:
         raise pool.unavailable_refusal()
     return candidates
-
-
-def origin_allowed(state: RelayState, origin: str) -> bool:
-    allowed = state.config.server.allowed_origins
-    return "*" in allowed or origin in allowed
 
 
 def cors_headers(origin: str) -> dict[str, str]:

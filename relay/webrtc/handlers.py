@@ -23,7 +23,6 @@ from relay.webrtc.access import (
     authenticate,
     cors_headers,
     ga_deployment,
-    origin_allowed,
     preflight_headers,
     secret_route,
     usable_backends,
@@ -80,7 +79,7 @@ async def preflight(request: web.Request) -> web.Response:
     """CORS preflight for browsers posting their offer from a web page."""
     state = request.app[STATE]
     origin = request.headers.get("Origin")
-    if origin is None or not origin_allowed(state, origin):
+    if origin is None or not state.origin_allowed(origin):
         return error_response(ClientRefused(403, "origin_not_allowed", "This Origin may not call."))
     return web.Response(status=204, headers=preflight_headers(origin))
 
@@ -108,7 +107,7 @@ async def _handle(
             cause=repr(refusal.__cause__) if refusal.__cause__ else None,
         )
         response = error_response(refusal)
-    if endpoint == "calls" and origin is not None and origin_allowed(state, origin):
+    if endpoint == "calls" and origin is not None and state.origin_allowed(origin):
         response.headers.update(cors_headers(origin))
     return response
 
