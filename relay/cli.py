@@ -7,7 +7,8 @@ import asyncio
 import getpass
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -20,6 +21,7 @@ from relay.logsetup import configure_logging
 from relay.workers import worker_count
 
 DEFAULT_CONFIG = "config/local.toml"
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +91,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     if args.worker is not None:
         structlog.contextvars.bind_contextvars(worker=args.worker)
-        asyncio.run(run_server(config, environ, worker=True))
+        _run(run_server(config, environ, worker=True))
         return 0
     if args.workers > 1:
         from relay.workers import Supervisor
@@ -101,9 +103,19 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             )
             return await supervisor.run(on_ready=lambda url: _banner(config, url))
 
-        return asyncio.run(supervise())
-    asyncio.run(run_server(config, environ, on_ready=lambda url: _banner(config, url)))
+        return _run(supervise())
+    _run(run_server(config, environ, on_ready=lambda url: _banner(config, url)))
     return 0
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed (it is a dependency on Linux and macOS): the
+    relay's cost is per frame, and most of it is the event loop's I/O."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _banner(config: RelayConfig, url: str) -> None:
@@ -160,7 +172,7 @@ def _simulate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         finally:
             await simulator.close()
 
-    asyncio.run(run())
+    _run(run())
     return 0
 
 

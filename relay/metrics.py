@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -314,6 +315,39 @@ class LiveGauges:
             await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
 
 
+class BatchedHistogram:
+    """Observations of one histogram child, counted locally and added at flush.
+
+    prometheus-client has no bulk observe, and a per-frame `observe` (lock, loop over
+    buckets) was the relay's largest metering cost under load. This counts into the same
+    buckets with one bisect and adds them to the child's bucket and sum values in one go.
+    `tests/unit/test_metrics.py` checks the result equals plain observes.
+    """
+
+    __slots__ = ("_child", "_bounds", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        if not self._sum and not any(self._counts):
+            return
+        buckets = self._child._buckets
+        for i, count in enumerate(self._counts):
+            if count:
+                buckets[i].inc(count)
+                self._counts[i] = 0
+        self._child._sum.inc(self._sum)
+        self._sum = 0.0
+
+
 def label_for_type(kind: str) -> str:
     return kind if kind in KNOWN_EVENT_TYPES else "other"
 
@@ -336,13 +370,13 @@ class SessionMeter:
         td = (team, deployment)
         self._ttfa = metrics.time_to_first_audio.labels(*td)
         self._response_duration = metrics.response_duration.labels(*td)
-        self._delay = {d: metrics.relay_delay.labels(d) for d in ("in", "out")}
-        self._chunk = {d: metrics.audio_chunk.labels(d) for d in ("in", "out")}
+        self._delay = {d: BatchedHistogram(metrics.relay_delay.labels(d)) for d in ("in", "out")}
+        self._chunk = {d: BatchedHistogram(metrics.audio_chunk.labels(d)) for d in ("in", "out")}
         self._backpressure = {d: metrics.backpressure.labels(d) for d in ("in", "out")}
         self._audio_seconds = {d: metrics.audio_seconds.labels(d, *td) for d in ("in", "out")}
         self._frame_bytes = {d: metrics.frame_bytes.labels(d) for d in ("in", "out")}
         # Sums since the last flush.
-        self._events: Tally[tuple[str, str]] = Tally()
+        self._events: dict[str, Tally[str]] = {"in": Tally(), "out": Tally()}
         self._bytes = {"in": 0, "out": 0}
         self._audio_bytes = {"in": 0, "out": 0}
         self._waited = {"in": 0.0, "out": 0.0}
@@ -357,21 +391,22 @@ class SessionMeter:
 
     # --- per frame ---------------------------------------------------------------------
 
-    def client_event(self, kind: str, frame: bytes) -> None:
-        """A client frame (direction "in") that will be forwarded."""
-        self._events["in", kind] += 1
+    def client_event(self, kind: str, frame: bytes, audio_bytes: int = 0) -> None:
+        """A client frame (direction "in") that will be forwarded; ``audio_bytes`` is the
+        decoded size of an append's audio (the pump measures it once, for the policy too)."""
+        self._events["in"][kind] += 1
         self._bytes["in"] += len(frame)
         if kind == "input_audio_buffer.append":
-            self._audio("in", frame, b"audio")
+            self._audio("in", audio_bytes)
         elif kind == "response.create" and self._turn_ended_at is None:
             self._turn_ended_at = self.clock()
 
     def upstream_event(self, kind: str, frame: bytes) -> None:
         """An upstream frame (direction "out")."""
-        self._events["out", kind] += 1
+        self._events["out"][kind] += 1
         self._bytes["out"] += len(frame)
         if kind in AUDIO_DELTA_TYPES:
-            self._audio("out", frame, b"delta")
+            self._audio("out", base64_size(frame, b"delta"))
             if self._turn_ended_at is not None:
                 self._ttfa.observe(self.clock() - self._turn_ended_at)
                 self._turn_ended_at = None
@@ -392,8 +427,7 @@ class SessionMeter:
         self._delay[direction].observe(delay)
         self._waited[direction] += waited
 
-    def _audio(self, direction: str, frame: bytes, field: bytes) -> None:
-        decoded = base64_size(frame, field)
+    def _audio(self, direction: str, decoded: int) -> None:
         self._audio_bytes[direction] += decoded
         self._chunk[direction].observe(decoded)
 
@@ -462,10 +496,13 @@ class SessionMeter:
 
     def flush(self) -> None:
         events = self.metrics.events
-        for (direction, kind), count in self._events.items():
-            events.labels(direction, label_for_type(kind)).inc(count)
-        self._events.clear()
+        for direction, tally in self._events.items():
+            for kind, count in tally.items():
+                events.labels(direction, label_for_type(kind)).inc(count)
+            tally.clear()
         for direction in ("in", "out"):
+            self._delay[direction].flush()
+            self._chunk[direction].flush()
             if self._bytes[direction]:
                 self._frame_bytes[direction].inc(self._bytes[direction])
                 self._bytes[direction] = 0

@@ -88,8 +88,11 @@ class SessionPolicy:
             raise PolicyViolation(exc.message, code=exc.code) from exc
         return self.check(kind, frame, session)
 
-    def check(self, kind: str, frame: bytes, session: Mapping[str, Any]) -> bytes:
-        """As `check_client_frame`, for a frame whose type the caller already sniffed."""
+    def check(
+        self, kind: str, frame: bytes, session: Mapping[str, Any], audio_bytes: int = -1
+    ) -> bytes:
+        """As `check_client_frame`, for a frame whose type the caller already sniffed (and,
+        for an append, whose decoded audio size it measured: ``audio_bytes``)."""
         if self.max_frame_bytes is not None and len(frame) > self.max_frame_bytes:
             raise PolicyViolation(
                 f"The event is {len(frame)} bytes; this deployment allows "
@@ -103,7 +106,7 @@ class SessionPolicy:
                 event_id=_event_id_of(frame),
             )
         if kind == "input_audio_buffer.append":
-            self._check_append(frame)
+            self._check_append(frame, audio_bytes)
             return frame
         if kind == "session.update":
             return self._check_update(frame, "session", session)
@@ -111,8 +114,9 @@ class SessionPolicy:
             return self._check_update(frame, "response", session)
         return frame
 
-    def _check_append(self, frame: bytes) -> None:
-        decoded = base64_size(frame, b"audio")
+    def _check_append(self, frame: bytes, decoded: int) -> None:
+        if decoded < 0:
+            decoded = base64_size(frame, b"audio")
         if decoded > self.max_append_audio_bytes:
             raise PolicyViolation(
                 f"The appended audio is {decoded} bytes; at most "

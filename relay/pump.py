@@ -30,7 +30,7 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from relay.codec import FrameError, sniff_type
+from relay.codec import FrameError, base64_size, sniff_type
 from relay.events import error_event
 from relay.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
 from relay.policy import PolicyViolation, SessionPolicy
@@ -42,6 +42,7 @@ Side = Literal["client", "upstream", "relay"]
 # Close codes an endpoint may put in a close frame (RFC 6455 7.4, IANA registry).
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 _MAX_REASON_BYTES = 123
+_APPEND = "input_audio_buffer.append"
 _log = structlog.get_logger("relay.session")
 
 
@@ -198,14 +199,15 @@ class Bridge:
                     break
                 try:
                     kind = sniff_type(msg.data)
-                    frame = self.policy.check(kind, msg.data, self.session)
+                    audio = base64_size(msg.data, b"audio") if kind == _APPEND else 0
+                    frame = self.policy.check(kind, msg.data, self.session, audio)
                 except FrameError as exc:
                     await self._refuse(PolicyViolation(exc.message, code=exc.code))
                     continue
                 except PolicyViolation as violation:
                     await self._refuse(violation)
                     continue
-                meter.client_event(kind, frame)
+                meter.client_event(kind, frame, audio)
                 writing = self.writing_since["in"] = now()
                 try:
                     await upstream.send_frame(frame, WSMsgType.TEXT)

@@ -6,7 +6,8 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.metrics import Metrics, SessionMeter, label_for_type, usage_tokens
+from relay.codec import base64_size
+from relay.metrics import BatchedHistogram, Metrics, SessionMeter, label_for_type, usage_tokens
 
 
 class Clock:
@@ -54,7 +55,7 @@ def feed(meter: SessionMeter, direction: str, frame: bytes, at: float | None = N
         meter.clock.now = at
     kind = orjson.loads(frame)["type"]
     if direction == "in":
-        meter.client_event(kind, frame)
+        meter.client_event(kind, frame, base64_size(frame, b"audio"))
     else:
         meter.upstream_event(kind, frame)
 
@@ -186,3 +187,19 @@ def test_forward_delay_and_backpressure(meter):
     assert sample(m, "relay_backpressure_seconds_total", {"direction": "out"}) == pytest.approx(
         0.0015
     )
+
+
+def test_batched_histogram_equals_plain_observes():
+    values = [0, 0.00005, 0.0001, 0.00007, 0.3, 2.0, 0.004, 0.0049, 10.0, 0.001]
+    plain = Metrics.create(CollectorRegistry())
+    batched = Metrics.create(CollectorRegistry())
+    buffer = BatchedHistogram(batched.relay_delay.labels("in"))
+    for value in values:
+        plain.relay_delay.labels("in").observe(value)
+        buffer.observe(value)
+    buffer.flush()
+    buffer.flush()  # nothing twice
+    collect = lambda m: [
+        (s.name, s.labels, s.value) for s in next(iter(m.relay_delay.collect())).samples
+    ]  # noqa: E731
+    assert collect(batched) == collect(plain)
