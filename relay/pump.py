@@ -125,7 +125,8 @@ class Bridge:
         self.ending: Ending | None = None
         # When each pump began its current write, or None: a write that never ends is a
         # stalled peer (the ticker checks).
-        self.writing_since: dict[str, float | None] = {"in": None, "out": None}
+        self.writing_in_since: float | None = None
+        self.writing_out_since: float | None = None
         # Set while no response is being generated: what a graceful drain waits for.
         self.between_responses = asyncio.Event()
         self.between_responses.set()
@@ -208,13 +209,13 @@ class Bridge:
                     await self._refuse(violation)
                     continue
                 meter.client_event(kind, frame, audio)
-                writing = self.writing_since["in"] = now()
+                writing = self.writing_in_since = now()
                 try:
                     await upstream.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the upstream pump sees why
                 written = now()
-                self.writing_since["in"] = None
+                self.writing_in_since = None
                 meter.forwarded("in", written - arrived, written - writing)
             elif msg.type is WSMsgType.BINARY:
                 await self._refuse(
@@ -258,13 +259,13 @@ class Bridge:
                     self.between_responses.clear()
                 elif kind == "response.done":
                     self.between_responses.set()
-                writing = self.writing_since["out"] = now()
+                writing = self.writing_out_since = now()
                 try:
                     await client.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the client pump sees why
                 written = now()
-                self.writing_since["out"] = None
+                self.writing_out_since = None
                 meter.forwarded("out", written - arrived, written - writing)
             elif msg.type is WSMsgType.BINARY:
                 await self._upstream_broke("binary frame")
@@ -344,7 +345,10 @@ class Bridge:
         idle_seconds = self.policy.idle_timeout_seconds
         while True:
             now = self._loop.time()
-            for direction, since in self.writing_since.items():
+            for direction, since in (
+                ("in", self.writing_in_since),
+                ("out", self.writing_out_since),
+            ):
                 if since is not None and now - since >= self.stall_timeout:
                     await self._stalled(direction)
                     return
