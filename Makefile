@@ -6,7 +6,7 @@ CONFIG ?= config/local.toml
 # The local config's simulated Azure upstream checks this key, like Azure checks yours.
 export RELAY_SIMULATOR_KEY ?= local-simulator-key
 
-.PHONY: venv run simulate test lint typecheck pytest format clean
+.PHONY: venv run simulate test lint typecheck pytest format clean bench
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ pytest: venv
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# Direct vs nginx vs the relay, on loopback (docs/performance.md): about 5 minutes on 2 cores.
+# BENCH_ARGS="--quick" for under a minute, "--profile" to py-spy the relay under saturation.
+bench: venv
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,344 @@
+"""One measured point: a path, a scenario and a session count.
+
+The path is started fresh; the generators connect every session and say READY; all are
+told GO at one instant t0; the measured window is [t0 + warm-up, t0 + warm-up + duration].
+The orchestrator reads the CPU of the path's processes, the upstream, the generators and the
+whole machine at both ends of the window, and samples RSS through it. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from bench.loadgen import LoadSpec
+from bench.measure import (
+    CpuSnapshot,
+    ProcessTree,
+    load_samples,
+    machine_busy_seconds,
+    percentiles_ms,
+)
+from bench.paths import REPO_DIR, BenchPath, Endpoint
+from bench.scenarios import Scenario
+
+PERCENTILES = (50.0, 99.0, 99.9)
+RSS_SAMPLE_S = 0.25
+GO_LEAD_S = 0.3
+QUIET_SAMPLE_S = 0.3
+# A session keeps real time when its round trips stay under this many frame intervals at
+# p99, no frame of it left a whole interval late, and every frame it sent was echoed.
+REALTIME_RTT_INTERVALS = 2.0
+# Called at the window's start with the path's pids and the window's length (a profiler).
+WindowHook = Callable[[list[int], float], None]
+
+
+@dataclass(slots=True)
+class QuietGate:
+    """Other work shares this machine (test runs of other sessions, here): before each
+    point, wait until processes other than the bench's use under ``cores``, at most
+    ``per_point_s`` per point and ``budget_s`` for the whole run."""
+
+    cores: float = 0.25
+    per_point_s: float = 20.0
+    budget_s: float = 120.0
+    waited_s: float = 0.0
+
+    def wait(self, upstream: ProcessTree) -> float:
+        """Wait (bounded); the cores other processes used in the last sample."""
+        began = time.monotonic()
+        limit = max(0.0, min(self.per_point_s, self.budget_s - self.waited_s))
+        while True:
+            machine, ours = machine_busy_seconds()[0], upstream.cpu_seconds()
+            time.sleep(QUIET_SAMPLE_S)
+            machine = machine_busy_seconds()[0] - machine
+            others = (machine - (upstream.cpu_seconds() - ours)) / QUIET_SAMPLE_S
+            if others < self.cores or time.monotonic() - began >= limit:
+                self.waited_s += time.monotonic() - began
+                return others
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    work: Path
+    upstream: Endpoint
+    upstream_tree: ProcessTree
+    quiet: QuietGate = field(default_factory=QuietGate)
+    sessions_per_generator: int = 500
+    connect_timeout_s: float = 60.0
+
+
+class GeneratorProcess:
+    """One `bench.loadgen` process and its stdin/stdout conversation."""
+
+    def __init__(self, spec: LoadSpec, spec_path: Path, log: Path) -> None:
+        self.spec = spec
+        spec_path.write_bytes(orjson.dumps(asdict(spec)))
+        self.log = log
+        with log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen", str(spec_path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=REPO_DIR,
+            )
+        self._buf = b""
+
+    def expect(self, word: str, deadline: float) -> list[str]:
+        """The words of the next line, which must start with ``word``."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"load generator: no {word} in time\n{self.tail()}")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise RuntimeError(f"load generator exited before {word}\n{self.tail()}")
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        words = line.decode().split()
+        if not words or words[0] != word:
+            raise RuntimeError(f"load generator said {line!r}, expected {word}")
+        return words[1:]
+
+    def go(self, t0: int) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"GO {t0}\n".encode())
+        self.proc.stdin.flush()
+
+    def results(self) -> dict[str, Any]:
+        data: dict[str, Any] = orjson.loads(Path(self.spec.result_path).read_bytes())
+        return data
+
+    def tail(self) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-10:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def split(total: int, per_process: int) -> list[int]:
+    """Sessions per generator process: as even as possible, at most ``per_process`` each."""
+    count = max(1, -(-total // per_process))
+    return [total // count + (1 if i < total % count else 0) for i in range(count)]
+
+
+def run_point(
+    path: BenchPath,
+    scenario: Scenario,
+    sessions: int,
+    ctx: Context,
+    *,
+    during_window: WindowHook | None = None,
+) -> dict[str, Any]:
+    """Measure one point; ``during_window(pids, seconds)`` runs at the window's start."""
+    background = ctx.quiet.wait(ctx.upstream_tree)
+    work = ctx.work / f"{scenario.name.replace(' ', '-')}-{sessions}-{path.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    endpoint = path.start(ctx.upstream, work)
+    generators: list[GeneratorProcess] = []
+    try:
+        tree = ProcessTree(path.pids()) if path.pids() else None
+        time.sleep(0.2)
+        rss_idle = tree.rss_bytes() if tree else 0
+        generators = _start_generators(endpoint, scenario, sessions, ctx, work)
+        deadline = time.monotonic() + ctx.connect_timeout_s + 15
+        connected = sum(int(g.expect("READY", deadline)[0]) for g in generators)
+        t0 = time.monotonic_ns() + int(GO_LEAD_S * 1e9)
+        for generator in generators:
+            generator.go(t0)
+        window = _measure_window(t0, scenario, tree, ctx, path, during_window)
+        deadline = time.monotonic() + 20
+        for generator in generators:
+            generator.expect("DONE", deadline)
+        results = [g.results() for g in generators]
+        samples = load_samples([Path(g.spec.samples_path) for g in generators])
+        peak = max(window["rss_peak"], tree.peak_rss_bytes() if tree else 0)
+    finally:
+        for generator in generators:
+            generator.stop()
+        path.stop()
+    counts = (sessions, connected)
+    point = _figures(path, scenario, tree is not None, counts, results, samples, window)
+    point["rss_idle_bytes"] = rss_idle
+    point["rss_peak_bytes"] = peak
+    point["background_cores_before"] = round(background, 3)
+    pauses = path.gc_pauses(*window["span_ns"])
+    if pauses is not None:
+        point["gc_pauses"] = {
+            "count": len(pauses),
+            "max_ms": round(max(pauses, default=0.0), 2),
+            "total_ms": round(sum(pauses), 2),
+        }
+    if tree is not None and connected:
+        # RSS per session: the path's growth from idle to loaded, over the sessions.
+        growth = point["rss_loaded_bytes"] - rss_idle
+        point["rss_per_session_kib"] = round(growth / connected / 1024, 1)
+    return point
+
+
+def _start_generators(
+    endpoint: Endpoint, scenario: Scenario, sessions: int, ctx: Context, work: Path
+) -> list[GeneratorProcess]:
+    generators = []
+    for index, count in enumerate(split(sessions, ctx.sessions_per_generator)):
+        spec = LoadSpec(
+            host=endpoint.host,
+            port=endpoint.port,
+            path=endpoint.path,
+            headers=endpoint.headers,
+            sessions=count,
+            mode=scenario.mode,
+            interval_s=scenario.interval_s,
+            window=scenario.window,
+            audio_bytes=scenario.audio_bytes,
+            warmup_s=scenario.warmup_s,
+            duration_s=scenario.duration_s,
+            result_path=str(work / f"gen{index}.json"),
+            samples_path=str(work / f"gen{index}.rtt"),
+            connect_timeout_s=ctx.connect_timeout_s,
+            seed=index * 7919 + sessions,
+        )
+        generators.append(
+            GeneratorProcess(spec, work / f"gen{index}.spec.json", work / f"gen{index}.log")
+        )
+    return generators
+
+
+def _sleep_until_ns(when: int) -> None:
+    time.sleep(max(0.0, (when - time.monotonic_ns()) / 1e9))
+
+
+def _measure_window(
+    t0: int,
+    scenario: Scenario,
+    tree: ProcessTree | None,
+    ctx: Context,
+    path: BenchPath,
+    during_window: WindowHook | None,
+) -> dict[str, Any]:
+    start = t0 + int(scenario.warmup_s * 1e9)
+    end = start + int(scenario.duration_s * 1e9)
+    _sleep_until_ns(start)
+    before = CpuSnapshot.take(tree, ctx.upstream_tree)
+    if during_window is not None:
+        during_window(path.pids(), scenario.duration_s)
+    peak = 0
+    while time.monotonic_ns() < end:
+        if tree is not None:
+            peak = max(peak, tree.rss_bytes())
+        time.sleep(min(RSS_SAMPLE_S, max(0.0, (end - time.monotonic_ns()) / 1e9)))
+    after = CpuSnapshot.take(tree, ctx.upstream_tree)
+    rss_loaded = tree.rss_bytes() if tree else 0
+    return {
+        "before": before,
+        "after": after,
+        "rss_loaded": rss_loaded,
+        "rss_peak": peak,
+        "span_ns": (start, end),
+    }
+
+
+def _session_keeps_real_time(summary: list[int], interval_ns: float) -> bool:
+    sent, echoed, p99, _max_late, late_frames, lost = summary
+    return (
+        sent > 0
+        and echoed == sent
+        and not lost
+        and late_frames == 0
+        and p99 <= REALTIME_RTT_INTERVALS * interval_ns
+    )
+
+
+def _figures(
+    path: BenchPath,
+    scenario: Scenario,
+    has_proxy: bool,
+    counts: tuple[int, int],
+    results: list[dict[str, Any]],
+    samples: np.ndarray,
+    window: dict[str, Any],
+) -> dict[str, Any]:
+    sessions, connected = counts
+    duration = scenario.duration_s
+    before: CpuSnapshot = window["before"]
+    after: CpuSnapshot = window["after"]
+    sent = sum(r["sent_window"] for r in results)
+    received = sum(r["received_window"] for r in results)
+    forwarded = sent + received
+    path_cpu = after.path - before.path
+    upstream_cpu = after.upstream - before.upstream
+    gen_cpu = sum(r["cpu_window_user_s"] + r["cpu_window_system_s"] for r in results)
+    machine = after.machine - before.machine
+    ours = path_cpu + upstream_cpu + gen_cpu + (after.orchestrator - before.orchestrator)
+    summaries = [s for r in results for s in r["sessions"]]
+    interval_ns = scenario.interval_s * 1e9
+    return {
+        "path": path.name,
+        "scenario": scenario.name,
+        "kind": scenario.kind,
+        "sessions": sessions,
+        "connected": connected,
+        "generators": len(results),
+        "connect_errors": _merge_counts(r["connect_errors"] for r in results),
+        "error_events": sum(r["error_events"] for r in results),
+        "rtt_ms": percentiles_ms(samples, PERCENTILES) | {"max": _max_ms(samples)},
+        "samples": int(samples.size),
+        "frames_in_per_s": round(sent / duration, 1),
+        "frames_out_per_s": round(received / duration, 1),
+        "append_bytes": 4 * -(-scenario.audio_bytes // 3) + 85,
+        "proxy_cpu_s": round(path_cpu, 4) if has_proxy else None,
+        "cpu_us_per_frame": round(path_cpu / forwarded * 1e6, 2)
+        if has_proxy and forwarded
+        else None,
+        "cpu_s_per_1000_frames": round(path_cpu / forwarded * 1000, 5)
+        if has_proxy and forwarded
+        else None,
+        "rss_loaded_bytes": window["rss_loaded"],
+        "rss_per_session_kib": None,
+        "realtime_sessions": sum(_session_keeps_real_time(s, interval_ns) for s in summaries)
+        if scenario.realtime
+        else None,
+        "late_frames": sum(s[4] for s in summaries),
+        "max_send_lateness_ms": round(max((s[3] for s in summaries), default=0) / 1e6, 3),
+        "generator_cores": round(gen_cpu / duration, 3),
+        "upstream_cores": round(upstream_cpu / duration, 3),
+        "proxy_cores": round(path_cpu / duration, 3) if has_proxy else None,
+        # Share of the proxy's CPU spent in the kernel (mostly loopback TCP send/receive).
+        "proxy_system_share": round((after.path_system - before.path_system) / path_cpu, 3)
+        if has_proxy and path_cpu
+        else None,
+        "other_cores": round(max(0.0, machine - ours) / duration, 3),
+        "interrupt_cores": round((after.interrupts - before.interrupts) / duration, 3),
+    }
+
+
+def _merge_counts(parts: Any) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.items():
+            merged[key] = merged.get(key, 0) + value
+    return merged
+
+
+def _max_ms(samples: np.ndarray) -> float | None:
+    return round(float(samples.max()) / 1e6, 3) if samples.size else None

@@ -1,0 +1,104 @@
+"""The scenarios: what the sessions send, how many, for how long. Default and quick plans.
+
+A scenario runs at each of its session counts on every path, direct first (the baseline its
+added latency is measured against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+# 24 kHz PCM16 mono: 48 bytes of audio per millisecond.
+PCM16_24K_BYTES_PER_MS = 48
+MIB = 1024 * 1024
+
+
+def audio_bytes_for(frame_ms: float) -> int:
+    """Decoded bytes of ``frame_ms`` of audio (20 ms: 960 bytes, 1280 base64 characters)."""
+    return int(frame_ms * PCM16_24K_BYTES_PER_MS)
+
+
+def audio_bytes_for_event(event_bytes: int) -> int:
+    """Decoded bytes whose base64 makes an append event of about ``event_bytes``."""
+    return event_bytes // 4 * 3
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    kind: Literal["paced", "saturation", "large"]
+    sessions: tuple[int, ...]
+    # paced: one frame per interval per session; closed: `window` frames in flight.
+    mode: Literal["paced", "closed"]
+    interval_s: float
+    audio_bytes: int
+    window: int = 1
+    warmup_s: float = 1.5
+    duration_s: float = 4.0
+
+    @property
+    def realtime(self) -> bool:
+        """Whether "keeps real time" means anything here (paced sessions only)."""
+        return self.mode == "paced"
+
+
+def paced(frame_ms: int, sessions: tuple[int, ...], duration_s: float) -> Scenario:
+    return Scenario(
+        name=f"paced {frame_ms} ms",
+        kind="paced",
+        sessions=sessions,
+        mode="paced",
+        interval_s=frame_ms / 1000,
+        audio_bytes=audio_bytes_for(frame_ms),
+        duration_s=duration_s,
+    )
+
+
+def saturation(sessions: int, window: int, duration_s: float) -> Scenario:
+    return Scenario(
+        name="saturation",
+        kind="saturation",
+        sessions=(sessions,),
+        mode="closed",
+        interval_s=0.02,
+        audio_bytes=audio_bytes_for(20),
+        window=window,
+        warmup_s=1.0,
+        duration_s=duration_s,
+    )
+
+
+def large(event_mib: int, sessions: int, duration_s: float) -> Scenario:
+    return Scenario(
+        name=f"large {event_mib} MiB",
+        kind="large",
+        sessions=(sessions,),
+        mode="closed",
+        interval_s=0.02,
+        audio_bytes=audio_bytes_for_event(event_mib * MIB),
+        window=1,
+        warmup_s=0.5,
+        duration_s=duration_s,
+    )
+
+
+def default_plan() -> list[Scenario]:
+    """About 5 minutes on 2 cores with four paths."""
+    return [
+        paced(20, (50, 200, 500, 1000), 3.0),
+        paced(100, (50, 200, 500, 1000), 4.0),
+        saturation(50, 4, 4.0),
+        large(1, 2, 2.5),
+        large(5, 2, 2.5),
+    ]
+
+
+def quick_plan() -> list[Scenario]:
+    """Under a minute: for developing the bench, not for figures."""
+    short = [
+        paced(20, (50, 200), 1.2),
+        saturation(50, 4, 1.2),
+        large(1, 2, 0.8),
+    ]
+    return [replace(s, warmup_s=0.5) for s in short]
