@@ -13,6 +13,13 @@ from typing import Any
 import orjson
 
 _PREFIXES = (b'{"type":"', b'{"type": "')
+_EQUALS = ord("=")
+# The two types that are most of the traffic, answered by one comparison each.
+_HOT = tuple(
+    (prefix + name.encode() + b'"', name)
+    for name in ("input_audio_buffer.append", "response.output_audio.delta")
+    for prefix in _PREFIXES
+)
 # Longest event type name is under 64 bytes; a prefix longer than this is not a type.
 _MAX_TYPE_LEN = 96
 
@@ -28,6 +35,9 @@ class FrameError(ValueError):
 
 def sniff_type(frame: bytes) -> str:
     """The event's `type`; raises FrameError when the frame is not a typed JSON object."""
+    for prefix, name in _HOT:
+        if frame.startswith(prefix):
+            return name
     for prefix in _PREFIXES:
         if frame.startswith(prefix):
             start = len(prefix)
@@ -60,7 +70,7 @@ def base64_size(frame: bytes, field: bytes) -> int:
 
     Scans for the field; parses only when the scan can't tell. 0 when absent or not a string.
     """
-    span = _string_span(frame, field)
+    span = _compact_span(frame, field) or _string_span(frame, field)
     if span is None:
         value = parse_event(frame).get(field.decode())
         if not isinstance(value, str):
@@ -69,8 +79,35 @@ def base64_size(frame: bytes, field: bytes) -> int:
         span = (0, len(encoded))
         frame = encoded
     start, end = span
-    padding = (frame[end - 1 : end] == b"=") + (frame[end - 2 : end] == b"==")
-    return (end - start) * 3 // 4 - padding if end > start else 0
+    if end <= start:
+        return 0
+    padding = (frame[end - 1] == _EQUALS) + (end - 2 >= start and frame[end - 2] == _EQUALS)
+    return (end - start) * 3 // 4 - padding
+
+
+_KEYS: dict[bytes, bytes] = {}
+
+
+def _compact_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
+    """The common layouts (`"audio":"` and `"audio": "`), found with one search.
+
+    An unescaped `"audio"` followed by `:"` cannot occur inside a JSON string: it is the key.
+    """
+    key = _KEYS.get(field)
+    if key is None:
+        key = _KEYS[field] = b'"' + field + b'"'
+    at = frame.find(key)
+    if at == -1:
+        return None
+    start = at + len(key)
+    if frame.startswith(b':"', start):
+        start += 2
+    elif frame.startswith(b': "', start):
+        start += 3
+    else:
+        return None
+    end = frame.find(b'"', start)
+    return None if end == -1 else (start, end)
 
 
 def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:

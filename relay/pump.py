@@ -237,11 +237,13 @@ class Bridge:
 
     async def _upstream_to_client(self) -> None:
         client, upstream, meter, now = self.client, self.upstream, self.meter, self._loop.time
+        greeting, self.greeting = self.greeting, ()  # sent once: not kept for the session
         try:
-            for frame in self.greeting:
+            for frame in greeting:
                 await client.send_frame(frame, WSMsgType.TEXT)
         except ConnectionError:
             pass  # the client pump sees why
+        del greeting
         while True:
             msg = await upstream.receive()
             if msg.type is WSMsgType.TEXT:
