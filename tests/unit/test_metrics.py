@@ -199,7 +199,10 @@ def test_batched_histogram_equals_plain_observes():
         buffer.observe(value)
     buffer.flush()
     buffer.flush()  # nothing twice
-    collect = lambda m: [
-        (s.name, s.labels, s.value) for s in next(iter(m.relay_delay.collect())).samples
-    ]  # noqa: E731
+
+    def collect(metrics):
+        return [
+            (s.name, s.labels, s.value) for s in next(iter(metrics.relay_delay.collect())).samples
+        ]
+
     assert collect(batched) == collect(plain)
