@@ -328,7 +328,7 @@ class BatchedHistogram:
 
     def __init__(self, child: Any) -> None:
         self._child = child
-        self._bounds: list[float] = list(child._upper_bounds)
+        self._bounds: list[float] = child._upper_bounds  # shared by every session: not copied
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
 
@@ -354,6 +354,13 @@ def label_for_type(kind: str) -> str:
 
 class SessionMeter:
     """Everything measured about one session. Call `flush` now and then, and at the end."""
+
+    __slots__ = (
+        "metrics", "team", "deployment", "clock", "_ttfa", "_response_duration", "_delay",
+        "_chunk", "_backpressure", "_audio_seconds", "_frame_bytes", "_events", "_bytes",
+        "_audio_bytes", "_waited", "audio_bytes_total", "audio_seconds_total", "tokens",
+        "responses", "_rate", "_turn_ended_at", "_response_started_at",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -97,6 +97,13 @@ def _reason(text: str) -> bytes:
 class Bridge:
     """Forwards frames both ways between one client and one upstream socket."""
 
+    __slots__ = (
+        "client", "upstream", "policy", "session", "meter", "greeting", "close_timeout",
+        "stall_timeout", "client_transport", "ending", "writing_in_since",
+        "writing_out_since", "between_responses", "violations", "_loop", "started_at",
+        "last_client_event_at", "__weakref__",
+    )  # fmt: skip
+
     def __init__(
         self,
         client: ClientSocket,
