@@ -182,3 +182,39 @@ async def test_webrtc_rates_are_shared_too(tmp_path):
         finally:
             for store in stores:
                 await store.close()
+
+
+async def test_a_secret_minted_by_one_relay_places_a_call_through_another(
+    tmp_path, simulator, aiohttp_server
+):
+    from relay.app import create_app
+    from relay.server import runner_options
+
+    async with redis_server(tmp_path) as url:
+        config = relay_config(simulator.url, admission={"backend": "redis"})
+        environ = {**ENVIRON, "RELAY_REDIS_URL": url}
+        first, second = [
+            await aiohttp_server(create_app(config, environ), **runner_options(config))
+            for _ in range(2)
+        ]
+        async with aiohttp.ClientSession() as http:
+            body = {"session": {"type": "realtime", "model": "gpt-realtime"}}
+            async with http.post(
+                first.make_url("/openai/v1/realtime/client_secrets"),
+                json=body,
+                headers={"api-key": ALPHA_KEY},
+            ) as response:
+                assert response.status == 200
+                secret = (await response.json())["value"]
+            offer = (
+                "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sctp-port:5000\r\na=setup:actpass\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=fingerprint:sha-256 "
+                + ":".join(["AB"] * 32)
+                + "\r\n"
+            )
+            async with http.post(
+                second.make_url("/openai/v1/realtime/calls"),
+                data=offer,
+                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/sdp"},
+            ) as response:
+                assert response.status == 201, await response.text()
+                assert (await response.text()).startswith("v=0")

@@ -445,7 +445,7 @@ async def test_a_locked_field_is_refused_with_the_policy_error(simulator, start_
             "param": "session.instructions",
         }
     }
-    assert len(relay.app[WEBRTC].book) == 0
+    assert len(relay.app[WEBRTC].book.book) == 0
 
 
 async def test_the_lifetime_is_capped(simulator, start_relay, http):
@@ -484,7 +484,7 @@ async def test_an_offer_gets_an_answer_with_a_minted_secret(simulator, start_rel
 async def test_an_expired_secret_is_refused(simulator, start_relay, http):
     relay = await start_relay(policy_config(simulator.url))
     secret = (await mint(http, relay, expires_after={"seconds": 60}))["value"]
-    relay.app[WEBRTC].book.clock = lambda: time.time() + 61
+    relay.app[WEBRTC].book.book.clock = lambda: time.time() + 61
     status, _, body = await post(http, relay.make_url(CALLS), key=secret, data=OFFER, headers=SDP)
     assert (status, body["error"]["code"]) == (401, "client_secret_expired")
     assert body["error"]["message"] == "The client secret has expired; mint a new one."

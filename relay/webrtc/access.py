@@ -14,7 +14,7 @@ from relay.config import DeploymentConfig, TeamConfig
 from relay.errors import ClientRefused, RequestRejected
 from relay.routes import RealtimeRequest, resolve_deployment
 from relay.state import RelayState
-from relay.webrtc.secret_book import MintedSecret, SecretBook
+from relay.webrtc.secret_book import MintedSecret, SecretRecords
 
 _INVALID_KEY = {
     False: "The relay key is not valid.",
@@ -22,8 +22,8 @@ _INVALID_KEY = {
 }
 
 
-def authenticate(
-    request: web.Request, state: RelayState, book: SecretBook | None
+async def authenticate(
+    request: web.Request, state: RelayState, book: SecretRecords | None
 ) -> tuple[TeamConfig | None, MintedSecret | None]:
     """The team of a relay key, or (with ``book``) the record of a client secret this relay
     minted, from the request's headers; or a refusal."""
@@ -32,7 +32,9 @@ def authenticate(
     state.auth_throttle.check(address)
     key = find_key(request.headers, {}, ())
     team = state.keyring.identify(key) if key is not None else None
-    minted = book.find(key) if book is not None and key is not None and team is None else None
+    minted = None
+    if book is not None and key is not None and team is None:
+        minted = await book.find(key)
     if team is None and minted is None:
         state.auth_throttle.failed(address)
         if key is None:
@@ -50,7 +52,7 @@ def authenticate(
 
 
 def secret_route(
-    state: RelayState, book: SecretBook, minted: MintedSecret, query: Mapping[str, str]
+    state: RelayState, book: SecretRecords, minted: MintedSecret, query: Mapping[str, str]
 ) -> tuple[TeamConfig, DeploymentConfig, list[Backend]]:
     """The team, deployment and minting backend of an unexpired secret; or a refusal."""
     structlog.contextvars.bind_contextvars(team=minted.team, deployment=minted.deployment)

@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from relay.admission import AdmissionStore
+from relay.admission_redis import RedisAdmission
 from relay.auth import find_key
 from relay.backends import Backend
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected
@@ -34,7 +35,7 @@ from relay.webrtc.requests import (
     parse_minted,
     parse_secret_request,
 )
-from relay.webrtc.secret_book import MintedSecret, SecretBook
+from relay.webrtc.secret_book import MintedSecret, ProcessSecrets, RedisSecrets, SecretRecords
 
 SECRET_PATHS = ("/openai/v1/realtime/client_secrets", "/v1/realtime/client_secrets")
 CALL_PATHS = ("/openai/v1/realtime/calls", "/v1/realtime/calls")
@@ -49,7 +50,7 @@ _log = structlog.get_logger("relay.webrtc")
 class WebRtc:
     """The WebRTC endpoints' own state on the relay app."""
 
-    book: SecretBook
+    book: SecretRecords
     rates: AdmissionStore
 
 
@@ -59,7 +60,12 @@ WEBRTC = web.AppKey("webrtc", WebRtc)
 def add_routes(app: web.Application) -> None:
     """Serve the WebRTC endpoints on a relay app whose STATE is set."""
     state = app[STATE]
-    app[WEBRTC] = WebRtc(SecretBook(), state.admission)
+    admission = state.admission
+    book: SecretRecords = ProcessSecrets()
+    if isinstance(admission, RedisAdmission):
+        config = state.config.admission
+        book = RedisSecrets(admission.client, config.key_prefix, config.redis_timeout_seconds)
+    app[WEBRTC] = WebRtc(book, admission)
     for path in SECRET_PATHS:
         app.router.add_post(path, client_secrets)
     for path in CALL_PATHS:
@@ -113,7 +119,7 @@ async def _handle(
 
 
 async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.Response:
-    team, _ = authenticate(request, state, None)
+    team, _ = await authenticate(request, state, None)
     assert team is not None
     wanted = parse_secret_request(
         await _read_body(request),
@@ -137,7 +143,7 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
     backend, answer = await forward(state, deployment, backends, outbound)
     minted = parse_minted(answer.body)
     expires_at = min(float(minted["expires_at"]), webrtc.book.clock() + wanted.seconds)
-    webrtc.book.remember(
+    await webrtc.book.remember(
         minted["value"], MintedSecret(team.name, deployment.name, backend.name, expires_at)
     )
     minted["expires_at"] = int(expires_at)
@@ -148,7 +154,7 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
 
 
 async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.Response:
-    team, minted = authenticate(request, state, webrtc.book)
+    team, minted = await authenticate(request, state, webrtc.book)
     if minted is not None:
         team, deployment, backends = secret_route(state, webrtc.book, minted, request.query)
     else:

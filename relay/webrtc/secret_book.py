@@ -1,13 +1,25 @@
-"""The client secrets this process minted, kept by SHA-256 (never the secret itself) so a
-call bearing one goes to the backend that minted it."""
+"""The client secrets the relay minted, kept by SHA-256 (never the secret itself) so a call
+bearing one goes to the backend that minted it: in this process, or in Redis when admission
+state lives there (then any process or host can place the call)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from relay.errors import ClientRefused
+
+_log = structlog.get_logger("relay.webrtc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +58,79 @@ class SecretBook:
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+class SecretRecords(Protocol):
+    """Where minted secrets are remembered: this process, or Redis for every process."""
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Wall time, like the service's ``expires_at``."""
+        ...
+
+    async def remember(self, secret: str, minted: MintedSecret) -> None: ...
+
+    async def find(self, secret: str) -> MintedSecret | None: ...
+
+
+@dataclass(slots=True)
+class ProcessSecrets:
+    """A `SecretBook` behind the async interface: one process's secrets."""
+
+    book: SecretBook = field(default_factory=SecretBook)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.book.clock
+
+    async def remember(self, secret: str, minted: MintedSecret) -> None:
+        self.book.remember(secret, minted)
+
+    async def find(self, secret: str) -> MintedSecret | None:
+        return self.book.find(secret)
+
+
+# Expired records are kept this long more, so a late call hears "expired", not "unknown".
+_EXPIRED_KEPT_SECONDS = 3600
+
+
+@dataclass(slots=True)
+class RedisSecrets:
+    """Minted secrets in Redis (SHA-256 keys, expiring), so any relay process or host can
+    route a call bearing a secret another one minted."""
+
+    client: aioredis.Redis
+    prefix: str
+    timeout: float
+    clock: Callable[[], float] = time.time
+
+    def _key(self, secret: str) -> str:
+        return f"{self.prefix}:secret:{_digest(secret).hex()}"
+
+    async def remember(self, secret: str, minted: MintedSecret) -> None:
+        ttl = max(1, int(minted.expires_at - self.clock()) + _EXPIRED_KEPT_SECONDS)
+        record = orjson.dumps([minted.team, minted.deployment, minted.backend, minted.expires_at])
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.set(self._key(secret), record, ex=ttl)
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Calls with this secret then work only on the process that minted it... not
+            # even there: say so loudly, the caller can mint again.
+            _log.error("secret_store_unreachable", op="remember", error=type(exc).__name__)
+            raise ClientRefused(
+                503, "secret_store_unavailable", "The relay cannot record client secrets now."
+            ) from exc
+
+    async def find(self, secret: str) -> MintedSecret | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                record = await self.client.get(self._key(secret))
+        except (RedisError, OSError, TimeoutError) as exc:
+            _log.error("secret_store_unreachable", op="find", error=type(exc).__name__)
+            raise ClientRefused(
+                503, "secret_store_unavailable", "The relay cannot check client secrets now."
+            ) from exc
+        if record is None:
+            return None
+        team, deployment, backend, expires_at = orjson.loads(record)
+        return MintedSecret(team, deployment, backend, float(expires_at))
