@@ -198,7 +198,7 @@ async def test_concurrent_refresh_triggers_make_one_request(
     triggers = [loop.create_task(credential.refresh()) for _ in range(10)]
     await endpoint.requests_reached(2)
     fake_time.wake()  # the background refresh comes due while the fetch is in flight
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: lets the woken refresh task run (not a wait)
     endpoint.release()
     assert await asyncio.gather(*triggers) == [True] * 10
     assert await fake_time.next_sleep() == 3300

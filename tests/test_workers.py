@@ -64,7 +64,7 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
                 ready = {s.labels["pid"]: s.value for s in found.get("relay_ready", [])}
                 if len(ready) == 2 and set(ready.values()) == {1.0}:
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # workers write their gauges every second: poll
             assert len(ready) == 2 and set(ready.values()) == {1.0}
             for _ in range(100):
                 total = sum(s.value for s in found.get("relay_sessions_total", []))
