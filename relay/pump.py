@@ -155,7 +155,7 @@ class Bridge:
                 ticker.cancel()
         except* Exception as group:
             for exc in group.exceptions:
-                _log.error("pump_failed", error=repr(exc))
+                _log.error("pump_failed", exc_info=exc)
             await self.stop(1011, "relay internal error", cause="relay_internal_error")
         finally:
             # Also on cancellation: no socket outlives its session. aiohttp may cancel the
