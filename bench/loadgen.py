@@ -160,6 +160,9 @@ class Session(asyncio.Protocol):
         self.late_frames = 0
         self.max_late = 0
         self.rtts: array[int] = array("q")
+        # The send instant of each round trip in `rtts`, in the same order: lets the
+        # orchestrator split a long window by time (the soak's minutes and 10 s samples).
+        self.sent_at: array[int] = array("q")
 
     # --- connection -----------------------------------------------------------------------
 
@@ -260,6 +263,7 @@ class Session(asyncio.Protocol):
             self.received_window += 1
         if clock.window_start <= sent < clock.window_end:
             self.rtts.append(now - sent)
+            self.sent_at.append(sent)
         if self.spec.mode == "closed" and now < clock.window_end and not self.closing:
             self._send(now)
 
@@ -375,6 +379,11 @@ class Pacer:
             clock.call_at_ns(sessions[cursor].next_due, self.tick)
 
 
+def send_times_path(samples_path: str) -> str:
+    """Where the send instants of the round trips in ``samples_path`` are written."""
+    return samples_path + ".sent"
+
+
 def _tail(audio_bytes: int, seed: int) -> bytes:
     audio = random.Random(seed).randbytes(audio_bytes)
     return b'","audio":"' + base64.b64encode(audio) + b'"}'
@@ -476,9 +485,12 @@ def _results(
     spec: LoadSpec, sessions: list[Session], totals: Totals, cpu_window: tuple[float, float]
 ) -> dict[str, Any]:
     samples: array[int] = array("q")
+    sent_at: array[int] = array("q")
     for session in sessions:
         samples.extend(session.rtts)
+        sent_at.extend(session.sent_at)
     Path(spec.samples_path).write_bytes(samples.tobytes())
+    Path(send_times_path(spec.samples_path)).write_bytes(sent_at.tobytes())
     return {
         "requested": spec.sessions,
         "connected": len(sessions),

@@ -59,6 +59,16 @@ class ProcessTree:
                 continue
         return total
 
+    def open_fds(self) -> int:
+        """File descriptors open in the live processes of the tree."""
+        total = 0
+        for proc in self.processes():
+            try:
+                total += proc.num_fds()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return int(total)
+
     def peak_rss_bytes(self) -> int:
         """Sum of each process's high-water RSS (VmHWM) since it started."""
         total = 0
@@ -118,6 +128,20 @@ def load_samples(paths: Sequence[Path]) -> np.ndarray:
     """Round trips in nanoseconds, as int64, from the generators' sample files."""
     parts = [np.fromfile(path, dtype=np.int64) for path in paths if path.exists()]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def load_timed_samples(pairs: Sequence[tuple[Path, Path]]) -> tuple[np.ndarray, np.ndarray]:
+    """(send instants, round trips), both int64 ns and in the same order, from pairs of
+    (send-instant file, round-trip file) the generators write."""
+    sent, rtts = [], []
+    for times, samples in pairs:
+        if times.exists() and samples.exists():
+            sent.append(np.fromfile(times, dtype=np.int64))
+            rtts.append(np.fromfile(samples, dtype=np.int64))
+    if not rtts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    return np.concatenate(sent), np.concatenate(rtts)
 
 
 def percentiles_ms(samples_ns: np.ndarray, points: Sequence[float]) -> dict[str, float | None]:

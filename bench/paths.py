@@ -36,6 +36,9 @@ REPO_DIR = BENCH_DIR.parent
 REALTIME_PATH = "/openai/v1/realtime?model=bench"
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
 START_TIMEOUT_S = 30.0
+# The relay's session duration limit in the bench config (a typical app's); the soak raises
+# it above its own length.
+MAX_SESSION_S = 1800.0
 # A prelude run before the relay's own command line (``python -c``), without touching relay/.
 # Logs every garbage collection pause over 1 ms: "bench_gc_pause <end ns> <generation> <ms>".
 _GC_LOG = """import gc, time
@@ -216,6 +219,7 @@ class RelayPath(BenchPath):
         self.gc_log = gc_log
         self.log: Path | None = None
         self.client_key = "rk-bench-" + os.urandom(12).hex()
+        self.max_session_s = MAX_SESSION_S
         self.child: Child | None = None
         if needs_option is not None and needs_option not in _relay_serve_help():
             self.pending = f"pending: `relay serve` has no {needs_option} option yet"
@@ -251,6 +255,7 @@ class RelayPath(BenchPath):
                     "METRICS_PORT": free_port(),
                     "UPSTREAM": f"http://{upstream.host}:{upstream.port}",
                     "KEY_HASH": key_hash,
+                    "MAX_SESSION_SECONDS": int(self.max_session_s),
                 },
             )
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,38 @@ def add_added_latency(points: list[dict[str, Any]]) -> None:
         point["added_ms"] = added
 
 
+def median_point(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One point from several runs of it: the median of each figure (each percentile on
+    its own), the min and max of the added p99, the connect errors of all runs, and the runs
+    themselves under ``runs``. Each run's added latency is against the direct run of the
+    same repeat, so the added figures are medians of paired differences."""
+    merged: dict[str, Any] = _median_of(list(runs))
+    merged["connect_errors"] = {}
+    for run in runs:
+        for reason, count in run["connect_errors"].items():
+            merged["connect_errors"][reason] = merged["connect_errors"].get(reason, 0) + count
+    added = [r["added_ms"]["p99"] for r in runs if r.get("added_ms", {}).get("p99") is not None]
+    merged["added_p99_range_ms"] = [min(added), max(added)] if added else None
+    merged["repeats"] = len(runs)
+    merged["runs"] = list(runs)
+    return merged
+
+
+def _median_of(values: list[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(isinstance(v, dict) for v in present):
+        keys = list(dict.fromkeys(k for v in present for k in v))
+        return {k: _median_of([v.get(k) for v in present]) for k in keys}
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        middle = statistics.median(present)
+        if all(isinstance(v, int) for v in present) and middle == int(middle):
+            return int(middle)
+        return round(float(middle), 4)
+    return present[0]
+
+
 def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -81,27 +114,44 @@ def _cells(point: dict[str, Any]) -> list[str]:
     ]
 
 
+def _range(point: dict[str, Any], between: str = "..") -> str:
+    """The added p99's min and max over the repeats of a point, or "-"."""
+    span = point.get("added_p99_range_ms")
+    return "-" if not span else f"{span[0]:.2f}{between}{span[1]:.2f}"
+
+
 def table(points: Sequence[dict[str, Any]]) -> str:
-    """The printed table: one row per scenario, session count and path."""
-    header = " ".join(f"{name:{align}{width}}" for name, width, align in _COLUMNS)
+    """The printed table: one row per scenario, session count and path (with repeats, the
+    medians of the runs and a column with the added p99's range)."""
+    columns = list(_COLUMNS)
+    repeated = any(p.get("added_p99_range_ms") for p in points)
+    if repeated:
+        columns.insert(10, ("p99 min..max", 13, ">"))
+    header = " ".join(f"{name:{align}{width}}" for name, width, align in columns)
     lines = [header, "-" * len(header)]
     for point in points:
         cells = _cells(point)
+        if repeated:
+            cells.insert(10, _range(point))
         lines.append(
             " ".join(
                 f"{cell:{align}{width}}"
-                for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
+                for cell, (_, width, align) in zip(cells, columns, strict=True)
             )
         )
     return "\n".join(lines)
 
 
 def markdown(points: Sequence[dict[str, Any]]) -> str:
-    """A shorter table in Markdown, for docs/performance.md."""
+    """A shorter table in Markdown, for docs/performance.md (with repeats: the medians, and
+    the added p99's min-max)."""
+    repeated = any(p.get("added_p99_range_ms") for p in points)
     lines = [
-        "| scenario | N | path | added p50 / p99 / p99.9 ms | rtt p99 ms | CPU us/frame "
-        "(kernel) | RSS KiB/session | peak MiB | keeps real time | cores: gen / proxy |",
-        "|---|---:|---|---|---:|---|---:|---:|---:|---|",
+        "| scenario | N | path | added p50 / p99 / p99.9 ms "
+        + ("| added p99 min–max " if repeated else "")
+        + "| rtt p99 ms | CPU us/frame (kernel) | RSS KiB/session | peak MiB | keeps real time "
+        "| cores: gen / proxy |",
+        "|---|---:|---|---|" + ("---|" if repeated else "") + "---:|---|---:|---:|---:|---|",
     ]
     for point in points:
         added = point.get("added_ms", {})
@@ -110,21 +160,33 @@ def markdown(points: Sequence[dict[str, Any]]) -> str:
         if share is not None:
             cpu += f" ({share:.0%})"
         peak = point["rss_peak_bytes"] / 1048576 if point["proxy_cpu_s"] is not None else None
-        realtime = point["realtime_sessions"]
         cells = [
             point["scenario"],
             str(point["sessions"]),
             point["path"],
             " / ".join(_num(added.get(k)) for k in KEYS) if point["path"] != "direct" else "-",
+            *([_range(point, " – ")] if repeated else []),
             _num(point["rtt_ms"].get("p99")),
             cpu,
             _num(point["rss_per_session_kib"], 1),
             _num(peak, 1),
-            "-" if realtime is None else f"{realtime}/{point['connected']}",
+            _realtime_cell(point),
             f"{_num(point['generator_cores'])} / {_num(point['proxy_cores'])}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _realtime_cell(point: dict[str, Any]) -> str:
+    """Sessions keeping real time; with repeats that disagree, each run's in brackets."""
+    realtime = point["realtime_sessions"]
+    if realtime is None:
+        return "-"
+    cell = f"{realtime}/{point['connected']}"
+    each = [run["realtime_sessions"] for run in point.get("runs", [])]
+    if len(set(each)) > 1:
+        cell += f" ({', '.join(str(n) for n in each)})"
+    return cell
 
 
 def write_json(target: Path, meta: dict[str, Any], points: Sequence[dict[str, Any]]) -> None:
@@ -161,6 +223,7 @@ def plot(target: Path, points: Sequence[dict[str, Any]]) -> bool:
                 _line(top, mine, "rtt_ms", key, color, style, f"{name} {key}")
                 if name != "direct":
                     _line(bottom, mine, "added_ms", key, color, style, f"{name} {key}")
+            _ranges(bottom, mine, color)
         top.set_title(f"{scenario}: round trip")
         bottom.set_title(f"{scenario}: added over direct")
         top.set_yscale("log")
@@ -178,6 +241,14 @@ def plot(target: Path, points: Sequence[dict[str, Any]]) -> bool:
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return True
+
+
+def _ranges(axis: Any, points: Sequence[dict[str, Any]], color: str) -> None:
+    """The added p99's min-max over the repeats, as a bar at each session count."""
+    for point in points:
+        span = point.get("added_p99_range_ms")
+        if span:
+            axis.vlines(point["sessions"], span[0], span[1], color=color, alpha=0.4, lw=4)
 
 
 def _line(

@@ -1,13 +1,17 @@
 """`make bench`: the relay against the physical limit (direct) and a real proxy (nginx).
 
 For each scenario and session count, every path is measured in turn, direct first; a path
-that stops keeping real time is not taken to higher counts. Results: a printed table, a JSON
-file and a PNG plot in ``--out`` (default ``bench/results/``). See docs/performance.md.
+that stops keeping real time is not taken to higher counts. With --repeat N, each point is
+measured N times (all paths once, then all again) and the medians are reported. Results: a
+printed table, a JSON file and a PNG plot in ``--out`` (default ``bench/results/``). See
+docs/performance.md.
 
     python -m bench.run                     # the default run, ~5 minutes on 2 cores
     python -m bench.run --quick             # under a minute
+    python -m bench.run --repeat 3          # medians of three runs of every point
     python -m bench.run --paths direct,relay --relay-args="--workers auto"
     python -m bench.run --profile           # also py-spy the relay (saturation, or: paced)
+    python -m bench.run --soak 600          # relay RSS, fds and latency over 10 minutes
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import report, soak
 from bench.measure import ProcessTree
 from bench.paths import (
     REALTIME_PATH,
@@ -47,6 +51,7 @@ from bench.paths import (
 from bench.profile import Recorder, format_summary, summarize
 from bench.runner import Context, QuietGate, run_point
 from bench.scenarios import Scenario, default_plan, paced, quick_plan, saturation
+from bench.soak import DEFAULT_SESSIONS as SOAK_SESSIONS
 
 ALL_PATHS = ("direct", "nginx", "relay", "relay-w2")
 DEFAULT_PATHS = "direct,nginx,relay,relay-w2"
@@ -90,7 +95,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--gc-log", action="store_true", help="record the relay's GC pauses in each window"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure every point N times and report the medians (and the added p99's range)",
+    )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="SECONDS",
+        help=f"instead of the plan: {SOAK_SESSIONS} paced sessions (or --sessions N) of "
+        "20 ms frames through the relay for SECONDS, sampling its RSS, fds and frames/s",
+    )
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.soak is not None:
+        if args.soak < 60:
+            parser.error("--soak needs at least 60 seconds")
+        if args.sessions and "," in args.sessions:
+            parser.error("--soak runs one session count: --sessions N")
+        if args.repeat != 1 or args.quick or args.profile or args.duration:
+            parser.error("--soak does not combine with --repeat, --quick, --profile, --duration")
+    return args
 
 
 def build_plan(args: argparse.Namespace) -> list[Scenario]:
@@ -147,7 +176,11 @@ def start_upstream(work: Path, key: str) -> tuple[Child, Endpoint]:
     raise SystemExit(f"bench: the echo upstream did not start:\n{child.tail()}")
 
 
-def run_plan(plan: list[Scenario], paths: list[BenchPath], ctx: Context) -> list[dict[str, Any]]:
+def run_plan(
+    plan: list[Scenario], paths: list[BenchPath], ctx: Context, repeat: int = 1
+) -> list[dict[str, Any]]:
+    """Every point of the plan; with ``repeat`` > 1, each point is the medians of that many
+    runs (all paths once, then all again, so slow drift affects every path alike)."""
     points: list[dict[str, Any]] = []
     for scenario in plan:
         behind: set[str] = set()
@@ -156,20 +189,42 @@ def run_plan(plan: list[Scenario], paths: list[BenchPath], ctx: Context) -> list
             if all(p.name == "direct" for p in active) and len(paths) > 1:
                 print(f"bench: {scenario.name}: every path fell behind; stopping the series")
                 break
+            runs: dict[str, list[dict[str, Any]]] = {p.name: [] for p in active}
+            for round_ in range(repeat):
+                if repeat > 1:
+                    print(f"bench: {scenario.name} N={sessions}: run {round_ + 1} of {repeat}")
+                done = [_run_quiet(path, scenario, sessions, ctx) for path in active]
+                # Added latency against direct's run of the same round: paired differences.
+                for point in done:
+                    if point is not None:
+                        point["repeat"] = round_ + 1
+                report.add_added_latency([p for p in done if p is not None])
+                for path, point in zip(active, done, strict=True):
+                    if point is not None:
+                        runs[path.name].append(point)
             for path in active:
-                point = _run_logged(path, scenario, sessions, ctx)
-                if point is not None and point["other_cores"] > BUSY_CORES:
-                    print(f"bench: other processes used {point['other_cores']} cores; again")
-                    again = _run_logged(path, scenario, sessions, ctx)
-                    if again is not None and again["other_cores"] < point["other_cores"]:
-                        point = again
-                if point is None:
+                mine = runs[path.name]
+                if not mine:
                     behind.add(path.name)
                     continue
+                point = mine[0] if repeat == 1 else report.median_point(mine)
                 points.append(point)
                 if scenario.realtime and _fell_behind(point):
                     behind.add(path.name)
     return points
+
+
+def _run_quiet(
+    path: BenchPath, scenario: Scenario, sessions: int, ctx: Context
+) -> dict[str, Any] | None:
+    """One run; measured once more if other processes were busy, keeping the quieter."""
+    point = _run_logged(path, scenario, sessions, ctx)
+    if point is not None and point["other_cores"] > BUSY_CORES:
+        print(f"bench: other processes used {point['other_cores']} cores; again")
+        again = _run_logged(path, scenario, sessions, ctx)
+        if again is not None and again["other_cores"] < point["other_cores"]:
+            point = again
+    return point
 
 
 def _fell_behind(point: dict[str, Any]) -> bool:
@@ -250,6 +305,8 @@ def machine_meta(args: argparse.Namespace, elapsed: float, quiet_wait: float) ->
         "commit": commit,
         "relay_uncommitted": changed,
         "quick": args.quick,
+        "repeat": args.repeat,
+        "soak_s": args.soak,
         "relay_args": args.relay_args,
         "elapsed_s": round(elapsed, 1),
         "waited_for_quiet_s": round(quiet_wait, 1),
@@ -288,12 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     _raise_fd_limit()
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    suffix = "-quick" if args.quick else "-soak" if args.soak else ""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S") + suffix
     upstream_key = "bench-upstream-" + secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         work = Path(tmp)
         upstream, endpoint = start_upstream(work, upstream_key)
         try:
+            if args.soak:
+                args.paths = "direct,relay"
             paths = build_paths(args, upstream_key)
             ctx = Context(
                 work=work,
@@ -302,20 +362,32 @@ def main(argv: list[str] | None = None) -> int:
                 quiet=QuietGate(per_point_s=args.wait_quiet, budget_s=6 * args.wait_quiet),
                 sessions_per_generator=args.sessions_per_generator,
             )
-            points = run_plan(build_plan(args), paths, ctx)
             profile = None
+            if args.soak:
+                direct, relay = paths
+                assert isinstance(relay, RelayPath)
+                sessions = int(args.sessions) if args.sessions else SOAK_SESSIONS
+                points = soak.run_soak(direct, relay, args.soak, sessions, ctx)
+                report.add_added_latency(points)
+            else:
+                points = run_plan(build_plan(args), paths, ctx, args.repeat)
             if args.profile:
                 target = args.out / f"profile-{args.profile}-{stamp}.folded"
                 profile = run_profile(paths, ctx, target, args.quick, args.profile)
         finally:
             upstream.stop()
-    report.add_added_latency(points)
     meta = machine_meta(args, time.monotonic() - began, ctx.quiet.waited_s)
     report.write_json(args.out / f"bench-{stamp}.json", meta, points)
     text = report.table(points)
+    markdown = report.markdown(points)
+    if args.soak:
+        text += "\n\n" + soak.text(points[-1])
+        markdown += "\n\n" + soak.markdown(points[-1])
+        plotted = soak.plot(args.out / f"bench-{stamp}.png", points[-1])
+    else:
+        plotted = report.plot(args.out / f"bench-{stamp}.png", points)
     (args.out / f"bench-{stamp}.txt").write_text(text + "\n")
-    (args.out / f"bench-{stamp}.md").write_text(report.markdown(points) + "\n")
-    plotted = report.plot(args.out / f"bench-{stamp}.png", points)
+    (args.out / f"bench-{stamp}.md").write_text(markdown + "\n")
     print()
     print(text)
     if profile:

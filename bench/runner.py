@@ -4,6 +4,11 @@ The path is started fresh; the generators connect every session and say READY; a
 told GO at one instant t0; the measured window is [t0 + warm-up, t0 + warm-up + duration].
 The orchestrator reads the CPU of the path's processes, the upstream, the generators and the
 whole machine at both ends of the window, and samples RSS through it. Every wait is bounded.
+
+With ``series_every_s`` (the soak), it also records the path's RSS, open file descriptors
+and CPU every that many seconds, and the point gets a time series (``series``: frames per
+second, cores and CPU per frame between samples) and per-minute round-trip percentiles
+(``by_minute``), both split by the frames' send instants.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.loadgen import LoadSpec
+from bench.loadgen import LoadSpec, send_times_path
 from bench.measure import (
     CpuSnapshot,
     ProcessTree,
     load_samples,
+    load_timed_samples,
     machine_busy_seconds,
     percentiles_ms,
+    self_cpu_seconds,
 )
 from bench.paths import REPO_DIR, BenchPath, Endpoint
 from bench.scenarios import Scenario
@@ -39,8 +46,21 @@ QUIET_SAMPLE_S = 0.3
 # A session keeps real time when its round trips stay under this many frame intervals at
 # p99, no frame of it left a whole interval late, and every frame it sent was echoed.
 REALTIME_RTT_INTERVALS = 2.0
+# The per-minute percentiles of a long window (the soak).
+MINUTE_S = 60.0
+# A series' last sample is taken this long before the window's end.
+SERIES_END_MARGIN_NS = 100_000_000
 # Called at the window's start with the path's pids and the window's length (a profiler).
 WindowHook = Callable[[list[int], float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSpec:
+    """Sample the path every ``every_s`` through the window (the soak); ``on_sample`` sees
+    each sample as it is taken: ``t_s`` into the window, ``rss_bytes``, ``open_fds``."""
+
+    every_s: float
+    on_sample: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass(slots=True)
@@ -149,13 +169,16 @@ def run_point(
     ctx: Context,
     *,
     during_window: WindowHook | None = None,
+    series: SeriesSpec | None = None,
 ) -> dict[str, Any]:
-    """Measure one point; ``during_window(pids, seconds)`` runs at the window's start."""
+    """Measure one point; ``during_window(pids, seconds)`` runs at the window's start;
+    ``series`` adds a time series of the path's memory, fds and CPU."""
     background = ctx.quiet.wait(ctx.upstream_tree)
     work = ctx.work / f"{scenario.name.replace(' ', '-')}-{sessions}-{path.name}"
     work.mkdir(parents=True, exist_ok=True)
     endpoint = path.start(ctx.upstream, work)
     generators: list[GeneratorProcess] = []
+    sent_at = rtts = np.zeros(0, dtype=np.int64)
     try:
         tree = ProcessTree(path.pids()) if path.pids() else None
         time.sleep(0.2)
@@ -166,12 +189,20 @@ def run_point(
         t0 = time.monotonic_ns() + int(GO_LEAD_S * 1e9)
         for generator in generators:
             generator.go(t0)
-        window = _measure_window(t0, scenario, tree, ctx, path, during_window)
+        gen_tree = ProcessTree([g.proc.pid for g in generators])
+        window = _measure_window(t0, scenario, tree, ctx, path, during_window, series, gen_tree)
         deadline = time.monotonic() + 20
         for generator in generators:
             generator.expect("DONE", deadline)
         results = [g.results() for g in generators]
         samples = load_samples([Path(g.spec.samples_path) for g in generators])
+        if series is not None:
+            sent_at, rtts = load_timed_samples(
+                [
+                    (Path(send_times_path(g.spec.samples_path)), Path(g.spec.samples_path))
+                    for g in generators
+                ]
+            )
         peak = max(window["rss_peak"], tree.peak_rss_bytes() if tree else 0)
     finally:
         for generator in generators:
@@ -193,7 +224,89 @@ def run_point(
         # RSS per session: the path's growth from idle to loaded, over the sessions.
         growth = point["rss_loaded_bytes"] - rss_idle
         point["rss_per_session_kib"] = round(growth / connected / 1024, 1)
+    if series is not None:
+        start, end = window["span_ns"]
+        point["series"] = _series(window["series"], start, sent_at, rtts)
+        point["by_minute"] = _by_minute(start, end, sent_at, rtts)
     return point
+
+
+def _series(
+    raw: list[dict[str, Any]], start_ns: int, sent_at: np.ndarray, rtts: np.ndarray
+) -> list[dict[str, Any]]:
+    """The path's samples through the window, each with the rates since the one before:
+    frames forwarded per second (appends by send instant, deltas by arrival, as the
+    generators saw them), the path's cores and its CPU per forwarded frame, and the cores
+    of the generators, of processes outside the bench, and of interrupts."""
+    sent_sorted = np.sort(sent_at)
+    arrived = np.sort(sent_at + rtts)
+    series: list[dict[str, Any]] = []
+    for index, sample in enumerate(raw):
+        entry = {
+            "t_s": round((sample["at_ns"] - start_ns) / 1e9, 2),
+            "rss_bytes": sample["rss_bytes"],
+            "open_fds": sample["open_fds"],
+            "frames_per_s": None,
+            "proxy_cores": None,
+            "cpu_us_per_frame": None,
+            "generator_cores": None,
+            "other_cores": None,
+            "interrupt_cores": None,
+        }
+        if index:
+            before = raw[index - 1]
+            lo, hi = before["at_ns"], sample["at_ns"]
+            seconds = (hi - lo) / 1e9
+            frames = _count_in(sent_sorted, lo, hi) + _count_in(arrived, lo, hi)
+            cpu = sample["cpu_s"] - before["cpu_s"]
+            entry["frames_per_s"] = round(frames / seconds, 1) if seconds > 0 else None
+            entry["proxy_cores"] = round(cpu / seconds, 3) if seconds > 0 else None
+            entry["cpu_us_per_frame"] = round(cpu / frames * 1e6, 2) if frames else None
+            if seconds > 0:
+                gens = sample["generators_s"] - before["generators_s"]
+                bench = sample["bench_s"] - before["bench_s"]
+                machine = sample["machine_s"] - before["machine_s"]
+                others = max(0.0, machine - cpu - gens - bench)
+                irq = sample["interrupts_s"] - before["interrupts_s"]
+                entry["generator_cores"] = round(gens / seconds, 3)
+                entry["other_cores"] = round(others / seconds, 3)
+                entry["interrupt_cores"] = round(irq / seconds, 3)
+        series.append(entry)
+    return series
+
+
+def _count_in(ordered: np.ndarray, lo: int, hi: int) -> int:
+    """How many values of the sorted ``ordered`` are in [lo, hi)."""
+    return int(np.searchsorted(ordered, hi, "left") - np.searchsorted(ordered, lo, "left"))
+
+
+def _by_minute(
+    start_ns: int, end_ns: int, sent_at: np.ndarray, rtts: np.ndarray
+) -> list[dict[str, Any]]:
+    """Round-trip percentiles of the frames sent in each minute of the window (a last
+    partial minute only when it holds at least half a minute)."""
+    minute_ns = int(MINUTE_S * 1e9)
+    order = np.argsort(sent_at, kind="stable")
+    sent_at, rtts = sent_at[order], rtts[order]
+    minutes: list[dict[str, Any]] = []
+    lo = start_ns
+    while lo < end_ns:
+        hi = min(lo + minute_ns, end_ns)
+        if hi - lo < minute_ns // 2 and minutes:
+            break
+        first, last = np.searchsorted(sent_at, (lo, hi), "left")
+        chosen = rtts[first:last]
+        minutes.append(
+            {
+                "minute": len(minutes) + 1,
+                "from_s": round((lo - start_ns) / 1e9, 1),
+                "to_s": round((hi - start_ns) / 1e9, 1),
+                "samples": int(chosen.size),
+                "rtt_ms": percentiles_ms(chosen, PERCENTILES) | {"max": _max_ms(chosen)},
+            }
+        )
+        lo = hi
+    return minutes
 
 
 def _start_generators(
@@ -235,18 +348,39 @@ def _measure_window(
     ctx: Context,
     path: BenchPath,
     during_window: WindowHook | None,
+    spec: SeriesSpec | None = None,
+    gen_tree: ProcessTree | None = None,
 ) -> dict[str, Any]:
     start = t0 + int(scenario.warmup_s * 1e9)
     end = start + int(scenario.duration_s * 1e9)
     _sleep_until_ns(start)
     before = CpuSnapshot.take(tree, ctx.upstream_tree)
+    series: list[dict[str, Any]] = []
+
+    def sample() -> dict[str, Any]:
+        taken = _series_sample(tree, gen_tree, ctx.upstream_tree)
+        if spec is not None and spec.on_sample is not None:
+            shown = {k: v for k, v in taken.items() if k in ("rss_bytes", "open_fds")}
+            spec.on_sample({"t_s": (taken["at_ns"] - start) / 1e9, **shown})
+        return taken
+
+    # The series' instants: every `every_s` from the window's start, and a last one just
+    # before its end (at the end itself, the generators are already closing sessions).
+    instants: list[int] = []
+    if spec is not None and tree is not None:
+        last = end - SERIES_END_MARGIN_NS
+        instants = list(range(start, last, int(spec.every_s * 1e9))) + [last]
     if during_window is not None:
         during_window(path.pids(), scenario.duration_s)
     peak = 0
     while time.monotonic_ns() < end:
         if tree is not None:
             peak = max(peak, tree.rss_bytes())
-        time.sleep(min(RSS_SAMPLE_S, max(0.0, (end - time.monotonic_ns()) / 1e9)))
+        if instants and time.monotonic_ns() >= instants[0]:
+            series.append(sample())
+            instants.pop(0)
+        wake = min(time.monotonic_ns() + int(RSS_SAMPLE_S * 1e9), end, *instants[:1])
+        _sleep_until_ns(wake)
     after = CpuSnapshot.take(tree, ctx.upstream_tree)
     rss_loaded = tree.rss_bytes() if tree else 0
     return {
@@ -255,6 +389,27 @@ def _measure_window(
         "rss_loaded": rss_loaded,
         "rss_peak": peak,
         "span_ns": (start, end),
+        "series": series,
+    }
+
+
+def _series_sample(
+    tree: ProcessTree | None, gen_tree: ProcessTree | None, upstream: ProcessTree
+) -> dict[str, Any]:
+    """The path's memory, fds and CPU now; and the CPU of the machine, its interrupts, the
+    generators and the rest of the bench, to tell other work on the machine apart."""
+    if tree is None:
+        raise ValueError("a series needs a path with processes")
+    machine, interrupts = machine_busy_seconds()
+    return {
+        "at_ns": time.monotonic_ns(),
+        "rss_bytes": tree.rss_bytes(),
+        "open_fds": tree.open_fds(),
+        "cpu_s": tree.cpu_seconds(),
+        "machine_s": machine,
+        "interrupts_s": interrupts,
+        "generators_s": gen_tree.cpu_seconds() if gen_tree is not None else 0.0,
+        "bench_s": upstream.cpu_seconds() + self_cpu_seconds(),
     }
 
 
