@@ -11,20 +11,20 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay import handlers, webrtc
-from relay.admission import AdmissionStore, AuthThrottle, MemoryAdmission
-from relay.admission_redis import RedisAdmission
-from relay.auth import KeyRing
-from relay.backends import Backend, BackendPool, build_credentials
-from relay.config import SIMULATOR_ENDPOINT, DeploymentConfig, RelayConfig
+from relay.edge import handlers, webrtc
+from relay.edge.admission import AdmissionStore, AuthThrottle, MemoryAdmission
+from relay.edge.admission_redis import RedisAdmission
+from relay.edge.auth import KeyRing
+from relay.edge.routes import REALTIME_PATHS
 from relay.errors import ConfigError
-from relay.metrics import Metrics
-from relay.policy import build_policy
-from relay.pump import Bridge
-from relay.routes import REALTIME_PATHS
+from relay.ops.config import SIMULATOR_ENDPOINT, DeploymentConfig, RelayConfig
+from relay.ops.metrics import Metrics
+from relay.session.policy import build_policy
+from relay.session.pump import Bridge
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
-from relay.upstream import realtime_url
+from relay.upstream.backends import Backend, BackendPool, build_credentials
+from relay.upstream.dial import realtime_url
 
 _log = structlog.get_logger("relay.app")
 

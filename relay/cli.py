@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from relay.auth import hash_key
-from relay.backends import build_credentials
-from relay.config import RelayConfig, load_config, masked_config
+from relay.edge.auth import hash_key
 from relay.errors import ConfigError
-from relay.logsetup import configure_logging
-from relay.workers import worker_count
+from relay.ops.config import RelayConfig, load_config, masked_config
+from relay.ops.logsetup import configure_logging
+from relay.ops.workers import worker_count
+from relay.upstream.backends import build_credentials
 
 DEFAULT_CONFIG = "config/local.toml"
 T = TypeVar("T")
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         _run(run_server(config, environ, worker=True))
         return 0
     if args.workers > 1:
-        from relay.workers import Supervisor
+        from relay.ops.workers import Supervisor
 
         async def supervise() -> int:
             cli_overrides = {k: v for k, v in overrides.items() if k not in environ}

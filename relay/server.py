@@ -13,8 +13,8 @@ import structlog
 from aiohttp import web
 
 from relay.app import create_app, create_metrics_app, drain
-from relay.config import RelayConfig, TlsConfig
-from relay.logsetup import AccessLogger
+from relay.ops.config import RelayConfig, TlsConfig
+from relay.ops.logsetup import AccessLogger
 from relay.state import REGISTRY, STATE
 
 _log = structlog.get_logger("relay.server")
@@ -35,7 +35,7 @@ async def run_server(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then close every session and exit.
 
-    A worker (of `relay.workers.Supervisor`) shares its port and leaves /metrics to the
+    A worker (of `relay.ops.workers.Supervisor`) shares its port and leaves /metrics to the
     supervisor."""
     # Signals are handled from the start: a SIGTERM during start-up stops the relay cleanly.
     stop = asyncio.Event()

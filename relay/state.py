@@ -11,14 +11,14 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay.admission import AdmissionStore, AuthThrottle
-from relay.auth import KeyRing, client_address
-from relay.backends import BackendPool
-from relay.config import CredentialConfig, RelayConfig, TeamConfig
-from relay.credentials import UpstreamCredential
-from relay.metrics import LiveGauges, Metrics
-from relay.policy import SessionPolicy
-from relay.pump import Bridge
+from relay.edge.admission import AdmissionStore, AuthThrottle
+from relay.edge.auth import KeyRing, client_address
+from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
+from relay.ops.metrics import LiveGauges, Metrics
+from relay.session.policy import SessionPolicy
+from relay.session.pump import Bridge
+from relay.upstream.backends import BackendPool
+from relay.upstream.credentials import UpstreamCredential
 
 
 @dataclass(slots=True)

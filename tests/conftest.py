@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from relay.app import create_app
-from relay.config import RelayConfig
+from relay.ops.config import RelayConfig
 from relay.server import runner_options
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from tests.helpers import AZURE_KEY, ENVIRON

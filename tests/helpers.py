@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from relay.auth import hash_key
-from relay.config import RelayConfig, parse_config
+from relay.edge.auth import hash_key
+from relay.ops.config import RelayConfig, parse_config
 
 ALPHA_KEY = "rk-alpha-0123456789"
 BETA_KEY = "rk-beta-9876543210"

@@ -36,8 +36,8 @@ import aiohttp
 import orjson
 import pytest
 
-from relay.auth import hash_key
-from relay.config import RelayConfig, apply_env_overrides, parse_config
+from relay.edge.auth import hash_key
+from relay.ops.config import RelayConfig, apply_env_overrides, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

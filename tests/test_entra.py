@@ -17,10 +17,10 @@ from azure.identity.aio import (
     WorkloadIdentityCredential,
 )
 
-from relay.config import CredentialConfig
-from relay.credentials import build_credential
-from relay.entra import EntraCredential, error_text, refresh_delay, retry_delay
 from relay.errors import CredentialUnavailable
+from relay.ops.config import CredentialConfig
+from relay.upstream.credentials import build_credential
+from relay.upstream.entra import EntraCredential, error_text, refresh_delay, retry_delay
 from tests.entra_fake import IDENTITY_HEADER, PATH, FakeIdentityEndpoint, FakeTime
 
 RESOURCE = "https://cognitiveservices.azure.com"

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.app import create_metrics_app
-from relay.metrics import Metrics
+from relay.ops.metrics import Metrics
 from relay.state import STATE
 from tests.helpers import relay_config
 from tests.test_metrics_e2e import voice_turn

@@ -11,12 +11,12 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from relay.auth import hash_key
-from relay.backends import Backend, BackendPool
-from relay.config import BackendConfig, CredentialConfig, DeploymentConfig
-from relay.credentials import ApiKeyCredential
+from relay.edge.auth import hash_key
 from relay.errors import UpstreamRefused
+from relay.ops.config import BackendConfig, CredentialConfig, DeploymentConfig
 from relay.state import STATE
+from relay.upstream.backends import Backend, BackendPool
+from relay.upstream.credentials import ApiKeyCredential
 from tests.helpers import ALPHA_KEY, AZURE_KEY, FakeUpstream, read_until, relay_config
 
 ADMIN_KEY = "rk-admin-key-0001"

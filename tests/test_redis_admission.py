@@ -7,10 +7,10 @@ import asyncio
 import aiohttp
 import pytest
 
-from relay.admission_redis import RedisAdmission, window
-from relay.auth import hash_key
-from relay.config import AdmissionConfig, LimitsConfig, TeamLimits
+from relay.edge.admission_redis import RedisAdmission, window
+from relay.edge.auth import hash_key
 from relay.errors import ClientRefused
+from relay.ops.config import AdmissionConfig, LimitsConfig, TeamLimits
 from relay.state import STATE
 from tests.helpers import ALPHA_KEY, BETA_KEY, ENVIRON, read_until, relay_config
 from tests.processes import needs_redis, redis_server, relay_process

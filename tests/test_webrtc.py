@@ -17,9 +17,12 @@ from aiohttp import web
 from openai import AsyncOpenAI
 from yarl import URL
 
+from relay.edge.webrtc import WEBRTC
+from relay.edge.webrtc.requests import effective_session, parse_secret_request, webrtc_url
+from relay.edge.webrtc.secret_book import MintedSecret, SecretBook
 from relay.errors import RequestRejected
-from relay.policy import PolicyViolation, build_policy
-from relay.session_schema import merge_session
+from relay.session.policy import PolicyViolation, build_policy
+from relay.session.schema import merge_session
 from relay.simulator import SimulatorOptions, create_simulator_app
 from relay.simulator.webrtc import (
     STORE_KEY,
@@ -29,9 +32,6 @@ from relay.simulator.webrtc import (
     parse_offer,
 )
 from relay.state import STATE
-from relay.webrtc import WEBRTC
-from relay.webrtc.requests import effective_session, parse_secret_request, webrtc_url
-from relay.webrtc.secret_book import MintedSecret, SecretBook
 from tests.helpers import ALPHA_KEY, AZURE_KEY, BETA_KEY, relay_config
 from tests.processes import free_port
 

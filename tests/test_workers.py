@@ -9,7 +9,7 @@ import signal
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.auth import hash_key
+from relay.edge.auth import hash_key
 from tests.helpers import read_until
 from tests.processes import free_port, relay_process
 

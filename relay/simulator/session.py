@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from relay.session_schema import merge_session
+from relay.session.schema import merge_session
 from relay.simulator import validate as v
 from relay.simulator.errors import ClientEventError, missing
 from relay.simulator.schema import Dialect

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from relay.admission import AuthThrottle, MemoryAdmission, TokenBucket
-from relay.auth import hash_key
-from relay.config import LimitsConfig, TeamLimits
+from relay.edge.admission import AuthThrottle, MemoryAdmission, TokenBucket
+from relay.edge.auth import hash_key
 from relay.errors import ClientRefused
+from relay.ops.config import LimitsConfig, TeamLimits
 from relay.state import STATE
 from tests.helpers import ALPHA_KEY, BETA_KEY, read_until, relay_config
 

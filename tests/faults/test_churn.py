@@ -9,7 +9,7 @@ import tracemalloc
 
 import aiohttp
 
-from relay.pump import Bridge
+from relay.session.pump import Bridge
 from relay.state import STATE
 from tests.faults.test_upstream_faults import outcomes, url
 from tests.helpers import ALPHA_KEY, read_until, relay_config

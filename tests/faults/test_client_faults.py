@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from relay.auth import hash_key
+from relay.edge.auth import hash_key
 from relay.state import STATE
 from tests.faults.peers import Firehose, masked_text_frame, raw_client
 from tests.faults.test_upstream_faults import outcomes, url

@@ -39,7 +39,7 @@ deployments = ["gpt-realtime"]
 async def start_relay_process(
     tmp_path: Path, grace: float
 ) -> tuple[asyncio.subprocess.Process, str]:
-    from relay.auth import hash_key
+    from relay.edge.auth import hash_key
 
     config = tmp_path / "relay.toml"
     config.write_text(CONFIG.format(grace=grace, key_hash=hash_key(DEMO_KEY)))

@@ -71,7 +71,7 @@ async def test_no_secret_leaks_anywhere(simulator, start_relay, aiohttp_server, 
 
 
 def test_config_and_credential_reprs_hide_secrets():
-    from relay.backends import build_credentials
+    from relay.upstream.backends import build_credentials
 
     config = relay_config("http://127.0.0.1:1")
     credentials = build_credentials(config, ENVIRON)

@@ -8,7 +8,7 @@ import pytest
 from openai.types.beta.realtime import SessionCreatedEvent as BetaSessionCreated
 from openai.types.realtime import SessionCreatedEvent
 
-from relay.session_schema import merge_session as deep_merge
+from relay.session.schema import merge_session as deep_merge
 from relay.simulator.audio import G711_ALAW, G711_ULAW, PCM16
 from relay.simulator.errors import ClientEventError
 from relay.simulator.schema import BETA, GA

@@ -1,9 +1,9 @@
 import pytest
 
-from relay.auth import KeyRing, find_key, hash_key, offered_subprotocols
-from relay.config import CredentialConfig, DeploymentConfig, TeamConfig
+from relay.edge.auth import KeyRing, find_key, hash_key, offered_subprotocols
+from relay.edge.routes import parse_realtime_request, resolve_deployment
 from relay.errors import ClientRefused
-from relay.routes import parse_realtime_request, resolve_deployment
+from relay.ops.config import CredentialConfig, DeploymentConfig, TeamConfig
 
 TEAM_A = TeamConfig("a", (hash_key("key-a"), hash_key("key-a2")), ("gpt-realtime",))
 TEAM_B = TeamConfig("b", (hash_key("key-b"),), ("gpt-realtime", "mini"))
@@ -91,7 +91,7 @@ def test_beta_client_on_a_preview_deployment_is_fine():
 def test_client_address_behind_trusted_proxies():
     import ipaddress
 
-    from relay.auth import client_address
+    from relay.edge.auth import client_address
 
     proxies = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")]
     # Not behind a trusted proxy: the peer, whatever the header claims.

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.backends import build_credentials
-from relay.config import load_config, masked_config, parse_config
 from relay.errors import ConfigError
+from relay.ops.config import load_config, masked_config, parse_config
+from relay.upstream.backends import build_credentials
 
 HASH = "sha256:" + "a" * 64
 

@@ -6,8 +6,8 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.codec import base64_size
-from relay.metrics import BatchedHistogram, Metrics, SessionMeter, label_for_type, usage_tokens
+from relay.ops.metrics import BatchedHistogram, Metrics, SessionMeter, label_for_type, usage_tokens
+from relay.session.codec import base64_size
 
 
 class Clock:

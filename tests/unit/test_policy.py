@@ -5,16 +5,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.auth import hash_key
-from relay.codec import FrameError, base64_size, sniff_type
-from relay.config import CredentialConfig, DeploymentConfig, PolicyConfig, TeamConfig
-from relay.policy import (
+from relay.edge.auth import hash_key
+from relay.ops.config import CredentialConfig, DeploymentConfig, PolicyConfig, TeamConfig
+from relay.session.codec import FrameError, base64_size, sniff_type
+from relay.session.policy import (
     DOCUMENTED_CLIENT_EVENTS,
     PolicyViolation,
     SessionPolicy,
     build_policy,
 )
-from relay.session_schema import get_path, merge_session, to_preview_session
+from relay.session.schema import get_path, merge_session, to_preview_session
 
 KEYS = (hash_key("k"),)
 DEFAULTS = {

@@ -1,8 +1,8 @@
 import pytest
 
-from relay.config import CredentialConfig, DeploymentConfig
-from relay.pump import Ending, close_for_client, close_for_upstream
-from relay.upstream import realtime_url, refusal_for_status
+from relay.ops.config import CredentialConfig, DeploymentConfig
+from relay.session.pump import Ending, close_for_client, close_for_upstream
+from relay.upstream.dial import realtime_url, refusal_for_status
 
 CRED = CredentialConfig()
 

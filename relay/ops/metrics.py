@@ -30,8 +30,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from relay.codec import base64_size
-from relay.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
+from relay.session.codec import base64_size
+from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
 
 # Voice latencies: from a few ms (relay overhead) to seconds (a model's first audio).
 LATENCY_BUCKETS = (

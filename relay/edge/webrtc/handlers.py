@@ -12,15 +12,11 @@ import orjson
 import structlog
 from aiohttp import web
 
-from relay.admission import AdmissionStore
-from relay.admission_redis import RedisAdmission
-from relay.auth import find_key
-from relay.backends import Backend
-from relay.errors import ClientRefused, HttpRefusal, RequestRejected
-from relay.handlers import error_response
-from relay.policy import PolicyViolation
-from relay.state import STATE, RelayState
-from relay.webrtc.access import (
+from relay.edge.admission import AdmissionStore
+from relay.edge.admission_redis import RedisAdmission
+from relay.edge.auth import find_key
+from relay.edge.handlers import error_response
+from relay.edge.webrtc.access import (
     authenticate,
     cors_headers,
     ga_deployment,
@@ -28,14 +24,18 @@ from relay.webrtc.access import (
     secret_route,
     usable_backends,
 )
-from relay.webrtc.forward import Outbound, forward
-from relay.webrtc.requests import (
+from relay.edge.webrtc.forward import Outbound, forward
+from relay.edge.webrtc.requests import (
     UpstreamRejected,
     effective_session,
     parse_minted,
     parse_secret_request,
 )
-from relay.webrtc.secret_book import MintedSecret, ProcessSecrets, RedisSecrets, SecretRecords
+from relay.edge.webrtc.secret_book import MintedSecret, ProcessSecrets, RedisSecrets, SecretRecords
+from relay.errors import ClientRefused, HttpRefusal, RequestRejected
+from relay.session.policy import PolicyViolation
+from relay.state import STATE, RelayState
+from relay.upstream.backends import Backend
 
 SECRET_PATHS = ("/openai/v1/realtime/client_secrets", "/v1/realtime/client_secrets")
 CALL_PATHS = ("/openai/v1/realtime/calls", "/v1/realtime/calls")
@@ -43,7 +43,7 @@ MAX_BODY_BYTES = 256 * 1024
 # Query parameters of a call passed on upstream (Azure's data-channel event filter).
 _CALL_QUERY = ("webrtcfilter",)
 
-_log = structlog.get_logger("relay.webrtc")
+_log = structlog.get_logger("relay.edge.webrtc")
 
 
 @dataclass(slots=True)

@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 import orjson
 
-from relay.codec import FrameError, base64_size, parse_event, sniff_type
-from relay.config import DeploymentConfig, PolicyConfig, TeamConfig
-from relay.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
-from relay.session_schema import get_path, merge_session, preview_path, to_preview_session
+from relay.ops.config import DeploymentConfig, PolicyConfig, TeamConfig
+from relay.session.codec import FrameError, base64_size, parse_event, sniff_type
+from relay.session.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
+from relay.session.schema import get_path, merge_session, preview_path, to_preview_session
 
 Flavour = Literal["ga", "preview"]
 

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from relay.codec import FrameError, parse_event
 from relay.errors import UpstreamRefused
-from relay.policy import SessionPolicy
-from relay.upstream import UpstreamSocket
+from relay.session.codec import FrameError, parse_event
+from relay.session.policy import SessionPolicy
+from relay.upstream.dial import UpstreamSocket
 
 
 @dataclass(slots=True)

@@ -11,20 +11,20 @@ from dataclasses import dataclass
 import structlog
 from multidict import CIMultiDictProxy
 
-from relay.backends import Backend
-from relay.config import DeploymentConfig
+from relay.edge.webrtc.requests import upstream_rejection, webrtc_url
 from relay.errors import ClientRefused, UpstreamRefused
+from relay.ops.config import DeploymentConfig
 from relay.state import RelayState
-from relay.upstream import (
+from relay.upstream.backends import Backend
+from relay.upstream.dial import (
     credential_headers,
     fail_over,
     refusal_for_status,
     retry_after_seconds,
     transport_refusals,
 )
-from relay.webrtc.requests import upstream_rejection, webrtc_url
 
-_log = structlog.get_logger("relay.webrtc")
+_log = structlog.get_logger("relay.edge.webrtc")
 
 
 @dataclass(frozen=True, slots=True)

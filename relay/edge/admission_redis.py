@@ -25,10 +25,10 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from relay.config import AdmissionConfig, LimitsConfig, TeamLimits
 from relay.errors import ClientRefused
+from relay.ops.config import AdmissionConfig, LimitsConfig, TeamLimits
 
-_log = structlog.get_logger("relay.admission")
+_log = structlog.get_logger("relay.edge.admission")
 
 # KEYS: team slots, relay slots, team window counter, relay window counter
 # ARGV: slot id, ttl ms, team max, relay max, team budget, relay budget, window ms

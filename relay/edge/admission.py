@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from relay.config import LimitsConfig, TeamLimits
 from relay.errors import ClientRefused
+from relay.ops.config import LimitsConfig, TeamLimits
 
 Clock = Callable[[], float]
 

@@ -20,9 +20,9 @@ Modules: `requests` (pure: what a caller asks, the session, the upstream's answe
 (the upstream, with failover), `handlers` (the aiohttp endpoints and `add_routes`).
 """
 
-from relay.webrtc.handlers import WEBRTC, WebRtc, add_routes
-from relay.webrtc.requests import SecretRequest, effective_session, parse_secret_request
-from relay.webrtc.secret_book import MintedSecret, SecretBook
+from relay.edge.webrtc.handlers import WEBRTC, WebRtc, add_routes
+from relay.edge.webrtc.requests import SecretRequest, effective_session, parse_secret_request
+from relay.edge.webrtc.secret_book import MintedSecret, SecretBook
 
 __all__ = [
     "WEBRTC",

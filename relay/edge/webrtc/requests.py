@@ -11,8 +11,8 @@ import orjson
 from yarl import URL
 
 from relay.errors import RequestRejected, UpstreamRefused
-from relay.policy import PolicyViolation, SessionPolicy
-from relay.session_schema import merge_session
+from relay.session.policy import PolicyViolation, SessionPolicy
+from relay.session.schema import merge_session
 
 DEFAULT_SECRET_SECONDS = 600  # the service's default
 MIN_SECRET_SECONDS, MAX_SECRET_SECONDS = 10, 7200  # the service's range

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from relay.config import RelayConfig
+from relay.ops.config import RelayConfig
 
-_log = structlog.get_logger("relay.workers")
+_log = structlog.get_logger("relay.ops.workers")
 _CRASH_WINDOW_SECONDS = 10.0
 _MAX_RESTART_DELAY_SECONDS = 30.0
 

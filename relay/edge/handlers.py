@@ -18,18 +18,18 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay.admission import Lease
-from relay.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
-from relay.backends import Backend
-from relay.config import DeploymentConfig, TeamConfig
+from relay.edge.admission import Lease
+from relay.edge.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
+from relay.edge.routes import parse_realtime_request, resolve_deployment
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRefused
-from relay.logsetup import redact_url
-from relay.metrics import SessionMeter
-from relay.pump import Bridge, Ending
-from relay.routes import parse_realtime_request, resolve_deployment
-from relay.session_setup import StartedSession, start_session
+from relay.ops.config import DeploymentConfig, TeamConfig
+from relay.ops.logsetup import redact_url
+from relay.ops.metrics import SessionMeter
+from relay.session.pump import Bridge, Ending
+from relay.session.setup import StartedSession, start_session
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
-from relay.upstream import SocketOptions, UpstreamSocket, connect_pool
+from relay.upstream.backends import Backend
+from relay.upstream.dial import SocketOptions, UpstreamSocket, connect_pool
 
 _log = structlog.get_logger("relay.session")
 

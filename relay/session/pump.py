@@ -30,10 +30,10 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from relay.codec import FrameError, base64_size, sniff_type
-from relay.events import error_event
-from relay.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
-from relay.policy import PolicyViolation, SessionPolicy
+from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
+from relay.session.codec import FrameError, base64_size, sniff_type
+from relay.session.events import error_event
+from relay.session.policy import PolicyViolation, SessionPolicy
 
 ClientSocket = web.WebSocketResponse[bool]
 UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]

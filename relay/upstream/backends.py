@@ -23,11 +23,11 @@ from typing import Any
 import structlog
 from yarl import URL
 
-from relay.config import BackendConfig, CredentialConfig, DeploymentConfig, RelayConfig
-from relay.credentials import UpstreamCredential, build_credential
 from relay.errors import ConfigError, UpstreamRefused
+from relay.ops.config import BackendConfig, CredentialConfig, DeploymentConfig, RelayConfig
+from relay.upstream.credentials import UpstreamCredential, build_credential
 
-_log = structlog.get_logger("relay.backends")
+_log = structlog.get_logger("relay.upstream.backends")
 
 
 @dataclass(slots=True)

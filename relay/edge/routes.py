@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from relay.config import DeploymentConfig, TeamConfig
 from relay.errors import ClientRefused
+from relay.ops.config import DeploymentConfig, TeamConfig
 
 # Azure GA, Azure preview, and OpenAI-style paths.
 REALTIME_PATHS = ("/openai/v1/realtime", "/openai/realtime", "/v1/realtime")

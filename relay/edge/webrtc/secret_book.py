@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from relay.errors import ClientRefused
 
-_log = structlog.get_logger("relay.webrtc")
+_log = structlog.get_logger("relay.edge.webrtc")
 
 
 @dataclass(frozen=True, slots=True)

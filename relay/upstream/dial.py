@@ -16,10 +16,10 @@ from typing import TypeVar
 import aiohttp
 from yarl import URL
 
-from relay.backends import Backend, BackendPool
-from relay.config import DeploymentConfig
-from relay.credentials import UpstreamCredential
 from relay.errors import ClientRefused, CredentialUnavailable, UpstreamRefused
+from relay.ops.config import DeploymentConfig
+from relay.upstream.backends import Backend, BackendPool
+from relay.upstream.credentials import UpstreamCredential
 
 UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]
 T = TypeVar("T")

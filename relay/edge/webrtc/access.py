@@ -8,13 +8,13 @@ from collections.abc import Mapping
 import structlog
 from aiohttp import web
 
-from relay.auth import find_key
-from relay.backends import Backend
-from relay.config import DeploymentConfig, TeamConfig
+from relay.edge.auth import find_key
+from relay.edge.routes import RealtimeRequest, resolve_deployment
+from relay.edge.webrtc.secret_book import MintedSecret, SecretRecords
 from relay.errors import ClientRefused, RequestRejected
-from relay.routes import RealtimeRequest, resolve_deployment
+from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.state import RelayState
-from relay.webrtc.secret_book import MintedSecret, SecretRecords
+from relay.upstream.backends import Backend
 
 _INVALID_KEY = {
     False: "The relay key is not valid.",

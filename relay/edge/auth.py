@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from relay.config import TeamConfig
+from relay.ops.config import TeamConfig
 
 # Browsers cannot set headers on a WebSocket, so OpenAI's browser clients send the key as a
 # subprotocol; the server must then select `realtime` or the browser aborts the handshake.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from relay.config import CredentialConfig
+from relay.ops.config import CredentialConfig
 
 
 class UpstreamCredential(Protocol):
@@ -67,7 +67,7 @@ class ApiKeyCredential:
 def build_credential(config: CredentialConfig, environ: Mapping[str, str]) -> UpstreamCredential:
     """Raises ValueError naming what is missing from the environment."""
     if config.type == "entra":
-        from relay.entra import EntraCredential
+        from relay.upstream.entra import EntraCredential
 
         return EntraCredential(config, environ)
     key = environ.get(config.env, "").strip()

@@ -41,10 +41,10 @@ from azure.identity.aio import (
     WorkloadIdentityCredential,
 )
 
-from relay.config import CredentialConfig
 from relay.errors import CredentialUnavailable
+from relay.ops.config import CredentialConfig
 
-_log = structlog.get_logger("relay.entra")
+_log = structlog.get_logger("relay.upstream.entra")
 
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0

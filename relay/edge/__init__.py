@@ -1,0 +1,1 @@
+"""The edge: HTTP routes, client authentication and admission, before a session exists."""

@@ -1,0 +1,1 @@
+"""Operating the relay: configuration, metrics, logs and worker processes."""

@@ -1,0 +1,1 @@
+"""A live session: the pump between the two sockets, policy, codec and event inspection."""

@@ -1,0 +1,1 @@
+"""The upstream: backend pools, credentials and dialling the service."""
