@@ -3,11 +3,19 @@
 Audio frames are most of the traffic and only need their type (and sometimes the length of
 their base64 payload). Clients put `type` first in practice (the SDKs build the event dict
 with `type` first), so a prefix check answers almost always; anything else gets an exact
-parse with orjson, so the answer is never a guess.
+parse, so the answer is never a guess.
+
+Client frames are judged the way the upstream will run them (`read_client_frame`). The
+upstream's JSON parser keeps the *last* of duplicate keys and decodes escaped key names, so
+a prefix sniff is only trusted when a byte scan proves the frame unambiguous: no backslash
+anywhere (so no escaped key and no quote inside a string) and exactly one `"type"` (and, for
+an append, one `"audio"`). Every other client frame is parsed, refusing duplicate keys at
+every level, so the event the relay judged is the event the upstream runs.
 """
 
 from __future__ import annotations
 
+import json  # noqa: TID251 (orjson cannot report duplicate keys; used only off the fast path)
 from typing import Any
 
 import orjson
@@ -34,7 +42,126 @@ class FrameError(ValueError):
 
 
 def sniff_type(frame: bytes) -> str:
-    """The event's `type`; raises FrameError when the frame is not a typed JSON object."""
+    """The event's `type`, for frames from the upstream (trusted to send each key once);
+    raises FrameError when the frame is not a typed JSON object."""
+    kind = _sniff_prefix(frame)
+    return kind if kind is not None else event_type(parse_event(frame))
+
+
+# A client frame as the upstream will read it: its type, the parsed event when judging it
+# needed a parse (None on the fast path), and an append's decoded audio bytes (else 0).
+# A plain tuple: one is built for every frame.
+ClientFrame = tuple[str, dict[str, Any] | None, int]
+
+
+_APPEND = "input_audio_buffer.append"
+_TYPE_KEY = b'"type"'
+_CANONICAL_APPENDS = (
+    b'{"type":"input_audio_buffer.append","audio":"',
+    b'{"type": "input_audio_buffer.append", "audio": "',
+)
+_AUDIO_KEY = b'"audio"'
+
+
+def read_client_frame(frame: bytes) -> ClientFrame:
+    """The type (and an append's audio size) the upstream will see; FrameError otherwise."""
+    for head in _CANONICAL_APPENDS:
+        # What the SDKs send: {"type", "audio"} and nothing else, so nothing to search.
+        if frame.startswith(head):
+            end = len(frame) - 2
+            if (
+                frame.find(b'"', len(head)) == end
+                and frame.endswith(b'"}')
+                and frame.find(b"\\") == -1
+            ):
+                return _APPEND, None, _span_size(frame, len(head), end)
+            break
+    kind = _sniff_prefix(frame)
+    # No backslash: no escaped key, and every quote delimits a string, so a key name is
+    # found exactly where its bytes are. The prefix put one `"type"` at index 1.
+    if kind is not None and frame.find(b"\\") == -1:
+        if kind != _APPEND:
+            if frame.find(_TYPE_KEY, 2) == -1:
+                return kind, None, 0
+        else:
+            found = _audio_span(frame)
+            # The base64 between start and end holds no quote, so no key: only the bytes
+            # around it need searching for a second `"type"` or `"audio"`.
+            if found is not None:
+                at, start, end = found
+                if (
+                    frame.find(_TYPE_KEY, 2, at) == -1
+                    and frame.find(_TYPE_KEY, end) == -1
+                    and frame.find(_AUDIO_KEY, end) == -1
+                ):
+                    return kind, None, _span_size(frame, start, end)
+    event = parse_event_strict(frame)
+    kind = event_type(event)
+    audio = event.get("audio") if kind == _APPEND else None
+    return kind, event, _decoded_size(audio) if isinstance(audio, str) else 0
+
+
+def _audio_span(frame: bytes) -> tuple[int, int, int] | None:
+    """Where the first `"audio"` key is and its string value lies, for the compact layouts."""
+    at = frame.find(_AUDIO_KEY)
+    if at == -1:
+        return None
+    start = at + len(_AUDIO_KEY)
+    if frame.startswith(b':"', start):
+        start += 2
+    elif frame.startswith(b': "', start):
+        start += 3
+    else:
+        return None
+    end = frame.find(b'"', start)
+    return None if end == -1 else (at, start, end)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_event_strict(frame: bytes) -> dict[str, Any]:
+    """Parse a client event, refusing a key that appears twice in any object.
+
+    Keys are compared after unescaping, so `"\\u0074ype"` is a second `"type"`: the two
+    would be read differently by a parser that keeps the first and one that keeps the last.
+    """
+    try:
+        event = json.loads(
+            frame.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant
+        )
+    except _DuplicateKey as exc:
+        raise FrameError(
+            "invalid_event",
+            f"The event has the key {exc.key!r} more than once in one object; send each key once.",
+        ) from exc
+    except (ValueError, RecursionError) as exc:
+        raise FrameError("invalid_json", f"The event is not valid JSON: {exc}.") from exc
+    if not isinstance(event, dict):
+        raise FrameError("invalid_event", "An event must be a JSON object.")
+    event_type(event)
+    return event
+
+
+def _sniff_prefix(frame: bytes) -> str | None:
     for prefix, name in _HOT:
         if frame.startswith(prefix):
             return name
@@ -44,7 +171,12 @@ def sniff_type(frame: bytes) -> str:
             end = frame.find(b'"', start, start + _MAX_TYPE_LEN)
             if end > start and b"\\" not in frame[start:end]:
                 return frame[start:end].decode("utf-8", "replace")
-    return event_type(parse_event(frame))
+    return None
+
+
+def _decoded_size(encoded: str) -> int:
+    data = encoded.encode("ascii", "replace")
+    return _span_size(data, 0, len(data))
 
 
 def parse_event(frame: bytes) -> dict[str, Any]:
@@ -73,15 +205,14 @@ def base64_size(frame: bytes, field: bytes) -> int:
     span = _compact_span(frame, field) or _string_span(frame, field)
     if span is None:
         value = parse_event(frame).get(field.decode())
-        if not isinstance(value, str):
-            return 0
-        encoded = value.encode("ascii", "replace")
-        span = (0, len(encoded))
-        frame = encoded
-    start, end = span
+        return _decoded_size(value) if isinstance(value, str) else 0
+    return _span_size(frame, *span)
+
+
+def _span_size(data: bytes, start: int, end: int) -> int:
     if end <= start:
         return 0
-    padding = (frame[end - 1] == _EQUALS) + (end - 2 >= start and frame[end - 2] == _EQUALS)
+    padding = (data[end - 1] == _EQUALS) + (end - 2 >= start and data[end - 2] == _EQUALS)
     return (end - start) * 3 // 4 - padding
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import orjson
 
 from relay.ops.config import DeploymentConfig, PolicyConfig, TeamConfig
-from relay.session.codec import FrameError, base64_size, parse_event, sniff_type
+from relay.session.codec import FrameError, base64_size, parse_event_strict, read_client_frame
 from relay.session.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
 from relay.session.schema import get_path, merge_session, preview_path, to_preview_session
 
@@ -83,16 +83,22 @@ class SessionPolicy:
     def check_client_frame(self, frame: bytes, session: Mapping[str, Any]) -> bytes:
         """The frame to forward upstream, given the session in force; or PolicyViolation."""
         try:
-            kind = sniff_type(frame)
+            kind, event, audio_bytes = read_client_frame(frame)
         except FrameError as exc:
             raise PolicyViolation(exc.message, code=exc.code) from exc
-        return self.check(kind, frame, session)
+        return self.check(kind, frame, session, audio_bytes, event)
 
     def check(
-        self, kind: str, frame: bytes, session: Mapping[str, Any], audio_bytes: int = -1
+        self,
+        kind: str,
+        frame: bytes,
+        session: Mapping[str, Any],
+        audio_bytes: int = -1,
+        event: dict[str, Any] | None = None,
     ) -> bytes:
-        """As `check_client_frame`, for a frame whose type the caller already sniffed (and,
-        for an append, whose decoded audio size it measured: ``audio_bytes``)."""
+        """As `check_client_frame`, for a frame the caller already read with
+        `codec.read_client_frame`: its type, an append's decoded audio size
+        (``audio_bytes``) and the parsed event when reading it needed a parse."""
         if self.max_frame_bytes is not None and len(frame) > self.max_frame_bytes:
             raise PolicyViolation(
                 f"The event is {len(frame)} bytes; this deployment allows "
@@ -109,9 +115,9 @@ class SessionPolicy:
             self._check_append(frame, audio_bytes)
             return frame
         if kind == "session.update":
-            return self._check_update(frame, "session", session)
+            return self._check_update(frame, "session", session, event)
         if kind == "response.create":
-            return self._check_update(frame, "response", session)
+            return self._check_update(frame, "response", session, event)
         return frame
 
     def _check_append(self, frame: bytes, decoded: int) -> None:
@@ -125,13 +131,20 @@ class SessionPolicy:
                 event_id=_event_id_of(frame),
             )
 
-    def _check_update(self, frame: bytes, key: str, session: Mapping[str, Any]) -> bytes:
+    def _check_update(
+        self,
+        frame: bytes,
+        key: str,
+        session: Mapping[str, Any],
+        event: dict[str, Any] | None,
+    ) -> bytes:
         if not (self.inspects_session or self.instructions_prefix):
             return frame
-        try:
-            event = parse_event(frame)
-        except FrameError as exc:
-            raise PolicyViolation(exc.message, code=exc.code) from exc
+        if event is None:
+            try:
+                event = parse_event_strict(frame)
+            except FrameError as exc:
+                raise PolicyViolation(exc.message, code=exc.code) from exc
         fragment = event.get(key)
         if not isinstance(fragment, dict):
             return frame  # nothing set; the upstream judges the shape

@@ -31,7 +31,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
-from relay.session.codec import FrameError, base64_size, sniff_type
+from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.events import error_event
 from relay.session.policy import PolicyViolation, SessionPolicy
 
@@ -42,7 +42,6 @@ Side = Literal["client", "upstream", "relay"]
 # Close codes an endpoint may put in a close frame (RFC 6455 7.4, IANA registry).
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 _MAX_REASON_BYTES = 123
-_APPEND = "input_audio_buffer.append"
 _log = structlog.get_logger("relay.session")
 
 
@@ -206,9 +205,8 @@ class Bridge:
                     await self._client_broke(1007, "invalid UTF-8 in a text frame", "invalid_utf8")
                     break
                 try:
-                    kind = sniff_type(msg.data)
-                    audio = base64_size(msg.data, b"audio") if kind == _APPEND else 0
-                    frame = self.policy.check(kind, msg.data, self.session, audio)
+                    kind, event, audio = read_client_frame(msg.data)
+                    frame = self.policy.check(kind, msg.data, self.session, audio, event)
                 except FrameError as exc:
                     await self._refuse(PolicyViolation(exc.message, code=exc.code))
                     continue
