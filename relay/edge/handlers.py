@@ -190,6 +190,8 @@ async def _serve(
         heartbeat=server.heartbeat_seconds,
         timeout=server.close_timeout_seconds,
         decode_text=False,
+        # Pings reach the pump, which answers them within a rate (a ping flood is closed).
+        autoping=False,
     )
     transport = request.transport
     if transport is not None and server.client_send_buffer_bytes:
@@ -212,6 +214,8 @@ async def _serve(
         greeting=(admitted.started.created_frame, *admitted.started.pending),
         close_timeout=server.close_timeout_seconds,
         stall_timeout=server.stall_timeout_seconds,
+        response_timeout=state.config.upstream.response_timeout_seconds,
+        max_pings_per_second=server.max_pings_per_second,
         client_transport=transport,
     )
     state.track(bridge)

@@ -54,6 +54,8 @@ class ServerConfig:
     # real services send several-MiB events, so the default leaves room above that.
     max_message_bytes: int = 16 * 1024 * 1024
     heartbeat_seconds: float = 20.0
+    # Pings a client may send per second (burst twice that); a ping flood closes with 1008.
+    max_pings_per_second: float = 5.0
     close_timeout_seconds: float = 5.0
     # A peer that takes no data for this long while the relay has some for it is closed.
     stall_timeout_seconds: float = 10.0
@@ -76,7 +78,7 @@ class ServerConfig:
             raise ValueError("port must be between 0 and 65535")
         for name in (
             "max_message_bytes", "heartbeat_seconds", "close_timeout_seconds",
-            "stall_timeout_seconds", "max_header_bytes",
+            "stall_timeout_seconds", "max_header_bytes", "max_pings_per_second",
         ):  # fmt: skip
             _positive(getattr(self, name), name)
         for proxy in self.trusted_proxies:
@@ -89,6 +91,9 @@ class ServerConfig:
 class UpstreamConfig:
     connect_timeout_seconds: float = 10.0
     heartbeat_seconds: float = 20.0
+    # While a response is in progress, an upstream silent this long is stalled: the client
+    # gets `upstream_stalled` and 1011 rather than waiting for ever.
+    response_timeout_seconds: float = 60.0
     # Extra CA bundle for upstream TLS (private endpoints, test fakes); system CAs otherwise.
     ca_file: Path | None = None
     # A backend failing this many handshakes in a row is ejected for eject_seconds, then
@@ -99,7 +104,7 @@ class UpstreamConfig:
     def __post_init__(self) -> None:
         for name in (
             "connect_timeout_seconds", "heartbeat_seconds", "eject_after_failures",
-            "eject_seconds",
+            "eject_seconds", "response_timeout_seconds",
         ):  # fmt: skip
             _positive(getattr(self, name), name)
 
@@ -306,6 +311,15 @@ class PolicyConfig:
     idle_timeout_seconds: float | None = None
     # Rejected client events tolerated before the session is closed.
     max_violations: int | None = None
+    # Client events per second a session may send on average, and how many at once above
+    # that (a token bucket); events over it are refused. Fairness: one flooding client must
+    # not slow the others.
+    max_events_per_second: float | None = None
+    event_burst: int | None = None
+    # Over the rate: "throttle" stops reading the client until the bucket refills (nothing
+    # is lost, the excess costs nothing); "refuse" drops each event with an `error` event,
+    # counted toward max_violations.
+    on_rate_exceeded: Literal["throttle", "refuse"] | None = None
 
     def __post_init__(self) -> None:
         _check_session_paths(self.locked or (), "locked")
@@ -313,7 +327,7 @@ class PolicyConfig:
         _check_session_paths(self.max_values or {}, "max_values")
         for name in (
             "max_frame_bytes", "max_append_audio_bytes", "max_session_seconds",
-            "idle_timeout_seconds",
+            "idle_timeout_seconds", "max_events_per_second", "event_burst",
         ):  # fmt: skip
             value = getattr(self, name)
             if value is not None:

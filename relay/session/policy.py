@@ -30,6 +30,10 @@ Flavour = Literal["ga", "preview"]
 DOCUMENTED_CLIENT_EVENTS = CLIENT_EVENT_TYPES
 API_MAX_APPEND_AUDIO_BYTES = 15 * 1024 * 1024
 DEFAULT_MAX_VIOLATIONS = 10
+# Audio in 10 ms chunks is 100 events a second, a browser worklet's 128-sample chunks under
+# 200; the burst lets a client upload 20 s of 20 ms chunks at once.
+DEFAULT_MAX_EVENTS_PER_SECOND = 250.0
+DEFAULT_EVENT_BURST = 1000
 DEFAULTS_EVENT_ID = "relay_session_defaults"
 
 
@@ -67,6 +71,9 @@ class SessionPolicy:
     max_session_seconds: float | None = None
     idle_timeout_seconds: float | None = None
     max_violations: int = DEFAULT_MAX_VIOLATIONS
+    max_events_per_second: float = DEFAULT_MAX_EVENTS_PER_SECOND
+    event_burst: int = DEFAULT_EVENT_BURST
+    on_rate_exceeded: Literal["throttle", "refuse"] = "throttle"
 
     @property
     def inspects_session(self) -> bool:
@@ -243,6 +250,9 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
         max_violations=(
             DEFAULT_MAX_VIOLATIONS if rules.max_violations is None else rules.max_violations
         ),
+        max_events_per_second=rules.max_events_per_second or DEFAULT_MAX_EVENTS_PER_SECOND,
+        event_burst=rules.event_burst or DEFAULT_EVENT_BURST,
+        on_rate_exceeded=rules.on_rate_exceeded or "throttle",
     )
 
 

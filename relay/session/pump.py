@@ -42,6 +42,7 @@ Side = Literal["client", "upstream", "relay"]
 # Close codes an endpoint may put in a close frame (RFC 6455 7.4, IANA registry).
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 _MAX_REASON_BYTES = 123
+_YIELD_EVERY = 16
 _log = structlog.get_logger("relay.session")
 
 
@@ -98,9 +99,10 @@ class Bridge:
 
     __slots__ = (
         "client", "upstream", "policy", "session", "meter", "greeting", "close_timeout",
-        "stall_timeout", "client_transport", "ending", "writing_in_since",
-        "writing_out_since", "between_responses", "violations", "_loop", "started_at",
-        "last_client_event_at", "__weakref__",
+        "stall_timeout", "response_timeout", "max_pings_per_second", "client_transport",
+        "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
+        "_loop", "started_at", "last_client_event_at", "last_upstream_event_at",
+        "throttled", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -114,6 +116,8 @@ class Bridge:
         greeting: Sequence[bytes] = (),
         close_timeout: float,
         stall_timeout: float,
+        response_timeout: float = 60.0,
+        max_pings_per_second: float = 5.0,
         client_transport: asyncio.Transport | None = None,
     ) -> None:
         self.client = client
@@ -126,6 +130,8 @@ class Bridge:
         self.greeting = greeting
         self.close_timeout = close_timeout
         self.stall_timeout = stall_timeout
+        self.response_timeout = response_timeout
+        self.max_pings_per_second = max_pings_per_second
         # To drop the client's TCP connection at once, when it takes no data.
         self.client_transport = client_transport
         self.ending: Ending | None = None
@@ -137,9 +143,11 @@ class Bridge:
         self.between_responses = asyncio.Event()
         self.between_responses.set()
         self.violations = 0
+        self.throttled = False
         self._loop = asyncio.get_running_loop()
         self.started_at = self._loop.time()
         self.last_client_event_at = self.started_at
+        self.last_upstream_event_at = self.started_at
         meter.session_changed(session)
 
     async def run(self) -> Ending:
@@ -193,20 +201,47 @@ class Bridge:
         if self.ending is not None:
             return False
         self.ending = ending
+        self.between_responses.set()  # nothing is in progress any more: a drain need not wait
         return True
 
     async def _client_to_upstream(self) -> None:
         client, upstream, meter, now = self.client, self.upstream, self.meter, self._loop.time
+        policy = self.policy
+        # Token buckets (events, pings), in locals: this loop runs for every client frame.
+        rate, burst = policy.max_events_per_second, float(policy.event_burst)
+        throttle = policy.on_rate_exceeded == "throttle"
+        ping_rate = self.max_pings_per_second
+        tokens, ping_tokens = burst, 2 * ping_rate
+        filled_at = ping_filled_at = now()
+        # Frames already queued are received without suspending: yield now and then, so one
+        # client's burst cannot hold the loop (and every other session) for its whole length.
+        unyielded = 0
         while True:
+            unyielded += 1
+            if unyielded >= _YIELD_EVERY:
+                unyielded = 0
+                await asyncio.sleep(0)
             msg = await client.receive()
             if msg.type is WSMsgType.TEXT:
                 arrived = self.last_client_event_at = now()
+                tokens = min(burst, tokens + (arrived - filled_at) * rate)
+                filled_at = arrived
+                if tokens < 1.0:
+                    if not throttle:
+                        await self._refuse(_rate_limited(rate, burst))
+                        continue
+                    # Stop reading this client until a token is back: TCP holds the rest,
+                    # nothing is dropped, and the excess costs the relay nothing.
+                    await self._throttle((1.0 - tokens) / rate, "events")
+                    arrived = filled_at = now()
+                    tokens = 1.0
+                tokens -= 1.0
                 if not msg.data.isascii() and not _is_utf8(msg.data):
                     await self._client_broke(1007, "invalid UTF-8 in a text frame", "invalid_utf8")
                     break
                 try:
                     kind, event, audio = read_client_frame(msg.data)
-                    frame = self.policy.check(kind, msg.data, self.session, audio, event)
+                    frame = policy.check(kind, msg.data, self.session, audio, event)
                 except FrameError as exc:
                     await self._refuse(PolicyViolation(exc.message, code=exc.code))
                     continue
@@ -222,6 +257,22 @@ class Bridge:
                 written = now()
                 self.writing_in_since = None
                 meter.forwarded("in", written - arrived, written - writing)
+            elif msg.type is WSMsgType.PING:
+                arrived = now()
+                ping_tokens = min(
+                    2 * ping_rate, ping_tokens + (arrived - ping_filled_at) * ping_rate
+                )
+                ping_filled_at = arrived
+                if ping_tokens < 1.0:
+                    await self._throttle((1.0 - ping_tokens) / ping_rate, "pings")
+                    ping_filled_at, ping_tokens = now(), 1.0
+                ping_tokens -= 1.0
+                try:
+                    await client.pong(msg.data)
+                except ConnectionError:
+                    pass  # the next receive sees why
+            elif msg.type is WSMsgType.PONG:
+                continue  # an answer to the heartbeat; any data already reset its timer
             elif msg.type is WSMsgType.BINARY:
                 await self._refuse(
                     PolicyViolation(
@@ -252,7 +303,7 @@ class Bridge:
         while True:
             msg = await upstream.receive()
             if msg.type is WSMsgType.TEXT:
-                arrived = now()
+                arrived = self.last_upstream_event_at = now()
                 frame = msg.data
                 try:
                     kind = sniff_type(frame)
@@ -368,6 +419,11 @@ class Bridge:
                     error_type="invalid_request_error",
                 )
                 return
+            responding = not self.between_responses.is_set()
+            silent_until = self.last_upstream_event_at + self.response_timeout
+            if responding and now >= silent_until:
+                await self._upstream_silent()
+                return
             if idle_seconds is not None and now >= self.last_client_event_at + idle_seconds:
                 await self.stop(
                     1008,
@@ -382,6 +438,8 @@ class Bridge:
                 wake = min(wake, self.started_at + max_seconds)
             if idle_seconds is not None:
                 wake = min(wake, self.last_client_event_at + idle_seconds)
+            if responding:
+                wake = min(wake, silent_until)
             await asyncio.sleep(wake - now)
             self.meter.flush()
 
@@ -396,6 +454,24 @@ class Bridge:
             _log.warning("upstream_stalled", stall_timeout_seconds=self.stall_timeout)
             message = "The upstream service stopped taking data; the session is closed."
             await self.stop(1011, "upstream stalled", cause="upstream_stalled", message=message)
+
+    async def _throttle(self, seconds: float, what: str) -> None:
+        if not self.throttled:
+            self.throttled = True
+            _log.info("client_throttled", what=what)  # once a session: a flood logs one line
+            self.meter.violation(f"{what}_throttled")
+        await asyncio.sleep(seconds)
+
+    async def _upstream_silent(self) -> None:
+        """A response is in progress and the upstream has sent nothing for too long."""
+        _log.warning("upstream_stalled", response_timeout_seconds=self.response_timeout)
+        await self.stop(
+            1011,
+            "upstream stalled",
+            cause="upstream_stalled",
+            message=f"The upstream service sent nothing for {self.response_timeout:g} s "
+            "during a response; the session is closed.",
+        )
 
     async def _send_to_client(self, frame: bytes) -> None:
         try:
@@ -433,6 +509,14 @@ class Bridge:
 
     async def _close_both(self) -> None:
         await asyncio.gather(self._close_client(), self._close_upstream(), return_exceptions=True)
+
+
+def _rate_limited(rate: float, burst: float) -> PolicyViolation:
+    return PolicyViolation(
+        f"More than {rate:g} events a second (bursts of {burst:g}); this event was dropped. "
+        "Send fewer, larger audio chunks.",
+        code="rate_limit_exceeded",
+    )
 
 
 def _after_close(ws: ClientSocket | UpstreamSocket) -> None:

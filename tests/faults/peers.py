@@ -90,3 +90,12 @@ def masked_text_frame(payload: bytes) -> bytes:
         else bytes([0x80 | 126]) + struct.pack("!H", len(payload))
     )
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def silent_mid_response(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
+    """Starts a response, then sends nothing more; answers pings, so the heartbeat is happy."""
+    await ws.send_str(CREATED)
+    await ws.receive()  # the client's response.create
+    await ws.send_str('{"type":"response.created","event_id":"e1","response":{"id":"r1"}}')
+    async for _ in ws:  # reads (and pongs) until the relay closes
+        pass

@@ -7,7 +7,9 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
+import structlog
 from aiohttp import WSMsgType
 
 from relay.edge.auth import hash_key
@@ -160,3 +162,81 @@ async def test_slow_client_is_bounded_and_closed_while_others_keep_their_latency
     # (The close handshake then reads and drops what the upstream still sends.)
     assert sent_while_live < 16 * 1024 * 1024, sent_while_live
     assert outcomes(relay)["client_stalled"] == 1
+
+
+def rate_limited_relay(upstream, **policy):
+    endpoint = str(upstream.make_url(""))
+    return relay_config(
+        endpoint,
+        deployments={
+            "gpt-realtime": {
+                "endpoint": endpoint,
+                "credential": {"env": "TEST_AZURE_KEY"},
+                "policy": policy,
+            }
+        },
+    )
+
+
+async def test_events_over_the_rate_are_throttled_not_dropped(start_fake, start_relay, http):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(rate_limited_relay(upstream, max_events_per_second=50, event_burst=3))
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            for i in range(12):
+                await ws.send_str(f'{{"type":"input_audio_buffer.clear","event_id":"c{i}"}}')
+            echoed = [orjson.loads((await ws.receive()).data)["event_id"] for _ in range(12)]
+    assert echoed == [f"c{i}" for i in range(12)]  # every one, in order, none refused
+    assert [e["event"] for e in logs].count("client_throttled") == 1
+
+
+async def test_events_over_the_rate_are_refused_then_the_flood_is_closed(
+    start_fake, start_relay, http
+):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(
+        rate_limited_relay(
+            upstream,
+            max_events_per_second=1,
+            event_burst=3,
+            max_violations=4,
+            on_rate_exceeded="refuse",
+        )
+    )
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        for i in range(10):
+            await ws.send_str(f'{{"type":"input_audio_buffer.clear","event_id":"c{i}"}}')
+        codes = []
+        while (msg := await ws.receive()).type is WSMsgType.TEXT:
+            event = orjson.loads(msg.data)
+            if event["type"] == "error":
+                codes.append(event["error"]["code"])
+        assert codes == ["rate_limit_exceeded"] * 5 + ["too_many_violations"]
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1008)
+    # The burst passed; the rest was refused until persistent abuse closed the session.
+    await fake.closed.wait()
+    assert [orjson.loads(e)["event_id"] for e in fake.received] == ["c0", "c1", "c2"]
+
+
+async def test_a_ping_flood_is_answered_at_the_cap(start_fake, start_relay, http):
+    upstream = await start_fake(FakeUpstream(script=echo).app())
+    relay = await start_relay(
+        relay_config(str(upstream.make_url("")), server={"max_pings_per_second": 40})
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(
+            url(relay), headers={"api-key": ALPHA_KEY}, autoping=False
+        ) as ws:
+            await read_until(ws, "session.created")
+            for i in range(120):
+                await ws.ping(str(i).encode())
+            pongs = [(await ws.receive()) for _ in range(120)]
+            assert [p.type for p in pongs] == [WSMsgType.PONG] * 120
+            assert [p.data for p in pongs] == [str(i).encode() for i in range(120)]
+    assert {"event": "client_throttled", "what": "pings"}.items() <= next(
+        e for e in logs if e["event"] == "client_throttled"
+    ).items()

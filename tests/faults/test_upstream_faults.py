@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -9,8 +10,9 @@ import pytest
 import structlog
 from aiohttp import WSMsgType
 
+from relay.app import drain
 from relay.state import STATE
-from tests.faults.peers import send_after_created, stall_after_created
+from tests.faults.peers import send_after_created, silent_mid_response, stall_after_created
 from tests.helpers import ALPHA_KEY, FakeUpstream, read_until, relay_config
 
 
@@ -79,3 +81,36 @@ async def test_upstream_sending_garbage_ends_the_session(
         await session_fails(http, relay, code=code, close=1011)
     assert outcomes(relay) == {code: 1}
     assert any(entry["event"] == code for entry in logs)
+
+
+async def test_upstream_silent_mid_response_is_stalled_and_closed(start_fake, start_relay, http):
+    relay = await relay_with(
+        start_fake, start_relay, silent_mid_response, upstream={"response_timeout_seconds": 0.3}
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            await ws.send_str('{"type":"response.create"}')
+            events = await read_until(ws, "error")
+            assert events[-1]["error"]["code"] == "upstream_stalled"
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1011)
+        await relay.app[STATE].idle.wait()
+    assert outcomes(relay) == {"upstream_stalled": 1}
+    assert any(entry["event"] == "upstream_stalled" for entry in logs)
+
+
+async def test_a_drain_does_not_wait_past_a_stalled_response(start_fake, start_relay, http):
+    relay = await relay_with(
+        start_fake, start_relay, silent_mid_response, upstream={"response_timeout_seconds": 0.3}
+    )
+    state = relay.app[STATE]
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        await read_until(ws, "response.created")
+        # The grace is far longer than the response timeout: the drain ends with the stall.
+        async with asyncio.timeout(20):
+            await drain(state, grace_seconds=60)
+        [error] = await read_until(ws, "error")
+        assert error["error"]["code"] == "upstream_stalled"
