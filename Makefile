@@ -6,7 +6,7 @@ CONFIG ?= config/local.toml
 # The local config's simulated Azure upstream checks this key, like Azure checks yours.
 export RELAY_SIMULATOR_KEY ?= local-simulator-key
 
-.PHONY: venv run simulate test lint typecheck pytest format clean bench
+.PHONY: venv run simulate test lint typecheck pytest format clean bench bench-fairness
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ test: lint typecheck pytest
 bench: venv
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# One client floods events, then pings: how far does a healthy session's p99 move?
+bench-fairness: venv
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.fairness $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,9 +1,10 @@
-"""Fairness: does one abusive client slow the others? (`make bench BENCH_ARGS=--fairness`)
+"""Fairness: does one abusive client slow the others? (`make bench-fairness`)
 
 A healthy session sends 20 ms of audio every 20 ms through the relay to the echo upstream
 and times each append's round trip (perf_counter). It is measured three times, each for
 ``--seconds``: alone, while another client floods tiny events as fast as the relay reads
-them (reconnecting whenever the relay closes it), and while a client floods pings. The report is the healthy session's p50/p99 in each phase and the p99's move.
+them (reconnecting whenever the relay closes it), and while a client floods pings. The
+report is the healthy session's p50/p99 in each phase and the p99's move.
 The target (issue 12): a flood moves the healthy p99 by less than 5 ms.
 """
 
@@ -46,7 +47,7 @@ async def healthy(url: str, headers: dict[str, str], seconds: float) -> list[flo
                 if started is not None:
                     rtts.append((time.perf_counter() - started) * 1000)
 
-        task = asyncio.create_task(reader())
+        task = asyncio.ensure_future(reader())
         begin = time.perf_counter()
         n = 0
         while (now := time.perf_counter()) - begin < seconds:
