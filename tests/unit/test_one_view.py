@@ -142,18 +142,20 @@ tokens = st.sampled_from([10, 1000, 5000, "inf"]).map(text)
 
 @st.composite
 def fragments(draw: st.DrawFn) -> str:
-    output = draw(raw_objects(draw(st.lists(st.tuples(st.just("voice"), voices), max_size=2))))
-    entries = draw(
-        st.lists(
-            st.one_of(
-                st.tuples(st.just("instructions"), instructions),
-                st.tuples(st.just("max_output_tokens"), tokens),
-                st.just(("audio", draw(raw_objects([("output", output)])))),
-                st.just(("type", '"realtime"')),
-            ),
-            max_size=5,
-        )
-    )
+    entries = []
+    for field in draw(
+        st.lists(st.sampled_from(["instructions", "tokens", "audio", "type"]), max_size=5)
+    ):
+        if field == "instructions":
+            entries.append(("instructions", draw(instructions)))
+        elif field == "tokens":
+            entries.append(("max_output_tokens", draw(tokens)))
+        elif field == "audio":
+            voice_entries = [("voice", draw(voices)) for _ in range(draw(st.integers(0, 2)))]
+            output = draw(raw_objects(voice_entries))
+            entries.append(("audio", draw(raw_objects([("output", output)]))))
+        else:
+            entries.append(("type", '"realtime"'))
     return draw(raw_objects(entries))
 
 
