@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -10,8 +11,10 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import create_metrics_app
+from relay.edge.auth import hash_key
 from relay.state import STATE
 from tests.helpers import ALPHA_KEY, ENVIRON, b64, relay_config, tone_pcm
+from tests.processes import free_port, relay_process
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -149,3 +152,62 @@ async def _scrape(registry, aiohttp_server) -> str:
     async with aiohttp.ClientSession() as http:
         async with http.get(listener.make_url("/metrics")) as response:
             return await response.text()
+
+
+PROCESS_CONFIG = """
+[server]
+port = 0
+[metrics]
+port = {metrics_port}
+[logging]
+format = "json"
+[simulator]
+speed = 0
+[deployments.gpt-realtime]
+endpoint = "simulator"
+credential = {{ env = "RELAY_SIMULATOR_KEY" }}
+[teams.alpha]
+keys = ["{key}"]
+deployments = ["gpt-realtime"]
+"""
+
+
+async def scrape_until(port: int, done) -> dict[tuple[str, frozenset], float]:
+    """Scrape a relay process's metrics listener until ``done(found)``."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                found = samples(await response.text())
+            if done(found):
+                return found
+            await asyncio.sleep(0.05)  # another process's session end: no event to await here
+    raise AssertionError("the scrape never showed what was awaited")
+
+
+async def test_forward_delays_are_not_rounded_to_milliseconds(tmp_path):
+    """`relay serve` runs on uvloop, whose loop.time() moves in 1 ms steps: timed with it,
+    every added delay was exactly 0 or 1 ms and the histogram's sum a whole number of ms."""
+    metrics_port = free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(PROCESS_CONFIG.format(metrics_port=metrics_port, key=hash_key(ALPHA_KEY)))
+    async with relay_process(config, {"RELAY_SIMULATOR_KEY": "sim"}) as (_, base):
+        await voice_turn(int(base.rsplit(":", 1)[1]))
+        found = await scrape_until(
+            metrics_port,
+            lambda f: value(
+                f,
+                "relay_sessions_total",
+                team="alpha",
+                deployment="gpt-realtime",
+                outcome="client_closed",
+            ),
+        )
+    for direction in ("in", "out"):
+        count = value(found, "relay_forward_delay_seconds_count", direction=direction)
+        total = value(found, "relay_forward_delay_seconds_sum", direction=direction)
+        assert count >= 10, direction
+        microseconds = total * 1e6
+        # Not a whole number of milliseconds: the clock resolves well below them.
+        assert abs(microseconds / 1000 - round(microseconds / 1000)) > 1e-3, (direction, total)
+        # And a relay on loopback adds well under a millisecond to the average frame.
+        assert 0 < total / count < 0.001, (direction, total / count)

@@ -368,7 +368,7 @@ class SessionMeter:
         team: str,
         deployment: str,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.metrics = metrics
         self.team = team

@@ -21,6 +21,7 @@ How it works:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -101,7 +102,7 @@ class Bridge:
         "client", "upstream", "policy", "session", "meter", "greeting", "close_timeout",
         "stall_timeout", "response_timeout", "max_pings_per_second", "client_transport",
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
-        "_loop", "started_at", "last_client_event_at", "last_upstream_event_at",
+        "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "__weakref__",
     )  # fmt: skip
 
@@ -144,8 +145,9 @@ class Bridge:
         self.between_responses.set()
         self.violations = 0
         self.throttled = False
-        self._loop = asyncio.get_running_loop()
-        self.started_at = self._loop.time()
+        # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
+        # every forwarded frame's delay to 0 or 1 ms.
+        self.started_at = time.perf_counter()
         self.last_client_event_at = self.started_at
         self.last_upstream_event_at = self.started_at
         meter.session_changed(session)
@@ -205,7 +207,7 @@ class Bridge:
         return True
 
     async def _client_to_upstream(self) -> None:
-        client, upstream, meter, now = self.client, self.upstream, self.meter, self._loop.time
+        client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
         policy = self.policy
         # Token buckets (events, pings), in locals: this loop runs for every client frame.
         rate, burst = policy.max_events_per_second, float(policy.event_burst)
@@ -292,7 +294,7 @@ class Bridge:
         await self._close_upstream()
 
     async def _upstream_to_client(self) -> None:
-        client, upstream, meter, now = self.client, self.upstream, self.meter, self._loop.time
+        client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
         greeting, self.greeting = self.greeting, ()  # sent once: not kept for the session
         try:
             for frame in greeting:
@@ -402,7 +404,7 @@ class Bridge:
         max_seconds = self.policy.max_session_seconds
         idle_seconds = self.policy.idle_timeout_seconds
         while True:
-            now = self._loop.time()
+            now = time.perf_counter()
             for direction, since in (
                 ("in", self.writing_in_since),
                 ("out", self.writing_out_since),
