@@ -15,7 +15,9 @@ from relay.edge import handlers, webrtc
 from relay.edge.admission import AdmissionStore, AuthThrottle, MemoryAdmission
 from relay.edge.admission_redis import RedisAdmission
 from relay.edge.auth import KeyRing
+from relay.edge.budget import Budgets, SpendBook, explain
 from relay.edge.routes import REALTIME_PATHS
+from relay.edge.spend_book import MemorySpend, RedisSpend
 from relay.errors import ConfigError
 from relay.ops.config import SIMULATOR_ENDPOINT, DeploymentConfig, RelayConfig
 from relay.ops.metrics import Metrics
@@ -35,9 +37,14 @@ def create_app(
     """Build the relay; raises ConfigError when a secret it needs is missing."""
     limits = config.limits
     metrics = metrics or Metrics.create()
+    admission = _admission(config, environ, metrics)
     state = RelayState(
         metrics=metrics,
-        admission=_admission(config, environ, metrics),
+        admission=admission,
+        budgets=Budgets(
+            {t.name: t.limits for t in config.teams.values()},
+            _spend_book(config, admission, metrics),
+        ),
         auth_throttle=AuthThrottle(
             limits.auth_failures_allowed,
             limits.auth_failure_window_seconds,
@@ -54,11 +61,13 @@ def create_app(
         },
     )
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
+    _budget_gauges(state)
     app = web.Application()
     app[STATE] = state
     app[REGISTRY] = state.metrics.registry
     app.cleanup_ctx.append(_simulator)
     app.cleanup_ctx.append(_admission_lifetime)
+    app.cleanup_ctx.append(_budget_lifetime)
     app.cleanup_ctx.append(_credentials)
     app.cleanup_ctx.append(_upstream_http)
     app.cleanup_ctx.append(_live_gauges)
@@ -184,6 +193,82 @@ def _admission(config: RelayConfig, environ: Mapping[str, str], metrics: Metrics
     )
 
 
+def _spend_book(config: RelayConfig, admission: AdmissionStore, metrics: Metrics) -> SpendBook:
+    """Spend is shared where admission is: in Redis (one client for both), or this process."""
+    if isinstance(admission, RedisAdmission):
+        return RedisSpend(
+            admission.client,
+            config.admission.key_prefix,
+            config.admission.redis_timeout_seconds,
+            tuple(config.teams),
+            on_redis_error=metrics.budget_sync_failures.inc,
+        )
+    return MemorySpend()
+
+
+def _budget_gauges(state: RelayState) -> None:
+    metrics, budgets = state.metrics, state.budgets
+    for team in state.config.teams.values():
+        for window, limit in (
+            ("day", team.limits.max_usd_per_day),
+            ("month", team.limits.max_usd_per_month),
+        ):
+            if limit is None:
+                continue
+            metrics.budget.labels(team.name, window).set(limit)
+            spent = metrics.budget_spent.labels(team.name, window)
+            state.live_gauges.track(spent, _spent_in(budgets.book, team.name, window))
+
+
+def _spent_in(book: SpendBook, team: str, window: str) -> Callable[[], float]:
+    return lambda: float(getattr(book.spent(team), window))
+
+
+async def _budget_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """The spend book's sync (Redis) and the watch that ends live sessions over budget."""
+    state = app[STATE]
+    await state.budgets.book.start()
+    watch = asyncio.get_running_loop().create_task(_end_over_budget(state), name="budget watch")
+    try:
+        yield
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await state.budgets.book.close()
+
+
+async def _end_over_budget(state: RelayState) -> None:
+    """Whenever spend grows: each live session of a team now over budget (whose limits say
+    "end") finishes its response in progress, then gets budget_exceeded and 1008."""
+    budgets, changed = state.budgets, state.budgets.book.changed
+    ending: set[Bridge] = set()
+    async with asyncio.TaskGroup() as tasks:
+        while True:
+            await changed.wait()
+            changed.clear()
+            for bridge in list(state.bridges):
+                team = bridge.meter.team
+                if bridge in ending or not budgets.ends_live_sessions(team):
+                    continue
+                over = budgets.over(team)
+                if over is None:
+                    continue
+                ending.add(bridge)
+                tasks.create_task(
+                    end_after_response(
+                        bridge,
+                        state.config.server.drain_grace_seconds,
+                        code=1008,
+                        reason="budget exceeded",
+                        cause="budget_exceeded",
+                        message=explain(over, live=True),
+                        error_type="invalid_request_error",
+                    ),
+                    name="end over budget",
+                )
+            ending &= state.bridges
+
+
 async def _admission_lifetime(app: web.Application) -> AsyncIterator[None]:
     admission = app[STATE].admission
     await admission.start()
@@ -223,20 +308,38 @@ async def drain(state: RelayState, *, grace_seconds: float) -> None:
     """Stop taking sessions; give each open one until its response in progress is done (at
     most ``grace_seconds``), then close it with an `error` event and 1001."""
     state.draining = True
-
-    async def finish(bridge: Bridge) -> None:
-        try:
-            async with asyncio.timeout(grace_seconds):
-                await bridge.between_responses.wait()
-        except TimeoutError:
-            pass
-        await bridge.stop(
-            1001,
-            "relay shutting down",
-            cause="relay_shutting_down",
-            message="The relay is restarting; reconnect to continue.",
-        )
-
     if state.bridges:
         _log.info("draining", sessions=len(state.bridges), grace_seconds=grace_seconds)
-        await asyncio.gather(*(finish(b) for b in list(state.bridges)))
+        await asyncio.gather(
+            *(
+                end_after_response(
+                    bridge,
+                    grace_seconds,
+                    code=1001,
+                    reason="relay shutting down",
+                    cause="relay_shutting_down",
+                    message="The relay is restarting; reconnect to continue.",
+                )
+                for bridge in list(state.bridges)
+            )
+        )
+
+
+async def end_after_response(
+    bridge: Bridge,
+    grace_seconds: float,
+    *,
+    code: int,
+    reason: str,
+    cause: str,
+    message: str,
+    error_type: str = "server_error",
+) -> None:
+    """Let the session finish its response in progress (at most ``grace_seconds``), then end
+    it from the relay's side with an `error` event ``cause`` and ``code``."""
+    try:
+        async with asyncio.timeout(grace_seconds):
+            await bridge.between_responses.wait()
+    except TimeoutError:
+        pass
+    await bridge.stop(code, reason, cause=cause, message=message, error_type=error_type)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from relay.edge.admission import AdmissionStore, AuthThrottle
 from relay.edge.auth import KeyRing, client_address
+from relay.edge.budget import Budgets
 from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.ops.metrics import LiveGauges, Metrics
 from relay.session.policy import SessionPolicy
@@ -35,6 +36,7 @@ class RelayState:
     metrics: Metrics
     admission: AdmissionStore
     auth_throttle: AuthThrottle
+    budgets: Budgets
     # deployment -> its backends; built once the simulator (if any) has an address.
     pools: dict[str, BackendPool] = field(default_factory=dict)
     live_gauges: LiveGauges = field(default_factory=LiveGauges)

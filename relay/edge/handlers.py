@@ -60,6 +60,7 @@ class Admitted:
     team: TeamConfig
     deployment: DeploymentConfig
     lease: Lease
+    backend: str
     upstream: UpstreamSocket
     started: StartedSession
 
@@ -76,7 +77,8 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     try:
         admitted = await _admit(request, state, session_id)
     except HttpRefusal as refusal:
-        state.metrics.session_refusals.labels(str(refusal.status), refusal.code).inc()
+        team = team_label(state)
+        state.metrics.session_refusals.labels(team, str(refusal.status), refusal.code).inc()
         _log.warning(
             "session_refused",
             status=refusal.status,
@@ -89,6 +91,13 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         return await _serve(request, state, admitted, began)
     finally:
         await admitted.lease.release()
+
+
+def team_label(state: RelayState) -> str:
+    """The team this request authenticated as, for a metric label: a configured team's name
+    (bounded), else "unknown"."""
+    team = structlog.contextvars.get_contextvars().get("team")
+    return team if isinstance(team, str) and team in state.config.teams else "unknown"
 
 
 async def _admit(request: web.Request, state: RelayState, session_id: str) -> Admitted:
@@ -110,13 +119,14 @@ async def _admit(request: web.Request, state: RelayState, session_id: str) -> Ad
     structlog.contextvars.bind_contextvars(deployment=deployment.name)
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+    state.budgets.check(team.name)
     lease = await state.admission.acquire(team.name)
     try:
-        upstream, started = await _start_upstream(state, deployment, team, session_id)
+        backend, upstream, started = await _start_upstream(state, deployment, team, session_id)
     except BaseException:
         await lease.release()
         raise
-    return Admitted(team, deployment, lease, upstream, started)
+    return Admitted(team, deployment, lease, backend.name, upstream, started)
 
 
 def _authenticate(state: RelayState, address: str, key: str | None) -> TeamConfig:
@@ -138,7 +148,7 @@ def _authenticate(state: RelayState, address: str, key: str | None) -> TeamConfi
 
 async def _start_upstream(
     state: RelayState, deployment: DeploymentConfig, team: TeamConfig, session_id: str
-) -> tuple[UpstreamSocket, StartedSession]:
+) -> tuple[Backend, UpstreamSocket, StartedSession]:
     config = state.config
     assert state.http is not None
     metrics = state.metrics
@@ -160,7 +170,8 @@ async def _start_upstream(
         ),
         on_failure=failed,
     )
-    metrics.upstream_handshake.labels(deployment.name).observe(time.perf_counter() - began)
+    handshake_seconds = time.perf_counter() - began
+    metrics.upstream_handshake.labels(deployment.name, backend.name).observe(handshake_seconds)
     structlog.contextvars.bind_contextvars(backend=backend.name)
     try:
         started = await start_session(
@@ -171,7 +182,9 @@ async def _start_upstream(
     except BaseException:
         await upstream.close(code=1011, message=b"session start failed")
         raise
-    return upstream, started
+    # The service's own id for the session (Azure support asks for it), apart from ours.
+    structlog.contextvars.bind_contextvars(upstream_session_id=started.session.get("id"))
+    return backend, upstream, started
 
 
 async def _serve(
@@ -204,7 +217,14 @@ async def _serve(
         await upstream.close(code=1001, message=b"client handshake failed")
         raise
     metrics, labels = state.metrics, (team.name, deployment.name)
-    meter = SessionMeter(metrics, *labels)
+    book = state.budgets.book
+    meter = SessionMeter(
+        metrics,
+        *labels,
+        admitted.backend,
+        prices=deployment.prices,
+        on_cost=lambda usd: book.add(team.name, usd),
+    )
     bridge = Bridge(
         client,
         upstream,
@@ -239,9 +259,13 @@ async def _serve(
             ended_by=ending.side,
             close_code=ending.code,
             close_reason=ending.reason,
+            frames_in=meter.frames_total["in"],
+            frames_out=meter.frames_total["out"],
             audio_seconds_in=round(meter.audio_seconds_total["in"], 3),
             audio_seconds_out=round(meter.audio_seconds_total["out"], 3),
             tokens=dict(meter.tokens),
+            transcription_seconds=round(meter.transcription_seconds, 3),
+            cost_usd=round(meter.cost_usd, 6) if deployment.prices is not None else None,
             responses=meter.responses,
             violations=bridge.violations,
         )
@@ -279,6 +303,7 @@ async def status(request: web.Request) -> web.Response:
             name: {"protocol": pool.deployment.protocol, "backends": pool.describe()}
             for name, pool in state.pools.items()
         },
+        "teams": state.budgets.describe(),
     }
     return web.json_response(body, dumps=_dumps)
 

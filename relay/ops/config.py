@@ -162,14 +162,26 @@ class TeamLimits:
     on_redis_error: Literal["open", "closed"] = "open"
     # Client secrets the team may mint through the relay per minute (WebRTC), bursts of as many.
     max_client_secrets_per_minute: float | None = None
+    # Estimated spend (the deployments' `prices`) allowed per UTC day and UTC month. Over it,
+    # new sessions, client secrets and calls get 429 budget_exceeded until the window resets.
+    max_usd_per_day: float | None = None
+    max_usd_per_month: float | None = None
+    # What live sessions do when the team goes over budget: "end" them once their response in
+    # progress is done (error event budget_exceeded, close 1008), or let them "finish".
+    live_sessions_over_budget: Literal["end", "finish"] = "end"
 
     def __post_init__(self) -> None:
         for name in (
             "max_sessions", "max_new_sessions_per_second", "max_client_secrets_per_minute",
+            "max_usd_per_day", "max_usd_per_month",
         ):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 _positive(value, name)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.max_usd_per_day is not None or self.max_usd_per_month is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +380,32 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceTable:
+    """What a deployment costs, in USD: tokens per million by kind, duration-billed
+    transcription per minute. For estimates only (Azure bills from its own meters). The
+    per-modality input counts include the cached ones, which are priced at the cached rate."""
+
+    input_text: float = 0.0
+    input_cached_text: float = 0.0
+    input_audio: float = 0.0
+    input_cached_audio: float = 0.0
+    input_image: float = 0.0
+    input_cached_image: float = 0.0
+    output_text: float = 0.0
+    output_audio: float = 0.0
+    # The input audio transcription model's prices (sessions with `audio.input.transcription`).
+    transcription_input_text: float = 0.0
+    transcription_input_audio: float = 0.0
+    transcription_output_text: float = 0.0
+    transcription_per_minute: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name} must be 0 or more")
+
+
+@dataclass(frozen=True, slots=True)
 class DeploymentConfig:
     """A deployment clients ask for by name, and the Azure backends behind it.
 
@@ -387,6 +425,8 @@ class DeploymentConfig:
     session: dict[str, Any] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     backends: tuple[BackendConfig, ...] = ()
+    # USD per million tokens by kind: cost estimates (relay_cost_usd_total) and team budgets.
+    prices: PriceTable | None = None
 
     def __post_init__(self) -> None:
         _check_session_fields(self.session, "session")
@@ -649,6 +689,12 @@ class _Builder:
                     self.problem(
                         f"teams.{team.name}.deployments",
                         f"names unknown deployment {deployment!r}",
+                    )
+                elif team.limits.has_budget and config.deployments[deployment].prices is None:
+                    self.problem(
+                        f"teams.{team.name}.limits",
+                        f"a budget needs prices: deployment {deployment!r} has no "
+                        f"[deployments.{deployment}.prices]",
                     )
 
 

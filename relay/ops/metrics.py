@@ -26,10 +26,16 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
 )
 
+from relay.ops.build import build_commit, build_version
+from relay.ops.config import PriceTable
+from relay.ops.usage import cost_usd, response_tokens, transcription_usage
 from relay.session.codec import base64_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
 
@@ -91,12 +97,24 @@ class Metrics:
     webrtc_calls: Counter
     webrtc_upstream: Histogram
     webrtc_refusals: Counter
+    build_info: Gauge
+    transcription_seconds: Counter
+    cost: Counter
+    budget: Gauge
+    budget_spent: Gauge
+    budget_sync_failures: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
         r = registry or CollectorRegistry()
+        if not MULTIPROCESS:
+            # process_* and python_* of this process. Under --workers the supervisor adds
+            # each worker's process_* to its scrape (relay.ops.workers).
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
         td = ("team", "deployment")
-        return cls(
+        metrics = cls(
             registry=r,
             ready=Gauge(
                 "relay_ready",
@@ -119,8 +137,8 @@ class Metrics:
             ),
             session_refusals=Counter(
                 "relay_session_refusals",
-                "Connections refused before the upgrade.",
-                ("status", "code"),
+                "Connections refused before the upgrade (team: known teams, else unknown).",
+                ("team", "status", "code"),
                 registry=r,
             ),
             session_duration=Histogram(
@@ -132,8 +150,8 @@ class Metrics:
             ),
             upstream_handshake=Histogram(
                 "relay_upstream_handshake_seconds",
-                "Upstream WebSocket handshake time.",
-                ("deployment",),
+                "Upstream WebSocket handshake time, failover included, by the backend reached.",
+                ("deployment", "backend"),
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
@@ -147,7 +165,7 @@ class Metrics:
             time_to_first_audio=Histogram(
                 "relay_time_to_first_audio_seconds",
                 "From the end of the user's turn to the first audio delta.",
-                td,
+                (*td, "backend"),
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
@@ -268,10 +286,52 @@ class Metrics:
             webrtc_refusals=Counter(
                 "relay_webrtc_refusals",
                 "WebRTC requests refused or failed, by endpoint, status and code.",
-                ("endpoint", "status", "code"),
+                ("team", "endpoint", "status", "code"),
+                registry=r,
+            ),
+            build_info=Gauge(
+                "relay_build_info",
+                "Always 1: the relay's version and the commit it was built from.",
+                ("version", "commit"),
+                registry=r,
+                multiprocess_mode="max",
+            ),
+            transcription_seconds=Counter(
+                "relay_transcription_seconds",
+                "Input audio transcribed by duration-billed models (whisper-1).",
+                td,
+                registry=r,
+            ),
+            cost=Counter(
+                "relay_cost_usd",
+                "Estimated cost from usage and the deployment's prices (an estimate: Azure "
+                "bills from its own meters).",
+                td,
+                registry=r,
+            ),
+            budget=Gauge(
+                "relay_budget_usd",
+                "A team's budget per window (day, month, in UTC).",
+                ("team", "window"),
+                registry=r,
+                multiprocess_mode="max",
+            ),
+            budget_spent=Gauge(
+                "relay_budget_spent_usd",
+                "A team's estimated spend in the current window, as this process sees it (with "
+                "admission in Redis: every replica's).",
+                ("team", "window"),
+                registry=r,
+                multiprocess_mode="max",
+            ),
+            budget_sync_failures=Counter(
+                "relay_budget_sync_failures",
+                "Spend pushes to Redis that failed (the spend is kept and pushed later).",
                 registry=r,
             ),
         )
+        metrics.build_info.labels(build_version(), build_commit()).set(1)
+        return metrics
 
 
 # Upstream error codes are the service's; keep the label set bounded all the same.
@@ -359,7 +419,8 @@ class SessionMeter:
         "metrics", "team", "deployment", "clock", "_ttfa", "_response_duration", "_delay",
         "_chunk", "_backpressure", "_audio_seconds", "_frame_bytes", "_events", "_bytes",
         "_audio_bytes", "_waited", "audio_bytes_total", "audio_seconds_total", "tokens",
-        "responses", "_rate", "_turn_ended_at", "_response_started_at",
+        "responses", "_rate", "_turn_ended_at", "_response_started_at", "frames_total",
+        "transcription_seconds", "cost_usd", "_prices", "_on_cost", "_cost",
     )  # fmt: skip
 
     def __init__(
@@ -367,7 +428,10 @@ class SessionMeter:
         metrics: Metrics,
         team: str,
         deployment: str,
+        backend: str = "default",
         *,
+        prices: PriceTable | None = None,
+        on_cost: Callable[[float], None] = lambda usd: None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.metrics = metrics
@@ -375,7 +439,7 @@ class SessionMeter:
         self.deployment = deployment
         self.clock = clock
         td = (team, deployment)
-        self._ttfa = metrics.time_to_first_audio.labels(*td)
+        self._ttfa = metrics.time_to_first_audio.labels(*td, backend)
         self._response_duration = metrics.response_duration.labels(*td)
         self._delay = {d: BatchedHistogram(metrics.relay_delay.labels(d)) for d in ("in", "out")}
         self._chunk = {d: BatchedHistogram(metrics.audio_chunk.labels(d)) for d in ("in", "out")}
@@ -391,7 +455,15 @@ class SessionMeter:
         self.audio_bytes_total = {"in": 0, "out": 0}
         self.audio_seconds_total = {"in": 0.0, "out": 0.0}
         self.tokens: Tally[str] = Tally()
+        self.frames_total = {"in": 0, "out": 0}
+        self.transcription_seconds = 0.0
+        self.cost_usd = 0.0
         self.responses = 0
+        # Without prices nothing is costed (and no budget can apply: config checks).
+        self._prices = prices
+        self._on_cost = on_cost
+        # No series for a deployment without prices: a $0 would read as free.
+        self._cost = metrics.cost.labels(*td) if prices is not None else None
         self._rate = {"in": 48000, "out": 48000}
         self._turn_ended_at: float | None = None
         self._response_started_at: float | None = None
@@ -472,23 +544,27 @@ class SessionMeter:
         self._turn_ended_at = None  # a response without audio ends the turn too
         usage = response.get("usage")
         if isinstance(usage, Mapping):
-            self._count_tokens(usage_tokens(usage))
+            self._count_usage(response_tokens(usage))
 
     def _transcription_usage(self, frame: bytes) -> None:
         usage = orjson.loads(frame).get("usage")
-        if isinstance(usage, Mapping) and usage.get("type", "tokens") == "tokens":
-            self._count_tokens(
-                {
-                    "transcription_input": _int(usage.get("input_tokens")),
-                    "transcription_output": _int(usage.get("output_tokens")),
-                }
-            )
+        if isinstance(usage, Mapping):
+            self._count_usage(*transcription_usage(usage))
 
-    def _count_tokens(self, counts: Mapping[str, int]) -> None:
+    def _count_usage(self, counts: Mapping[str, int], seconds: float = 0.0) -> None:
         for kind, count in counts.items():
             if count:
                 self.tokens[kind] += count
                 self.metrics.tokens.labels(self.team, self.deployment, kind).inc(count)
+        if seconds:
+            self.transcription_seconds += seconds
+            self.metrics.transcription_seconds.labels(self.team, self.deployment).inc(seconds)
+        if self._prices is not None and self._cost is not None:
+            usd = cost_usd(self._prices, counts, seconds)
+            if usd > 0:
+                self.cost_usd += usd
+                self._cost.inc(usd)
+                self._on_cost(usd)
 
     def _upstream_error(self, frame: bytes) -> None:
         error = orjson.loads(frame).get("error")
@@ -506,6 +582,7 @@ class SessionMeter:
         for direction, tally in self._events.items():
             for kind, count in tally.items():
                 events.labels(direction, label_for_type(kind)).inc(count)
+                self.frames_total[direction] += count
             tally.clear()
         for direction in ("in", "out"):
             self._delay[direction].flush()
@@ -523,23 +600,3 @@ class SessionMeter:
                 self.audio_bytes_total[direction] += audio
                 self.audio_seconds_total[direction] += seconds
                 self._audio_bytes[direction] = 0
-
-
-def usage_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
-    """Token counts by kind from a `response.done` usage block."""
-    details_in = usage.get("input_token_details")
-    details_out = usage.get("output_token_details")
-    din = details_in if isinstance(details_in, Mapping) else {}
-    dout = details_out if isinstance(details_out, Mapping) else {}
-    return {
-        "input_text": _int(din.get("text_tokens")),
-        "input_audio": _int(din.get("audio_tokens")),
-        "input_image": _int(din.get("image_tokens")),
-        "input_cached": _int(din.get("cached_tokens")),
-        "output_text": _int(dout.get("text_tokens")),
-        "output_audio": _int(dout.get("audio_tokens")),
-    }
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -93,13 +93,16 @@ class Supervisor:
     async def _serve_metrics(self) -> web.AppRunner | None:
         if not self.config.metrics.enabled:
             return None
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, PlatformCollector
         from prometheus_client.multiprocess import MultiProcessCollector
 
         from relay.app import create_metrics_app
+        from relay.ops.process_metrics import WorkerProcesses
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self._metrics_dir.name)  # type: ignore[no-untyped-call]
+        registry.register(WorkerProcesses(self._live_pids))
+        PlatformCollector(registry=registry)
         runner = web.AppRunner(create_metrics_app(registry), access_log=None)
         await runner.setup()
         metrics = self.config.metrics
@@ -107,6 +110,9 @@ class Supervisor:
         host, port = runner.addresses[0][:2]
         _log.info("metrics_listening", url=f"http://{host}:{port}/metrics")
         return runner
+
+    def _live_pids(self) -> list[int]:
+        return [w.process.pid for w in self.workers.values() if w.process.returncode is None]
 
     async def _spawn(self, index: int, ready: asyncio.Future[str] | None = None) -> None:
         env = {

@@ -138,7 +138,14 @@ async def _serve(
     connection = Connection(ws, engine, speed=options.speed)
     sockets = request.app[SOCKETS_KEY]
     sockets.add(ws)
-    bound = log.bind(dialect=dialect.name, deployment=model, session_id=engine.session["id"])
+    # The service's session id, named as the relay's logs name it (its own is `session_id`);
+    # the caller's x-ms-client-request-id (the relay sends its session id) ties the two.
+    bound = log.bind(
+        dialect=dialect.name,
+        deployment=model,
+        upstream_session_id=engine.session["id"],
+        client_request_id=request.headers.get("x-ms-client-request-id"),
+    )
     bound.info("simulator.connected", peer=request.remote)
     try:
         await connection.run()

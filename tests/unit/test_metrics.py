@@ -6,7 +6,8 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.ops.metrics import BatchedHistogram, Metrics, SessionMeter, label_for_type, usage_tokens
+from relay.ops.config import PriceTable
+from relay.ops.metrics import BatchedHistogram, Metrics, SessionMeter, label_for_type
 from relay.session.codec import base64_size
 
 
@@ -98,9 +99,10 @@ def test_a_voice_turn(meter):
     meter.flush()
 
     td = {"team": "team-a", "deployment": "gpt-rt"}
+    ttfa = {**td, "backend": "default"}
     # Time to first audio counts from speech_stopped (the earliest end-of-turn mark).
-    assert sample(m, "relay_time_to_first_audio_seconds_sum", td) == pytest.approx(0.35)
-    assert sample(m, "relay_time_to_first_audio_seconds_count", td) == 1
+    assert sample(m, "relay_time_to_first_audio_seconds_sum", ttfa) == pytest.approx(0.35)
+    assert sample(m, "relay_time_to_first_audio_seconds_count", ttfa) == 1
     assert sample(m, "relay_response_duration_seconds_sum", td) == pytest.approx(2.0)
     assert sample(m, "relay_audio_seconds_total", {"direction": "in", **td}) == pytest.approx(1.0)
     assert sample(m, "relay_audio_seconds_total", {"direction": "out", **td}) == pytest.approx(2.0)
@@ -115,10 +117,12 @@ def test_a_voice_turn(meter):
         == 4
     )
     assert sample(m, "relay_tokens_total", {**td, "kind": "output_audio"}) == 56
-    assert sample(m, "relay_tokens_total", {**td, "kind": "input_cached"}) == 2
+    # No cached_tokens_details (as in the preview protocol): the cached tokens are text.
+    assert sample(m, "relay_tokens_total", {**td, "kind": "input_cached_text"}) == 2
     assert sample(m, "relay_responses_total", {**td, "status": "completed"}) == 1
     assert meter.tokens["output_text"] == 21
     assert meter.audio_seconds_total == {"in": pytest.approx(1.0), "out": pytest.approx(2.0)}
+    assert meter.frames_total == {"in": 50, "out": 8}
 
 
 def test_response_create_marks_the_turn_end_without_vad(meter):
@@ -126,7 +130,7 @@ def test_response_create_marks_the_turn_end_without_vad(meter):
     feed(meter, "out", ev("response.created", response={}), at=10.1)
     feed(meter, "out", ev("response.output_audio.delta", delta=audio(480)), at=10.5)
     feed(meter, "out", ev("response.output_audio.delta", delta=audio(480)), at=11.0)
-    td = {"team": "team-a", "deployment": "gpt-rt"}
+    td = {"team": "team-a", "deployment": "gpt-rt", "backend": "default"}
     assert sample(meter.metrics, "relay_time_to_first_audio_seconds_sum", td) == pytest.approx(0.5)
     assert sample(meter.metrics, "relay_time_to_first_audio_seconds_count", td) == 1
 
@@ -172,11 +176,49 @@ def test_transcription_usage(meter):
             usage={"type": "tokens", "input_tokens": 30, "output_tokens": 7, "total_tokens": 37},
         ),
     )
-    assert dict(meter.tokens) == {"transcription_input": 30, "transcription_output": 7}
+    assert dict(meter.tokens) == {"transcription_input_audio": 30, "transcription_output_text": 7}
+    whisper = {"type": "duration", "seconds": 2.5}
+    feed(meter, "out", ev("conversation.item.input_audio_transcription.completed", usage=whisper))
+    assert meter.transcription_seconds == 2.5
+    td = {"team": "team-a", "deployment": "gpt-rt"}
+    assert sample(meter.metrics, "relay_transcription_seconds_total", td) == 2.5
 
 
-def test_usage_tokens_tolerates_missing_details():
-    assert usage_tokens({"total_tokens": 3})["output_audio"] == 0
+def test_cost_is_counted_per_response_and_reported():
+    spent = []
+    prices = PriceTable(
+        input_text=4, input_cached_text=0.4, output_audio=64, transcription_per_minute=0.006
+    )
+    meter = SessionMeter(
+        Metrics.create(CollectorRegistry()),
+        "team-a",
+        "gpt-rt",
+        "east",
+        prices=prices,
+        on_cost=spent.append,
+        clock=Clock(),
+    )
+    feed(meter, "out", ev("response.done", response={"status": "completed", "usage": USAGE}))
+    # 3 uncached text tokens at $4/M, 2 cached at $0.40/M, 56 audio out at $64/M.
+    first = (3 * 4 + 2 * 0.4 + 56 * 64) / 1e6
+    assert spent == [pytest.approx(first)]
+    whisper = {"type": "duration", "seconds": 30}
+    feed(meter, "out", ev("conversation.item.input_audio_transcription.completed", usage=whisper))
+    assert spent[1] == pytest.approx(0.003)
+    assert meter.cost_usd == pytest.approx(first + 0.003)
+    td = {"team": "team-a", "deployment": "gpt-rt"}
+    assert sample(meter.metrics, "relay_cost_usd_total", td) == pytest.approx(first + 0.003)
+
+
+def test_without_prices_nothing_is_costed(meter):
+    feed(meter, "out", ev("response.done", response={"status": "completed", "usage": USAGE}))
+    assert meter.cost_usd == 0
+    assert (
+        meter.metrics.registry.get_sample_value(
+            "relay_cost_usd_total", {"team": "team-a", "deployment": "gpt-rt"}
+        )
+        is None
+    )
 
 
 def test_forward_delay_and_backpressure(meter):

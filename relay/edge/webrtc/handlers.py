@@ -15,7 +15,7 @@ from aiohttp import web
 from relay.edge.admission import AdmissionStore
 from relay.edge.admission_redis import RedisAdmission
 from relay.edge.auth import find_key
-from relay.edge.handlers import error_response
+from relay.edge.handlers import error_response, team_label
 from relay.edge.webrtc.access import (
     authenticate,
     cors_headers,
@@ -105,7 +105,8 @@ async def _handle(
         response = await handler(request, state, request.app[WEBRTC])
     except HttpRefusal as refusal:
         code = "upstream_rejected" if isinstance(refusal, UpstreamRejected) else refusal.code
-        state.metrics.webrtc_refusals.labels(endpoint, str(refusal.status), code).inc()
+        team = team_label(state)
+        state.metrics.webrtc_refusals.labels(team, endpoint, str(refusal.status), code).inc()
         _log.warning(
             "webrtc_refused",
             status=refusal.status,
@@ -127,6 +128,7 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
         state.config.webrtc.max_secret_seconds,
     )
     deployment = ga_deployment(state, team, wanted.deployment)
+    state.budgets.check(team.name)
     try:
         session = effective_session(state.policies[team.name, deployment.name], wanted.session)
     except PolicyViolation as violation:
@@ -162,6 +164,7 @@ async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
         deployment = ga_deployment(state, team, request.query.get("model", ""))
         backends = usable_backends(state, deployment)
     offer = await _read_offer(request)
+    state.budgets.check(team.name)
     await webrtc.rates.take_call(team.name)
     passed = {k: request.query[k] for k in _CALL_QUERY if k in request.query}
     # A secret names its deployment upstream; a key needs `model`.

@@ -1,0 +1,93 @@
+"""Usage blocks to counts by kind, and what they cost by a deployment's price table. Pure.
+
+Kinds (the `kind` label of relay_tokens_total) follow the service's usage fields to the last
+one. Input counts per modality include the cached tokens, as the service reports them;
+`input_cached_*` say how many of those were cached (billed at the cached rate):
+
+- `response.done`: input_text, input_audio, input_image, input_cached_text,
+  input_cached_audio, input_cached_image, output_text, output_audio;
+- input audio transcription billed by tokens: transcription_input_text,
+  transcription_input_audio, transcription_output_text; billed by duration: seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from relay.ops.config import PriceTable
+
+_MODALITIES = ("text", "audio", "image")
+_PER_TOKEN = 1e-6  # prices are per million tokens
+
+
+def response_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
+    """Token counts by kind from a `response.done` usage block."""
+    din = _mapping(usage.get("input_token_details"))
+    dout = _mapping(usage.get("output_token_details"))
+    counts = {f"input_{m}": _int(din.get(f"{m}_tokens")) for m in _MODALITIES}
+    cached = _cached_by_modality(din, counts)
+    counts |= {f"input_cached_{m}": cached[m] for m in _MODALITIES}
+    counts["output_text"] = _int(dout.get("text_tokens"))
+    counts["output_audio"] = _int(dout.get("audio_tokens"))
+    return counts
+
+
+def _cached_by_modality(details: Mapping[str, Any], counts: Mapping[str, int]) -> dict[str, int]:
+    """Cached tokens per modality, from `cached_tokens_details`. Without it (the preview
+    protocol), `cached_tokens` is taken as text first (a cached prefix starts with the
+    instructions), the rest as audio: never more than the modality's own count."""
+    split = details.get("cached_tokens_details")
+    if isinstance(split, Mapping):
+        return {m: _int(split.get(f"{m}_tokens")) for m in _MODALITIES}
+    left = _int(details.get("cached_tokens"))
+    cached = {}
+    for m in _MODALITIES:
+        cached[m] = min(left, counts[f"input_{m}"])
+        left -= cached[m]
+    return cached
+
+
+def transcription_usage(usage: Mapping[str, Any]) -> tuple[dict[str, int], float]:
+    """(token counts by kind, seconds billed by duration) of a transcription's usage."""
+    if usage.get("type") == "duration":
+        seconds = usage.get("seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
+            return {}, float(seconds)
+        return {}, 0.0
+    details = usage.get("input_token_details")
+    if isinstance(details, Mapping):
+        text, audio = _int(details.get("text_tokens")), _int(details.get("audio_tokens"))
+    else:  # no split given: a transcription's input is its audio
+        text, audio = 0, _int(usage.get("input_tokens"))
+    counts = {
+        "transcription_input_text": text,
+        "transcription_input_audio": audio,
+        "transcription_output_text": _int(usage.get("output_tokens")),
+    }
+    return counts, 0.0
+
+
+def cost_usd(prices: PriceTable, tokens: Mapping[str, int], transcription_seconds: float) -> float:
+    """Estimated cost of these counts: uncached input at the input rate, cached at the cached
+    rate, output and transcription at theirs."""
+    total = transcription_seconds / 60 * prices.transcription_per_minute
+    per_token = 0.0
+    for m in _MODALITIES:
+        cached = min(tokens.get(f"input_cached_{m}", 0), tokens.get(f"input_{m}", 0))
+        per_token += (tokens.get(f"input_{m}", 0) - cached) * getattr(prices, f"input_{m}")
+        per_token += cached * getattr(prices, f"input_cached_{m}")
+    for kind in (
+        "output_text", "output_audio", "transcription_input_text",
+        "transcription_input_audio", "transcription_output_text",
+    ):  # fmt: skip
+        per_token += tokens.get(kind, 0) * getattr(prices, kind)
+    return total + per_token * _PER_TOKEN
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
