@@ -710,7 +710,12 @@ async def test_the_upstreams_400_reaches_the_caller(start_fake, start_relay, htt
     )
     assert (status, body) == (400, error)
     samples = relay.app[STATE].metrics.registry.get_sample_value
-    labels = {"endpoint": "client_secrets", "status": "400", "code": "upstream_rejected"}
+    labels = {
+        "team": "alpha",
+        "endpoint": "client_secrets",
+        "status": "400",
+        "code": "upstream_rejected",
+    }
     assert samples("relay_webrtc_refusals_total", labels) == 1
 
 
@@ -781,7 +786,7 @@ async def test_metrics_count_secrets_calls_and_refusals(simulator, start_relay, 
     assert samples("relay_webrtc_upstream_seconds_count", latency) == 2
     latency = {"deployment": "gpt-realtime", "endpoint": "client_secrets"}
     assert samples("relay_webrtc_upstream_seconds_count", latency) == 1
-    refused = {"endpoint": "calls", "status": "401", "code": "invalid_api_key"}
+    refused = {"team": "unknown", "endpoint": "calls", "status": "401", "code": "invalid_api_key"}
     assert samples("relay_webrtc_refusals_total", refused) == 1
 
 
