@@ -6,7 +6,7 @@ CONFIG ?= config/local.toml
 # The local config's simulated Azure upstream checks this key, like Azure checks yours.
 export RELAY_SIMULATOR_KEY ?= local-simulator-key
 
-.PHONY: venv run simulate test lint typecheck pytest format clean bench bench-fairness
+.PHONY: venv run simulate test lint typecheck pytest format clean bench bench-fairness rules
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ pytest: venv
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The PrometheusRule in the kustomize base, from deploy/prometheus/alerts.yml.
+rules:
+	$(PYTHON) deploy/prometheus/prometheusrule.py
 
 # Direct vs nginx vs the relay, on loopback (docs/performance.md): about 5 minutes on 2 cores.
 # BENCH_ARGS="--quick" for under a minute, "--profile" to py-spy the relay under saturation.

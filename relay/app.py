@@ -20,7 +20,7 @@ from relay.edge.routes import REALTIME_PATHS
 from relay.edge.spend_book import MemorySpend, RedisSpend
 from relay.errors import ConfigError
 from relay.ops.config import SIMULATOR_ENDPOINT, DeploymentConfig, RelayConfig
-from relay.ops.metrics import Metrics
+from relay.ops.metrics import WATCHED_OUTCOMES, Metrics
 from relay.session.policy import build_policy
 from relay.session.pump import Bridge
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
@@ -61,6 +61,9 @@ def create_app(
         },
     )
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
+    for team, deployment in state.policies:
+        for outcome in WATCHED_OUTCOMES:
+            metrics.sessions.labels(team, deployment, outcome)
     _budget_gauges(state)
     app = web.Application()
     app[STATE] = state

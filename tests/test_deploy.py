@@ -151,7 +151,7 @@ def test_kustomize_renders_every_resource(rendered):
     kinds = sorted(d["kind"] for d in rendered)
     for kind in (
         "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
-        "PodDisruptionBudget", "ServiceAccount", "ServiceMonitor",
+        "PodDisruptionBudget", "ServiceAccount", "ServiceMonitor", "PrometheusRule",
     ):  # fmt: skip
         assert kinds.count(kind) == 1, (kind, kinds)
     assert kinds.count("Service") == 2  # the WebSocket port and, apart, the metrics port
@@ -380,6 +380,17 @@ def test_servicemonitor_scrapes_the_metrics_port(rendered):
     assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
     assert re.fullmatch(r"\d+s", endpoint["interval"])
+
+
+def test_prometheusrule_carries_the_alert_rules(rendered):
+    rule = find(rendered, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = yaml_module().safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"] == alerts
+    # The file in the base is what `make rules` writes from alerts.yml (comments too).
+    script = DEPLOY / "prometheus" / "prometheusrule.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], timeout=30)
+    assert result.returncode == 0, "deploy/k8s/base/prometheusrule.yaml is stale: run `make rules`"
 
 
 def test_networkpolicy_lets_prometheus_alone_reach_metrics(rendered):

@@ -60,6 +60,31 @@ def test_alert_rules_pass_promtool_and_use_our_metrics():
 
 
 @needs_prometheus
+def test_alert_rules_pass_their_unit_tests():
+    result = subprocess.run(
+        ["promtool", "test", "rules", "alerts.test.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_tested_firing_and_staying_silent():
+    import yaml
+
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerts = {r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r}
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts.test.yml").read_text())
+    cases = [case for test in tests["tests"] for case in test["alert_rule_test"]]
+    fired = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    silent = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    assert alerts - fired == set(), "never seen firing"
+    assert alerts - silent == set(), "never seen silent"
+    assert len(alerts) >= 12
+
+
+@needs_prometheus
 async def test_a_real_prometheus_scrapes_time_to_first_audio(
     simulator, start_relay, aiohttp_server, tmp_path
 ):

@@ -351,6 +351,14 @@ _TURN_END_UPSTREAM = frozenset(
 )
 
 
+# Session outcomes the alert rules watch (deploy/prometheus/alerts.yml): exported at 0 from the
+# start, so that increase() and rate() see the first one (a series born at 1 shows no increase).
+WATCHED_OUTCOMES = (
+    "upstream_lost", "upstream_protocol_error", "upstream_message_too_big", "upstream_stalled",
+    "relay_internal_error", "client_stalled", "budget_exceeded",
+)  # fmt: skip
+
+
 # Several worker processes share one scrape through prometheus-client's multiprocess mode.
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
