@@ -53,7 +53,11 @@ def create_app(
         config=config,
         keyring=KeyRing.from_teams(config.teams.values()),
         admin_keys=KeyRing.of(config.admin.keys, "admin"),
-        credentials=build_credentials(config, environ),
+        credentials=build_credentials(
+            config,
+            environ,
+            lambda c: metrics.credential_refresh_failures.labels(c.method).inc(),
+        ),
         policies={
             (team.name, name): build_policy(config.deployments[name], team)
             for team in config.teams.values()
@@ -61,9 +65,7 @@ def create_app(
         },
     )
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
-    for team, deployment in state.policies:
-        for outcome in WATCHED_OUTCOMES:
-            metrics.sessions.labels(team, deployment, outcome)
+    _zero_series(state)
     _budget_gauges(state)
     app = web.Application()
     app[STATE] = state
@@ -207,6 +209,24 @@ def _spend_book(config: RelayConfig, admission: AdmissionStore, metrics: Metrics
             on_redis_error=metrics.budget_sync_failures.inc,
         )
     return MemorySpend()
+
+
+def _zero_series(state: RelayState) -> None:
+    """Export at 0 from the start the counters alerts and graphs take increase() of: a series
+    born at 1 shows no increase."""
+    metrics, config = state.metrics, state.config
+    for team, deployment_name in state.policies:
+        for outcome in WATCHED_OUTCOMES:
+            metrics.sessions.labels(team, deployment_name, outcome)
+    for credential in state.credentials:
+        if credential.type == "entra":
+            metrics.credential_refresh_failures.labels(credential.method)
+    if config.admission.backend == "redis":
+        for team in config.teams:
+            metrics.admission_errors.labels(team)
+    for deployment in config.deployments.values():
+        for backend in deployment.backends:
+            metrics.backend_ejections.labels(deployment.name, backend.name)
 
 
 def _budget_gauges(state: RelayState) -> None:

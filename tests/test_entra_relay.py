@@ -86,3 +86,8 @@ async def test_no_valid_token_means_not_ready_and_503(identity, start_fake, star
         )
         == 0
     )
+    # Each failed token fetch is counted, by the credential's method.
+    failures = registry.get_sample_value(
+        "relay_credential_refresh_failures_total", {"credential": "managed-identity"}
+    )
+    assert failures is not None and failures >= 1

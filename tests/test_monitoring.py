@@ -12,12 +12,17 @@ import aiohttp
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import create_metrics_app
+from relay.edge.auth import hash_key
 from relay.ops.metrics import Metrics
 from relay.state import STATE
-from tests.helpers import relay_config
+from tests.helpers import ALPHA_KEY, ENVIRON, read_until, relay_config
+from tests.processes import needs_redis, redis_server
+from tests.test_entra_relay import identity  # noqa: F401 (a fixture)
 from tests.test_metrics_e2e import voice_turn
+from tests.test_webrtc import CALLS, OFFER, SDP, SECRETS, post
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 # Debian's `prometheus` package; .ci/run installs it. Without it these tests cannot run.
@@ -36,16 +41,45 @@ def metric_names() -> set[str]:
 
 
 def used_metrics(text: str) -> set[str]:
-    """relay_* names in PromQL, leaving label values (in quotes) out."""
-    return set(re.findall(r"\brelay_[a-z_]+", re.sub(r'"[^"]*"', "", text)))
+    """relay_* and process_* names in PromQL, leaving label values (in quotes) out."""
+    return set(re.findall(r"\b(?:relay|process)_[a-z_]+", re.sub(r'"[^"]*"', "", text)))
 
 
-def test_dashboard_queries_only_metrics_we_export():
-    dashboard = orjson.loads((DEPLOY / "grafana" / "realtime-relay.json").read_bytes())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    assert len(exprs) >= 10
-    used = set().union(*map(used_metrics, exprs))
-    assert used <= metric_names(), used - metric_names()
+def dashboard() -> dict:
+    return orjson.loads((DEPLOY / "grafana" / "realtime-relay.json").read_bytes())
+
+
+def promql_targets(board: dict) -> list[str]:
+    """Every Prometheus query of the dashboard (the logs panel's LogQL aside)."""
+    return [
+        target["expr"]
+        for panel in board["panels"]
+        if panel.get("datasource", {}).get("type") == "prometheus"
+        for target in panel.get("targets", [])
+    ]
+
+
+def as_run(expr: str) -> str:
+    """A dashboard query as Grafana sends it with every variable at All."""
+    for variable in ("$cluster", "$namespace", "$team", "$deployment"):
+        expr = expr.replace(variable, ".*")
+    return expr.replace("$__rate_interval", "1m")
+
+
+def test_dashboard_has_the_panels_and_variables_an_sre_needs():
+    board = dashboard()
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert {"datasource", "cluster", "namespace", "team", "deployment"} <= variables
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    for needed in (
+        "Pools and ejections", "WebRTC", "Stalls and backpressure", "Usage, spend and budgets",
+    ):  # fmt: skip
+        assert needed in rows
+    for expr in promql_targets(board):
+        if "relay_" in expr or "process_" in expr:
+            assert 'namespace=~"$namespace"' in expr and 'cluster=~"$cluster"' in expr, expr
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
 
 
 @needs_prometheus
@@ -84,40 +118,134 @@ def test_every_alert_is_tested_firing_and_staying_silent():
     assert len(alerts) >= 12
 
 
+LIVE_KEY_BETA = "rk-beta-live-dashboard"
+
+
+def live_config(simulator_url: str):
+    """Everything the dashboard graphs, in use: two backends (one with Entra), a refused
+    deployment, prices and a budget, Redis admission, whisper transcription."""
+    return relay_config(
+        simulator_url,
+        admission={"backend": "redis"},
+        deployments={
+            "gpt-realtime": {
+                "session": {"audio": {"input": {"transcription": {"model": "whisper-1"}}}},
+                "prices": {"output_audio": 64, "output_text": 16, "transcription_per_minute": 0.006},
+                "backends": [
+                    {"name": "primary", "endpoint": simulator_url,
+                     "credential": {"env": "TEST_AZURE_KEY"}},
+                    {"name": "standby", "endpoint": simulator_url, "priority": 2,
+                     "credential": {"type": "entra", "method": "managed-identity"}},
+                ],
+            },
+            "other": {"endpoint": "http://127.0.0.1:9", "credential": {"env": "TEST_AZURE_KEY"}},
+        },
+        teams={
+            "alpha": {
+                "keys": [hash_key(ALPHA_KEY)],
+                "deployments": ["gpt-realtime"],
+                "limits": {"max_usd_per_month": 100.0},
+            },
+            "beta": {"keys": [hash_key(LIVE_KEY_BETA)], "deployments": ["other"]},
+        },
+    )  # fmt: skip
+
+
+async def use_everything(relay) -> None:
+    """A voice turn, a refused event, an upstream error, refusals, WebRTC."""
+    await voice_turn(relay.port)
+    url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            await ws.send_bytes(b"binary")  # a policy violation
+            await read_until(ws, "error")
+            await ws.send_str('{"type": "input_audio_buffer.commit"}')  # empty: upstream error
+            await read_until(ws, "error")
+        for key, model in ((LIVE_KEY_BETA, "other"), ("rk-wrong", "gpt-realtime")):
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await http.ws_connect(
+                    relay.make_url(f"/openai/v1/realtime?model={model}"), headers={"api-key": key}
+                )
+        body = {"session": {"type": "realtime", "model": "gpt-realtime"}}
+        status, _, minted = await post(http, relay.make_url(SECRETS), json=body)
+        assert status == 200, minted
+        status, _, _ = await post(
+            http, relay.make_url(CALLS), key=minted["value"], data=OFFER, headers=SDP
+        )
+        assert status == 201
+        status, _, _ = await post(
+            http, relay.make_url(CALLS), key="rk-wrong", data=OFFER, headers=SDP
+        )
+        assert status == 401
+
+
 @needs_prometheus
-async def test_a_real_prometheus_scrapes_time_to_first_audio(
+@needs_redis
+@pytest.mark.usefixtures("identity")  # the standby backend's Entra token endpoint
+async def test_every_dashboard_query_answers_from_a_live_scrape(
     simulator, start_relay, aiohttp_server, tmp_path
 ):
-    relay = await start_relay(relay_config(simulator.url))
-    state = relay.app[STATE]
-    listener = await aiohttp_server(create_metrics_app(state.metrics.registry))
-    await voice_turn(relay.port)
-    await state.idle.wait()
+    async with redis_server(tmp_path) as redis_url:
+        relay = await start_relay(
+            live_config(simulator.url), environ={**ENVIRON, "RELAY_REDIS_URL": redis_url}
+        )
+        state = relay.app[STATE]
+        await use_everything(relay)
+        await state.idle.wait()
+        listener = await aiohttp_server(create_metrics_app(state.metrics.registry))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(listener.make_url("/metrics")) as response:
+                scraped = await response.text()
 
-    web_port = _free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: relay\n    static_configs: [{{targets: ['127.0.0.1:{listener.port}']}}]\n"
-    )
-    process = await asyncio.create_subprocess_exec(
-        "prometheus",
-        f"--config.file={config}",
-        f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{web_port}",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        query = "sum by (le) (relay_time_to_first_audio_seconds_bucket)"
-        result = await _query_until_answered(web_port, query)
-        buckets = {r["metric"]["le"]: float(r["value"][1]) for r in result}
-        assert buckets["+Inf"] == 1.0
-        assert len(buckets) > 10
-    finally:
-        process.terminate()
-        await process.wait()
+        # Every metric the dashboard (panels and variables) and the alerts use is in the scrape.
+        exported = {s.name for f in text_string_to_metric_families(scraped) for s in f.samples}
+        board = dashboard()
+        exprs = promql_targets(board)
+        variables = [v["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+        used = set().union(*map(used_metrics, [*exprs, *variables]))
+        used |= used_metrics((DEPLOY / "prometheus" / "alerts.yml").read_text())
+        assert len(exprs) >= 30
+        assert used - exported == set(), "not in a live scrape"
+
+        # A real Prometheus scrapes it and answers each query with data.
+        web_port = _free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: relay\n    static_configs: [{{targets: ['127.0.0.1:{listener.port}']}}]\n"
+        )
+        process = await asyncio.create_subprocess_exec(
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            # Two scrapes: enough for rate() and increase().
+            await _query_until_answered(web_port, "count_over_time(relay_build_info[1m]) >= 2")
+            result = await _query_until_answered(
+                web_port, "sum by (le) (relay_time_to_first_audio_seconds_bucket)"
+            )
+            buckets = {r["metric"]["le"]: float(r["value"][1]) for r in result}
+            assert buckets["+Inf"] == 1.0 and len(buckets) > 10
+            empty = [expr for expr in exprs if not await _query(web_port, as_run(expr))]
+            assert empty == [], "no data"
+        finally:
+            process.terminate()
+            await process.wait()
+
+
+async def _query(port: int, query: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, params={"query": query}) as response:
+            data = await response.json()
+            assert data["status"] == "success", (query, data)
+            return data["data"]["result"]
 
 
 async def _query_until_answered(port: int, query: str) -> list[dict]:

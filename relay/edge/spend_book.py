@@ -150,7 +150,8 @@ class RedisSpend:
         if self._syncer is not None:
             self._syncer.cancel()
             await asyncio.gather(self._syncer, return_exceptions=True)
-        await self.sync()  # what this process spent last is not lost
+        if self._pending:
+            await self.sync()  # what this process spent last is not lost
 
     async def _sync_forever(self) -> None:
         while True:

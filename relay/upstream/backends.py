@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -148,9 +149,12 @@ class BackendPool:
 
 
 def build_credentials(
-    config: RelayConfig, environ: Mapping[str, str]
+    config: RelayConfig,
+    environ: Mapping[str, str],
+    on_refresh_failure: Callable[[CredentialConfig], None] = lambda config: None,
 ) -> dict[CredentialConfig, UpstreamCredential]:
-    """One credential per distinct credential config; every missing secret reported at once."""
+    """One credential per distinct credential config; every missing secret reported at once.
+    ``on_refresh_failure`` hears of each failed Entra token fetch."""
     built: dict[CredentialConfig, UpstreamCredential] = {}
     problems: list[str] = []
     for deployment in config.deployments.values():
@@ -158,7 +162,10 @@ def build_credentials(
             if backend.credential in built:
                 continue
             try:
-                built[backend.credential] = build_credential(backend.credential, environ)
+                credential = backend.credential
+                built[credential] = build_credential(
+                    credential, environ, partial(on_refresh_failure, credential)
+                )
             except ValueError as exc:
                 where = f"deployments.{deployment.name}.backends.{backend.name}.credential"
                 problems.append(f"environment: {where}: {exc}")

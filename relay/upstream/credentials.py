@@ -8,7 +8,7 @@ fetched and refreshed in the background, never per session on the hot path.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from relay.ops.config import CredentialConfig
@@ -64,12 +64,16 @@ class ApiKeyCredential:
         return "ApiKeyCredential(key=***)"
 
 
-def build_credential(config: CredentialConfig, environ: Mapping[str, str]) -> UpstreamCredential:
+def build_credential(
+    config: CredentialConfig,
+    environ: Mapping[str, str],
+    on_refresh_failure: Callable[[], None] = lambda: None,
+) -> UpstreamCredential:
     """Raises ValueError naming what is missing from the environment."""
     if config.type == "entra":
         from relay.upstream.entra import EntraCredential
 
-        return EntraCredential(config, environ)
+        return EntraCredential(config, environ, on_refresh_failure=on_refresh_failure)
     key = environ.get(config.env, "").strip()
     if not key:
         raise ValueError(f"environment variable {config.env} is not set or empty")
