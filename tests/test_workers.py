@@ -66,6 +66,12 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
                     break
                 await asyncio.sleep(0.05)  # workers write their gauges every second: poll
             assert len(ready) == 2 and set(ready.values()) == {1.0}
+            # Each worker's process metrics (and the supervisor's), by pid; the build, once.
+            rss = {s.labels["pid"]: s.value for s in found["process_resident_memory_bytes"]}
+            assert set(ready) < set(rss) and len(rss) == 3 and min(rss.values()) > 0
+            assert "python_info" in found
+            (build,) = found["relay_build_info"]
+            assert build.labels["version"] == "0.1.0" and build.value == 1
             for _ in range(100):
                 total = sum(s.value for s in found.get("relay_sessions_total", []))
                 if total == 20:

@@ -143,3 +143,22 @@ def test_masked_config_hides_the_demo_key():
 def test_shipped_configs_are_valid():
     for path in Path("config").glob("*.toml"):
         load_config(path, {})
+
+
+def test_a_budget_needs_prices_and_prices_are_checked():
+    data = minimal()
+    data["teams"]["t1"]["limits"] = {"max_usd_per_day": 10, "live_sessions_over_budget": "later"}
+    found = problems(data)
+    assert any("live_sessions_over_budget: must be one of 'end', 'finish'" in p for p in found)
+    data["teams"]["t1"]["limits"]["live_sessions_over_budget"] = "finish"
+    assert problems(data) == [
+        "relay.toml: teams.t1.limits: a budget needs prices: deployment 'gpt-realtime' has no "
+        "[deployments.gpt-realtime.prices]"
+    ]
+    data["deployments"]["gpt-realtime"]["prices"] = {"output_audio": -1, "output_txt": 2}
+    found = problems(data)
+    assert "relay.toml: deployments.gpt-realtime.prices.output_txt: unknown key" in found
+    data["deployments"]["gpt-realtime"]["prices"] = {"output_audio": 64}
+    config = parse_config(data, source="relay.toml")
+    assert config.deployments["gpt-realtime"].prices.output_audio == 64.0
+    assert config.teams["t1"].limits.max_usd_per_day == 10.0
