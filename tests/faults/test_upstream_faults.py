@@ -36,7 +36,8 @@ def outcomes(relay) -> dict[str, float]:
     for metric in relay.app[STATE].metrics.registry.collect():
         if metric.name == "relay_sessions":
             for s in metric.samples:
-                if s.name == "relay_sessions_total":
+                # (Outcomes the alerts watch are exported at 0 from the start.)
+                if s.name == "relay_sessions_total" and s.value:
                     found[s.labels["outcome"]] = s.value
     return found
 
