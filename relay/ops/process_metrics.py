@@ -1,4 +1,5 @@
-"""process_* of every relay process for the supervisor's scrape under `--workers`.
+"""The supervisor's scrape under `--workers`: the workers' metric files, and process_* of
+every relay process.
 
 prometheus-client's multiprocess mode sums the workers' own metric files, and custom
 collectors such as `ProcessCollector` have no file: each worker's CPU, memory and file
@@ -8,12 +9,40 @@ itself), labelled by `pid` like the multiprocess gauges.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+# A metric file starts with its 8-byte header; a shorter one is still being created.
+_HEADER_BYTES = 8
+
+
+class WorkerMetricFiles(MultiProcessCollector):
+    """MultiProcessCollector, minus the files a starting worker has created but not yet sized:
+    reading one fails the whole scrape (prometheus/client_python#1199), and a worker killed
+    in that instant would leave it for good."""
+
+    def __init__(self, registry: CollectorRegistry | None, path: str) -> None:
+        super().__init__(registry, path=path)  # type: ignore[no-untyped-call]
+        self._directory = path
+
+    def collect(self) -> Iterable[Metric]:
+        files = [
+            f for f in glob.glob(os.path.join(self._directory, "*.db")) if _size(f) >= _HEADER_BYTES
+        ]
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # gone meanwhile (a dead worker's live gauges)
+        return 0
 
 
 class WorkerProcesses(Collector):
@@ -26,7 +55,11 @@ class WorkerProcesses(Collector):
         self._collectors = {pid: self._collector(pid) for pid in pids}
         families: dict[str, Metric] = {}
         for pid, collector in self._collectors.items():
-            for family in collector.collect():
+            try:
+                collected = list(collector.collect())
+            except Exception:  # an exiting worker's /proc is half gone
+                continue
+            for family in collected:
                 merged = families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
                 )

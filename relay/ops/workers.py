@@ -94,13 +94,12 @@ class Supervisor:
         if not self.config.metrics.enabled:
             return None
         from prometheus_client import CollectorRegistry, PlatformCollector
-        from prometheus_client.multiprocess import MultiProcessCollector
 
         from relay.app import create_metrics_app
-        from relay.ops.process_metrics import WorkerProcesses
+        from relay.ops.process_metrics import WorkerMetricFiles, WorkerProcesses
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self._metrics_dir.name)  # type: ignore[no-untyped-call]
+        WorkerMetricFiles(registry, path=self._metrics_dir.name)
         registry.register(WorkerProcesses(self._live_pids))
         PlatformCollector(registry=registry)
         runner = web.AppRunner(create_metrics_app(registry), access_log=None)
