@@ -78,7 +78,10 @@ def create_app(
     app.cleanup_ctx.append(_live_gauges)
     app.on_shutdown.append(_close_sessions)
     for path in REALTIME_PATHS:
-        app.router.add_get(path, handlers.realtime)
+        # The GA paths also serve WebRTC calls' sideband sockets (`?call_id=`).
+        app.router.add_get(
+            path, webrtc.realtime if path in webrtc.SIDEBAND_PATHS else handlers.realtime
+        )
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/status", handlers.status)

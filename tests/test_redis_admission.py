@@ -218,3 +218,50 @@ async def test_a_secret_minted_by_one_relay_places_a_call_through_another(
             ) as response:
                 assert response.status == 201, await response.text()
                 assert (await response.text()).startswith("v=0")
+
+
+async def test_a_call_placed_through_one_relay_is_joined_and_hung_up_through_another(
+    tmp_path, simulator, aiohttp_server
+):
+    from openai import AsyncOpenAI, NotFoundError
+
+    from relay.app import create_app
+    from relay.edge.webrtc.call_book import call_id_from_location
+    from relay.server import runner_options
+    from relay.simulator.calls import CALLS_KEY
+    from tests.test_webrtc import OFFER
+
+    async with redis_server(tmp_path) as url:
+        config = relay_config(
+            simulator.url,
+            admission={"backend": "redis"},
+            teams={
+                "alpha": {"keys": [hash_key(ALPHA_KEY)], "deployments": ["gpt-realtime"]},
+                "beta": {"keys": [hash_key(BETA_KEY)], "deployments": ["gpt-realtime"]},
+            },
+        )
+        environ = {**ENVIRON, "RELAY_REDIS_URL": url}
+        first, second = [
+            await aiohttp_server(create_app(config, environ), **runner_options(config))
+            for _ in range(2)
+        ]
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                first.make_url("/openai/v1/realtime/calls").with_query(model="gpt-realtime"),
+                data=OFFER,
+                headers={"api-key": ALPHA_KEY, "Content-Type": "application/sdp"},
+            ) as response:
+                assert response.status == 201, await response.text()
+                call_id = call_id_from_location(response.headers["Location"])
+        base = str(second.make_url("/openai/v1"))
+        async with AsyncOpenAI(base_url=base, api_key=BETA_KEY, max_retries=0) as other:
+            with pytest.raises(NotFoundError):
+                await other.realtime.calls.hangup(call_id)
+        async with AsyncOpenAI(base_url=base, api_key=ALPHA_KEY, max_retries=0) as client:
+            async with client.realtime.connect(call_id=call_id) as sideband:
+                await sideband.response.create()
+                async for event in sideband:
+                    if event.type == "response.done":
+                        break
+                await client.realtime.calls.hangup(call_id)
+        assert call_id not in simulator.app[CALLS_KEY].calls

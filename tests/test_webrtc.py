@@ -186,6 +186,17 @@ class RecordingUpstream:
         )
 
 
+def multipart_parts(content_type: str, body: bytes) -> dict[str, bytes]:
+    """The parts of a multipart/form-data body, by name (a test's own small parser)."""
+    boundary = content_type.split("boundary=")[1].encode()
+    parts = {}
+    for chunk in body.split(b"--" + boundary)[1:-1]:
+        head, _, data = chunk[2:-2].partition(b"\r\n\r\n")  # between the CRLFs around it
+        name = head.split(b'name="')[1].split(b'"')[0].decode()
+        parts[name] = data
+    return parts
+
+
 # --- pure helpers ----------------------------------------------------------------------------
 
 
@@ -269,10 +280,16 @@ def test_a_team_that_may_not_update_sessions_may_not_shape_secrets():
         (b'{"sesion": {}}', None, "unknown_parameter", "sesion"),
         (b'{"session": 1}', None, "invalid_type", "session"),
         (
-            b'{"session": {"type": "transcription", "model": "m"}}',
+            b'{"session": {"type": "translation", "model": "m"}}',
             None,
             "unsupported_session_type",
             "session.type",
+        ),
+        (
+            b'{"session": {"type": "transcription"}}',
+            None,
+            "missing_deployment",
+            "session.audio.input.transcription.model",
         ),
         (b'{"session": {"model": 5}}', None, "invalid_type", "session.model"),
         (b'{"session": {"type": "realtime"}}', None, "missing_deployment", "session.model"),
@@ -651,8 +668,12 @@ async def test_upstream_requests_carry_the_relays_credential_and_azure_names(
         "model": "az-gpt-realtime",
         "webrtcfilter": "on",
     }
-    assert sent["headers"]["api-key"] == AZURE_KEY and sent["body"] == OFFER.encode()
-    assert sent["headers"]["Content-Type"] == "application/sdp"
+    # A relay-key call carries the team's session: multipart, as openai-python posts it.
+    assert sent["headers"]["api-key"] == AZURE_KEY
+    parts = multipart_parts(sent["headers"]["Content-Type"], sent["body"])
+    assert parts["sdp"] == OFFER.encode()
+    session = orjson.loads(parts["session"])
+    assert session["model"] == "az-gpt-realtime" and session["instructions"] == PREFIXED
 
     await post(http, relay.make_url(CALLS), key=minted["value"], data=OFFER, headers=SDP)
     sent = fake.requests[2]

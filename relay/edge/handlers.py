@@ -11,6 +11,7 @@ import hmac
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -20,13 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.edge.admission import Lease
 from relay.edge.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
-from relay.edge.routes import parse_realtime_request, resolve_deployment
+from relay.edge.routes import RealtimeRequest, parse_realtime_request, resolve_deployment
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRefused
 from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.logsetup import redact_url
 from relay.ops.metrics import SessionMeter
 from relay.session.pump import Bridge, Ending
 from relay.session.setup import StartedSession, start_session
+from relay.session.transcription import transcription_policy
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
 from relay.upstream.backends import Backend
 from relay.upstream.dial import SocketOptions, UpstreamSocket, connect_pool
@@ -63,9 +65,20 @@ class Admitted:
     backend: str
     upstream: UpstreamSocket
     started: StartedSession
+    # What meters the session (a call's sideband may leave usage to the call's observer).
+    meter: type[SessionMeter] = SessionMeter
+
+
+Admit = Callable[[web.Request, RelayState, str], Awaitable[Admitted]]
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
+    return await run_session(request, _admit)
+
+
+async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
+    """Admit a WebSocket session (``admit``: every check and the upstream start), or answer
+    the refusal; then serve it to its end."""
     state = request.app[STATE]
     session_id = "rs_" + secrets.token_hex(8)
     began = time.perf_counter()
@@ -75,7 +88,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         session_id=session_id, peer=state.client_address(request)
     )
     try:
-        admitted = await _admit(request, state, session_id)
+        admitted = await admit(request, state, session_id)
     except HttpRefusal as refusal:
         team = team_label(state)
         state.metrics.session_refusals.labels(team, str(refusal.status), refusal.code).inc()
@@ -102,19 +115,14 @@ def team_label(state: RelayState) -> str:
 
 async def _admit(request: web.Request, state: RelayState, session_id: str) -> Admitted:
     """Every check and the upstream start, before the client's upgrade; or an HttpRefusal."""
-    if request.headers.get("Upgrade", "").lower() != "websocket":
-        raise ClientRefused(
-            400, "websocket_required", "This endpoint takes WebSocket connections only."
+    team, wanted = admit_client(request, state)
+    if wanted.call_id is not None:
+        raise RequestRejected(
+            "unsupported_parameter",
+            "A call's sideband socket is served on /openai/v1/realtime?call_id=… "
+            "(or /v1/realtime?call_id=…).",
+            "call_id",
         )
-    origin = request.headers.get("Origin")
-    if origin is not None and not state.origin_allowed(origin):
-        raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
-    address = state.client_address(request)
-    state.auth_throttle.check(address)
-    subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
-    team = _authenticate(state, address, find_key(request.headers, request.query, subprotocols))
-    structlog.contextvars.bind_contextvars(team=team.name)
-    wanted = parse_realtime_request(request.query, request.headers, subprotocols)
     deployment = resolve_deployment(wanted, team, state.config.deployments)
     structlog.contextvars.bind_contextvars(deployment=deployment.name)
     if state.draining:
@@ -127,6 +135,23 @@ async def _admit(request: web.Request, state: RelayState, session_id: str) -> Ad
         await lease.release()
         raise
     return Admitted(team, deployment, lease, backend.name, upstream, started)
+
+
+def admit_client(request: web.Request, state: RelayState) -> tuple[TeamConfig, RealtimeRequest]:
+    """The checks of any WebSocket request: an upgrade, its Origin, its key; what it asks."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        raise ClientRefused(
+            400, "websocket_required", "This endpoint takes WebSocket connections only."
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and not state.origin_allowed(origin):
+        raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
+    address = state.client_address(request)
+    state.auth_throttle.check(address)
+    subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
+    team = _authenticate(state, address, find_key(request.headers, request.query, subprotocols))
+    structlog.contextvars.bind_contextvars(team=team.name)
+    return team, parse_realtime_request(request.query, request.headers, subprotocols)
 
 
 def _authenticate(state: RelayState, address: str, key: str | None) -> TeamConfig:
@@ -153,10 +178,6 @@ async def _start_upstream(
     assert state.http is not None
     metrics = state.metrics
 
-    def failed(backend: Backend, refusal: UpstreamRefused) -> None:
-        metrics.upstream_connect_failures.labels(deployment.name, backend.name, refusal.code).inc()
-        _log.warning("upstream_connect_failed", backend=backend.name, code=refusal.code)
-
     began = time.perf_counter()
     backend, upstream = await connect_pool(
         state.http,
@@ -168,16 +189,17 @@ async def _start_upstream(
             heartbeat=config.upstream.heartbeat_seconds,
             max_message_bytes=config.server.max_message_bytes,
         ),
-        on_failure=failed,
+        on_failure=lambda backend, refusal: upstream_failed(state, deployment, backend, refusal),
     )
     handshake_seconds = time.perf_counter() - began
     metrics.upstream_handshake.labels(deployment.name, backend.name).observe(handshake_seconds)
     structlog.contextvars.bind_contextvars(backend=backend.name)
+    policy = state.policies[team.name, deployment.name]
+    if deployment.kind == "transcription":
+        policy = transcription_policy(policy, backend.config.azure_deployment)
     try:
         started = await start_session(
-            upstream,
-            state.policies[team.name, deployment.name],
-            setup_seconds=config.upstream.connect_timeout_seconds,
+            upstream, policy, setup_seconds=config.upstream.connect_timeout_seconds
         )
     except BaseException:
         await upstream.close(code=1011, message=b"session start failed")
@@ -185,6 +207,15 @@ async def _start_upstream(
     # The service's own id for the session (Azure support asks for it), apart from ours.
     structlog.contextvars.bind_contextvars(upstream_session_id=started.session.get("id"))
     return backend, upstream, started
+
+
+def upstream_failed(
+    state: RelayState, deployment: DeploymentConfig, backend: Backend, refusal: UpstreamRefused
+) -> None:
+    state.metrics.upstream_connect_failures.labels(
+        deployment.name, backend.name, refusal.code
+    ).inc()
+    _log.warning("upstream_connect_failed", backend=backend.name, code=refusal.code)
 
 
 async def _serve(
@@ -218,20 +249,21 @@ async def _serve(
         raise
     metrics, labels = state.metrics, (team.name, deployment.name)
     book = state.budgets.book
-    meter = SessionMeter(
+    meter = admitted.meter(
         metrics,
         *labels,
         admitted.backend,
         prices=deployment.prices,
         on_cost=lambda usd: book.add(team.name, usd),
     )
+    started = admitted.started
     bridge = Bridge(
         client,
         upstream,
-        policy=state.policies[team.name, deployment.name],
-        session=admitted.started.session,
+        policy=started.policy or state.policies[team.name, deployment.name],
+        session=started.session,
         meter=meter,
-        greeting=(admitted.started.created_frame, *admitted.started.pending),
+        greeting=(*started.created, *started.pending),
         close_timeout=server.close_timeout_seconds,
         stall_timeout=server.stall_timeout_seconds,
         response_timeout=state.config.upstream.response_timeout_seconds,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from relay.errors import ClientRefused
+from relay.errors import ClientRefused, RequestRejected
 from relay.ops.config import DeploymentConfig, TeamConfig
 
 # Azure GA, Azure preview, and OpenAI-style paths.
@@ -23,11 +23,34 @@ class RealtimeRequest:
     deployment: str
     # The client said it speaks the beta protocol (OpenAI-Beta header or subprotocol).
     wants_beta: bool
+    # `intent=transcription`: a transcription-only session.
+    transcription: bool = False
+    # `call_id=…`: the sideband socket of a WebRTC call the relay placed.
+    call_id: str | None = None
 
 
 def parse_realtime_request(
     query: Mapping[str, str], headers: Mapping[str, str], subprotocols: Iterable[str]
 ) -> RealtimeRequest:
+    wants_beta = "realtime=v1" in headers.get("OpenAI-Beta", "").replace(" ", "") or (
+        BETA_SUBPROTOCOL in subprotocols
+    )
+    intent = query.get("intent")
+    if intent is not None and intent != "transcription":
+        raise RequestRejected(
+            "unsupported_parameter",
+            f"intent={intent!r} is not supported; the only intent is 'transcription'.",
+            "intent",
+        )
+    call_id = query.get("call_id")
+    if call_id is not None:
+        if not call_id or intent is not None:
+            raise RequestRejected(
+                "unsupported_parameter",
+                "call_id names a call; it takes no intent and must not be empty.",
+                "call_id",
+            )
+        return RealtimeRequest("", wants_beta, call_id=call_id)
     deployment = query.get("model") or query.get("deployment")
     if not deployment:
         raise ClientRefused(
@@ -36,10 +59,7 @@ def parse_realtime_request(
             "Name the deployment with the `model` query parameter "
             "(or `deployment` on the /openai/realtime path).",
         )
-    wants_beta = "realtime=v1" in headers.get("OpenAI-Beta", "").replace(" ", "") or (
-        BETA_SUBPROTOCOL in subprotocols
-    )
-    return RealtimeRequest(deployment=deployment, wants_beta=wants_beta)
+    return RealtimeRequest(deployment, wants_beta, transcription=intent is not None)
 
 
 def resolve_deployment(
@@ -56,6 +76,17 @@ def resolve_deployment(
             403,
             "deployment_not_allowed",
             f"This key may not use the deployment {deployment.name!r}.",
+        )
+    transcribing = deployment.kind == "transcription"
+    if request.transcription != transcribing:
+        raise RequestRejected(
+            "intent_mismatch",
+            f"The deployment {deployment.name!r} serves transcription sessions: connect with "
+            "intent=transcription."
+            if transcribing
+            else f"The deployment {deployment.name!r} does not serve transcription sessions; "
+            "connect without intent=transcription.",
+            "intent",
         )
     if request.wants_beta and deployment.protocol == "ga":
         raise ClientRefused(

@@ -301,6 +301,31 @@ def _check_session_paths(paths: Iterable[str], what: str) -> None:
     _check_session_fields({path.split(".")[0]: None for path in paths}, what)
 
 
+# Top-level fields of a GA transcription session (RealtimeTranscriptionSessionCreateRequest).
+TRANSCRIPTION_SESSION_FIELDS = frozenset({"type", "audio", "include"})
+
+
+def _check_transcription_fields(fragment: Mapping[str, Any], what: str) -> None:
+    unknown = sorted(set(fragment) - TRANSCRIPTION_SESSION_FIELDS)
+    output = fragment.get("audio", {})
+    if isinstance(output, Mapping) and "output" in output:
+        unknown.append("audio.output")
+    if unknown:
+        raise ValueError(
+            f"{what} names {', '.join(unknown)}, not fields of a transcription session "
+            "(audio.input.*, include)"
+        )
+
+
+def _check_transcription_paths(paths: Iterable[str], what: str) -> None:
+    bad = sorted(p for p in paths if not (p.startswith("audio.input") or p == "include"))
+    if bad:
+        raise ValueError(
+            f"{what} names {', '.join(bad)}: a transcription session has audio.input.* "
+            "and include only"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """Session rules. Unset fields inherit: team over deployment over built-in defaults."""
@@ -406,6 +431,14 @@ class PriceTable:
 
 
 @dataclass(frozen=True, slots=True)
+class DeploymentWebRtcConfig:
+    # The relay watches every call it places on this deployment over its own sideband
+    # socket: the team's defaults in force, its rules re-applied, the call metered, counted
+    # against max_sessions and hung up at max_session_seconds.
+    observe: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class DeploymentConfig:
     """A deployment clients ask for by name, and the Azure backends behind it.
 
@@ -419,6 +452,9 @@ class DeploymentConfig:
     # Deployment name on the Azure resource(s); defaults to the relay-side name.
     azure_deployment: str = ""
     protocol: Literal["ga", "preview"] = "ga"
+    # "transcription": transcription-only sessions (clients connect with
+    # intent=transcription); the Azure deployment is the session's transcription model.
+    kind: Literal["realtime", "transcription"] = "realtime"
     # Only for protocol = "preview"; the GA endpoint takes no api-version.
     api_version: str = DEFAULT_PREVIEW_API_VERSION
     # Session defaults (a GA `session` fragment) and rules for every team on this deployment.
@@ -427,9 +463,16 @@ class DeploymentConfig:
     backends: tuple[BackendConfig, ...] = ()
     # USD per million tokens by kind: cost estimates (relay_cost_usd_total) and team budgets.
     prices: PriceTable | None = None
+    webrtc: DeploymentWebRtcConfig = field(default_factory=DeploymentWebRtcConfig)
 
     def __post_init__(self) -> None:
         _check_session_fields(self.session, "session")
+        if self.kind == "transcription":
+            _check_transcription_fields(self.session, "session")
+            _check_transcription_paths(
+                [*(self.policy.locked or ()), *(self.policy.allowed_values or {})],
+                "policy",
+            )
         if not _NAME_RE.match(self.name):
             raise ValueError(f"deployment name {self.name!r} must match {_NAME_RE.pattern}")
         if not self.azure_deployment:

@@ -42,7 +42,7 @@ PREVIEW_SERVER_EVENT_TYPES = frozenset(
     {
         "response.audio.delta", "response.audio.done", "response.audio_transcript.delta",
         "response.audio_transcript.done", "response.text.delta", "response.text.done",
-        "transcription_session.updated",
+        "transcription_session.created", "transcription_session.updated",
     }
 )  # fmt: skip
 

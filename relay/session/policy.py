@@ -74,6 +74,13 @@ class SessionPolicy:
     max_events_per_second: float = DEFAULT_MAX_EVENTS_PER_SECOND
     event_burst: int = DEFAULT_EVENT_BURST
     on_rate_exceeded: Literal["throttle", "refuse"] = "throttle"
+    # The client event that changes the session: `transcription_session.update` for a
+    # preview transcription session.
+    update_event: str = "session.update"
+
+    def session_event(self, what: str) -> str:
+        """The server event that reports the session ``what`` ("created", "updated")."""
+        return self.update_event.removesuffix("update") + what
 
     @property
     def inspects_session(self) -> bool:
@@ -84,7 +91,7 @@ class SessionPolicy:
         if not self.defaults:
             return None
         return orjson.dumps(
-            {"type": "session.update", "event_id": DEFAULTS_EVENT_ID, "session": self.defaults}
+            {"type": self.update_event, "event_id": DEFAULTS_EVENT_ID, "session": self.defaults}
         )
 
     def check_client_frame(self, frame: bytes, session: Mapping[str, Any]) -> bytes:
@@ -121,7 +128,7 @@ class SessionPolicy:
         if kind == "input_audio_buffer.append":
             self._check_append(frame, audio_bytes)
             return frame
-        if kind == "session.update":
+        if kind == "session.update" or kind == self.update_event:
             return self._check_update(frame, "session", session, event)
         if kind == "response.create":
             return self._check_update(frame, "response", session, event)
@@ -217,7 +224,9 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
     """Team over deployment over built-in defaults, in the deployment's dialect."""
     rules = _overlay(deployment.policy, team.policy)
     defaults = merge_session(deployment.session, team.session)
-    prefix = rules.instructions_prefix or ""
+    transcribing = deployment.kind == "transcription"
+    # A transcription session has no instructions.
+    prefix = "" if transcribing else rules.instructions_prefix or ""
     if prefix and "instructions" in defaults:
         defaults["instructions"] = with_prefix(prefix, str(defaults["instructions"]))
     elif prefix:
@@ -233,8 +242,8 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
         max_values = {preview_path(p): v for p, v in max_values.items()}
         if rules.allowed_events is None:
             allowed_events |= PREVIEW_CLIENT_EVENT_TYPES
-    elif defaults:
-        defaults.setdefault("type", "realtime")  # GA requires it
+    elif defaults or transcribing:
+        defaults.setdefault("type", "transcription" if transcribing else "realtime")  # required
     return SessionPolicy(
         flavour=deployment.protocol,
         defaults=defaults,
@@ -253,6 +262,11 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
         max_events_per_second=rules.max_events_per_second or DEFAULT_MAX_EVENTS_PER_SECOND,
         event_burst=rules.event_burst or DEFAULT_EVENT_BURST,
         on_rate_exceeded=rules.on_rate_exceeded or "throttle",
+        update_event=(
+            "transcription_session.update"
+            if transcribing and deployment.protocol == "preview"
+            else "session.update"
+        ),
     )
 
 

@@ -295,6 +295,8 @@ class Bridge:
 
     async def _upstream_to_client(self) -> None:
         client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
+        # "session.updated", or "transcription_session.updated" (a preview transcription)
+        updated = self.policy.session_event("updated")
         greeting, self.greeting = self.greeting, ()  # sent once: not kept for the session
         try:
             for frame in greeting:
@@ -313,7 +315,7 @@ class Bridge:
                     await self._upstream_broke(f"invalid event ({exc.code})")
                     break
                 meter.upstream_event(kind, frame)
-                if kind == "session.updated":
+                if kind == updated:
                     self._session_updated(frame)
                 elif kind == "response.created":
                     self.between_responses.clear()

@@ -23,12 +23,18 @@ from relay.upstream.dial import UpstreamSocket
 
 @dataclass(slots=True)
 class StartedSession:
-    # The `session.created` the client gets first.
-    created_frame: bytes
+    # The `session.created` the client gets first (None: a call's sideband gets none).
+    created_frame: bytes | None
     # The session in force, in the deployment's dialect.
     session: dict[str, Any]
     # Other upstream events that arrived during set-up, in order, for the client.
     pending: list[bytes] = field(default_factory=list)
+    # The policy the session runs under, when not the team's on the deployment.
+    policy: SessionPolicy | None = None
+
+    @property
+    def created(self) -> tuple[bytes, ...]:
+        return () if self.created_frame is None else (self.created_frame,)
 
 
 async def start_session(
@@ -37,17 +43,20 @@ async def start_session(
     try:
         async with asyncio.timeout(setup_seconds):
             created_frame, created = await _next_event(upstream)
-            if created.get("type") != "session.created":
+            # A preview transcription session starts with transcription_session.created.
+            expected = {"session.created", policy.session_event("created")}
+            if created.get("type") not in expected:
                 raise _refusal(f"expected session.created first, got {created.get('type')!r}")
             update = policy.defaults_event()
             if update is None:
-                return StartedSession(created_frame, _session_of(created))
+                return StartedSession(created_frame, _session_of(created), policy=policy)
             await upstream.send_frame(update, aiohttp.WSMsgType.TEXT)
             pending: list[bytes] = []
+            updated = policy.session_event("updated")
             while True:
                 frame, event = await _next_event(upstream)
                 kind = event.get("type")
-                if kind == "session.updated":
+                if kind == updated:
                     break
                 if kind == "error":
                     error = event.get("error")
@@ -65,7 +74,7 @@ async def start_session(
         ) from exc
     session = _session_of(event)
     created["session"] = session
-    return StartedSession(orjson.dumps(created), session, pending)
+    return StartedSession(orjson.dumps(created), session, pending, policy)
 
 
 async def _next_event(upstream: UpstreamSocket) -> tuple[bytes, dict[str, Any]]:

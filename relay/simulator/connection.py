@@ -1,10 +1,15 @@
-"""One simulator WebSocket: the read loop, response playback, and paced sending.
+"""One simulator session's sockets: the read loop, response playback, and paced sending.
 
 The read loop hands each frame to the ``Engine`` and performs the actions it returns, in
 order. Responses play in their own task (one per ``ResponseRun``), waiting for each audio
 deadline at the configured speed. Every send is awaited under one lock, so frames keep
 their order and a slow client slows the simulator down (backpressure). When the client
 goes away, all response tasks are cancelled and awaited: nothing outlives the socket.
+
+A WebRTC call's session is one ``Connection`` without a socket of its own: sideband sockets
+attach to it (`serve`), each receiving every event, and the device's data channel is
+`receive`. On a call, output audio travels as media, so the events carry
+``output_audio_buffer.started``/``.stopped`` instead of audio deltas, like the service.
 """
 
 from __future__ import annotations
@@ -23,15 +28,29 @@ from relay.simulator.response import ResponseRun
 log = structlog.get_logger(__name__)
 
 
+Socket = web.WebSocketResponse[Literal[False]]
+_AUDIO_DELTAS = frozenset({"response.output_audio.delta", "response.audio.delta"})
+_AUDIO_DONE = frozenset({"response.output_audio.done", "response.audio.done"})
+
+
 class Connection:
-    """Drives one ``Engine`` over one prepared ``WebSocketResponse``."""
+    """Drives one ``Engine`` over its sockets (one, or a call's sideband sockets)."""
 
     def __init__(
-        self, ws: web.WebSocketResponse[Literal[False]], engine: Engine, *, speed: float
+        self,
+        ws: Socket | None,
+        engine: Engine,
+        *,
+        speed: float,
+        media: bool = False,
     ) -> None:
         self._ws = ws
+        self._listeners: list[Socket] = [ws] if ws is not None else []
         self._engine = engine
         self._speed = speed
+        # A call: audio is media, not events.
+        self._media = media
+        self._speaking: set[Any] = set()  # responses whose audio is playing, on a call
         self._send_lock = asyncio.Lock()
         # Response playback tasks by response id; each removes itself when done.
         self._playing: dict[str, asyncio.Task[None]] = {}
@@ -39,9 +58,19 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the socket until the client closes it or goes away."""
+        assert self._ws is not None
         try:
             await self._send(self._engine.session_created())
-            async for message in self._ws:
+            await self.serve(self._ws)
+        finally:
+            await self.stop_all()
+
+    async def serve(self, ws: Socket) -> None:
+        """Read ``ws`` until it closes; it gets every event meanwhile."""
+        if ws not in self._listeners:
+            self._listeners.append(ws)
+        try:
+            async for message in ws:
                 self.frames_received += 1
                 if message.type is WSMsgType.TEXT:
                     actions = self._receive(message.data)
@@ -53,7 +82,18 @@ class Connection:
         except ConnectionError:
             log.debug("simulator.client_gone")
         finally:
-            await self._stop_all()
+            if ws is not self._ws and ws in self._listeners:
+                self._listeners.remove(ws)
+
+    async def receive(self, data: bytes) -> None:
+        """One client event from elsewhere than a socket (a call's data channel)."""
+        await self._perform(self._receive(data))
+
+    async def close_all(self, code: int, message: bytes) -> None:
+        """Stop playing and close every socket (a call hung up)."""
+        await self.stop_all()
+        for ws in list(self._listeners):
+            await ws.close(code=code, message=message)
 
     def _receive(self, data: bytes) -> list[Action]:
         try:
@@ -75,9 +115,31 @@ class Connection:
                 await self._send(action)
 
     async def _send(self, event: Event) -> None:
-        data = orjson.dumps(event)
-        async with self._send_lock:
-            await self._ws.send_frame(data, WSMsgType.TEXT)
+        for out in self._as_media(event) if self._media else (event,):
+            data = orjson.dumps(out)
+            async with self._send_lock:
+                for ws in list(self._listeners):
+                    try:
+                        await ws.send_frame(data, WSMsgType.TEXT)
+                    except ConnectionError:
+                        if ws is self._ws:
+                            raise
+                        # a sideband socket that went away: its read loop removes it
+
+    def _as_media(self, event: Event) -> tuple[Event, ...]:
+        """On a call, a response's audio deltas become one ``output_audio_buffer.started``,
+        and its audio's done event is followed by ``output_audio_buffer.stopped``."""
+        kind, response_id = event.get("type"), event.get("response_id")
+        if kind in _AUDIO_DELTAS:
+            if response_id in self._speaking:
+                return ()
+            self._speaking.add(response_id)
+            return (self._engine.event("output_audio_buffer.started", response_id=response_id),)
+        if kind in _AUDIO_DONE and response_id in self._speaking:
+            self._speaking.discard(response_id)
+            stopped = self._engine.event("output_audio_buffer.stopped", response_id=response_id)
+            return event, stopped
+        return (event,)
 
     def _start(self, run: ResponseRun) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -116,7 +178,7 @@ class Connection:
             # asyncio.wait never raises the task's CancelledError into this task.
             await asyncio.wait([task])
 
-    async def _stop_all(self) -> None:
+    async def stop_all(self) -> None:
         tasks = list(self._playing.values())
         for task in tasks:
             task.cancel()

@@ -42,6 +42,14 @@ from relay.simulator.response import ResponseRun
 from relay.simulator.schema import Dialect, client_events
 from relay.simulator.session import SESSION_TTL_S, apply_update, default_session
 from relay.simulator.settings import parse_settings
+from relay.simulator.transcription import (
+    REFUSED_EVENTS,
+    apply_transcription_update,
+    default_transcription_session,
+    server_event,
+    transcription_settings,
+    update_event,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +82,25 @@ class Engine:
         options: SimulatorOptions,
         ids: IdFactory,
         now: float,
+        transcription: bool = False,
     ) -> None:
         self.dialect = dialect
+        # A transcription-only session (intent=transcription): no responses.
+        self.transcription = transcription
         self._options = options
         self._ids = ids
         self._events = ServerEvents(dialect, ids)
-        self.session = default_session(
-            dialect, session_id=ids.new("sess"), model=model, expires_at=int(now) + SESSION_TTL_S
-        )
-        self.settings = parse_settings(dialect, self.session)
+        expires_at = int(now) + SESSION_TTL_S
+        if transcription:
+            self.session = default_transcription_session(
+                dialect, session_id=ids.new("sess"), expires_at=expires_at
+            )
+            self.settings = transcription_settings(dialect, self.session)
+        else:
+            self.session = default_session(
+                dialect, session_id=ids.new("sess"), model=model, expires_at=expires_at
+            )
+            self.settings = parse_settings(dialect, self.session)
         self.conversation = Conversation(ids.new("conv"))
         self._input = InputBuffer(self.settings.turn_detection, self.settings.input_format, ids)
         self._active: ResponseRun | None = None
@@ -102,13 +120,25 @@ class Engine:
             "output_audio_buffer.clear": self._unsupported,
             "transcription_session.update": self._unsupported,
         }
+        if transcription:
+            for kind in REFUSED_EVENTS:
+                self._handlers[kind] = self._not_transcribing
+            self._handlers["session.update"] = self._not_transcribing
+            self._handlers[update_event(dialect)] = self._transcription_update
 
     @property
     def active_response(self) -> ResponseRun | None:
         return self._active
 
     def session_created(self) -> Event:
-        return self._event("session.created", session=self.session)
+        kind = server_event(self.dialect, "created") if self.transcription else "session.created"
+        return self.event(kind, session=self.session)
+
+    def use_session(self, fragment: dict[str, Any]) -> None:
+        """Start from ``fragment`` over the defaults (a call's secret or offer carried it)."""
+        apply = apply_transcription_update if self.transcription else apply_update
+        self.session, self.settings = apply(self.dialect, self.session, fragment)
+        self._input.configure(self.settings.turn_detection, self.settings.input_format)
 
     def receive_text(self, data: bytes | str) -> list[Action]:
         """Handle one text frame; client mistakes become an ``error`` event."""
@@ -157,7 +187,8 @@ class Engine:
             v.string(event["event_id"], "event_id")
         return self._handlers[kind](event)
 
-    def _event(self, kind: str, **fields: Any) -> Event:
+    def event(self, kind: str, **fields: Any) -> Event:
+        """A server event of this session (fresh event id)."""
         return self._events.make(kind, **fields)
 
     def _session_update(self, event: dict[str, Any]) -> list[Action]:
@@ -170,7 +201,7 @@ class Engine:
             )
         self.session, self.settings = session, settings
         self._input.configure(settings.turn_detection, settings.input_format)
-        return [self._event("session.updated", session=session)]
+        return [self.event("session.updated", session=session)]
 
     # -- input audio buffer ----------------------------------------------------------------
 
@@ -186,7 +217,7 @@ class Engine:
 
     def _speech_started(self, turn: SpeechStarted) -> list[Action]:
         actions: list[Action] = [
-            self._event(
+            self.event(
                 "input_audio_buffer.speech_started",
                 audio_start_ms=turn.audio_start_ms,
                 item_id=turn.item_id,
@@ -200,7 +231,7 @@ class Engine:
 
     def _speech_stopped(self, turn: SpeechStopped) -> list[Action]:
         actions: list[Action] = [
-            self._event(
+            self.event(
                 "input_audio_buffer.speech_stopped",
                 audio_end_ms=turn.audio_end_ms,
                 item_id=turn.item_id,
@@ -208,7 +239,8 @@ class Engine:
         ]
         actions += self._commit(turn.item_id, turn.audio)
         turn_detection = self.settings.turn_detection
-        if turn_detection and turn_detection.create_response and self._active is None:
+        responds = turn_detection and turn_detection.create_response and not self.transcription
+        if responds and self._active is None:
             actions.append(self._start_response(defaults_from(self.settings)))
         return actions
 
@@ -219,7 +251,7 @@ class Engine:
         item = user_audio_item(item_id, audio, self.settings.input_format)
         previous = self.conversation.add(item)
         actions: list[Action] = [
-            self._event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+            self.event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         ]
         actions += self._events.item_added(item, previous)
         model = self.settings.transcription_model
@@ -231,7 +263,7 @@ class Engine:
 
     def _clear(self, event: dict[str, Any]) -> list[Action]:
         self._input.clear()
-        return [self._event("input_audio_buffer.cleared")]
+        return [self.event("input_audio_buffer.cleared")]
 
     # -- conversation items ----------------------------------------------------------------
 
@@ -248,13 +280,13 @@ class Engine:
 
     def _item_retrieve(self, event: dict[str, Any]) -> list[Action]:
         item = self.conversation.get(v.required(event, "item_id", ""))
-        return [self._event("conversation.item.retrieved", item=item.retrieved())]
+        return [self.event("conversation.item.retrieved", item=item.retrieved())]
 
     def _item_delete(self, event: dict[str, Any]) -> list[Action]:
         item = self.conversation.get(v.required(event, "item_id", ""))
         self._check_not_generating(item.id)
         self.conversation.delete(item.id)
-        return [self._event("conversation.item.deleted", item_id=item.id)]
+        return [self.event("conversation.item.deleted", item_id=item.id)]
 
     def _item_truncate(self, event: dict[str, Any]) -> list[Action]:
         item_id = v.required(event, "item_id", "")
@@ -263,7 +295,7 @@ class Engine:
         self._check_not_generating(item_id)
         self.conversation.truncate(item_id, index, end_ms)
         return [
-            self._event(
+            self.event(
                 "conversation.item.truncated",
                 item_id=item_id,
                 content_index=index,
@@ -342,6 +374,21 @@ class Engine:
     def _cancel(self, run: ResponseRun, reason: str) -> CancelResponse:
         self._active = None
         return CancelResponse(run, reason)
+
+    def _transcription_update(self, event: dict[str, Any]) -> list[Action]:
+        session, settings = apply_transcription_update(
+            self.dialect, self.session, event.get("session")
+        )
+        self.session, self.settings = session, settings
+        self._input.configure(settings.turn_detection, settings.input_format)
+        return [self.event(server_event(self.dialect, "updated"), session=session)]
+
+    def _not_transcribing(self, event: dict[str, Any]) -> list[Action]:
+        raise ClientEventError(
+            "invalid_value",
+            f"{event['type']} is not supported in transcription sessions.",
+            "type",
+        )
 
     def _unsupported(self, event: dict[str, Any]) -> list[Action]:
         where = (

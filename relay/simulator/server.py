@@ -2,8 +2,11 @@
 
 ``GET /openai/v1/realtime?model=<deployment>`` speaks the GA protocol;
 ``GET /openai/realtime?api-version=<v>&deployment=<deployment>`` speaks the beta/preview
-protocol. Like Azure, credentials are checked first, then the query, and every refusal is
-an HTTP error with a JSON body before any WebSocket upgrade.
+protocol. ``?intent=transcription`` opens a transcription-only session instead (no
+deployment: the preview path refuses one), and ``?call_id=`` attaches a sideband socket to a
+WebRTC call this simulator answered (`calls`). Like Azure, credentials are checked first,
+then the query, and every refusal is an HTTP error with a JSON body before any WebSocket
+upgrade.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import orjson
 import structlog
 from aiohttp import WSCloseCode, web
 
+from relay.simulator.calls import CALLS_KEY
 from relay.simulator.connection import Connection
 from relay.simulator.engine import Engine
 from relay.simulator.ids import IdFactory, next_seed
@@ -100,10 +104,16 @@ async def _ga_endpoint(request: web.Request) -> web.StreamResponse:
         return http_error(
             400, "BadRequest", "api-version query parameter is not allowed when using /v1 path"
         )
-    model = request.query.get("model")
-    if not model:
+    intent = _intent(request)
+    if isinstance(intent, web.Response):
+        return intent
+    call_id = request.query.get("call_id")
+    if call_id is not None:
+        return await _attach(request, call_id)
+    model = request.query.get("model", "")
+    if not model and not intent:
         return http_error(400, "BadRequest", "Missing required query parameter: model")
-    return await _serve(request, GA, model, options)
+    return await _serve(request, GA, model, options, transcription=intent)
 
 
 async def _preview_endpoint(request: web.Request) -> web.StreamResponse:
@@ -117,23 +127,75 @@ async def _preview_endpoint(request: web.Request) -> web.StreamResponse:
             "MissingApiVersionParameter",
             "The api-version query parameter (?api-version=) is required for all requests.",
         )
+    intent = _intent(request)
+    if isinstance(intent, web.Response):
+        return intent
     deployment = request.query.get("deployment")
-    if not deployment:
+    if intent and deployment:
+        return http_error(
+            400, "BadRequest", "The deployment query parameter is not allowed for transcription."
+        )
+    if not deployment and not intent:
         return http_error(400, "BadRequest", "Missing required query parameter: deployment")
-    return await _serve(request, BETA, deployment, options)
+    return await _serve(request, BETA, deployment or "", options, transcription=intent)
 
 
-async def _serve(
-    request: web.Request, dialect: Dialect, model: str, options: SimulatorOptions
-) -> web.StreamResponse:
+def _intent(request: web.Request) -> bool | web.Response:
+    """True for a transcription session, False for a conversation; or a refusal."""
+    intent = request.query.get("intent")
+    if intent is None:
+        return False
+    if intent != "transcription":
+        return http_error(400, "BadRequest", f"Invalid value for intent: {intent!r}.")
+    return True
+
+
+def _prepared_socket(request: web.Request) -> web.WebSocketResponse[Literal[False]] | None:
     ws: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
         compress=False, max_msg_size=MAX_MSG_SIZE, decode_text=False
     )
-    if not ws.can_prepare(request).ok:
+    return ws if ws.can_prepare(request).ok else None
+
+
+async def _attach(request: web.Request, call_id: str) -> web.StreamResponse:
+    call = request.app[CALLS_KEY].calls.get(call_id)
+    if call is None:
+        return http_error(404, "call_not_found", f"Call '{call_id}' not found.")
+    ws = _prepared_socket(request)
+    if ws is None:
+        return http_error(400, "BadRequest", "Expected a WebSocket upgrade request.")
+    await ws.prepare(request)
+    sockets = request.app[SOCKETS_KEY]
+    sockets.add(ws)
+    bound = log.bind(call_id=call_id, deployment=call.model)
+    bound.info("simulator.sideband_attached", peer=request.remote)
+    try:
+        await call.attach(ws)
+    finally:
+        sockets.discard(ws)
+        bound.info("simulator.sideband_detached", close_code=ws.close_code)
+    return ws
+
+
+async def _serve(
+    request: web.Request,
+    dialect: Dialect,
+    model: str,
+    options: SimulatorOptions,
+    *,
+    transcription: bool = False,
+) -> web.StreamResponse:
+    ws = _prepared_socket(request)
+    if ws is None:
         return http_error(400, "BadRequest", "Expected a WebSocket upgrade request.")
     await ws.prepare(request)
     engine = Engine(
-        dialect, model=model, options=options, ids=IdFactory(next_seed()), now=time.time()
+        dialect,
+        model=model,
+        options=options,
+        ids=IdFactory(next_seed()),
+        now=time.time(),
+        transcription=transcription,
     )
     connection = Connection(ws, engine, speed=options.speed)
     sockets = request.app[SOCKETS_KEY]
@@ -168,6 +230,11 @@ class RunningSimulator:
         self._runner = runner
         self.host = host
         self.port = port
+
+    @property
+    def app(self) -> web.Application:
+        """The simulator's application (its calls, its secrets), for tests."""
+        return self._runner.app
 
     @property
     def url(self) -> str:

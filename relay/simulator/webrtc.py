@@ -7,9 +7,12 @@ service's default realtime session with the fragment applied (validated like a
 ``session.update``). ``POST /openai/v1/realtime/calls`` takes an SDP offer
 (``Content-Type: application/sdp``) with ``Authorization: Bearer ek_…`` (a secret minted
 here, not expired) or a key plus ``?model=``, and answers 201 with an SDP answer and
-``Location: /openai/v1/realtime/calls/rtc_…``. The answer is built from the offer: the same
+``Location: /openai/v1/realtime/calls/rtc_…``. openai-python's ``calls.create(sdp=…,
+session=…)`` posts ``multipart/form-data`` instead: an ``sdp`` part and a ``session`` part
+(JSON, a realtime session configuration). The answer is built from the offer: the same
 m= sections, ``a=setup:passive``, fresh ICE credentials and DTLS fingerprint, one host
-candidate; no media ever flows. Secrets and credentials are never logged.
+candidate; no media ever flows, but the call runs its session (`calls`: sideband sockets,
+call control). Secrets and credentials are never logged.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import orjson
 import structlog
 from aiohttp import web
 
+from relay.session.schema import merge_session
 from relay.simulator import validate as v
+from relay.simulator.calls import CALLS_KEY, CONTROL_ACTIONS, CallRegistry, on_shutdown
 from relay.simulator.errors import ClientEventError, invalid_value, missing
 from relay.simulator.schema import GA
 from relay.simulator.server import OPTIONS_KEY, TOKEN_DENIED, authenticate, http_error
 from relay.simulator.session import apply_update, default_session
+from relay.simulator.transcription import apply_transcription_update, default_transcription_session
 
 SECRETS_PATH = "/openai/v1/realtime/client_secrets"
 CALLS_PATH = "/openai/v1/realtime/calls"
@@ -214,6 +220,8 @@ def _section(
 class MintedSecret:
     model: str
     expires_at: int
+    # The session a call placed with this secret starts with.
+    session: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -223,9 +231,9 @@ class SecretStore:
     clock: Callable[[], float] = time.time
     minted: OrderedDict[str, MintedSecret] = field(default_factory=OrderedDict)
 
-    def mint(self, model: str, seconds: int) -> tuple[str, MintedSecret]:
+    def mint(self, model: str, seconds: int, session: dict[str, Any]) -> tuple[str, MintedSecret]:
         value = "ek_" + secrets.token_hex(16)
-        record = MintedSecret(model, int(self.clock()) + seconds)
+        record = MintedSecret(model, int(self.clock()) + seconds, session)
         self.minted[value] = record
         while len(self.minted) > MAX_SECRETS:
             self.minted.popitem(last=False)
@@ -258,14 +266,19 @@ def secret_seconds(raw: Any) -> int:
 
 
 def secret_session(raw: Any, *, session_id: str, expires_at: int) -> dict[str, Any]:
-    """The realtime session a secret carries: the defaults with the fragment applied."""
+    """The session a secret carries: the defaults with the fragment applied. A realtime
+    session names its deployment in ``model``; a transcription session has none."""
     if raw is None:
         raise missing("session")
     fragment = v.obj(raw, "session")
+    if fragment.get("type") == "transcription":
+        base = default_transcription_session(GA, session_id=session_id, expires_at=expires_at)
+        session, _ = apply_transcription_update(GA, base, fragment)
+        return session
     if fragment.get("type") != "realtime":
         if "type" not in fragment:
             raise missing("session.type")
-        raise invalid_value("session.type", fragment["type"], ("realtime",))
+        raise invalid_value("session.type", fragment["type"], ("realtime", "transcription"))
     model = v.string(v.required(fragment, "model", "session"), "session.model")
     base = default_session(GA, session_id=session_id, model=model, expires_at=expires_at)
     session, _ = apply_update(GA, base, fragment)
@@ -299,7 +312,7 @@ async def client_secrets(request: web.Request) -> web.Response:
         )
     except ClientEventError as error:
         return _invalid_request(error)
-    value, record = store.mint(session["model"], seconds)
+    value, record = store.mint(session.get("model", ""), seconds, session)
     log.info("simulator.client_secret_created", model=record.model, seconds=seconds)
     answer = {"value": value, "expires_at": record.expires_at, "session": session}
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
@@ -316,24 +329,25 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 async def calls(request: web.Request) -> web.Response:
-    model_or_denied = _call_model(request)
-    if isinstance(model_or_denied, web.Response):
-        return model_or_denied
-    if request.content_type != "application/sdp":
-        return _invalid_request(
-            ClientEventError(
-                "unsupported_content_type",
-                f"Unsupported content type {request.content_type!r}; send the SDP offer "
-                "as application/sdp.",
-            )
-        )
     try:
-        offer = parse_offer((await request.read()).decode("utf-8", errors="replace"))
+        sdp, fragment = await _read_call(request)
+    except ClientEventError as error:
+        return _invalid_request(error)
+    route = _call_route(request, fragment)
+    if isinstance(route, web.Response):
+        return route
+    model, session = route
+    try:
+        offer = parse_offer(sdp)
     except OfferError as exc:
         return _invalid_request(ClientEventError("invalid_offer", str(exc), "sdp"))
     call_id = "rtc_" + secrets.token_hex(16)
     answer = build_answer(offer, Transport.fresh(), session_id=secrets.randbits(62))
-    log.info("simulator.call_created", call_id=call_id, model=model_or_denied)
+    try:
+        request.app[CALLS_KEY].open(call_id, model, session, request.app[OPTIONS_KEY])
+    except ClientEventError as error:
+        return _invalid_request(error)
+    log.info("simulator.call_created", call_id=call_id, model=model)
     return web.Response(
         status=201,
         body=answer.encode(),
@@ -342,8 +356,42 @@ async def calls(request: web.Request) -> web.Response:
     )
 
 
-def _call_model(request: web.Request) -> str | web.Response:
-    """The deployment a call is for (from its secret, or `?model=` with a key), or a refusal."""
+async def _read_call(request: web.Request) -> tuple[str, dict[str, Any] | None]:
+    """The SDP offer, and the session of a multipart call (None for a plain SDP body)."""
+    if request.content_type == "application/sdp":
+        return (await request.read()).decode("utf-8", errors="replace"), None
+    if request.content_type != "multipart/form-data":
+        raise ClientEventError(
+            "unsupported_content_type",
+            f"Unsupported content type {request.content_type!r}; send the SDP offer "
+            "as application/sdp, or multipart/form-data with sdp and session.",
+        )
+    form = await request.post()
+    sdp, raw_session = form.get("sdp"), form.get("session")
+    if sdp is None:
+        raise missing("sdp")
+    if raw_session is None:
+        return _field_text(sdp), None
+    session = _json_object(_field_text(raw_session).encode())
+    v.check_keys(session, _SESSION_KEYS, "session")
+    if session.get("type") != "realtime":
+        if "type" not in session:
+            raise missing("session.type")
+        raise invalid_value("session.type", session["type"], ("realtime",))
+    return _field_text(sdp), session
+
+
+def _field_text(value: str | bytes | bytearray | web.FileField) -> str:
+    if isinstance(value, web.FileField):
+        value = value.file.read()
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
+
+
+def _call_route(
+    request: web.Request, fragment: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]] | web.Response:
+    """The deployment and starting session of a call (from its secret, or a key plus
+    ``?model=`` or the multipart session's model), or a refusal."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() == "bearer" and token.startswith("ek_"):
@@ -351,18 +399,51 @@ def _call_model(request: web.Request) -> str | web.Response:
         if minted is None:
             log.info("simulator.auth_failed", path=request.path, credential="ephemeral")
             return http_error(401, "401", TOKEN_DENIED)
-        return minted.model
+        return minted.model, merge_session(minted.session, fragment or {})
     denied = authenticate(request, request.app[OPTIONS_KEY])
     if denied is not None:
         return denied
-    model = request.query.get("model")
-    if not model:
+    model = request.query.get("model") or (fragment or {}).get("model")
+    if not model or not isinstance(model, str):
         return http_error(400, "BadRequest", "Missing required query parameter: model")
-    return model
+    return model, fragment or {"type": "realtime"}
+
+
+async def call_control(request: web.Request) -> web.Response:
+    """``POST …/calls/{call_id}/{action}``: hang up a call; SIP actions are refused."""
+    denied = authenticate(request, request.app[OPTIONS_KEY])
+    if denied is not None:
+        return denied
+    call_id, action = request.match_info["call_id"], request.match_info["action"]
+    registry = request.app[CALLS_KEY]
+    if action not in CONTROL_ACTIONS:
+        return http_error(404, "NotFound", "Resource not found")
+    if call_id not in registry.calls:
+        return http_error(404, "call_not_found", f"Call '{call_id}' not found.")
+    if action != "hangup":
+        return _invalid_request(
+            ClientEventError(
+                "invalid_call_state",
+                f"Call '{call_id}' is not an incoming SIP call; it cannot be {action}ed.",
+            )
+        )
+    await registry.hang_up(call_id)
+    log.info("simulator.call_hung_up", call_id=call_id)
+    return web.Response(status=200)
+
+
+_SESSION_KEYS = (
+    "type", "model", "audio", "include", "instructions", "max_output_tokens",
+    "output_modalities", "parallel_tool_calls", "prompt", "reasoning", "tool_choice", "tools",
+    "tracing", "truncation",
+)  # fmt: skip
 
 
 def add_routes(app: web.Application) -> None:
     """Serve both endpoints; ``app[STORE_KEY].clock`` can be replaced in tests."""
     app[STORE_KEY] = SecretStore()
+    app[CALLS_KEY] = CallRegistry()
     app.router.add_post(SECRETS_PATH, client_secrets)
     app.router.add_post(CALLS_PATH, calls)
+    app.router.add_post(CALLS_PATH + "/{call_id}/{action}", call_control)
+    app.on_shutdown.append(on_shutdown)

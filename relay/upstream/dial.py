@@ -30,17 +30,23 @@ def realtime_url(endpoint: str, deployment: DeploymentConfig, azure_deployment: 
 
     GA: ``wss://{resource}/openai/v1/realtime?model={deployment}`` with no api-version (Azure
     answers 401 to an api-version there). Preview:
-    ``wss://{resource}/openai/realtime?api-version={v}&deployment={deployment}``.
+    ``wss://{resource}/openai/realtime?api-version={v}&deployment={deployment}``. A
+    transcription deployment: ``intent=transcription`` instead of the deployment (which the
+    session names as its transcription model; Azure's preview path refuses a deployment).
     """
     azure_deployment = azure_deployment or deployment.azure_deployment
     base = URL(endpoint)
     scheme = {"https": "wss", "http": "ws"}.get(base.scheme, base.scheme)
     prefix = base.path.rstrip("/")
+    named = (
+        {"intent": "transcription"}
+        if deployment.kind == "transcription"
+        else {"model" if deployment.protocol == "ga" else "deployment": azure_deployment}
+    )
     if deployment.protocol == "ga":
-        path, query = "/openai/v1/realtime", {"model": azure_deployment}
+        path, query = "/openai/v1/realtime", named
     else:
-        path = "/openai/realtime"
-        query = {"api-version": deployment.api_version, "deployment": azure_deployment}
+        path, query = "/openai/realtime", {"api-version": deployment.api_version, **named}
     return base.with_scheme(scheme).with_path(prefix + path).with_query(query)
 
 

@@ -101,3 +101,40 @@ def test_client_address_behind_trusted_proxies():
     assert client_address("10.0.0.5", "", proxies) == "10.0.0.5"
     assert client_address("10.0.0.5", "not-an-ip", proxies) == "not-an-ip"
     assert client_address(None, "", []) == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ({"model": "gpt-realtime", "intent": "chat"}, "unsupported_parameter"),
+        ({"call_id": ""}, "unsupported_parameter"),
+        ({"call_id": "rtc_1", "intent": "transcription"}, "unsupported_parameter"),
+        ({"intent": "transcription"}, "missing_deployment"),
+    ],
+)
+def test_intent_and_call_id_are_checked(query, code):
+    with pytest.raises(ClientRefused) as info:
+        parse_realtime_request(query, {}, [])
+    assert (info.value.status, info.value.code) == (400, code)
+
+
+def test_intent_and_call_id_are_read():
+    wanted = parse_realtime_request({"model": "t", "intent": "transcription"}, {}, [])
+    assert wanted.transcription and wanted.deployment == "t"
+    assert parse_realtime_request({"call_id": "rtc_1"}, {}, []).call_id == "rtc_1"
+    transcribe = DeploymentConfig("t", "https://r", CRED, kind="transcription")
+    team = TeamConfig("a", (hash_key("k"),), ("t", "gpt-realtime"))
+    both = {"t": transcribe, **DEPLOYMENTS}
+    assert resolve_deployment(wanted, team, both) is transcribe
+    for name, transcription in (("t", False), ("gpt-realtime", True)):
+        with pytest.raises(ClientRefused) as info:
+            resolve_deployment(
+                parse_realtime_request(
+                    {"model": name, **({"intent": "transcription"} if transcription else {})},
+                    {},
+                    [],
+                ),
+                team,
+                both,
+            )
+        assert info.value.code == "intent_mismatch"

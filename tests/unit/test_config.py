@@ -162,3 +162,21 @@ def test_a_budget_needs_prices_and_prices_are_checked():
     config = parse_config(data, source="relay.toml")
     assert config.deployments["gpt-realtime"].prices.output_audio == 64.0
     assert config.teams["t1"].limits.max_usd_per_day == 10.0
+
+
+def test_a_transcription_deployment_takes_transcription_fields_only():
+    data = minimal()
+    deployment = data["deployments"]["gpt-realtime"]
+    deployment["kind"] = "transcription"
+    deployment["webrtc"] = {"observe": True}
+    deployment["session"] = {"audio": {"input": {"transcription": {"language": "en"}}}}
+    config = parse_config(data, source="relay.toml")
+    assert config.deployments["gpt-realtime"].kind == "transcription"
+    assert config.deployments["gpt-realtime"].webrtc.observe
+    deployment["session"] = {"instructions": "x", "audio": {"output": {"voice": "alloy"}}}
+    deployment["policy"] = {"locked": ["audio.output.voice"]}
+    found = problems(data)
+    assert any("instructions, audio.output, not fields of a transcription" in p for p in found)
+    deployment["session"] = {}
+    found = problems(data)
+    assert any("audio.output.voice: a transcription session has" in p for p in found)

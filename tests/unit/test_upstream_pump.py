@@ -79,3 +79,17 @@ def test_close_code_mapping(ending, to_upstream, to_client):
         assert close_for_upstream(ending) == to_upstream
     if to_client is not None:
         assert close_for_client(ending) == to_client
+
+
+def test_transcription_urls_name_no_deployment():
+    ga = DeploymentConfig("t", "https://res.openai.azure.com", CRED, "az-t", kind="transcription")
+    assert str(realtime_url(ga.endpoint, ga)) == (
+        "wss://res.openai.azure.com/openai/v1/realtime?intent=transcription"
+    )
+    preview = DeploymentConfig(
+        "t", "https://res.openai.azure.com", CRED, protocol="preview", kind="transcription"
+    )
+    assert str(realtime_url(preview.endpoint, preview)) == (
+        "wss://res.openai.azure.com/openai/realtime?api-version=2025-04-01-preview"
+        "&intent=transcription"
+    )

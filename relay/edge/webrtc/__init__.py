@@ -23,14 +23,17 @@ Modules: `requests` (pure: what a caller asks, the session, the upstream's answe
 from relay.edge.webrtc.handlers import WEBRTC, WebRtc, add_routes
 from relay.edge.webrtc.requests import SecretRequest, effective_session, parse_secret_request
 from relay.edge.webrtc.secret_book import MintedSecret, SecretBook
+from relay.edge.webrtc.sideband import SIDEBAND_PATHS, realtime
 
 __all__ = [
     "WEBRTC",
     "MintedSecret",
     "SecretBook",
     "SecretRequest",
+    "SIDEBAND_PATHS",
     "WebRtc",
     "add_routes",
+    "realtime",
     "effective_session",
     "parse_secret_request",
 ]

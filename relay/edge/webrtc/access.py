@@ -10,6 +10,7 @@ from aiohttp import web
 
 from relay.edge.auth import find_key
 from relay.edge.routes import RealtimeRequest, resolve_deployment
+from relay.edge.webrtc.call_book import CallRecords, PlacedCall
 from relay.edge.webrtc.secret_book import MintedSecret, SecretRecords
 from relay.errors import ClientRefused, RequestRejected
 from relay.ops.config import DeploymentConfig, TeamConfig
@@ -79,13 +80,20 @@ def _check_open(state: RelayState, request: web.Request) -> None:
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not call.")
 
 
-def ga_deployment(state: RelayState, team: TeamConfig, name: str) -> DeploymentConfig:
-    """The GA deployment ``name`` that ``team`` may use; or a refusal."""
+def ga_deployment(
+    state: RelayState, team: TeamConfig, name: str, transcription: bool | None = None
+) -> DeploymentConfig:
+    """The GA deployment ``name`` that ``team`` may use, for a transcription session or not
+    (None: either); or a refusal."""
     if not name:
         raise ClientRefused(
             400, "missing_deployment", "Name the deployment with the `model` query parameter."
         )
-    deployment = resolve_deployment(RealtimeRequest(name, False), team, state.config.deployments)
+    known = state.config.deployments.get(name)
+    if transcription is None:
+        transcription = known is not None and known.kind == "transcription"
+    wanted = RealtimeRequest(name, False, transcription=transcription)
+    deployment = resolve_deployment(wanted, team, state.config.deployments)
     structlog.contextvars.bind_contextvars(deployment=deployment.name)
     if deployment.protocol != "ga":
         raise ClientRefused(
@@ -123,3 +131,21 @@ def preflight_headers(origin: str) -> dict[str, str]:
         "Access-Control-Allow-Headers": "Authorization, Content-Type, api-key",
         "Access-Control-Max-Age": "600",
     }
+
+
+async def owned_call(
+    state: RelayState, calls: CallRecords, team: TeamConfig, call_id: str
+) -> tuple[PlacedCall, DeploymentConfig, Backend]:
+    """The call ``team`` placed through the relay, its deployment and backend; 404 for any
+    other call (another team's call is as unknown as one that never was)."""
+    placed = await calls.find(call_id)
+    if placed is None or placed.team != team.name or placed.deployment not in state.pools:
+        raise ClientRefused(
+            404, "call_not_found", "No call with this id was placed through the relay by this key."
+        )
+    pool = state.pools[placed.deployment]
+    backend = next((b for b in pool.backends if b.name == placed.backend), None)
+    if backend is None:
+        raise ClientRefused(404, "call_not_found", "The call's backend is no longer configured.")
+    structlog.contextvars.bind_contextvars(deployment=placed.deployment, backend=backend.name)
+    return placed, pool.deployment, backend

@@ -31,12 +31,14 @@ _log = structlog.get_logger("relay.edge.webrtc")
 class Outbound:
     """One request to send to a backend, built per backend (names and credentials differ)."""
 
-    leaf: str  # "client_secrets" | "calls"
+    leaf: str  # "client_secrets" | "calls" | "calls/{call_id}/{action}"
     content_type: str
     body: Callable[[Backend], bytes]
     query: Callable[[Backend], Mapping[str, str]]
     # A client secret to send instead of the backend's credential.
     bearer: str | None = None
+    # Upstream statuses that are the caller's answer as they are (call control's 404).
+    passed: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +62,8 @@ async def forward(
 
     async def attempt(backend: Backend, seconds: float) -> Answer:
         answer = await _send(state, deployment, backend, outbound, request_id, seconds)
-        _judge(answer, via_secret=outbound.bearer is not None)
+        if answer.status not in outbound.passed:
+            _judge(answer, via_secret=outbound.bearer is not None)
         return answer
 
     def failed(backend: Backend, refusal: UpstreamRefused) -> None:
@@ -100,7 +103,8 @@ async def _send(
                 url, data=outbound.body(backend), headers=headers, allow_redirects=False
             ) as response:
                 answer = Answer(response.status, await response.read(), response.headers)
-    state.metrics.webrtc_upstream.labels(deployment.name, outbound.leaf).observe(
+    endpoint = outbound.leaf.rsplit("/", 1)[-1]  # a bounded label: no call ids
+    state.metrics.webrtc_upstream.labels(deployment.name, endpoint).observe(
         time.perf_counter() - began
     )
     return answer

@@ -4,15 +4,17 @@ relay's refusals, metrics and logs. Thin: who may call is in `access`, the rules
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
-from relay.edge.admission import AdmissionStore
+from relay.edge.admission import AdmissionStore, Lease
 from relay.edge.admission_redis import RedisAdmission
 from relay.edge.auth import find_key
 from relay.edge.handlers import error_response, team_label
@@ -20,20 +22,37 @@ from relay.edge.webrtc.access import (
     authenticate,
     cors_headers,
     ga_deployment,
+    owned_call,
     preflight_headers,
     secret_route,
     usable_backends,
 )
+from relay.edge.webrtc.call_book import (
+    CallRecords,
+    PlacedCall,
+    ProcessCalls,
+    RedisCalls,
+    call_id_from_location,
+)
 from relay.edge.webrtc.forward import Outbound, forward
+from relay.edge.webrtc.observer import CallWatch, watch_call
 from relay.edge.webrtc.requests import (
+    CONTROL_ACTIONS,
+    SessionRequest,
     UpstreamRejected,
     effective_session,
+    multipart_call,
     parse_minted,
     parse_secret_request,
+    parse_session,
+    upstream_session,
 )
 from relay.edge.webrtc.secret_book import MintedSecret, ProcessSecrets, RedisSecrets, SecretRecords
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected
+from relay.ops.config import DeploymentConfig, TeamConfig
+from relay.ops.metrics import SessionMeter
 from relay.session.policy import PolicyViolation
+from relay.session.transcription import transcription_policy
 from relay.state import STATE, RelayState
 from relay.upstream.backends import Backend
 
@@ -42,6 +61,8 @@ CALL_PATHS = ("/openai/v1/realtime/calls", "/v1/realtime/calls")
 MAX_BODY_BYTES = 256 * 1024
 # Query parameters of a call passed on upstream (Azure's data-channel event filter).
 _CALL_QUERY = ("webrtcfilter",)
+# Upstream answers to call control that are the caller's as they are.
+_CONTROL_PASSED = frozenset({400, 404, 409})
 
 _log = structlog.get_logger("relay.edge.webrtc")
 
@@ -52,6 +73,10 @@ class WebRtc:
 
     book: SecretRecords
     rates: AdmissionStore
+    calls: CallRecords = field(default_factory=ProcessCalls)
+    # Calls the relay observes, by call id, while they live.
+    watches: dict[str, CallWatch] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 WEBRTC = web.AppKey("webrtc", WebRtc)
@@ -61,16 +86,27 @@ def add_routes(app: web.Application) -> None:
     """Serve the WebRTC endpoints on a relay app whose STATE is set."""
     state = app[STATE]
     admission = state.admission
-    book: SecretRecords = ProcessSecrets()
+    webrtc = WebRtc(ProcessSecrets(), admission)
     if isinstance(admission, RedisAdmission):
         config = state.config.admission
-        book = RedisSecrets(admission.client, config.key_prefix, config.redis_timeout_seconds)
-    app[WEBRTC] = WebRtc(book, admission)
+        args = (admission.client, config.key_prefix, config.redis_timeout_seconds)
+        webrtc = WebRtc(RedisSecrets.connect(*args), admission, RedisCalls.connect(*args))
+    app[WEBRTC] = webrtc
     for path in SECRET_PATHS:
         app.router.add_post(path, client_secrets)
     for path in CALL_PATHS:
         app.router.add_post(path, calls)
         app.router.add_route("OPTIONS", path, preflight)
+        app.router.add_post(path + "/{call_id}/{action}", call_control)
+    app.on_shutdown.append(_stop_watching)
+
+
+async def _stop_watching(app: web.Application) -> None:
+    """Shutdown: close the observers' sockets (the calls go on) and count the calls."""
+    tasks = list(app[WEBRTC].tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def client_secrets(request: web.Request) -> web.Response:
@@ -79,6 +115,10 @@ async def client_secrets(request: web.Request) -> web.Response:
 
 async def calls(request: web.Request) -> web.Response:
     return await _handle(request, "calls", _call)
+
+
+async def call_control(request: web.Request) -> web.Response:
+    return await _handle(request, "call_control", _control)
 
 
 async def preflight(request: web.Request) -> web.Response:
@@ -127,18 +167,15 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
         request.query.get("model"),
         state.config.webrtc.max_secret_seconds,
     )
-    deployment = ga_deployment(state, team, wanted.deployment)
+    deployment = ga_deployment(state, team, wanted.deployment, wanted.transcription)
     state.budgets.check(team.name)
-    try:
-        session = effective_session(state.policies[team.name, deployment.name], wanted.session)
-    except PolicyViolation as violation:
-        raise RequestRejected(violation.code, violation.message, violation.param) from violation
+    session = _session(state, team, deployment, wanted.session)
     await webrtc.rates.take_client_secret(team.name)
 
     def body(backend: Backend) -> bytes:
-        upstream_session = {**session, "model": backend.config.azure_deployment}
         expires_after = {"anchor": "created_at", "seconds": wanted.seconds}
-        return orjson.dumps({"expires_after": expires_after, "session": upstream_session})
+        named = upstream_session(session, backend.config.azure_deployment)
+        return orjson.dumps({"expires_after": expires_after, "session": named})
 
     outbound = Outbound("client_secrets", "application/json", body, lambda backend: {})
     backends = usable_backends(state, deployment)
@@ -149,40 +186,197 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
         minted["value"], MintedSecret(team.name, deployment.name, backend.name, expires_at)
     )
     minted["expires_at"] = int(expires_at)
-    minted["session"] = {**minted.get("session", {}), "model": deployment.name}
+    if not wanted.transcription:
+        minted["session"] = {**minted.get("session", {}), "model": deployment.name}
     state.metrics.client_secrets.labels(team.name, deployment.name).inc()
     _log.info("client_secret_minted", backend=backend.name, seconds=wanted.seconds)
     return web.Response(body=orjson.dumps(minted), content_type="application/json")
 
 
+def _session(
+    state: RelayState, team: TeamConfig, deployment: DeploymentConfig, fragment: dict[str, Any]
+) -> dict[str, Any]:
+    """The session a secret or call carries, through the team's policy; or a refusal."""
+    policy = state.policies[team.name, deployment.name]
+    if deployment.kind == "transcription":
+        policy = transcription_policy(policy, deployment.azure_deployment)
+    try:
+        return effective_session(policy, fragment)
+    except PolicyViolation as violation:
+        raise RequestRejected(violation.code, violation.message, violation.param) from violation
+
+
 async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.Response:
     team, minted = await authenticate(request, state, webrtc.book)
+    offer, asked = await _read_call(request)
+    query_model = request.query.get("model") or None
     if minted is not None:
         team, deployment, backends = secret_route(state, webrtc.book, minted, request.query)
+        if asked is not None and asked.deployment not in (None, deployment.name):
+            raise RequestRejected(
+                "deployment_mismatch",
+                f"The client secret is for the deployment {deployment.name!r}.",
+                "session.model",
+            )
     else:
         assert team is not None
-        deployment = ga_deployment(state, team, request.query.get("model", ""))
+        if asked is not None and asked.deployment and query_model not in (None, asked.deployment):
+            raise RequestRejected(
+                "deployment_mismatch",
+                "session.model and the model query parameter name different deployments.",
+                "session.model",
+            )
+        name = query_model or (asked.deployment if asked is not None else None) or ""
+        deployment = ga_deployment(
+            state, team, name, asked.transcription if asked is not None else None
+        )
         backends = usable_backends(state, deployment)
-    offer = await _read_offer(request)
     state.budgets.check(team.name)
-    await webrtc.rates.take_call(team.name)
+    # A relay-key call carries the team's session; a secret's was shaped when minted.
+    session = None
+    if asked is not None or minted is None:
+        session = _session(state, team, deployment, asked.fragment if asked is not None else {})
     passed = {k: request.query[k] for k in _CALL_QUERY if k in request.query}
-    # A secret names its deployment upstream; a key needs `model`.
+    # A secret names its deployment upstream.
     secret = find_key(request.headers, {}, ()) if minted is not None else None
+    boundary = "relay" + secrets.token_hex(12)
+
+    def body(backend: Backend) -> bytes:
+        if session is None:
+            return offer
+        return multipart_call(
+            offer, upstream_session(session, backend.config.azure_deployment), boundary
+        )
+
+    content_type = (
+        "application/sdp" if session is None else f"multipart/form-data; boundary={boundary}"
+    )
 
     def query(backend: Backend) -> Mapping[str, str]:
         return passed if secret else {"model": backend.config.azure_deployment, **passed}
 
-    outbound = Outbound("calls", "application/sdp", lambda backend: offer, query, secret)
-    backend, answer = await forward(state, deployment, backends, outbound)
+    outbound = Outbound("calls", content_type, body, query, secret)
+    observed = deployment.webrtc.observe
+    lease = await state.admission.acquire(team.name) if observed else None
+    if lease is None:
+        await webrtc.rates.take_call(team.name)
+    try:
+        backend, answer = await forward(state, deployment, backends, outbound)
+        call_id = call_id_from_location(answer.headers.get("Location"))
+        if call_id is not None:
+            placed = PlacedCall(team.name, deployment.name, backend.name, lease is not None)
+            await webrtc.calls.remember(call_id, placed)
+    except BaseException:
+        if lease is not None:
+            await lease.release()
+        raise
     auth = "client_secret" if secret else "relay_key"
     state.metrics.webrtc_calls.labels(team.name, deployment.name, auth).inc()
     location = answer.headers.get("Location")
-    _log.info("call_placed", backend=backend.name, auth=auth, location=location)
+    _log.info("call_placed", backend=backend.name, auth=auth, call_id=call_id)
+    if lease is not None:
+        if call_id is None:
+            await lease.release()
+        else:
+            _watch(state, webrtc, team, deployment, backend, call_id, lease)
     headers = {"Content-Type": answer.headers.get("Content-Type", "application/sdp")}
     if location is not None:
         headers["Location"] = location
     return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+def _watch(
+    state: RelayState,
+    webrtc: WebRtc,
+    team: TeamConfig,
+    deployment: DeploymentConfig,
+    backend: Backend,
+    call_id: str,
+    lease: Lease,
+) -> None:
+    """Start observing a call the relay placed (`observer`)."""
+    policy = state.policies[team.name, deployment.name]
+    if deployment.kind == "transcription":
+        policy = transcription_policy(policy, backend.config.azure_deployment)
+    book = state.budgets.book
+    meter = SessionMeter(
+        state.metrics,
+        team.name,
+        deployment.name,
+        backend.name,
+        prices=deployment.prices,
+        on_cost=lambda usd: book.add(team.name, usd),
+    )
+    watch = CallWatch(call_id, team, deployment, backend, policy, lease, meter)
+    webrtc.watches[call_id] = watch
+    task = asyncio.get_running_loop().create_task(
+        watch_call(state, watch), name=f"call observer {call_id}"
+    )
+    webrtc.tasks.add(task)
+
+    def done(task: asyncio.Task[None]) -> None:
+        webrtc.tasks.discard(task)
+        webrtc.watches.pop(call_id, None)
+
+    task.add_done_callback(done)
+
+
+async def _control(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.Response:
+    """Call control (hangup, accept, reject, refer) on a call this team placed through the
+    relay, sent to the backend that placed it with the relay's credential."""
+    action = request.match_info["action"]
+    if action not in CONTROL_ACTIONS:
+        raise ClientRefused(404, "not_found", f"Unknown call action {action!r}.")
+    team, _ = await authenticate(request, state, None)
+    assert team is not None
+    call_id = request.match_info["call_id"]
+    _, deployment, backend = await owned_call(state, webrtc.calls, team, call_id)
+    body = await _read_body(request)
+    content_type = request.headers.get("Content-Type", "application/json")
+    outbound = Outbound(
+        f"calls/{call_id}/{action}",
+        content_type,
+        lambda b: body,
+        lambda b: {},
+        passed=_CONTROL_PASSED,
+    )
+    _, answer = await forward(state, deployment, [backend], outbound)
+    _log.info("call_control", action=action, call_id=call_id, status=answer.status)
+    headers = {}
+    if "Content-Type" in answer.headers:
+        headers["Content-Type"] = answer.headers["Content-Type"]
+    return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+async def _read_call(request: web.Request) -> tuple[bytes, SessionRequest | None]:
+    """The SDP offer, and the session of a multipart call (openai-python's form)."""
+    if request.content_type != "multipart/form-data":
+        return await _read_offer(request), None
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ClientRefused(413, "request_too_large", f"The body exceeds {MAX_BODY_BYTES} bytes.")
+    try:
+        form = await request.post()
+    except (ValueError, web.HTTPException) as exc:
+        raise RequestRejected("invalid_body", "The multipart body could not be read.") from exc
+    offer = _form_bytes(form.get("sdp"))
+    if not offer or not offer.strip():
+        raise RequestRejected("missing_offer", "The multipart body has no sdp part.", "sdp")
+    raw = form.get("session")
+    if raw is None:
+        return offer, None
+    try:
+        session = orjson.loads(_form_bytes(raw) or b"")
+    except orjson.JSONDecodeError as exc:
+        raise RequestRejected("invalid_json", "The session part is not JSON.", "session") from exc
+    return offer, parse_session(session, None)
+
+
+def _form_bytes(value: str | bytes | bytearray | web.FileField | None) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, web.FileField):
+        return bytes(value.file.read())
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -202,7 +396,8 @@ async def _read_offer(request: web.Request) -> bytes:
     if request.content_type != "application/sdp":
         raise RequestRejected(
             "unsupported_content_type",
-            "Send the SDP offer as the request body with `Content-Type: application/sdp`.",
+            "Send the SDP offer as the request body with `Content-Type: application/sdp`, "
+            "or multipart/form-data with `sdp` and `session` parts.",
         )
     offer = await _read_body(request)
     if not offer.strip():

@@ -12,9 +12,12 @@ from yarl import URL
 
 from relay.errors import RequestRejected, UpstreamRefused
 from relay.session.policy import PolicyViolation, SessionPolicy
-from relay.session.schema import merge_session
+from relay.session.schema import get_path, merge_session, set_path
+from relay.session.transcription import GA_MODEL_PATH as TRANSCRIPTION_MODEL
 
 DEFAULT_SECRET_SECONDS = 600  # the service's default
+# Call control (`POST …/calls/{call_id}/{action}`): WebRTC and SIP; the last three are SIP's.
+CONTROL_ACTIONS = ("hangup", "accept", "reject", "refer")
 MIN_SECRET_SECONDS, MAX_SECRET_SECONDS = 10, 7200  # the service's range
 
 
@@ -27,6 +30,17 @@ class SecretRequest:
     deployment: str
     session: dict[str, Any]
     seconds: int
+    # A transcription session's secret (session.type = "transcription").
+    transcription: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """A session a caller asks for: the deployment it names (if any) and the fragment."""
+
+    deployment: str | None
+    fragment: dict[str, Any]
+    transcription: bool
 
 
 def parse_secret_request(body: bytes, query_model: str | None, max_seconds: int) -> SecretRequest:
@@ -40,31 +54,46 @@ def parse_secret_request(body: bytes, query_model: str | None, max_seconds: int)
     for key in data:
         if key not in ("expires_after", "session"):
             raise RequestRejected("unknown_parameter", f"Unknown parameter: '{key}'.", key)
-    session = data.get("session", {})
+    wanted = parse_session(data.get("session", {}), query_model)
+    if wanted.deployment is None:
+        param = f"session.{TRANSCRIPTION_MODEL}" if wanted.transcription else "session.model"
+        raise RequestRejected("missing_deployment", f"Name the deployment in {param}.", param)
+    seconds = min(_requested_seconds(data.get("expires_after")), max_seconds)
+    return SecretRequest(wanted.deployment, wanted.fragment, seconds, wanted.transcription)
+
+
+def parse_session(session: Any, query_model: str | None) -> SessionRequest:
+    """A realtime or transcription session a caller sends (a client secret's, a multipart
+    call's), and the deployment it names: ``session.model``, or for a transcription session
+    its transcription model (the relay's name for the transcription deployment)."""
     if not isinstance(session, dict):
         raise RequestRejected("invalid_type", "session must be an object.", "session")
-    if session.get("type", "realtime") != "realtime":
+    kind = session.get("type", "realtime")
+    if kind not in ("realtime", "transcription"):
         raise RequestRejected(
             "unsupported_session_type",
-            "The relay mints client secrets for realtime sessions only.",
+            "The relay takes realtime and transcription sessions only.",
             "session.type",
         )
-    model = session.get("model")
+    transcription = kind == "transcription"
+    param = f"session.{TRANSCRIPTION_MODEL if transcription else 'model'}"
+    fragment = {k: v for k, v in session.items() if k not in ("type", "model")}
+    if transcription:
+        present, model = get_path(fragment, TRANSCRIPTION_MODEL)
+        if present:
+            fragment = merge_session(fragment, {})
+            del fragment["audio"]["input"]["transcription"]["model"]
+    else:
+        model = session.get("model")
     if model is not None and not isinstance(model, str):
-        raise RequestRejected("invalid_type", "session.model must be a string.", "session.model")
+        raise RequestRejected("invalid_type", f"{param} must be a string.", param)
     if model and query_model and model != query_model:
         raise RequestRejected(
             "deployment_mismatch",
-            "session.model and the model query parameter name different deployments.",
-            "session.model",
+            f"{param} and the model query parameter name different deployments.",
+            param,
         )
-    if not (model or query_model):
-        raise RequestRejected(
-            "missing_deployment", "Name the deployment in session.model.", "session.model"
-        )
-    seconds = min(_requested_seconds(data.get("expires_after")), max_seconds)
-    fragment = {k: v for k, v in session.items() if k not in ("type", "model")}
-    return SecretRequest(str(model or query_model), fragment, seconds)
+    return SessionRequest(model or query_model or None, fragment, transcription)
 
 
 def _requested_seconds(raw: Any) -> int:
@@ -105,7 +134,7 @@ def effective_session(policy: SessionPolicy, fragment: Mapping[str, Any]) -> dic
         judge = replace(policy, max_frame_bytes=None)
         judged = judge.check("session.update", frame, policy.defaults)
         checked = orjson.loads(judged)["session"]
-    return {**merge_session(policy.defaults, checked), "type": "realtime"}
+    return {"type": "realtime", **merge_session(policy.defaults, checked)}
 
 
 def webrtc_url(backend_url: URL, leaf: str, query: Mapping[str, str]) -> URL:
@@ -147,3 +176,30 @@ def upstream_rejection(body: bytes) -> UpstreamRejected:
         message if isinstance(message, str) else "The upstream service refused the request.",
         param if isinstance(param, str) else None,
     )
+
+
+def multipart_call(offer: bytes, session: dict[str, Any], boundary: str) -> bytes:
+    """A call as openai-python posts it: ``multipart/form-data`` with an ``sdp`` part and a
+    ``session`` part (JSON); ``boundary`` goes in the Content-Type."""
+    body = bytearray()
+    for name, content_type, data in (
+        ("sdp", "application/sdp", offer),
+        ("session", "application/json", orjson.dumps(session)),
+    ):
+        body += (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body)
+
+
+def upstream_session(session: Mapping[str, Any], azure_deployment: str) -> dict[str, Any]:
+    """The session as a backend needs it: its Azure deployment as the model (a realtime
+    session's ``model``, a transcription session's transcription model)."""
+    if session.get("type") == "transcription":
+        named: dict[str, Any] = {}
+        set_path(named, TRANSCRIPTION_MODEL, azure_deployment)
+        return merge_session(session, named)
+    return {**session, "model": azure_deployment}

@@ -4,7 +4,6 @@ state lives there (then any process or host can place the call)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -12,14 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import orjson
 import redis.asyncio as aioredis
-import structlog
-from redis.exceptions import RedisError
 
-from relay.errors import ClientRefused
-
-_log = structlog.get_logger("relay.edge.webrtc")
+from relay.edge.webrtc.redis_records import RedisRecords
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,38 +93,23 @@ class RedisSecrets:
     """Minted secrets in Redis (SHA-256 keys, expiring), so any relay process or host can
     route a call bearing a secret another one minted."""
 
-    client: aioredis.Redis
-    prefix: str
-    timeout: float
+    records: RedisRecords
     clock: Callable[[], float] = time.time
 
-    def _key(self, secret: str) -> str:
-        return f"{self.prefix}:secret:{_digest(secret).hex()}"
+    @classmethod
+    def connect(cls, client: aioredis.Redis, prefix: str, timeout: float) -> RedisSecrets:
+        return cls(
+            RedisRecords(client, f"{prefix}:secret", timeout, "client secrets", "secret_store")
+        )
 
     async def remember(self, secret: str, minted: MintedSecret) -> None:
         ttl = max(1, int(minted.expires_at - self.clock()) + _EXPIRED_KEPT_SECONDS)
-        record = orjson.dumps([minted.team, minted.deployment, minted.backend, minted.expires_at])
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.client.set(self._key(secret), record, ex=ttl)
-        except (RedisError, OSError, TimeoutError) as exc:
-            # Calls with this secret then work only on the process that minted it... not
-            # even there: say so loudly, the caller can mint again.
-            _log.error("secret_store_unreachable", op="remember", error=type(exc).__name__)
-            raise ClientRefused(
-                503, "secret_store_unavailable", "The relay cannot record client secrets now."
-            ) from exc
+        record = [minted.team, minted.deployment, minted.backend, minted.expires_at]
+        await self.records.put(_digest(secret).hex(), record, ttl)
 
     async def find(self, secret: str) -> MintedSecret | None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                record = await self.client.get(self._key(secret))
-        except (RedisError, OSError, TimeoutError) as exc:
-            _log.error("secret_store_unreachable", op="find", error=type(exc).__name__)
-            raise ClientRefused(
-                503, "secret_store_unavailable", "The relay cannot check client secrets now."
-            ) from exc
+        record = await self.records.get(_digest(secret).hex())
         if record is None:
             return None
-        team, deployment, backend, expires_at = orjson.loads(record)
+        team, deployment, backend, expires_at = record
         return MintedSecret(team, deployment, backend, float(expires_at))

@@ -1,0 +1,98 @@
+"""A client's sideband socket on a WebRTC call the relay placed:
+``GET /openai/v1/realtime?call_id=…`` (or ``/v1/realtime``) with the relay key of the team that
+placed the call. It is dialled to the backend that placed the call with the relay's
+credential and bridged like any session (the team's policy on the client's events, the
+duration limit of the socket); another team's key, or an unknown call, gets 404.
+
+The service sends no ``session.created`` on a sideband socket; the session in force starts
+as the team's defaults (what the relay put in force) and follows ``session.updated``. The
+socket takes no session slot: the call holds one when the relay observes it. When the relay
+observes the call, usage is counted there, not twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from aiohttp import web
+
+from relay.edge.handlers import Admitted, admit_client, run_session, upstream_failed
+from relay.edge.handlers import realtime as conversation
+from relay.edge.webrtc.access import owned_call
+from relay.edge.webrtc.handlers import WEBRTC
+from relay.errors import ClientRefused, UpstreamRefused
+from relay.ops.metrics import SessionMeter
+from relay.session.setup import StartedSession
+from relay.session.transcription import transcription_policy
+from relay.state import RelayState
+from relay.upstream.dial import open_upstream
+
+# The paths that serve sideband sockets (the service's GA path, and OpenAI's).
+SIDEBAND_PATHS = ("/openai/v1/realtime", "/v1/realtime")
+
+
+async def realtime(request: web.Request) -> web.StreamResponse:
+    """A realtime WebSocket: a call's sideband with ``call_id``, else a session."""
+    if "call_id" in request.query:
+        return await run_session(request, _admit)
+    return await conversation(request)
+
+
+class _NoSlot:
+    """A sideband socket holds no session slot (its call does, when observed)."""
+
+    async def release(self) -> None:
+        pass
+
+
+class _EventsOnlyMeter(SessionMeter):
+    """Counts a sideband's events but not its usage, which the call's observer counts."""
+
+    __slots__ = ()
+
+    def _response_done(self, frame: bytes) -> None:
+        pass
+
+    def _transcription_usage(self, frame: bytes) -> None:
+        pass
+
+
+async def _admit(request: web.Request, state: RelayState, session_id: str) -> Admitted:
+    team, wanted = admit_client(request, state)
+    assert wanted.call_id is not None
+    if state.draining:
+        raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+    state.budgets.check(team.name)  # a sideband can start responses
+    placed, deployment, backend = await owned_call(
+        state, request.app[WEBRTC].calls, team, wanted.call_id
+    )
+    assert state.http is not None
+    config = state.config
+    began = time.perf_counter()
+    try:
+        upstream = await open_upstream(
+            state.http,
+            backend.url.with_query({"call_id": wanted.call_id}),
+            backend.credential,
+            request_id=session_id,
+            connect_timeout=config.upstream.connect_timeout_seconds,
+            close_timeout=config.server.close_timeout_seconds,
+            heartbeat=config.upstream.heartbeat_seconds,
+            max_message_bytes=config.server.max_message_bytes,
+        )
+    except UpstreamRefused as refusal:
+        upstream_failed(state, deployment, backend, refusal)
+        raise
+    handshake_seconds = time.perf_counter() - began
+    state.metrics.upstream_handshake.labels(deployment.name, backend.name).observe(
+        handshake_seconds
+    )
+    policy = state.policies[team.name, deployment.name]
+    if deployment.kind == "transcription":
+        policy = transcription_policy(policy, backend.config.azure_deployment)
+    if placed.observed:  # the call's limit is the observer's to enforce, on the call
+        policy = replace(policy, max_session_seconds=None)
+    started = StartedSession(None, dict(policy.defaults), policy=policy)
+    meter = _EventsOnlyMeter if placed.observed else SessionMeter
+    return Admitted(team, deployment, _NoSlot(), backend.name, upstream, started, meter=meter)
