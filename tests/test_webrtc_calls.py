@@ -535,3 +535,34 @@ async def test_an_observer_that_cannot_attach_gives_the_slot_back(start_fake, st
         await sdk(relay).realtime.calls.hangup(call_id)
     assert fake.requests[-1]["path"] == f"/openai/v1/realtime/calls/{call_id}/hangup"
     assert fake.requests[-1]["headers"]["api-key"] == AZURE_KEY
+
+
+async def test_a_relay_shutdown_stops_observing_and_counts_the_call(simulator, start_relay, http):
+    relay = await start_relay(calls_config(simulator.url))
+    call_id = await place_call(http, relay)
+    watch = relay.app[WEBRTC].watches[call_id]
+    await watch.ready.wait()
+    await relay.close()
+    assert watch.ended.is_set() and watch.outcome == "relay_closed"
+    assert call_id in simulator.app[CALLS_KEY].calls  # the call itself goes on with the service
+
+
+async def test_an_unreachable_call_store_is_a_clear_503():
+    import redis.asyncio as aioredis
+
+    from relay.edge.webrtc.call_book import RedisCalls
+    from relay.errors import ClientRefused
+    from tests.processes import free_port
+
+    client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}")
+    calls = RedisCalls.connect(client, "relay", 0.5)
+    try:
+        for attempt in (
+            calls.remember("rtc_1", PlacedCall("alpha", "gpt-realtime", "default", False)),
+            calls.find("rtc_1"),
+        ):
+            with pytest.raises(ClientRefused) as info:
+                await attempt
+            assert (info.value.status, info.value.code) == (503, "call_store_unavailable")
+    finally:
+        await client.aclose()
