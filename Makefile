@@ -10,10 +10,12 @@ export RELAY_SIMULATOR_KEY ?= local-simulator-key
 
 venv: $(VENV)/.installed
 
+# Not --quiet: the first install takes a minute or two, and pip's lines show it is working.
 $(VENV)/.installed: pyproject.toml
+	@echo "Installing realtime-relay and its dependencies into $(VENV) (first time only)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,deploy]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[test,deploy,talk]'
 	touch $@
 
 run: venv

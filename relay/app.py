@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay.edge import handlers, webrtc
+from relay.edge import handlers, playground, webrtc
 from relay.edge.admission import AdmissionStore, AuthThrottle, MemoryAdmission
 from relay.edge.admission_redis import RedisAdmission
 from relay.edge.auth import KeyRing
@@ -86,6 +86,8 @@ def create_app(
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/status", handlers.status)
     webrtc.add_routes(app)
+    if config.playground.enabled:
+        playground.add_routes(app)
     if config.metrics.enabled and config.metrics.on_main_port:
         assert config.metrics.token_env is not None  # validated in config
         token = environ.get(config.metrics.token_env, "")

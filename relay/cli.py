@@ -1,4 +1,4 @@
-"""Command line: serve, simulate, check-config, hash-key."""
+"""Command line: serve, simulate, talk, check-config, hash-key."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from relay.errors import ConfigError
 from relay.ops.config import RelayConfig, load_config, masked_config
 from relay.ops.logsetup import configure_logging
 from relay.ops.workers import worker_count
+from relay.talk import command as talk
 from relay.upstream.backends import build_credentials
 
 DEFAULT_CONFIG = "config/local.toml"
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         "--speed", type=float, default=1.0, help="audio pacing: 1 real time, 0 unpaced"
     )
     simulate.set_defaults(func=_simulate)
+
+    talk.add_parser(commands)
 
     check = commands.add_parser("check-config", help="validate a config, print it masked")
     check.add_argument("file")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.edge.admission import Lease
@@ -26,6 +26,7 @@ from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRe
 from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.logsetup import redact_url
 from relay.ops.metrics import SessionMeter
+from relay.session.events import error_event
 from relay.session.pump import Bridge, Ending
 from relay.session.setup import StartedSession, start_session
 from relay.session.transcription import transcription_policy
@@ -38,9 +39,8 @@ _log = structlog.get_logger("relay.session")
 
 def error_response(refusal: HttpRefusal) -> web.Response:
     """The refusal as the service's JSON error (with ``param`` for a RequestRejected)."""
-    error_type = "invalid_request_error" if isinstance(refusal, ClientRefused) else "server_error"
     error: dict[str, str | None] = {
-        "type": error_type,
+        "type": _error_type(refusal),
         "code": refusal.code,
         "message": refusal.message,
     }
@@ -53,6 +53,10 @@ def error_response(refusal: HttpRefusal) -> web.Response:
         content_type="application/json",
         headers=headers,
     )
+
+
+def _error_type(refusal: HttpRefusal) -> str:
+    return "invalid_request_error" if isinstance(refusal, ClientRefused) else "server_error"
 
 
 @dataclass(slots=True)
@@ -99,6 +103,8 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
             url=redact_url(request.rel_url),
             cause=repr(refusal.__cause__) if refusal.__cause__ else None,
         )
+        if _reads_refusals_in_band(request):
+            return await _refuse_in_band(request, refusal)
         return error_response(refusal)
     try:
         return await _serve(request, state, admitted, began)
@@ -111,6 +117,31 @@ def team_label(state: RelayState) -> str:
     (bounded), else "unknown"."""
     team = structlog.contextvars.get_contextvars().get("team")
     return team if isinstance(team, str) and team in state.config.teams else "unknown"
+
+
+def _reads_refusals_in_band(request: web.Request) -> bool:
+    """A browser cannot read a refused handshake's status or body: its WebSocket just closes
+    (1006). Clients that offer the `realtime` subprotocol (browsers, by OpenAI's convention)
+    get the upgrade instead, then the refusal as an `error` event and a close."""
+    offered = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    return upgrade and REALTIME_SUBPROTOCOL in offered
+
+
+async def _refuse_in_band(request: web.Request, refusal: HttpRefusal) -> web.WebSocketResponse:
+    """The refusal as the service's `error` event, then close code 4000 + the HTTP status
+    (4401 for a wrong key) with the error code as the reason. Nothing is read from the client."""
+    param = refusal.param if isinstance(refusal, RequestRejected) else None
+    client = web.WebSocketResponse(
+        protocols=(REALTIME_SUBPROTOCOL,),
+        compress=False,
+        timeout=request.app[STATE].config.server.close_timeout_seconds,
+    )
+    await client.prepare(request)
+    event = error_event(refusal.code, refusal.message, error_type=_error_type(refusal), param=param)
+    await client.send_frame(event, WSMsgType.TEXT)
+    await client.close(code=4000 + refusal.status, message=refusal.code.encode())
+    return client
 
 
 async def _admit(request: web.Request, state: RelayState, session_id: str) -> Admitted:
@@ -144,7 +175,7 @@ def admit_client(request: web.Request, state: RelayState) -> tuple[TeamConfig, R
             400, "websocket_required", "This endpoint takes WebSocket connections only."
         )
     origin = request.headers.get("Origin")
-    if origin is not None and not state.origin_allowed(origin):
+    if origin is not None and not state.origin_allowed(origin, request.host):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
     address = state.client_address(request)
     state.auth_throttle.check(address)

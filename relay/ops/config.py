@@ -245,6 +245,13 @@ class SimulatorConfig:
             raise ValueError("speed must be 0 or more")
 
 
+@dataclass(frozen=True, slots=True)
+class PlaygroundConfig:
+    # GET /playground: a page to talk to the relay from a browser (docs/playground.md). For
+    # local use: it is a convenience page, not something to expose to the internet.
+    enabled: bool = False
+
+
 COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
 
 
@@ -547,6 +554,7 @@ class RelayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    playground: PlaygroundConfig = field(default_factory=PlaygroundConfig)
 
     @property
     def uses_simulator(self) -> bool:
