@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -8,12 +9,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from relay.app import create_app
-from relay.ops.config import RelayConfig
+from relay.ops.config import RelayConfig, load_config
 from relay.server import runner_options
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from tests.helpers import AZURE_KEY, ENVIRON
 
 RelayFactory = Callable[..., Awaitable[TestServer]]
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -42,3 +44,10 @@ def start_fake(aiohttp_server: Any) -> Callable[[web.Application], Awaitable[Tes
         return await aiohttp_server(app)
 
     return start
+
+
+@pytest.fixture
+async def local_relay(start_relay: RelayFactory) -> TestServer:
+    """config/local.toml as `make run` serves it (playground on), the simulator unpaced."""
+    config = load_config(ROOT / "config" / "local.toml", {"RELAY_SIMULATOR__SPEED": "0"})
+    return await start_relay(config, environ={"RELAY_SIMULATOR_KEY": "local-simulator-key"})

@@ -23,6 +23,8 @@ from relay.talk.turn import Said, Turn
 REALTIME_PATH = "/openai/v1/realtime"
 # How long server VAD gets to hear the end of the speech, in trailing silence, at most.
 MAX_TRAILING_SILENCE_SECONDS = 3.0
+# How long the server then has to say so.
+VAD_VERDICT_SECONDS = 5.0
 
 
 class TalkError(Exception):
@@ -129,7 +131,7 @@ class _Conversation:
                     await self._until(lambda: self.turn.complete)
             except TimeoutError:
                 raise TalkError(
-                    f"no complete reply within {self.options.reply_timeout_seconds:.0f} s"
+                    f"no complete reply within {self.options.reply_timeout_seconds:g} s"
                 ) from None
             finally:
                 receiving.cancel()
@@ -165,11 +167,14 @@ class _Conversation:
         while self.turn.needs_silence and sent < MAX_TRAILING_SILENCE_SECONDS:
             await self._append(silence, started)
             sent += self.options.chunk_ms / 1000
-        if self.turn.needs_silence:
+        try:  # sent fast, the silence can be ahead of the server's verdict
+            async with asyncio.timeout(VAD_VERDICT_SECONDS):
+                await self._until(lambda: not self.turn.needs_silence)
+        except TimeoutError:
             raise TalkError(
                 "server VAD did not hear the end of the speech "
                 f"(after {MAX_TRAILING_SILENCE_SECONDS:.0f} s of silence)"
-            )
+            ) from None
 
     async def _append(self, pcm16: bytes, started: float) -> None:
         if not self.options.fast:  # real-time pace, like a microphone

@@ -105,17 +105,19 @@ const view = {
     $("counters").textContent =
       `audio chunks sent ${c.sent} · received ${c.received} · played ${c.played}`;
   },
-  lastLog: null,
+  // Audio and deltas come dozens a second, both ways: one row per run of each, with a count.
+  runs: new Map(),
   log(direction, event) {
     const list = $("log");
     const type = event.type || "(no type)";
-    // Audio frames come dozens a second: one row per run, with a count.
-    const last = this.lastLog;
-    if (last && last.type === type && last.direction === direction && type.includes("audio")) {
-      last.count += 1;
-      last.row.textContent = `${last.text} ×${last.count}`;
+    const audio = type === "input_audio_buffer.append" || type.endsWith(".delta");
+    const run = this.runs.get(`${direction} ${type}`);
+    if (audio && run) {
+      run.count += 1;
+      run.row.textContent = `${run.text} ×${run.count}`;
       return;
     }
+    if (!audio) this.runs.clear();
     const row = document.createElement("li");
     row.className = type === "error" ? "error" : direction;
     const time = new Date().toISOString().slice(11, 23);
@@ -125,7 +127,7 @@ const view = {
     list.append(row);
     while (list.children.length > LOG_ROWS) list.firstChild.remove();
     list.scrollTop = list.scrollHeight;
-    this.lastLog = { type, direction, row, text, count: 1 };
+    if (audio) this.runs.set(`${direction} ${type}`, { row, text, count: 1 });
   },
   transcriptLine(role, key) {
     const list = $("transcript");

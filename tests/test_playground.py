@@ -1,0 +1,178 @@
+"""GET /playground: how it is served, and the page itself in headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from relay.edge.playground import CONTENT_SECURITY_POLICY
+from tests.browser import CHROMIUM, HELLO, launch
+from tests.helpers import ALPHA_KEY, relay_config
+
+PAGE_DIR = Path(__file__).parent.parent / "relay" / "edge" / "playground"
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+needs_chromium = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None, reason=f"needs Chromium at {CHROMIUM} (apt-get install chromium)"
+)
+
+
+async def test_served_with_a_content_security_policy(local_relay, http):
+    async with http.get(local_relay.make_url("/playground")) as page:
+        assert page.status == 200 and page.content_type == "text/html"
+        assert page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert page.headers["Cache-Control"] == "no-store"
+        assert 'src="/playground/playground.js"' in await page.text()
+    for name, kind in [("playground.js", "text/javascript"), ("capture-worklet.js", "text/javascript"), ("playground.css", "text/css")]:
+        async with http.get(local_relay.make_url(f"/playground/{name}")) as response:
+            assert response.status == 200 and response.content_type == kind
+            assert "Content-Security-Policy" in response.headers
+    async with http.get(local_relay.make_url("/playground/__init__.py")) as response:
+        assert response.status == 404
+
+
+async def test_off_by_default(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    async with http.get(relay.make_url("/playground")) as page:
+        assert page.status == 404
+
+
+def test_the_page_keeps_the_key_out_of_storage():
+    script = (PAGE_DIR / "playground.js").read_text()
+    for storage in ("localStorage", "sessionStorage", "document.cookie", "indexedDB", "history."):
+        assert storage not in script
+
+
+async def test_the_pages_own_origin_may_connect_whatever_the_list(simulator, start_relay, http):
+    allowed = {"allowed_origins": ["https://app.example.com"]}
+    relay = await start_relay(relay_config(simulator.url, server=allowed, playground={"enabled": True}))
+    url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
+    headers = {"api-key": ALPHA_KEY}
+    own = f"http://127.0.0.1:{relay.port}"
+    async with http.ws_connect(url, headers=headers, origin=own) as ws:
+        assert (await ws.receive_json())["type"] == "session.created"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(url, headers=headers, origin="https://elsewhere.example.com")
+    assert refused.value.status == 403
+    # Without the playground, the relay's own origin is just another origin.
+    relay = await start_relay(relay_config(simulator.url, server=allowed))
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await http.ws_connect(
+            relay.make_url("/openai/v1/realtime?model=gpt-realtime"),
+            headers=headers,
+            origin=f"http://127.0.0.1:{relay.port}",
+        )
+
+
+@pytest.mark.parametrize(
+    ("query", "key", "status", "code"),
+    [
+        ("model=gpt-realtime", "rk-wrong", 401, "invalid_api_key"),
+        ("model=nope", ALPHA_KEY, 404, "deployment_not_found"),
+    ],
+)
+async def test_browser_clients_get_refusals_as_an_error_event(simulator, start_relay, http, query, key, status, code):
+    """A browser cannot read a refused handshake: offering `realtime` gets the refusal in band."""
+    relay = await start_relay(relay_config(simulator.url))
+    url = relay.make_url(f"/openai/v1/realtime?{query}")
+    async with http.ws_connect(url, protocols=("realtime", f"openai-insecure-api-key.{key}")) as ws:
+        assert ws.protocol == "realtime"
+        event = await ws.receive_json()
+        assert event["type"] == "error"
+        assert event["error"]["code"] == code and event["error"]["type"] == "invalid_request_error"
+        closing = await ws.receive()
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 4000 + status
+        assert closing.extra == code
+    # Clients that do not offer the subprotocol still get the HTTP status and JSON body.
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(url, headers={"api-key": key})
+    assert refused.value.status == status
+
+
+# --- the page in headless Chromium -----------------------------------------------------
+
+
+@pytest.fixture
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await launch(playwright, microphone=HELLO)
+        yield chromium
+        await chromium.close()
+
+
+async def open_playground(browser, relay, key="rk-local-demo"):
+    page = await browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    await page.goto(str(relay.make_url("/playground")))
+    await page.fill("#key", key)
+    await page.click("#connect")
+    return page, problems
+
+
+async def wait_for_reply(page) -> None:
+    await page.wait_for_selector("#transcript li.assistant", timeout=30_000)
+    # Audio chunks played through WebAudio, not only received.
+    await page.wait_for_function(
+        "Number(document.querySelector('#counters').textContent.match(/played (\\d+)/)[1]) > 0",
+        timeout=30_000,
+    )
+
+
+@needs_chromium
+async def test_the_microphone_gets_a_spoken_reply(browser, local_relay):
+    page, problems = await open_playground(browser, local_relay)
+    await page.wait_for_selector("#status[data-state=connected]")
+    await page.click("#mic")  # the fake microphone plays examples/hello.wav
+    await wait_for_reply(page)
+    assert "You said: Hello, this is" in await page.inner_text("#transcript li.assistant")
+    assert await page.locator("#transcript li.user").count() >= 1
+    log = await page.inner_text("#log")
+    assert "→ input_audio_buffer.append" in log and "← response.output_audio.delta" in log
+    # The key stayed in memory.
+    stored = await page.evaluate("localStorage.length + sessionStorage.length + document.cookie.length")
+    assert stored == 0
+    assert problems == []
+
+
+@needs_chromium
+async def test_send_a_wav_file(browser, local_relay):
+    page, problems = await open_playground(browser, local_relay)
+    await page.wait_for_selector("#status[data-state=connected]")
+    await page.set_input_files("#wav", HELLO)
+    await wait_for_reply(page)
+    assert "You said: Hello, this is 3.0 seconds" in await page.inner_text("#transcript li.assistant")
+    # The plot got a time to first audio for the response.
+    assert await page.evaluate("document.querySelector('#plot').toDataURL().length") > 5000
+    assert problems == []
+
+
+@needs_chromium
+async def test_a_wrong_key_shows_the_relays_error(browser, local_relay):
+    page, _ = await open_playground(browser, local_relay, key="rk-wrong")
+    await page.wait_for_selector("#status[data-state=error]")
+    assert await page.inner_text("#error") == "invalid_api_key: The relay key is not valid."
+    assert await page.inner_text("#status") == "refused (4401 invalid_api_key)"
+
+
+@needs_chromium
+async def test_a_relay_that_is_gone_is_named_as_such(browser, local_relay):
+    page = await browser.new_page()
+    await page.goto(str(local_relay.make_url("/playground")))
+    await local_relay.close()
+    await page.fill("#key", "rk-local-demo")
+    await page.click("#connect")
+    await page.wait_for_selector("#status[data-state=error]")
+    assert await page.inner_text("#status") == "could not connect"
+    assert "is it running" in await page.inner_text("#error")
