@@ -13,6 +13,8 @@ from tests.browser import CHROMIUM, HELLO, launch
 from tests.helpers import ALPHA_KEY, relay_config
 
 PAGE_DIR = Path(__file__).parent.parent / "relay" / "edge" / "playground"
+
+
 @pytest.fixture
 async def http():
     async with aiohttp.ClientSession() as session:
@@ -20,7 +22,8 @@ async def http():
 
 
 needs_chromium = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None, reason=f"needs Chromium at {CHROMIUM} (apt-get install chromium)"
+    shutil.which(CHROMIUM) is None,
+    reason=f"needs Chromium at {CHROMIUM} (apt-get install chromium)",
 )
 
 
@@ -30,7 +33,11 @@ async def test_served_with_a_content_security_policy(local_relay, http):
         assert page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
         assert page.headers["Cache-Control"] == "no-store"
         assert 'src="/playground/playground.js"' in await page.text()
-    for name, kind in [("playground.js", "text/javascript"), ("capture-worklet.js", "text/javascript"), ("playground.css", "text/css")]:
+    for name, kind in [
+        ("playground.js", "text/javascript"),
+        ("capture-worklet.js", "text/javascript"),
+        ("playground.css", "text/css"),
+    ]:
         async with http.get(local_relay.make_url(f"/playground/{name}")) as response:
             assert response.status == 200 and response.content_type == kind
             assert "Content-Security-Policy" in response.headers
@@ -52,7 +59,9 @@ def test_the_page_keeps_the_key_out_of_storage():
 
 async def test_the_pages_own_origin_may_connect_whatever_the_list(simulator, start_relay, http):
     allowed = {"allowed_origins": ["https://app.example.com"]}
-    relay = await start_relay(relay_config(simulator.url, server=allowed, playground={"enabled": True}))
+    relay = await start_relay(
+        relay_config(simulator.url, server=allowed, playground={"enabled": True})
+    )
     url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
     headers = {"api-key": ALPHA_KEY}
     own = f"http://127.0.0.1:{relay.port}"
@@ -78,7 +87,9 @@ async def test_the_pages_own_origin_may_connect_whatever_the_list(simulator, sta
         ("model=nope", ALPHA_KEY, 404, "deployment_not_found"),
     ],
 )
-async def test_browser_clients_get_refusals_as_an_error_event(simulator, start_relay, http, query, key, status, code):
+async def test_browser_clients_get_refusals_as_an_error_event(
+    simulator, start_relay, http, query, key, status, code
+):
     """A browser cannot read a refused handshake: offering `realtime` gets the refusal in band."""
     relay = await start_relay(relay_config(simulator.url))
     url = relay.make_url(f"/openai/v1/realtime?{query}")
@@ -141,7 +152,9 @@ async def test_the_microphone_gets_a_spoken_reply(browser, local_relay):
     log = await page.inner_text("#log")
     assert "→ input_audio_buffer.append" in log and "← response.output_audio.delta" in log
     # The key stayed in memory.
-    stored = await page.evaluate("localStorage.length + sessionStorage.length + document.cookie.length")
+    stored = await page.evaluate(
+        "localStorage.length + sessionStorage.length + document.cookie.length"
+    )
     assert stored == 0
     assert problems == []
 
@@ -152,7 +165,9 @@ async def test_send_a_wav_file(browser, local_relay):
     await page.wait_for_selector("#status[data-state=connected]")
     await page.set_input_files("#wav", HELLO)
     await wait_for_reply(page)
-    assert "You said: Hello, this is 3.0 seconds" in await page.inner_text("#transcript li.assistant")
+    assert "You said: Hello, this is 3.0 seconds" in await page.inner_text(
+        "#transcript li.assistant"
+    )
     # The plot got a time to first audio for the response.
     assert await page.evaluate("document.querySelector('#plot').toDataURL().length") > 5000
     assert problems == []

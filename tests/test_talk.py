@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import sys
 import wave
 from pathlib import Path
@@ -64,10 +63,10 @@ async def test_the_shipped_sample_gets_a_spoken_reply(local_relay, tmp_path):
 @needs_espeak
 async def test_espeak_speech_at_another_rate_gets_a_spoken_reply(local_relay, tmp_path):
     speech = tmp_path / "speech.wav"
-    subprocess.run(
-        ["espeak-ng", "-v", "en-us", "-w", str(speech), "Please read me the news headlines"],
-        check=True,
+    espeak = await asyncio.create_subprocess_exec(
+        "espeak-ng", "-v", "en-us", "-w", str(speech), "Please read me the news headlines"
     )
+    assert await espeak.wait() == 0
     with wave.open(str(speech), "rb") as wav:
         assert wav.getframerate() != 24000  # espeak-ng writes 22050 Hz: talk resamples
     out = tmp_path / "reply.wav"
@@ -94,7 +93,9 @@ async def test_a_wrong_key_shows_the_relays_error_code(local_relay, tmp_path, ca
     args = ["talk", str(HELLO), "--url", url, "--key", "rk-wrong", "--out", str(tmp_path / "r.wav")]
     assert await asyncio.to_thread(main, args) == 1
     err = capsys.readouterr().err
-    assert "refused the session (close code 4401): invalid_api_key: The relay key is not valid." in err
+    assert (
+        "refused the session (close code 4401): invalid_api_key: The relay key is not valid." in err
+    )
     assert "rk-wrong" not in err
     assert not (tmp_path / "r.wav").exists()
 
@@ -134,7 +135,9 @@ def scripted_server(script):
     async def handler(request):
         ws = web.WebSocketResponse(protocols=("realtime",))
         await ws.prepare(request)
-        await ws.send_str('{"type":"session.created","session":{"audio":{"input":{"turn_detection":null}}}}')
+        await ws.send_str(
+            '{"type":"session.created","session":{"audio":{"input":{"turn_detection":null}}}}'
+        )
         await script(ws)
         return ws
 
@@ -169,7 +172,9 @@ async def test_a_session_closed_midway_says_how(start_fake):
     options = TalkOptions(
         url=f"ws://127.0.0.1:{server.port}", key="k", deployment="d", audio=bytes(4800), fast=True
     )
-    with pytest.raises(TalkError, match=r"closed the connection \(close code 1011\): upstream_disconnected: gone"):
+    with pytest.raises(
+        TalkError, match=r"closed the connection \(close code 1011\): upstream_disconnected: gone"
+    ):
         await talk(options, listener(seen))
     assert seen == [{"type": "server_error", "code": "upstream_disconnected", "message": "gone"}]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import soxr
+import soxr  # type: ignore[import-untyped]
 
 RATE = 24000
 SAMPLE_BYTES = 2
@@ -38,27 +38,29 @@ def read_wav(path: Path) -> bytes:
     except ValueError as exc:
         raise WavError(f"{path}: {exc}") from exc
     if rate != RATE:
-        samples = soxr.resample(samples, rate, RATE, quality="HQ")
+        samples = np.asarray(soxr.resample(samples, rate, RATE, quality="HQ"), np.float64)
     return to_pcm16(samples)
 
 
-def _to_float(frames: bytes, width: int) -> npt.NDArray[np.float32]:
+def _to_float(frames: bytes, width: int) -> npt.NDArray[np.float64]:
     """Samples of any WAV integer width as floats in [-1, 1)."""
     if width == 1:  # unsigned 8-bit
-        return (np.frombuffer(frames, np.uint8).astype(np.float32) - 128) / 128
-    if width == 3:  # 24-bit little-endian: widen to 32 bits by a zero low byte
+        ints = np.frombuffer(frames, np.uint8).astype(np.int32) - 128
+    elif width == 3:  # 24-bit little-endian: widen to 32 bits by a zero low byte
         padded = np.zeros((len(frames) // 3, 4), np.uint8)
         padded[:, 1:] = np.frombuffer(frames, np.uint8).reshape(-1, 3)
-        return padded.view("<i4").ravel().astype(np.float32) / 2**31
-    kinds = {2: "<i2", 4: "<i4"}
-    if width not in kinds:
+        ints, width = padded.view("<i4").ravel(), 4
+    elif width in (2, 4):
+        ints = np.frombuffer(frames, f"<i{width}")
+    else:
         raise ValueError(f"{width * 8}-bit samples are not supported")
-    return np.frombuffer(frames, kinds[width]).astype(np.float32) / 2 ** (8 * width - 1)
+    floats: npt.NDArray[np.float64] = ints.astype(np.float64) / 2 ** (8 * width - 1)
+    return floats
 
 
-def to_pcm16(samples: npt.NDArray[np.floating]) -> bytes:
-    scaled = np.clip(np.rint(np.asarray(samples) * 32768), -32768, 32767)
-    return scaled.astype("<i2").tobytes()
+def to_pcm16(samples: npt.NDArray[np.float64]) -> bytes:
+    scaled = np.clip(np.rint(samples * 32768), -32768, 32767)
+    return bytes(scaled.astype("<i2").tobytes())
 
 
 def write_wav(path: Path, pcm16: bytes) -> None:

@@ -84,7 +84,9 @@ async def talk(options: TalkOptions, listener: Listener) -> TalkResult:
                 autoping=True,
             )
         except aiohttp.WSServerHandshakeError as exc:
-            raise TalkError(f"the relay at {options.url} refused the connection: HTTP {exc.status}")
+            raise TalkError(
+                f"the relay at {options.url} refused the connection: HTTP {exc.status}"
+            ) from exc
         except aiohttp.ClientConnectionError as exc:
             raise TalkError(
                 f"cannot reach a relay at {options.url} ({exc.__class__.__name__}): "
@@ -233,9 +235,9 @@ class _Conversation:
 
 def _first(group: BaseExceptionGroup[BaseException], kind: type[TalkError]) -> BaseException:
     """The first ``kind`` error in a (nested) group; the group itself when it has none."""
-    matching = group.subgroup(kind)
-    if matching is None:
+    found: BaseException | None = group.subgroup(kind)
+    if found is None:
         return group
-    while isinstance(matching, BaseExceptionGroup):
-        matching = matching.exceptions[0]
-    return matching
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found

@@ -30,7 +30,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "as they stream and write the reply's audio to a WAV file. The defaults reach the "
         "relay `make run` starts.",
     )
-    talk.add_argument("wav", nargs="?", type=Path, metavar="IN.wav", help="any rate, width, channels")
+    talk.add_argument(
+        "wav", nargs="?", type=Path, metavar="IN.wav", help="any rate, width, channels"
+    )
     talk.add_argument("--text", help="send this text message instead of a WAV file")
     talk.add_argument("--out", type=Path, default=Path("reply.wav"), help="default: reply.wav")
     talk.add_argument("--url", default=DEFAULT_URL, help=f"relay address (default: {DEFAULT_URL})")
@@ -119,7 +121,9 @@ class _Display:
         from rich.console import Group
         from rich.text import Text
 
-        lines = [Text.assemble((f"{role}: ", "bold"), text) for role, text in self.streaming.values()]
+        lines = [
+            Text.assemble((f"{role}: ", "bold"), text) for role, text in self.streaming.values()
+        ]
         return Group(self.progress, *lines)
 
     def listener(self) -> Listener:

@@ -74,19 +74,34 @@ def audio_delta(response_id: str, pcm: bytes) -> dict:
 
 def test_a_turn_under_server_vad():
     turn = Turn()
-    turn.feed({"type": "session.created", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}}, 0)
+    turn.feed(
+        {
+            "type": "session.created",
+            "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}},
+        },
+        0,
+    )
     assert turn.server_vad and turn.needs_silence
     turn.feed({"type": "input_audio_buffer.speech_started"}, 1.0)
     assert turn.needs_silence
     turn.feed({"type": "input_audio_buffer.speech_stopped"}, 2.0)
     assert not turn.needs_silence
     turn.uploaded = True
-    said = turn.feed({"type": "conversation.item.input_audio_transcription.completed", "item_id": "i1", "transcript": "hi"}, 2.1)
+    said = turn.feed(
+        {
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": "i1",
+            "transcript": "hi",
+        },
+        2.1,
+    )
     assert said == Said("user", "i1", "hi", final=True)
     turn.feed({"type": "response.created", "response": {"id": "r1"}}, 2.2)
     turn.feed(audio_delta("r1", b"\x01\x00" * 2400), 2.25)
     turn.feed(audio_delta("r1", b"\x01\x00" * 2400), 2.3)
-    said = turn.feed({"type": "response.output_audio_transcript.delta", "response_id": "r1", "delta": "Hel"}, 2.3)
+    said = turn.feed(
+        {"type": "response.output_audio_transcript.delta", "response_id": "r1", "delta": "Hel"}, 2.3
+    )
     assert said == Said("assistant", "r1", "Hel", final=False)
     assert not turn.complete
     usage = {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
