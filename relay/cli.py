@@ -154,8 +154,16 @@ def _banner(config: RelayConfig, url: str) -> None:
             "                break",
             "",
             "asyncio.run(main())",
+            "",
+            f"Or say something: .venv/bin/relay talk examples/hello.wav --url {url}",
         ]
+        if config.playground.enabled:
+            lines.append(f"Or open the playground: {_http_url(url)}/playground")
     print("\n".join(lines) + "\n", file=sys.stderr, flush=True)
+
+
+def _http_url(ws_url: str) -> str:
+    return "http" + ws_url.removeprefix("ws")
 
 
 def _simulate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -45,8 +45,8 @@ async def talk_and_screenshot(url: str, out: Path) -> None:
         await page.wait_for_selector("#status[data-state=connected]")
         await page.set_input_files("#wav", HELLO)
         await page.wait_for_selector("#transcript li.assistant", timeout=30_000)
-        await page.wait_for_function("document.querySelectorAll('#log li').length > 20")
-        await page.wait_for_timeout(5000)  # let the reply play out and a few probes plot
+        await page.wait_for_selector("#counters:not([data-played='0'])")
+        await page.wait_for_timeout(6000)  # let the reply play out and a few probes plot
         await page.screenshot(path=str(out))
         await browser.close()
 

@@ -247,7 +247,7 @@ class SimulatorConfig:
 
 @dataclass(frozen=True, slots=True)
 class PlaygroundConfig:
-    # GET /playground: a page to talk to the relay from a browser (docs/playground.md). For
+    # GET /playground: a page to talk to the relay from a browser (docs/talk.md). For
     # local use: it is a convenience page, not something to expose to the internet.
     enabled: bool = False
 

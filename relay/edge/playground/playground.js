@@ -102,6 +102,7 @@ const view = {
     if (!on) $("mic").textContent = "Start microphone";
   },
   counters(c) {
+    Object.assign($("counters").dataset, c); // for tests: data-played="3"
     $("counters").textContent =
       `audio chunks sent ${c.sent} · received ${c.received} · played ${c.played}`;
   },
@@ -160,6 +161,7 @@ const plot = {
   },
   draw() {
     const canvas = $("plot");
+    Object.assign(canvas.dataset, { ttfa: this.ttfa.length, rtt: this.rtt.length });
     const g = canvas.getContext("2d");
     const { width, height } = canvas;
     const left = 44, bottom = 22, top = 10;
