@@ -203,12 +203,13 @@ class Session {
   constructor(key, deployment) {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const url = `${scheme}//${location.host}/openai/v1/realtime?model=${encodeURIComponent(deployment)}`;
+    // Throws a SyntaxError for a key that a subprotocol cannot carry.
+    this.ws = new WebSocket(url, ["realtime", `openai-insecure-api-key.${key}`]);
     this.counters = { sent: 0, received: 0, played: 0 };
     this.player = new Player(() => {
       this.counters.played += 1;
       view.counters(this.counters);
     });
-    this.ws = new WebSocket(url, ["realtime", `openai-insecure-api-key.${key}`]);
     this.opened = false;
     this.started = false;
     this.refusal = null; // the relay's `error` event, when it refused us
