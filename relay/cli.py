@@ -155,10 +155,10 @@ def _banner(config: RelayConfig, url: str) -> None:
             "",
             "asyncio.run(main())",
             "",
-            f"Or say something: .venv/bin/relay talk examples/hello.wav --url {url}",
+            f"Hear a spoken reply: .venv/bin/relay talk examples/hello.wav --url {url}",
         ]
         if config.playground.enabled:
-            lines.append(f"Or open the playground: {_http_url(url)}/playground")
+            lines.append(f"Or talk to it in a browser: {_http_url(url)}/playground")
     print("\n".join(lines) + "\n", file=sys.stderr, flush=True)
 
 
