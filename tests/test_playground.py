@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 from playwright.async_api import async_playwright, expect
 
 from relay.edge.playground import CONTENT_SECURITY_POLICY
@@ -94,15 +95,19 @@ async def test_browser_clients_get_refusals_as_an_error_event(
     """A browser cannot read a refused handshake: offering `realtime` gets the refusal in band."""
     relay = await start_relay(relay_config(simulator.url))
     url = relay.make_url(f"/openai/v1/realtime?{query}")
-    async with http.ws_connect(url, protocols=("realtime", f"openai-insecure-api-key.{key}")) as ws:
-        assert ws.protocol == "realtime"
-        event = await ws.receive_json()
-        assert event["type"] == "error"
-        assert event["error"]["code"] == code and event["error"]["type"] == "invalid_request_error"
-        closing = await ws.receive()
-        assert closing.type == aiohttp.WSMsgType.CLOSE
-        assert ws.close_code == 4000 + status
-        assert closing.extra == code
+    protocols = ("realtime", f"openai-insecure-api-key.{key}")
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url, protocols=protocols) as ws:
+            assert ws.protocol == "realtime"
+            event = await ws.receive_json()
+            closing = await ws.receive()
+    assert any(e["event"] == "session_refused" and e["code"] == code for e in logs)
+    assert key not in repr(logs)
+    assert event["type"] == "error"
+    assert event["error"]["code"] == code and event["error"]["type"] == "invalid_request_error"
+    assert closing.type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 4000 + status
+    assert closing.extra == code
     # Clients that do not offer the subprotocol still get the HTTP status and JSON body.
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await http.ws_connect(url, headers={"api-key": key})
