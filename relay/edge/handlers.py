@@ -137,10 +137,13 @@ async def _refuse_in_band(request: web.Request, refusal: HttpRefusal) -> web.Web
         compress=False,
         timeout=request.app[STATE].config.server.close_timeout_seconds,
     )
-    await client.prepare(request)
     event = error_event(refusal.code, refusal.message, error_type=_error_type(refusal), param=param)
-    await client.send_frame(event, WSMsgType.TEXT)
-    await client.close(code=4000 + refusal.status, message=refusal.code.encode())
+    try:
+        await client.prepare(request)
+        await client.send_frame(event, WSMsgType.TEXT)
+        await client.close(code=4000 + refusal.status, message=refusal.code.encode())
+    except ConnectionResetError:
+        pass  # the client left first: nothing more to tell it
     return client
 
 
