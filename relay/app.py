@@ -3,32 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import web, web_response
 from prometheus_client import CollectorRegistry
 
 from relay.edge import handlers, playground, webrtc
 from relay.edge.admission import AdmissionStore, AuthThrottle, MemoryAdmission
 from relay.edge.admission_redis import RedisAdmission
-from relay.edge.auth import KeyRing
 from relay.edge.budget import Budgets, SpendBook, explain
+from relay.edge.handlers import error_response
 from relay.edge.routes import REALTIME_PATHS
 from relay.edge.spend_book import MemorySpend, RedisSpend
-from relay.errors import ConfigError
-from relay.ops.config import SIMULATOR_ENDPOINT, DeploymentConfig, RelayConfig
-from relay.ops.metrics import WATCHED_OUTCOMES, Metrics
-from relay.session.policy import build_policy
+from relay.errors import ClientRefused, ConfigError
+from relay.live import budget_gauges, build_live, build_pools, zero_series
+from relay.ops.config import RelayConfig
+from relay.ops.metrics import Metrics
 from relay.session.pump import Bridge
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
-from relay.upstream.backends import Backend, BackendPool, build_credentials
-from relay.upstream.dial import realtime_url
+from relay.upstream.backends import build_credentials
 
 _log = structlog.get_logger("relay.app")
+# No `Server: Python/3.11 aiohttp/3.x` (versions help only an attacker). aiohttp fills the
+# header from this module global in every response it writes, including the 400s its HTTP
+# parser sends before any application hook could run.
+web_response.SERVER_SOFTWARE = "realtime-relay"  # type: ignore[attr-defined]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(
@@ -39,6 +44,14 @@ def create_app(
     metrics = metrics or Metrics.create()
     admission = _admission(config, environ, metrics)
     state = RelayState(
+        live=build_live(
+            config,
+            build_credentials(
+                config,
+                environ,
+                lambda c: metrics.credential_refresh_failures.labels(c.method).inc(),
+            ),
+        ),
         metrics=metrics,
         admission=admission,
         budgets=Budgets(
@@ -50,24 +63,11 @@ def create_app(
             limits.auth_failure_window_seconds,
             limits.auth_block_seconds,
         ),
-        config=config,
-        keyring=KeyRing.from_teams(config.teams.values()),
-        admin_keys=KeyRing.of(config.admin.keys, "admin"),
-        credentials=build_credentials(
-            config,
-            environ,
-            lambda c: metrics.credential_refresh_failures.labels(c.method).inc(),
-        ),
-        policies={
-            (team.name, name): build_policy(config.deployments[name], team)
-            for team in config.teams.values()
-            for name in team.deployments
-        },
     )
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
-    _zero_series(state)
-    _budget_gauges(state)
-    app = web.Application()
+    zero_series(state)
+    budget_gauges(state)
+    app = web.Application(middlewares=[json_errors])
     app[STATE] = state
     app[REGISTRY] = state.metrics.registry
     app.cleanup_ctx.append(_simulator)
@@ -85,6 +85,7 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/status", handlers.status)
+    app.router.add_post("/admin/reload", handlers.admin_reload)
     webrtc.add_routes(app)
     if config.playground.enabled:
         playground.add_routes(app)
@@ -102,7 +103,7 @@ def create_app(
 
 def create_metrics_app(registry: CollectorRegistry) -> web.Application:
     """The metrics listener's app: `/metrics` and nothing else."""
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app[REGISTRY] = registry
     app.router.add_get("/metrics", handlers.metrics)
     return app
@@ -111,23 +112,12 @@ def create_metrics_app(registry: CollectorRegistry) -> web.Application:
 async def _simulator(app: web.Application) -> AsyncIterator[None]:
     """Start the built-in simulated upstream when a deployment uses it."""
     state = app[STATE]
-    simulated = [
-        b
-        for d in state.config.deployments.values()
-        for b in d.backends
-        if b.endpoint == SIMULATOR_ENDPOINT
-    ]
     running: RunningSimulator | None = None
-    if simulated:
-        # The simulator accepts exactly the keys the relay will present to it.
-        keys = frozenset(
-            [
-                (await state.credentials[b.credential].headers()).get("api-key", "")
-                for b in simulated
-            ]
-        )
+    if state.live.config.uses_simulator:
+        # The simulator accepts exactly the key the relay presents to it.
+        key = (await state.simulator_credential.headers())["api-key"]
         running = await start_simulator(
-            SimulatorOptions(api_keys=keys, speed=state.config.simulator.speed)
+            SimulatorOptions(api_keys=frozenset([key]), speed=state.live.config.simulator.speed)
         )
         state.simulator_url = running.url
         _log.info("simulator_started", url=running.url)
@@ -141,49 +131,21 @@ async def _simulator(app: web.Application) -> AsyncIterator[None]:
 async def _upstream_http(app: web.Application) -> AsyncIterator[None]:
     """One client session for every upstream socket, without aiohttp's 100-connection cap."""
     state = app[STATE]
+    live = state.live
+    upstream = live.config.upstream
     ssl_context = ssl.create_default_context()
-    if state.config.upstream.ca_file is not None:
-        ssl_context.load_verify_locations(cafile=state.config.upstream.ca_file)
+    if upstream.ca_file is not None:
+        ssl_context.load_verify_locations(cafile=upstream.ca_file)
     connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context)
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=state.config.upstream.connect_timeout_seconds
-    )
+    # The connect deadline is also applied per dial, from the config in force.
+    timeout = aiohttp.ClientTimeout(total=None)
     state.http = aiohttp.ClientSession(connector=connector, timeout=timeout)
-    for name, deployment in state.config.deployments.items():
-        state.pools[name] = _pool(state, deployment)
+    state.live = dataclasses.replace(live, pools=build_pools(state, live.config, live.credentials))
     try:
         yield
     finally:
-        state.pools.clear()
+        state.live = dataclasses.replace(state.live, pools={})
         await state.http.close()
-
-
-def _pool(state: RelayState, deployment: DeploymentConfig) -> BackendPool:
-    backends = []
-    for config in deployment.backends:
-        endpoint = config.endpoint
-        if endpoint == SIMULATOR_ENDPOINT:
-            assert state.simulator_url is not None
-            endpoint = state.simulator_url
-        url = realtime_url(endpoint, deployment, config.azure_deployment)
-        backends.append(Backend(config, url, state.credentials[config.credential]))
-    upstream = state.config.upstream
-    metrics = state.metrics
-    pool = BackendPool(
-        deployment,
-        backends,
-        eject_after_failures=upstream.eject_after_failures,
-        eject_seconds=upstream.eject_seconds,
-        on_eject=lambda b: metrics.backend_ejections.labels(deployment.name, b.name).inc(),
-    )
-    for backend in backends:
-        up = metrics.backend_up.labels(deployment.name, backend.name)
-        state.live_gauges.track(up, _availability(pool, backend))
-    return pool
-
-
-def _availability(pool: BackendPool, backend: Backend) -> Callable[[], float]:
-    return lambda: float(backend.available(pool.clock()))
 
 
 def _admission(config: RelayConfig, environ: Mapping[str, str], metrics: Metrics) -> AdmissionStore:
@@ -214,42 +176,6 @@ def _spend_book(config: RelayConfig, admission: AdmissionStore, metrics: Metrics
             on_redis_error=metrics.budget_sync_failures.inc,
         )
     return MemorySpend()
-
-
-def _zero_series(state: RelayState) -> None:
-    """Export at 0 from the start the counters alerts and graphs take increase() of: a series
-    born at 1 shows no increase."""
-    metrics, config = state.metrics, state.config
-    for team, deployment_name in state.policies:
-        for outcome in WATCHED_OUTCOMES:
-            metrics.sessions.labels(team, deployment_name, outcome)
-    for credential in state.credentials:
-        if credential.type == "entra":
-            metrics.credential_refresh_failures.labels(credential.method)
-    if config.admission.backend == "redis":
-        for team in config.teams:
-            metrics.admission_errors.labels(team)
-    for deployment in config.deployments.values():
-        for backend in deployment.backends:
-            metrics.backend_ejections.labels(deployment.name, backend.name)
-
-
-def _budget_gauges(state: RelayState) -> None:
-    metrics, budgets = state.metrics, state.budgets
-    for team in state.config.teams.values():
-        for window, limit in (
-            ("day", team.limits.max_usd_per_day),
-            ("month", team.limits.max_usd_per_month),
-        ):
-            if limit is None:
-                continue
-            metrics.budget.labels(team.name, window).set(limit)
-            spent = metrics.budget_spent.labels(team.name, window)
-            state.live_gauges.track(spent, _spent_in(budgets.book, team.name, window))
-
-
-def _spent_in(book: SpendBook, team: str, window: str) -> Callable[[], float]:
-    return lambda: float(getattr(book.spent(team), window))
 
 
 async def _budget_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -285,7 +211,7 @@ async def _end_over_budget(state: RelayState) -> None:
                 tasks.create_task(
                     end_after_response(
                         bridge,
-                        state.config.server.drain_grace_seconds,
+                        state.live.config.server.drain_grace_seconds,
                         code=1008,
                         reason="budget exceeded",
                         cause="budget_exceeded",
@@ -294,7 +220,7 @@ async def _end_over_budget(state: RelayState) -> None:
                     ),
                     name="end over budget",
                 )
-            ending &= state.bridges
+            ending &= state.bridges.keys()
 
 
 async def _admission_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -319,12 +245,13 @@ async def _live_gauges(app: web.Application) -> AsyncIterator[None]:
 
 async def _credentials(app: web.Application) -> AsyncIterator[None]:
     """Start every upstream credential (first Entra tokens, refresh tasks); close at the end."""
-    credentials = list(app[STATE].credentials.values())
-    await asyncio.gather(*(c.start() for c in credentials))
+    state = app[STATE]
+    await asyncio.gather(*(c.start() for c in state.live.credentials.values()))
     try:
         yield
     finally:
-        await asyncio.gather(*(c.close() for c in credentials))
+        # Those in force at the end: a reload closes the ones it retires.
+        await asyncio.gather(*(c.close() for c in state.live.credentials.values()))
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -371,3 +298,17 @@ async def end_after_response(
     except TimeoutError:
         pass
     await bridge.stop(code, reason, cause=cause, message=message, error_type=error_type)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown paths and methods get the service's JSON error, like every other refusal."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        refusal = ClientRefused(405, "method_not_allowed", f"{request.method} is not allowed here.")
+        response = error_response(refusal)
+        response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+        return response
+    except web.HTTPNotFound:
+        return error_response(ClientRefused(404, "not_found", "There is nothing at this path."))

@@ -1,4 +1,4 @@
-"""Command line: serve, simulate, talk, check-config, hash-key."""
+"""Command line: serve, reload, simulate, talk, check-config, hash-key, keys new."""
 
 from __future__ import annotations
 
@@ -6,22 +6,25 @@ import argparse
 import asyncio
 import getpass
 import os
+import signal
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 import structlog
 
-from relay.edge.auth import hash_key
-from relay.errors import ConfigError
-from relay.ops.config import RelayConfig, load_config, masked_config
+from relay.edge.auth import hash_key, new_key
+from relay.errors import ConfigError, StartupError
+from relay.ops.check import ConfigSource, check_config
+from relay.ops.config import RelayConfig, masked_config
 from relay.ops.logsetup import configure_logging
 from relay.ops.workers import worker_count
 from relay.talk import command as talk
-from relay.upstream.backends import build_credentials
 
 DEFAULT_CONFIG = "config/local.toml"
+_log = structlog.get_logger("relay.cli")
 T = TypeVar("T")
 
 
@@ -31,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, os.environ))
     except ConfigError as exc:
+        shown = exc.problems[0] if len(exc.problems) == 1 else exc
+        print(f"relay: {shown}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -49,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument(
+        "--metrics-port", type=int, help="metrics listener port (overrides metrics.port)"
+    )
     serve.add_argument(
         "--workers",
         type=worker_count,
@@ -71,14 +81,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.set_defaults(func=_simulate)
 
+    reloading = commands.add_parser(
+        "reload",
+        help="have a running relay re-read its config (by its pid file, or its admin endpoint)",
+    )
+    reloading.add_argument(
+        "--config",
+        default=os.environ.get("RELAY_CONFIG", DEFAULT_CONFIG),
+        help="the running relay's config: checked first, and its server.pid_file used",
+    )
+    reloading.add_argument("--pid-file", help="the relay's pid file (default: server.pid_file)")
+    reloading.add_argument(
+        "--url", help="the relay's base URL: reload through POST /admin/reload instead"
+    )
+    reloading.add_argument(
+        "--key-env",
+        default="RELAY_ADMIN_KEY",
+        help="with --url: environment variable holding an admin key (default: RELAY_ADMIN_KEY)",
+    )
+    reloading.set_defaults(func=_reload)
+
     talk.add_parser(commands)
 
     check = commands.add_parser("check-config", help="validate a config, print it masked")
     check.add_argument("file")
+    check.add_argument(
+        "--strict", action="store_true", help="missing secrets are problems, not warnings"
+    )
     check.set_defaults(func=_check_config)
 
     hashing = commands.add_parser("hash-key", help="read a relay key on stdin, print its hash")
     hashing.set_defaults(func=_hash_key)
+
+    keys = commands.add_parser("keys", help="relay keys").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    new_key = keys.add_parser("new", help="make a fresh key; print it once, and its hash")
+    new_key.add_argument("--team", required=True, help="the team the key is for")
+    new_key.set_defaults(func=_new_key)
     return parser
 
 
@@ -88,26 +128,31 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         overrides["RELAY_SERVER__HOST"] = f'"{args.host}"'
     if args.port is not None:
         overrides["RELAY_SERVER__PORT"] = str(args.port)
-    config = load_config(args.config, overrides)
+    if args.metrics_port is not None:
+        overrides["RELAY_METRICS__PORT"] = str(args.metrics_port)
+    source = ConfigSource(args.config, overrides)
+    checked = check_config(args.config, overrides, strict=True)
+    config = checked.config
     configure_logging(config.logging.level, config.logging.format)
+    if args.worker is None:  # the supervisor has said it already
+        for warning in checked.warnings:
+            _log.warning("config_warning", warning=warning)
     from relay.server import run_server
 
     if args.worker is not None:
         structlog.contextvars.bind_contextvars(worker=args.worker)
-        _run(run_server(config, environ, worker=True))
+        _run(run_server(config, environ, source=source, worker=True))
         return 0
     if args.workers > 1:
         from relay.ops.workers import Supervisor
 
         async def supervise() -> int:
             cli_overrides = {k: v for k, v in overrides.items() if k not in environ}
-            supervisor = Supervisor(
-                config, args.config, environ, args.workers, overrides=cli_overrides
-            )
+            supervisor = Supervisor(config, source, environ, args.workers, overrides=cli_overrides)
             return await supervisor.run(on_ready=lambda url: _banner(config, url))
 
         return _run(supervise())
-    _run(run_server(config, environ, on_ready=lambda url: _banner(config, url)))
+    _run(run_server(config, environ, source=source, on_ready=lambda url: _banner(config, url)))
     return 0
 
 
@@ -188,16 +233,53 @@ def _simulate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    config = load_config(args.file, environ)
-    sys.stdout.buffer.write(orjson.dumps(masked_config(config), option=orjson.OPT_INDENT_2))
+    checked = check_config(args.file, environ, strict=args.strict)
+    sys.stdout.buffer.write(orjson.dumps(masked_config(checked.config), option=orjson.OPT_INDENT_2))
     sys.stdout.write("\n")
-    try:
-        build_credentials(config, environ)
-    except ConfigError as exc:
-        print("warning: secrets missing from this environment:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+    for warning in checked.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _reload(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if args.url:
+        return _reload_by_url(args.url, environ.get(args.key_env, "").strip(), args.key_env)
+    config = check_config(args.config, environ, strict=True).config  # problems: exit 2 here
+    path = Path(args.pid_file) if args.pid_file else config.server.pid_file
+    if path is None:
+        raise StartupError(
+            "no pid file to find the relay by: set server.pid_file, or pass --pid-file or --url"
+        )
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot signal the relay in {path}: {exc}") from exc
+    print(f"relay (pid {pid}) is reloading {args.config}; its log says the outcome")
+    return 0
+
+
+def _reload_by_url(url: str, key: str, key_env: str) -> int:
+    if not key:
+        raise StartupError(f"--url needs an admin key in ${key_env}")
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url.rstrip("/") + "/admin/reload",
+        method="POST",
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except OSError as exc:
+        raise StartupError(f"cannot reach the relay at {url}: {exc}") from exc
+    print(body.decode("utf-8", "replace"))
+    outcome = orjson.loads(body).get("outcome") if body.startswith(b"{") else None
+    return 0 if outcome in ("applied", "unchanged", "passed_to_every_worker") else 1
 
 
 def _hash_key(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -207,4 +289,13 @@ def _hash_key(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print("relay: no key on stdin", file=sys.stderr)
         return 2
     print(hash_key(key))
+    return 0
+
+
+def _new_key(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    key = new_key()
+    print(f"New relay key for team {args.team} (shown once: hand it over now, it is not stored):")
+    print(f"  {key}")
+    print(f"Add its hash to [teams.{args.team}] keys, then reload (`relay reload`):")
+    print(f'  "{hash_key(key)}"')
     return 0

@@ -2,6 +2,7 @@
 
     RelayError
     ├── ConfigError          the operator's config or environment is wrong (exit 2 at start-up)
+    ├── StartupError         the relay cannot start as configured (a port taken; exit 2)
     ├── ClientRefused        the client's request is refused before the upgrade (HTTP status)
     │   └── RequestRejected  a bad request (HTTP 400) that can name the offending parameter
     ├── UpstreamRefused      the upstream could not be reached or refused us (HTTP status)
@@ -24,6 +25,10 @@ class ConfigError(RelayError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class StartupError(RelayError):
+    """The relay cannot start as configured; the message says what to change."""
 
 
 class HttpRefusal(RelayError):

@@ -1,11 +1,14 @@
-"""What the handlers share: built once at start-up, read per request."""
+"""What the handlers share: the process's state, and the config in force (replaced whole on
+reload, so a request that took it once sees one config from start to end)."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Mapping
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,49 +23,24 @@ from relay.ops.metrics import LiveGauges, Metrics
 from relay.session.policy import SessionPolicy
 from relay.session.pump import Bridge
 from relay.upstream.backends import BackendPool
-from relay.upstream.credentials import UpstreamCredential
+from relay.upstream.credentials import ApiKeyCredential, UpstreamCredential
 
 
-@dataclass(slots=True)
-class RelayState:
-    """What the handlers share: built once at start-up, read per request."""
+@dataclass(frozen=True, slots=True)
+class LiveConfig:
+    """The config in force and everything built from it. Replaced as one object on reload:
+    a handler reads ``state.live`` once and uses that for the whole request."""
 
     config: RelayConfig
     keyring: KeyRing[TeamConfig]
     admin_keys: KeyRing[str]
     # One per distinct credential config, shared by every backend using it.
     credentials: Mapping[CredentialConfig, UpstreamCredential]
-    # (team, deployment) -> the effective session policy, built once.
+    # (team, deployment) -> the effective session policy.
     policies: Mapping[tuple[str, str], SessionPolicy]
-    metrics: Metrics
-    admission: AdmissionStore
-    auth_throttle: AuthThrottle
-    budgets: Budgets
-    # deployment -> its backends; built once the simulator (if any) has an address.
-    pools: dict[str, BackendPool] = field(default_factory=dict)
-    live_gauges: LiveGauges = field(default_factory=LiveGauges)
+    # deployment -> its backends; empty until the simulator (if any) has an address.
+    pools: Mapping[str, BackendPool] = field(default_factory=dict)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    http: aiohttp.ClientSession | None = None
-    bridges: set[Bridge] = field(default_factory=set)
-    # Set while no session is open: what a drain waits for.
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    draining: bool = False
-    simulator_url: str | None = None
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-        self.trusted_proxies = tuple(
-            ipaddress.ip_network(p, strict=False) for p in self.config.server.trusted_proxies
-        )
-
-    def track(self, bridge: Bridge) -> None:
-        self.bridges.add(bridge)
-        self.idle.clear()
-
-    def forget(self, bridge: Bridge) -> None:
-        self.bridges.discard(bridge)
-        if not self.bridges:
-            self.idle.set()
 
     def origin_allowed(self, origin: str, host: str | None = None) -> bool:
         """Whether a page from ``origin`` may connect. With the playground on, the relay's own
@@ -77,16 +55,61 @@ class RelayState:
             request.remote, request.headers.get("X-Forwarded-For", ""), self.trusted_proxies
         )
 
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """Which key opened a live session: a reload that removes the key ends the session."""
+
+    key_hash: bytes
+    team: str
+
+
+@dataclass(slots=True)
+class RelayState:
+    """What the handlers share for the life of the process."""
+
+    live: LiveConfig
+    metrics: Metrics
+    admission: AdmissionStore
+    auth_throttle: AuthThrottle
+    budgets: Budgets
+    live_gauges: LiveGauges = field(default_factory=LiveGauges)
+    http: aiohttp.ClientSession | None = None
+    # Every open session, and the key that opened it.
+    bridges: dict[Bridge, SessionKey | None] = field(default_factory=dict)
+    # Set while no session is open: what a drain waits for.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: bool = False
+    simulator_url: str | None = None
+    # What the relay presents to its in-process simulator: a key of this process alone, so
+    # a simulator endpoint needs no secret in the environment.
+    simulator_credential: UpstreamCredential = field(
+        default_factory=lambda: ApiKeyCredential(secrets.token_urlsafe(24), "(in-process)")
+    )
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def track(self, bridge: Bridge, key: SessionKey | None) -> None:
+        self.bridges[bridge] = key
+        self.idle.clear()
+
+    def forget(self, bridge: Bridge) -> None:
+        self.bridges.pop(bridge, None)
+        if not self.bridges:
+            self.idle.set()
+
     @property
     def ready(self) -> bool:
-        return (
-            not self.draining
-            and bool(self.pools)
-            and all(pool.usable for pool in self.pools.values())
-        )
+        pools = self.live.pools
+        return not self.draining and bool(pools) and all(pool.usable for pool in pools.values())
 
 
 STATE = web.AppKey("state", RelayState)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+# Reloads the config and answers what happened (POST /admin/reload); set by the server.
+Reload = Callable[[], Awaitable[dict[str, Any]]]
+RELOAD: web.AppKey[Reload] = web.AppKey("reload")
 # The bearer token /metrics requires, where it requires one.
 METRICS_TOKEN = web.AppKey("metrics_token", str)

@@ -49,7 +49,7 @@ async def test_token_refresh_during_a_live_session_does_not_disturb_it(
         assert first == f"Bearer {identity.issued[0]}"
         assert "api-key" not in {k.lower() for k in fake.requests[0]["headers"]}
 
-        credentials = relay.app[STATE].credentials.values()
+        credentials = relay.app[STATE].live.credentials.values()
         credential = next(c for c in credentials if c.describe()["type"] == "entra")
         assert await credential.refresh()  # a new token arrives mid-session
         assert len(identity.issued) == 2

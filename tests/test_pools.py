@@ -159,7 +159,7 @@ async def test_sessions_land_on_the_healthy_backend(
     for _ in range(4):
         await one_session(http, relay)
     state = relay.app[STATE]
-    bad_backend, good_backend = state.pools["gpt-realtime"].backends
+    bad_backend, good_backend = state.live.pools["gpt-realtime"].backends
     assert bad_backend.consecutive_failures >= 1 or bad_backend.state(0) != "healthy"
     failures = state.metrics.registry.get_sample_value(
         "relay_upstream_connect_failures_total",
@@ -184,7 +184,7 @@ async def test_weight_spreads_sessions(start_fake, start_relay, http):
         ]
     )
     relay = await start_relay(config)
-    relay.app[STATE].pools["gpt-realtime"].rng.seed(11)
+    relay.app[STATE].live.pools["gpt-realtime"].rng.seed(11)
     for _ in range(80):
         await one_session(http, relay)
     assert len(heavy.requests) + len(light.requests) == 80
@@ -211,7 +211,7 @@ async def test_ejection_and_recovery_end_to_end(simulator, start_fake, start_rel
     )
     relay = await start_relay(config)
     state = relay.app[STATE]
-    pool_ = state.pools["gpt-realtime"]
+    pool_ = state.live.pools["gpt-realtime"]
     clock = Clock()
     pool_.clock = clock
     for _ in range(5):

@@ -3,6 +3,7 @@ fakes at the HTTP boundary; the pure helpers without sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from relay.edge.webrtc import WEBRTC
 from relay.edge.webrtc.requests import effective_session, parse_secret_request, webrtc_url
 from relay.edge.webrtc.secret_book import MintedSecret, SecretBook
 from relay.errors import RequestRejected
+from relay.live import apply_config
 from relay.session.policy import PolicyViolation, build_policy
 from relay.session.schema import merge_session
 from relay.simulator import SimulatorOptions, create_simulator_app
@@ -32,7 +34,7 @@ from relay.simulator.webrtc import (
     parse_offer,
 )
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, AZURE_KEY, BETA_KEY, relay_config
+from tests.helpers import ALPHA_KEY, AZURE_KEY, BETA_KEY, ENVIRON, relay_config
 from tests.processes import free_port
 
 DEFAULTS = {
@@ -505,6 +507,16 @@ async def test_an_expired_secret_is_refused(simulator, start_relay, http):
     status, _, body = await post(http, relay.make_url(CALLS), key=secret, data=OFFER, headers=SDP)
     assert (status, body["error"]["code"]) == (401, "client_secret_expired")
     assert body["error"]["message"] == "The client secret has expired; mint a new one."
+
+
+async def test_a_secret_whose_team_a_reload_removed_is_refused(simulator, start_relay, http):
+    config = policy_config(simulator.url)
+    relay = await start_relay(config)
+    secret = (await mint(http, relay))["value"]
+    without_alpha = dataclasses.replace(config, teams={"beta": config.teams["beta"]})
+    await apply_config(relay.app[STATE], without_alpha, ENVIRON)
+    status, _, body = await post(http, relay.make_url(CALLS), key=secret, data=OFFER, headers=SDP)
+    assert (status, body["error"]["code"]) == (401, "client_secret_revoked")
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,10 @@ class AdmissionStore(Protocol):
 
     async def close(self) -> None: ...
 
+    def update_limits(self, limits: LimitsConfig, team_limits: Mapping[str, TeamLimits]) -> None:
+        """New limits (a reload), for sessions from now on; open sessions keep their slots."""
+        ...
+
     async def acquire(self, team: str) -> Lease:
         """A slot for a new session of ``team``, or ClientRefused (429/503, Retry-After)."""
         ...
@@ -102,6 +106,10 @@ class MemoryAdmission:
 
     async def close(self) -> None:
         pass
+
+    def update_limits(self, limits: LimitsConfig, team_limits: Mapping[str, TeamLimits]) -> None:
+        self.limits, self.team_limits = limits, team_limits
+        self._buckets.clear()  # rates may have changed; a bucket starts full
 
     async def acquire(self, team: str) -> Lease:
         now = self.clock()
@@ -185,6 +193,11 @@ class AuthThrottle:
     max_addresses: int = 10_000
     # address -> (failures in the current window, window start, blocked until)
     _seen: OrderedDict[str, tuple[int, float, float]] = field(default_factory=OrderedDict)
+
+    def update(self, limits: LimitsConfig) -> None:
+        self.failures_allowed = limits.auth_failures_allowed
+        self.window_seconds = limits.auth_failure_window_seconds
+        self.block_seconds = limits.auth_block_seconds
 
     def check(self, address: str) -> None:
         """Raise ClientRefused (429) while ``address`` is blocked."""

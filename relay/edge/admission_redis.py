@@ -165,6 +165,9 @@ class RedisAdmission:
     def _key(self, *parts: str) -> str:
         return ":".join((self.config.key_prefix, *parts))
 
+    def update_limits(self, limits: LimitsConfig, team_limits: Mapping[str, TeamLimits]) -> None:
+        self.limits, self.team_limits = limits, team_limits
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._refresher = loop.create_task(self._refresh_forever(), name="admission refresher")

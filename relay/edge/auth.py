@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -26,6 +27,11 @@ Owner = TypeVar("Owner")
 def hash_key(key: str) -> str:
     """The form a relay key is stored in: ``sha256:<hex>``."""
     return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh relay key: 256 random bits, URL-safe, recognisable by its prefix."""
+    return "rk-" + secrets.token_urlsafe(32)
 
 
 def find_key(
@@ -66,7 +72,9 @@ class KeyRing(Generic[Owner]):
         return KeyRing(tuple((h.encode("ascii"), owner) for h in hashes))
 
     def identify(self, key: str) -> Owner | None:
-        presented = hash_key(key).encode("ascii")
+        return self.identify_hash(hash_key(key).encode("ascii"))
+
+    def identify_hash(self, presented: bytes) -> Owner | None:
         found: Owner | None = None
         # No early exit: every stored hash is compared whatever matches.
         for stored, owner in self.entries:

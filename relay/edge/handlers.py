@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.edge.admission import Lease
-from relay.edge.auth import REALTIME_SUBPROTOCOL, find_key, offered_subprotocols
+from relay.edge.auth import REALTIME_SUBPROTOCOL, find_key, hash_key, offered_subprotocols
 from relay.edge.routes import RealtimeRequest, parse_realtime_request, resolve_deployment
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRefused
 from relay.ops.config import DeploymentConfig, TeamConfig
@@ -30,7 +30,7 @@ from relay.session.events import error_event
 from relay.session.pump import Bridge, Ending
 from relay.session.setup import StartedSession, start_session
 from relay.session.transcription import transcription_policy
-from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
+from relay.state import METRICS_TOKEN, REGISTRY, RELOAD, STATE, LiveConfig, RelayState, SessionKey
 from relay.upstream.backends import Backend
 from relay.upstream.dial import SocketOptions, UpstreamSocket, connect_pool
 
@@ -71,9 +71,11 @@ class Admitted:
     started: StartedSession
     # What meters the session (a call's sideband may leave usage to the call's observer).
     meter: type[SessionMeter] = SessionMeter
+    # Which key opened the session: a reload that removes it ends the session.
+    opened_by: SessionKey | None = None
 
 
-Admit = Callable[[web.Request, RelayState, str], Awaitable[Admitted]]
+Admit = Callable[[web.Request, RelayState, LiveConfig, str], Awaitable[Admitted]]
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
@@ -84,15 +86,14 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
     """Admit a WebSocket session (``admit``: every check and the upstream start), or answer
     the refusal; then serve it to its end."""
     state = request.app[STATE]
+    live = state.live  # this request's config, whatever a reload does meanwhile
     session_id = "rs_" + secrets.token_hex(8)
     began = time.perf_counter()
     # Every log line of this session carries these (tasks it starts inherit them).
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(
-        session_id=session_id, peer=state.client_address(request)
-    )
+    structlog.contextvars.bind_contextvars(session_id=session_id, peer=live.client_address(request))
     try:
-        admitted = await admit(request, state, session_id)
+        admitted = await admit(request, state, live, session_id)
     except HttpRefusal as refusal:
         team = team_label(state)
         state.metrics.session_refusals.labels(team, str(refusal.status), refusal.code).inc()
@@ -107,7 +108,7 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
             return await _refuse_in_band(request, refusal)
         return error_response(refusal)
     try:
-        return await _serve(request, state, admitted, began)
+        return await _serve(request, state, live, admitted, began)
     finally:
         await admitted.lease.release()
 
@@ -116,7 +117,7 @@ def team_label(state: RelayState) -> str:
     """The team this request authenticated as, for a metric label: a configured team's name
     (bounded), else "unknown"."""
     team = structlog.contextvars.get_contextvars().get("team")
-    return team if isinstance(team, str) and team in state.config.teams else "unknown"
+    return team if isinstance(team, str) and team in state.live.config.teams else "unknown"
 
 
 def _reads_refusals_in_band(request: web.Request) -> bool:
@@ -135,7 +136,7 @@ async def _refuse_in_band(request: web.Request, refusal: HttpRefusal) -> web.Web
     client = web.WebSocketResponse(
         protocols=(REALTIME_SUBPROTOCOL,),
         compress=False,
-        timeout=request.app[STATE].config.server.close_timeout_seconds,
+        timeout=request.app[STATE].live.config.server.close_timeout_seconds,
     )
     event = error_event(refusal.code, refusal.message, error_type=_error_type(refusal), param=param)
     try:
@@ -147,9 +148,11 @@ async def _refuse_in_band(request: web.Request, refusal: HttpRefusal) -> web.Web
     return client
 
 
-async def _admit(request: web.Request, state: RelayState, session_id: str) -> Admitted:
+async def _admit(
+    request: web.Request, state: RelayState, live: LiveConfig, session_id: str
+) -> Admitted:
     """Every check and the upstream start, before the client's upgrade; or an HttpRefusal."""
-    team, wanted = admit_client(request, state)
+    team, opened_by, wanted = admit_client(request, state, live)
     if wanted.call_id is not None:
         raise RequestRejected(
             "unsupported_parameter",
@@ -157,38 +160,48 @@ async def _admit(request: web.Request, state: RelayState, session_id: str) -> Ad
             "(or /v1/realtime?call_id=…).",
             "call_id",
         )
-    deployment = resolve_deployment(wanted, team, state.config.deployments)
+    deployment = resolve_deployment(wanted, team, live.config.deployments)
     structlog.contextvars.bind_contextvars(deployment=deployment.name)
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     state.budgets.check(team.name)
     lease = await state.admission.acquire(team.name)
     try:
-        backend, upstream, started = await _start_upstream(state, deployment, team, session_id)
+        backend, upstream, started = await _start_upstream(
+            state, live, deployment, team, session_id
+        )
     except BaseException:
         await lease.release()
         raise
-    return Admitted(team, deployment, lease, backend.name, upstream, started)
+    return Admitted(team, deployment, lease, backend.name, upstream, started, opened_by=opened_by)
 
 
-def admit_client(request: web.Request, state: RelayState) -> tuple[TeamConfig, RealtimeRequest]:
-    """The checks of any WebSocket request: an upgrade, its Origin, its key; what it asks."""
+def admit_client(
+    request: web.Request, state: RelayState, live: LiveConfig
+) -> tuple[TeamConfig, SessionKey, RealtimeRequest]:
+    """The checks of any WebSocket request: an upgrade, its Origin, its key; the key's team,
+    which key it was, and what the request asks."""
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise ClientRefused(
             400, "websocket_required", "This endpoint takes WebSocket connections only."
         )
     origin = request.headers.get("Origin")
-    if origin is not None and not state.origin_allowed(origin, request.host):
+    if origin is not None and not live.origin_allowed(origin, request.host):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
-    address = state.client_address(request)
+    address = live.client_address(request)
     state.auth_throttle.check(address)
     subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
-    team = _authenticate(state, address, find_key(request.headers, request.query, subprotocols))
+    key = find_key(request.headers, request.query, subprotocols)
+    team, key_hash = _authenticate(state, live, address, key)
     structlog.contextvars.bind_contextvars(team=team.name)
-    return team, parse_realtime_request(request.query, request.headers, subprotocols)
+    wanted = parse_realtime_request(request.query, request.headers, subprotocols)
+    return team, SessionKey(key_hash, team.name), wanted
 
 
-def _authenticate(state: RelayState, address: str, key: str | None) -> TeamConfig:
+def _authenticate(
+    state: RelayState, live: LiveConfig, address: str, key: str | None
+) -> tuple[TeamConfig, bytes]:
+    """The key's team and the key's hash; or a refusal."""
     if key is None:
         state.auth_throttle.failed(address)
         raise ClientRefused(
@@ -197,25 +210,30 @@ def _authenticate(state: RelayState, address: str, key: str | None) -> TeamConfi
             "No relay key: send it as the `api-key` header, `Authorization: Bearer`, "
             "or the `openai-insecure-api-key.<key>` subprotocol.",
         )
-    team = state.keyring.identify(key)
+    key_hash = hash_key(key).encode("ascii")
+    team = live.keyring.identify_hash(key_hash)
     if team is None:
         state.auth_throttle.failed(address)
         raise ClientRefused(401, "invalid_api_key", "The relay key is not valid.")
     state.auth_throttle.succeeded(address)
-    return team
+    return team, key_hash
 
 
 async def _start_upstream(
-    state: RelayState, deployment: DeploymentConfig, team: TeamConfig, session_id: str
+    state: RelayState,
+    live: LiveConfig,
+    deployment: DeploymentConfig,
+    team: TeamConfig,
+    session_id: str,
 ) -> tuple[Backend, UpstreamSocket, StartedSession]:
-    config = state.config
+    config = live.config
     assert state.http is not None
     metrics = state.metrics
 
     began = time.perf_counter()
     backend, upstream = await connect_pool(
         state.http,
-        state.pools[deployment.name],
+        live.pools[deployment.name],
         request_id=session_id,
         connect_timeout=config.upstream.connect_timeout_seconds,
         options=SocketOptions(
@@ -228,7 +246,7 @@ async def _start_upstream(
     handshake_seconds = time.perf_counter() - began
     metrics.upstream_handshake.labels(deployment.name, backend.name).observe(handshake_seconds)
     structlog.contextvars.bind_contextvars(backend=backend.name)
-    policy = state.policies[team.name, deployment.name]
+    policy = live.policies[team.name, deployment.name]
     if deployment.kind == "transcription":
         policy = transcription_policy(policy, backend.config.azure_deployment)
     try:
@@ -255,11 +273,12 @@ def upstream_failed(
 async def _serve(
     request: web.Request,
     state: RelayState,
+    live: LiveConfig,
     admitted: Admitted,
     began: float,
 ) -> web.StreamResponse:
     """Complete the upgrade and run the session to its end."""
-    server = state.config.server
+    server = live.config.server
     team, deployment, upstream = admitted.team, admitted.deployment, admitted.upstream
     client = web.WebSocketResponse(
         protocols=(REALTIME_SUBPROTOCOL,),
@@ -294,17 +313,17 @@ async def _serve(
     bridge = Bridge(
         client,
         upstream,
-        policy=started.policy or state.policies[team.name, deployment.name],
+        policy=started.policy or live.policies[team.name, deployment.name],
         session=started.session,
         meter=meter,
         greeting=(*started.created, *started.pending),
         close_timeout=server.close_timeout_seconds,
         stall_timeout=server.stall_timeout_seconds,
-        response_timeout=state.config.upstream.response_timeout_seconds,
+        response_timeout=live.config.upstream.response_timeout_seconds,
         max_pings_per_second=server.max_pings_per_second,
         client_transport=transport,
     )
-    state.track(bridge)
+    state.track(bridge, admitted.opened_by)
     setup_seconds = time.perf_counter() - began
     metrics.session_setup.labels(*labels).observe(setup_seconds)
     metrics.sessions_active.labels(*labels).inc()
@@ -356,8 +375,9 @@ async def metrics(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Backends, credentials and sessions, for operators holding an admin key."""
     state = request.app[STATE]
+    live = state.live
     presented = find_key(request.headers, {}, ())
-    if presented is None or not state.admin_keys.identify(presented):
+    if presented is None or not live.admin_keys.identify(presented):
         return error_response(
             ClientRefused(401, "invalid_admin_key", "GET /status needs an admin key.")
         )
@@ -367,11 +387,29 @@ async def status(request: web.Request) -> web.Response:
         "sessions_active": len(state.bridges),
         "deployments": {
             name: {"protocol": pool.deployment.protocol, "backends": pool.describe()}
-            for name, pool in state.pools.items()
+            for name, pool in live.pools.items()
         },
         "teams": state.budgets.describe(),
     }
     return web.json_response(body, dumps=_dumps)
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    """POST /admin/reload: re-read the config now and say what happened (admin key)."""
+    state = request.app[STATE]
+    presented = find_key(request.headers, {}, ())
+    if presented is None or not state.live.admin_keys.identify(presented):
+        return error_response(
+            ClientRefused(401, "invalid_admin_key", "POST /admin/reload needs an admin key.")
+        )
+    reload = request.app.get(RELOAD)
+    if reload is None:
+        return error_response(
+            ClientRefused(503, "reload_unavailable", "This relay was not started from a file.")
+        )
+    result = await reload()
+    status = 422 if result.get("outcome") == "rejected" else 200
+    return web.json_response(result, status=status, dumps=_dumps)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -35,9 +35,26 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _positive(value: float, what: str) -> None:
-    if value <= 0:
-        raise ValueError(f"{what} must be greater than 0")
+class Invalid(ValueError):
+    """Every problem one table has, found in one pass (raised by ``__post_init__``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _report(problems: list[str]) -> None:
+    if problems:
+        raise Invalid(problems)
+
+
+def _not_positive(table: object, names: Iterable[str]) -> list[str]:
+    """A problem for each of ``names`` set to 0 or less (None is unset, and fine)."""
+    return [
+        f"{name} must be greater than 0"
+        for name in names
+        if (value := getattr(table, name)) is not None and value <= 0
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,19 +89,30 @@ class ServerConfig:
     # On SIGTERM: how long sessions may finish the response in progress before 1001.
     drain_grace_seconds: float = 25.0
     tls: TlsConfig | None = None
+    # Reload when the config file changes on disk (a Kubernetes ConfigMap update).
+    watch_config: bool = False
+    # Where `relay serve` writes its process id, for `relay reload` to find it.
+    pid_file: Path | None = None
 
     def __post_init__(self) -> None:
+        problems = _not_positive(
+            self,
+            (
+                "max_message_bytes", "heartbeat_seconds", "close_timeout_seconds",
+                "stall_timeout_seconds", "max_header_bytes", "max_pings_per_second",
+            ),
+        )  # fmt: skip
         if not 0 <= self.port <= 65535:
-            raise ValueError("port must be between 0 and 65535")
-        for name in (
-            "max_message_bytes", "heartbeat_seconds", "close_timeout_seconds",
-            "stall_timeout_seconds", "max_header_bytes", "max_pings_per_second",
-        ):  # fmt: skip
-            _positive(getattr(self, name), name)
+            problems.append("port must be between 0 and 65535")
         for proxy in self.trusted_proxies:
-            ipaddress.ip_network(proxy, strict=False)  # ValueError names the bad one
-        if self.client_send_buffer_bytes < 0 or self.drain_grace_seconds < 0:
-            raise ValueError("client_send_buffer_bytes and drain_grace_seconds must be >= 0")
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError as exc:
+                problems.append(f"trusted_proxies: {exc}")
+        for name in ("client_send_buffer_bytes", "drain_grace_seconds"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more")
+        _report(problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +130,11 @@ class UpstreamConfig:
     eject_seconds: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in (
+        names = (
             "connect_timeout_seconds", "heartbeat_seconds", "eject_after_failures",
             "eject_seconds", "response_timeout_seconds",
-        ):  # fmt: skip
-            _positive(getattr(self, name), name)
+        )  # fmt: skip
+        _report(_not_positive(self, names))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +150,11 @@ class LimitsConfig:
     auth_block_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in (
+        names = (
             "max_sessions", "max_new_sessions_per_second", "auth_failures_allowed",
             "auth_failure_window_seconds", "auth_block_seconds",
-        ):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None:
-                _positive(value, name)
+        )  # fmt: skip
+        _report(_not_positive(self, names))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +173,10 @@ class AdmissionConfig:
     key_prefix: str = "relay"
 
     def __post_init__(self) -> None:
+        problems = _not_positive(self, ("slot_ttl_seconds", "redis_timeout_seconds"))
         if not _ENV_NAME_RE.match(self.redis_url_env):
-            raise ValueError("redis_url_env must be an environment variable name")
-        _positive(self.slot_ttl_seconds, "slot_ttl_seconds")
-        _positive(self.redis_timeout_seconds, "redis_timeout_seconds")
+            problems.append("redis_url_env must be an environment variable name")
+        _report(problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,13 +197,11 @@ class TeamLimits:
     live_sessions_over_budget: Literal["end", "finish"] = "end"
 
     def __post_init__(self) -> None:
-        for name in (
+        names = (
             "max_sessions", "max_new_sessions_per_second", "max_client_secrets_per_minute",
             "max_usd_per_day", "max_usd_per_month",
-        ):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None:
-                _positive(value, name)
+        )  # fmt: skip
+        _report(_not_positive(self, names))
 
     @property
     def has_budget(self) -> bool:
@@ -207,13 +231,15 @@ class MetricsConfig:
     token_env: str | None = None
 
     def __post_init__(self) -> None:
+        problems = []
         if not 0 <= self.port <= 65535:
-            raise ValueError("port must be between 0 and 65535")
+            problems.append("port must be between 0 and 65535")
         if self.on_main_port and not self.token_env:
-            raise ValueError(
+            problems.append(
                 "on_main_port needs token_env: /metrics on the public port is "
                 "never served without a credential"
             )
+        _report(problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,16 +299,17 @@ class CredentialConfig:
     refresh_before_seconds: float = 300.0
 
     def __post_init__(self) -> None:
+        problems = _not_positive(self, ("refresh_before_seconds",))
         for name in ("env", "client_secret_env"):
             value = getattr(self, name)
             if value is not None and not _ENV_NAME_RE.match(value):
-                raise ValueError(f"{name} must be an environment variable name, got {value!r}")
+                problems.append(f"{name} must be an environment variable name, got {value!r}")
         if self.type == "entra" and self.method == "client-secret":
             if not (self.client_id and self.tenant_id and self.client_secret_env):
-                raise ValueError(
+                problems.append(
                     "method client-secret needs client_id, tenant_id and client_secret_env"
                 )
-        _positive(self.refresh_before_seconds, "refresh_before_seconds")
+        _report(problems)
 
 
 # Top-level fields of a GA `session` object (RealtimeSessionCreateRequest).
@@ -295,42 +322,44 @@ GA_SESSION_FIELDS = frozenset(
 )  # fmt: skip
 
 
-def _check_session_fields(fragment: Mapping[str, Any], what: str) -> None:
+def _session_field_problems(fragment: Mapping[str, Any], what: str) -> list[str]:
     unknown = sorted(set(fragment) - GA_SESSION_FIELDS)
-    if unknown:
-        raise ValueError(
-            f"{what} names {', '.join(unknown)}, not GA session fields "
-            "(write defaults and rules in GA names; preview deployments get them translated)"
-        )
+    if not unknown:
+        return []
+    return [
+        f"{what} names {', '.join(unknown)}, not GA session fields "
+        "(write defaults and rules in GA names; preview deployments get them translated)"
+    ]
 
 
-def _check_session_paths(paths: Iterable[str], what: str) -> None:
-    _check_session_fields({path.split(".")[0]: None for path in paths}, what)
+def _session_path_problems(paths: Iterable[str], what: str) -> list[str]:
+    return _session_field_problems({path.split(".")[0]: None for path in paths}, what)
 
 
 # Top-level fields of a GA transcription session (RealtimeTranscriptionSessionCreateRequest).
 TRANSCRIPTION_SESSION_FIELDS = frozenset({"type", "audio", "include"})
 
 
-def _check_transcription_fields(fragment: Mapping[str, Any], what: str) -> None:
+def _transcription_field_problems(fragment: Mapping[str, Any], what: str) -> list[str]:
     unknown = sorted(set(fragment) - TRANSCRIPTION_SESSION_FIELDS)
     output = fragment.get("audio", {})
     if isinstance(output, Mapping) and "output" in output:
         unknown.append("audio.output")
-    if unknown:
-        raise ValueError(
-            f"{what} names {', '.join(unknown)}, not fields of a transcription session "
-            "(audio.input.*, include)"
-        )
+    if not unknown:
+        return []
+    return [
+        f"{what} names {', '.join(unknown)}, not fields of a transcription session "
+        "(audio.input.*, include)"
+    ]
 
 
-def _check_transcription_paths(paths: Iterable[str], what: str) -> None:
+def _transcription_path_problems(paths: Iterable[str], what: str) -> list[str]:
     bad = sorted(p for p in paths if not (p.startswith("audio.input") or p == "include"))
-    if bad:
-        raise ValueError(
-            f"{what} names {', '.join(bad)}: a transcription session has audio.input.* "
-            "and include only"
-        )
+    if not bad:
+        return []
+    return [
+        f"{what} names {', '.join(bad)}: a transcription session has audio.input.* and include only"
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,26 +395,35 @@ class PolicyConfig:
     on_rate_exceeded: Literal["throttle", "refuse"] | None = None
 
     def __post_init__(self) -> None:
-        _check_session_paths(self.locked or (), "locked")
-        _check_session_paths(self.allowed_values or {}, "allowed_values")
-        _check_session_paths(self.max_values or {}, "max_values")
-        for name in (
-            "max_frame_bytes", "max_append_audio_bytes", "max_session_seconds",
-            "idle_timeout_seconds", "max_events_per_second", "event_burst",
-        ):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None:
-                _positive(value, name)
+        problems = [
+            *_session_path_problems(self.locked or (), "locked"),
+            *_session_path_problems(self.allowed_values or {}, "allowed_values"),
+            *_session_path_problems(self.max_values or {}, "max_values"),
+            *_not_positive(
+                self,
+                (
+                    "max_frame_bytes", "max_append_audio_bytes", "max_session_seconds",
+                    "idle_timeout_seconds", "max_events_per_second", "event_burst",
+                ),
+            ),
+        ]  # fmt: skip
         if self.max_violations is not None and self.max_violations < 0:
-            raise ValueError("max_violations must be 0 or more")
+            problems.append("max_violations must be 0 or more")
+        _report(problems)
 
 
-def _check_endpoint(endpoint: str) -> None:
+def _endpoint_problems(endpoint: str) -> list[str]:
     if endpoint != SIMULATOR_ENDPOINT and not re.match(r"^(https?|wss?)://", endpoint):
-        raise ValueError(
+        return [
             f"endpoint must be an http(s):// or ws(s):// URL or {SIMULATOR_ENDPOINT!r}, "
             f"got {endpoint!r}"
-        )
+        ]
+    return []
+
+
+# What a simulator backend's credential is when none is written: never used, since the relay
+# gives its in-process simulator a key of its own.
+NO_CREDENTIAL = CredentialConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +434,7 @@ class BackendConfig:
     # `https://<resource>.openai.azure.com` (or any base URL), or "simulator" for the
     # built-in simulated upstream started in the same process.
     endpoint: str
-    credential: CredentialConfig
+    credential: CredentialConfig = NO_CREDENTIAL
     # Deployment name on this Azure resource; defaults to the deployment's.
     azure_deployment: str = ""
     # Lower is preferred: sessions go to the lowest priority with a healthy backend...
@@ -405,10 +443,12 @@ class BackendConfig:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
+        problems = [*_endpoint_problems(self.endpoint), *_not_positive(self, ("weight",))]
         if not _NAME_RE.match(self.name):
-            raise ValueError(f"backend name {self.name!r} must match {_NAME_RE.pattern}")
-        _check_endpoint(self.endpoint)
-        _positive(self.weight, "weight")
+            problems.append(f"backend name {self.name!r} must match {_NAME_RE.pattern}")
+        if self.credential is NO_CREDENTIAL and self.endpoint != SIMULATOR_ENDPOINT:
+            problems.append("credential is required (only a simulator endpoint needs none)")
+        _report(problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,9 +472,7 @@ class PriceTable:
     transcription_per_minute: float = 0.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"{f.name} must be 0 or more")
+        _report([f"{f.name} must be 0 or more" for f in fields(self) if getattr(self, f.name) < 0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,33 +511,36 @@ class DeploymentConfig:
     webrtc: DeploymentWebRtcConfig = field(default_factory=DeploymentWebRtcConfig)
 
     def __post_init__(self) -> None:
-        _check_session_fields(self.session, "session")
+        problems = _session_field_problems(self.session, "session")
         if self.kind == "transcription":
-            _check_transcription_fields(self.session, "session")
-            _check_transcription_paths(
+            problems += _transcription_field_problems(self.session, "session")
+            problems += _transcription_path_problems(
                 [*(self.policy.locked or ()), *(self.policy.allowed_values or {})],
                 "policy",
             )
         if not _NAME_RE.match(self.name):
-            raise ValueError(f"deployment name {self.name!r} must match {_NAME_RE.pattern}")
+            problems.append(f"deployment name {self.name!r} must match {_NAME_RE.pattern}")
         if not self.azure_deployment:
             object.__setattr__(self, "azure_deployment", self.name)
+        backends = self.backends
         if self.backends:
             if self.endpoint or self.credential:
-                raise ValueError("give either endpoint and credential, or backends, not both")
+                problems.append("give either endpoint and credential, or backends, not both")
             names = [b.name for b in self.backends]
             if len(set(names)) != len(names):
-                raise ValueError("backend names must be unique")
+                problems.append("backend names must be unique")
             backends = tuple(
                 b if b.azure_deployment else _with_deployment(b, self.azure_deployment)
                 for b in self.backends
             )
+        elif not self.endpoint:
+            problems.append("needs endpoint and credential (or a backends list)")
+        elif self.credential is None and self.endpoint != SIMULATOR_ENDPOINT:
+            problems.append("needs a credential for its endpoint")
         else:
-            if not self.endpoint or self.credential is None:
-                raise ValueError("needs endpoint and credential (or a backends list)")
-            backends = (
-                BackendConfig("default", self.endpoint, self.credential, self.azure_deployment),
-            )
+            credential = self.credential or NO_CREDENTIAL
+            backends = (BackendConfig("default", self.endpoint, credential, self.azure_deployment),)
+        _report(problems)
         object.__setattr__(self, "backends", backends)
 
     @property
@@ -530,15 +571,15 @@ class TeamConfig:
     limits: TeamLimits = field(default_factory=TeamLimits)
 
     def __post_init__(self) -> None:
-        _check_session_fields(self.session, "session")
+        problems = _session_field_problems(self.session, "session")
         if not self.keys:
-            raise ValueError("keys must list at least one key hash")
-        for key in self.keys:
-            if not KEY_HASH_RE.match(key):
-                raise ValueError(
-                    "keys must hold hashes made by `relay hash-key` (sha256:<64 hex>), "
-                    "never the keys themselves"
-                )
+            problems.append("keys must list at least one key hash")
+        if any(not KEY_HASH_RE.match(key) for key in self.keys):
+            problems.append(
+                "keys must hold hashes made by `relay hash-key` or `relay keys new` "
+                "(sha256:<64 hex>), never the keys themselves"
+            )
+        _report(problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,30 +605,59 @@ class RelayConfig:
 # --- loading -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigReading:
+    """What one pass over a config found: the config if it is valid, every problem, and
+    the deployments and teams that are valid on their own (for checks across them)."""
+
+    config: RelayConfig | None
+    problems: list[str]
+    deployments: Mapping[str, DeploymentConfig]
+    teams: Mapping[str, TeamConfig]
+
+
 def load_config(path: str | Path, environ: Mapping[str, str]) -> RelayConfig:
     """Read, override from ``environ`` and validate; raise ConfigError listing every problem."""
+    return _valid(read_config(path, environ))
+
+
+def read_config(path: str | Path, environ: Mapping[str, str]) -> ConfigReading:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        where = path if path.is_absolute() else f"{path} (from {Path.cwd()})"
+        return ConfigReading(None, [f"{where}: cannot read: {exc.strerror}"], {}, {})
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+        return ConfigReading(None, [f"{path}: not valid TOML: {exc}"], {}, {})
     overridden = apply_env_overrides(data, environ)
-    return parse_config(data, source=str(path), overridden=overridden)
+    return parse_data(data, source=str(path), overridden=overridden)
 
 
 def parse_config(
     data: dict[str, Any], *, source: str, overridden: Mapping[str, str] | None = None
 ) -> RelayConfig:
+    return _valid(parse_data(data, source=source, overridden=overridden))
+
+
+def parse_data(
+    data: dict[str, Any], *, source: str, overridden: Mapping[str, str] | None = None
+) -> ConfigReading:
     builder = _Builder(source, overridden or {})
     config = builder.build(RelayConfig, data, "")
-    if not builder.problems:
-        builder.check_references(config)
-    if builder.problems:
-        raise ConfigError(builder.problems)
-    assert isinstance(config, RelayConfig)
-    return config
+    builder.check_references(data)
+    return ConfigReading(
+        config if not builder.problems else None,
+        builder.problems,
+        builder.valid.get("deployments", {}),
+        builder.valid.get("teams", {}),
+    )
+
+
+def _valid(reading: ConfigReading) -> RelayConfig:
+    if reading.config is None:
+        raise ConfigError(reading.problems)
+    return reading.config
 
 
 def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -637,9 +707,21 @@ class _Builder:
         self.source = source
         self.overridden = overridden
         self.problems: list[str] = []
+        # key of a table of tables -> the entries that built, even when others did not.
+        self.valid: dict[str, dict[str, Any]] = {}
 
     def problem(self, key: str, message: str) -> None:
-        where = self.overridden.get(key, self.source)
+        variable = self.overridden.get(key)
+        if variable is None and message == "unknown key":
+            # An unknown table or key the environment made: name the variable, not the file.
+            made = [v for k, v in self.overridden.items() if k.startswith(f"{key}.")]
+            if made:
+                for variable in made:
+                    self.problems.append(
+                        f"environment: {variable}: unknown variable (there is no setting {key!r})"
+                    )
+                return
+        where = f"environment: {variable}" if variable else self.source
         self.problems.append(f"{where}: {key or '(top level)'}: {message}")
 
     def build(self, cls: type[Any], data: Any, key: str, name: str | None = None) -> Any:
@@ -651,7 +733,7 @@ class _Builder:
         for unknown in sorted(set(data) - known - {"name"}):
             self.problem(_join(key, unknown), "unknown key")
         kwargs: dict[str, Any] = {}
-        failed = False
+        failed: list[str] = []
         for f in fields(cls):
             sub = _join(key, f.name)
             if f.name == "name" and name is not None:
@@ -659,19 +741,26 @@ class _Builder:
             elif f.name in data:
                 value = self.convert(hints[f.name], data[f.name], sub)
                 if value is _INVALID:
-                    failed = True
+                    failed.append(f.name)
                 else:
                     kwargs[f.name] = value
             elif f.default is MISSING and f.default_factory is MISSING:
                 self.problem(sub, "is required")
-                failed = True
-        if failed:
-            return None
+                failed.append(f.name)
         try:
-            return cls(**kwargs)
+            built = cls(**kwargs)
+        except Invalid as exc:
+            problems = exc.problems
         except (ValueError, TypeError) as exc:
-            self.problem(key, str(exc))
-            return None
+            problems = [str(exc)]
+        else:
+            return None if failed else built
+        # With some field invalid, the table was checked with that field's default: only
+        # what does not concern those fields is news (the rest is reported at the field).
+        for message in problems:
+            if not any(name in message for name in failed):
+                self.problem(key, message)
+        return None
 
     def convert(self, hint: Any, value: Any, key: str) -> Any:
         if hint is Any:
@@ -684,6 +773,8 @@ class _Builder:
         if origin is Literal:
             if value in args:
                 return value
+            if isinstance(value, str) and value.lower() in args:
+                return value.lower()  # `DEBUG` is `debug`
             return self._bad(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         if origin is tuple:
             item = args[0]
@@ -705,6 +796,7 @@ class _Builder:
                 return converted if _INVALID not in converted.values() else _INVALID
             cls = typing.cast(type[Any], item)
             built = {n: self.build(cls, v, _join(key, n), name=n) for n, v in value.items()}
+            self.valid[key] = {n: v for n, v in built.items() if v is not None}
             return built if None not in built.values() else _INVALID
         if is_dataclass(hint):
             built = self.build(typing.cast(type[Any], hint), value, key)
@@ -729,24 +821,36 @@ class _Builder:
         self.problem(key, message)
         return _INVALID
 
-    def check_references(self, config: RelayConfig) -> None:
-        if not config.deployments:
+    def check_references(self, data: Mapping[str, Any]) -> None:
+        """Across tables, on the data as written: found even when some table is invalid."""
+        deployments, teams = data.get("deployments", {}), data.get("teams", {})
+        if not isinstance(deployments, dict) or not isinstance(teams, dict):
+            return  # reported as not a table
+        if not deployments:
             self.problem("deployments", "define at least one deployment")
-        if not config.teams:
+        if not teams:
             self.problem("teams", "define at least one team")
-        for team in config.teams.values():
+        for name, team in teams.items():
+            wanted = team.get("deployments") if isinstance(team, dict) else None
+            for deployment in wanted if isinstance(wanted, list) else ():
+                if isinstance(deployment, str) and deployment not in deployments:
+                    self.problem(
+                        f"teams.{name}.deployments", f"names unknown deployment {deployment!r}"
+                    )
+        self.check_budgets()
+
+    def check_budgets(self) -> None:
+        """A team with a budget needs prices on each of its deployments (those valid)."""
+        built = self.valid.get("deployments", {})
+        for team in self.valid.get("teams", {}).values():
             for deployment in team.deployments:
-                if deployment not in config.deployments:
-                    self.problem(
-                        f"teams.{team.name}.deployments",
-                        f"names unknown deployment {deployment!r}",
-                    )
-                elif team.limits.has_budget and config.deployments[deployment].prices is None:
-                    self.problem(
-                        f"teams.{team.name}.limits",
-                        f"a budget needs prices: deployment {deployment!r} has no "
-                        f"[deployments.{deployment}.prices]",
-                    )
+                if team.limits.has_budget and deployment in built:
+                    if built[deployment].prices is None:
+                        self.problem(
+                            f"teams.{team.name}.limits",
+                            f"a budget needs prices: deployment {deployment!r} has no "
+                            f"[deployments.{deployment}.prices]",
+                        )
 
 
 _INVALID = object()

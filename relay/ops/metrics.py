@@ -103,6 +103,7 @@ class Metrics:
     budget: Gauge
     budget_spent: Gauge
     budget_sync_failures: Counter
+    config_reloads: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -329,6 +330,13 @@ class Metrics:
                 "Spend pushes to Redis that failed (the spend is kept and pushed later).",
                 registry=r,
             ),
+            config_reloads=Counter(
+                "relay_config_reloads",
+                "Config reloads, by outcome: applied, unchanged or rejected (the old config "
+                "stays in force).",
+                ("outcome",),
+                registry=r,
+            ),
         )
         metrics.build_info.labels(build_version(), build_commit()).set(1)
         return metrics
@@ -375,6 +383,10 @@ class LiveGauges:
             self.computed.append((gauge, compute))
         else:
             gauge.set_function(compute)
+
+    def forget(self, gauge: Any) -> None:
+        """Stop computing ``gauge`` (its labels are being removed)."""
+        self.computed = [(g, c) for g, c in self.computed if g is not gauge]
 
     async def refresh_forever(self) -> None:
         while self.computed:

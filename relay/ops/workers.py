@@ -9,6 +9,9 @@ How it works:
 - A worker that exits unexpectedly is restarted (with a growing delay if it keeps crashing
   at start). SIGTERM/SIGINT go to every worker, each drains its sessions, and the
   supervisor exits 0 when all have exited cleanly.
+- SIGHUP (and, with `server.watch_config`, a change of the file) is passed to every worker;
+  each reloads on its own, as a single relay does. A worker started later reads the file
+  as it is then. The supervisor keeps the pid file and watches the file.
 - Workers' log lines pass through the supervisor's stdout unchanged.
 """
 
@@ -27,7 +30,10 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from relay.errors import ConfigError, StartupError
+from relay.ops.check import ConfigSource
 from relay.ops.config import RelayConfig
+from relay.ops.watch import watch_file
 
 _log = structlog.get_logger("relay.ops.workers")
 _CRASH_WINDOW_SECONDS = 10.0
@@ -56,14 +62,14 @@ class Supervisor:
     def __init__(
         self,
         config: RelayConfig,
-        config_path: str,
+        source: ConfigSource,
         environ: Mapping[str, str],
         count: int,
         *,
         overrides: Mapping[str, str],
     ) -> None:
         self.config = config
-        self.config_path = config_path
+        self.source = source
         self.environ = environ
         self.count = count
         self.overrides = dict(overrides)
@@ -73,22 +79,50 @@ class Supervisor:
         self._loop = asyncio.get_running_loop()
 
     async def run(self, on_ready: Callable[[str], None]) -> int:
-        with _reserve_port(self.config.server.host, self.config.server.port) as port:
+        from relay.server import pid_file
+
+        server = self.config.server
+        # From the start: a SIGHUP while workers start must not end the supervisor.
+        self._loop.add_signal_handler(signal.SIGHUP, self.pass_reload)
+        with _reserve_port(server.host, server.port) as port:
             self.overrides["RELAY_SERVER__PORT"] = str(port)
             metrics_runner = await self._serve_metrics()
+            watcher = None
             try:
                 ready = [self._loop.create_future() for _ in range(self.count)]
                 for index in range(self.count):
                     await self._spawn(index, ready[index])
                 url = await ready[0]
                 await asyncio.gather(*ready)
-                _log.info("relay_listening", url=url, workers=self.count)
-                on_ready(url)
-                return await self._supervise()
+                if server.watch_config:
+                    watcher = self._loop.create_task(
+                        watch_file(self.source.path, self._reload_all), name="config file watch"
+                    )
+                with pid_file(server.pid_file):
+                    _log.info("relay_listening", url=url, workers=self.count)
+                    on_ready(url)
+                    return await self._supervise()
             finally:
+                if watcher is not None:
+                    watcher.cancel()
                 if metrics_runner is not None:
                     await metrics_runner.cleanup()
                 self._metrics_dir.cleanup()
+
+    def pass_reload(self) -> None:
+        """SIGHUP: every worker reloads. The supervisor's own settings (drain grace) follow
+        a valid file; a bad one each worker reports."""
+        try:
+            self.config = self.source.load(strict=True)
+        except ConfigError:
+            pass  # each worker logs and counts the problems
+        for worker in self.workers.values():
+            if worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGHUP)
+        _log.info("config_reload_passed", workers=len(self.workers))
+
+    async def _reload_all(self) -> None:
+        self.pass_reload()
 
     async def _serve_metrics(self) -> web.AppRunner | None:
         if not self.config.metrics.enabled:
@@ -105,7 +139,10 @@ class Supervisor:
         runner = web.AppRunner(create_metrics_app(registry), access_log=None)
         await runner.setup()
         metrics = self.config.metrics
-        await web.TCPSite(runner, metrics.host, metrics.port).start()
+        from relay.server import listen
+
+        site = web.TCPSite(runner, metrics.host, metrics.port)
+        await listen(site, metrics.host, metrics.port, "metrics.port (--metrics-port)")
         host, port = runner.addresses[0][:2]
         _log.info("metrics_listening", url=f"http://{host}:{port}/metrics")
         return runner
@@ -120,7 +157,7 @@ class Supervisor:
             "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir.name,
         }
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "serve", "--config", self.config_path,
+            sys.executable, "-m", "relay", "serve", "--config", str(self.source.path),
             "--worker", str(index),
             stdout=asyncio.subprocess.PIPE,
             env=env,
@@ -205,7 +242,10 @@ class Supervisor:
 
 def _die_with_parent() -> None:
     """In the child, before exec: have the kernel send SIGTERM if the supervisor dies (even
-    by SIGKILL), so no worker is left serving alone."""
+    by SIGKILL), so no worker is left serving alone. SIGHUP is ignored until the worker
+    handles it (an ignored signal stays ignored across exec): a reload passed on while a
+    worker starts must not kill it, and it reads the file as it is anyway."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -223,7 +263,13 @@ class _reserve_port:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self.sock.bind((host, port))
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            self.sock.close()
+            raise StartupError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; change server.port (--port)"
+            ) from exc
 
     def __enter__(self) -> int:
         return int(self.sock.getsockname()[1])

@@ -78,6 +78,15 @@ def preview_path(ga_path: str) -> str:
     return ga_path
 
 
+def ga_path(preview: str) -> str:
+    """The GA name of a preview dotted path (`turn_detection.type` ->
+    `audio.input.turn_detection.type`); the inverse of `preview_path`."""
+    for ga, name in _GA_TO_PREVIEW.items():
+        if preview == name or preview.startswith(name + "."):
+            return ga + preview[len(name) :]
+    return preview
+
+
 def preview_value(ga_path: str, value: Any) -> Any:
     if ga_path in ("audio.input.format", "audio.output.format") and isinstance(value, Mapping):
         return _FORMAT_TO_PREVIEW.get(str(value.get("type")), value.get("type"))

@@ -25,7 +25,13 @@ import structlog
 from yarl import URL
 
 from relay.errors import ConfigError, UpstreamRefused
-from relay.ops.config import BackendConfig, CredentialConfig, DeploymentConfig, RelayConfig
+from relay.ops.config import (
+    SIMULATOR_ENDPOINT,
+    BackendConfig,
+    CredentialConfig,
+    DeploymentConfig,
+    RelayConfig,
+)
 from relay.upstream.credentials import UpstreamCredential, build_credential
 
 _log = structlog.get_logger("relay.upstream.backends")
@@ -154,12 +160,13 @@ def build_credentials(
     on_refresh_failure: Callable[[CredentialConfig], None] = lambda config: None,
 ) -> dict[CredentialConfig, UpstreamCredential]:
     """One credential per distinct credential config; every missing secret reported at once.
-    ``on_refresh_failure`` hears of each failed Entra token fetch."""
+    ``on_refresh_failure`` hears of each failed Entra token fetch. A simulator backend needs
+    none: the relay gives its in-process simulator a key of its own."""
     built: dict[CredentialConfig, UpstreamCredential] = {}
     problems: list[str] = []
     for deployment in config.deployments.values():
         for backend in deployment.backends:
-            if backend.credential in built:
+            if backend.credential in built or backend.endpoint == SIMULATOR_ENDPOINT:
                 continue
             try:
                 credential = backend.credential
@@ -167,8 +174,15 @@ def build_credentials(
                     credential, environ, partial(on_refresh_failure, credential)
                 )
             except ValueError as exc:
-                where = f"deployments.{deployment.name}.backends.{backend.name}.credential"
-                problems.append(f"environment: {where}: {exc}")
+                problems.append(f"environment: {credential_key(deployment, backend)}: {exc}")
     if problems:
         raise ConfigError(sorted(set(problems)))
     return built
+
+
+def credential_key(deployment: DeploymentConfig, backend: BackendConfig) -> str:
+    """Where the file sets a backend's credential (an inline backend has no name there)."""
+    if deployment.endpoint:
+        return f"deployments.{deployment.name}.credential"
+    index = deployment.backends.index(backend)
+    return f"deployments.{deployment.name}.backends[{index}].credential"

@@ -55,10 +55,7 @@ def test_range_checks_and_required_keys():
     del data["deployments"]["gpt-realtime"]["credential"]
     found = problems(data)
     assert "relay.toml: server: port must be between 0 and 65535" in found
-    assert (
-        "relay.toml: deployments.gpt-realtime: needs endpoint and credential (or a backends list)"
-        in found
-    )
+    assert "relay.toml: deployments.gpt-realtime: needs a credential for its endpoint" in found
 
 
 def test_team_naming_an_unknown_deployment():
@@ -107,8 +104,91 @@ def test_env_override_errors_name_the_variable(tmp_path: Path):
     with pytest.raises(ConfigError) as info:
         load_config(path, {"RELAY_SERVER__PORT": "many"})
     assert (
-        "RELAY_SERVER__PORT: server.port: must be an integer, got str 'many'" in info.value.problems
+        "environment: RELAY_SERVER__PORT: server.port: must be an integer, got str 'many'"
+        in info.value.problems
     )
+
+
+def test_a_misspelt_variable_is_named_as_an_unknown_variable(tmp_path: Path):
+    path = tmp_path / "relay.toml"
+    path.write_text(_toml(minimal()))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"RELAY_SERVR__PORT": "9000", "RELAY_SERVER__PROT": "9000"})
+    assert sorted(info.value.problems) == [
+        "environment: RELAY_SERVER__PROT: server.prot: unknown key",
+        "environment: RELAY_SERVR__PORT: unknown variable (there is no setting 'servr')",
+    ]
+
+
+def test_level_names_are_case_insensitive(tmp_path: Path):
+    path = tmp_path / "relay.toml"
+    path.write_text(_toml(minimal()))
+    assert load_config(path, {"RELAY_LOGGING__LEVEL": "DEBUG"}).logging.level == "debug"
+
+
+def test_one_pass_finds_every_problem_in_a_broken_file():
+    data = minimal(port=70000, max_message_bytes=0, heartbeat_seconds=-1)
+    data["limits"] = {"max_sessions": 0, "auth_block_seconds": 0}
+    data["deployments"]["gpt-realtime"]["session"] = {"voice": "alloy"}
+    data["deployments"]["gpt-realtime"]["policy"] = {"max_violations": -1}
+    data["teams"]["t1"]["deployments"] = ["gpt-realtime", "nope"]
+    data["teams"]["t2"] = {"keys": ["plain"], "deployments": ["gone"]}
+    found = problems(data)
+    assert sorted(found) == sorted(
+        [
+            "relay.toml: deployments.gpt-realtime.policy: max_violations must be 0 or more",
+            "relay.toml: deployments.gpt-realtime: session names voice, not GA session fields "
+            "(write defaults and rules in GA names; preview deployments get them translated)",
+            "relay.toml: limits: auth_block_seconds must be greater than 0",
+            "relay.toml: limits: max_sessions must be greater than 0",
+            "relay.toml: server: heartbeat_seconds must be greater than 0",
+            "relay.toml: server: max_message_bytes must be greater than 0",
+            "relay.toml: server: port must be between 0 and 65535",
+            "relay.toml: teams.t2: keys must hold hashes made by `relay hash-key` or "
+            "`relay keys new` (sha256:<64 hex>), never the keys themselves",
+            "relay.toml: teams.t1.deployments: names unknown deployment 'nope'",
+            "relay.toml: teams.t2.deployments: names unknown deployment 'gone'",
+        ]
+    )
+
+
+def test_a_simulator_endpoint_needs_no_credential():
+    data = minimal()
+    data["deployments"]["gpt-realtime"] = {"endpoint": "simulator"}
+    config = parse_config(data, source="relay.toml")
+    assert build_credentials(config, {}) == {}
+    data["deployments"]["gpt-realtime"] = {"endpoint": "https://res.openai.azure.com"}
+    assert problems(data) == [
+        "relay.toml: deployments.gpt-realtime: needs a credential for its endpoint"
+    ]
+
+
+def _toml(data):
+    """Just enough TOML for these tests' dicts (tables of scalars and string lists)."""
+    lines = []
+
+    def table(prefix, value):
+        scalars = {k: v for k, v in value.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for key, item in scalars.items():
+            lines.append(f"{key} = {_value(item)}")
+        for key, item in value.items():
+            if isinstance(item, dict):
+                table(f"{prefix}.{key}" if prefix else key, item)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
+
+
+def _value(item):
+    if isinstance(item, str):
+        return f'"{item}"'
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, list):
+        return "[" + ", ".join(_value(i) for i in item) + "]"
+    return str(item)
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path):
@@ -125,7 +205,8 @@ def test_missing_secret_names_the_variable_not_a_value():
     with pytest.raises(ConfigError) as info:
         build_credentials(config, {})
     assert info.value.problems == [
-        "environment: deployments.gpt-realtime.backends.default.credential: environment variable AZ_KEY is not set or empty"
+        "environment: deployments.gpt-realtime.credential: "
+        "environment variable AZ_KEY is not set or empty"
     ]
     credentials = build_credentials(config, {"AZ_KEY": "s3cret-azure"})
     assert "s3cret" not in repr(credentials)

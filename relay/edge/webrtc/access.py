@@ -29,10 +29,10 @@ async def authenticate(
     """The team of a relay key, or (with ``book``) the record of a client secret this relay
     minted, from the request's headers; or a refusal."""
     _check_open(state, request)
-    address = state.client_address(request)
+    address = state.live.client_address(request)
     state.auth_throttle.check(address)
     key = find_key(request.headers, {}, ())
-    team = state.keyring.identify(key) if key is not None else None
+    team = state.live.keyring.identify(key) if key is not None else None
     minted = None
     if book is not None and key is not None and team is None:
         minted = await book.find(key)
@@ -67,16 +67,23 @@ def secret_route(
             f"The client secret is for the deployment {minted.deployment!r}.",
             "model",
         )
-    pool = state.pools[minted.deployment]
-    backend = next(b for b in pool.backends if b.name == minted.backend)
-    return state.config.teams[minted.team], pool.deployment, [backend]
+    live = state.live  # one config for the lookups below
+    team = live.config.teams.get(minted.team)
+    pool = live.pools.get(minted.deployment)
+    backend = next((b for b in pool.backends if b.name == minted.backend), None) if pool else None
+    if team is None or pool is None or backend is None or minted.deployment not in team.deployments:
+        # A reload removed what the secret was minted for.
+        raise ClientRefused(
+            401, "client_secret_revoked", "The client secret's team or deployment is gone."
+        )
+    return team, pool.deployment, [backend]
 
 
 def _check_open(state: RelayState, request: web.Request) -> None:
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     origin = request.headers.get("Origin")
-    if origin is not None and not state.origin_allowed(origin):
+    if origin is not None and not state.live.origin_allowed(origin):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not call.")
 
 
@@ -89,11 +96,11 @@ def ga_deployment(
         raise ClientRefused(
             400, "missing_deployment", "Name the deployment with the `model` query parameter."
         )
-    known = state.config.deployments.get(name)
+    known = state.live.config.deployments.get(name)
     if transcription is None:
         transcription = known is not None and known.kind == "transcription"
     wanted = RealtimeRequest(name, False, transcription=transcription)
-    deployment = resolve_deployment(wanted, team, state.config.deployments)
+    deployment = resolve_deployment(wanted, team, state.live.config.deployments)
     structlog.contextvars.bind_contextvars(deployment=deployment.name)
     if deployment.protocol != "ga":
         raise ClientRefused(
@@ -107,7 +114,7 @@ def ga_deployment(
 
 def usable_backends(state: RelayState, deployment: DeploymentConfig) -> list[Backend]:
     """The deployment's backends to try, best first; or the pool's refusal if none is up."""
-    pool = state.pools[deployment.name]
+    pool = state.live.pools[deployment.name]
     candidates = pool.candidates()
     if not candidates:
         raise pool.unavailable_refusal()
@@ -139,11 +146,11 @@ async def owned_call(
     """The call ``team`` placed through the relay, its deployment and backend; 404 for any
     other call (another team's call is as unknown as one that never was)."""
     placed = await calls.find(call_id)
-    if placed is None or placed.team != team.name or placed.deployment not in state.pools:
+    if placed is None or placed.team != team.name or placed.deployment not in state.live.pools:
         raise ClientRefused(
             404, "call_not_found", "No call with this id was placed through the relay by this key."
         )
-    pool = state.pools[placed.deployment]
+    pool = state.live.pools[placed.deployment]
     backend = next((b for b in pool.backends if b.name == placed.backend), None)
     if backend is None:
         raise ClientRefused(404, "call_not_found", "The call's backend is no longer configured.")

@@ -73,10 +73,10 @@ async def forward(
         _log.warning("webrtc_upstream_failed", backend=backend.name, code=refusal.code)
 
     return await fail_over(
-        state.pools[deployment.name],
+        state.live.pools[deployment.name],
         backends,
         attempt,
-        seconds=state.config.upstream.connect_timeout_seconds,
+        seconds=state.live.config.upstream.connect_timeout_seconds,
         on_failure=failed,
     )
 

@@ -88,7 +88,7 @@ def add_routes(app: web.Application) -> None:
     admission = state.admission
     webrtc = WebRtc(ProcessSecrets(), admission)
     if isinstance(admission, RedisAdmission):
-        config = state.config.admission
+        config = state.live.config.admission
         args = (admission.client, config.key_prefix, config.redis_timeout_seconds)
         webrtc = WebRtc(RedisSecrets.connect(*args), admission, RedisCalls.connect(*args))
     app[WEBRTC] = webrtc
@@ -125,7 +125,7 @@ async def preflight(request: web.Request) -> web.Response:
     """CORS preflight for browsers posting their offer from a web page."""
     state = request.app[STATE]
     origin = request.headers.get("Origin")
-    if origin is None or not state.origin_allowed(origin):
+    if origin is None or not state.live.origin_allowed(origin):
         return error_response(ClientRefused(403, "origin_not_allowed", "This Origin may not call."))
     return web.Response(status=204, headers=preflight_headers(origin))
 
@@ -154,7 +154,7 @@ async def _handle(
             cause=repr(refusal.__cause__) if refusal.__cause__ else None,
         )
         response = error_response(refusal)
-    if endpoint == "calls" and origin is not None and state.origin_allowed(origin):
+    if endpoint == "calls" and origin is not None and state.live.origin_allowed(origin):
         response.headers.update(cors_headers(origin))
     return response
 
@@ -165,7 +165,7 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
     wanted = parse_secret_request(
         await _read_body(request),
         request.query.get("model"),
-        state.config.webrtc.max_secret_seconds,
+        state.live.config.webrtc.max_secret_seconds,
     )
     deployment = ga_deployment(state, team, wanted.deployment, wanted.transcription)
     state.budgets.check(team.name)
@@ -197,7 +197,7 @@ def _session(
     state: RelayState, team: TeamConfig, deployment: DeploymentConfig, fragment: dict[str, Any]
 ) -> dict[str, Any]:
     """The session a secret or call carries, through the team's policy; or a refusal."""
-    policy = state.policies[team.name, deployment.name]
+    policy = state.live.policies[team.name, deployment.name]
     if deployment.kind == "transcription":
         policy = transcription_policy(policy, deployment.azure_deployment)
     try:
@@ -295,7 +295,7 @@ def _watch(
     lease: Lease,
 ) -> None:
     """Start observing a call the relay placed (`observer`)."""
-    policy = state.policies[team.name, deployment.name]
+    policy = state.live.policies[team.name, deployment.name]
     if deployment.kind == "transcription":
         policy = transcription_policy(policy, backend.config.azure_deployment)
     book = state.budgets.book

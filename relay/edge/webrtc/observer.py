@@ -176,7 +176,7 @@ async def watch_call(state: RelayState, watch: CallWatch) -> None:
 
 async def _open(state: RelayState, watch: CallWatch) -> UpstreamSocket:
     assert state.http is not None
-    config = state.config
+    config = state.live.config
     return await open_upstream(
         state.http,
         watch.backend.url.with_query({"call_id": watch.call_id}),

@@ -25,7 +25,7 @@ from relay.errors import ClientRefused, UpstreamRefused
 from relay.ops.metrics import SessionMeter
 from relay.session.setup import StartedSession
 from relay.session.transcription import transcription_policy
-from relay.state import RelayState
+from relay.state import LiveConfig, RelayState
 from relay.upstream.dial import open_upstream
 
 # The paths that serve sideband sockets (the service's GA path, and OpenAI's).
@@ -58,8 +58,10 @@ class _EventsOnlyMeter(SessionMeter):
         pass
 
 
-async def _admit(request: web.Request, state: RelayState, session_id: str) -> Admitted:
-    team, wanted = admit_client(request, state)
+async def _admit(
+    request: web.Request, state: RelayState, live: LiveConfig, session_id: str
+) -> Admitted:
+    team, opened_by, wanted = admit_client(request, state, live)
     assert wanted.call_id is not None
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
@@ -68,7 +70,7 @@ async def _admit(request: web.Request, state: RelayState, session_id: str) -> Ad
         state, request.app[WEBRTC].calls, team, wanted.call_id
     )
     assert state.http is not None
-    config = state.config
+    config = live.config
     began = time.perf_counter()
     try:
         upstream = await open_upstream(
@@ -88,11 +90,20 @@ async def _admit(request: web.Request, state: RelayState, session_id: str) -> Ad
     state.metrics.upstream_handshake.labels(deployment.name, backend.name).observe(
         handshake_seconds
     )
-    policy = state.policies[team.name, deployment.name]
+    policy = live.policies[team.name, deployment.name]
     if deployment.kind == "transcription":
         policy = transcription_policy(policy, backend.config.azure_deployment)
     if placed.observed:  # the call's limit is the observer's to enforce, on the call
         policy = replace(policy, max_session_seconds=None)
     started = StartedSession(None, dict(policy.defaults), policy=policy)
     meter = _EventsOnlyMeter if placed.observed else SessionMeter
-    return Admitted(team, deployment, _NoSlot(), backend.name, upstream, started, meter=meter)
+    return Admitted(
+        team,
+        deployment,
+        _NoSlot(),
+        backend.name,
+        upstream,
+        started,
+        meter=meter,
+        opened_by=opened_by,
+    )

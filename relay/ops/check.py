@@ -1,0 +1,188 @@
+"""One pass over a config: every problem at once, before anything starts or is reloaded.
+
+Besides what `config.py` checks table by table, this checks what needs the whole config:
+- session defaults as the service will judge them: each deployment's, then each team's on
+  top, in the deployment's dialect, through the simulator's session validator (as strict as
+  Azure and no stricter). A default the service refuses would fail every session with 502.
+- secrets: the environment variables the config names. A problem at start-up, on reload and
+  with `check-config --strict`; a warning for a plain `check-config` (run where the secrets
+  are not).
+Warnings, never problems: a relay reachable beyond loopback with every Origin allowed, or
+without TLS and no trusted proxy in front.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.errors import ConfigError
+from relay.ops.config import DeploymentConfig, RelayConfig, TeamConfig, read_config
+from relay.session.policy import build_policy
+from relay.session.schema import ga_path
+from relay.simulator.errors import ClientEventError
+from relay.simulator.schema import BETA, GA
+from relay.simulator.session import apply_update, default_session
+
+# Enough to find every wrong default of a fragment; each pass removes the one it found.
+_MAX_PASSES = 32
+_ANY_TEAM = TeamConfig("(none)", ("sha256:" + "0" * 64,), ())
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedConfig:
+    config: RelayConfig
+    # Secrets missing where the check was not strict, and exposure warnings.
+    warnings: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Where the config comes from: its file and the environment (with the command line's
+    overrides), read again on each reload."""
+
+    path: str | Path
+    environ: Mapping[str, str]
+
+    def load(self, *, strict: bool) -> RelayConfig:
+        return check_config(self.path, self.environ, strict=strict).config
+
+
+def check_config(path: str | Path, environ: Mapping[str, str], *, strict: bool) -> CheckedConfig:
+    """Raise ConfigError listing every problem found, or return the config and warnings."""
+    reading = read_config(path, environ)
+    source = str(path)
+    problems = list(reading.problems)
+    problems += session_default_problems(reading.deployments, reading.teams, source)
+    if reading.config is None or problems:
+        raise ConfigError(problems)
+    config = reading.config
+    secrets = secret_problems(config, environ)
+    if strict and secrets:
+        raise ConfigError(secrets)
+    return CheckedConfig(config, [*secrets, *exposure_warnings(config)])
+
+
+def session_default_problems(
+    deployments: Mapping[str, DeploymentConfig], teams: Mapping[str, TeamConfig], source: str
+) -> list[str]:
+    """Each session default the service would refuse, named where the file sets it."""
+    problems = []
+    refused: dict[str, set[tuple[str, str]]] = {}
+    for name, deployment in deployments.items():
+        found = refused[name] = set(_refused_defaults(deployment, _ANY_TEAM))
+        for path, message in sorted(found):
+            problems.append(f"{source}: deployments.{name}.session.{path}: {message}")
+    for team in teams.values():
+        for name in team.deployments:
+            if name not in deployments:
+                continue  # reported as an unknown deployment
+            found = set(_refused_defaults(deployments[name], team)) - refused[name]
+            for path, message in sorted(found):
+                problems.append(
+                    f"{source}: teams.{team.name}.session.{path} (on deployment {name}): {message}"
+                )
+    return problems
+
+
+def _refused_defaults(deployment: DeploymentConfig, team: TeamConfig) -> list[tuple[str, str]]:
+    """(GA path, the service's message) for each default it would refuse: the fragment is
+    judged, the refused field taken out, and judged again, until it passes."""
+    if deployment.kind != "realtime":
+        return []  # a transcription session's shape is judged by the service at start
+    fragment = _plain(build_policy(deployment, team).defaults)
+    if not fragment:
+        return []
+    dialect = GA if deployment.protocol == "ga" else BETA
+    session = default_session(
+        dialect, session_id="sess_check", model=deployment.azure_deployment, expires_at=0
+    )
+    found = []
+    for _ in range(_MAX_PASSES):
+        try:
+            apply_update(dialect, session, fragment)
+            break
+        except ClientEventError as exc:
+            param = (exc.param or "").removeprefix("session.")
+            path = param if dialect is GA else ga_path(param)
+            found.append((path or "(session)", f"the service refuses this default: {exc.message}"))
+            if not param or not _remove(fragment, param):
+                break
+    return found
+
+
+def _plain(value: Any) -> Any:
+    """A mutable deep copy (policy defaults may hold tuples from the config)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _remove(fragment: dict[str, Any], param: str) -> bool:
+    """Take the deepest existing table entry on ``param``'s path out of ``fragment``."""
+    parts = param.split(".")
+    for length in range(len(parts), 0, -1):
+        *parents, leaf = parts[:length]
+        node: Any = fragment
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            del node[leaf]
+            return True
+    return False
+
+
+def secret_problems(config: RelayConfig, environ: Mapping[str, str]) -> list[str]:
+    """Every secret the config names that the environment lacks."""
+    from relay.upstream.backends import build_credentials
+
+    problems = []
+    try:
+        build_credentials(config, environ)
+    except ConfigError as exc:
+        problems += exc.problems
+    if config.admission.backend == "redis":
+        env = config.admission.redis_url_env
+        if not environ.get(env, "").strip():
+            problems.append(f"environment: admission.redis_url_env: {env} is not set or empty")
+    metrics = config.metrics
+    if metrics.enabled and metrics.on_main_port and metrics.token_env:
+        if not environ.get(metrics.token_env, ""):
+            problems.append(
+                f"environment: metrics.token_env: {metrics.token_env} is not set or empty"
+            )
+    return problems
+
+
+def exposure_warnings(config: RelayConfig) -> list[str]:
+    """What a relay listening beyond loopback should not be without."""
+    server = config.server
+    if _is_loopback(server.host):
+        return []
+    warnings = []
+    if "*" in server.allowed_origins:
+        warnings.append(
+            f"server.host = {server.host!r} listens beyond loopback with every Origin allowed: "
+            "any web page can use a key it holds; list your apps in server.allowed_origins"
+        )
+    if server.tls is None and not server.trusted_proxies:
+        warnings.append(
+            f"server.host = {server.host!r} listens beyond loopback without TLS and without a "
+            "trusted proxy in front: keys cross the network in clear; set [server.tls], or "
+            "terminate TLS in a proxy and list it in server.trusted_proxies"
+        )
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve anywhere

@@ -1,0 +1,128 @@
+"""The command line as an operator meets it: one-line start-up errors (exit 2), check-config,
+keys new, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.cli import main
+from relay.edge.auth import hash_key
+from tests.processes import free_port
+
+ROOT = Path(__file__).parent.parent
+GOOD = """
+[deployments.gpt-realtime]
+endpoint = "https://res.openai.azure.com"
+credential = { env = "AZ_TEST_KEY" }
+[deployments.gpt-realtime.session]
+audio.output.voice = "marin"
+[teams.demo]
+keys = ["sha256:7a5a002bd21c09c6da9c7275872a942d4107a5b52671e730c20eadf978a06ba5"]
+deployments = ["gpt-realtime"]
+"""
+
+
+def run(capsys, *argv: str, environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environ or {})
+    try:
+        code = main(list(argv))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_keys_new_prints_a_fresh_key_once_and_its_hash_line(capsys):
+    code, out, _ = run(capsys, "keys", "new", "--team", "support")
+    assert code == 0
+    lines = out.splitlines()
+    key = lines[1].strip()
+    assert key.startswith("rk-") and len(key) > 40
+    assert "[teams.support]" in lines[2]
+    assert lines[3].strip() == f'"{hash_key(key)}"'
+    _, again, _ = run(capsys, "keys", "new", "--team", "support")
+    assert again.splitlines()[1].strip() != key
+
+
+def test_check_config_is_strict_about_secrets_only_when_asked(capsys, tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text(GOOD)
+    code, out, err = run(capsys, "check-config", str(path))
+    assert code == 0 and '"voice": "marin"' in out
+    assert "AZ_TEST_KEY is not set or empty" in err
+    code, _, err = run(capsys, "check-config", "--strict", str(path))
+    assert code == 2
+    assert err == (
+        "relay: environment: deployments.gpt-realtime.credential: "
+        "environment variable AZ_TEST_KEY is not set or empty\n"
+    )
+    code, _, err = run(capsys, "check-config", "--strict", str(path), environ={"AZ_TEST_KEY": "k"})
+    assert (code, err) == (0, "")
+
+
+def test_check_config_reports_every_problem_at_once(capsys, tmp_path):
+    path = tmp_path / "relay.toml"
+    broken = GOOD.replace('"marin"', "7").replace(
+        "[teams.demo]", "[server]\nport = -1\n[teams.demo]"
+    )
+    path.write_text(broken)
+    code, _, err = run(capsys, "check-config", str(path), environ={"RELAY_SERVR__PORT": "1"})
+    assert code == 2
+    problems = err.splitlines()[1:]
+    assert problems == [
+        "  environment: RELAY_SERVR__PORT: unknown variable (there is no setting 'servr')",
+        f"  {path}: server: port must be between 0 and 65535",
+        f"  {path}: deployments.gpt-realtime.session.audio.output.voice: the service refuses "
+        "this default: Invalid value: 7. Supported values are: 'alloy', 'ash', 'ballad', "
+        "'coral', 'echo', 'sage', 'shimmer', 'verse', 'marin', 'cedar'.",
+    ]
+
+
+def test_a_missing_file_names_the_path_tried(capsys, tmp_path):
+    code, _, err = run(capsys, "serve", "--config", "nowhere.toml")
+    assert code == 2
+    assert (
+        err == f"relay: nowhere.toml (from {Path.cwd()}): cannot read: No such file or directory\n"
+    )
+
+
+def test_reload_without_a_pid_file_says_how_to_find_the_relay(capsys, tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text(GOOD)
+    code, _, err = run(capsys, "reload", "--config", str(path), environ={"AZ_TEST_KEY": "k"})
+    assert code == 2
+    assert "set server.pid_file, or pass --pid-file or --url" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "setting"),
+    [("--port", "server.port (--port)"), ("--metrics-port", "metrics.port (--metrics-port)")],
+)
+async def test_a_busy_port_is_one_line_naming_the_port_and_the_setting(flag, setting):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = "--metrics-port" if flag == "--port" else "--port"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "serve", "--config", "config/local.toml",
+            flag, str(port), other, str(free_port()),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 2
+    assert err.decode() == (
+        f"relay: cannot listen on 127.0.0.1:{port}: the port is in use by another process; "
+        f"change {setting}\n"
+    )
