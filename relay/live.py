@@ -239,7 +239,7 @@ async def apply_config(
             ["a deployment now uses the built-in simulator: restart the relay to start it"],
         )
     try:
-        credentials = await _credentials(old.credentials, config, environ)
+        credentials = await _credentials(state, old.credentials, config, environ)
     except ConfigError as exc:
         return _reject(state, exc.problems)
     live = build_live(config, credentials, build_pools(state, config, credentials))
@@ -264,6 +264,7 @@ async def apply_config(
 
 
 async def _credentials(
+    state: RelayState,
     current: Mapping[CredentialConfig, UpstreamCredential],
     config: RelayConfig,
     environ: Mapping[str, str],
@@ -283,7 +284,8 @@ async def _credentials(
             built[credential_config] = current[credential_config]
             continue
         try:
-            built[credential_config] = build_credential(credential_config, environ)
+            failures = state.metrics.credential_refresh_failures.labels(credential_config.method)
+            built[credential_config] = build_credential(credential_config, environ, failures.inc)
         except ValueError as exc:
             problems.append(f"environment: {exc}")
     if problems:
