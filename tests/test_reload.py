@@ -192,3 +192,35 @@ async def test_unknown_paths_and_methods_get_json_and_no_version(simulator, star
     writer.close()
     assert head.startswith(b"HTTP/1.0 400")
     assert b"Server: realtime-relay\r\n" in head and b"aiohttp" not in head
+
+
+async def test_budgets_and_prices_follow_a_reload(simulator, start_relay):
+    config = relay_config(simulator.url)
+    relay = await start_relay(config)
+    state = relay.app[STATE]
+    priced = {
+        "endpoint": simulator.url,
+        "azure_deployment": "az-gpt-realtime",
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "prices": {"input_text": 4.0, "output_audio": 80.0},
+    }
+    budgeted = relay_config(
+        simulator.url,
+        deployments={"gpt-realtime": priced},
+        teams={
+            "alpha": {
+                "keys": [hash_key(ALPHA_KEY)],
+                "deployments": ["gpt-realtime"],
+                "limits": {"max_usd_per_day": 5},
+            }
+        },
+    )
+    await apply_config(state, budgeted, ENVIRON)
+    budget = {"team": "alpha", "window": "day"}
+    registry = state.metrics.registry
+    assert registry.get_sample_value("relay_budget_usd", budget) == 5
+    assert state.budgets.limits["alpha"].max_usd_per_day == 5
+    assert state.live.config.deployments["gpt-realtime"].prices is not None
+    await apply_config(state, config, ENVIRON)
+    assert registry.get_sample_value("relay_budget_usd", budget) is None
+    assert not state.budgets.limits["alpha"].has_budget
