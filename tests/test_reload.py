@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -224,3 +226,22 @@ async def test_budgets_and_prices_follow_a_reload(simulator, start_relay):
     await apply_config(state, config, ENVIRON)
     assert registry.get_sample_value("relay_budget_usd", budget) is None
     assert not state.budgets.limits["alpha"].has_budget
+
+
+@pytest.mark.parametrize(("outcome", "exit_code"), [("applied", 0), ("rejected", 1)])
+async def test_relay_reload_by_url_prints_the_answer(simulator, start_relay, outcome, exit_code):
+    config = relay_config(simulator.url, admin={"keys": [hash_key(ADMIN_KEY)]})
+    relay = await start_relay(config)
+
+    async def reloader() -> dict[str, object]:
+        return {"outcome": outcome, "problems": ["x"] if outcome == "rejected" else []}
+
+    relay.app._state[RELOAD] = reloader
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "reload", "--url", f"http://127.0.0.1:{relay.port}",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "RELAY_ADMIN_KEY": ADMIN_KEY},
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    assert process.returncode == exit_code
+    assert orjson.loads(out)["outcome"] == outcome
