@@ -14,7 +14,7 @@ from relay.edge.webrtc.call_book import CallRecords, PlacedCall
 from relay.edge.webrtc.secret_book import MintedSecret, SecretRecords
 from relay.errors import ClientRefused, RequestRejected
 from relay.ops.config import DeploymentConfig, TeamConfig
-from relay.state import RelayState
+from relay.state import LiveConfig, RelayState
 from relay.upstream.backends import Backend
 
 _INVALID_KEY = {
@@ -24,15 +24,15 @@ _INVALID_KEY = {
 
 
 async def authenticate(
-    request: web.Request, state: RelayState, book: SecretRecords | None
+    request: web.Request, state: RelayState, live: LiveConfig, book: SecretRecords | None
 ) -> tuple[TeamConfig | None, MintedSecret | None]:
     """The team of a relay key, or (with ``book``) the record of a client secret this relay
     minted, from the request's headers; or a refusal."""
-    _check_open(state, request)
-    address = state.live.client_address(request)
+    _check_open(state, live, request)
+    address = live.client_address(request)
     state.auth_throttle.check(address)
     key = find_key(request.headers, {}, ())
-    team = state.live.keyring.identify(key) if key is not None else None
+    team = live.keyring.identify(key) if key is not None else None
     minted = None
     if book is not None and key is not None and team is None:
         minted = await book.find(key)
@@ -53,7 +53,7 @@ async def authenticate(
 
 
 def secret_route(
-    state: RelayState, book: SecretRecords, minted: MintedSecret, query: Mapping[str, str]
+    live: LiveConfig, book: SecretRecords, minted: MintedSecret, query: Mapping[str, str]
 ) -> tuple[TeamConfig, DeploymentConfig, list[Backend]]:
     """The team, deployment and minting backend of an unexpired secret; or a refusal."""
     structlog.contextvars.bind_contextvars(team=minted.team, deployment=minted.deployment)
@@ -67,7 +67,6 @@ def secret_route(
             f"The client secret is for the deployment {minted.deployment!r}.",
             "model",
         )
-    live = state.live  # one config for the lookups below
     team = live.config.teams.get(minted.team)
     pool = live.pools.get(minted.deployment)
     backend = next((b for b in pool.backends if b.name == minted.backend), None) if pool else None
@@ -79,16 +78,16 @@ def secret_route(
     return team, pool.deployment, [backend]
 
 
-def _check_open(state: RelayState, request: web.Request) -> None:
+def _check_open(state: RelayState, live: LiveConfig, request: web.Request) -> None:
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     origin = request.headers.get("Origin")
-    if origin is not None and not state.live.origin_allowed(origin):
+    if origin is not None and not live.origin_allowed(origin):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not call.")
 
 
 def ga_deployment(
-    state: RelayState, team: TeamConfig, name: str, transcription: bool | None = None
+    live: LiveConfig, team: TeamConfig, name: str, transcription: bool | None = None
 ) -> DeploymentConfig:
     """The GA deployment ``name`` that ``team`` may use, for a transcription session or not
     (None: either); or a refusal."""
@@ -96,11 +95,11 @@ def ga_deployment(
         raise ClientRefused(
             400, "missing_deployment", "Name the deployment with the `model` query parameter."
         )
-    known = state.live.config.deployments.get(name)
+    known = live.config.deployments.get(name)
     if transcription is None:
         transcription = known is not None and known.kind == "transcription"
     wanted = RealtimeRequest(name, False, transcription=transcription)
-    deployment = resolve_deployment(wanted, team, state.live.config.deployments)
+    deployment = resolve_deployment(wanted, team, live.config.deployments)
     structlog.contextvars.bind_contextvars(deployment=deployment.name)
     if deployment.protocol != "ga":
         raise ClientRefused(
@@ -112,9 +111,9 @@ def ga_deployment(
     return deployment
 
 
-def usable_backends(state: RelayState, deployment: DeploymentConfig) -> list[Backend]:
+def usable_backends(live: LiveConfig, deployment: DeploymentConfig) -> list[Backend]:
     """The deployment's backends to try, best first; or the pool's refusal if none is up."""
-    pool = state.live.pools[deployment.name]
+    pool = live.pools[deployment.name]
     candidates = pool.candidates()
     if not candidates:
         raise pool.unavailable_refusal()
@@ -141,16 +140,16 @@ def preflight_headers(origin: str) -> dict[str, str]:
 
 
 async def owned_call(
-    state: RelayState, calls: CallRecords, team: TeamConfig, call_id: str
+    live: LiveConfig, calls: CallRecords, team: TeamConfig, call_id: str
 ) -> tuple[PlacedCall, DeploymentConfig, Backend]:
     """The call ``team`` placed through the relay, its deployment and backend; 404 for any
     other call (another team's call is as unknown as one that never was)."""
     placed = await calls.find(call_id)
-    if placed is None or placed.team != team.name or placed.deployment not in state.live.pools:
+    if placed is None or placed.team != team.name or placed.deployment not in live.pools:
         raise ClientRefused(
             404, "call_not_found", "No call with this id was placed through the relay by this key."
         )
-    pool = state.live.pools[placed.deployment]
+    pool = live.pools[placed.deployment]
     backend = next((b for b in pool.backends if b.name == placed.backend), None)
     if backend is None:
         raise ClientRefused(404, "call_not_found", "The call's backend is no longer configured.")

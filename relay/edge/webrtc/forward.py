@@ -14,7 +14,7 @@ from multidict import CIMultiDictProxy
 from relay.edge.webrtc.requests import upstream_rejection, webrtc_url
 from relay.errors import ClientRefused, UpstreamRefused
 from relay.ops.config import DeploymentConfig
-from relay.state import RelayState
+from relay.state import LiveConfig, RelayState
 from relay.upstream.backends import Backend
 from relay.upstream.dial import (
     credential_headers,
@@ -50,6 +50,7 @@ class Answer:
 
 async def forward(
     state: RelayState,
+    live: LiveConfig,
     deployment: DeploymentConfig,
     backends: list[Backend],
     outbound: Outbound,
@@ -73,10 +74,10 @@ async def forward(
         _log.warning("webrtc_upstream_failed", backend=backend.name, code=refusal.code)
 
     return await fail_over(
-        state.live.pools[deployment.name],
+        live.pools[deployment.name],
         backends,
         attempt,
-        seconds=state.live.config.upstream.connect_timeout_seconds,
+        seconds=live.config.upstream.connect_timeout_seconds,
         on_failure=failed,
     )
 

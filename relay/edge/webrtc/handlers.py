@@ -53,7 +53,7 @@ from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.metrics import SessionMeter
 from relay.session.policy import PolicyViolation
 from relay.session.transcription import transcription_policy
-from relay.state import STATE, RelayState
+from relay.state import STATE, LiveConfig, RelayState
 from relay.upstream.backends import Backend
 
 SECRET_PATHS = ("/openai/v1/realtime/client_secrets", "/v1/realtime/client_secrets")
@@ -133,16 +133,17 @@ async def preflight(request: web.Request) -> web.Response:
 async def _handle(
     request: web.Request,
     endpoint: str,
-    handler: Callable[[web.Request, RelayState, WebRtc], Awaitable[web.Response]],
+    handler: Callable[[web.Request, RelayState, LiveConfig, WebRtc], Awaitable[web.Response]],
 ) -> web.Response:
     state = request.app[STATE]
+    live = state.live  # this request's config, whatever a reload does meanwhile
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(
         request_id="rq_" + secrets.token_hex(8), endpoint=endpoint, peer=request.remote
     )
     origin = request.headers.get("Origin")
     try:
-        response = await handler(request, state, request.app[WEBRTC])
+        response = await handler(request, state, live, request.app[WEBRTC])
     except HttpRefusal as refusal:
         code = "upstream_rejected" if isinstance(refusal, UpstreamRejected) else refusal.code
         team = team_label(state)
@@ -154,22 +155,24 @@ async def _handle(
             cause=repr(refusal.__cause__) if refusal.__cause__ else None,
         )
         response = error_response(refusal)
-    if endpoint == "calls" and origin is not None and state.live.origin_allowed(origin):
+    if endpoint == "calls" and origin is not None and live.origin_allowed(origin):
         response.headers.update(cors_headers(origin))
     return response
 
 
-async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.Response:
-    team, _ = await authenticate(request, state, None)
+async def _mint(
+    request: web.Request, state: RelayState, live: LiveConfig, webrtc: WebRtc
+) -> web.Response:
+    team, _ = await authenticate(request, state, live, None)
     assert team is not None
     wanted = parse_secret_request(
         await _read_body(request),
         request.query.get("model"),
-        state.live.config.webrtc.max_secret_seconds,
+        live.config.webrtc.max_secret_seconds,
     )
-    deployment = ga_deployment(state, team, wanted.deployment, wanted.transcription)
+    deployment = ga_deployment(live, team, wanted.deployment, wanted.transcription)
     state.budgets.check(team.name)
-    session = _session(state, team, deployment, wanted.session)
+    session = _session(live, team, deployment, wanted.session)
     await webrtc.rates.take_client_secret(team.name)
 
     def body(backend: Backend) -> bytes:
@@ -178,8 +181,8 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
         return orjson.dumps({"expires_after": expires_after, "session": named})
 
     outbound = Outbound("client_secrets", "application/json", body, lambda backend: {})
-    backends = usable_backends(state, deployment)
-    backend, answer = await forward(state, deployment, backends, outbound)
+    backends = usable_backends(live, deployment)
+    backend, answer = await forward(state, live, deployment, backends, outbound)
     minted = parse_minted(answer.body)
     expires_at = min(float(minted["expires_at"]), webrtc.book.clock() + wanted.seconds)
     await webrtc.book.remember(
@@ -194,10 +197,10 @@ async def _mint(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
 
 
 def _session(
-    state: RelayState, team: TeamConfig, deployment: DeploymentConfig, fragment: dict[str, Any]
+    live: LiveConfig, team: TeamConfig, deployment: DeploymentConfig, fragment: dict[str, Any]
 ) -> dict[str, Any]:
     """The session a secret or call carries, through the team's policy; or a refusal."""
-    policy = state.live.policies[team.name, deployment.name]
+    policy = live.policies[team.name, deployment.name]
     if deployment.kind == "transcription":
         policy = transcription_policy(policy, deployment.azure_deployment)
     try:
@@ -206,12 +209,14 @@ def _session(
         raise RequestRejected(violation.code, violation.message, violation.param) from violation
 
 
-async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.Response:
-    team, minted = await authenticate(request, state, webrtc.book)
+async def _call(
+    request: web.Request, state: RelayState, live: LiveConfig, webrtc: WebRtc
+) -> web.Response:
+    team, minted = await authenticate(request, state, live, webrtc.book)
     offer, asked = await _read_call(request)
     query_model = request.query.get("model") or None
     if minted is not None:
-        team, deployment, backends = secret_route(state, webrtc.book, minted, request.query)
+        team, deployment, backends = secret_route(live, webrtc.book, minted, request.query)
         if asked is not None and asked.deployment not in (None, deployment.name):
             raise RequestRejected(
                 "deployment_mismatch",
@@ -228,14 +233,14 @@ async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
             )
         name = query_model or (asked.deployment if asked is not None else None) or ""
         deployment = ga_deployment(
-            state, team, name, asked.transcription if asked is not None else None
+            live, team, name, asked.transcription if asked is not None else None
         )
-        backends = usable_backends(state, deployment)
+        backends = usable_backends(live, deployment)
     state.budgets.check(team.name)
     # A relay-key call carries the team's session; a secret's was shaped when minted.
     session = None
     if asked is not None or minted is None:
-        session = _session(state, team, deployment, asked.fragment if asked is not None else {})
+        session = _session(live, team, deployment, asked.fragment if asked is not None else {})
     passed = {k: request.query[k] for k in _CALL_QUERY if k in request.query}
     # A secret names its deployment upstream.
     secret = find_key(request.headers, {}, ()) if minted is not None else None
@@ -261,7 +266,7 @@ async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
     if lease is None:
         await webrtc.rates.take_call(team.name)
     try:
-        backend, answer = await forward(state, deployment, backends, outbound)
+        backend, answer = await forward(state, live, deployment, backends, outbound)
         call_id = call_id_from_location(answer.headers.get("Location"))
         if call_id is not None:
             placed = PlacedCall(team.name, deployment.name, backend.name, lease is not None)
@@ -278,7 +283,7 @@ async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
         if call_id is None:
             await lease.release()
         else:
-            _watch(state, webrtc, team, deployment, backend, call_id, lease)
+            _watch(state, live, webrtc, team, deployment, backend, call_id, lease)
     headers = {"Content-Type": answer.headers.get("Content-Type", "application/sdp")}
     if location is not None:
         headers["Location"] = location
@@ -287,6 +292,7 @@ async def _call(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.
 
 def _watch(
     state: RelayState,
+    live: LiveConfig,
     webrtc: WebRtc,
     team: TeamConfig,
     deployment: DeploymentConfig,
@@ -295,7 +301,7 @@ def _watch(
     lease: Lease,
 ) -> None:
     """Start observing a call the relay placed (`observer`)."""
-    policy = state.live.policies[team.name, deployment.name]
+    policy = live.policies[team.name, deployment.name]
     if deployment.kind == "transcription":
         policy = transcription_policy(policy, backend.config.azure_deployment)
     book = state.budgets.book
@@ -321,16 +327,18 @@ def _watch(
     task.add_done_callback(done)
 
 
-async def _control(request: web.Request, state: RelayState, webrtc: WebRtc) -> web.Response:
+async def _control(
+    request: web.Request, state: RelayState, live: LiveConfig, webrtc: WebRtc
+) -> web.Response:
     """Call control (hangup, accept, reject, refer) on a call this team placed through the
     relay, sent to the backend that placed it with the relay's credential."""
     action = request.match_info["action"]
     if action not in CONTROL_ACTIONS:
         raise ClientRefused(404, "not_found", f"Unknown call action {action!r}.")
-    team, _ = await authenticate(request, state, None)
+    team, _ = await authenticate(request, state, live, None)
     assert team is not None
     call_id = request.match_info["call_id"]
-    _, deployment, backend = await owned_call(state, webrtc.calls, team, call_id)
+    _, deployment, backend = await owned_call(live, webrtc.calls, team, call_id)
     body = await _read_body(request)
     content_type = request.headers.get("Content-Type", "application/json")
     outbound = Outbound(
@@ -340,7 +348,7 @@ async def _control(request: web.Request, state: RelayState, webrtc: WebRtc) -> w
         lambda b: {},
         passed=_CONTROL_PASSED,
     )
-    _, answer = await forward(state, deployment, [backend], outbound)
+    _, answer = await forward(state, live, deployment, [backend], outbound)
     _log.info("call_control", action=action, call_id=call_id, status=answer.status)
     headers = {}
     if "Content-Type" in answer.headers:

@@ -244,6 +244,6 @@ async def hang_up(
         passed=frozenset({404}),  # the call had already ended
     )
     try:
-        await forward(state, deployment, [backend], outbound)
+        await forward(state, state.live, deployment, [backend], outbound)
     except HttpRefusal as refusal:
         _log.warning("call_hangup_failed", status=refusal.status, code=refusal.code)

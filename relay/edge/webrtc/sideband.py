@@ -67,7 +67,7 @@ async def _admit(
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     state.budgets.check(team.name)  # a sideband can start responses
     placed, deployment, backend = await owned_call(
-        state, request.app[WEBRTC].calls, team, wanted.call_id
+        live, request.app[WEBRTC].calls, team, wanted.call_id
     )
     assert state.http is not None
     config = live.config
