@@ -80,9 +80,7 @@ def reference_verdict(event: Any) -> bool:
         return True
     for path in LOCKED:
         present, value = get_path(fragment, path)
-        if present and path != "instructions" and value != get_path(CURRENT, path)[1]:
-            return False
-        if present and path == "instructions" and value not in (None, CURRENT["instructions"]):
+        if present and value != get_path(CURRENT, path)[1]:
             return False
     for path, allowed in ALLOWED.items():
         present, value = get_path(fragment, path)
