@@ -11,18 +11,21 @@ import aiohttp
 import structlog
 from aiohttp import web, web_response
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from relay.edge import handlers, playground, webrtc
-from relay.edge.admission import AdmissionStore, AuthThrottle, MemoryAdmission
+from relay.edge.admission import AdmissionStore, AuthBrake, AuthThrottle, MemoryAdmission
 from relay.edge.admission_redis import RedisAdmission
+from relay.edge.auth_brake_redis import RedisAuthThrottle
 from relay.edge.budget import Budgets, SpendBook, explain
-from relay.edge.handlers import error_response
+from relay.edge.responses import error_response
 from relay.edge.routes import REALTIME_PATHS
 from relay.edge.spend_book import MemorySpend, RedisSpend
 from relay.errors import ClientRefused, ConfigError
 from relay.live import budget_gauges, build_live, build_pools, zero_series
 from relay.ops.config import RelayConfig
 from relay.ops.metrics import Metrics
+from relay.ops.redaction import SECRETS
 from relay.session.pump import Bridge
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
@@ -43,6 +46,15 @@ def create_app(
     limits = config.limits
     metrics = metrics or Metrics.create()
     admission = _admission(config, environ, metrics)
+    local_brake = AuthThrottle(
+        limits.auth_failures_allowed,
+        limits.auth_failure_window_seconds,
+        limits.auth_block_seconds,
+    )
+    auth_throttle: AuthBrake = local_brake
+    if isinstance(admission, RedisAdmission):
+        # Every process and host counts an address's failures together.
+        auth_throttle = RedisAuthThrottle(admission.client, config.admission, limits, local_brake)
     state = RelayState(
         live=build_live(
             config,
@@ -58,11 +70,7 @@ def create_app(
             {t.name: t.limits for t in config.teams.values()},
             _spend_book(config, admission, metrics),
         ),
-        auth_throttle=AuthThrottle(
-            limits.auth_failures_allowed,
-            limits.auth_failure_window_seconds,
-            limits.auth_block_seconds,
-        ),
+        auth_throttle=auth_throttle,
     )
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
     zero_series(state)
@@ -96,6 +104,7 @@ def create_app(
             raise ConfigError(
                 [f"environment: metrics.token_env: {config.metrics.token_env} is not set or empty"]
             )
+        SECRETS.register(token)
         app[METRICS_TOKEN] = token
         app.router.add_get("/metrics", handlers.metrics)
     return app
@@ -156,6 +165,7 @@ def _admission(config: RelayConfig, environ: Mapping[str, str], metrics: Metrics
     if not url:
         env = config.admission.redis_url_env
         raise ConfigError([f"environment: admission.redis_url_env: {env} is not set or empty"])
+    SECRETS.register(URL(url).password)
     return RedisAdmission.connect(
         config.admission,
         config.limits,

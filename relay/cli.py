@@ -20,6 +20,7 @@ from relay.errors import ConfigError, StartupError
 from relay.ops.check import ConfigSource, check_config
 from relay.ops.config import RelayConfig, masked_config
 from relay.ops.logsetup import configure_logging
+from relay.ops.redaction import SECRETS
 from relay.ops.workers import worker_count
 from relay.talk import command as talk
 
@@ -216,6 +217,7 @@ def _simulate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if not key:
         raise ConfigError([f"environment: {args.key_env} must hold the key to accept"])
     configure_logging()
+    SECRETS.register(key)
     from relay.simulator import SimulatorOptions, start_simulator
 
     async def run() -> None:

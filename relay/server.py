@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from relay.app import create_app, create_metrics_app, drain
+from relay.edge.connection import RelayRunner
 from relay.errors import ConfigError, StartupError
 from relay.live import ReloadResult, reload
 from relay.ops.check import ConfigSource
@@ -58,7 +59,7 @@ async def run_server(
     if source is not None:
         loop.add_signal_handler(signal.SIGHUP, reloads.start)
         app[RELOAD] = reloads.forward_to_supervisor if worker else reloads.run
-    runner = web.AppRunner(app, **runner_options(config))
+    runner = RelayRunner(app, **runner_options(config))
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     watcher: asyncio.Task[None] | None = None
@@ -73,7 +74,9 @@ async def run_server(
         )
         await listen(site, config.server.host, config.server.port, "server.port (--port)")
         if config.metrics.enabled and not worker:
-            metrics_runner = web.AppRunner(create_metrics_app(app[REGISTRY]), access_log=None)
+            metrics_runner = RelayRunner(
+                create_metrics_app(app[REGISTRY]), **runner_options(config, access_log=False)
+            )
             await metrics_runner.setup()
             metrics = config.metrics
             await listen(
@@ -184,14 +187,20 @@ def pid_file(path: Path | None) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def runner_options(config: RelayConfig) -> dict[str, Any]:
-    """aiohttp server options from the config (also used by the tests' servers)."""
-    return {
+def runner_options(config: RelayConfig, *, access_log: bool = True) -> dict[str, Any]:
+    """`RelayRunner` options from the config (also used by the tests' servers)."""
+    server = config.server
+    options: dict[str, Any] = {
         "access_log_class": AccessLogger,
-        "shutdown_timeout": config.server.close_timeout_seconds,
-        "max_line_size": config.server.max_header_bytes,
-        "max_field_size": config.server.max_header_bytes,
+        "shutdown_timeout": server.close_timeout_seconds,
+        "max_line_size": server.max_header_bytes,
+        "max_field_size": server.max_header_bytes,
+        "header_timeout": server.header_timeout_seconds,
+        "keepalive_timeout": server.keepalive_timeout_seconds,
     }
+    if not access_log:
+        options["access_log"] = None
+    return options
 
 
 def _host_for_url(host: str) -> str:

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay.edge.admission import AdmissionStore, AuthThrottle
+from relay.edge.admission import AdmissionStore, AuthBrake
 from relay.edge.auth import KeyRing, client_address
 from relay.edge.budget import Budgets
 from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
@@ -71,7 +71,7 @@ class RelayState:
     live: LiveConfig
     metrics: Metrics
     admission: AdmissionStore
-    auth_throttle: AuthThrottle
+    auth_throttle: AuthBrake
     budgets: Budgets
     live_gauges: LiveGauges = field(default_factory=LiveGauges)
     http: aiohttp.ClientSession | None = None

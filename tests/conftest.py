@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from relay.app import create_app
+from relay.edge.connection import RelayRunner
 from relay.ops.config import RelayConfig, load_config
 from relay.server import runner_options
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
@@ -25,17 +26,29 @@ async def simulator() -> AsyncIterator[RunningSimulator]:
     await running.close()
 
 
+class RelayTestServer(TestServer):
+    """aiohttp's TestServer on the relay's own runner (`RelayRunner`), as `relay serve`."""
+
+    async def _make_runner(self, **kwargs: Any) -> RelayRunner:
+        return RelayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
-def start_relay(aiohttp_server: Any) -> RelayFactory:
+async def start_relay() -> AsyncIterator[RelayFactory]:
     """Start a relay for a config on 127.0.0.1:0; stopped (sessions closed) at teardown."""
+    servers: list[TestServer] = []
 
     async def start(
         config: RelayConfig, environ: dict[str, str] = ENVIRON, **server_kwargs: Any
     ) -> TestServer:
-        options = {**runner_options(config), **server_kwargs}
-        return await aiohttp_server(create_app(config, environ), **options)
+        server = RelayTestServer(create_app(config, environ), host="127.0.0.1")
+        await server.start_server(**{**runner_options(config), **server_kwargs})
+        servers.append(server)
+        return server
 
-    return start
+    yield start
+    while servers:
+        await servers.pop().close()
 
 
 @pytest.fixture

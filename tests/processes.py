@@ -23,37 +23,53 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def relay_process(
-    config: Path, env: dict[str, str], *args: str
+    config: Path,
+    env: dict[str, str],
+    *args: str,
+    stdout: bytearray | None = None,
+    stderr: bytearray | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`relay serve` as a child process; yields it and its base URL (http://...)."""
+    """`relay serve` as a child process; yields it and its base URL (http://...).
+
+    Given ``stdout``/``stderr``, every byte the process writes there is collected into them
+    (complete once the process has exited and the context is left)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "serve", "--config", str(config), *args,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if stderr is None else asyncio.subprocess.PIPE,
         env={**os.environ, **env},
     )  # fmt: skip
+    readers = []
     try:
         assert process.stdout is not None
+        if process.stderr is not None:
+            readers.append(asyncio.ensure_future(_collect(process.stderr, stderr)))
         while True:
             line = await process.stdout.readline()
             assert line, "the relay exited before listening"
+            if stdout is not None:
+                stdout += line
             event = orjson.loads(line)
             if event.get("event") == "relay_listening":
                 break
         # Keep reading its log so the pipe never fills and blocks the relay.
-        drain = asyncio.ensure_future(_discard(process.stdout))
+        readers.append(asyncio.ensure_future(_collect(process.stdout, stdout)))
         yield process, event["url"].replace("ws://", "http://")
     finally:
         if process.returncode is None:
             process.kill()
         await process.wait()
-        if "drain" in locals():
-            drain.cancel()
+        # The pipes end with the process (and any worker it left behind): read them out.
+        if readers:
+            await asyncio.wait(readers, timeout=10)
+        for reader in readers:
+            reader.cancel()
 
 
-async def _discard(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
+async def _collect(stream: asyncio.StreamReader, into: bytearray | None) -> None:
+    while line := await stream.readline():
+        if into is not None:
+            into += line
 
 
 needs_redis = pytest.mark.skipif(
@@ -75,7 +91,7 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[str]:
     assert process.stdout is not None
     while b"Ready to accept connections" not in await process.stdout.readline():
         assert process.returncode is None, "redis-server exited"
-    drain = asyncio.ensure_future(_discard(process.stdout))
+    drain = asyncio.ensure_future(_collect(process.stdout, None))
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:

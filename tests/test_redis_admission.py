@@ -185,18 +185,12 @@ async def test_webrtc_rates_are_shared_too(tmp_path):
 
 
 async def test_a_secret_minted_by_one_relay_places_a_call_through_another(
-    tmp_path, simulator, aiohttp_server
+    tmp_path, simulator, start_relay
 ):
-    from relay.app import create_app
-    from relay.server import runner_options
-
     async with redis_server(tmp_path) as url:
         config = relay_config(simulator.url, admission={"backend": "redis"})
         environ = {**ENVIRON, "RELAY_REDIS_URL": url}
-        first, second = [
-            await aiohttp_server(create_app(config, environ), **runner_options(config))
-            for _ in range(2)
-        ]
+        first, second = [await start_relay(config, environ) for _ in range(2)]
         async with aiohttp.ClientSession() as http:
             body = {"session": {"type": "realtime", "model": "gpt-realtime"}}
             async with http.post(
@@ -221,13 +215,11 @@ async def test_a_secret_minted_by_one_relay_places_a_call_through_another(
 
 
 async def test_a_call_placed_through_one_relay_is_joined_and_hung_up_through_another(
-    tmp_path, simulator, aiohttp_server
+    tmp_path, simulator, start_relay
 ):
     from openai import AsyncOpenAI, NotFoundError
 
-    from relay.app import create_app
     from relay.edge.webrtc.call_book import call_id_from_location
-    from relay.server import runner_options
     from relay.simulator.calls import CALLS_KEY
     from tests.test_webrtc import OFFER
 
@@ -241,10 +233,7 @@ async def test_a_call_placed_through_one_relay_is_joined_and_hung_up_through_ano
             },
         )
         environ = {**ENVIRON, "RELAY_REDIS_URL": url}
-        first, second = [
-            await aiohttp_server(create_app(config, environ), **runner_options(config))
-            for _ in range(2)
-        ]
+        first, second = [await start_relay(config, environ) for _ in range(2)]
         async with aiohttp.ClientSession() as http:
             async with http.post(
                 first.make_url("/openai/v1/realtime/calls").with_query(model="gpt-realtime"),
@@ -265,3 +254,51 @@ async def test_a_call_placed_through_one_relay_is_joined_and_hung_up_through_ano
                         break
                 await client.realtime.calls.hangup(call_id)
         assert call_id not in simulator.app[CALLS_KEY].calls
+
+
+async def test_failed_authentication_is_counted_across_relays(tmp_path, simulator, start_relay):
+    async with redis_server(tmp_path) as url:
+        config = relay_config(
+            simulator.url, admission={"backend": "redis"}, limits={"auth_failures_allowed": 4}
+        )
+        environ = {**ENVIRON, "RELAY_REDIS_URL": url}
+        relays = [await start_relay(config, environ) for _ in range(2)]
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+
+        async def attempt(relay, key: str) -> tuple[int, str]:
+            realtime = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
+            async with http.get(realtime, headers={**upgrade, "api-key": key}) as response:
+                return response.status, (await response.json())["error"]["code"]
+
+        async with aiohttp.ClientSession() as http:
+            for relay in (*relays, *relays[:1]):  # three guesses, over both relays
+                assert await attempt(relay, "rk-guess-0123456789") == (401, "invalid_api_key")
+            ws = await http.ws_connect(
+                relays[1].make_url("/openai/v1/realtime?model=gpt-realtime"),
+                headers={"api-key": ALPHA_KEY},
+            )
+            await ws.close()  # a success resets nothing
+            assert await attempt(relays[1], "rk-guess-0123456789") == (401, "invalid_api_key")
+            for relay in relays:
+                assert await attempt(relay, ALPHA_KEY) == (429, "too_many_auth_failures")
+
+
+async def test_the_brake_falls_back_to_the_process_when_redis_is_unreachable():
+    from redis.asyncio import Redis
+
+    from relay.edge.admission import AuthThrottle
+    from relay.edge.auth_brake_redis import RedisAuthThrottle
+    from tests.processes import free_port
+
+    config = AdmissionConfig(backend="redis", redis_timeout_seconds=0.5)
+    client = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    brake = RedisAuthThrottle(client, config, LimitsConfig(), AuthThrottle(2, 60.0, 30.0))
+    try:
+        for _ in range(2):
+            await brake.check("10.0.0.9")
+            await brake.failed("10.0.0.9")
+        with pytest.raises(ClientRefused) as info:
+            await brake.check("10.0.0.9")
+        assert info.value.code == "too_many_auth_failures"
+    finally:
+        await client.aclose()

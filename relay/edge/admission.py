@@ -178,9 +178,26 @@ class MemoryAdmission:
             )
 
 
+class AuthBrake(Protocol):
+    """Refuses, for a while, addresses that failed authentication too often. A success
+    does not clear the count: a team's valid key must not buy its holder more guesses."""
+
+    def update(self, limits: LimitsConfig) -> None:
+        """Take the limits of a reloaded config."""
+        ...
+
+    async def check(self, address: str) -> None:
+        """Raise ClientRefused (429, Retry-After) while ``address`` is blocked."""
+        ...
+
+    async def failed(self, address: str) -> None:
+        """Count a failed authentication from ``address``."""
+        ...
+
+
 @dataclass(slots=True)
 class AuthThrottle:
-    """Refuses, for a while, addresses that failed authentication too often.
+    """The brake of one process (an `AuthBrake`).
 
     Remembers at most `max_addresses` addresses (least recently seen forgotten first), so a
     flood from many addresses costs bounded memory.
@@ -199,18 +216,12 @@ class AuthThrottle:
         self.window_seconds = limits.auth_failure_window_seconds
         self.block_seconds = limits.auth_block_seconds
 
-    def check(self, address: str) -> None:
-        """Raise ClientRefused (429) while ``address`` is blocked."""
+    async def check(self, address: str) -> None:
         entry = self._seen.get(address)
         if entry is not None and entry[2] > self.clock():
-            raise ClientRefused(
-                429,
-                "too_many_auth_failures",
-                "Too many failed authentication attempts from this address; retry later.",
-                retry_after=_retry_after(entry[2] - self.clock()),
-            )
+            raise auth_blocked(entry[2] - self.clock())
 
-    def failed(self, address: str) -> None:
+    async def failed(self, address: str) -> None:
         now = self.clock()
         count, start, blocked_until = self._seen.pop(address, (0, now, 0.0))
         if now - start > self.window_seconds:
@@ -222,5 +233,11 @@ class AuthThrottle:
         while len(self._seen) > self.max_addresses:
             self._seen.popitem(last=False)
 
-    def succeeded(self, address: str) -> None:
-        self._seen.pop(address, None)
+
+def auth_blocked(seconds: float) -> ClientRefused:
+    return ClientRefused(
+        429,
+        "too_many_auth_failures",
+        "Too many failed authentication attempts from this address; retry later.",
+        retry_after=_retry_after(seconds),
+    )

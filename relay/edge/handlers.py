@@ -21,11 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.edge.admission import Lease
 from relay.edge.auth import REALTIME_SUBPROTOCOL, find_key, hash_key, offered_subprotocols
+from relay.edge.connection import ClientSocket
+from relay.edge.responses import error_response, error_type
 from relay.edge.routes import RealtimeRequest, parse_realtime_request, resolve_deployment
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRefused
 from relay.ops.config import DeploymentConfig, TeamConfig
-from relay.ops.logsetup import redact_url
+from relay.ops.logsetup import describe_error, redact_url
 from relay.ops.metrics import SessionMeter
+from relay.ops.redaction import SECRETS
 from relay.session.events import error_event
 from relay.session.pump import Bridge, Ending
 from relay.session.setup import StartedSession, start_session
@@ -35,28 +38,6 @@ from relay.upstream.backends import Backend
 from relay.upstream.dial import SocketOptions, UpstreamSocket, connect_pool
 
 _log = structlog.get_logger("relay.session")
-
-
-def error_response(refusal: HttpRefusal) -> web.Response:
-    """The refusal as the service's JSON error (with ``param`` for a RequestRejected)."""
-    error: dict[str, str | None] = {
-        "type": _error_type(refusal),
-        "code": refusal.code,
-        "message": refusal.message,
-    }
-    if isinstance(refusal, RequestRejected):
-        error["param"] = refusal.param
-    headers = {"Retry-After": refusal.retry_after} if refusal.retry_after else None
-    return web.Response(
-        status=refusal.status,
-        body=orjson.dumps({"error": error}),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def _error_type(refusal: HttpRefusal) -> str:
-    return "invalid_request_error" if isinstance(refusal, ClientRefused) else "server_error"
 
 
 @dataclass(slots=True)
@@ -102,7 +83,7 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
             status=refusal.status,
             code=refusal.code,
             url=redact_url(request.rel_url),
-            cause=repr(refusal.__cause__) if refusal.__cause__ else None,
+            cause=describe_error(refusal.__cause__),
         )
         if _reads_refusals_in_band(request):
             return await _refuse_in_band(request, refusal)
@@ -138,7 +119,7 @@ async def _refuse_in_band(request: web.Request, refusal: HttpRefusal) -> web.Web
         compress=False,
         timeout=request.app[STATE].live.config.server.close_timeout_seconds,
     )
-    event = error_event(refusal.code, refusal.message, error_type=_error_type(refusal), param=param)
+    event = error_event(refusal.code, refusal.message, error_type=error_type(refusal), param=param)
     try:
         await client.prepare(request)
         await client.send_frame(event, WSMsgType.TEXT)
@@ -152,7 +133,7 @@ async def _admit(
     request: web.Request, state: RelayState, live: LiveConfig, session_id: str
 ) -> Admitted:
     """Every check and the upstream start, before the client's upgrade; or an HttpRefusal."""
-    team, opened_by, wanted = admit_client(request, state, live)
+    team, opened_by, wanted = await admit_client(request, state, live)
     if wanted.call_id is not None:
         raise RequestRejected(
             "unsupported_parameter",
@@ -176,7 +157,7 @@ async def _admit(
     return Admitted(team, deployment, lease, backend.name, upstream, started, opened_by=opened_by)
 
 
-def admit_client(
+async def admit_client(
     request: web.Request, state: RelayState, live: LiveConfig
 ) -> tuple[TeamConfig, SessionKey, RealtimeRequest]:
     """The checks of any WebSocket request: an upgrade, its Origin, its key; the key's team,
@@ -189,21 +170,22 @@ def admit_client(
     if origin is not None and not live.origin_allowed(origin, request.host):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
     address = live.client_address(request)
-    state.auth_throttle.check(address)
+    await state.auth_throttle.check(address)
     subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
     key = find_key(request.headers, request.query, subprotocols)
-    team, key_hash = _authenticate(state, live, address, key)
+    SECRETS.in_this_request(key)
+    team, key_hash = await _authenticate(state, live, address, key)
     structlog.contextvars.bind_contextvars(team=team.name)
     wanted = parse_realtime_request(request.query, request.headers, subprotocols)
     return team, SessionKey(key_hash, team.name), wanted
 
 
-def _authenticate(
+async def _authenticate(
     state: RelayState, live: LiveConfig, address: str, key: str | None
 ) -> tuple[TeamConfig, bytes]:
     """The key's team and the key's hash; or a refusal."""
     if key is None:
-        state.auth_throttle.failed(address)
+        await state.auth_throttle.failed(address)
         raise ClientRefused(
             401,
             "missing_api_key",
@@ -213,9 +195,8 @@ def _authenticate(
     key_hash = hash_key(key).encode("ascii")
     team = live.keyring.identify_hash(key_hash)
     if team is None:
-        state.auth_throttle.failed(address)
+        await state.auth_throttle.failed(address)
         raise ClientRefused(401, "invalid_api_key", "The relay key is not valid.")
-    state.auth_throttle.succeeded(address)
     return team, key_hash
 
 
@@ -280,7 +261,8 @@ async def _serve(
     """Complete the upgrade and run the session to its end."""
     server = live.config.server
     team, deployment, upstream = admitted.team, admitted.deployment, admitted.upstream
-    client = web.WebSocketResponse(
+    client = ClientSocket(
+        linger_seconds=server.close_timeout_seconds,
         protocols=(REALTIME_SUBPROTOCOL,),
         compress=False,
         max_msg_size=server.max_message_bytes,
@@ -376,11 +358,8 @@ async def status(request: web.Request) -> web.Response:
     """Backends, credentials and sessions, for operators holding an admin key."""
     state = request.app[STATE]
     live = state.live
-    presented = find_key(request.headers, {}, ())
-    if presented is None or not live.admin_keys.identify(presented):
-        return error_response(
-            ClientRefused(401, "invalid_admin_key", "GET /status needs an admin key.")
-        )
+    if refused := await _admin_refusal(request, state, live, "GET /status"):
+        return refused
     body = {
         "ready": state.ready,
         "draining": state.draining,
@@ -397,11 +376,8 @@ async def status(request: web.Request) -> web.Response:
 async def admin_reload(request: web.Request) -> web.Response:
     """POST /admin/reload: re-read the config now and say what happened (admin key)."""
     state = request.app[STATE]
-    presented = find_key(request.headers, {}, ())
-    if presented is None or not state.live.admin_keys.identify(presented):
-        return error_response(
-            ClientRefused(401, "invalid_admin_key", "POST /admin/reload needs an admin key.")
-        )
+    if refused := await _admin_refusal(request, state, state.live, "POST /admin/reload"):
+        return refused
     reload = request.app.get(RELOAD)
     if reload is None:
         return error_response(
@@ -410,6 +386,25 @@ async def admin_reload(request: web.Request) -> web.Response:
     result = await reload()
     status = 422 if result.get("outcome") == "rejected" else 200
     return web.json_response(result, status=status, dumps=_dumps)
+
+
+async def _admin_refusal(
+    request: web.Request, state: RelayState, live: LiveConfig, what: str
+) -> web.Response | None:
+    """The refusal for a request without a valid admin key, or None. Admin keys are guessed
+    like team keys: the same brake, the same count per address."""
+    address = live.client_address(request)
+    try:
+        await state.auth_throttle.check(address)
+    except ClientRefused as refusal:
+        return error_response(refusal)
+    presented = find_key(request.headers, {}, ())
+    SECRETS.in_this_request(presented)
+    if presented is not None and live.admin_keys.identify(presented):
+        return None
+    await state.auth_throttle.failed(address)
+    _log.warning("admin_refused", endpoint=what, peer=address)
+    return error_response(ClientRefused(401, "invalid_admin_key", f"{what} needs an admin key."))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -84,8 +84,15 @@ class ServerConfig:
     # Proxies (addresses or CIDR networks) whose X-Forwarded-For is believed: behind a load
     # balancer, the client's own address is what the auth brake and the logs need.
     trusted_proxies: tuple[str, ...] = ()
-    # Longest request line and header field accepted (aiohttp answers 400 beyond).
+    # Longest request line and header field accepted (the relay answers 400 beyond).
     max_header_bytes: int = 16384
+    # A connection must complete its request line and headers within this many seconds of
+    # opening (or of a later request's first byte); else it is closed (408 if it sent some).
+    header_timeout_seconds: float = 10.0
+    # An open connection between requests is closed after this many idle seconds. Above the
+    # 60 s for which load balancers and ingress-nginx keep idle upstream connections, so the
+    # relay never closes one they are about to reuse.
+    keepalive_timeout_seconds: float = 75.0
     # On SIGTERM: how long sessions may finish the response in progress before 1001.
     drain_grace_seconds: float = 25.0
     tls: TlsConfig | None = None
@@ -100,6 +107,7 @@ class ServerConfig:
             (
                 "max_message_bytes", "heartbeat_seconds", "close_timeout_seconds",
                 "stall_timeout_seconds", "max_header_bytes", "max_pings_per_second",
+                "header_timeout_seconds", "keepalive_timeout_seconds",
             ),
         )  # fmt: skip
         if not 0 <= self.port <= 65535:

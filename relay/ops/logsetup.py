@@ -1,7 +1,9 @@
-"""structlog set-up: JSON lines to stdout (console rendering on a TTY), session context merged.
+"""Logging set-up: every line the process logs, structlog's and the stdlib's (aiohttp, asyncio,
+azure, warnings), comes out as one JSON line on stdout (console rendering on a TTY), with
+the session context merged and secrets removed by one filter (`redaction.SECRETS`).
 
-Nothing logged may carry a key, a token or audio: callers log names, sizes and codes only,
-and URLs go through `redact_url` first.
+Callers still log names, sizes, codes and statuses only; URLs go through `redact_url` and
+exceptions through `describe_error`. The filter is the net under them, not the plan.
 """
 
 from __future__ import annotations
@@ -10,52 +12,119 @@ import logging
 import sys
 from typing import Any
 
+import aiohttp
 import aiohttp.abc
 import orjson
 import structlog
 from aiohttp.web import BaseRequest, StreamResponse
+from structlog.typing import EventDict, Processor, WrappedLogger
 from yarl import URL
+
+from relay.ops.redaction import SECRETS
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
-_SECRET_QUERY_KEYS = frozenset({"api-key", "authorization", "key", "token", "access_token"})
+_SECRET_QUERY_WORDS = ("key", "token", "secret", "sig", "password", "auth", "credential")
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    finish: list[Processor] = [structlog.processors.format_exc_info, redact_secrets]
     renderer: Any
+    text_renderer: Any
     if console:
-        renderer = structlog.dev.ConsoleRenderer()
+        renderer = text_renderer = structlog.dev.ConsoleRenderer()
         factory: Any = structlog.PrintLoggerFactory()
     else:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        text_renderer = structlog.processors.JSONRenderer(serializer=_dumps_text)
         factory = structlog.BytesLoggerFactory()
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, *finish, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    # aiohttp's access log and errors go through the stdlib; keep them, at our level.
-    logging.basicConfig(level=_LEVELS[level], format="%(name)s %(levelname)s %(message)s")
-    # azure-core logs every token request over several plain-text lines at INFO.
+    # The stdlib's loggers (aiohttp's server errors, asyncio, azure, warnings) through the
+    # same processors: the same JSON lines, the same filter.
+    handler = _RelayHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *finish,
+                text_renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _RelayHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[level])
+    logging.captureWarnings(True)
+    # azure-core logs every token request over several lines at INFO.
     logging.getLogger("azure").setLevel(max(logging.WARNING, _LEVELS[level]))
 
 
+class _RelayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stdlib handler `configure_logging` installs (and replaces when called again)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # The stdlib's own would print the record, exception and arguments unfiltered.
+        sys.stderr.write(f"relay: a log line from {record.name} could not be written\n")
+
+
+def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """The processor every log line passes last before rendering."""
+    clean = SECRETS.clean_value
+    # Most lines hold nothing suspect: one look at all their text, then only what is not a
+    # plain JSON value (containers, objects whose repr would be rendered) is walked.
+    text = "\n".join(v for v in event_dict.values() if type(v) is str)
+    if SECRETS.suspect(text):
+        return {key: clean(value) for key, value in event_dict.items()}
+    return {
+        key: value if type(value) in _PLAIN else clean(value) for key, value in event_dict.items()
+    }
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _dumps_text(value: Any, **kwargs: Any) -> str:
+    return orjson.dumps(value, **kwargs).decode()
+
+
 def redact_url(url: URL) -> str:
-    """The URL as safe to log: credential query values replaced."""
-    if not any(k.lower() in _SECRET_QUERY_KEYS for k in url.query):
+    """The URL as safe to log: values of credential-like query parameters replaced."""
+    if not any(_is_secret_name(k) for k in url.query):
         return str(url)
-    query = [
-        (k, "REDACTED" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in url.query.items()
-    ]
+    query = [(k, "REDACTED" if _is_secret_name(k) else v) for k, v in url.query.items()]
     return str(url.with_query(query))
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_QUERY_WORDS)
+
+
+def describe_error(exc: BaseException | None) -> str | None:
+    """What may be logged about an exception. Never its repr: aiohttp's response errors
+    carry the request (headers with the upstream key or token); of those, the class and
+    the HTTP status only."""
+    if exc is None:
+        return None
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{name} (HTTP {exc.status})"
+    text = str(exc)
+    return f"{name}: {SECRETS.clean(text)}" if text else name
 
 
 class AccessLogger(aiohttp.abc.AbstractAccessLogger):

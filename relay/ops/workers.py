@@ -130,13 +130,17 @@ class Supervisor:
         from prometheus_client import CollectorRegistry, PlatformCollector
 
         from relay.app import create_metrics_app
+        from relay.edge.connection import RelayRunner
         from relay.ops.process_metrics import WorkerMetricFiles, WorkerProcesses
+        from relay.server import runner_options
 
         registry = CollectorRegistry()
         WorkerMetricFiles(registry, path=self._metrics_dir.name)
         registry.register(WorkerProcesses(self._live_pids))
         PlatformCollector(registry=registry)
-        runner = web.AppRunner(create_metrics_app(registry), access_log=None)
+        runner = RelayRunner(
+            create_metrics_app(registry), **runner_options(self.config, access_log=False)
+        )
         await runner.setup()
         metrics = self.config.metrics
         from relay.server import listen

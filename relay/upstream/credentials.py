@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from relay.ops.config import CredentialConfig
+from relay.ops.redaction import SECRETS
 
 
 class UpstreamCredential(Protocol):
@@ -77,4 +78,5 @@ def build_credential(
     key = environ.get(config.env, "").strip()
     if not key:
         raise ValueError(f"environment variable {config.env} is not set or empty")
+    SECRETS.register(key)
     return ApiKeyCredential(key, config.env)

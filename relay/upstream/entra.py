@@ -43,6 +43,7 @@ from azure.identity.aio import (
 
 from relay.errors import CredentialUnavailable
 from relay.ops.config import CredentialConfig
+from relay.ops.redaction import SECRETS
 
 _log = structlog.get_logger("relay.upstream.entra")
 
@@ -137,6 +138,7 @@ def _client_secret(
     secret = environ.get(config.client_secret_env, "").strip()
     if not secret:
         raise ValueError(f"environment variable {config.client_secret_env} is not set or empty")
+    SECRETS.register(secret)
     return ClientSecretCredential(config.tenant_id, config.client_id, secret, **options)
 
 
@@ -306,6 +308,7 @@ class EntraCredential:
             raise TokenNotRenewed("the token source answered with the token already held")
 
     def _record_success(self, token: AccessToken) -> None:
+        SECRETS.register_recent(token.token)
         self._token = token
         self._last_error = None
         _log.info(

@@ -75,20 +75,20 @@ async def test_memory_admission_caps_and_rates():
     assert admission.active == 0
 
 
-def test_auth_throttle_blocks_then_forgets():
+async def test_auth_throttle_blocks_then_forgets():
     clock = Clock()
     throttle = AuthThrottle(3, 60.0, 30.0, clock, max_addresses=2)
     for _ in range(3):
-        throttle.check("10.0.0.1")
-        throttle.failed("10.0.0.1")
+        await throttle.check("10.0.0.1")
+        await throttle.failed("10.0.0.1")
     with pytest.raises(ClientRefused) as info:
-        throttle.check("10.0.0.1")
+        await throttle.check("10.0.0.1")
     assert (info.value.status, info.value.retry_after) == (429, "30")
     clock.now = 31.0
-    throttle.check("10.0.0.1")
-    throttle.failed("a")
-    throttle.failed("b")
-    throttle.failed("c")
+    await throttle.check("10.0.0.1")
+    await throttle.failed("a")
+    await throttle.failed("b")
+    await throttle.failed("c")
     assert len(throttle._seen) == 2  # bounded
 
 
@@ -167,6 +167,42 @@ async def test_repeated_auth_failures_are_refused_for_a_while(simulator, start_r
     # Now even the right key is refused from this address, without being checked.
     status, code, retry_after = await status_of(http, relay, **{"api-key": ALPHA_KEY})
     assert (status, code) == (429, "too_many_auth_failures") and int(retry_after) > 1
+
+
+async def test_a_success_does_not_reset_the_failure_count(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url, limits={"auth_failures_allowed": 3}))
+    guess = {"api-key": "rk-guessing-0123456789"}
+    for _ in range(2):
+        assert (await status_of(http, relay, **guess))[:2] == (401, "invalid_api_key")
+    # A valid key in between (one team's) does not buy the address more guesses.
+    ws = await http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY})
+    await ws.close()
+    assert (await status_of(http, relay, **guess))[:2] == (401, "invalid_api_key")
+    status, code, _ = await status_of(http, relay, **{"api-key": ALPHA_KEY})
+    assert (status, code) == (429, "too_many_auth_failures")
+
+
+async def test_status_attempts_count_toward_the_brake(simulator, start_relay, http):
+    admin_key = "rk-admin-0123456789"
+    config = relay_config(
+        simulator.url,
+        limits={"auth_failures_allowed": 3},
+        admin={"keys": [hash_key(admin_key)]},
+    )
+    relay = await start_relay(config)
+
+    async def status_page(key: str) -> tuple[int, str | None]:
+        async with http.get(relay.make_url("/status"), headers={"api-key": key}) as response:
+            body = await response.json()
+            return response.status, body.get("error", {}).get("code")
+
+    assert await status_page(admin_key) == (200, None)
+    for _ in range(3):
+        assert await status_page("rk-admin-guess-0123") == (401, "invalid_admin_key")
+    assert await status_page(admin_key) == (429, "too_many_auth_failures")
+    # One brake per address: the realtime endpoint is closed to it too.
+    status, code, _ = await status_of(http, relay, **{"api-key": ALPHA_KEY})
+    assert (status, code) == (429, "too_many_auth_failures")
 
 
 async def test_allowed_origins(simulator, start_relay, http):

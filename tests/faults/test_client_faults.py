@@ -56,7 +56,8 @@ async def test_invalid_utf8_closes_with_1007(start_fake, start_relay, http):
     assert outcomes(relay) == {"client_invalid_utf8": 1}
 
 
-async def test_oversize_frame_closes_with_1009(start_fake, start_relay, http):
+@pytest.mark.parametrize("size", [4096 + 1, 64 * 1024 * 1024], ids=["limit+1", "64MiB"])
+async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_relay, http, size):
     fake = FakeUpstream(script=echo)
     upstream = await start_fake(fake.app())
     relay = await start_relay(
@@ -64,9 +65,13 @@ async def test_oversize_frame_closes_with_1009(start_fake, start_relay, http):
     )
     async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")
-        await ws.send_str('{"type":"input_audio_buffer.append","audio":"' + "A" * 8000 + '"}')
+        prefix = '{"type":"input_audio_buffer.append","audio":"'
+        await ws.send_str(prefix + "A" * (size - len(prefix) - 2) + '"}')
+        # The relay reads and drops the rest of the frame, so its close frame is not lost
+        # to a reset while the frame is still arriving.
         msg = await ws.receive()
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1009)
+        assert msg.extra == "message too big: the limit is 4096 bytes"
     await fake.closed.wait()
     assert fake.close_code == 1001
     await relay.app[STATE].idle.wait()

@@ -14,6 +14,7 @@ from relay.edge.webrtc.call_book import CallRecords, PlacedCall
 from relay.edge.webrtc.secret_book import MintedSecret, SecretRecords
 from relay.errors import ClientRefused, RequestRejected
 from relay.ops.config import DeploymentConfig, TeamConfig
+from relay.ops.redaction import SECRETS
 from relay.state import LiveConfig, RelayState
 from relay.upstream.backends import Backend
 
@@ -30,14 +31,15 @@ async def authenticate(
     minted, from the request's headers; or a refusal."""
     _check_open(state, live, request)
     address = live.client_address(request)
-    state.auth_throttle.check(address)
+    await state.auth_throttle.check(address)
     key = find_key(request.headers, {}, ())
+    SECRETS.in_this_request(key)
     team = live.keyring.identify(key) if key is not None else None
     minted = None
     if book is not None and key is not None and team is None:
         minted = await book.find(key)
     if team is None and minted is None:
-        state.auth_throttle.failed(address)
+        await state.auth_throttle.failed(address)
         if key is None:
             raise ClientRefused(
                 401,
@@ -46,7 +48,6 @@ async def authenticate(
                 "as the `api-key` header or `Authorization: Bearer`.",
             )
         raise ClientRefused(401, "invalid_api_key", _INVALID_KEY[book is not None])
-    state.auth_throttle.succeeded(address)
     if team is not None:
         structlog.contextvars.bind_contextvars(team=team.name)
     return team, minted

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,8 @@ from aiohttp import web
 from relay.edge.admission import AdmissionStore, Lease
 from relay.edge.admission_redis import RedisAdmission
 from relay.edge.auth import find_key
-from relay.edge.handlers import error_response, team_label
+from relay.edge.handlers import team_label
+from relay.edge.responses import error_response
 from relay.edge.webrtc.access import (
     authenticate,
     cors_headers,
@@ -50,7 +52,9 @@ from relay.edge.webrtc.requests import (
 from relay.edge.webrtc.secret_book import MintedSecret, ProcessSecrets, RedisSecrets, SecretRecords
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected
 from relay.ops.config import DeploymentConfig, TeamConfig
+from relay.ops.logsetup import describe_error
 from relay.ops.metrics import SessionMeter
+from relay.ops.redaction import SECRETS
 from relay.session.policy import PolicyViolation
 from relay.session.transcription import transcription_policy
 from relay.state import STATE, LiveConfig, RelayState
@@ -152,7 +156,7 @@ async def _handle(
             "webrtc_refused",
             status=refusal.status,
             code=refusal.code,
-            cause=repr(refusal.__cause__) if refusal.__cause__ else None,
+            cause=describe_error(refusal.__cause__),
         )
         response = error_response(refusal)
     if endpoint == "calls" and origin is not None and live.origin_allowed(origin):
@@ -185,6 +189,7 @@ async def _mint(
     backend, answer = await forward(state, live, deployment, backends, outbound)
     minted = parse_minted(answer.body)
     expires_at = min(float(minted["expires_at"]), webrtc.book.clock() + wanted.seconds)
+    SECRETS.register_recent(minted["value"])
     await webrtc.book.remember(
         minted["value"], MintedSecret(team.name, deployment.name, backend.name, expires_at)
     )
@@ -363,7 +368,8 @@ async def _read_call(request: web.Request) -> tuple[bytes, SessionRequest | None
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ClientRefused(413, "request_too_large", f"The body exceeds {MAX_BODY_BYTES} bytes.")
     try:
-        form = await request.post()
+        async with _body_deadline(request):
+            form = await request.post()
     except (ValueError, web.HTTPException) as exc:
         raise RequestRejected("invalid_body", "The multipart body could not be read.") from exc
     offer = _form_bytes(form.get("sdp"))
@@ -387,12 +393,27 @@ def _form_bytes(value: str | bytes | bytearray | web.FileField | None) -> bytes 
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+@asynccontextmanager
+async def _body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """A body trickled in byte by byte must not hold the connection: the head's deadline
+    applies to the body as well (408 past it)."""
+    seconds = request.app[STATE].live.config.server.header_timeout_seconds
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise ClientRefused(
+            408, "request_body_timeout", f"The request body did not arrive within {seconds:g} s."
+        ) from exc
+
+
 async def _read_body(request: web.Request) -> bytes:
     too_large = ClientRefused(413, "request_too_large", f"The body exceeds {MAX_BODY_BYTES} bytes.")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise too_large
     try:
-        body = await request.read()
+        async with _body_deadline(request):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:  # aiohttp's own cap, for chunked bodies
         raise too_large from exc
     if len(body) > MAX_BODY_BYTES:

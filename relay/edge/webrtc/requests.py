@@ -11,6 +11,7 @@ import orjson
 from yarl import URL
 
 from relay.errors import RequestRejected, UpstreamRefused
+from relay.ops.redaction import SECRETS
 from relay.session.policy import PolicyViolation, SessionPolicy
 from relay.session.schema import get_path, merge_session, set_path
 from relay.session.transcription import GA_MODEL_PATH as TRANSCRIPTION_MODEL
@@ -163,6 +164,9 @@ def parse_minted(body: bytes) -> dict[str, Any]:
     return minted
 
 
+_REFUSED = "The upstream service refused the request."
+
+
 def upstream_rejection(body: bytes) -> UpstreamRejected:
     """The upstream's 400, told to the caller with its own message and parameter."""
     try:
@@ -173,7 +177,8 @@ def upstream_rejection(body: bytes) -> UpstreamRejected:
     code, message, param = error.get("code"), error.get("message"), error.get("param")
     return UpstreamRejected(
         code if isinstance(code, str) and len(code) <= 64 else "invalid_request",
-        message if isinstance(message, str) else "The upstream service refused the request.",
+        # The upstream's words reach the caller: never a credential it may have quoted.
+        SECRETS.clean(message) if isinstance(message, str) else _REFUSED,
         param if isinstance(param, str) else None,
     )
 

@@ -61,7 +61,7 @@ class _EventsOnlyMeter(SessionMeter):
 async def _admit(
     request: web.Request, state: RelayState, live: LiveConfig, session_id: str
 ) -> Admitted:
-    team, opened_by, wanted = admit_client(request, state, live)
+    team, opened_by, wanted = await admit_client(request, state, live)
     assert wanted.call_id is not None
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")

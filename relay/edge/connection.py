@@ -1,0 +1,307 @@
+"""The client's connection, below the handlers: what aiohttp's server leaves to the app.
+
+- A deadline for the request head: a connection must send its request line and headers
+  within `header_timeout_seconds` of opening (or of a later request's first byte), else it
+  is closed (with a 408 if it sent part of one). aiohttp's keep-alive timeout closes
+  connections idle between requests.
+- A malformed or oversized request head gets the relay's JSON error, never aiohttp's
+  plain-text one (which quotes the start of the line, a key in the query included), and one
+  log line naming the error's class only.
+- A client frame over `max_message_bytes`: the client gets close 1009 with a reason, then the
+  rest of what it sends is read and discarded (bounded in bytes and time) before the TCP
+  close, so a compliant client reads the close rather than a connection reset.
+
+aiohttp internals used, pinned by tests/faults/test_connection.py: `web.Server._kwargs`
+(the handler options) and `_loop`, `RequestHandler.handle_error` and
+`WebSocketResponse._close_transport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import WSCloseCode, web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from relay.edge.responses import error_response
+from relay.errors import ClientRefused, HttpRefusal
+
+_log = structlog.get_logger("relay.edge.connection")
+
+# After an oversized frame: how long without data before the connection is closed (the
+# client has stopped sending), and the bytes discarded at most before it is reset.
+LINGER_QUIET_SECONDS = 0.5
+LINGER_MIN_BYTES = 128 * 1024 * 1024
+
+
+class RelayConnection(RequestHandler):
+    """aiohttp's per-connection protocol with a request-head deadline, JSON errors for
+    malformed requests and a lingering close after an oversized frame."""
+
+    __slots__ = ("_header_timeout", "_awaiting_head", "_head_bytes", "_head_deadline", "_linger")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._awaiting_head = True
+        self._head_bytes = 0
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._linger: _Linger | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head_deadline()
+        if self._linger is not None:
+            self._linger.finish()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            self._linger.discarded(len(data))
+            return
+        if self._awaiting_head:
+            self._head_bytes += len(data)
+            if self._head_deadline is None:
+                self._arm_head_deadline()
+        super().data_received(data)
+
+    def head_received(self) -> None:
+        """A request head is complete (called as its request object is made)."""
+        self._awaiting_head = False
+        self._head_bytes = 0
+        self._disarm_head_deadline()
+
+    def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: Any) -> None:
+        super().log_access(request, response, time)
+        # The response is done: the next bytes start a new head.
+        self._awaiting_head = True
+
+    def _arm_head_deadline(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._head_deadline = loop.call_later(self._header_timeout, self._head_timed_out)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        transport = self.transport
+        if transport is None or not self._awaiting_head:
+            return
+        if self._head_bytes:
+            # Best effort: a client that is still sending may not read it.
+            _log.info(
+                "request_head_timeout",
+                peer=_peer(transport),
+                bytes_received=self._head_bytes,
+                header_timeout_seconds=self._header_timeout,
+            )
+            transport.write(_REQUEST_TIMEOUT)
+        else:
+            _log.debug("silent_connection_closed", peer=_peer(transport))
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's hook for a request it could not parse or a handler that raised: the
+        relay's JSON error, and a log line without the request's text."""
+        refusal: HttpRefusal
+        if status >= 500:
+            _log.error("request_failed", peer=request.remote, exc_info=exc)
+            refusal = HttpRefusal(
+                status, "relay_internal_error", "The relay failed to handle the request."
+            )
+        elif isinstance(exc, LineTooLong):
+            _log.info("request_head_too_large", peer=request.remote, status=status)
+            refusal = ClientRefused(
+                status,
+                "request_head_too_large",
+                f"The request line or a header is longer than {self.max_line_size} bytes.",
+            )
+        else:
+            error = type(exc).__name__ if exc is not None else None
+            _log.info("bad_request", peer=request.remote, status=status, error=error)
+            refusal = ClientRefused(status, "bad_request", "The request is not valid HTTP/1.1.")
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was partly sent; no error response can follow")
+        response = error_response(refusal)
+        response.force_close()
+        return response
+
+    def linger(self, *, seconds: float, max_bytes: int) -> asyncio.Future[None]:
+        """Read and drop whatever the client still sends, then close: when it stops sending
+        (quiet for LINGER_QUIET_SECONDS) or closes; reset it past ``max_bytes`` or
+        ``seconds``. Done when the connection is closed."""
+        transport = self.transport
+        done = asyncio.get_running_loop().create_future()
+        if transport is None:
+            done.set_result(None)
+            return done
+        self._disarm_head_deadline()
+        self._linger = _Linger(transport, done, seconds=seconds, max_bytes=max_bytes)
+        if not transport.is_reading():
+            transport.resume_reading()  # paused by flow control: the kernel buffer must drain
+        return done
+
+
+class _Linger:
+    """The discarding state of a connection that is being closed after a protocol error."""
+
+    __slots__ = ("transport", "done", "max_bytes", "discarded_bytes", "deadline", "quiet")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        done: asyncio.Future[None],
+        *,
+        seconds: float,
+        max_bytes: int,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.done = done
+        self.max_bytes = max_bytes
+        self.discarded_bytes = 0
+        self.deadline = loop.call_later(seconds, self.reset)
+        self.quiet = loop.call_later(LINGER_QUIET_SECONDS, self.close)
+
+    def discarded(self, size: int) -> None:
+        self.discarded_bytes += size
+        if self.discarded_bytes > self.max_bytes:
+            self.reset()
+            return
+        self.quiet.cancel()
+        self.quiet = asyncio.get_running_loop().call_later(LINGER_QUIET_SECONDS, self.close)
+
+    def close(self) -> None:
+        self.transport.close()
+        self.finish()
+
+    def reset(self) -> None:
+        _log.info("client_linger_reset", discarded_bytes=self.discarded_bytes)
+        self.transport.abort()
+        self.finish()
+
+    def finish(self) -> None:
+        self.deadline.cancel()
+        self.quiet.cancel()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class ClientSocket(web.WebSocketResponse):
+    """The client's WebSocket. aiohttp closes a socket whose frame is over ``max_msg_size``
+    with 1009, no reason, and at once drops the connection while the frame is still
+    arriving: a reset that can destroy the close frame. Here the close carries a reason and
+    the connection lingers (`RelayConnection.linger`) before it is closed."""
+
+    __slots__ = ("_limit", "_linger_seconds", "_lingering", "_too_big", "_request")
+
+    def __init__(self, *, max_msg_size: int, linger_seconds: float, **kwargs: Any) -> None:
+        super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self._limit = max_msg_size
+        self._linger_seconds = linger_seconds
+        self._lingering: asyncio.Future[None] | None = None
+        self._too_big = False
+        self._request: web.BaseRequest | None = None
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        self._request = request
+        return await super().prepare(request)
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message and not self.closed:
+            # aiohttp's receive() closing after its reader refused an oversized frame.
+            self._too_big = True
+            message = f"message too big: the limit is {self._limit} bytes".encode()
+        closed = await super().close(code=code, message=message, drain=drain)
+        if self._lingering is not None:
+            await self._lingering
+        return closed
+
+    def _close_transport(self) -> None:
+        protocol = self._request.protocol if self._request is not None else None
+        if not self._too_big or not isinstance(protocol, RelayConnection):
+            super()._close_transport()
+            return
+        if self._lingering is None:
+            max_bytes = max(LINGER_MIN_BYTES, 2 * self._limit)
+            self._lingering = protocol.linger(seconds=self._linger_seconds, max_bytes=max_bytes)
+
+
+class RelayServer(web.Server):
+    """aiohttp's low-level server, making `RelayConnection`s."""
+
+    def __init__(self, server: web.Server, *, header_timeout: float) -> None:
+        factory = server.request_factory
+
+        def request_factory(message: Any, payload: Any, protocol: Any, *args: Any) -> Any:
+            if isinstance(protocol, RelayConnection):
+                protocol.head_received()
+            return factory(message, payload, protocol, *args)
+
+        super().__init__(
+            server.request_handler,
+            request_factory=request_factory,
+            handler_cancellation=server.handler_cancellation,
+            **server._kwargs,
+        )
+        self._header_timeout = header_timeout
+
+    def __call__(self) -> RequestHandler:
+        return RelayConnection(
+            self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs
+        )
+
+
+class RelayRunner(web.AppRunner):
+    """An AppRunner whose server makes `RelayConnection`s."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return RelayServer(server, header_timeout=self._header_timeout)
+
+
+def _peer(transport: asyncio.BaseTransport) -> str | None:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else None
+
+
+def _timeout_answer() -> bytes:
+    body = orjson.dumps(
+        {
+            "error": {
+                "type": "invalid_request_error",
+                "code": "request_head_timeout",
+                "message": "The request line and headers did not arrive in time.",
+            }
+        }
+    )
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_REQUEST_TIMEOUT = _timeout_answer()

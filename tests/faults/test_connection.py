@@ -1,0 +1,204 @@
+"""Connections that never become sessions: slow, silent, idle and malformed ones."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+
+import aiohttp
+import orjson
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from relay.edge.connection import ClientSocket, RelayConnection
+from relay.state import STATE
+from tests.faults.test_upstream_faults import url
+from tests.helpers import ALPHA_KEY, read_until, relay_config
+
+KEY_IN_QUERY = "rk-guess-in-the-query-0123456789"
+
+
+async def exchange(port: int, request: bytes) -> tuple[int, dict[str, object], bytes]:
+    """Send ``request`` raw; the status, JSON body and everything read until the close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await reader.read()  # the relay closes after an error answer
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(body), answer
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        f"GET /openai/v1/realtime?api_key={KEY_IN_QUERY}&pad={'x' * 20000} HTTP/1.1\r\n"
+        "Host: relay\r\n\r\n",
+        f"GET /healthz HTTP/1.1\r\nHost: relay\r\napi-key: {KEY_IN_QUERY}{'x' * 20000}\r\n\r\n",
+    ],
+    ids=["request-line", "header"],
+)
+async def test_oversized_request_head_gets_a_json_400_without_echo(
+    simulator, start_relay, request_head
+):
+    relay = await start_relay(relay_config(simulator.url))
+    with structlog.testing.capture_logs() as logs:
+        status, body, raw = await exchange(relay.port, request_head.encode())
+    assert status == 400
+    assert body["error"]["code"] == "request_head_too_large"
+    assert b"application/json" in raw and KEY_IN_QUERY[:12].encode() not in raw
+    [line] = [e for e in logs if e["event"] == "request_head_too_large"]
+    assert KEY_IN_QUERY[:12] not in repr(line)
+
+
+async def test_malformed_request_gets_a_json_400(simulator, start_relay):
+    relay = await start_relay(relay_config(simulator.url))
+    with structlog.testing.capture_logs() as logs:
+        status, body, raw = await exchange(relay.port, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    assert any(e["event"] == "bad_request" for e in logs)
+
+
+async def test_slow_header_client_is_closed_at_the_header_timeout(simulator, start_relay):
+    timeout = 1.5
+    relay = await start_relay(
+        relay_config(simulator.url, server={"header_timeout_seconds": timeout})
+    )
+    request = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    began = time.perf_counter()
+    answer, sent = b"", 0
+    while sent < len(request):
+        writer.write(request[sent : sent + 1])  # one byte a second
+        sent += 1
+        try:
+            answer = await asyncio.wait_for(reader.read(), 1.0)
+            break  # the relay answered and closed
+        except TimeoutError:
+            continue
+    took = time.perf_counter() - began
+    writer.close()
+    assert sent < len(request), "the whole request went through"
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"request_head_timeout"' in answer
+    assert timeout <= took < timeout + 1.5
+
+
+async def test_a_body_trickled_byte_by_byte_gets_408(simulator, start_relay):
+    timeout = 1.5
+    relay = await start_relay(
+        relay_config(simulator.url, server={"header_timeout_seconds": timeout})
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(
+        b"POST /openai/v1/realtime/calls?model=gpt-realtime HTTP/1.1\r\nHost: relay\r\n"
+        + f"api-key: {ALPHA_KEY}\r\n".encode()
+        + b"Content-Type: application/sdp\r\nContent-Length: 1000\r\n\r\n"
+    )
+    began, answer = time.perf_counter(), b""
+    for _ in range(1000):
+        writer.write(b"v")  # one byte a second
+        try:
+            answer = await asyncio.wait_for(reader.readuntil(b"}}"), 1.0)
+            break
+        except TimeoutError:
+            continue
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_body_timeout"' in answer
+    assert timeout <= time.perf_counter() - began < timeout + 1.5
+
+
+async def test_silent_connection_is_closed_at_the_header_timeout(simulator, start_relay):
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 0.5}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    began = time.perf_counter()
+    assert await reader.read() == b""  # closed, nothing said
+    assert 0.5 <= time.perf_counter() - began < 2.0
+    writer.close()
+
+
+IDLE_SOCKETS = 2000
+
+
+@pytest.fixture
+def enough_file_descriptors() -> None:
+    """Each idle socket costs the test process two descriptors (both ends)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * IDLE_SOCKETS + 512
+    if soft < needed:
+        assert hard == resource.RLIM_INFINITY or hard >= needed, f"ulimit -Hn is {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_idle_sockets_are_closed_on_time_while_a_session_is_served(
+    simulator, start_relay, enough_file_descriptors
+):
+    # Half the sockets never send a byte (the header deadline closes them), half are idle
+    # after a request (the keep-alive timeout closes them). Both timeouts are longer than
+    # opening 2,000 sockets takes on a busy machine, so all are open at once.
+    timeout = 15.0
+    relay = await start_relay(
+        relay_config(
+            simulator.url,
+            server={"keepalive_timeout_seconds": timeout, "header_timeout_seconds": timeout},
+        )
+    )
+    request = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+    opening = asyncio.Semaphore(100)  # within the listen backlog
+    idle = {"now": 0, "peak": 0, "total": 0}
+    all_opened = asyncio.Event()
+
+    async def idle_socket(with_request: bool) -> float:
+        """How long after it became idle the relay closed it."""
+        async with opening:
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            if with_request:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+        idle_since = time.perf_counter()
+        idle["now"] += 1
+        idle["peak"] = max(idle["peak"], idle["now"])
+        idle["total"] += 1
+        if idle["total"] == IDLE_SOCKETS:
+            all_opened.set()
+        try:
+            assert await reader.read() == b""  # closed by the relay, nothing said
+            return time.perf_counter() - idle_since
+        finally:
+            idle["now"] -= 1
+            writer.close()
+
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            async with asyncio.TaskGroup() as tasks:
+                sockets = [tasks.create_task(idle_socket(i % 2 == 0)) for i in range(IDLE_SOCKETS)]
+                await all_opened.wait()
+                assert idle["peak"] == IDLE_SOCKETS, "opening took longer than the timeouts"
+                # All 2,000 are open and idle: the session is served meanwhile.
+                await ws.send_str('{"type":"input_audio_buffer.clear"}')
+                await read_until(ws, "input_audio_buffer.cleared")
+            # Every idle socket was closed on time; the session outlived them all.
+            await ws.send_str('{"type":"input_audio_buffer.clear"}')
+            await read_until(ws, "input_audio_buffer.cleared")
+    waits = [task.result() for task in sockets]
+    assert min(waits) >= timeout - 0.5  # a silent socket's clock starts at its accept
+    assert max(waits) < timeout + 3.0, max(waits)
+    await relay.app[STATE].idle.wait()
+
+
+async def test_the_aiohttp_internals_the_connection_uses_are_there():
+    """relay.edge.connection hooks into these; an aiohttp upgrade that moves them breaks it."""
+    assert callable(RequestHandler.handle_error)
+    assert callable(web.WebSocketResponse._close_transport)
+    assert issubclass(RelayConnection, RequestHandler)
+    assert issubclass(ClientSocket, web.WebSocketResponse)
+    server = web.Server(lambda request: None, keepalive_timeout=1.0)  # type: ignore[arg-type,return-value]
+    assert server._kwargs == {"keepalive_timeout": 1.0}
+    assert server._loop is asyncio.get_running_loop()

@@ -1,0 +1,146 @@
+"""The secret filter every log line passes, and the logging set-up that runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import orjson
+import pytest
+from yarl import URL
+
+from relay.ops.logsetup import describe_error, redact_secrets, redact_url
+from relay.ops.redaction import REDACTED, SecretFilter
+
+KEY = "rk-some-relay-key-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        (f"GET /openai/v1/realtime?model=m&api_key={KEY} HTTP/1.1", "?model=m&api_key="),
+        (f"/x?api-key={KEY}&key={KEY}&token={KEY}&sig={KEY}", "/x?api-key="),
+        (f"/x?access_token={KEY}&client_secret={KEY}&Authorization=Bearer%20{KEY}", "/x?"),
+        (f"<CIMultiDictProxy('api-key': '{KEY}', 'Host': 'azure')>", "'Host': 'azure'"),
+        (f"{{'Authorization': 'Bearer {KEY}'}}", "'Authorization': '"),
+        (f"b'GET / HTTP/1.1\\r\\napi-key: {KEY}\\r\\nHost: x'", "\\r\\nHost: x"),
+        (f'{{"access_token": "{KEY}", "expires_in": 3599}}', '"expires_in": 3599'),
+        (f"Authorization: Bearer {KEY}", "Authorization: "),
+        (f"bearer {KEY}", "bearer "),
+        (f"realtime, openai-insecure-api-key.{KEY}", "realtime, openai-insecure-api-key."),
+        ("token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl end", "token "),
+        ("the secret ek_0123456789abcdef0123 end", "the secret "),
+    ],
+)
+def test_patterns_catch_credentials_by_where_they_sit(text, kept):
+    cleaned = SecretFilter().clean(text)
+    assert KEY not in cleaned and "eyJzdWIi" not in cleaned and "ek_0123" not in cleaned
+    assert REDACTED in cleaned and kept in cleaned
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "session_started",
+        "invalid_api_key",
+        "ws://127.0.0.1:8080/openai/v1/realtime?model=gpt-realtime&api-version=2025-04-01",
+        "upstream_connect_failed backend=eastus code=upstream_auth_failed",
+    ],
+)
+def test_ordinary_text_is_left_alone(text):
+    assert SecretFilter().clean(text) == text
+
+
+def test_known_values_are_caught_anywhere_and_short_ones_are_not_registered():
+    secrets = SecretFilter()
+    secrets.register("azure-key-value-123", "short")
+    secrets.register_recent("entra-token-not-a-jwt-456")
+    text = "azure-key-value-123|entra-token-not-a-jwt-456|short"
+    assert secrets.clean(text) == f"{REDACTED}|{REDACTED}|short"
+
+
+async def test_a_requests_key_is_caught_in_its_own_task_only():
+    secrets = SecretFilter()
+    text = f"presented {KEY.replace('rk-', 'zz-')}"
+
+    async def request() -> str:
+        secrets.in_this_request(KEY.replace("rk-", "zz-"))
+        return secrets.clean(text)
+
+    async with asyncio.TaskGroup() as tasks:
+        task = tasks.create_task(request())
+    assert task.result() == f"presented {REDACTED}"
+    assert secrets.clean(text) == text  # not remembered past its request
+
+
+def test_values_that_are_not_json_are_rendered_as_cleaned_text():
+    class Holder:
+        def __repr__(self) -> str:
+            return f"Holder(api-key: {KEY})"
+
+    cleaned = SecretFilter().clean_value({"nested": [Holder(), 1, None], "n": 2.5})
+    assert cleaned == {"nested": [f"Holder(api-key: {REDACTED}", 1, None], "n": 2.5}
+
+
+def test_the_log_processor_cleans_every_value_and_leaves_plain_lines_alone():
+    class Holder:
+        def __repr__(self) -> str:
+            return f"Holder(api-key: {KEY})"
+
+    plain = {"event": "session_ended", "team": "alpha", "close_code": 1000, "ok": True}
+    assert redact_secrets(None, "info", plain) == plain
+    line = redact_secrets(None, "info", {"event": "x", "held": Holder(), "n": [1, {"k": "v"}]})
+    assert line == {"event": "x", "held": f"Holder(api-key: {REDACTED}", "n": [1, {"k": "v"}]}
+    line = redact_secrets(None, "info", {"event": f"GET /?token={KEY}", "code": 7})
+    assert line == {"event": f"GET /?token={REDACTED}", "code": 7}
+
+
+def test_a_handshake_error_is_described_by_class_and_status_only():
+    info = aiohttp.RequestInfo(
+        URL("wss://azure/openai/v1/realtime"),
+        "GET",
+        {"api-key": KEY},  # type: ignore[arg-type]
+        URL("wss://azure/openai/v1/realtime"),
+    )
+    error = aiohttp.WSServerHandshakeError(info, (), status=401, message="Invalid status")
+    assert KEY in repr(error)  # why it must never be logged as is
+    assert describe_error(error) == "WSServerHandshakeError (HTTP 401)"
+    assert describe_error(ConnectionRefusedError(111, "Connect call failed")) == (
+        "ConnectionRefusedError: [Errno 111] Connect call failed"
+    )
+    assert describe_error(None) is None
+
+
+def test_redact_url_replaces_credential_query_values():
+    url = URL(f"/openai/v1/realtime?model=m&api_key={KEY}&Token={KEY}")
+    assert redact_url(url) == "/openai/v1/realtime?model=m&api_key=REDACTED&Token=REDACTED"
+
+
+_PROCESS = """
+import logging, structlog
+from relay.ops.logsetup import configure_logging
+from relay.ops.redaction import SECRETS
+configure_logging("debug", "json")
+SECRETS.register("registered-upstream-key-789")
+structlog.get_logger("relay.test").warning("ours", detail="registered-upstream-key-789")
+try:
+    raise ValueError("GET /x?api_key=%s HTTP/1.1")
+except ValueError:
+    logging.getLogger("aiohttp.server").exception("Error handling request")
+logging.getLogger("asyncio").debug("from asyncio")
+"""
+
+
+def test_stdlib_and_structlog_lines_come_out_as_the_same_redacted_json():
+    # A process of its own: logging is configured once per process, as `relay serve` does.
+    run = subprocess.run(
+        [sys.executable, "-c", _PROCESS % KEY], capture_output=True, check=True, timeout=60
+    )
+    assert run.stderr == b""
+    ours, theirs, debug = [orjson.loads(line) for line in run.stdout.splitlines()]
+    assert ours["event"] == "ours" and ours["detail"] == REDACTED
+    assert theirs["logger"] == "aiohttp.server" and theirs["level"] == "error"
+    assert "ValueError" in theirs["exception"] and KEY.encode() not in run.stdout
+    assert (debug["logger"], debug["level"]) == ("asyncio", "debug")
