@@ -188,7 +188,9 @@ async def test_idle_sockets_are_closed_on_time_while_a_session_is_served(
             await ws.send_str('{"type":"input_audio_buffer.clear"}')
             await read_until(ws, "input_audio_buffer.cleared")
     waits = [task.result() for task in sockets]
-    assert min(waits) >= timeout - 0.5  # a silent socket's clock starts at its accept
+    # A silent socket's clock starts at its accept, an idle one's when its response was
+    # written: this loop, busy with 2,000 sockets, can notice either up to ~1 s late.
+    assert min(waits) >= timeout - 2.0
     assert max(waits) < timeout + 3.0, max(waits)
     await relay.app[STATE].idle.wait()
 
