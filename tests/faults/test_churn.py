@@ -36,6 +36,7 @@ async def one_session(http: aiohttp.ClientSession, relay, i: int) -> None:
         await ws.close(code=4000, message=b"bye")
 
 
+@pytest.mark.timeout(240)  # 2,200 sessions: about 40 s on a quiet 2-core machine
 async def test_churn_leaves_no_tasks_sockets_or_memory_behind(simulator, start_relay):
     relay = await start_relay(relay_config(simulator.url))
     state = relay.app[STATE]
