@@ -8,6 +8,7 @@ import os
 import tracemalloc
 
 import aiohttp
+import pytest
 
 from relay.session.pump import Bridge
 from relay.state import STATE
