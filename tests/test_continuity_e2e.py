@@ -63,6 +63,10 @@ async def turn(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> tuple[
             return item_id, audio
 
 
+def elapsed(since: float) -> float:
+    return asyncio.get_running_loop().time() - since
+
+
 def renewals(relay: Any, outcome: str = "renewed", reason: str = "expiry") -> float:
     metric = relay.app[STATE].metrics.session_renewals
     return metric.labels("gpt-realtime", reason, outcome)._value.get()
@@ -86,7 +90,7 @@ async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http)
                 ids, n = [], 0
                 began = asyncio.get_running_loop().time()
                 # Longer than three upstream sessions, across at least four renewals.
-                while renewals(relay) < 4 or n < 10:
+                while renewals(relay) < 4 or elapsed(began) < 3 * SESSION_SECONDS:
                     item_id, audio = await turn(ws, f"Remember the number {n}.", n)
                     assert audio > 0
                     ids.append(item_id)
@@ -102,8 +106,6 @@ async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http)
                         retrieved = await next_event(ws)
                     assert retrieved["item"]["id"] == item_id
                 assert not ws.closed
-                lasted = asyncio.get_running_loop().time() - began
-                assert lasted > 3 * SESSION_SECONDS
         renewed = [e for e in logs if e["event"] == "session_renewed"]
         assert len(renewed) >= 4
         assert all(e["old_upstream_session_id"] != e["new_upstream_session_id"] for e in renewed)
