@@ -11,11 +11,14 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from relay.simulator import SimulatorOptions, start_simulator
+from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
+from relay.simulator.server import SOCKETS_KEY
 from relay.state import STATE
 from tests.helpers import ALPHA_KEY, AZURE_KEY, relay_config
 
 SESSION_SECONDS = 4.0
+# Ids of continuity's own items and events: the client never sees them.
+INTERNAL_MARKS = ("relay_note_", "relay_switch_", "relay_replay_")
 CONTINUITY = {"enabled": True, "renew_before_seconds": 1.5, "max_replay_tokens": 8000}
 
 
@@ -38,21 +41,28 @@ def continuity_config(endpoint: str, **continuity: Any) -> Any:
     return relay_config(endpoint, deployments={"gpt-realtime": deployment})
 
 
-async def next_event(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+async def next_event(ws: aiohttp.ClientWebSocketResponse, errors: bool = False) -> dict[str, Any]:
+    """The next event; never an error (unless ``errors``), nor one of continuity's own."""
     msg = await ws.receive()
     assert msg.type == aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg!r}"
+    assert not any(mark in msg.data for mark in INTERNAL_MARKS), msg.data
     event: dict[str, Any] = orjson.loads(msg.data)
-    assert event["type"] != "error", event
+    assert errors or event["type"] != "error", event
     return event
 
 
-async def turn(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> tuple[str, int]:
-    """One user turn and the answer: (the user item's id, audio deltas heard)."""
+async def ask(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> str:
     item_id = f"item_user_{n:04d}"
     item = {"id": item_id, "type": "message", "role": "user"}
     item["content"] = [{"type": "input_text", "text": text}]
     await ws.send_str(orjson.dumps({"type": "conversation.item.create", "item": item}).decode())
     await ws.send_str('{"type":"response.create"}')
+    return item_id
+
+
+async def turn(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> tuple[str, int]:
+    """One user turn and the answer: (the user item's id, audio deltas heard)."""
+    item_id = await ask(ws, text, n)
     audio = 0
     while True:
         event = await next_event(ws)
@@ -61,6 +71,17 @@ async def turn(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> tuple[
         elif event["type"] == "response.done":
             assert event["response"]["status"] == "completed", event
             return item_id, audio
+
+
+async def retrieve_all(ws: aiohttp.ClientWebSocketResponse, ids: list[str]) -> None:
+    """Every item is still in the upstream's conversation."""
+    for item_id in ids:
+        retrieve = {"type": "conversation.item.retrieve", "item_id": item_id}
+        await ws.send_str(orjson.dumps(retrieve).decode())
+        retrieved = await next_event(ws)
+        while retrieved["type"] != "conversation.item.retrieved":
+            retrieved = await next_event(ws)
+        assert retrieved["item"]["id"] == item_id
 
 
 def elapsed(since: float) -> float:
@@ -95,19 +116,106 @@ async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http)
                     assert audio > 0
                     ids.append(item_id)
                     n += 1
-                for item_id in ids:
-                    await ws.send_str(
-                        orjson.dumps(
-                            {"type": "conversation.item.retrieve", "item_id": item_id}
-                        ).decode()
-                    )
-                    retrieved = await next_event(ws)
-                    while retrieved["type"] != "conversation.item.retrieved":
-                        retrieved = await next_event(ws)
-                    assert retrieved["item"]["id"] == item_id
+                await retrieve_all(ws, ids)
                 assert not ws.closed
         renewed = [e for e in logs if e["event"] == "session_renewed"]
         assert len(renewed) >= 4
         assert all(e["old_upstream_session_id"] != e["new_upstream_session_id"] for e in renewed)
+    finally:
+        await simulator.close()
+
+
+def pooled(*simulators: RunningSimulator, **continuity: Any) -> Any:
+    backends = [
+        {"name": f"b{i}", "endpoint": sim.url, "credential": {"env": "TEST_AZURE_KEY"}}
+        for i, sim in enumerate(simulators)
+    ]
+    deployment = {"backends": backends, "continuity": {**CONTINUITY, **continuity}}
+    return relay_config(simulators[0].url, deployments={"gpt-realtime": deployment})
+
+
+async def stop_listening(simulator: RunningSimulator) -> None:
+    """New connections are refused; open ones carry on."""
+    for site in list(simulator._runner.sites):
+        await site.stop()
+
+
+async def kill(simulator: RunningSimulator) -> None:
+    """The backend fails: it stops listening and its connections drop without a close frame."""
+    await stop_listening(simulator)
+    for ws in list(simulator._runner.app[SOCKETS_KEY]):
+        assert ws._req is not None and ws._req.transport is not None
+        ws._req.transport.abort()
+
+
+def holding_a_session(*simulators: RunningSimulator) -> RunningSimulator:
+    (holding,) = [s for s in simulators if s._runner.app[SOCKETS_KEY]]
+    return holding
+
+
+async def test_a_backend_killed_mid_response_resumes_on_the_other(start_relay, http):
+    options = SimulatorOptions(
+        api_keys=frozenset({AZURE_KEY}),
+        speed=1.0,
+        reply_text="Here is a long answer that takes a few seconds to say out loud, slowly.",
+    )
+    simulators = [await start_simulator(options) for _ in range(2)]
+    try:
+        relay = await start_relay(pooled(*simulators))
+        with capture_logs() as logs:
+            async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+                assert (await next_event(ws))["type"] == "session.created"
+                ids = [await ask(ws, "Remember: blue.", 0)]
+                while (await next_event(ws))["type"] != "response.output_audio.delta":
+                    pass
+                await kill(holding_a_session(*simulators))
+                event = await next_event(ws)
+                while event["type"] != "response.done":
+                    event = await next_event(ws)
+                assert event["response"]["status"] == "failed"  # the cut response
+                assert event["response"]["status_details"]["error"]["code"] == "upstream_lost"
+                item_id, audio = await turn(ws, "What colour did I say?", 1)
+                assert audio > 0
+                await retrieve_all(ws, [*ids, item_id])
+                assert not ws.closed
+        assert renewals(relay, "resumed", "upstream_lost") == 1
+        (resumed,) = [e for e in logs if e["event"] == "session_renewed"]
+        assert resumed["reason"] == "upstream_lost"
+        assert resumed["old_upstream_session_id"] != resumed["new_upstream_session_id"]
+    finally:
+        for simulator in simulators:
+            await simulator.close()
+
+
+async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay, http):
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text="Sure.",
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+    try:
+        relay = await start_relay(continuity_config(simulator.url, renew_before_seconds=3.0))
+        with capture_logs() as logs:
+            async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+                assert (await next_event(ws))["type"] == "session.created"
+                await stop_listening(simulator)  # a renewal cannot dial
+                ids, n = [], 0
+                while renewals(relay, "dial_failed") < 1:
+                    ids.append((await turn(ws, f"Turn {n}.", n))[0])
+                    n += 1
+                ids.append((await turn(ws, "Still there?", n))[0])
+                await retrieve_all(ws, ids)
+                # The service's own expiry reaches the client as before.
+                event = await next_event(ws, errors=True)
+                assert event["type"] == "error" and event["error"]["code"] == "session_expired"
+                assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+                assert ws.close_code == 1001
+        assert renewals(relay) == 0
+        assert [e["outcome"] for e in logs if e["event"] == "session_renewal_failed"] == [
+            "dial_failed"
+        ]
     finally:
         await simulator.close()

@@ -331,14 +331,13 @@ class Bridge:
                 except FrameError as exc:
                     await self._upstream_broke(f"invalid event ({exc.code})")
                     break
+                if renewal is not None and kind == "error" and renewal.is_marker(frame):
+                    await renewal.switch_at_marker()  # the relay's own: not the client's
+                    upstream = self.upstream
+                    continue
                 meter.upstream_event(kind, frame)
-                if renewal is not None:
-                    if kind in TRACKED:
-                        renewal.track(kind, frame)
-                    elif kind == "error" and renewal.is_marker(frame):
-                        await renewal.switch_at_marker()
-                        upstream = self.upstream
-                        continue
+                if renewal is not None and kind in TRACKED:
+                    renewal.track(kind, frame)
                 if kind == updated:
                     self._session_updated(frame)
                 elif kind == "response.created":
