@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.simulator.server import SOCKETS_KEY
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, AZURE_KEY, relay_config
+from tests.helpers import ALPHA_KEY, AZURE_KEY, b64, relay_config, tone_pcm
 
 SESSION_SECONDS = 4.0
 # Ids of continuity's own items and events: the client never sees them.
@@ -34,6 +34,7 @@ def ws_url(relay: Any) -> str:
 
 def continuity_config(endpoint: str, **continuity: Any) -> Any:
     deployment = {
+        "session": {"audio": {"input": {"transcription": {"model": "whisper-1"}}}},
         "endpoint": endpoint,
         "credential": {"env": "TEST_AZURE_KEY"},
         "continuity": {**CONTINUITY, **continuity},
@@ -60,6 +61,21 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> str:
     return item_id
 
 
+async def speak(ws: aiohttp.ClientWebSocketResponse) -> str:
+    """A spoken turn, transcribed: the user audio item's id."""
+    append = {"type": "input_audio_buffer.append", "audio": b64(tone_pcm(600))}
+    await ws.send_str(orjson.dumps(append).decode())
+    await ws.send_str('{"type":"input_audio_buffer.commit"}')
+    item_id = ""
+    while True:
+        event = await next_event(ws)
+        if event["type"] == "input_audio_buffer.committed":
+            item_id = event["item_id"]
+        if event["type"] == "conversation.item.input_audio_transcription.completed":
+            assert event["item_id"] == item_id
+            return item_id
+
+
 async def turn(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> tuple[str, int]:
     """One user turn and the answer: (the user item's id, audio deltas heard)."""
     item_id = await ask(ws, text, n)
@@ -76,12 +92,16 @@ async def turn(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> tuple[
 async def retrieve_all(ws: aiohttp.ClientWebSocketResponse, ids: list[str]) -> None:
     """Every item is still in the upstream's conversation."""
     for item_id in ids:
-        retrieve = {"type": "conversation.item.retrieve", "item_id": item_id}
-        await ws.send_str(orjson.dumps(retrieve).decode())
-        retrieved = await next_event(ws)
-        while retrieved["type"] != "conversation.item.retrieved":
-            retrieved = await next_event(ws)
-        assert retrieved["item"]["id"] == item_id
+        assert (await retrieved(ws, item_id))["item"]["id"] == item_id
+
+
+async def retrieved(ws: aiohttp.ClientWebSocketResponse, item_id: str) -> dict[str, Any]:
+    retrieve = {"type": "conversation.item.retrieve", "item_id": item_id}
+    await ws.send_str(orjson.dumps(retrieve).decode())
+    event = await next_event(ws)
+    while event["type"] != "conversation.item.retrieved":
+        event = await next_event(ws)
+    return event
 
 
 def elapsed(since: float) -> float:
@@ -108,7 +128,8 @@ async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http)
             async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
                 created = await next_event(ws)
                 assert created["type"] == "session.created"
-                ids, n = [], 0
+                spoken = await speak(ws)  # replayed later as its transcript
+                ids, n = [spoken], 0
                 began = asyncio.get_running_loop().time()
                 # Longer than three upstream sessions, across at least four renewals.
                 while renewals(relay) < 4 or elapsed(began) < 3 * SESSION_SECONDS:
@@ -117,6 +138,8 @@ async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http)
                     ids.append(item_id)
                     n += 1
                 await retrieve_all(ws, ids)
+                [part] = (await retrieved(ws, spoken))["item"]["content"]
+                assert part["type"] == "input_text" and part["text"]
                 assert not ws.closed
         renewed = [e for e in logs if e["event"] == "session_renewed"]
         assert len(renewed) >= 4
@@ -217,5 +240,40 @@ async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay,
         assert [e["outcome"] for e in logs if e["event"] == "session_renewal_failed"] == [
             "dial_failed"
         ]
+    finally:
+        await simulator.close()
+
+
+async def test_a_preview_deployment_is_renewed_in_preview_names(start_relay, http):
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text="Sure.",
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+    try:
+        deployment = {
+            "endpoint": simulator.url,
+            "protocol": "preview",
+            "credential": {"env": "TEST_AZURE_KEY"},
+            "continuity": {**CONTINUITY, "renew_before_seconds": 3.0},
+        }
+        relay = await start_relay(
+            relay_config(simulator.url, deployments={"gpt-realtime": deployment})
+        )
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            ids, n = [], 0
+            while renewals(relay) < 1:
+                ids.append(await ask(ws, f"Turn {n}.", n))
+                event = await next_event(ws)
+                while event["type"] != "response.done":
+                    event = await next_event(ws)
+                n += 1
+            await retrieve_all(ws, ids)
+            [answer] = (await retrieved(ws, ids[0]))["item"]["content"]
+            assert answer == {"type": "input_text", "text": "Turn 0."}
     finally:
         await simulator.close()

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 # Opens an upstream socket through the pool; a backend given (one just lost) is counted as
 # failed and tried last.
 Dial = Callable[[Backend | None], Awaitable[tuple[Backend, UpstreamSocket]]]
-MARKER_PREFIX = b'"relay_switch_'
+MARKER_PREFIX = b"relay_switch_"
 # Client frames are held at most this long at a switch before it is given up.
 HOLD_SECONDS = 1.0
 # The switch must happen this long before the service's own expiry, or not at all.
@@ -156,14 +156,17 @@ class Renewal:
         if switch is None:
             return  # a marker given up on: swallowed all the same
         prepared = switch.prepared
-        if not self.shadow.quiet or prepared.upstream.closed:
-            _settle(switch.done, False)
+        if prepared.upstream.closed:
+            _settle_failed(switch.done, RenewalFailed("switch_failed", "the new upstream closed"))
+            return
+        if not self.shadow.quiet:
+            _settle(switch.done, False)  # something started: wait for the next quiet point
             return
         frames, created = plan_delta(
             self.shadow, prepared.plan.seq, prepared.present, self.settings.flavour
         )
         try:
-            async with asyncio.timeout(HOLD_SECONDS):
+            async with asyncio.timeout(HOLD_SECONDS / 2):
                 await self._replay(prepared.upstream, frames, created)
         except (RenewalFailed, TimeoutError, ConnectionError) as exc:
             _settle_failed(switch.done, RenewalFailed("switch_failed", str(exc)))
@@ -275,7 +278,7 @@ class Renewal:
         retrieve = {"type": "conversation.item.retrieve", "event_id": marker, "item_id": marker}
         try:
             await old.send_frame(orjson.dumps(retrieve), WSMsgType.TEXT)
-            async with asyncio.timeout(2 * HOLD_SECONDS):
+            async with asyncio.timeout(HOLD_SECONDS):
                 return await asyncio.shield(done)
         except (TimeoutError, ConnectionError) as exc:
             if self.bridge.upstream is prepared.upstream:
