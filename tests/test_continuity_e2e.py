@@ -277,3 +277,27 @@ async def test_a_preview_deployment_is_renewed_in_preview_names(start_relay, htt
             assert answer == {"type": "input_text", "text": "Turn 0."}
     finally:
         await simulator.close()
+
+
+@pytest.mark.parametrize(
+    ("on_upstream_loss", "outcome"), [("close", None), ("resume", "dial_failed")]
+)
+async def test_a_loss_that_cannot_be_resumed_ends_the_session_as_before(
+    start_relay, http, on_upstream_loss, outcome
+):
+    simulator = await start_simulator(SimulatorOptions(api_keys=frozenset({AZURE_KEY}), speed=0))
+    try:
+        relay = await start_relay(pooled(simulator, on_upstream_loss=on_upstream_loss))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            await turn(ws, "Hello.", 0)
+            await kill(simulator)  # the only backend
+            event = await next_event(ws, errors=True)
+            assert event["type"] == "error"
+            assert event["error"]["code"] == "upstream_disconnected"
+            assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1011
+        if outcome is not None:
+            assert renewals(relay, outcome, "upstream_lost") == 1
+    finally:
+        await simulator.close()
