@@ -202,6 +202,9 @@ async def test_a_backend_killed_mid_response_resumes_on_the_other(start_relay, h
                 await retrieve_all(ws, [*ids, item_id])
                 assert not ws.closed
         assert renewals(relay, "resumed", "upstream_lost") == 1
+        # The lost backend was tried last: never, since the other one answered.
+        failures = relay.app[STATE].metrics.upstream_connect_failures.collect()[0].samples
+        assert sum(sample.value for sample in failures) == 0
         (resumed,) = [e for e in logs if e["event"] == "session_renewed"]
         assert resumed["reason"] == "upstream_lost"
         assert resumed["old_upstream_session_id"] != resumed["new_upstream_session_id"]
