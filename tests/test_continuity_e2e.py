@@ -141,8 +141,11 @@ async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http)
                 [part] = (await retrieved(ws, spoken))["item"]["content"]
                 assert part["type"] == "input_text" and part["text"]
                 assert not ws.closed
+            await relay.app[STATE].idle.wait()  # the session_ended line is written
         renewed = [e for e in logs if e["event"] == "session_renewed"]
         assert len(renewed) >= 4
+        (ended,) = [e for e in logs if e["event"] == "session_ended"]
+        assert ended["upstream_sessions"] == len(renewed) + 1
         assert all(e["old_upstream_session_id"] != e["new_upstream_session_id"] for e in renewed)
     finally:
         await simulator.close()

@@ -129,6 +129,8 @@ class Renewal:
         self._switch: _Switch | None = None
         self._settled = asyncio.Event()
         self._count = 0
+        # Upstream sessions this client session moved to (renewed or resumed).
+        self.moves = 0
 
     # --- called by the upstream pump ---------------------------------------------------------
 
@@ -375,6 +377,7 @@ class Renewal:
         self, reason: str, outcome: str, prepared: Prepared, old_id: Any, pause: float
     ) -> None:
         self._record(reason, outcome)
+        self.moves += 1
         self._metrics.switch_pause.labels(self._deployment).observe(pause)
         plan = prepared.plan
         self._metrics.replayed_items.labels(self._deployment).inc(len(plan.item_ids))
