@@ -307,3 +307,46 @@ async def test_a_loss_that_cannot_be_resumed_ends_the_session_as_before(
             assert renewals(relay, outcome, "upstream_lost") == 1
     finally:
         await simulator.close()
+
+
+async def test_client_events_sent_during_switches_all_reach_the_new_upstream(start_relay, http):
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}), speed=0, max_session_seconds=SESSION_SECONDS
+        )
+    )
+    try:
+        relay = await start_relay(continuity_config(simulator.url, renew_before_seconds=3.5))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            item_id = await ask(ws, "Remember this.", 0)
+            while (await next_event(ws))["type"] != "response.done":
+                pass
+            answered, sent, sending = 0, 0, True
+            all_answered = asyncio.Event()
+
+            async def read() -> None:
+                nonlocal answered
+                while True:
+                    if (await next_event(ws))["type"] == "conversation.item.retrieved":
+                        answered += 1
+                        if not sending and answered == sent:
+                            all_answered.set()
+
+            reader = asyncio.ensure_future(read())
+            retrieve = orjson.dumps({"type": "conversation.item.retrieve", "item_id": item_id})
+            append = orjson.dumps({"type": "input_audio_buffer.append", "audio": b64(bytes(480))})
+            # Events go up every 5 ms, switch or not, across two switches (pacing, not waiting).
+            while renewals(relay) < 2:
+                await ws.send_str(retrieve.decode())
+                await ws.send_str(append.decode())
+                sent += 1
+                await asyncio.sleep(0.005)
+            sending = False
+            if answered == sent:
+                all_answered.set()
+            await all_answered.wait()  # a lost event would hang here (the test's timeout)
+            reader.cancel()
+            assert answered == sent
+    finally:
+        await simulator.close()
