@@ -6,7 +6,7 @@ CONFIG ?= config/local.toml
 # The local config's simulated Azure upstream checks this key, like Azure checks yours.
 export RELAY_SIMULATOR_KEY ?= local-simulator-key
 
-.PHONY: venv run simulate test lint typecheck pytest format clean bench bench-fairness rules
+.PHONY: venv run simulate test lint typecheck pytest format clean bench bench-fairness bench-continuity rules
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,11 @@ bench: venv
 bench-fairness: venv
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.fairness $(BENCH_ARGS)
+
+# Sessions renewed every few seconds: how long does a client wait at a switch?
+bench-continuity: venv
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.continuity $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

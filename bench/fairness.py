@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             at = relay.start(endpoint, work / "relay")
             url = f"ws://{at.host}:{at.port}{at.path}"
             results = [
-                phase(url, at.headers, args.seconds, kind)
-                for kind in (None, "events", "ping")
+                phase(url, at.headers, args.seconds, kind) for kind in (None, "events", "ping")
             ]
         finally:
             relay.stop()

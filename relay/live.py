@@ -33,6 +33,7 @@ from relay.ops.check import ConfigSource
 from relay.ops.config import SIMULATOR_ENDPOINT, CredentialConfig, DeploymentConfig, RelayConfig
 from relay.ops.logsetup import configure_logging
 from relay.ops.metrics import WATCHED_OUTCOMES
+from relay.session.continuity import ContinuitySettings, build_continuity
 from relay.session.policy import SessionPolicy, build_policy
 from relay.state import LiveConfig, RelayState
 from relay.upstream.backends import Backend, BackendPool
@@ -65,6 +66,16 @@ def build_policies(config: RelayConfig) -> dict[tuple[str, str], SessionPolicy]:
     }
 
 
+def build_continuities(config: RelayConfig) -> dict[tuple[str, str], ContinuitySettings]:
+    """(team, deployment) -> continuity settings, where continuity is on."""
+    built = {
+        (team.name, name): build_continuity(config.deployments[name], team)
+        for team in config.teams.values()
+        for name in team.deployments
+    }
+    return {key: settings for key, settings in built.items() if settings is not None}
+
+
 def build_live(
     config: RelayConfig,
     credentials: Mapping[CredentialConfig, UpstreamCredential],
@@ -76,6 +87,7 @@ def build_live(
         admin_keys=KeyRing.of(config.admin.keys, "admin"),
         credentials=credentials,
         policies=build_policies(config),
+        continuity=build_continuities(config),
         pools=pools or {},
         trusted_proxies=tuple(
             ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies

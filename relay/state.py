@@ -20,6 +20,7 @@ from relay.edge.auth import KeyRing, client_address
 from relay.edge.budget import Budgets
 from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.ops.metrics import LiveGauges, Metrics
+from relay.session.continuity import ContinuitySettings
 from relay.session.policy import SessionPolicy
 from relay.session.pump import Bridge
 from relay.upstream.backends import BackendPool
@@ -38,6 +39,8 @@ class LiveConfig:
     credentials: Mapping[CredentialConfig, UpstreamCredential]
     # (team, deployment) -> the effective session policy.
     policies: Mapping[tuple[str, str], SessionPolicy]
+    # (team, deployment) -> continuity settings, where it is on.
+    continuity: Mapping[tuple[str, str], ContinuitySettings] = field(default_factory=dict)
     # deployment -> its backends; empty until the simulator (if any) has an address.
     pools: Mapping[str, BackendPool] = field(default_factory=dict)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

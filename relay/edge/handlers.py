@@ -31,6 +31,7 @@ from relay.ops.metrics import SessionMeter
 from relay.ops.redaction import SECRETS
 from relay.session.events import error_event
 from relay.session.pump import Bridge, Ending
+from relay.session.renewal import Dial, Renewal
 from relay.session.setup import StartedSession, start_session
 from relay.session.transcription import transcription_policy
 from relay.state import METRICS_TOKEN, REGISTRY, RELOAD, STATE, LiveConfig, RelayState, SessionKey
@@ -47,9 +48,11 @@ class Admitted:
     team: TeamConfig
     deployment: DeploymentConfig
     lease: Lease
-    backend: str
+    backend: Backend
     upstream: UpstreamSocket
     started: StartedSession
+    # Opens another upstream for this session (continuity); None when it cannot have one.
+    dial: Dial | None
     # What meters the session (a call's sideband may leave usage to the call's observer).
     meter: type[SessionMeter] = SessionMeter
     # Which key opened the session: a reload that removes it ends the session.
@@ -147,14 +150,24 @@ async def _admit(
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     state.budgets.check(team.name)
     lease = await state.admission.acquire(team.name)
+    dial = _dialer(state, deployment, session_id)
     try:
-        backend, upstream, started = await _start_upstream(
-            state, live, deployment, team, session_id
-        )
+        backend, upstream, started = await _start_upstream(state, live, deployment, team, dial)
     except BaseException:
         await lease.release()
         raise
-    return Admitted(team, deployment, lease, backend.name, upstream, started, opened_by=opened_by)
+    # Transcription sessions have no conversation to carry over.
+    renewable = deployment.kind != "transcription"
+    return Admitted(
+        team,
+        deployment,
+        lease,
+        backend,
+        upstream,
+        started,
+        dial if renewable else None,
+        opened_by=opened_by,
+    )
 
 
 async def admit_client(
@@ -200,32 +213,56 @@ async def _authenticate(
     return team, key_hash
 
 
+def _dialer(state: RelayState, deployment: DeploymentConfig, session_id: str) -> Dial:
+    """Opens an upstream socket through the deployment's pool in the config in force (failing
+    over), for the session start and for continuity's renewals. A backend given as ``lost``
+    is counted as failed and tried last."""
+    assert state.http is not None
+    http, metrics = state.http, state.metrics
+    assert state.http is not None
+    http, metrics = state.http, state.metrics
+
+    async def dial(lost: Backend | None = None) -> tuple[Backend, UpstreamSocket]:
+        live = state.live  # a renewal after a reload dials as the reload says
+        config, pool = live.config, live.pools.get(deployment.name)
+        if pool is None:
+            raise UpstreamRefused(
+                503, "no_backend_available", "The deployment is no longer configured."
+            )
+        if lost is not None:
+            pool.failed(lost, _LOST)
+        began = time.perf_counter()
+        backend, upstream = await connect_pool(
+            http,
+            pool,
+            request_id=session_id,
+            connect_timeout=config.upstream.connect_timeout_seconds,
+            options=SocketOptions(
+                close_timeout=config.server.close_timeout_seconds,
+                heartbeat=config.upstream.heartbeat_seconds,
+                max_message_bytes=config.server.max_message_bytes,
+            ),
+            on_failure=lambda backend, refusal: upstream_failed(
+                state, deployment, backend, refusal
+            ),
+            last=lost,
+        )
+        handshake_seconds = time.perf_counter() - began
+        metrics.upstream_handshake.labels(deployment.name, backend.name).observe(handshake_seconds)
+        return backend, upstream
+
+    return dial
+
+
 async def _start_upstream(
     state: RelayState,
     live: LiveConfig,
     deployment: DeploymentConfig,
     team: TeamConfig,
-    session_id: str,
+    dial: Dial,
 ) -> tuple[Backend, UpstreamSocket, StartedSession]:
     config = live.config
-    assert state.http is not None
-    metrics = state.metrics
-
-    began = time.perf_counter()
-    backend, upstream = await connect_pool(
-        state.http,
-        live.pools[deployment.name],
-        request_id=session_id,
-        connect_timeout=config.upstream.connect_timeout_seconds,
-        options=SocketOptions(
-            close_timeout=config.server.close_timeout_seconds,
-            heartbeat=config.upstream.heartbeat_seconds,
-            max_message_bytes=config.server.max_message_bytes,
-        ),
-        on_failure=lambda backend, refusal: upstream_failed(state, deployment, backend, refusal),
-    )
-    handshake_seconds = time.perf_counter() - began
-    metrics.upstream_handshake.labels(deployment.name, backend.name).observe(handshake_seconds)
+    backend, upstream = await dial(None)
     structlog.contextvars.bind_contextvars(backend=backend.name)
     policy = live.policies[team.name, deployment.name]
     if deployment.kind == "transcription":
@@ -240,6 +277,9 @@ async def _start_upstream(
     # The service's own id for the session (Azure support asks for it), apart from ours.
     structlog.contextvars.bind_contextvars(upstream_session_id=started.session.get("id"))
     return backend, upstream, started
+
+
+_LOST = UpstreamRefused(502, "upstream_lost", "The upstream connection was lost.")
 
 
 def upstream_failed(
@@ -287,7 +327,7 @@ async def _serve(
     meter = admitted.meter(
         metrics,
         *labels,
-        admitted.backend,
+        admitted.backend.name,
         prices=deployment.prices,
         on_cost=lambda usd: book.add(team.name, usd),
     )
@@ -305,6 +345,17 @@ async def _serve(
         max_pings_per_second=server.max_pings_per_second,
         client_transport=transport,
     )
+    continuity = live.continuity.get((team.name, deployment.name))
+    if continuity is not None and admitted.dial is not None:
+        bridge.renewal = Renewal(
+            bridge,
+            continuity,
+            dial=admitted.dial,
+            backend=admitted.backend,
+            deployment=deployment.name,
+            metrics=metrics,
+            setup_seconds=live.config.upstream.connect_timeout_seconds,
+        )
     state.track(bridge, admitted.opened_by)
     setup_seconds = time.perf_counter() - began
     metrics.session_setup.labels(*labels).observe(setup_seconds)
@@ -335,6 +386,8 @@ async def _serve(
             cost_usd=round(meter.cost_usd, 6) if deployment.prices is not None else None,
             responses=meter.responses,
             violations=bridge.violations,
+            # upstream_session_id names the first; session_renewed lines name the others.
+            upstream_sessions=1 + (bridge.renewal.moves if bridge.renewal else 0),
         )
         state.forget(bridge)
     return client

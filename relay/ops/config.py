@@ -420,6 +420,31 @@ class PolicyConfig:
         _report(problems)
 
 
+@dataclass(frozen=True, slots=True)
+class ContinuityConfig:
+    """Conversations that outlive the upstream session (docs/continuity.md). Unset fields
+    inherit: team over deployment over built-in defaults (off)."""
+
+    enabled: bool | None = None
+    # Renew the upstream session from this long before its `expires_at`, at a quiet point.
+    renew_before_seconds: float | None = None
+    # How user turns are replayed: as their transcripts ("text"). Replaying kept audio
+    # ("audio") is not implemented: the relay keeps no audio.
+    replay: Literal["text", "audio"] | None = None
+    # Estimated tokens of history replayed at most; the oldest items are dropped first.
+    max_replay_tokens: int | None = None
+    # A lost upstream: "resume" on a new upstream session, or "close" the client (1011).
+    on_upstream_loss: Literal["resume", "close"] | None = None
+
+    def __post_init__(self) -> None:
+        problems = _not_positive(self, ("renew_before_seconds", "max_replay_tokens"))
+        if self.replay == "audio":
+            problems.append(
+                'replay = "audio" is not supported yet (the relay keeps no audio); use "text"'
+            )
+        _report(problems)
+
+
 def _endpoint_problems(endpoint: str) -> list[str]:
     if endpoint != SIMULATOR_ENDPOINT and not re.match(r"^(https?|wss?)://", endpoint):
         return [
@@ -517,6 +542,7 @@ class DeploymentConfig:
     # USD per million tokens by kind: cost estimates (relay_cost_usd_total) and team budgets.
     prices: PriceTable | None = None
     webrtc: DeploymentWebRtcConfig = field(default_factory=DeploymentWebRtcConfig)
+    continuity: ContinuityConfig = field(default_factory=ContinuityConfig)
 
     def __post_init__(self) -> None:
         problems = _session_field_problems(self.session, "session")
@@ -577,6 +603,7 @@ class TeamConfig:
     session: dict[str, Any] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: TeamLimits = field(default_factory=TeamLimits)
+    continuity: ContinuityConfig = field(default_factory=ContinuityConfig)
 
     def __post_init__(self) -> None:
         problems = _session_field_problems(self.session, "session")

@@ -104,6 +104,10 @@ class Metrics:
     budget_spent: Gauge
     budget_sync_failures: Counter
     config_reloads: Counter
+    session_renewals: Counter
+    switch_pause: Histogram
+    replayed_items: Counter
+    replayed_tokens: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -335,6 +339,32 @@ class Metrics:
                 "Config reloads, by outcome: applied, unchanged or rejected (the old config "
                 "stays in force).",
                 ("outcome",),
+                registry=r,
+            ),
+            session_renewals=Counter(
+                "relay_session_renewals",
+                "Upstream sessions replaced under a live client session (continuity), by why "
+                "(expiry, upstream_lost) and outcome.",
+                ("deployment", "reason", "outcome"),
+                registry=r,
+            ),
+            switch_pause=Histogram(
+                "relay_session_switch_pause_seconds",
+                "How long client events were held while the upstream was switched.",
+                ("deployment",),
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            replayed_items=Counter(
+                "relay_session_replayed_items",
+                "Conversation items replayed onto new upstream sessions.",
+                ("deployment",),
+                registry=r,
+            ),
+            replayed_tokens=Counter(
+                "relay_session_replayed_tokens",
+                "Estimated input tokens of history replayed (billed again by the service).",
+                ("deployment",),
                 registry=r,
             ),
         )

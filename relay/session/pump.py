@@ -16,6 +16,8 @@ How it works:
   stop (shutdown) records its own Ending first and closes both sockets.
 - Nothing here outlives `Bridge.run`: both pumps run in one TaskGroup and both sockets are
   closed on the way out, whatever happened.
+- With continuity on, a `Renewal` (renewal.py) may replace the upstream socket: the client
+  pump waits at `gate` while it does, and both pumps take `self.upstream` afresh after.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from aiohttp import WSMsgType, web
 
 from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
 from relay.session.codec import FrameError, read_client_frame, sniff_type
+from relay.session.continuity import TRACKED
 from relay.session.events import error_event
 from relay.session.policy import PolicyViolation, SessionPolicy
+from relay.session.renewal import Renewal, is_loss
 
 ClientSocket = web.WebSocketResponse[bool]
 UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]
@@ -103,7 +107,7 @@ class Bridge:
         "stall_timeout", "response_timeout", "max_pings_per_second", "client_transport",
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
         "started_at", "last_client_event_at", "last_upstream_event_at",
-        "throttled", "__weakref__",
+        "throttled", "renewal", "gate", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -150,6 +154,10 @@ class Bridge:
         self.started_at = time.perf_counter()
         self.last_client_event_at = self.started_at
         self.last_upstream_event_at = self.started_at
+        # Continuity (None when off), and the gate client frames wait at while it switches.
+        self.renewal: Renewal | None = None
+        self.gate = asyncio.Event()
+        self.gate.set()
         meter.session_changed(session)
 
     async def run(self) -> Ending:
@@ -160,8 +168,12 @@ class Bridge:
                     tasks.create_task(self._upstream_to_client(), name="pump upstream->client"),
                 ]
                 ticker = tasks.create_task(self._tick(), name="session ticker")
+                if self.renewal is not None:
+                    renewer = tasks.create_task(self.renewal.run(), name="session renewal")
                 await asyncio.wait(pumps)
                 ticker.cancel()
+                if self.renewal is not None:
+                    renewer.cancel()
         except* Exception as group:
             for exc in group.exceptions:
                 _log.error("pump_failed", exc_info=exc)
@@ -208,7 +220,7 @@ class Bridge:
 
     async def _client_to_upstream(self) -> None:
         client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
-        policy = self.policy
+        policy, gate = self.policy, self.gate
         # Token buckets (events, pings), in locals: this loop runs for every client frame.
         rate, burst = policy.max_events_per_second, float(policy.event_burst)
         throttle = policy.on_rate_exceeded == "throttle"
@@ -251,11 +263,15 @@ class Bridge:
                     await self._refuse(violation)
                     continue
                 meter.client_event(kind, frame, audio)
+                if not gate.is_set():
+                    await gate.wait()  # held while the upstream is switched
+                upstream = self.upstream
                 writing = self.writing_in_since = now()
                 try:
                     await upstream.send_frame(frame, WSMsgType.TEXT)
                 except ConnectionError:
-                    break  # the upstream pump sees why
+                    if not await self._resend(upstream, frame):
+                        break  # the upstream pump sees why
                 written = now()
                 self.writing_in_since = None
                 meter.forwarded("in", written - arrived, written - writing)
@@ -297,6 +313,7 @@ class Bridge:
         client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
         # "session.updated", or "transcription_session.updated" (a preview transcription)
         updated = self.policy.session_event("updated")
+        renewal = self.renewal
         greeting, self.greeting = self.greeting, ()  # sent once: not kept for the session
         try:
             for frame in greeting:
@@ -314,7 +331,13 @@ class Bridge:
                 except FrameError as exc:
                     await self._upstream_broke(f"invalid event ({exc.code})")
                     break
+                if renewal is not None and kind == "error" and renewal.is_marker(frame):
+                    await renewal.switch_at_marker()  # the relay's own: not the client's
+                    upstream = self.upstream
+                    continue
                 meter.upstream_event(kind, frame)
+                if renewal is not None and kind in TRACKED:
+                    renewal.track(kind, frame)
                 if kind == updated:
                     self._session_updated(frame)
                 elif kind == "response.created":
@@ -332,6 +355,8 @@ class Bridge:
             elif msg.type is WSMsgType.BINARY:
                 await self._upstream_broke("binary frame")
                 break
+            elif renewal is not None and await self._resumed(msg.type, msg.data, renewal):
+                upstream = self.upstream
             elif msg.type is WSMsgType.CLOSE:
                 self._end(Ending("upstream", msg.data, msg.extra or ""))
                 break
@@ -351,7 +376,30 @@ class Bridge:
                         )
                     )
                 break
+        if renewal is not None:
+            renewal.notify()  # a client pump waiting for a new upstream gives up
         await self._close_client()
+
+    async def _resumed(self, kind: WSMsgType, data: object, renewal: Renewal) -> bool:
+        """A lost upstream replaced (continuity's resume): the session goes on."""
+        if self.ending is not None or not is_loss(kind, data, self.upstream.close_code):
+            return False
+        detail = _describe_error(kind, data)
+        _log.warning("upstream_lost", detail=detail, resuming=True)
+        return await renewal.resume(detail)
+
+    async def _resend(self, failed: UpstreamSocket, frame: bytes) -> bool:
+        """A send to a lost upstream: once continuity replaced it, send there instead."""
+        if self.renewal is None:
+            return False
+        upstream = await self.renewal.settled(failed)
+        if upstream is None:
+            return False
+        try:
+            await upstream.send_frame(frame, WSMsgType.TEXT)
+        except ConnectionError:
+            return False
+        return True
 
     def _session_updated(self, frame: bytes) -> None:
         session = orjson.loads(frame).get("session")

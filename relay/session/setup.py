@@ -40,6 +40,20 @@ class StartedSession:
 async def start_session(
     upstream: UpstreamSocket, policy: SessionPolicy, *, setup_seconds: float
 ) -> StartedSession:
+    return await put_in_force(
+        upstream, policy, policy.defaults_event(), setup_seconds=setup_seconds
+    )
+
+
+async def put_in_force(
+    upstream: UpstreamSocket,
+    policy: SessionPolicy,
+    update: bytes | None,
+    *,
+    setup_seconds: float,
+) -> StartedSession:
+    """Wait for `session.created`, send ``update`` (a `session.update`) and wait for its
+    `session.updated`: the session a new upstream starts with, and what else it sent."""
     try:
         async with asyncio.timeout(setup_seconds):
             created_frame, created = await _next_event(upstream)
@@ -47,7 +61,6 @@ async def start_session(
             expected = {"session.created", policy.session_event("created")}
             if created.get("type") not in expected:
                 raise _refusal(f"expected session.created first, got {created.get('type')!r}")
-            update = policy.defaults_event()
             if update is None:
                 return StartedSession(created_frame, _session_of(created), policy=policy)
             await upstream.send_frame(update, aiohttp.WSMsgType.TEXT)

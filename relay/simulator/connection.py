@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import orjson
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from relay.simulator.engine import Action, CancelResponse, Engine, StartResponse
 from relay.simulator.events import Event
@@ -43,11 +43,14 @@ class Connection:
         *,
         speed: float,
         media: bool = False,
+        max_session_seconds: float = 3600.0,
     ) -> None:
         self._ws = ws
         self._listeners: list[Socket] = [ws] if ws is not None else []
         self._engine = engine
         self._speed = speed
+        self._max_session_seconds = max_session_seconds
+        self._expiring = False
         # A call: audio is media, not events.
         self._media = media
         self._speaking: set[Any] = set()  # responses whose audio is playing, on a call
@@ -57,13 +60,31 @@ class Connection:
         self.frames_received = 0
 
     async def run(self) -> None:
-        """Serve the socket until the client closes it or goes away."""
+        """Serve the socket until the client closes it, goes away, or the session expires."""
         assert self._ws is not None
+        loop = asyncio.get_running_loop()
+        expiry = loop.create_task(self._expire(), name="simulator-session-expiry")
         try:
             await self._send(self._engine.session_created())
             await self.serve(self._ws)
         finally:
             await self.stop_all()
+            if not self._expiring:
+                expiry.cancel()
+            await asyncio.wait([expiry])  # an expiring session's close completes first
+
+    async def _expire(self) -> None:
+        """At the session's maximum duration: an ``error`` event, then close 1001."""
+        await asyncio.sleep(self._max_session_seconds)
+        self._expiring = True
+        await self.stop_all()
+        log.info("simulator.session_expired", max_session_seconds=self._max_session_seconds)
+        try:
+            await self._send(self._engine.expired_event())
+        except ConnectionError:
+            return
+        assert self._ws is not None
+        await self._ws.close(code=WSCloseCode.GOING_AWAY, message=b"Session expired")
 
     async def serve(self, ws: Socket) -> None:
         """Read ``ws`` until it closes; it gets every event meanwhile."""

@@ -40,7 +40,7 @@ from relay.simulator.params import ResponseParams, defaults_from, parse_response
 from relay.simulator.replies import default_reply, input_usage, transcript_for
 from relay.simulator.response import ResponseRun
 from relay.simulator.schema import Dialect, client_events
-from relay.simulator.session import SESSION_TTL_S, apply_update, default_session
+from relay.simulator.session import apply_update, default_session
 from relay.simulator.settings import parse_settings
 from relay.simulator.transcription import (
     REFUSED_EVENTS,
@@ -90,7 +90,7 @@ class Engine:
         self._options = options
         self._ids = ids
         self._events = ServerEvents(dialect, ids)
-        expires_at = int(now) + SESSION_TTL_S
+        expires_at = int(now + options.max_session_seconds)
         if transcription:
             self.session = default_transcription_session(
                 dialect, session_id=ids.new("sess"), expires_at=expires_at
@@ -139,6 +139,14 @@ class Engine:
         apply = apply_transcription_update if self.transcription else apply_update
         self.session, self.settings = apply(self.dialect, self.session, fragment)
         self._input.configure(self.settings.turn_detection, self.settings.input_format)
+
+    def expired_event(self) -> Event:
+        """The ``error`` the service sends when a session reaches its maximum duration."""
+        minutes = self._options.max_session_seconds / 60
+        error = ClientEventError(
+            "session_expired", f"Your session hit the maximum duration of {minutes:g} minutes."
+        )
+        return self.error_event(error, None)
 
     def receive_text(self, data: bytes | str) -> list[Action]:
         """Handle one text frame; client mistakes become an ``error`` event."""

@@ -16,6 +16,9 @@ class SimulatorOptions:
         speed: audio pacing; 1.0 is real time, 2.0 twice as fast, 0 as fast as possible.
         chunk_ms: milliseconds of audio per ``response.output_audio.delta``.
         reply_text: fixed assistant reply; ``None`` builds a deterministic reply from the input.
+        max_session_seconds: a session's lifetime (``session.expires_at``); at its end the
+            session gets an ``error`` event ``session_expired`` and close 1001, as Azure's
+            (60 minutes in Azure's current docs).
     """
 
     api_keys: frozenset[str] = frozenset()
@@ -23,17 +26,21 @@ class SimulatorOptions:
     speed: float = 1.0
     chunk_ms: int = 100
     reply_text: str | None = None
+    max_session_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.speed < 0:
             raise ValueError("speed must be >= 0")
         if self.chunk_ms <= 0:
             raise ValueError("chunk_ms must be > 0")
+        if self.max_session_seconds <= 0:
+            raise ValueError("max_session_seconds must be > 0")
 
     def __repr__(self) -> str:
         # Credentials never reach logs or tracebacks, only their count.
         return (
             f"SimulatorOptions(api_keys=<{len(self.api_keys)} redacted>, "
             f"bearer_tokens=<{len(self.bearer_tokens)} redacted>, speed={self.speed!r}, "
-            f"chunk_ms={self.chunk_ms!r}, reply_text={self.reply_text!r})"
+            f"chunk_ms={self.chunk_ms!r}, reply_text={self.reply_text!r}, "
+            f"max_session_seconds={self.max_session_seconds!r})"
         )

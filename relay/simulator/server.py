@@ -197,7 +197,9 @@ async def _serve(
         now=time.time(),
         transcription=transcription,
     )
-    connection = Connection(ws, engine, speed=options.speed)
+    connection = Connection(
+        ws, engine, speed=options.speed, max_session_seconds=options.max_session_seconds
+    )
     sockets = request.app[SOCKETS_KEY]
     sockets.add(ws)
     # The service's session id, named as the relay's logs name it (its own is `session_id`);

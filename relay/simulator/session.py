@@ -18,7 +18,6 @@ from relay.simulator.errors import ClientEventError, missing
 from relay.simulator.schema import Dialect
 from relay.simulator.settings import SessionSettings, parse_settings
 
-SESSION_TTL_S = 1800
 DEFAULT_INSTRUCTIONS = (
     "Your knowledge cutoff is 2023-10. You are a helpful, witty, and friendly AI. Act like a "
     "human, but remember that you aren't a human and that you can't do human things in the "

@@ -65,10 +65,14 @@ async def connect_pool(
     connect_timeout: float,
     options: SocketOptions,
     on_failure: Callable[[Backend, UpstreamRefused], None] = lambda backend, refusal: None,
+    last: Backend | None = None,
 ) -> tuple[Backend, UpstreamSocket]:
     """Open a socket to the pool's best backend, failing over to the next within one overall
-    deadline; or raise the refusal the client gets."""
+    deadline; or raise the refusal the client gets. ``last`` (a backend just lost) is tried
+    after every other one."""
     candidates = pool.candidates()
+    if last in candidates:
+        candidates = [b for b in candidates if b is not last] + [last]
     if not candidates:
         raise pool.unavailable_refusal()
 

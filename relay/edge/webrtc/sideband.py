@@ -97,13 +97,15 @@ async def _admit(
         policy = replace(policy, max_session_seconds=None)
     started = StartedSession(None, dict(policy.defaults), policy=policy)
     meter = _EventsOnlyMeter if placed.observed else SessionMeter
+    # A call's sideband observes the call: it cannot move to another upstream session.
     return Admitted(
         team,
         deployment,
         _NoSlot(),
-        backend.name,
+        backend,
         upstream,
         started,
+        None,
         meter=meter,
         opened_by=opened_by,
     )

@@ -1,0 +1,394 @@
+"""Continuity's pure core: the shadow conversation and the replay that rebuilds it. No I/O.
+
+Theory of operation. The relay cannot resume an upstream session (the API has none), so it
+keeps a shadow of the conversation from the upstream's own events and, on a new upstream
+session, re-creates it with `conversation.item.create`: each item with its original id and
+`previous_item_id`, user audio as its transcript, assistant audio as `output_text`, tool items
+verbatim. Only the events in `TRACKED` are parsed (never an audio delta), so the shadow costs
+nothing on the audio path.
+
+Rules:
+1. The shadow holds what the upstream reported, not what the client asked for: an item
+   exists once the upstream said it was added, is gone once it said it was deleted, and a
+   truncated assistant part loses its transcript (the service drops unheard text too).
+2. A replay fits in `max_replay_tokens` (estimated): the newest items are kept, the oldest
+   dropped first, and a tool output whose call was dropped goes with it.
+3. A quiet point is when nothing is in flight: no response, no speech, no tool call waiting
+   for its output. Only there may the upstream be switched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from relay.ops.config import ContinuityConfig, DeploymentConfig, TeamConfig
+
+Flavour = Literal["ga", "preview"]
+DEFAULT_RENEW_BEFORE_SECONDS = 300.0
+DEFAULT_MAX_REPLAY_TOKENS = 8000
+# Upstream events the shadow reads (GA and preview names); every other event is only sniffed.
+TRACKED = frozenset(
+    {
+        "conversation.item.added", "conversation.item.created", "conversation.item.done",
+        "conversation.item.deleted", "conversation.item.truncated",
+        "conversation.item.input_audio_transcription.completed", "response.output_item.done",
+        "response.created", "response.done", "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+        "input_audio_buffer.cleared",
+    }
+)  # fmt: skip
+# Session fields the service sets itself; a session.update carrying them is refused or moot.
+_READ_ONLY = frozenset({"id", "object", "expires_at", "client_secret", "model"})
+KEEP_SPEAKING_NOTE = (
+    "This conversation continues from an earlier connection; its earlier turns are shown "
+    "as text. Keep answering as before: speak your answers aloud."
+)
+# A rough estimate (about four characters a token) plus each item's framing.
+_CHARS_PER_TOKEN = 4
+_TOKENS_PER_ITEM = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ContinuitySettings:
+    """The effective continuity settings of one team on one deployment."""
+
+    renew_before_seconds: float = DEFAULT_RENEW_BEFORE_SECONDS
+    max_replay_tokens: int = DEFAULT_MAX_REPLAY_TOKENS
+    on_upstream_loss: Literal["resume", "close"] = "resume"
+    flavour: Flavour = "ga"
+
+
+def build_continuity(deployment: DeploymentConfig, team: TeamConfig) -> ContinuitySettings | None:
+    """Team over deployment over defaults; None when continuity is off."""
+    merged = _overlay(deployment.continuity, team.continuity)
+    if not merged.enabled:
+        return None
+    return ContinuitySettings(
+        renew_before_seconds=merged.renew_before_seconds or DEFAULT_RENEW_BEFORE_SECONDS,
+        max_replay_tokens=merged.max_replay_tokens or DEFAULT_MAX_REPLAY_TOKENS,
+        on_upstream_loss=merged.on_upstream_loss or "resume",
+        flavour=deployment.protocol,
+    )
+
+
+def _overlay(base: ContinuityConfig, override: ContinuityConfig) -> ContinuityConfig:
+    names = ContinuityConfig.__dataclass_fields__
+    return ContinuityConfig(
+        **{
+            n: getattr(override, n) if getattr(override, n) is not None else getattr(base, n)
+            for n in names
+        }  # fmt: skip
+    )
+
+
+@dataclass(slots=True)
+class ShadowItem:
+    wire: dict[str, Any]
+    # Order of arrival: what a switch replays is what arrived after its snapshot.
+    seq: int
+
+
+@dataclass(slots=True)
+class ShadowConversation:
+    """The conversation as the upstream reported it, and whether anything is in flight."""
+
+    items: dict[str, ShadowItem] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    seq: int = 0
+    response_id: str | None = None
+    speaking: bool = False
+    # call_id of function calls the model made whose output has not been added yet.
+    pending_calls: set[str] = field(default_factory=set)
+
+    @property
+    def quiet(self) -> bool:
+        return self.response_id is None and not self.speaking and not self.pending_calls
+
+    def observe(self, kind: str, event: Mapping[str, Any]) -> None:
+        """Take one upstream event (one of `TRACKED`)."""
+        if kind in ("conversation.item.added", "conversation.item.created"):
+            self._put(event.get("item"), event.get("previous_item_id"))
+        elif kind in ("conversation.item.done", "response.output_item.done"):
+            self._put(event.get("item"), None)
+        elif kind == "conversation.item.deleted":
+            self._delete(event.get("item_id"))
+        elif kind == "conversation.item.truncated":
+            self._set_transcript(event.get("item_id"), event.get("content_index"), "")
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            transcript = event.get("transcript")
+            if isinstance(transcript, str):
+                self._set_transcript(event.get("item_id"), event.get("content_index"), transcript)
+        elif kind == "response.created":
+            response = event.get("response")
+            rid = response.get("id") if isinstance(response, Mapping) else None
+            self.response_id = rid if isinstance(rid, str) else "unknown"
+        elif kind == "response.done":
+            self.response_id = None
+        elif kind == "input_audio_buffer.speech_started":
+            self.speaking = True
+        else:  # speech stopped, buffer committed or cleared
+            self.speaking = False
+
+    def _put(self, raw: Any, previous_id: Any) -> None:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("id"), str):
+            return
+        item_id: str = raw["id"]
+        wire = dict(raw)
+        known = self.items.get(item_id)
+        if known is not None:
+            known.wire = _keep_transcripts(known.wire, wire)
+        else:
+            self.seq += 1
+            self.items[item_id] = ShadowItem(wire, self.seq)
+            if isinstance(previous_id, str) and previous_id in self.items:
+                self.order.insert(self.order.index(previous_id) + 1, item_id)
+            else:
+                self.order.append(item_id)
+        if wire.get("type") == "function_call" and wire.get("status") == "completed":
+            if isinstance(wire.get("call_id"), str) and not self._has_output(wire["call_id"]):
+                self.pending_calls.add(wire["call_id"])
+        elif wire.get("type") == "function_call_output":
+            self.pending_calls.discard(str(wire.get("call_id")))
+
+    def _has_output(self, call_id: str) -> bool:
+        return any(
+            i.wire.get("type") == "function_call_output" and i.wire.get("call_id") == call_id
+            for i in self.items.values()
+        )
+
+    def _delete(self, item_id: Any) -> None:
+        if isinstance(item_id, str) and self.items.pop(item_id, None) is not None:
+            self.order.remove(item_id)
+
+    def _set_transcript(self, item_id: Any, index: Any, transcript: str) -> None:
+        item = self.items.get(item_id) if isinstance(item_id, str) else None
+        content = item.wire.get("content") if item is not None else None
+        if item is None or not isinstance(content, list) or not isinstance(index, int):
+            return
+        if 0 <= index < len(content) and isinstance(content[index], Mapping):
+            content = list(content)
+            content[index] = {**content[index], "transcript": transcript}
+            item.wire["content"] = content
+
+    def in_order(self) -> list[ShadowItem]:
+        return [self.items[i] for i in self.order]
+
+
+def _keep_transcripts(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A later report of an item (`.done`) may lack a transcript an earlier event filled in
+    (input transcription often completes first): keep it."""
+    old_parts, new_parts = old.get("content"), new.get("content")
+    if not isinstance(old_parts, list) or not isinstance(new_parts, list):
+        return new
+    merged = []
+    for index, part in enumerate(new_parts):
+        before = old_parts[index] if index < len(old_parts) else None
+        if (
+            isinstance(part, Mapping)
+            and isinstance(before, Mapping)
+            and not part.get("transcript")
+            and before.get("transcript")
+        ):
+            part = {**part, "transcript": before["transcript"]}
+        merged.append(part)
+    return {**new, "content": merged}
+
+
+# --- replay ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    """What a new upstream session gets, in order, and what it costs."""
+
+    # `conversation.item.create` frames, in order.
+    frames: tuple[bytes, ...]
+    # Ids of the items those frames create (the note included): each must be confirmed.
+    item_ids: tuple[str, ...]
+    tokens: int
+    dropped: int
+    # The shadow's seq when planned: later items are the switch's delta.
+    seq: int
+
+
+def replay_item(wire: Mapping[str, Any], flavour: Flavour) -> dict[str, Any] | None:
+    """The `conversation.item.create` item that re-creates ``wire``; None when nothing of it
+    can be replayed (user audio never transcribed, assistant audio cut before any text)."""
+    kind = wire.get("type")
+    base = {"id": wire["id"], "type": kind}
+    if kind == "function_call":
+        return {**base, **_fields(wire, ("name", "call_id", "arguments"))}
+    if kind == "function_call_output":
+        return {**base, **_fields(wire, ("call_id", "output"))}
+    if kind != "message":
+        return None
+    role = wire.get("role")
+    parts = [p for p in wire.get("content") or () if isinstance(p, Mapping)]
+    if role == "assistant":
+        text = "".join(str(p.get("text") or p.get("transcript") or "") for p in parts)
+        kind_of_text = "output_text" if flavour == "ga" else "text"
+        content = [{"type": kind_of_text, "text": text}] if text else []
+    else:
+        content = [c for c in (_input_part(p) for p in parts) if c is not None]
+    if not content or role not in ("user", "assistant", "system"):
+        return None
+    return {**base, "role": role, "content": content}
+
+
+def _input_part(part: Mapping[str, Any]) -> dict[str, Any] | None:
+    kind = part.get("type")
+    if kind == "input_text" and part.get("text"):
+        return {"type": "input_text", "text": part["text"]}
+    if kind == "input_audio" and part.get("transcript"):
+        return {"type": "input_text", "text": part["transcript"]}
+    if kind == "input_image" and part.get("image_url"):
+        return {k: part[k] for k in ("type", "image_url", "detail") if k in part}
+    return None
+
+
+def _fields(wire: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    return {name: wire[name] for name in names if name in wire}
+
+
+def estimate_tokens(item: Mapping[str, Any]) -> int:
+    text = orjson.dumps(item.get("content") or "") + orjson.dumps(
+        [item.get(k) for k in ("name", "arguments", "output")]
+    )
+    return _TOKENS_PER_ITEM + len(text) // _CHARS_PER_TOKEN
+
+
+def plan_replay(
+    shadow: ShadowConversation,
+    *,
+    flavour: Flavour,
+    max_tokens: int,
+    note_id: str | None,
+) -> ReplayPlan:
+    """The items to replay, newest first into the budget, oldest dropped; ``note_id`` adds
+    the keep-speaking system note in front."""
+    candidates = [(s, replay_item(s.wire, flavour)) for s in shadow.in_order()]
+    replayable = [item for _, item in candidates if item is not None]
+    kept: list[dict[str, Any]] = []
+    tokens = 0
+    note = _note(note_id) if note_id else None
+    budget = max_tokens - (estimate_tokens(note) if note else 0)
+    for item in reversed(replayable):
+        cost = estimate_tokens(item)
+        if tokens + cost > budget:
+            break
+        kept.append(item)
+        tokens += cost
+    kept.reverse()
+    calls = {i.get("call_id") for i in kept if i["type"] == "function_call"}
+    kept = [i for i in kept if i["type"] != "function_call_output" or i.get("call_id") in calls]
+    if note is not None:
+        kept.insert(0, note)
+        tokens += estimate_tokens(note)
+    frames = create_frames(kept, previous=None)
+    return ReplayPlan(
+        frames=frames,
+        item_ids=tuple(i["id"] for i in kept),
+        tokens=tokens,
+        dropped=len(replayable) - len(kept) + (1 if note else 0),
+        seq=shadow.seq,
+    )
+
+
+def _note(note_id: str) -> dict[str, Any]:
+    return {
+        "id": note_id,
+        "type": "message",
+        "role": "system",
+        "content": [{"type": "input_text", "text": KEEP_SPEAKING_NOTE}],
+    }
+
+
+def create_frames(items: list[dict[str, Any]], previous: str | None) -> tuple[bytes, ...]:
+    """`conversation.item.create` frames chaining ``items`` after ``previous``."""
+    frames = []
+    for item in items:
+        event: dict[str, Any] = {
+            "type": "conversation.item.create",
+            "event_id": f"relay_replay_{item['id']}",
+            "item": item,
+        }
+        if previous is not None:
+            event["previous_item_id"] = previous
+        frames.append(orjson.dumps(event))
+        previous = item["id"]
+    return tuple(frames)
+
+
+def plan_delta(
+    shadow: ShadowConversation, since_seq: int, present: set[str], flavour: Flavour
+) -> tuple[list[bytes], list[str]]:
+    """What a prepared upstream still lacks at the switch: frames (creates for items that
+    arrived after the plan, deletes for items gone since) and the ids to confirm."""
+    frames: list[bytes] = []
+    created: list[str] = []
+    previous: str | None = None
+    for shadowed in shadow.in_order():
+        item_id = shadowed.wire["id"]
+        if item_id in present:
+            previous = item_id
+            continue
+        item = replay_item(shadowed.wire, flavour) if shadowed.seq > since_seq else None
+        if item is not None:
+            frames.extend(create_frames([item], previous))
+            created.append(item_id)
+            previous = item_id
+    for gone in sorted(present - set(shadow.items)):
+        if not gone.startswith(NOTE_PREFIX):
+            frames.append(orjson.dumps({"type": "conversation.item.delete", "item_id": gone}))
+    return frames, created
+
+
+NOTE_PREFIX = "relay_note_"
+
+
+def session_update(session: Mapping[str, Any], flavour: Flavour) -> bytes:
+    """The `session.update` that puts ``session`` (as an upstream reported it) in force on
+    another upstream session: output modalities, voice, instructions, tools and all."""
+    fields = {k: v for k, v in session.items() if k not in _READ_ONLY}
+    if flavour == "ga":
+        fields["type"] = fields.get("type") or "realtime"
+    return orjson.dumps(
+        {"type": "session.update", "event_id": "relay_continuity_session", "session": fields}
+    )
+
+
+def speaks(session: Mapping[str, Any]) -> bool:
+    """Whether the session answers in audio (the note to keep speaking is then needed)."""
+    modalities = session.get("output_modalities", session.get("modalities"))
+    return not isinstance(modalities, list) or "audio" in modalities
+
+
+def cut_response_done(response_id: str, event_id: str) -> bytes:
+    """The `response.done` the client gets for a response its lost upstream never finished,
+    as the service reports a failed response."""
+    return orjson.dumps(
+        {
+            "type": "response.done",
+            "event_id": event_id,
+            "response": {
+                "id": response_id,
+                "object": "realtime.response",
+                "status": "failed",
+                "status_details": {
+                    "type": "failed",
+                    "error": {
+                        "type": "server_error",
+                        "code": "upstream_lost",
+                        "message": "The connection to the upstream service was lost during "
+                        "this response; the conversation continues on a new one.",
+                    },
+                },
+                "output": [],
+                "usage": None,
+            },
+        }
+    )

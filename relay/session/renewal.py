@@ -1,0 +1,418 @@
+"""Continuity's I/O: renew the upstream session before it expires, resume it after a loss.
+
+How it works:
+- `Renewal.run` (a task of the Bridge) sleeps until `expires_at - renew_before_seconds`,
+  waits for a quiet point, dials a second upstream through the pool, puts the session in
+  force and replays the shadow conversation, reading the new upstream itself until every
+  replayed item is confirmed: the replay's own events never reach the client. The client
+  goes on talking to the old upstream meanwhile.
+- The switch: client frames are held (the Bridge's gate) and a marker goes to the old
+  upstream, a `conversation.item.retrieve` of an id that does not exist. Its `error` answer
+  comes after whatever the old upstream did for the client's earlier events. At it the
+  upstream pump calls `switch_at_marker`: if still quiet, items added since the replay are
+  sent, the sockets are swapped and the gate opens; the old upstream is closed with 1000.
+- A lost upstream (`on_upstream_loss = "resume"`): the upstream pump holds client frames,
+  reports the cut response to the client as failed, and dials, sets up and replays a new
+  upstream (the pool tries the other backends), then carries on reading it.
+- A failure keeps things as they were: a failed renewal leaves the old upstream serving (its
+  own expiry reaches the client as before); a failed resume ends the session as a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from aiohttp import WSMsgType
+
+from relay.errors import HttpRefusal
+from relay.ops.metrics import Metrics
+from relay.session.codec import FrameError, sniff_type
+from relay.session.continuity import (
+    NOTE_PREFIX,
+    ContinuitySettings,
+    ReplayPlan,
+    ShadowConversation,
+    cut_response_done,
+    plan_delta,
+    plan_replay,
+    session_update,
+    speaks,
+)
+from relay.session.setup import put_in_force
+from relay.upstream.backends import Backend
+from relay.upstream.dial import UpstreamSocket
+
+if TYPE_CHECKING:
+    from relay.session.pump import Bridge
+
+# Opens an upstream socket through the pool; a backend given (one just lost) is counted as
+# failed and tried last.
+Dial = Callable[[Backend | None], Awaitable[tuple[Backend, UpstreamSocket]]]
+MARKER_PREFIX = b"relay_switch_"
+# Client frames are held at most this long at a switch before it is given up.
+HOLD_SECONDS = 1.0
+# The switch must happen this long before the service's own expiry, or not at all.
+_EXPIRY_MARGIN_SECONDS = 1.0
+_RETRY_SECONDS = 30.0
+_log = structlog.get_logger("relay.session")
+
+
+class RenewalFailed(Exception):
+    """A renewal or resume that did not happen; ``outcome`` is its metric label."""
+
+    def __init__(self, outcome: str, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A new upstream with the session in force and the conversation replayed."""
+
+    upstream: UpstreamSocket
+    backend: Backend
+    session: dict[str, Any]
+    plan: ReplayPlan
+    # Item ids the new upstream holds (replayed, and created by a switch's delta).
+    present: set[str]
+
+
+@dataclass(slots=True)
+class _Switch:
+    marker: str
+    prepared: Prepared
+    done: asyncio.Future[bool]
+
+
+def is_loss(kind: WSMsgType, data: object, close_code: int | None) -> bool:
+    """A lost upstream, as opposed to one that ended the session on purpose: no close frame,
+    an internal error (1011) or an abnormal closure (1006)."""
+    if kind is WSMsgType.CLOSE:
+        return data in (1006, 1011)
+    return close_code != 1009
+
+
+class Renewal:
+    """Keeps one Bridge's conversation going across upstream sessions."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        settings: ContinuitySettings,
+        *,
+        dial: Dial,
+        backend: Backend,
+        deployment: str,
+        metrics: Metrics,
+        setup_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bridge = bridge
+        self.settings = settings
+        self.shadow = ShadowConversation()
+        self.quiet = asyncio.Event()
+        self.quiet.set()
+        self._dial = dial
+        self._backend = backend
+        self._deployment = deployment
+        self._metrics = metrics
+        self._setup_seconds = setup_seconds
+        self._clock = clock
+        self._switch: _Switch | None = None
+        self._settled = asyncio.Event()
+        self._count = 0
+        # Upstream sessions this client session moved to (renewed or resumed).
+        self.moves = 0
+
+    # --- called by the upstream pump ---------------------------------------------------------
+
+    def track(self, kind: str, frame: bytes) -> None:
+        """Feed one upstream event of `continuity.TRACKED` to the shadow conversation."""
+        try:
+            event = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict):
+            self.shadow.observe(kind, event)
+        if self.shadow.quiet:
+            self.quiet.set()
+        else:
+            self.quiet.clear()
+
+    @staticmethod
+    def is_marker(frame: bytes) -> bool:
+        """An `error` answering a switch marker: the relay's own, never the client's."""
+        return MARKER_PREFIX in frame
+
+    async def switch_at_marker(self) -> None:
+        """The old upstream answered the marker: swap now if nothing started meanwhile."""
+        switch, self._switch = self._switch, None
+        if switch is None:
+            return  # a marker given up on: swallowed all the same
+        prepared = switch.prepared
+        if prepared.upstream.closed:
+            _settle_failed(switch.done, RenewalFailed("switch_failed", "the new upstream closed"))
+            return
+        if not self.shadow.quiet:
+            _settle(switch.done, False)  # something started: wait for the next quiet point
+            return
+        frames, created = plan_delta(
+            self.shadow, prepared.plan.seq, prepared.present, self.settings.flavour
+        )
+        try:
+            async with asyncio.timeout(HOLD_SECONDS / 2):
+                await self._replay(prepared.upstream, frames, created)
+        except (RenewalFailed, TimeoutError, ConnectionError) as exc:
+            _settle_failed(switch.done, RenewalFailed("switch_failed", str(exc)))
+            return
+        prepared.present.update(created)
+        self._adopt(prepared)
+        _settle(switch.done, True)
+
+    async def resume(self, detail: str) -> bool:
+        """Replace a lost upstream; False when the session must end as a loss."""
+        if self.settings.on_upstream_loss != "resume" or self.bridge.ending is not None:
+            return False
+        bridge = self.bridge
+        old_id = bridge.session.get("id")
+        pending, self._switch = self._switch, None
+        if pending is not None:
+            _settle_failed(pending.done, RenewalFailed("upstream_lost", detail))
+        bridge.gate.clear()
+        began = time.perf_counter()
+        try:
+            await self._report_cut_response()
+            prepared = await self._prepare(lost=self._backend)
+        except RenewalFailed as failure:
+            self._record("upstream_lost", failure.outcome)
+            _log.warning("session_resume_failed", outcome=failure.outcome, detail=failure.detail)
+            return False
+        finally:
+            bridge.gate.set()
+        self._adopt(prepared)
+        self._done("upstream_lost", "resumed", prepared, old_id, time.perf_counter() - began)
+        return True
+
+    def notify(self) -> None:
+        """The upstream changed or the session ended: wake whoever waits in `settled`."""
+        self._settled.set()
+        self._settled = asyncio.Event()
+
+    async def settled(self, failed: UpstreamSocket) -> UpstreamSocket | None:
+        """After a send to ``failed`` broke: the upstream that replaced it, or None once the
+        session is ending."""
+        while self.bridge.upstream is failed and self.bridge.ending is None:
+            await self._settled.wait()
+        return None if self.bridge.ending is not None else self.bridge.upstream
+
+    # --- the renewal task --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Renew before each expiry, for as long as the session lasts."""
+        while True:
+            expires_at = _expires_at(self.bridge.session)
+            if expires_at is None:
+                return
+            renew_at = expires_at - self.settings.renew_before_seconds
+            await asyncio.sleep(max(0.0, renew_at - self._clock()))
+            if _expires_at(self.bridge.session) != expires_at:
+                continue  # resumed meanwhile: a new expiry
+            if await self.renew(expires_at):
+                continue
+            remaining = expires_at - _EXPIRY_MARGIN_SECONDS - self._clock()
+            if remaining <= self._setup_seconds:
+                return  # no time left: the service's own expiry reaches the client
+            await asyncio.sleep(min(_RETRY_SECONDS, remaining / 2))
+
+    async def renew(self, expires_at: float) -> bool:
+        """One renewal attempt before ``expires_at``; True when the session was switched."""
+        old = self.bridge.upstream
+        old_id = self.bridge.session.get("id")
+        deadline = expires_at - _EXPIRY_MARGIN_SECONDS
+        prepared: Prepared | None = None
+        try:
+            await self._until_quiet(deadline)
+            prepared = await self._prepare()
+            while True:
+                await self._until_quiet(deadline)
+                if self.bridge.upstream is not old or self.bridge.ending is not None:
+                    raise RenewalFailed("abandoned", "the upstream changed or the session ended")
+                began = time.perf_counter()
+                if await self._switch_over(old, prepared):
+                    pause = time.perf_counter() - began
+                    break
+        except RenewalFailed as failure:
+            self._record("expiry", failure.outcome)
+            _log.warning("session_renewal_failed", outcome=failure.outcome, detail=failure.detail)
+            if prepared is not None and self.bridge.upstream is not prepared.upstream:
+                await _close(prepared.upstream, "renewal abandoned")
+            return False
+        except BaseException:
+            if prepared is not None and self.bridge.upstream is not prepared.upstream:
+                await _close(prepared.upstream, "renewal abandoned")
+            raise
+        self._done("expiry", "renewed", prepared, old_id, pause)
+        await _close(old, "session renewed")
+        return True
+
+    async def _until_quiet(self, deadline: float) -> None:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                await self.quiet.wait()
+        except TimeoutError as exc:
+            raise RenewalFailed("no_quiet_point", "no quiet point before the expiry") from exc
+
+    async def _switch_over(self, old: UpstreamSocket, prepared: Prepared) -> bool:
+        """Hold client frames, send the marker, let the upstream pump swap at its answer."""
+        self._count += 1
+        marker = f"relay_switch_{self._count}"
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._switch = _Switch(marker, prepared, done)
+        self.bridge.gate.clear()
+        retrieve = {"type": "conversation.item.retrieve", "event_id": marker, "item_id": marker}
+        try:
+            await old.send_frame(orjson.dumps(retrieve), WSMsgType.TEXT)
+            async with asyncio.timeout(HOLD_SECONDS):
+                return await asyncio.shield(done)
+        except (TimeoutError, ConnectionError) as exc:
+            if self.bridge.upstream is prepared.upstream:
+                return True  # swapped just as the wait ran out
+            raise RenewalFailed("switch_timeout", "the old upstream did not answer") from exc
+        finally:
+            if self._switch is not None and self._switch.done is done:
+                self._switch = None
+            if not done.done():
+                done.cancel()
+            self.bridge.gate.set()
+
+    # --- shared ------------------------------------------------------------------------------
+
+    async def _prepare(self, lost: Backend | None = None) -> Prepared:
+        """Dial, put the session in force and replay the conversation; or RenewalFailed."""
+        bridge, flavour = self.bridge, self.settings.flavour
+        note = NOTE_PREFIX + secrets.token_hex(6) if speaks(bridge.session) else None
+        plan = plan_replay(
+            self.shadow, flavour=flavour, max_tokens=self.settings.max_replay_tokens, note_id=note
+        )
+        try:
+            backend, upstream = await self._dial(lost)
+        except HttpRefusal as refusal:
+            raise RenewalFailed("dial_failed", refusal.code) from refusal
+        try:
+            started = await put_in_force(
+                upstream,
+                bridge.policy,
+                session_update(bridge.session, flavour),
+                setup_seconds=self._setup_seconds,
+            )
+            async with asyncio.timeout(self._setup_seconds):
+                await self._replay(upstream, plan.frames, plan.item_ids)
+        except (HttpRefusal, TimeoutError, ConnectionError, RenewalFailed) as exc:
+            await _close(upstream, "renewal failed")
+            if isinstance(exc, RenewalFailed):
+                raise
+            raise RenewalFailed("setup_failed", str(exc) or type(exc).__name__) from exc
+        except BaseException:
+            await _close(upstream, "renewal cancelled")
+            raise
+        return Prepared(upstream, backend, started.session, plan, set(plan.item_ids))
+
+    async def _replay(
+        self, upstream: UpstreamSocket, frames: tuple[bytes, ...] | list[bytes], ids: Any
+    ) -> None:
+        """Send ``frames``; read until each item of ``ids`` is confirmed (its own events are
+        swallowed: none reaches the client)."""
+        confirm = "conversation.item.done" if self.settings.flavour == "ga" else None
+        waiting = set(ids)
+        for frame in frames:
+            await upstream.send_frame(frame, WSMsgType.TEXT)
+        deletes = sum(1 for f in frames if b'"conversation.item.delete"' in f)
+        while waiting or deletes:
+            msg = await upstream.receive()
+            if msg.type is not WSMsgType.TEXT:
+                raise RenewalFailed("replay_failed", f"the new upstream closed ({msg.type.name})")
+            try:
+                kind = sniff_type(msg.data)
+            except FrameError as exc:
+                raise RenewalFailed("replay_failed", exc.code) from exc
+            if kind == (confirm or "conversation.item.created"):
+                item = orjson.loads(msg.data).get("item") or {}
+                waiting.discard(item.get("id"))
+            elif kind == "conversation.item.deleted":
+                deletes -= 1
+            elif kind == "error":
+                error = orjson.loads(msg.data).get("error") or {}
+                raise RenewalFailed("replay_rejected", str(error.get("message", "")))
+
+    def _adopt(self, prepared: Prepared) -> None:
+        bridge = self.bridge
+        bridge.upstream = prepared.upstream
+        bridge.session = prepared.session
+        bridge.meter.session_changed(prepared.session)
+        self._backend = prepared.backend
+        self.notify()
+
+    async def _report_cut_response(self) -> None:
+        shadow = self.shadow
+        if shadow.response_id is not None:
+            frame = cut_response_done(shadow.response_id, "relay_" + secrets.token_hex(8))
+            await self.bridge._send_to_client(frame)
+        shadow.response_id = None
+        shadow.speaking = False
+        self.bridge.between_responses.set()
+        self.quiet.set()
+
+    def _record(self, reason: str, outcome: str) -> None:
+        self._metrics.session_renewals.labels(self._deployment, reason, outcome).inc()
+
+    def _done(
+        self, reason: str, outcome: str, prepared: Prepared, old_id: Any, pause: float
+    ) -> None:
+        self._record(reason, outcome)
+        self.moves += 1
+        self._metrics.switch_pause.labels(self._deployment).observe(pause)
+        plan = prepared.plan
+        self._metrics.replayed_items.labels(self._deployment).inc(len(plan.item_ids))
+        self._metrics.replayed_tokens.labels(self._deployment).inc(plan.tokens)
+        _log.info(
+            "session_renewed",
+            reason=reason,
+            old_upstream_session_id=old_id,
+            new_upstream_session_id=prepared.session.get("id"),
+            backend=prepared.backend.name,
+            switch_pause_seconds=round(pause, 6),
+            replayed_items=len(plan.item_ids),
+            replayed_tokens=plan.tokens,
+            dropped_items=plan.dropped,
+        )
+
+
+def _expires_at(session: dict[str, Any]) -> float | None:
+    value = session.get("expires_at")
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _settle_failed(future: asyncio.Future[bool], failure: RenewalFailed) -> None:
+    if not future.done():
+        future.set_exception(failure)
+
+
+async def _close(upstream: UpstreamSocket, reason: str) -> None:
+    try:
+        async with asyncio.timeout(HOLD_SECONDS * 5):
+            await upstream.close(code=1000, message=reason.encode())
+    except (TimeoutError, ConnectionError):
+        pass  # aiohttp has dropped the connection

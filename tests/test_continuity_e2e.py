@@ -1,0 +1,352 @@
+"""Continuity end to end: real sockets, the simulator with sessions of a few seconds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
+from relay.simulator.server import SOCKETS_KEY
+from relay.state import STATE
+from tests.helpers import ALPHA_KEY, AZURE_KEY, b64, relay_config, tone_pcm
+
+SESSION_SECONDS = 4.0
+# Ids of continuity's own items and events: the client never sees them.
+INTERNAL_MARKS = ("relay_note_", "relay_switch_", "relay_replay_")
+CONTINUITY = {"enabled": True, "renew_before_seconds": 1.5, "max_replay_tokens": 8000}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def ws_url(relay: Any) -> str:
+    return f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+
+
+def continuity_config(endpoint: str, **continuity: Any) -> Any:
+    deployment = {
+        "session": {"audio": {"input": {"transcription": {"model": "whisper-1"}}}},
+        "endpoint": endpoint,
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "continuity": {**CONTINUITY, **continuity},
+    }
+    return relay_config(endpoint, deployments={"gpt-realtime": deployment})
+
+
+async def next_event(ws: aiohttp.ClientWebSocketResponse, errors: bool = False) -> dict[str, Any]:
+    """The next event; never an error (unless ``errors``), nor one of continuity's own."""
+    msg = await ws.receive()
+    assert msg.type == aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg!r}"
+    assert not any(mark in msg.data for mark in INTERNAL_MARKS), msg.data
+    event: dict[str, Any] = orjson.loads(msg.data)
+    assert errors or event["type"] != "error", event
+    return event
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> str:
+    item_id = f"item_user_{n:04d}"
+    item = {"id": item_id, "type": "message", "role": "user"}
+    item["content"] = [{"type": "input_text", "text": text}]
+    await ws.send_str(orjson.dumps({"type": "conversation.item.create", "item": item}).decode())
+    await ws.send_str('{"type":"response.create"}')
+    return item_id
+
+
+async def speak(ws: aiohttp.ClientWebSocketResponse) -> str:
+    """A spoken turn, transcribed: the user audio item's id."""
+    append = {"type": "input_audio_buffer.append", "audio": b64(tone_pcm(600))}
+    await ws.send_str(orjson.dumps(append).decode())
+    await ws.send_str('{"type":"input_audio_buffer.commit"}')
+    item_id = ""
+    while True:
+        event = await next_event(ws)
+        if event["type"] == "input_audio_buffer.committed":
+            item_id = event["item_id"]
+        if event["type"] == "conversation.item.input_audio_transcription.completed":
+            assert event["item_id"] == item_id
+            return item_id
+
+
+async def turn(ws: aiohttp.ClientWebSocketResponse, text: str, n: int) -> tuple[str, int]:
+    """One user turn and the answer: (the user item's id, audio deltas heard)."""
+    item_id = await ask(ws, text, n)
+    audio = 0
+    while True:
+        event = await next_event(ws)
+        if event["type"] == "response.output_audio.delta":
+            audio += 1
+        elif event["type"] == "response.done":
+            assert event["response"]["status"] == "completed", event
+            return item_id, audio
+
+
+async def retrieve_all(ws: aiohttp.ClientWebSocketResponse, ids: list[str]) -> None:
+    """Every item is still in the upstream's conversation."""
+    for item_id in ids:
+        assert (await retrieved(ws, item_id))["item"]["id"] == item_id
+
+
+async def retrieved(ws: aiohttp.ClientWebSocketResponse, item_id: str) -> dict[str, Any]:
+    retrieve = {"type": "conversation.item.retrieve", "item_id": item_id}
+    await ws.send_str(orjson.dumps(retrieve).decode())
+    event = await next_event(ws)
+    while event["type"] != "conversation.item.retrieved":
+        event = await next_event(ws)
+    return event
+
+
+def elapsed(since: float) -> float:
+    return asyncio.get_running_loop().time() - since
+
+
+def renewals(relay: Any, outcome: str = "renewed", reason: str = "expiry") -> float:
+    metric = relay.app[STATE].metrics.session_renewals
+    return metric.labels("gpt-realtime", reason, outcome)._value.get()
+
+
+async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http):
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text="Sure, noted.",
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+    try:
+        relay = await start_relay(continuity_config(simulator.url))
+        with capture_logs() as logs:
+            async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+                created = await next_event(ws)
+                assert created["type"] == "session.created"
+                spoken = await speak(ws)  # replayed later as its transcript
+                ids, n = [spoken], 0
+                began = asyncio.get_running_loop().time()
+                # Longer than three upstream sessions, across at least four renewals.
+                while renewals(relay) < 4 or elapsed(began) < 3 * SESSION_SECONDS:
+                    item_id, audio = await turn(ws, f"Remember the number {n}.", n)
+                    assert audio > 0
+                    ids.append(item_id)
+                    n += 1
+                await retrieve_all(ws, ids)
+                [part] = (await retrieved(ws, spoken))["item"]["content"]
+                assert part["type"] == "input_text" and part["text"]
+                assert not ws.closed
+            await relay.app[STATE].idle.wait()  # the session_ended line is written
+        renewed = [e for e in logs if e["event"] == "session_renewed"]
+        assert len(renewed) >= 4
+        (ended,) = [e for e in logs if e["event"] == "session_ended"]
+        assert ended["upstream_sessions"] == len(renewed) + 1
+        assert all(e["old_upstream_session_id"] != e["new_upstream_session_id"] for e in renewed)
+    finally:
+        await simulator.close()
+
+
+def pooled(*simulators: RunningSimulator, **continuity: Any) -> Any:
+    backends = [
+        {"name": f"b{i}", "endpoint": sim.url, "credential": {"env": "TEST_AZURE_KEY"}}
+        for i, sim in enumerate(simulators)
+    ]
+    deployment = {"backends": backends, "continuity": {**CONTINUITY, **continuity}}
+    return relay_config(simulators[0].url, deployments={"gpt-realtime": deployment})
+
+
+async def stop_listening(simulator: RunningSimulator) -> None:
+    """New connections are refused; open ones carry on."""
+    for site in list(simulator._runner.sites):
+        await site.stop()
+
+
+async def kill(simulator: RunningSimulator) -> None:
+    """The backend fails: it stops listening and its connections drop without a close frame."""
+    await stop_listening(simulator)
+    for ws in list(simulator._runner.app[SOCKETS_KEY]):
+        assert ws._req is not None and ws._req.transport is not None
+        ws._req.transport.abort()
+
+
+def holding_a_session(*simulators: RunningSimulator) -> RunningSimulator:
+    (holding,) = [s for s in simulators if s._runner.app[SOCKETS_KEY]]
+    return holding
+
+
+async def test_a_backend_killed_mid_response_resumes_on_the_other(start_relay, http):
+    options = SimulatorOptions(
+        api_keys=frozenset({AZURE_KEY}),
+        speed=1.0,
+        reply_text="Here is a long answer that takes a few seconds to say out loud, slowly.",
+    )
+    simulators = [await start_simulator(options) for _ in range(2)]
+    try:
+        relay = await start_relay(pooled(*simulators))
+        with capture_logs() as logs:
+            async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+                assert (await next_event(ws))["type"] == "session.created"
+                ids = [await ask(ws, "Remember: blue.", 0)]
+                while (await next_event(ws))["type"] != "response.output_audio.delta":
+                    pass
+                await kill(holding_a_session(*simulators))
+                event = await next_event(ws)
+                while event["type"] != "response.done":
+                    event = await next_event(ws)
+                assert event["response"]["status"] == "failed"  # the cut response
+                assert event["response"]["status_details"]["error"]["code"] == "upstream_lost"
+                item_id, audio = await turn(ws, "What colour did I say?", 1)
+                assert audio > 0
+                await retrieve_all(ws, [*ids, item_id])
+                assert not ws.closed
+        assert renewals(relay, "resumed", "upstream_lost") == 1
+        # The lost backend was tried last: never, since the other one answered.
+        failures = relay.app[STATE].metrics.upstream_connect_failures.collect()[0].samples
+        assert sum(sample.value for sample in failures) == 0
+        (resumed,) = [e for e in logs if e["event"] == "session_renewed"]
+        assert resumed["reason"] == "upstream_lost"
+        assert resumed["old_upstream_session_id"] != resumed["new_upstream_session_id"]
+    finally:
+        for simulator in simulators:
+            await simulator.close()
+
+
+async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay, http):
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text="Sure.",
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+    try:
+        relay = await start_relay(continuity_config(simulator.url, renew_before_seconds=3.0))
+        with capture_logs() as logs:
+            async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+                assert (await next_event(ws))["type"] == "session.created"
+                await stop_listening(simulator)  # a renewal cannot dial
+                ids, n = [], 0
+                while renewals(relay, "dial_failed") < 1:
+                    ids.append((await turn(ws, f"Turn {n}.", n))[0])
+                    n += 1
+                ids.append((await turn(ws, "Still there?", n))[0])
+                await retrieve_all(ws, ids)
+                # The service's own expiry reaches the client as before.
+                event = await next_event(ws, errors=True)
+                assert event["type"] == "error" and event["error"]["code"] == "session_expired"
+                assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+                assert ws.close_code == 1001
+        assert renewals(relay) == 0
+        assert [e["outcome"] for e in logs if e["event"] == "session_renewal_failed"] == [
+            "dial_failed"
+        ]
+    finally:
+        await simulator.close()
+
+
+async def test_a_preview_deployment_is_renewed_in_preview_names(start_relay, http):
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text="Sure.",
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+    try:
+        deployment = {
+            "endpoint": simulator.url,
+            "protocol": "preview",
+            "credential": {"env": "TEST_AZURE_KEY"},
+            "continuity": {**CONTINUITY, "renew_before_seconds": 3.0},
+        }
+        relay = await start_relay(
+            relay_config(simulator.url, deployments={"gpt-realtime": deployment})
+        )
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            ids, n = [], 0
+            while renewals(relay) < 1:
+                ids.append(await ask(ws, f"Turn {n}.", n))
+                event = await next_event(ws)
+                while event["type"] != "response.done":
+                    event = await next_event(ws)
+                n += 1
+            await retrieve_all(ws, ids)
+            [answer] = (await retrieved(ws, ids[0]))["item"]["content"]
+            assert answer == {"type": "input_text", "text": "Turn 0."}
+    finally:
+        await simulator.close()
+
+
+@pytest.mark.parametrize(
+    ("on_upstream_loss", "outcome"), [("close", None), ("resume", "dial_failed")]
+)
+async def test_a_loss_that_cannot_be_resumed_ends_the_session_as_before(
+    start_relay, http, on_upstream_loss, outcome
+):
+    simulator = await start_simulator(SimulatorOptions(api_keys=frozenset({AZURE_KEY}), speed=0))
+    try:
+        relay = await start_relay(pooled(simulator, on_upstream_loss=on_upstream_loss))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            await turn(ws, "Hello.", 0)
+            await kill(simulator)  # the only backend
+            event = await next_event(ws, errors=True)
+            assert event["type"] == "error"
+            assert event["error"]["code"] == "upstream_disconnected"
+            assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1011
+        if outcome is not None:
+            assert renewals(relay, outcome, "upstream_lost") == 1
+    finally:
+        await simulator.close()
+
+
+async def test_client_events_sent_during_switches_all_reach_the_new_upstream(start_relay, http):
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}), speed=0, max_session_seconds=SESSION_SECONDS
+        )
+    )
+    try:
+        relay = await start_relay(continuity_config(simulator.url, renew_before_seconds=3.5))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            item_id = await ask(ws, "Remember this.", 0)
+            while (await next_event(ws))["type"] != "response.done":
+                pass
+            answered, sent, sending = 0, 0, True
+            all_answered = asyncio.Event()
+
+            async def read() -> None:
+                nonlocal answered
+                while True:
+                    if (await next_event(ws))["type"] == "conversation.item.retrieved":
+                        answered += 1
+                        if not sending and answered == sent:
+                            all_answered.set()
+
+            reader = asyncio.ensure_future(read())
+            retrieve = orjson.dumps({"type": "conversation.item.retrieve", "item_id": item_id})
+            append = orjson.dumps({"type": "input_audio_buffer.append", "audio": b64(bytes(480))})
+            # Events go up every 5 ms, switch or not, across two switches (pacing, not waiting).
+            while renewals(relay) < 2:
+                await ws.send_str(retrieve.decode())
+                await ws.send_str(append.decode())
+                sent += 1
+                await asyncio.sleep(0.005)
+            sending = False
+            if answered == sent:
+                all_answered.set()
+            await all_answered.wait()  # a lost event would hang here (the test's timeout)
+            reader.cancel()
+            assert answered == sent
+    finally:
+        await simulator.close()

@@ -1,0 +1,276 @@
+"""Continuity's pure core: settings, the shadow conversation, replay plans. No sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from relay.errors import ConfigError
+from relay.ops.config import parse_config
+from relay.session.continuity import (
+    KEEP_SPEAKING_NOTE,
+    ContinuitySettings,
+    ShadowConversation,
+    build_continuity,
+    cut_response_done,
+    estimate_tokens,
+    plan_delta,
+    plan_replay,
+    replay_item,
+    session_update,
+    speaks,
+)
+
+HASH = "sha256:" + "a" * 64
+
+
+def config(deployment: dict[str, Any] | None = None, team: dict[str, Any] | None = None) -> Any:
+    return parse_config(
+        {
+            "deployments": {
+                "d": {
+                    "endpoint": "https://r.openai.azure.com",
+                    "credential": {"env": "K"},
+                    **({"continuity": deployment} if deployment is not None else {}),
+                }
+            },
+            "teams": {
+                "t": {
+                    "keys": [HASH],
+                    "deployments": ["d"],
+                    **({"continuity": team} if team is not None else {}),
+                }
+            },
+        },
+        source="relay.toml",
+    )
+
+
+def settings_of(deployment: Any = None, team: Any = None) -> ContinuitySettings | None:
+    c = config(deployment, team)
+    return build_continuity(c.deployments["d"], c.teams["t"])
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def test_off_unless_enabled():
+    assert settings_of() is None
+    assert settings_of({"renew_before_seconds": 60}) is None
+
+
+def test_team_over_deployment_over_defaults():
+    assert settings_of({"enabled": True}) == ContinuitySettings()
+    got = settings_of(
+        {"enabled": True, "renew_before_seconds": 120, "on_upstream_loss": "close"},
+        {"max_replay_tokens": 500},
+    )
+    assert got == ContinuitySettings(120.0, 500, "close", "ga")
+    assert settings_of({"enabled": True}, {"enabled": False}) is None
+    assert settings_of(None, {"enabled": True}) == ContinuitySettings()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"renew_before_seconds": 0}, "renew_before_seconds must be greater than 0"),
+        ({"max_replay_tokens": -1}, "max_replay_tokens must be greater than 0"),
+        ({"replay": "audio"}, 'replay = "audio" is not supported yet'),
+        ({"replay": "video"}, "must be one of 'text', 'audio'"),
+        ({"on_upstream_loss": "retry"}, "must be one of 'resume', 'close'"),
+        ({"enabled": "yes"}, "must be true or false"),
+        ({"renew_after": 3}, "unknown key"),
+    ],
+)
+def test_bad_settings_are_reported(values, message):
+    with pytest.raises(ConfigError) as info:
+        config(values)
+    assert any(message in p and "deployments.d.continuity" in p for p in info.value.problems)
+
+
+# --- the shadow ----------------------------------------------------------------------------
+
+
+def user_text(item_id: str, text: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": "user",
+        "status": "completed",
+        "content": [{"type": "input_text", "text": text}],
+    }
+
+
+def user_audio(item_id: str, transcript: str | None = None) -> dict[str, Any]:
+    part = {"type": "input_audio", "transcript": transcript}
+    return {"id": item_id, "type": "message", "role": "user", "content": [part]}
+
+
+def assistant(item_id: str, transcript: str) -> dict[str, Any]:
+    part = {"type": "output_audio", "transcript": transcript}
+    return {"id": item_id, "type": "message", "role": "assistant", "content": [part]}
+
+
+def added(item: dict[str, Any], previous: str | None = None) -> tuple[str, dict[str, Any]]:
+    return "conversation.item.added", {"item": item, "previous_item_id": previous}
+
+
+def shadow_of(*events: tuple[str, dict[str, Any]]) -> ShadowConversation:
+    shadow = ShadowConversation()
+    for kind, event in events:
+        shadow.observe(kind, event)
+    return shadow
+
+
+def created_items(frames: tuple[bytes, ...] | list[bytes]) -> list[dict[str, Any]]:
+    return [orjson.loads(f) for f in frames]
+
+
+def test_items_follow_the_upstream_events():
+    shadow = shadow_of(
+        added(user_text("u1", "hi")),
+        added(user_audio("u2"), "u1"),
+        ("conversation.item.input_audio_transcription.completed",
+         {"item_id": "u2", "content_index": 0, "transcript": "what time is it"}),
+        ("response.output_item.done", {"item": assistant("a1", "It is noon.")}),
+        added(user_text("u0", "first"), None),
+        added(user_text("u1b", "between"), "u1"),
+    )  # fmt: skip
+    assert shadow.order == ["u1", "u1b", "u2", "a1", "u0"]
+    assert shadow.items["u2"].wire["content"][0]["transcript"] == "what time is it"
+
+
+def test_a_later_report_keeps_a_transcript_that_came_first():
+    shadow = shadow_of(
+        added(user_audio("u1")),
+        ("conversation.item.input_audio_transcription.completed",
+         {"item_id": "u1", "content_index": 0, "transcript": "hello"}),
+        ("conversation.item.done", {"item": user_audio("u1")}),
+    )  # fmt: skip
+    assert shadow.items["u1"].wire["content"][0]["transcript"] == "hello"
+
+
+def test_deletions_and_truncations_are_honoured():
+    shadow = shadow_of(
+        added(user_text("u1", "hi")),
+        ("response.output_item.done", {"item": assistant("a1", "A long answer nobody heard")}),
+        added(user_text("u2", "bye")),
+        ("conversation.item.truncated", {"item_id": "a1", "content_index": 0, "audio_end_ms": 0}),
+        ("conversation.item.deleted", {"item_id": "u1"}),
+    )
+    assert shadow.order == ["a1", "u2"]
+    plan = plan_replay(shadow, flavour="ga", max_tokens=8000, note_id=None)
+    assert plan.item_ids == ("u2",)  # the truncated answer has no text left
+
+
+def test_quiet_only_when_nothing_is_in_flight():
+    shadow = ShadowConversation()
+    assert shadow.quiet
+    shadow.observe("response.created", {"response": {"id": "r1"}})
+    assert not shadow.quiet and shadow.response_id == "r1"
+    shadow.observe("response.done", {"response": {"id": "r1"}})
+    shadow.observe("input_audio_buffer.speech_started", {})
+    assert not shadow.quiet
+    shadow.observe("input_audio_buffer.speech_stopped", {})
+    assert shadow.quiet
+    call = {"id": "f1", "type": "function_call", "status": "completed", "call_id": "c1",
+            "name": "lookup", "arguments": "{}"}  # fmt: skip
+    shadow.observe("response.output_item.done", {"item": call})
+    assert not shadow.quiet  # the client owes the output
+    output = {"id": "o1", "type": "function_call_output", "call_id": "c1", "output": "42"}
+    shadow.observe(*added(output))
+    assert shadow.quiet
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+def test_replay_keeps_ids_order_and_previous_item_ids():
+    call = {"id": "f1", "type": "function_call", "status": "completed", "call_id": "c1",
+            "name": "lookup", "arguments": '{"q":1}'}  # fmt: skip
+    output = {"id": "o1", "type": "function_call_output", "call_id": "c1", "output": "42"}
+    shadow = shadow_of(
+        added(user_audio("u1", "what is six times seven")),
+        ("response.output_item.done", {"item": call}),
+        added(output),
+        ("response.output_item.done", {"item": assistant("a1", "Forty-two.")}),
+        added({"id": "s1", "type": "message", "role": "system",
+               "content": [{"type": "input_text", "text": "be brief"}]}),
+    )  # fmt: skip
+    plan = plan_replay(shadow, flavour="ga", max_tokens=8000, note_id="relay_note_x")
+    events = created_items(plan.frames)
+    assert [e["item"]["id"] for e in events] == ["relay_note_x", "u1", "f1", "o1", "a1", "s1"]
+    assert [e.get("previous_item_id") for e in events] == [None, "relay_note_x", "u1", "f1", "o1", "a1"]  # fmt: skip
+    assert {e["type"] for e in events} == {"conversation.item.create"}
+    note, user, fcall, fout, answer, system = (e["item"] for e in events)
+    assert note == {"id": "relay_note_x", "type": "message", "role": "system",
+                    "content": [{"type": "input_text", "text": KEEP_SPEAKING_NOTE}]}  # fmt: skip
+    assert user["content"] == [{"type": "input_text", "text": "what is six times seven"}]
+    assert fcall == {"id": "f1", "type": "function_call", "name": "lookup", "call_id": "c1",
+                     "arguments": '{"q":1}'}  # fmt: skip
+    assert fout == {"id": "o1", "type": "function_call_output", "call_id": "c1", "output": "42"}
+    assert answer["content"] == [{"type": "output_text", "text": "Forty-two."}]
+    assert system["content"] == [{"type": "input_text", "text": "be brief"}]
+    assert plan.tokens == sum(estimate_tokens(e["item"]) for e in events)
+
+
+def test_preview_assistant_text_and_untranscribed_audio():
+    assert replay_item(assistant("a1", "hi"), "preview") == {
+        "id": "a1", "type": "message", "role": "assistant",
+        "content": [{"type": "text", "text": "hi"}],
+    }  # fmt: skip
+    assert replay_item(user_audio("u1"), "ga") is None  # no transcript: nothing to say
+
+
+def test_the_oldest_items_are_dropped_first_within_the_budget():
+    shadow = shadow_of(*(added(user_text(f"u{i}", "x" * 40)) for i in range(10)))
+    one = estimate_tokens(replay_item(shadow.items["u0"].wire, "ga") or {})
+    plan = plan_replay(shadow, flavour="ga", max_tokens=3 * one + 1, note_id=None)
+    assert plan.item_ids == ("u7", "u8", "u9") and plan.dropped == 7
+    assert "previous_item_id" not in created_items(plan.frames)[0]
+
+
+def test_a_tool_output_goes_with_its_dropped_call():
+    call = {"id": "f1", "type": "function_call", "status": "completed", "call_id": "c1",
+            "name": "lookup", "arguments": "x" * 400}  # fmt: skip
+    output = {"id": "o1", "type": "function_call_output", "call_id": "c1", "output": "ok"}
+    shadow = shadow_of(("response.output_item.done", {"item": call}), added(output),
+                       added(user_text("u1", "thanks")))  # fmt: skip
+    plan = plan_replay(shadow, flavour="ga", max_tokens=40, note_id=None)
+    assert plan.item_ids == ("u1",)
+
+
+def test_delta_creates_what_arrived_after_the_plan_and_deletes_what_went():
+    shadow = shadow_of(added(user_text("u1", "a")), added(user_text("u2", "b")))
+    plan = plan_replay(shadow, flavour="ga", max_tokens=8000, note_id="relay_note_n")
+    shadow.observe(*added(user_text("u3", "c"), "u2"))
+    shadow.observe("conversation.item.deleted", {"item_id": "u1"})
+    frames, created = plan_delta(shadow, plan.seq, set(plan.item_ids), "ga")
+    assert created == ["u3"]
+    events = created_items(frames)
+    assert events[0]["previous_item_id"] == "u2" and events[0]["item"]["id"] == "u3"
+    assert events[1] == {"type": "conversation.item.delete", "item_id": "u1"}
+    assert len(events) == 2  # the note stays
+
+
+def test_session_update_puts_the_session_in_force_without_read_only_fields():
+    session = {"id": "sess_1", "object": "realtime.session", "expires_at": 9, "model": "m",
+               "type": "realtime", "output_modalities": ["audio"], "instructions": "hi",
+               "audio": {"output": {"voice": "marin"}}}  # fmt: skip
+    event = orjson.loads(session_update(session, "ga"))
+    assert event["type"] == "session.update"
+    assert event["session"] == {"type": "realtime", "output_modalities": ["audio"],
+                                "instructions": "hi", "audio": {"output": {"voice": "marin"}}}  # fmt: skip
+    preview = orjson.loads(session_update({"id": "s", "modalities": ["text"]}, "preview"))
+    assert preview["session"] == {"modalities": ["text"]}
+    assert speaks(session) and not speaks({"output_modalities": ["text"]})
+    assert speaks({"modalities": ["text", "audio"]})
+
+
+def test_a_cut_response_is_reported_failed():
+    event = orjson.loads(cut_response_done("resp_1", "relay_e"))
+    assert event["type"] == "response.done" and event["response"]["id"] == "resp_1"
+    assert event["response"]["status"] == "failed"
+    assert event["response"]["status_details"]["error"]["code"] == "upstream_lost"
