@@ -8,9 +8,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 from aiohttp import WSMsgType
 from openai import AsyncOpenAI
 
+from relay.state import STATE
 from tests.helpers import ALPHA_KEY, b64, read_until, relay_config, tone_pcm
 
 VOICE_APP_DEFAULTS = {
@@ -98,8 +100,102 @@ async def test_preview_deployment_gets_the_same_policy_in_preview_names(
         assert session["input_audio_format"] == "pcm16"
         assert session["turn_detection"]["silence_duration_ms"] == 200
         await send(ws, type="session.update", event_id="p1", session={"voice": "echo"})
-        [error] = await read_until(ws, "error")
-        assert error["error"]["param"] == "session.voice"
+        events = await read_until(ws, "session.updated")
+        assert events[-1]["session"]["voice"] == "alloy"  # corrected to the voice in force
+        assert "error" not in [e["type"] for e in events]
+
+
+# The whole default session an agent SDK sends on connect (openai-agents' shape): its own
+# transcription model where the policy locks another, an uncapped token limit, a voice off
+# the allow-list, and the instructions, tools and turn detection the agent needs.
+AGENT_SESSION = {
+    "type": "realtime",
+    "model": "gpt-realtime",
+    "instructions": "You are a weather bot. Use the tool.",
+    "output_modalities": ["audio"],
+    "audio": {
+        "input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "transcription": {"model": "gpt-4o-mini-transcribe"},
+            "turn_detection": {"type": "semantic_vad", "interrupt_response": True},
+        },
+        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "ash"},
+    },
+    "tools": [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ],
+    "tool_choice": "auto",
+    "max_output_tokens": "inf",
+}
+AGENT_RULES = {"locked": ["audio.input.transcription.model"]}
+
+
+async def test_an_agent_session_is_corrected_and_the_rest_of_it_holds(simulator, start_relay, http):
+    relay = await start_relay(policy_config(simulator.url, **AGENT_RULES))
+    metrics = relay.app[STATE].metrics.registry
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            await send(ws, type="session.update", event_id="agent-1", session=AGENT_SESSION)
+            events = await read_until(ws, "session.updated")
+            assert [e for e in events if e["type"] == "error"] == []
+            session = events[-1]["session"]
+            # What the policy rules: set back, or capped.
+            assert session["audio"]["input"]["transcription"]["model"] == "whisper-1"
+            assert session["audio"]["output"]["voice"] == "alloy"
+            assert session["max_output_tokens"] == 1000
+            # Everything else of the agent's session is in force.
+            assert session["instructions"] == AGENT_SESSION["instructions"]
+            assert session["tools"] == AGENT_SESSION["tools"]
+            assert session["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
+            # A response.create override is capped the same way.
+            await send(ws, type="response.create", response={"max_output_tokens": "inf"})
+            [done] = (await read_until(ws, "response.done"))[-1:]
+            assert done["response"]["max_output_tokens"] == 1000
+    [rewrite, response_rewrite] = [e for e in logs if e["event"] == "client_event_rewritten"]
+    assert rewrite["params"] == [
+        "session.audio.input.transcription.model",
+        "session.audio.output.voice",
+        "session.max_output_tokens",
+    ]
+    assert response_rewrite["params"] == ["response.max_output_tokens"]
+    td = {"team": "alpha", "deployment": "gpt-realtime"}
+    for param, count in [
+        ("session.audio.output.voice", 1),
+        ("session.max_output_tokens", 1),
+        ("response.max_output_tokens", 1),
+    ]:
+        sample = metrics.get_sample_value(
+            "relay_client_events_rewritten_total", {**td, "param": param}
+        )
+        assert sample == count, param
+    # Rewrites are not refusals: none counted.
+    assert (
+        metrics.get_sample_value(
+            "relay_client_violations_total", {**td, "code": "policy_violation"}
+        )
+        is None
+    )
+
+
+async def test_livekit_generate_reply_nulls_pass(simulator, start_relay, http):
+    """LiveKit's generate_reply() leaves fields to the session with nulls: nothing to correct."""
+    relay = await start_relay(policy_config(simulator.url, locked=["instructions"]))
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await send(
+            ws,
+            type="response.create",
+            response={"instructions": None, "tool_choice": "auto", "max_output_tokens": None},
+        )
+        events = await read_until(ws, "response.done")
+        assert [e for e in events if e["type"] == "error"] == []
+        assert events[-1]["response"]["status"] == "completed"
 
 
 @pytest.mark.parametrize(
@@ -137,14 +233,28 @@ async def test_preview_deployment_gets_the_same_policy_in_preview_names(
             {"type": "response.create", "response": {"max_output_tokens": "inf"}},
             "response.max_output_tokens",
         ),
+    ],
+)
+async def test_with_on_violation_refuse_rule_breaking_events_are_refused(
+    simulator, start_relay, http, event, param
+):
+    relay = await start_relay(policy_config(simulator.url, on_violation="refuse"))
+    await refused_and_the_session_goes_on(relay, http, event, param)
+
+
+@pytest.mark.parametrize(
+    ("event", "param"),
+    [
         ({"type": "session.delete_everything"}, "type"),
         ({"type": "input_audio_buffer.append", "audio": b64(b"\0" * 48002)}, "audio"),
     ],
 )
-async def test_rule_breaking_events_are_refused_and_the_session_goes_on(
-    simulator, start_relay, http, event, param
-):
+async def test_what_cannot_be_corrected_is_refused(simulator, start_relay, http, event, param):
     relay = await start_relay(policy_config(simulator.url))
+    await refused_and_the_session_goes_on(relay, http, event, param)
+
+
+async def refused_and_the_session_goes_on(relay, http, event, param) -> None:
     async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")
         await send(ws, event_id="client-evt-1", **event)
@@ -197,14 +307,15 @@ async def test_repeated_violations_close_the_session(simulator, start_relay, htt
 
 
 @pytest.mark.parametrize(
-    ("rules", "code", "reason"),
+    ("rules", "code", "close", "reason"),
     [
-        ({"max_session_seconds": 0.3}, "session_expired", "session duration limit reached"),
-        ({"idle_timeout_seconds": 0.3}, "idle_timeout", "idle timeout"),
+        # 1001, as the service ends its own expired sessions: clients see a normal end.
+        ({"max_session_seconds": 0.3}, "session_expired", 1001, "session duration limit reached"),
+        ({"idle_timeout_seconds": 0.3}, "idle_timeout", 1008, "idle timeout"),
     ],
 )
-async def test_duration_and_idle_limits_close_with_an_error_and_1008(
-    simulator, start_relay, http, rules, code, reason
+async def test_duration_and_idle_limits_close_with_an_error(
+    simulator, start_relay, http, rules, code, close, reason
 ):
     relay = await start_relay(policy_config(simulator.url, **rules))
     async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
@@ -212,7 +323,7 @@ async def test_duration_and_idle_limits_close_with_an_error_and_1008(
         [error] = await read_until(ws, "error")  # the relay's timer fires; nothing is sent
         assert error["error"]["code"] == code
         msg = await ws.receive()
-        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1008, reason)
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, close, reason)
 
 
 async def test_defaults_the_upstream_rejects_fail_the_handshake(simulator, start_relay, http):

@@ -380,6 +380,9 @@ class PolicyConfig:
     allowed_values: Mapping[str, tuple[str, ...]] | None = None
     # GA dotted path -> the largest number a client may set, e.g. {max_output_tokens = 1024}.
     max_values: Mapping[str, float] | None = None
+    # What an event that breaks one of the three rules above gets: "rewrite" corrects it and
+    # forwards it (the default), "refuse" answers it with an `error` event.
+    on_violation: Literal["rewrite", "refuse"] | None = None
     # Always kept in front of whatever instructions the client sets.
     instructions_prefix: str | None = None
     # Client event types let through; the default is every documented client event.
@@ -390,7 +393,7 @@ class PolicyConfig:
     max_session_seconds: float | None = None
     # Seconds without a client event before the session is closed.
     idle_timeout_seconds: float | None = None
-    # Rejected client events tolerated before the session is closed.
+    # Refused client events tolerated before the session is closed (rewrites don't count).
     max_violations: int | None = None
     # Client events per second a session may send on average, and how many at once above
     # that (a token bucket); events over it are refused. Fairness: one flooding client must
@@ -445,13 +448,31 @@ class ContinuityConfig:
         _report(problems)
 
 
+# Paths Azure's docs and portal write after the resource (`…azure.com/openai/v1/`); the relay
+# adds the API's own path, so a pasted one would be doubled.
+_API_PATH_RE = re.compile(r"/openai(/v1)?(/realtime)?/*$")
+
+
 def _endpoint_problems(endpoint: str) -> list[str]:
-    if endpoint != SIMULATOR_ENDPOINT and not re.match(r"^(https?|wss?)://", endpoint):
+    if endpoint == SIMULATOR_ENDPOINT:
+        return []
+    if not re.match(r"^(https?|wss?)://[^/?#]+", endpoint) or re.search(r"[?#]", endpoint):
         return [
-            f"endpoint must be an http(s):// or ws(s):// URL or {SIMULATOR_ENDPOINT!r}, "
-            f"got {endpoint!r}"
+            f"endpoint must be an http(s):// or ws(s):// URL without a query, or "
+            f"{SIMULATOR_ENDPOINT!r}, got {endpoint!r}"
         ]
     return []
+
+
+def normalise_endpoint(endpoint: str) -> str:
+    """The base URL the relay adds the API's path to (``endpoint`` has no problems).
+
+    ``https://r.openai.azure.com/openai/v1/`` -> ``https://r.openai.azure.com``; a path of
+    another kind (a gateway's prefix) is kept, without its trailing slash.
+    """
+    if endpoint == SIMULATOR_ENDPOINT:
+        return endpoint
+    return _API_PATH_RE.sub("", endpoint).rstrip("/")
 
 
 # What a simulator backend's credential is when none is written: never used, since the relay
@@ -464,8 +485,8 @@ class BackendConfig:
     """One Azure resource serving a deployment (a pool may list several)."""
 
     name: str
-    # `https://<resource>.openai.azure.com` (or any base URL), or "simulator" for the
-    # built-in simulated upstream started in the same process.
+    # `https://<resource>.openai.azure.com` (or any base URL; Azure's `…/openai/v1/` form is
+    # taken too), or "simulator" for the built-in simulated upstream in the same process.
     endpoint: str
     credential: CredentialConfig = NO_CREDENTIAL
     # Deployment name on this Azure resource; defaults to the deployment's.
@@ -482,6 +503,7 @@ class BackendConfig:
         if self.credential is NO_CREDENTIAL and self.endpoint != SIMULATOR_ENDPOINT:
             problems.append("credential is required (only a simulator endpoint needs none)")
         _report(problems)
+        object.__setattr__(self, "endpoint", normalise_endpoint(self.endpoint))
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +578,8 @@ class DeploymentConfig:
             problems.append(f"deployment name {self.name!r} must match {_NAME_RE.pattern}")
         if not self.azure_deployment:
             object.__setattr__(self, "azure_deployment", self.name)
+        if self.endpoint and not _endpoint_problems(self.endpoint):
+            object.__setattr__(self, "endpoint", normalise_endpoint(self.endpoint))
         backends = self.backends
         if self.backends:
             if self.endpoint or self.credential:

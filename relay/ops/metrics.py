@@ -87,6 +87,7 @@ class Metrics:
     responses: Counter
     upstream_errors: Counter
     client_violations: Counter
+    client_rewrites: Counter
     upstream_connect_failures: Counter
     backend_up: Gauge
     backend_ejections: Counter
@@ -229,6 +230,12 @@ class Metrics:
                 "relay_client_violations",
                 "Client events refused by the policy.",
                 (*td, "code"),
+                registry=r,
+            ),
+            client_rewrites=Counter(
+                "relay_client_events_rewritten",
+                "Client events the policy corrected before forwarding, by the param it set.",
+                (*td, "param"),
                 registry=r,
             ),
             upstream_connect_failures=Counter(
@@ -380,7 +387,8 @@ _KNOWN_ERROR_CODES = frozenset(
         "response_cancel_not_active", "session_expired", "rate_limit_exceeded",
         "invalid_api_key", "server_error", "invalid_request_error", "decimal_above_max_value",
         "decimal_below_min_value", "integer_above_max_value", "integer_below_min_value",
-        "string_above_max_length", "item_not_found", "invalid_type",
+        "string_above_max_length", "item_not_found", "invalid_type", "unknown_parameter",
+        "invalid_value_error", "response_create_failed",
     }
 )  # fmt: skip
 # The client event that marks the end of the user's turn, and the upstream ones.
@@ -548,8 +556,6 @@ class SessionMeter:
             self._response_done(frame)
         elif kind == "conversation.item.input_audio_transcription.completed":
             self._transcription_usage(frame)
-        elif kind == "error":
-            self._upstream_error(frame)
 
     def forwarded(self, direction: str, delay: float, waited: float) -> None:
         """A frame written ``delay`` seconds after it arrived, ``waited`` of them in the write."""
@@ -616,14 +622,20 @@ class SessionMeter:
                 self._cost.inc(usd)
                 self._on_cost(usd)
 
-    def _upstream_error(self, frame: bytes) -> None:
-        error = orjson.loads(frame).get("error")
-        code = error.get("code") if isinstance(error, Mapping) else None
-        code = code if isinstance(code, str) and code in _KNOWN_ERROR_CODES else "other"
-        self.metrics.upstream_errors.labels(self.deployment, code).inc()
+    def upstream_error(self, code: Any, error_type: Any) -> None:
+        """An upstream `error` event (the pump parses it), counted by its code; a null code
+        counts as its type (`server_error`); unknown codes as "other"."""
+        label = code if code is not None else error_type
+        label = label if isinstance(label, str) and label in _KNOWN_ERROR_CODES else "other"
+        self.metrics.upstream_errors.labels(self.deployment, label).inc()
 
     def violation(self, code: str) -> None:
         self.metrics.client_violations.labels(self.team, self.deployment, code).inc()
+
+    def rewritten(self, params: tuple[str, ...]) -> None:
+        """A client event corrected by the policy; params are rule paths from the config."""
+        for param in params:
+            self.metrics.client_rewrites.labels(self.team, self.deployment, param).inc()
 
     # --- flushing ----------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ Rules:
 - `check_client_frame` returns the bytes to forward (the very same object when the frame is
   untouched) or raises `PolicyViolation`. Only the event types a rule concerns are parsed:
   an audio append is judged by its type prefix and lengths, never decoded.
+- An event that breaks a rule (`rules.py`) is corrected and forwarded as a `Rewritten`
+  (``on_violation = "rewrite"``, the default), or refused (``"refuse"``). Events off the
+  allow-list and oversized frames or appends are always refused: there is nothing to correct.
 - A locked field is "changed" when the client sets it to a value other than the one in
   force; sending the current value again (as SDKs do) is allowed.
 """
@@ -22,9 +25,11 @@ import orjson
 from relay.ops.config import DeploymentConfig, PolicyConfig, TeamConfig
 from relay.session.codec import FrameError, base64_size, parse_event_strict, read_client_frame
 from relay.session.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
-from relay.session.schema import get_path, merge_session, preview_path, to_preview_session
+from relay.session.rules import judge
+from relay.session.schema import merge_session, preview_path, to_preview_session
 
 Flavour = Literal["ga", "preview"]
+OnViolation = Literal["rewrite", "refuse"]
 
 # Client events of the realtime API (protocol reference 3.1).
 DOCUMENTED_CLIENT_EVENTS = CLIENT_EVENT_TYPES
@@ -56,6 +61,14 @@ class PolicyViolation(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Rewritten:
+    """A client event the policy corrected: forward ``frame``; ``params`` broke a rule."""
+
+    frame: bytes
+    params: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionPolicy:
     """The effective rules of one team on one deployment, in that deployment's dialect."""
 
@@ -64,6 +77,7 @@ class SessionPolicy:
     locked: tuple[str, ...] = ()
     allowed_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     max_values: Mapping[str, float] = field(default_factory=dict)
+    on_violation: OnViolation = "rewrite"
     instructions_prefix: str = ""
     allowed_events: frozenset[str] = DOCUMENTED_CLIENT_EVENTS
     max_frame_bytes: int | None = None
@@ -94,7 +108,7 @@ class SessionPolicy:
             {"type": self.update_event, "event_id": DEFAULTS_EVENT_ID, "session": self.defaults}
         )
 
-    def check_client_frame(self, frame: bytes, session: Mapping[str, Any]) -> bytes:
+    def check_client_frame(self, frame: bytes, session: Mapping[str, Any]) -> bytes | Rewritten:
         """The frame to forward upstream, given the session in force; or PolicyViolation."""
         try:
             kind, event, audio_bytes = read_client_frame(frame)
@@ -109,7 +123,7 @@ class SessionPolicy:
         session: Mapping[str, Any],
         audio_bytes: int = -1,
         event: dict[str, Any] | None = None,
-    ) -> bytes:
+    ) -> bytes | Rewritten:
         """As `check_client_frame`, for a frame the caller already read with
         `codec.read_client_frame`: its type, an append's decoded audio size
         (``audio_bytes``) and the parsed event when reading it needed a parse."""
@@ -151,7 +165,7 @@ class SessionPolicy:
         key: str,
         session: Mapping[str, Any],
         event: dict[str, Any] | None,
-    ) -> bytes:
+    ) -> bytes | Rewritten:
         if not (self.inspects_session or self.instructions_prefix):
             return frame
         if event is None:
@@ -162,48 +176,29 @@ class SessionPolicy:
         fragment = event.get(key)
         if not isinstance(fragment, dict):
             return frame  # nothing set; the upstream judges the shape
-        event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-        self._check_fields(fragment, key, session, event_id)
+        breaches = judge(
+            fragment,
+            session,
+            key=key,
+            locked=self.locked,
+            allowed_values=self.allowed_values,
+            max_values=self.max_values,
+        )
+        if breaches and self.on_violation == "refuse":
+            event_id = event.get("event_id")
+            raise PolicyViolation(
+                breaches[0].message,
+                param=breaches[0].param,
+                event_id=event_id if isinstance(event_id, str) else None,
+            )
         instructions = fragment.get("instructions")
+        prefixed = False
         if self.instructions_prefix and isinstance(instructions, str):
-            prefixed = with_prefix(self.instructions_prefix, instructions)
-            if prefixed != instructions:
-                fragment["instructions"] = prefixed
-                return orjson.dumps(event)
-        return frame
-
-    def _check_fields(
-        self,
-        fragment: Mapping[str, Any],
-        key: str,
-        session: Mapping[str, Any],
-        event_id: str | None,
-    ) -> None:
-        for path in self.locked:
-            present, value = get_path(fragment, path)
-            if present and value != get_path(session, path)[1]:
-                raise PolicyViolation(
-                    f"{path} is locked by the relay's policy and cannot be changed.",
-                    param=f"{key}.{path}",
-                    event_id=event_id,
-                )
-        for path, allowed in self.allowed_values.items():
-            present, value = get_path(fragment, path)
-            if present and value not in allowed:
-                raise PolicyViolation(
-                    f"{path} must be one of {', '.join(map(repr, allowed))}; got {value!r}.",
-                    param=f"{key}.{path}",
-                    event_id=event_id,
-                )
-        for path, cap in self.max_values.items():
-            present, value = get_path(fragment, path)
-            too_big = not isinstance(value, int | float) or isinstance(value, bool) or value > cap
-            if present and too_big:
-                raise PolicyViolation(
-                    f"{path} may be at most {cap:g}; got {value!r}.",
-                    param=f"{key}.{path}",
-                    event_id=event_id,
-                )
+            fragment["instructions"] = with_prefix(self.instructions_prefix, instructions)
+            prefixed = fragment["instructions"] != instructions
+        if breaches:
+            return Rewritten(orjson.dumps(event), tuple(b.param for b in breaches))
+        return orjson.dumps(event) if prefixed else frame
 
 
 def with_prefix(prefix: str, instructions: str) -> str:
@@ -250,6 +245,7 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
         locked=locked,
         allowed_values=allowed_values,
         max_values=max_values,
+        on_violation=rules.on_violation or "rewrite",
         instructions_prefix=prefix,
         allowed_events=allowed_events,
         max_frame_bytes=rules.max_frame_bytes,

@@ -5,12 +5,13 @@ How it works:
   before reading the next. The write's drain is the backpressure: a slow reader stops its
   peer's pump, whose socket stops being read, whose TCP window closes.
 - Text frames travel as the bytes they arrived as (no decode, no re-encode). Client frames
-  pass the session policy first: a refused event is answered with an `error` event and the
-  session goes on, until too many refusals close it (1008).
+  pass the session policy first: an event that breaks a rule is corrected and forwarded (or,
+  with `on_violation = "refuse"`, answered with an `error` event); the session goes on until
+  too many refusals close it (1008).
 - The upstream's `session.updated` events are parsed to keep the session in force, which
   the policy judges changes against. Everything else is only sniffed for its type.
-- A watchdog ends the session at the policy's maximum duration or idle timeout, with an
-  `error` event that says why and close code 1008.
+- A watchdog ends the session at the policy's maximum duration (close 1001, as the service
+  does) or idle timeout (1008), with an `error` event that says why.
 - The first side to end decides the `Ending`. Its pump closes the other socket with the
   mapped close code, which ends the other pump's read; both pumps then return. A relay-side
   stop (shutdown) records its own Ending first and closes both sockets.
@@ -37,7 +38,7 @@ from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
 from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.continuity import TRACKED
 from relay.session.events import error_event
-from relay.session.policy import PolicyViolation, SessionPolicy
+from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
 from relay.session.renewal import Renewal, is_loss
 
 ClientSocket = web.WebSocketResponse[bool]
@@ -255,13 +256,17 @@ class Bridge:
                     break
                 try:
                     kind, event, audio = read_client_frame(msg.data)
-                    frame = policy.check(kind, msg.data, self.session, audio, event)
+                    checked = policy.check(kind, msg.data, self.session, audio, event)
                 except FrameError as exc:
                     await self._refuse(PolicyViolation(exc.message, code=exc.code))
                     continue
                 except PolicyViolation as violation:
                     await self._refuse(violation)
                     continue
+                if isinstance(checked, bytes):
+                    frame = checked
+                else:
+                    frame = self._rewritten(kind, checked)
                 meter.client_event(kind, frame, audio)
                 if not gate.is_set():
                     await gate.wait()  # held while the upstream is switched
@@ -340,6 +345,8 @@ class Bridge:
                     renewal.track(kind, frame)
                 if kind == updated:
                     self._session_updated(frame)
+                elif kind == "error":
+                    self._upstream_error(frame)
                 elif kind == "response.created":
                     self.between_responses.clear()
                 elif kind == "response.done":
@@ -407,6 +414,22 @@ class Bridge:
             self.session = session
             self.meter.session_changed(session)
 
+    def _upstream_error(self, frame: bytes) -> None:
+        """Log and count an upstream `error` event (its message, which may quote the
+        client's input, is left out)."""
+        error = orjson.loads(frame).get("error")
+        error = error if isinstance(error, dict) else {}
+        code, error_type = error.get("code"), error.get("type")
+        level = _log.warning if error_type == "server_error" else _log.info
+        level(
+            "upstream_error_event",
+            error_type=_clip(error_type),
+            code=_clip(code),
+            param=_clip(error.get("param")),
+            event_id=_clip(error.get("event_id")),
+        )
+        self.meter.upstream_error(code, error_type)
+
     async def _upstream_broke(self, what: str, cause: str = "upstream_protocol_error") -> None:
         _log.warning(cause, detail=what)
         await self.stop(
@@ -420,6 +443,12 @@ class Bridge:
         """The client broke the WebSocket protocol: close it with ``code``, no error event."""
         _log.info("client_protocol_error", detail=reason)
         await self.stop(code, reason, cause=f"client_{cause}", tell_client=False)
+
+    def _rewritten(self, kind: str, rewritten: Rewritten) -> bytes:
+        """The policy corrected a client event: say so, and forward the correction."""
+        _log.info("client_event_rewritten", event_type=kind, params=list(rewritten.params))
+        self.meter.rewritten(rewritten.params)
+        return rewritten.frame
 
     async def _refuse(self, violation: PolicyViolation) -> None:
         self.violations += 1
@@ -463,8 +492,9 @@ class Bridge:
                     await self._stalled(direction)
                     return
             if max_seconds is not None and now >= self.started_at + max_seconds:
+                # 1001, as the service closes its own expired sessions: a normal end to clients.
                 await self.stop(
-                    1008,
+                    1001,
                     "session duration limit reached",
                     cause="session_expired",
                     message=f"The session reached its maximum duration of {max_seconds:g} s.",
@@ -584,6 +614,11 @@ def _error_code(data: object) -> int | None:
     """The close code aiohttp chose for a protocol error it found (1009 for too big...)."""
     code = getattr(data, "code", None) if isinstance(data, Exception) else None
     return code if isinstance(code, int) else None
+
+
+def _clip(value: object, limit: int = 128) -> object:
+    """A field of an upstream event for a log line: strings cut to ``limit`` characters."""
+    return value[:limit] if isinstance(value, str) else value
 
 
 def _is_utf8(data: bytes) -> bool:

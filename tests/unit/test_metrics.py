@@ -144,10 +144,9 @@ def test_preview_names_and_formats(meter):
 
 
 def test_upstream_errors_and_unknown_types_keep_labels_bounded(meter):
-    feed(
-        meter, "out", ev("error", error={"type": "invalid_request_error", "code": "invalid_value"})
-    )
-    feed(meter, "out", ev("error", error={"type": "x", "code": "some-new-code-" + "x" * 40}))
+    meter.upstream_error("invalid_value", "invalid_request_error")
+    meter.upstream_error("some-new-code-" + "x" * 40, "x")
+    meter.upstream_error(None, "server_error")
     feed(meter, "out", ev("vendor.custom_event"))
     meter.flush()
     m = meter.metrics
@@ -161,6 +160,14 @@ def test_upstream_errors_and_unknown_types_keep_labels_bounded(meter):
     )
     assert (
         sample(m, "relay_upstream_error_events_total", {"deployment": "gpt-rt", "code": "other"})
+        == 1
+    )
+    assert (
+        sample(
+            m,
+            "relay_upstream_error_events_total",
+            {"deployment": "gpt-rt", "code": "server_error"},
+        )
         == 1
     )
     assert sample(m, "relay_events_total", {"direction": "out", "type": "other"}) == 1

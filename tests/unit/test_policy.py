@@ -11,8 +11,10 @@ from relay.session.codec import FrameError, base64_size, sniff_type
 from relay.session.policy import (
     DOCUMENTED_CLIENT_EVENTS,
     PolicyViolation,
+    Rewritten,
     SessionPolicy,
     build_policy,
+    with_prefix,
 )
 from relay.session.schema import get_path, merge_session, to_preview_session
 
@@ -53,6 +55,13 @@ def violation(policy: SessionPolicy, event, session=None) -> PolicyViolation:
     with pytest.raises(PolicyViolation) as info:
         policy.check_client_frame(frame(event), session or {})
     return info.value
+
+
+def rewritten(policy: SessionPolicy, event, session=None) -> tuple[dict, tuple[str, ...]]:
+    """The event as forwarded after correction, and the params corrected."""
+    out = policy.check_client_frame(frame(event), session or {})
+    assert isinstance(out, Rewritten), out
+    return orjson.loads(out.frame), out.params
 
 
 # --- codec -------------------------------------------------------------------------------
@@ -123,6 +132,7 @@ def test_preview_dialect_of_the_same_policy():
             "preview",
             locked=("audio.output.voice", "audio.input.transcription.model"),
             max_values={"max_output_tokens": 100},
+            on_violation="refuse",
         ),
         team(),
     )
@@ -187,7 +197,9 @@ CURRENT = {"type": "realtime", "instructions": "Be brief.", "audio": {"output": 
 
 
 def test_locked_fields_refused_only_when_changed():
-    policy = build_policy(deployment(locked=("instructions", "audio.output.voice")), team())
+    policy = build_policy(
+        deployment(locked=("instructions", "audio.output.voice"), on_violation="refuse"), team()
+    )
     error = violation(
         policy,
         {
@@ -229,6 +241,7 @@ def test_allowed_values_and_caps():
         deployment(
             allowed_values={"audio.output.voice": ("alloy", "marin")},
             max_values={"max_output_tokens": 500},
+            on_violation="refuse",
         ),
         team(),
     )
@@ -251,6 +264,197 @@ def test_allowed_values_and_caps():
     )
     assert violation(policy, {"type": "session.update", "session": {"max_output_tokens": "inf"}})
     assert violation(policy, {"type": "response.create", "response": {"max_output_tokens": 4096}})
+
+
+# The whole default session an agent SDK sends on connect (openai-agents' shape).
+AGENT_SESSION = {
+    "type": "realtime",
+    "model": "gpt-realtime",
+    "instructions": "You are a weather bot.",
+    "output_modalities": ["audio"],
+    "audio": {
+        "input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "transcription": {"model": "gpt-4o-mini-transcribe"},
+            "turn_detection": {"type": "semantic_vad", "interrupt_response": True},
+        },
+        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "ash"},
+    },
+    "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+    "tool_choice": "auto",
+    "max_output_tokens": "inf",
+}
+IN_FORCE = {
+    "type": "realtime",
+    "instructions": "Be brief.",
+    "max_output_tokens": "inf",
+    "audio": {
+        "input": {
+            "transcription": {"model": "whisper-1", "language": None},
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 200},
+        },
+        "output": {"voice": "alloy"},
+    },
+}
+
+
+def rewriting_policy(**rules):
+    rules = {
+        "locked": ("audio.input.transcription.model",),
+        "allowed_values": {"audio.output.voice": ("alloy", "marin")},
+        "max_values": {"max_output_tokens": 4096},
+        **rules,
+    }
+    return build_policy(deployment(**rules), team())
+
+
+def test_an_agent_session_is_corrected_and_keeps_everything_else():
+    forwarded, params = rewritten(
+        rewriting_policy(),
+        {"type": "session.update", "event_id": "a1", "session": AGENT_SESSION},
+        IN_FORCE,
+    )
+    session = forwarded["session"]
+    assert params == (
+        "session.audio.input.transcription.model",
+        "session.audio.output.voice",
+        "session.max_output_tokens",
+    )
+    assert session["audio"]["input"]["transcription"] == {"model": "whisper-1"}
+    assert session["audio"]["output"]["voice"] == "alloy"
+    assert session["max_output_tokens"] == 4096  # an integer, as the API wants
+    # The rest of the agent's session goes through as it sent it.
+    for key in ("instructions", "tools", "tool_choice", "output_modalities", "model"):
+        assert session[key] == AGENT_SESSION[key]
+    assert session["audio"]["input"]["turn_detection"] == {
+        "type": "semantic_vad",
+        "interrupt_response": True,
+    }
+    assert forwarded["event_id"] == "a1"
+
+
+@pytest.mark.parametrize(
+    ("event", "expected", "params"),
+    [
+        # A locked table's parent set to null is taken out (the service would drop it whole).
+        (
+            {"audio": None, "instructions": "Hi"},
+            {"instructions": "Hi"},
+            ("session.audio.input.transcription.model",),
+        ),
+        # Transcription off where it is on: the locked model would go with it.
+        (
+            {"audio": {"input": {"transcription": None}}},
+            {"audio": {"input": {}}},
+            ("session.audio.input.transcription.model",),
+        ),
+        ({"max_output_tokens": 5000}, {"max_output_tokens": 4096}, ("session.max_output_tokens",)),
+        ({"max_output_tokens": None}, {"max_output_tokens": 4096}, ("session.max_output_tokens",)),
+        (
+            {"audio": {"output": {"voice": 3}}},
+            {"audio": {"output": {"voice": "alloy"}}},
+            ("session.audio.output.voice",),
+        ),
+    ],
+)
+def test_rewrites(event, expected, params):
+    forwarded, got = rewritten(
+        rewriting_policy(), {"type": "session.update", "session": event}, IN_FORCE
+    )
+    assert forwarded["session"] == expected
+    assert got == params
+
+
+def test_a_new_table_type_over_a_locked_field_is_taken_out():
+    policy = build_policy(
+        deployment(locked=("audio.input.turn_detection.silence_duration_ms",)), team()
+    )
+    event = {
+        "type": "session.update",
+        "session": {
+            "instructions": "Hi",
+            "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}},
+        },
+    }
+    forwarded, _ = rewritten(policy, event, IN_FORCE)
+    assert forwarded["session"] == {"instructions": "Hi", "audio": {"input": {}}}
+    # The same type, other fields: merged key by key, the locked one kept.
+    same_type = {"audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.7}}}}
+    raw = frame({"type": "session.update", "session": same_type})
+    assert policy.check_client_frame(raw, IN_FORCE) is raw
+
+
+def test_nothing_in_force_means_the_client_may_not_create_a_locked_field():
+    policy = build_policy(deployment(locked=("audio.input.transcription.model",)), team())
+    off = {"audio": {"input": {"transcription": None}}}
+    forwarded, _ = rewritten(
+        policy,
+        {
+            "type": "session.update",
+            "session": {"audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}},
+        },
+        off,
+    )
+    assert forwarded["session"] == {"audio": {"input": {"transcription": None}}}
+    raw = frame({"type": "session.update", "session": off})
+    assert policy.check_client_frame(raw, off) is raw
+
+
+def test_response_overrides_are_corrected_and_null_means_unset():
+    policy = rewriting_policy(locked=("instructions", "audio.input.transcription.model"))
+    forwarded, params = rewritten(
+        policy,
+        {
+            "type": "response.create",
+            "response": {
+                "instructions": "Shout.",
+                "max_output_tokens": "inf",
+                "audio": {"output": {"voice": "echo"}},
+                "metadata": {"topic": "x"},
+            },
+        },
+        IN_FORCE,
+    )
+    assert forwarded["response"] == {
+        "instructions": "Be brief.",
+        "max_output_tokens": 4096,
+        "audio": {"output": {"voice": "alloy"}},
+        "metadata": {"topic": "x"},
+    }
+    assert params == (
+        "response.instructions",
+        "response.audio.output.voice",
+        "response.max_output_tokens",
+    )
+    # LiveKit's generate_reply(): nulls for what it leaves to the session.
+    livekit = frame(
+        {
+            "type": "response.create",
+            "response": {"instructions": None, "max_output_tokens": None, "audio": None},
+        }
+    )
+    assert policy.check_client_frame(livekit, IN_FORCE) is livekit
+
+
+def test_refuse_mode_refuses_what_rewrite_mode_corrects():
+    policy = rewriting_policy(on_violation="refuse")
+    error = violation(
+        policy, {"type": "session.update", "event_id": "a1", "session": AGENT_SESSION}, IN_FORCE
+    )
+    assert (error.param, error.event_id) == ("session.audio.input.transcription.model", "a1")
+    assert build_policy(deployment(), team()).on_violation == "rewrite"
+    overridden = build_policy(deployment(on_violation="refuse"), team(on_violation="rewrite"))
+    assert overridden.on_violation == "rewrite"
+
+
+def test_the_prefix_applies_to_a_corrected_event():
+    policy = rewriting_policy(instructions_prefix="Rules.")
+    forwarded, _ = rewritten(
+        policy,
+        {"type": "session.update", "session": {"instructions": "Hi", "max_output_tokens": "inf"}},
+        IN_FORCE,
+    )
+    assert forwarded["session"] == {"instructions": "Rules.\n\nHi", "max_output_tokens": 4096}
 
 
 def test_event_allow_list():
@@ -334,7 +538,7 @@ fragments = st.fixed_dictionaries(
             },
         )
         | json_values,
-        "max_output_tokens": st.integers(1, 5000),
+        "max_output_tokens": st.integers(1, 5000) | st.sampled_from(["inf", None]),
     },
 )
 
@@ -343,21 +547,41 @@ fragments = st.fixed_dictionaries(
     fragment=fragments,
     kind=st.sampled_from(["session.update", "response.create"]),
     prefix=st.sampled_from(["", "P."]),
+    mode=st.sampled_from(["rewrite", "refuse"]),
 )
-def test_forwarded_events_never_change_a_locked_field(fragment, kind, prefix):
-    policy = build_policy(deployment(locked=LOCKED, instructions_prefix=prefix or None), team())
+def test_forwarded_events_never_change_a_locked_field(fragment, kind, prefix, mode):
+    policy = build_policy(
+        deployment(
+            locked=LOCKED,
+            max_values={"max_output_tokens": 4096},
+            instructions_prefix=prefix or None,
+            on_violation=mode,
+        ),
+        team(),
+    )
     current = {
-        "instructions": "Be brief.",
+        # In force, the instructions carry the prefix (defaults and updates get it).
+        "instructions": with_prefix(prefix, "Be brief."),
         "tools": [],
+        "max_output_tokens": 4096,
         "audio": {"output": {"voice": "alloy"}, "input": {"transcription": {"model": "whisper-1"}}},
     }
     key = "session" if kind == "session.update" else "response"
     try:
         out = policy.check_client_frame(frame({"type": kind, key: fragment}), current)
     except PolicyViolation:
+        assert mode == "refuse"  # rewriting corrects every such event instead
         return
-    forwarded = orjson.loads(out)[key]
-    for path in LOCKED:
-        present, value = get_path(forwarded, path)
-        if present:
-            assert value == get_path(current, path)[1], path
+    forwarded = orjson.loads(out.frame if isinstance(out, Rewritten) else out)[key]
+    if kind == "session.update":
+        effective = merge_session(current, forwarded)  # as the upstream applies it
+        for path in LOCKED:
+            assert get_path(effective, path)[1] == get_path(current, path)[1], path
+    else:
+        for path in LOCKED:
+            present, value = get_path(forwarded, path)
+            if present and value is not None:  # null: unset, the session's value applies
+                assert value == get_path(current, path)[1], path
+    present, tokens = get_path(forwarded, "max_output_tokens")
+    if present and (kind == "session.update" or tokens is not None):
+        assert isinstance(tokens, int) and tokens <= 4096

@@ -35,6 +35,36 @@ def test_plain_http_endpoint_and_path_prefix():
 
 
 @pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://res.openai.azure.com/openai/v1/",  # as Azure's GA docs write it
+        "https://res.openai.azure.com/openai/v1",
+        "https://res.openai.azure.com/openai/",
+        "https://res.openai.azure.com/openai/v1/realtime",
+        "https://res.openai.azure.com//",
+    ],
+)
+def test_an_endpoint_with_the_api_path_is_normalised_at_load(endpoint):
+    deployment = DeploymentConfig("d", endpoint, CRED)
+    assert deployment.endpoint == deployment.backends[0].endpoint == "https://res.openai.azure.com"
+    assert str(realtime_url(deployment.endpoint, deployment)) == (
+        "wss://res.openai.azure.com/openai/v1/realtime?model=d"
+    )
+    preview = DeploymentConfig("d", endpoint, CRED, protocol="preview", api_version="2024-12-17")
+    assert str(realtime_url(preview.backends[0].endpoint, preview)) == (
+        "wss://res.openai.azure.com/openai/realtime?api-version=2024-12-17&deployment=d"
+    )
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["res.openai.azure.com", "https://", "https://res.openai.azure.com/?x=1"]
+)
+def test_an_endpoint_that_is_not_a_base_url_is_refused(endpoint):
+    with pytest.raises(ValueError, match="endpoint must be an http"):
+        DeploymentConfig("d", endpoint, CRED)
+
+
+@pytest.mark.parametrize(
     ("status", "retry_after", "expected_status", "code"),
     [
         (401, None, 502, "upstream_auth_failed"),
