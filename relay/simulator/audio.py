@@ -120,15 +120,32 @@ class AudioChunk:
     ms: float
 
 
+# Delta sizes cycle through these multiples of chunk_ms (mean 1): the service's audio deltas
+# vary in size, and a client or relay must not count on one size.
+CHUNK_FACTORS = (0.5, 1.5, 1.0, 0.75, 1.25)
+
+
+def chunk_sizes(chunk_ms: int, fmt: AudioFormat = PCM16) -> tuple[int, ...]:
+    """Bytes per delta, one per factor, each a whole number of samples."""
+    sample = fmt.bytes_per_sample
+    return tuple(
+        max(1, round(chunk_ms * factor * fmt.bytes_per_ms / sample)) * sample
+        for factor in CHUNK_FACTORS
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def reply_chunks(text: str, chunk_ms: int, fmt: AudioFormat = PCM16) -> tuple[AudioChunk, ...]:
-    """The reply audio split into ``chunk_ms`` pieces, base64 encoded once and cached."""
+    """The reply audio split into pieces of ``chunk_ms`` on average, base64 encoded once and
+    cached."""
     audio = synthesize_reply(text, fmt)
-    size = chunk_ms * fmt.bytes_per_ms
-    return tuple(
-        AudioChunk(
-            base64.b64encode(audio[i : i + size]).decode("ascii"),
-            fmt.duration_ms(len(audio[i : i + size])),
+    sizes = chunk_sizes(chunk_ms, fmt)
+    chunks = []
+    start = 0
+    while start < len(audio):
+        piece = audio[start : start + sizes[len(chunks) % len(sizes)]]
+        chunks.append(
+            AudioChunk(base64.b64encode(piece).decode("ascii"), fmt.duration_ms(len(piece)))
         )
-        for i in range(0, len(audio), size)
-    )
+        start += len(piece)
+    return tuple(chunks)

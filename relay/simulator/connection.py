@@ -49,11 +49,12 @@ class Connection:
         self._listeners: list[Socket] = [ws] if ws is not None else []
         self._engine = engine
         self._speed = speed
-        self._max_session_seconds = max_session_seconds
-        self._expiring = False
         # A call: audio is media, not events.
         self._media = media
         self._speaking: set[Any] = set()  # responses whose audio is playing, on a call
+        self._max_session_seconds = max_session_seconds
+        # The task ending an expired session, once its time has come.
+        self._expiring: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
         # Response playback tasks by response id; each removes itself when done.
         self._playing: dict[str, asyncio.Task[None]] = {}
@@ -62,28 +63,32 @@ class Connection:
     async def run(self) -> None:
         """Serve the socket until the client closes it, goes away, or the session expires."""
         assert self._ws is not None
-        loop = asyncio.get_running_loop()
-        expiry = loop.create_task(self._expire(), name="simulator-session-expiry")
+        # A timer, not a sleeping task: nothing per session until a session actually expires.
+        timer = asyncio.get_running_loop().call_later(self._max_session_seconds, self._expire_now)
         try:
-            await self._send(self._engine.session_created())
+            for event in self._engine.greeting():
+                await self._send(event)
             await self.serve(self._ws)
         finally:
+            timer.cancel()
             await self.stop_all()
-            if not self._expiring:
-                expiry.cancel()
-            await asyncio.wait([expiry])  # an expiring session's close completes first
+            if self._expiring is not None:
+                await asyncio.wait([self._expiring])  # its close completes first
+
+    def _expire_now(self) -> None:
+        self._expiring = asyncio.get_running_loop().create_task(
+            self._expire(), name="simulator-session-expiry"
+        )
 
     async def _expire(self) -> None:
         """At the session's maximum duration: an ``error`` event, then close 1001."""
-        await asyncio.sleep(self._max_session_seconds)
-        self._expiring = True
+        assert self._ws is not None
         await self.stop_all()
         log.info("simulator.session_expired", max_session_seconds=self._max_session_seconds)
         try:
             await self._send(self._engine.expired_event())
         except ConnectionError:
             return
-        assert self._ws is not None
         await self._ws.close(code=WSCloseCode.GOING_AWAY, message=b"Session expired")
 
     async def serve(self, ws: Socket) -> None:

@@ -100,6 +100,21 @@ def assistant_item(item_id: str) -> Item:
     )
 
 
+def function_call_item(item_id: str, call_id: str, name: str) -> Item:
+    """A function call as a response starts it: in progress, arguments still to come."""
+    return Item(
+        {
+            "id": item_id,
+            "type": "function_call",
+            "object": "realtime.item",
+            "status": "in_progress",
+            "name": name,
+            "call_id": call_id,
+            "arguments": "",
+        }
+    )
+
+
 def _content_types(dialect: Dialect, role: str) -> tuple[str, ...]:
     if role == "assistant":
         return (dialect.text_content, dialect.audio_content)

@@ -42,6 +42,7 @@ from relay.simulator.response import ResponseRun
 from relay.simulator.schema import Dialect, client_events
 from relay.simulator.session import apply_update, default_session
 from relay.simulator.settings import parse_settings
+from relay.simulator.tools import choose_call
 from relay.simulator.transcription import (
     REFUSED_EVENTS,
     apply_transcription_update,
@@ -68,6 +69,8 @@ class CancelResponse:
 
 
 Action = Event | StartResponse | CancelResponse
+# The service's limit on one `input_audio_buffer.append` (decoded audio).
+MAX_APPEND_AUDIO_BYTES = 15 * 1024 * 1024
 Handler = Callable[[dict[str, Any]], list[Action]]
 
 
@@ -139,6 +142,15 @@ class Engine:
         apply = apply_transcription_update if self.transcription else apply_update
         self.session, self.settings = apply(self.dialect, self.session, fragment)
         self._input.configure(self.settings.turn_detection, self.settings.input_format)
+
+    def greeting(self) -> list[Event]:
+        """What a new connection gets first: ``session.created``, and on the preview dialect
+        ``conversation.created``."""
+        events = [self.session_created()]
+        if not self.dialect.is_ga and not self.transcription:
+            conversation = {"id": self.conversation.id, "object": "realtime.conversation"}
+            events.append(self.event("conversation.created", conversation=conversation))
+        return events
 
     def expired_event(self) -> Event:
         """The ``error`` the service sends when a session reaches its maximum duration."""
@@ -215,6 +227,12 @@ class Engine:
 
     def _append(self, event: dict[str, Any]) -> list[Action]:
         audio = decode_audio(v.required(event, "audio", ""), "audio")
+        if len(audio) > MAX_APPEND_AUDIO_BYTES:
+            raise ClientEventError(
+                "invalid_value",
+                f"Audio chunk too large: {len(audio)} bytes; the maximum is 15 MiB per append.",
+                "audio",
+            )
         actions: list[Action] = []
         for turn in self._input.append(audio):
             if isinstance(turn, SpeechStarted):
@@ -352,6 +370,7 @@ class Engine:
         if context is None:
             context = self.conversation.items()
         reply = self._options.reply_text
+        call = choose_call(params.tools, params.tool_choice, context, self._options.tool_trigger)
         run = ResponseRun(
             events=self._events,
             params=params,
@@ -360,6 +379,7 @@ class Engine:
             input_usage=input_usage(params.instructions, context),
             conversation=None if params.out_of_band else self.conversation,
             on_done=self._response_done,
+            call=call,
         )
         self._active = run
         return StartResponse(run)

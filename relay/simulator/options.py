@@ -14,11 +14,14 @@ class SimulatorOptions:
             ``Authorization: Bearer <key>``, as Azure's v1 endpoint does.
         bearer_tokens: accepted Microsoft Entra bearer tokens.
         speed: audio pacing; 1.0 is real time, 2.0 twice as fast, 0 as fast as possible.
-        chunk_ms: milliseconds of audio per ``response.output_audio.delta``.
+        chunk_ms: mean milliseconds of audio per ``response.output_audio.delta`` (their
+            sizes vary around it, as the service's do).
         reply_text: fixed assistant reply; ``None`` builds a deterministic reply from the input.
         max_session_seconds: a session's lifetime (``session.expires_at``); at its end the
             session gets an ``error`` event ``session_expired`` and close 1001, as Azure's
             (60 minutes in Azure's current docs).
+        tool_trigger: a phrase that, in the user's message (text or transcript), makes the
+            model call the first function tool; naming a tool calls that tool regardless.
     """
 
     api_keys: frozenset[str] = frozenset()
@@ -27,6 +30,7 @@ class SimulatorOptions:
     chunk_ms: int = 100
     reply_text: str | None = None
     max_session_seconds: float = 3600.0
+    tool_trigger: str | None = None
 
     def __post_init__(self) -> None:
         if self.speed < 0:
@@ -42,5 +46,6 @@ class SimulatorOptions:
             f"SimulatorOptions(api_keys=<{len(self.api_keys)} redacted>, "
             f"bearer_tokens=<{len(self.bearer_tokens)} redacted>, speed={self.speed!r}, "
             f"chunk_ms={self.chunk_ms!r}, reply_text={self.reply_text!r}, "
-            f"max_session_seconds={self.max_session_seconds!r})"
+            f"max_session_seconds={self.max_session_seconds!r}, "
+            f"tool_trigger={self.tool_trigger!r})"
         )

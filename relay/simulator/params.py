@@ -69,6 +69,8 @@ class ResponseParams:
     out_of_band: bool = False
     # Explicit ``input`` items replacing the conversation as context (raw, unresolved).
     input_items: tuple[Any, ...] | None = None
+    tools: tuple[Any, ...] = ()
+    tool_choice: Any = "auto"
 
 
 def defaults_from(session: SessionSettings) -> ResponseParams:
@@ -80,6 +82,8 @@ def defaults_from(session: SessionSettings) -> ResponseParams:
         voice=session.voice,
         output_format=session.output_format,
         temperature=session.temperature,
+        tools=session.tools,
+        tool_choice=session.tool_choice,
     )
 
 
@@ -92,8 +96,11 @@ def parse_response_params(dialect: Dialect, raw: Any, session: SessionSettings) 
     base = defaults_from(session)
     if raw is None:
         return base
-    overrides = v.obj(raw, "response")
-    v.check_keys(overrides, _GA_KEYS if dialect.is_ga else _BETA_KEYS, "response")
+    given = v.obj(raw, "response")
+    v.check_keys(given, _GA_KEYS if dialect.is_ga else _BETA_KEYS, "response")
+    # A null leaves the field unset: the session's value applies (LiveKit sends
+    # `"instructions": null`).
+    overrides = _without_nulls(given)
     if "tools" in overrides or "tool_choice" in overrides:
         check_tools(dialect, overrides, "response")
     common = _parse_common(overrides)
@@ -104,8 +111,21 @@ def parse_response_params(dialect: Dialect, raw: Any, session: SessionSettings) 
     return replace(base, **common, **specific)
 
 
+def _without_nulls(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    kept = {key: value for key, value in overrides.items() if value is not None}
+    audio = kept.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("output"), dict):
+        output = {k: v for k, v in audio["output"].items() if v is not None}
+        kept["audio"] = {**audio, "output": output}
+    return kept
+
+
 def _parse_common(overrides: Mapping[str, Any]) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
+    if "tools" in overrides:
+        parsed["tools"] = tuple(overrides["tools"])
+    if "tool_choice" in overrides:
+        parsed["tool_choice"] = overrides["tool_choice"]
     if "instructions" in overrides:
         parsed["instructions"] = v.string(overrides["instructions"], "response.instructions")
     if "conversation" in overrides:

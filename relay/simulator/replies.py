@@ -16,18 +16,25 @@ def transcript_for(audio_ms: float) -> str:
 
 
 def default_reply(context: Iterable[Item]) -> str:
-    """The reply to the latest user message in ``context``."""
-    for item in reversed(tuple(context)):
+    """The reply to the latest user message in ``context``, or to a tool's output that
+    follows it."""
+    items = tuple(context)
+    if items and items[-1].wire.get("type") == "function_call_output":
+        return f"The tool answered: {_clip(str(items[-1].wire.get('output', '')))}"
+    for item in reversed(items):
         if item.role != "user":
             continue
         for index, part in enumerate(item.content):
             said = part.get("text") or part.get("transcript")
             if isinstance(said, str) and said:
-                clipped = said if len(said) <= _MAX_ECHO_CHARS else said[:_MAX_ECHO_CHARS] + "…"
-                return f"You said: {clipped}"
+                return f"You said: {_clip(said)}"
             if index in item.audio_ms:
                 return f"I heard {item.audio_ms[index] / 1000:.1f} seconds of audio."
     return "Hello! This is the simulated realtime service."
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_ECHO_CHARS else text[:_MAX_ECHO_CHARS] + "…"
 
 
 def input_usage(instructions: str, context: Iterable[Item]) -> Usage:

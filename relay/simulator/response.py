@@ -16,14 +16,17 @@ from enum import IntEnum
 from typing import Any
 
 from relay.simulator.audio import reply_chunks
-from relay.simulator.conversation import Conversation, assistant_item
+from relay.simulator.conversation import Conversation, assistant_item, function_call_item
 from relay.simulator.events import Event, ServerEvents
 from relay.simulator.params import ResponseParams
+from relay.simulator.tools import ToolCall
 from relay.simulator.usage import Usage, output_audio_tokens, text_tokens
 
 Step = float | Event
 # Text-only replies stream a word every TEXT_DELTA_MS at speed 1.
 TEXT_DELTA_MS = 25
+# Function call arguments stream in pieces of this many characters, one per TEXT_DELTA_MS.
+ARGUMENTS_DELTA_CHARS = 16
 _REQUESTS_PER_MINUTE = 1000
 _TOKENS_PER_MINUTE = 100_000
 _WORD = re.compile(r"\s*\S+")
@@ -62,6 +65,7 @@ class ResponseRun:
         input_usage: Usage,
         conversation: Conversation | None,
         on_done: Callable[[ResponseRun], None],
+        call: ToolCall | None = None,
     ) -> None:
         self.id = events.ids.response()
         self.params = params
@@ -73,7 +77,12 @@ class ResponseRun:
         # None for out-of-band responses (``conversation: "none"``).
         self._conversation = conversation
         self._on_done = on_done
-        self._item = assistant_item(events.ids.item())
+        # A response either calls a function tool or speaks (or writes).
+        self._call = call
+        if call is None:
+            self._item = assistant_item(events.ids.item())
+        else:
+            self._item = function_call_item(events.ids.item(), events.ids.new("call"), call.name)
         self._stage = _Stage.NEW
         # Whether the assistant item was announced as added to the conversation.
         self._announced = False
@@ -101,6 +110,10 @@ class ResponseRun:
         """The whole response, from ``response.created`` to ``response.done``."""
         yield self._created()
         yield self._event("rate_limits.updated", rate_limits=self._rate_limits())
+        if self._call is not None:
+            yield from self._function_call(self._call)
+            yield from self.finish("completed", None)
+            return
         yield from self._open()
         body = self._audio() if self.params.audio_output else self._text_only()
         status = yield from body
@@ -134,6 +147,11 @@ class ResponseRun:
         return self._event("response.created", response=self._response("in_progress", None, []))
 
     def _open(self) -> Iterator[Event]:
+        yield from self._add_item()
+        self._stage = _Stage.PART
+        yield self._event("response.content_part.added", **self._where(), part=self._part(""))
+
+    def _add_item(self) -> Iterator[Event]:
         item = self._item
         self._stage = _Stage.ITEM
         yield self._event(
@@ -148,16 +166,41 @@ class ResponseRun:
             yield self._event(
                 self._dialect.item_added, previous_item_id=previous, item=item.snapshot()
             )
-        self._stage = _Stage.PART
-        yield self._event("response.content_part.added", **self._where(), part=self._part(""))
+
+    def _function_call(self, call: ToolCall) -> Iterator[Step]:
+        """The call's item, its arguments streamed in pieces, then the whole arguments."""
+        yield from self._add_item()
+        item = self._item
+        where = {
+            "response_id": self.id,
+            "item_id": item.id,
+            "output_index": 0,
+            "call_id": item.wire["call_id"],
+        }
+        arguments = call.arguments
+        pieces = [
+            arguments[i : i + ARGUMENTS_DELTA_CHARS]
+            for i in range(0, len(arguments), ARGUMENTS_DELTA_CHARS)
+        ]
+        for index, piece in enumerate(pieces):
+            if index:
+                yield float(index * TEXT_DELTA_MS)
+            self._sent_text += piece
+            yield self._event("response.function_call_arguments.delta", **where, delta=piece)
+        item.wire["arguments"] = self._sent_text
+        done = {**where, "name": call.name} if self._dialect.is_ga else where
+        yield self._event(
+            "response.function_call_arguments.done", **done, arguments=self._sent_text
+        )
 
     def _audio(self) -> Generator[Step, None, str]:
         chunks = reply_chunks(self._text, self._chunk_ms, self.params.output_format)
         pieces = split_transcript(self._text)
         sent = 0
+        elapsed = 0.0
         for index, chunk in enumerate(chunks):
             if index:
-                yield float(index * self._chunk_ms)
+                yield elapsed
             due = math.ceil((index + 1) * len(pieces) / len(chunks))
             upcoming = "".join(pieces[sent:due])
             if self._over_budget(self._sent_audio_ms + chunk.ms, self._sent_text + upcoming):
@@ -167,6 +210,7 @@ class ResponseRun:
                 yield self._event(self._dialect.transcript_delta, **self._where(), delta=piece)
             sent = due
             self._sent_audio_ms += chunk.ms
+            elapsed += chunk.ms
             yield self._event(self._dialect.audio_delta, **self._where(), delta=chunk.b64)
         return "completed"
 

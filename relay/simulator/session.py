@@ -37,6 +37,13 @@ BETA_MODELS = (
     "gpt-4o-mini-realtime-preview-2024-12-17",
 )
 _READ_ONLY = frozenset({"id", "object", "expires_at", "model", "client_secret"})
+# Session fields whose null means "off"; elsewhere a null leaves the field unset.
+_NULL_MEANS_OFF = frozenset(
+    {
+        "transcription", "noise_reduction", "turn_detection", "tracing", "prompt", "include",
+        "input_audio_transcription", "input_audio_noise_reduction",
+    }
+)  # fmt: skip
 _GA_KEYS = (
     frozenset(
         {
@@ -165,10 +172,24 @@ def apply_update(
         _check_ga_fragment(patch)
     else:
         v.check_keys(patch, _BETA_KEYS, "session")
-    patch = {key: value for key, value in patch.items() if key not in _READ_ONLY}
+    patch = _without_unset({key: value for key, value in patch.items() if key not in _READ_ONLY})
     merged = _copy(merge_session(session, patch))
     _normalize_turn_detection(dialect, merged)
     return merged, parse_settings(dialect, merged)
+
+
+def _without_unset(patch: dict[str, Any]) -> dict[str, Any]:
+    """The update without its nulls that mean "unset" (the field keeps its value, as the
+    service does); a null that turns something off (transcription, turn detection...) stays."""
+    kept = {k: v for k, v in patch.items() if v is not None or k in _NULL_MEANS_OFF}
+    audio = kept.get("audio")
+    if isinstance(audio, dict):
+        kept["audio"] = {
+            part: _without_unset(value) if isinstance(value, dict) else value
+            for part, value in audio.items()
+            if value is not None
+        }
+    return kept
 
 
 def _copy(value: Any) -> Any:

@@ -48,6 +48,9 @@ class SessionSettings:
     turn_detection: TurnDetection | None
     transcription_model: str | None
     temperature: float | None
+    # Validated by `check_passthrough`; the model may call the function tools.
+    tools: tuple[Any, ...] = ()
+    tool_choice: Any = "auto"
 
 
 def parse_settings(dialect: Dialect, session: Mapping[str, Any]) -> SessionSettings:
@@ -86,6 +89,8 @@ def _parse_ga(session: Mapping[str, Any]) -> SessionSettings:
             GA, inp.get("transcription"), "session.audio.input.transcription"
         ),
         temperature=None,
+        tools=tuple(session.get("tools") or ()),
+        tool_choice=session.get("tool_choice") or "auto",
     )
 
 
@@ -115,6 +120,8 @@ def _parse_beta(session: Mapping[str, Any]) -> SessionSettings:
             BETA, session.get("input_audio_transcription"), "session.input_audio_transcription"
         ),
         temperature=v.number(session.get("temperature", 0.8), "session.temperature", 0.6, 1.2),
+        tools=tuple(session.get("tools") or ()),
+        tool_choice=session.get("tool_choice") or "auto",
     )
 
 

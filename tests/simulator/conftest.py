@@ -136,4 +136,8 @@ async def open_socket(
     socket = RealtimeSocket(ws, dialect)
     created = await socket.recv()
     assert created["type"] == "session.created"
+    if dialect == "beta":  # the preview dialect announces the default conversation too
+        announced = await socket.recv()
+        assert announced["type"] == "conversation.created"
+        assert announced["conversation"]["object"] == "realtime.conversation"
     return socket

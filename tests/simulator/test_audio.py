@@ -75,9 +75,12 @@ def test_chunks_cover_the_reply_exactly(chunk_ms: int) -> None:
     text = "The quick brown fox jumps over the lazy dog."
     chunks = reply_chunks(text, chunk_ms)
     total_ms = reply_duration_ms(text)
-    assert len(chunks) == math.ceil(total_ms / chunk_ms)
-    assert all(chunk.ms == chunk_ms for chunk in chunks[:-1])
+    assert len(chunks) == pytest.approx(total_ms / chunk_ms, abs=2)
     assert sum(chunk.ms for chunk in chunks) == pytest.approx(total_ms)
+    if len(chunks) > 2:  # sizes vary around chunk_ms, as the service's deltas do
+        assert len({chunk.ms for chunk in chunks[:-1]}) > 1
+        assert min(c.ms for c in chunks[:-1]) < chunk_ms < max(c.ms for c in chunks[:-1])
+    assert all(len(base64.b64decode(chunk.b64)) % 2 == 0 for chunk in chunks)  # whole samples
     assert b"".join(base64.b64decode(chunk.b64) for chunk in chunks) == synthesize_reply(text)
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import base64
-import math
 from typing import Any
 
 import orjson
 import pytest
 
-from relay.simulator.audio import PCM16, reply_duration_ms, synthesize_reply
+from relay.simulator.audio import PCM16, reply_chunks, reply_duration_ms, synthesize_reply
 from relay.simulator.engine import Action, CancelResponse, Engine, StartResponse
 from relay.simulator.ids import IdFactory
 from relay.simulator.options import SimulatorOptions
@@ -440,7 +439,7 @@ def test_audio_response_sequence_audio_and_usage() -> None:
     assert types(events[:5]) == GA_SEQUENCE_HEAD and types(events[-6:]) == GA_SEQUENCE_TAIL
     deltas = types(events[5:-6])
     assert set(deltas) == {"response.output_audio.delta", "response.output_audio_transcript.delta"}
-    assert deltas.count("response.output_audio.delta") == math.ceil(reply_duration_ms(reply) / 100)
+    assert deltas.count("response.output_audio.delta") == len(reply_chunks(reply, 100))
     assert audio_of(events) == synthesize_reply(reply)
     transcript = "".join(
         e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta"
@@ -472,7 +471,8 @@ def test_transcript_leads_the_audio() -> None:
 def test_steps_carry_audio_deadlines() -> None:
     harness = Harness(reply_text="x" * 20, chunk_ms=200)  # 1200 ms of audio
     deadlines = [step for step in harness.start().steps() if isinstance(step, float)]
-    assert deadlines == [200.0, 400.0, 600.0, 800.0, 1000.0]
+    # Deltas of 100, 300, 200, 150, 250 ms (sizes vary around chunk_ms), then 100 and 100.
+    assert deadlines == [100.0, 400.0, 600.0, 750.0, 1000.0, 1100.0]
 
 
 def test_reply_follows_the_input() -> None:
