@@ -125,8 +125,14 @@ async def _simulator(app: web.Application) -> AsyncIterator[None]:
     if state.live.config.uses_simulator:
         # The simulator accepts exactly the key the relay presents to it.
         key = (await state.simulator_credential.headers())["api-key"]
+        simulator = state.live.config.simulator
         running = await start_simulator(
-            SimulatorOptions(api_keys=frozenset([key]), speed=state.live.config.simulator.speed)
+            SimulatorOptions(
+                api_keys=frozenset([key]),
+                speed=simulator.speed,
+                max_session_seconds=simulator.max_session_seconds,
+                tool_trigger=simulator.tool_trigger,
+            )
         )
         state.simulator_url = running.url
         _log.info("simulator_started", url=running.url)

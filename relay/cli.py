@@ -80,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--speed", type=float, default=1.0, help="audio pacing: 1 real time, 0 unpaced"
     )
+    simulate.add_argument(
+        "--max-session-seconds",
+        type=float,
+        default=3600.0,
+        help="session lifetime, then session_expired and close 1001 (default: 3600, as Azure)",
+    )
+    simulate.add_argument(
+        "--tool-trigger", help="a phrase that makes the simulated model call the first tool"
+    )
     simulate.set_defaults(func=_simulate)
 
     reloading = commands.add_parser(
@@ -222,7 +231,14 @@ def _simulate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     async def run() -> None:
         simulator = await start_simulator(
-            SimulatorOptions(api_keys=frozenset([key]), speed=args.speed), args.host, args.port
+            SimulatorOptions(
+                api_keys=frozenset([key]),
+                speed=args.speed,
+                max_session_seconds=args.max_session_seconds,
+                tool_trigger=args.tool_trigger,
+            ),
+            args.host,
+            args.port,
         )
         print(f"simulated Azure realtime service on {simulator.url}", file=sys.stderr, flush=True)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from collections.abc import AsyncIterator
 
@@ -12,11 +13,14 @@ import pytest
 import structlog
 from aiohttp import WSMsgType, web
 
+from relay.state import STATE
+
 from tests.helpers import (
     ALPHA_KEY,
     AZURE_KEY,
     BETA_KEY,
     FakeUpstream,
+    b64,
     read_until,
     relay_config,
 )
@@ -318,3 +322,49 @@ async def test_embedded_simulator_serves_the_simulator_endpoint(start_relay, htt
         # The simulator accepted the key the relay holds, and answers.
         await ws.send_str(orjson.dumps({"type": "input_audio_buffer.clear"}).decode())
         await read_until(ws, "input_audio_buffer.cleared")
+
+
+# --- sizes the API allows, and the service's own errors -------------------------------------
+
+
+async def test_the_largest_append_and_its_whole_item_pass_both_ways(simulator, start_relay, http):
+    """15 MiB of audio in one append (~20 MiB of JSON) reaches the service, and the item it
+    becomes comes back whole in `conversation.item.retrieved`, with the default limits."""
+    relay = await start_relay(relay_config(simulator.url))
+    audio = bytes(range(256)) * (15 * 1024 * 1024 // 256)
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}, max_msg_size=0) as ws:
+        await read_until(ws, "session.created")
+        no_vad = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+        await ws.send_str(orjson.dumps({"type": "session.update", "session": no_vad}).decode())
+        await read_until(ws, "session.updated")
+        append = orjson.dumps({"type": "input_audio_buffer.append", "audio": b64(audio)})
+        assert len(append) > 20 * 1024 * 1024
+        await ws.send_str(append.decode())
+        await ws.send_str('{"type":"input_audio_buffer.commit"}')
+        [*_, committed] = await read_until(ws, "input_audio_buffer.committed")
+        retrieve = {"type": "conversation.item.retrieve", "item_id": committed["item_id"]}
+        await ws.send_str(orjson.dumps(retrieve).decode())
+        [*_, retrieved] = await read_until(ws, "conversation.item.retrieved")
+        assert base64.b64decode(retrieved["item"]["content"][0]["audio"]) == audio
+
+
+async def test_upstream_error_events_are_logged_and_counted(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            retrieve = {"type": "conversation.item.retrieve", "item_id": "nope", "event_id": "c7"}
+            await ws.send_str(orjson.dumps(retrieve).decode())
+            [*_, error] = await read_until(ws, "error")
+            assert error["error"]["code"] == "invalid_value"
+    [logged] = [entry for entry in logs if entry["event"] == "upstream_error_event"]
+    assert {k: logged[k] for k in ("error_type", "code", "param", "event_id")} == {
+        "error_type": "invalid_request_error",
+        "code": "invalid_value",
+        "param": "item_id",
+        "event_id": "c7",
+    }
+    assert "message" not in logged  # it may quote the client's input
+    metrics = relay.app[STATE].metrics.registry
+    labels = {"deployment": "gpt-realtime", "code": "invalid_value"}
+    assert metrics.get_sample_value("relay_upstream_error_events_total", labels) == 1

@@ -94,14 +94,16 @@ CALLS = "/openai/v1/realtime/calls"
 SDP = {"Content-Type": "application/sdp"}
 
 
-def policy_config(endpoint: str, *, other_protocol: str = "ga", **sections: Any):
+def policy_config(
+    endpoint: str, *, other_protocol: str = "ga", on_violation: str = "rewrite", **sections: Any
+):
     """Team alpha on gpt-realtime with defaults and rules; beta on `other`."""
     deployment = {
         "endpoint": endpoint,
         "azure_deployment": "az-gpt-realtime",
         "credential": {"env": "TEST_AZURE_KEY"},
         "session": DEFAULTS,
-        "policy": RULES,
+        "policy": {**RULES, "on_violation": on_violation},
     }
     other = {
         "endpoint": endpoint,
@@ -214,8 +216,8 @@ def test_merge_session_merges_tables_and_replaces_an_object_whose_type_changes()
     assert same_type["td"] == {"type": "server_vad", "silence_duration_ms": 500}
 
 
-def alpha_policy():
-    config = policy_config("http://127.0.0.1:1")
+def alpha_policy(on_violation: str = "rewrite"):
+    config = policy_config("http://127.0.0.1:1", on_violation=on_violation)
     return build_policy(config.deployments["gpt-realtime"], config.teams["alpha"])
 
 
@@ -252,8 +254,23 @@ def test_effective_session_puts_the_defaults_under_the_clients_fragment():
 )
 def test_effective_session_refuses_what_the_websocket_path_refuses(fragment, param):
     with pytest.raises(PolicyViolation) as info:
-        effective_session(alpha_policy(), fragment)
+        effective_session(alpha_policy("refuse"), fragment)
     assert info.value.param == param and info.value.code == "policy_violation"
+
+
+def test_effective_session_corrects_what_the_websocket_path_corrects():
+    session = effective_session(
+        alpha_policy(),
+        {
+            "instructions": "Be a pirate.",
+            "audio": {"input": {"transcription": {"model": "x"}}, "output": {"voice": "ash"}},
+            "max_output_tokens": "inf",
+        },
+    )
+    assert session["instructions"] == PREFIXED
+    assert session["audio"]["input"]["transcription"] == {"model": "whisper-1"}
+    assert session["audio"]["output"]["voice"] == "alloy"
+    assert session["max_output_tokens"] == 1000
 
 
 def test_a_team_that_may_not_update_sessions_may_not_shape_secrets():
@@ -452,7 +469,7 @@ async def test_the_openai_sdk_mints_through_the_relay(simulator, start_relay):
 
 
 async def test_a_locked_field_is_refused_with_the_policy_error(simulator, start_relay, http):
-    relay = await start_relay(policy_config(simulator.url))
+    relay = await start_relay(policy_config(simulator.url, on_violation="refuse"))
     session = {"type": "realtime", "model": "gpt-realtime", "instructions": "Be a pirate."}
     status, _, body = await post(http, relay.make_url(SECRETS), json={"session": session})
     assert status == 400
@@ -569,7 +586,10 @@ async def test_a_secret_whose_team_a_reload_removed_is_refused(simulator, start_
 )
 async def test_refusals_are_clear(simulator, start_relay, http, path, key, query, kwargs, expected):
     config = policy_config(
-        simulator.url, other_protocol="preview", limits={"auth_failures_allowed": 100}
+        simulator.url,
+        other_protocol="preview",
+        on_violation="refuse",
+        limits={"auth_failures_allowed": 100},
     )
     relay = await start_relay(config)
     kwargs = {"data": OFFER, "headers": SDP, **kwargs} if path == CALLS else kwargs

@@ -67,9 +67,10 @@ class TlsConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    # Largest WebSocket message accepted from either side. The API allows 15 MiB appends and
-    # real services send several-MiB events, so the default leaves room above that.
-    max_message_bytes: int = 16 * 1024 * 1024
+    # Largest WebSocket message accepted from either side. One append may carry 15 MiB of
+    # audio (about 20 MiB of JSON) and `conversation.item.retrieved` returns a whole audio
+    # item in base64: 32 MiB admits both (an item of up to ~8 minutes of 24 kHz PCM16).
+    max_message_bytes: int = 32 * 1024 * 1024
     heartbeat_seconds: float = 20.0
     # Pings a client may send per second (burst twice that); a ping flood closes with 1008.
     max_pings_per_second: float = 5.0
@@ -273,10 +274,15 @@ class SimulatorConfig:
     # A key for local use only, printed by `relay serve` so a new user can connect at once.
     # It must match one of the teams' key hashes. Never set it in production.
     demo_key: str | None = None
+    # A simulated session's lifetime: then `session_expired` and close 1001, as Azure's.
+    max_session_seconds: float = 3600.0
+    # A phrase that, said or written by the user, makes the simulated model call a tool.
+    tool_trigger: str | None = None
 
     def __post_init__(self) -> None:
         if self.speed < 0:
             raise ValueError("speed must be 0 or more")
+        _positive(self.max_session_seconds, "max_session_seconds")
 
 
 @dataclass(frozen=True, slots=True)

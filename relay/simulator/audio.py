@@ -140,7 +140,7 @@ def reply_chunks(text: str, chunk_ms: int, fmt: AudioFormat = PCM16) -> tuple[Au
     cached."""
     audio = synthesize_reply(text, fmt)
     sizes = chunk_sizes(chunk_ms, fmt)
-    chunks = []
+    chunks: list[AudioChunk] = []
     start = 0
     while start < len(audio):
         piece = audio[start : start + sizes[len(chunks) % len(sizes)]]

@@ -28,8 +28,9 @@ from relay.simulator.ids import IdFactory, next_seed
 from relay.simulator.options import SimulatorOptions
 from relay.simulator.schema import BETA, GA, Dialect
 
-# The API accepts 15 MiB appends; leave room for the JSON around them.
-MAX_MSG_SIZE = 16 * 1024 * 1024
+# The API accepts 15 MiB of audio per append, about 20 MiB of JSON, and sends whole audio
+# items back (`conversation.item.retrieved`): room for both, as the relay's default.
+MAX_MSG_SIZE = 32 * 1024 * 1024
 API_KEY_DENIED = (
     "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
     "provide a valid key for an active subscription and use a correct regional API endpoint "

@@ -739,3 +739,12 @@ def test_beta_text_only() -> None:
     harness = Harness(BETA, reply_text="Text.")
     events = harness.play(harness.start({"modalities": ["text"]}))
     assert "response.text.delta" in types(events) and "response.text.done" in types(events)
+
+
+def test_an_append_may_carry_15_mib_and_no_more() -> None:
+    harness = Harness()
+    harness.no_vad()
+    most = b"\x01\x00" * (15 * 1024 * 1024 // 2)
+    assert harness.events({"type": "input_audio_buffer.append", "audio": b64(most)}) == []
+    error = harness.error({"type": "input_audio_buffer.append", "audio": b64(most + b"\0\0")})
+    assert (error["code"], error["param"]) == ("invalid_value", "audio")

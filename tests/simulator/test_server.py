@@ -446,3 +446,21 @@ async def test_pacing_follows_speed(make_client: ClientFactory) -> None:
     await socket.send({"type": "response.create"})
     await socket.recv_until("response.done")
     assert time.monotonic() - started >= 0.9 * 2.3 / 10
+
+
+async def test_a_session_expires_with_session_expired_and_1001(make_client: ClientFactory) -> None:
+    client = await make_client(speed=1.0, reply_text=LONG_REPLY, max_session_seconds=0.5)
+    socket = await open_socket(client)
+    assert socket.received[0]["session"]["expires_at"] <= time.time() + 1
+    await socket.send({"type": "response.create"})  # cut short by the expiry
+    events = await socket.recv_until("error")
+    assert events[-1]["error"] == {
+        "type": "invalid_request_error",
+        "code": "session_expired",
+        "message": "Your session hit the maximum duration of 0.00833333 minutes.",
+        "param": None,
+        "event_id": None,
+    }
+    message = await socket.ws.receive(timeout=10)
+    assert (message.type, message.data) == (WSMsgType.CLOSE, WSCloseCode.GOING_AWAY)
+    assert simulator_tasks() == []

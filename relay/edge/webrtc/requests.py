@@ -12,7 +12,7 @@ from yarl import URL
 
 from relay.errors import RequestRejected, UpstreamRefused
 from relay.ops.redaction import SECRETS
-from relay.session.policy import PolicyViolation, SessionPolicy
+from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
 from relay.session.schema import get_path, merge_session, set_path
 from relay.session.transcription import GA_MODEL_PATH as TRANSCRIPTION_MODEL
 
@@ -134,6 +134,8 @@ def effective_session(policy: SessionPolicy, fragment: Mapping[str, Any]) -> dic
         # The per-event size limit is for the WebSocket; the body has its own.
         judge = replace(policy, max_frame_bytes=None)
         judged = judge.check("session.update", frame, policy.defaults)
+        if isinstance(judged, Rewritten):  # corrected to the rules: the secret carries that
+            judged = judged.frame
         checked = orjson.loads(judged)["session"]
     return {"type": "realtime", **merge_session(policy.defaults, checked)}
 
