@@ -107,3 +107,44 @@ async def test_every_relayed_event_validates_against_the_sdk_types(simulator, st
                 break
     assert seen[0] == "session.created"
     assert "response.output_audio.delta" in seen
+
+
+async def test_a_tool_using_agent_end_to_end(simulator, start_relay):
+    """A function call, its output, then a spoken answer: what tool-using agents do."""
+    relay = await start_relay(relay_config(simulator.url))
+    client = AsyncOpenAI(
+        websocket_base_url=f"ws://127.0.0.1:{relay.port}/openai/v1", api_key=ALPHA_KEY
+    )
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    async with client.realtime.connect(model="gpt-realtime") as conn:
+        await conn.session.update(session={"type": "realtime", "tools": [tool]})
+        await conn.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "What does get_weather say?"}],
+            }
+        )
+        await conn.response.create()
+        async for event in conn:
+            assert event.type != "error", event
+            if event.type == "response.function_call_arguments.done":
+                call = event
+            if event.type == "response.done":
+                break
+        assert (call.name, call.arguments) == ("get_weather", '{"city":"simulated"}')
+        await conn.conversation.item.create(
+            item={"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}
+        )
+        await conn.response.create()
+        async for event in conn:
+            assert event.type != "error", event
+            if event.type == "response.done":
+                break
+        [message] = event.response.output
+        assert message.content[0].transcript == "The tool answered: Sunny"
