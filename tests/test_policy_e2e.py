@@ -106,8 +106,8 @@ async def test_preview_deployment_gets_the_same_policy_in_preview_names(
 
 
 # The whole default session an agent SDK sends on connect (openai-agents' shape): its own
-# transcription model where the policy locks another, an uncapped token limit, a voice off
-# the allow-list, and the instructions, tools and turn detection the agent needs.
+# transcription model where the policy locks another, an uncapped token limit, and the
+# instructions, tools, voice and turn detection the agent needs.
 AGENT_SESSION = {
     "type": "realtime",
     "model": "gpt-realtime",
@@ -119,7 +119,7 @@ AGENT_SESSION = {
             "transcription": {"model": "gpt-4o-mini-transcribe"},
             "turn_detection": {"type": "semantic_vad", "interrupt_response": True},
         },
-        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "ash"},
+        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin"},
     },
     "tools": [
         {
@@ -147,22 +147,28 @@ async def test_an_agent_session_is_corrected_and_the_rest_of_it_holds(simulator,
             session = events[-1]["session"]
             # What the policy rules: set back, or capped.
             assert session["audio"]["input"]["transcription"]["model"] == "whisper-1"
-            assert session["audio"]["output"]["voice"] == "alloy"
             assert session["max_output_tokens"] == 1000
             # Everything else of the agent's session is in force.
             assert session["instructions"] == AGENT_SESSION["instructions"]
             assert session["tools"] == AGENT_SESSION["tools"]
+            assert session["audio"]["output"]["voice"] == "marin"
             assert session["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
+            # A voice off the allow-list is put back to the one in force.
+            voice = {"type": "realtime", "audio": {"output": {"voice": "ash"}}}
+            await send(ws, type="session.update", session=voice)
+            [*_, updated] = await read_until(ws, "session.updated")
+            assert updated["session"]["audio"]["output"]["voice"] == "marin"
             # A response.create override is capped the same way.
             await send(ws, type="response.create", response={"max_output_tokens": "inf"})
             [done] = (await read_until(ws, "response.done"))[-1:]
             assert done["response"]["max_output_tokens"] == 1000
-    [rewrite, response_rewrite] = [e for e in logs if e["event"] == "client_event_rewritten"]
+    rewrites = [e for e in logs if e["event"] == "client_event_rewritten"]
+    [rewrite, voice_rewrite, response_rewrite] = rewrites
     assert rewrite["params"] == [
         "session.audio.input.transcription.model",
-        "session.audio.output.voice",
         "session.max_output_tokens",
     ]
+    assert voice_rewrite["params"] == ["session.audio.output.voice"]
     assert response_rewrite["params"] == ["response.max_output_tokens"]
     td = {"team": "alpha", "deployment": "gpt-realtime"}
     for param, count in [

@@ -13,8 +13,8 @@ import pytest
 import structlog
 from aiohttp import WSMsgType, web
 
+from relay.simulator import SimulatorOptions, start_simulator
 from relay.state import STATE
-
 from tests.helpers import (
     ALPHA_KEY,
     AZURE_KEY,
@@ -368,3 +368,15 @@ async def test_upstream_error_events_are_logged_and_counted(simulator, start_rel
     metrics = relay.app[STATE].metrics.registry
     labels = {"deployment": "gpt-realtime", "code": "invalid_value"}
     assert metrics.get_sample_value("relay_upstream_error_events_total", labels) == 1
+
+
+async def test_the_service_ending_an_expired_session_reaches_the_client_as_1001(start_relay, http):
+    options = SimulatorOptions(api_keys=frozenset({AZURE_KEY}), speed=0, max_session_seconds=0.3)
+    async with await start_simulator(options) as simulator:
+        relay = await start_relay(relay_config(simulator.url))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            [*_, error] = await read_until(ws, "error")
+            assert error["error"]["code"] == "session_expired"
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
