@@ -261,3 +261,13 @@ def test_a_transcription_deployment_takes_transcription_fields_only():
     deployment["session"] = {}
     found = problems(data)
     assert any("audio.output.voice: a transcription session has" in p for p in found)
+
+
+def test_on_violation_is_rewrite_or_refuse():
+    data = minimal()
+    data["deployments"]["gpt-realtime"]["policy"] = {"on_violation": "ignore"}
+    [problem] = problems(data)
+    assert problem.startswith("relay.toml: deployments.gpt-realtime.policy.on_violation: must be")
+    data["deployments"]["gpt-realtime"]["policy"] = {"on_violation": "refuse"}
+    config = parse_config(data, source="relay.toml")
+    assert config.deployments["gpt-realtime"].policy.on_violation == "refuse"
