@@ -104,7 +104,8 @@ def _put_back(fragment: dict[str, Any], name: str, given: Any, in_force: Any) ->
             return False  # unset either way
         del fragment[name]
         return True
-    merged = merge_session({name: in_force}, {name: given})[name]
+    both_tables = isinstance(given, dict) and isinstance(in_force, dict)
+    merged = merge_session({name: in_force}, {name: given})[name] if both_tables else given
     if merged == in_force:
         return False
     fragment[name] = copy.deepcopy(in_force)
