@@ -5,8 +5,9 @@ Rules:
   built-in defaults, once per (team, deployment) at start-up. A preview deployment gets them
   translated to preview names then, so checking a frame never translates anything.
 - `check_client_frame` returns the bytes to forward (the very same object when the frame is
-  untouched) or raises `PolicyViolation`. Only the event types a rule concerns are parsed:
-  an audio append is judged by its type prefix and lengths, never decoded.
+  untouched), a `Rewritten` when it corrected the event, or raises `PolicyViolation`. Only
+  the event types a rule concerns are parsed: an audio append is judged by its type prefix
+  and lengths, never decoded.
 - An event that breaks a rule (`rules.py`) is corrected and forwarded as a `Rewritten`
   (``on_violation = "rewrite"``, the default), or refused (``"refuse"``). Events off the
   allow-list and oversized frames or appends are always refused: there is nothing to correct.
