@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.session.codec import FrameError, read_client_frame
-from relay.session.policy import PolicyViolation, SessionPolicy, build_policy
+from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy, build_policy
 from relay.session.schema import get_path
 from tests.unit.test_policy import deployment, team
 
@@ -34,7 +34,7 @@ ALLOWED_EVENTS = (
 CURRENT = {"type": "realtime", "instructions": "Be brief.", "audio": {"output": {"voice": "alloy"}}}
 
 
-def the_policy() -> SessionPolicy:
+def the_policy(on_violation: str = "rewrite") -> SessionPolicy:
     return build_policy(
         deployment(
             locked=LOCKED,
@@ -42,6 +42,7 @@ def the_policy() -> SessionPolicy:
             max_values=CAPS,
             max_append_audio_bytes=MAX_AUDIO,
             allowed_events=ALLOWED_EVENTS,
+            on_violation=on_violation,
         ),
         team(),
     )
@@ -95,14 +96,17 @@ def reference_verdict(event: Any) -> bool:
     return True
 
 
-POLICY = the_policy()
+CORRECTABLE = ("session.update", "response.create")
+# Correcting rule-breaking events (the default) and refusing them.
+POLICIES = (the_policy(), the_policy("refuse"))
 
 
-def relay_forwards(frame: bytes) -> bytes | None:
+def relay_forwards(frame: bytes, policy: SessionPolicy) -> bytes | None:
     try:
-        return POLICY.check_client_frame(frame, CURRENT)
+        checked = policy.check_client_frame(frame, CURRENT)
     except PolicyViolation:
         return None
+    return checked.frame if isinstance(checked, Rewritten) else checked
 
 
 # --- raw JSON text with duplicates, escapes, whitespace and any key order ---------------
@@ -175,14 +179,18 @@ def frames(draw: st.DrawFn) -> bytes:
 @settings(max_examples=300, deadline=None)
 @given(frames())
 def test_what_the_relay_forwards_obeys_every_rule_as_the_upstream_reads_it(frame: bytes) -> None:
-    forwarded = relay_forwards(frame)
-    if forwarded is not None:
-        view = upstream_view(forwarded)
-        assert reference_verdict(view), (frame, forwarded)
-        assert read_client_frame(forwarded)[0] == view["type"]
-    # Without duplicate keys there is one reading, and a frame within the rules passes.
-    if not has_duplicates(frame) and reference_verdict(upstream_view(frame)):
-        assert forwarded is not None, frame
+    for policy in POLICIES:
+        forwarded = relay_forwards(frame, policy)
+        if forwarded is not None:
+            view = upstream_view(forwarded)
+            assert reference_verdict(view), (frame, forwarded)
+            assert read_client_frame(forwarded)[0] == view["type"]
+        # Without duplicate keys there is one reading, and a frame within the rules passes.
+        if not has_duplicates(frame) and reference_verdict(upstream_view(frame)):
+            assert forwarded is not None, frame
+    # Correcting: an unambiguous session.update or response.create is always forwarded.
+    if not has_duplicates(frame) and upstream_view(frame)["type"] in CORRECTABLE:
+        assert relay_forwards(frame, POLICIES[0]) is not None, frame
 
 
 # --- the cases the review found, by hand ------------------------------------------------
