@@ -282,7 +282,7 @@ class SimulatorConfig:
     def __post_init__(self) -> None:
         if self.speed < 0:
             raise ValueError("speed must be 0 or more")
-        _positive(self.max_session_seconds, "max_session_seconds")
+        _report(_not_positive(self, ("max_session_seconds",)))
 
 
 @dataclass(frozen=True, slots=True)

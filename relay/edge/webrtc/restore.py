@@ -10,7 +10,7 @@ restores them, and one that drops the instructions prefix gets it back.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -46,8 +46,11 @@ def judge_reported(
     if not changed:
         return Verdict(reported)
     frame = orjson.dumps({"type": policy.update_event, "session": changed})
+    # The change is already in force on the call: whatever the policy's on_violation, a
+    # change that breaks a rule is undone, not corrected in passing.
+    strict = replace(policy, on_violation="refuse")
     try:
-        judged = policy.check(policy.update_event, frame, in_force)
+        judged = strict.check(policy.update_event, frame, in_force)
     except PolicyViolation as violation:
         restore: dict[str, Any] = {}
         for path in dict.fromkeys(paths):
@@ -55,7 +58,7 @@ def judge_reported(
             if present and get_path(changed, path)[0]:
                 set_path(restore, path, value)
         return Verdict(dict(in_force), _update(policy, restore), violation)
-    if judged is frame:
+    if judged is frame or not isinstance(judged, bytes):
         return Verdict(reported)
     # The instructions lost the prefix: put it back.
     fixed = orjson.loads(judged)["session"]["instructions"]
