@@ -237,12 +237,12 @@ async def test_an_aiortc_call_is_observed_metered_and_watched_by_a_client_sideba
             await next_of(sideband, "output_audio_buffer.stopped")
             await next_of(sideband, "response.done")
 
-            # The client's sideband may control the call: a response of its own.
+            # The client's sideband may control the call: a response of its own, held to the
+            # policy there too (its locked instructions set back to those in force).
             await sideband.response.create(response={"instructions": "Be a pirate."})
-            refused = await next_of(sideband, "error")  # the policy holds there too
-            assert refused.error.param == "response.instructions"
-            await sideband.response.create()
             await next_of(sideband, "response.done")
+            rewritten = {**labels, "param": "response.instructions"}
+            assert sample(relay, "relay_client_events_rewritten_total", rewritten) == 1
 
             await sdk(relay).realtime.calls.hangup(call_id)
         await watch.ended.wait()
@@ -351,12 +351,14 @@ async def test_the_sdks_multipart_call_goes_through_the_policy(simulator, start_
         call = simulator.app[CALLS_KEY].calls[call_id]
         assert call.engine.session["audio"]["output"]["voice"] == "marin"
         assert call.engine.session["instructions"] == PREFIXED
-        with pytest.raises(BadRequestError) as refused:
-            await client.realtime.calls.create(
-                sdp=offer, session={**session, "instructions": "Be a pirate."}
-            )
-        assert refused.value.body["code"] == "policy_violation"
+        # Locked instructions are set back to the team's, as on the WebSocket path.
+        pirate = {**session, "instructions": "Be a pirate."}
+        raw = await client.realtime.calls.with_raw_response.create(sdp=offer, session=pirate)
+        corrected_id = call_id_from_location(raw.headers["Location"])
+        corrected = simulator.app[CALLS_KEY].calls[corrected_id]
+        assert corrected.engine.session["instructions"] == PREFIXED
         await client.realtime.calls.hangup(call_id)
+        await client.realtime.calls.hangup(corrected_id)
 
 
 async def test_a_secret_with_a_multipart_session_and_a_wrong_deployment(
@@ -398,9 +400,9 @@ async def test_a_transcription_session_through_the_relay_with_the_sdk(simulator,
                 "audio": {"input": {"transcription": {"model": "whisper-1"}}},
             }
         )
-        error = await next_of(connection, "error")
-        assert error.error.code == "policy_violation"
-        assert error.error.param == "session.audio.input.transcription.model"
+        # The deployment is the transcription model: another one is set back to it.
+        corrected = await next_of(connection, "session.updated")
+        assert corrected.session.audio.input.transcription.model == "gpt-4o-transcribe"
         await connection.session.update(
             session={
                 "type": "transcription",
@@ -422,8 +424,8 @@ async def test_a_transcription_session_through_the_relay_with_the_sdk(simulator,
     audio = sample(relay, "relay_tokens_total", {**labels, "kind": "transcription_input_audio"})
     out = sample(relay, "relay_tokens_total", {**labels, "kind": "transcription_output_text"})
     assert audio == done.usage.input_token_details.audio_tokens and out == done.usage.output_tokens
-    violation = {**labels, "code": "policy_violation"}
-    assert sample(relay, "relay_client_violations_total", violation) == 1
+    rewritten = {**labels, "param": "session.audio.input.transcription.model"}
+    assert sample(relay, "relay_client_events_rewritten_total", rewritten) == 1
 
 
 async def test_the_relay_dials_transcription_as_azure_documents(start_fake, start_relay):
@@ -503,14 +505,15 @@ async def test_a_transcription_secret_places_a_transcription_call(simulator, sta
     )
     assert (status, body["error"]["code"]) == (400, "missing_deployment")
     assert body["error"]["param"] == "session.audio.input.transcription.model"
+    # A language off the allow-list is set back to the one in force (the deployment's).
     german = {"transcription": {"model": "gpt-4o-transcribe", "language": "de"}}
     status, _, body = await post(
         http,
         relay.make_url("/openai/v1/realtime/client_secrets"),
         json={"session": {**session, "audio": {"input": german}}},
     )
-    assert (status, body["error"]["code"]) == (400, "policy_violation")
-    assert body["error"]["param"] == "session.audio.input.transcription.language"
+    assert status == 200
+    assert body["session"]["audio"]["input"]["transcription"]["language"] == "en"
 
 
 async def test_an_observer_that_cannot_attach_gives_the_slot_back(start_fake, start_relay, http):
