@@ -29,6 +29,7 @@ from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.logsetup import describe_error, redact_url
 from relay.ops.metrics import SessionMeter
 from relay.ops.redaction import SECRETS
+from relay.session.dialect import Translator
 from relay.session.events import error_event
 from relay.session.pump import Bridge, Ending
 from relay.session.setup import StartedSession, start_session
@@ -54,6 +55,8 @@ class Admitted:
     meter: type[SessionMeter] = SessionMeter
     # Which key opened the session: a reload that removes it ends the session.
     opened_by: SessionKey | None = None
+    # Set when the client speaks the other dialect than the deployment.
+    translator: Translator | None = None
 
 
 Admit = Callable[[web.Request, RelayState, LiveConfig, str], Awaitable[Admitted]]
@@ -142,7 +145,10 @@ async def _admit(
             "call_id",
         )
     deployment = resolve_deployment(wanted, team, live.config.deployments)
-    structlog.contextvars.bind_contextvars(deployment=deployment.name)
+    structlog.contextvars.bind_contextvars(deployment=deployment.name, dialect=wanted.dialect)
+    translator = None
+    if wanted.dialect != deployment.protocol:
+        translator = Translator(wanted.dialect, deployment.protocol)
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     state.budgets.check(team.name)
@@ -154,7 +160,16 @@ async def _admit(
     except BaseException:
         await lease.release()
         raise
-    return Admitted(team, deployment, lease, backend.name, upstream, started, opened_by=opened_by)
+    return Admitted(
+        team,
+        deployment,
+        lease,
+        backend.name,
+        upstream,
+        started,
+        opened_by=opened_by,
+        translator=translator,
+    )
 
 
 async def admit_client(
@@ -176,7 +191,7 @@ async def admit_client(
     SECRETS.in_this_request(key)
     team, key_hash = await _authenticate(state, live, address, key)
     structlog.contextvars.bind_contextvars(team=team.name)
-    wanted = parse_realtime_request(request.query, request.headers, subprotocols)
+    wanted = parse_realtime_request(request.query, request.headers, subprotocols, request.path)
     return team, SessionKey(key_hash, team.name), wanted
 
 
@@ -304,6 +319,7 @@ async def _serve(
         response_timeout=live.config.upstream.response_timeout_seconds,
         max_pings_per_second=server.max_pings_per_second,
         client_transport=transport,
+        translator=admitted.translator,
     )
     state.track(bridge, admitted.opened_by)
     setup_seconds = time.perf_counter() - began
