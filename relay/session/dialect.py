@@ -42,8 +42,11 @@ GA_API_VERSION = "2025-08-28"
 PREVIEW_PATH = "/openai/realtime"
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
-# Session fields of one dialect that the other has no place for.
-GA_ONLY_SESSION = ("include", "prompt", "truncation", "reasoning", "parallel_tool_calls")
+# Session fields (dotted paths) of one dialect that the other has no place for.
+GA_ONLY_SESSION = (
+    "include", "prompt", "truncation", "reasoning", "parallel_tool_calls",
+    "audio.input.turn_detection.idle_timeout_ms",
+)  # fmt: skip
 PREVIEW_ONLY_SESSION = ("temperature",)
 # `response.create` parameters: GA path -> preview key, and the one-sided ones.
 GA_TO_PREVIEW_RESPONSE: dict[str, str] = {
@@ -53,6 +56,11 @@ GA_TO_PREVIEW_RESPONSE: dict[str, str] = {
     "max_output_tokens": "max_response_output_tokens",
 }
 GA_ONLY_RESPONSE = ("prompt",)
+# The GA usage object's additions, which a preview response never shows.
+GA_ONLY_USAGE = (
+    "usage.input_token_details.image_tokens",
+    "usage.input_token_details.cached_tokens_details",
+)
 PREVIEW_ONLY_RESPONSE = ("temperature",)
 # The response object in `response.created`/`done`: `max_output_tokens` in both dialects.
 _RESPONSE_OBJECT = {k: v for k, v in GA_TO_PREVIEW_RESPONSE.items() if k != "max_output_tokens"}
@@ -234,6 +242,8 @@ class Translator:
                 for item in output:
                     self._item(item, self.client)
             if self.client == "preview":
+                for path in GA_ONLY_USAGE:
+                    _pop_path(response, path)
                 event["response"] = to_preview_session(response, _RESPONSE_OBJECT)
             else:
                 kept = {k: v for k, v in response.items() if k not in PREVIEW_ONLY_RESPONSE}
@@ -313,15 +323,13 @@ class Translator:
     def _session(
         self, session: dict[str, Any], *, for_client: bool
     ) -> tuple[dict[str, Any], list[str]]:
-        """``session`` in the other dialect than it is in, and the keys left out."""
+        """``session`` in the other dialect than it is in, and the fields left out."""
         into = self.client if for_client else self.upstream
+        one_sided = GA_ONLY_SESSION if into == "preview" else PREVIEW_ONLY_SESSION
+        dropped = [path for path in one_sided if _pop_path(session, path)]
         if into == "preview":
-            dropped = [key for key in GA_ONLY_SESSION if key in session]
-            kept = {k: v for k, v in session.items() if k not in GA_ONLY_SESSION}
-            return to_preview_session(kept), dropped
-        dropped = [key for key in PREVIEW_ONLY_SESSION if key in session]
-        kept = {k: v for k, v in session.items() if k not in PREVIEW_ONLY_SESSION}
-        return {"type": "realtime", **to_ga_session(kept)}, dropped
+            return to_preview_session(session), dropped
+        return {"type": "realtime", **to_ga_session(session)}, dropped
 
     @staticmethod
     def _item(item: Any, into: Dialect) -> None:
@@ -340,6 +348,20 @@ def _retype(part: Any, into: Dialect) -> None:
         kind = part.get("type")
         if isinstance(kind, str) and kind in table:
             part["type"] = table[kind]
+
+
+def _pop_path(tree: dict[str, Any], path: str) -> bool:
+    """Remove a dotted path from ``tree``; whether it was there."""
+    *parents, leaf = path.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return False
+    return node.pop(leaf, _ABSENT) is not _ABSENT
+
+
+_ABSENT = object()
 
 
 def _drop(event: dict[str, Any]) -> list[dict[str, Any]]:
