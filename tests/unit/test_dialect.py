@@ -14,7 +14,6 @@ from relay.session.dialect import (
     rename_on_bytes,
 )
 from relay.session.schema import EVENT_TO_PREVIEW
-from relay.simulator.schema import BETA, GA
 
 PREVIEW_TO_GA = Translator("preview", "ga")
 GA_TO_PREVIEW = Translator("ga", "preview")
@@ -327,17 +326,3 @@ def test_preview_server_events_reach_a_ga_client_in_its_names():
         )
     )
     assert created["session"] == {**GA_SESSION, "id": "s"}
-
-
-def test_the_simulator_speaks_the_same_names():
-    """The simulator's dialects and the relay's table agree (one mapping, two users)."""
-    for field in (
-        "audio_delta",
-        "audio_done",
-        "transcript_delta",
-        "transcript_done",
-        "text_delta",
-        "text_done",
-        "item_added",
-    ):
-        assert EVENT_TO_PREVIEW[getattr(GA, field)] == getattr(BETA, field)
