@@ -178,6 +178,7 @@ class Translator:
             "error": self._server_error,
         }
         if to_preview:
+            self._server["session.created"] = self._server_session_created
             self._server["conversation.item.added"] = item
             self._server["conversation.item.done"] = _drop  # preview has only `created`
         else:
@@ -216,6 +217,20 @@ class Translator:
         if isinstance(session, dict):
             event["session"] = self._session(session, for_client=True)[0]
         return [event]
+
+    def _server_session_created(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The preview service follows `session.created` with `conversation.created`."""
+        session = event.get("session")
+        session_id = session.get("id") if isinstance(session, dict) else None
+        conversation = {
+            "type": "conversation.created",
+            "event_id": f"{event.get('event_id', 'event')}_conversation",
+            "conversation": {
+                "id": f"conv_{session_id or 'relay'}".replace("conv_sess_", "conv_"),
+                "object": "realtime.conversation",
+            },
+        }
+        return [*self._server_session(event), conversation]
 
     def _server_item(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         self._item(event.get("item"), self.client)

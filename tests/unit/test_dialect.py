@@ -216,12 +216,14 @@ def test_appends_and_unchanged_events_pass_untouched():
 
 def test_ga_server_events_reach_a_preview_client_in_its_names():
     session = {**GA_SESSION, "id": "s", "object": "realtime.session", "include": None}
-    created = one(
-        PREVIEW_TO_GA.to_client(
-            "session.created", dumps({"type": "session.created", "session": session})
-        )
+    frames = PREVIEW_TO_GA.to_client(
+        "session.created", dumps({"type": "session.created", "session": session})
     )
+    created, conversation = (orjson.loads(frame) for frame in frames)
     assert created["session"] == {**PREVIEW_SESSION, "id": "s", "object": "realtime.session"}
+    # As the preview service does, a conversation.created follows.
+    assert conversation["type"] == "conversation.created"
+    assert conversation["conversation"]["object"] == "realtime.conversation"
     for ga, preview in EVENT_TO_PREVIEW.items():
         if ga == "conversation.item.added":
             continue
