@@ -54,10 +54,12 @@ async def test_realtime_runner_with_its_default_session_and_a_tool(relay):
         async for event in session:
             if event.type == "error":
                 errors.append(event.error)
+                break  # fail at once rather than wait for a reply
             elif event.type == "raw_model_event" and event.data.type == "raw_server_event":
                 raw = event.data.data
                 if raw.get("type") == "error":
                     errors.append(raw)
+                    break
                 elif raw.get("type") == "session.updated":
                     updates.append(raw["session"])
                 elif raw.get("type") == "response.done" and calls:

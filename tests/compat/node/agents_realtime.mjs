@@ -23,20 +23,32 @@ const errors = [];
 let inForce = null;
 let audioBytes = 0;
 
-session.on('error', (event) => errors.push(event.error?.error ?? String(event.error)));
+let finished = false;
+const finish = () => {
+  if (finished) return;
+  finished = true;
+  const said = session.history
+    .filter((item) => item.type === 'message' && item.role === 'assistant')
+    .flatMap((item) => item.content)
+    .map((part) => part.transcript ?? part.text ?? '')
+    .filter(Boolean);
+  report({ session: inForce, seen, errors, calls, audioBytes, said });
+  session.close();
+};
+// An error fails the test at once: report it rather than wait for a reply.
+session.on('error', (event) => {
+  errors.push(event.error?.error ?? String(event.error));
+  finish();
+});
 session.on('audio', (event) => (audioBytes += event.data.byteLength));
 session.on('transport_event', (event) => {
   seen.push(event.type);
-  if (event.type === 'error') errors.push(event.error ?? event);
   if (event.type === 'session.updated') inForce = event.session;
-  if (event.type === 'response.done' && calls.length > 0) {
-    const said = session.history
-      .filter((item) => item.type === 'message' && item.role === 'assistant')
-      .flatMap((item) => item.content)
-      .map((part) => part.transcript ?? part.text ?? '')
-      .filter(Boolean);
-    report({ session: inForce, seen, errors, calls, audioBytes, said });
-    session.close();
+  if (event.type === 'error') {
+    errors.push(event.error ?? event);
+    finish();
+  } else if (event.type === 'response.done' && calls.length > 0) {
+    finish();
   }
 });
 await session.connect({ apiKey: env('RELAY_KEY'), url: env('RELAY_WS_URL') });

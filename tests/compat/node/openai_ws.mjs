@@ -18,7 +18,18 @@ let transcript = '';
 let audioChars = 0;
 
 rt.on('event', (event) => seen.push(event.type));
-rt.on('error', (err) => errors.push(err.error ?? String(err)));
+let finished = false;
+const finish = (status) => {
+  if (finished) return;
+  finished = true;
+  report({ session, seen, errors, transcript, audioChars, status });
+  rt.close();
+};
+// An error event fails the test at once: report it rather than wait for a reply.
+rt.on('error', (err) => {
+  errors.push(err.error ?? String(err));
+  finish('error');
+});
 rt.on('response.output_audio.delta', (event) => (audioChars += event.delta.length));
 rt.on('response.output_audio_transcript.done', (event) => (transcript = event.transcript));
 rt.on('session.updated', (event) => {
@@ -27,10 +38,7 @@ rt.on('session.updated', (event) => {
   rt.send({ type: 'input_audio_buffer.commit' });
   rt.send({ type: 'response.create' });
 });
-rt.on('response.done', (event) => {
-  report({ session, seen, errors, transcript, audioChars, status: event.response.status });
-  rt.close();
-});
+rt.on('response.done', (event) => finish(event.response.status));
 rt.socket.on('open', () => {
   rt.send({
     type: 'session.update',
