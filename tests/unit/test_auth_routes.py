@@ -144,3 +144,15 @@ def test_intent_and_call_id_are_read():
                 both,
             )
         assert info.value.code == "intent_mismatch"
+
+
+def test_a_transcription_session_is_not_translated():
+    transcribe = DeploymentConfig("t", "https://r", CRED, kind="transcription")
+    team = TeamConfig("a", (hash_key("k"),), ("t",))
+    wanted = parse_realtime_request(
+        {"model": "t", "intent": "transcription"}, {"OpenAI-Beta": "realtime=v1"}, []
+    )
+    assert wanted.dialect == "preview"
+    with pytest.raises(ClientRefused) as info:
+        resolve_deployment(wanted, team, {"t": transcribe})
+    assert info.value.code == "protocol_mismatch"
