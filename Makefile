@@ -6,7 +6,11 @@ CONFIG ?= config/local.toml
 # The local config's simulated Azure upstream checks this key, like Azure checks yours.
 export RELAY_SIMULATOR_KEY ?= local-simulator-key
 
-.PHONY: venv run simulate test lint typecheck pytest format clean bench bench-fairness bench-continuity rules
+# The compat suite's Node clients (tests/compat/node), pinned by its package-lock.json.
+NODE_DIR := tests/compat/node
+NODE_DEPS := $(NODE_DIR)/node_modules/.package-lock.json
+
+.PHONY: venv node-deps run simulate test lint typecheck pytest format clean bench bench-fairness bench-continuity rules
 
 venv: $(VENV)/.installed
 
@@ -17,6 +21,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --progress-bar on -e '.[test,deploy,talk]'
 	touch $@
+
+node-deps: $(NODE_DEPS)
+
+$(NODE_DEPS): $(NODE_DIR)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "npm not found: tests/compat's Node clients will be skipped" >&2; \
+	fi
 
 run: venv
 	$(BIN)/relay serve --config $(CONFIG)
@@ -35,7 +48,7 @@ format: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
+pytest: venv node-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -61,4 +74,4 @@ bench-continuity: venv
 	$(BIN)/python -m bench.continuity $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(NODE_DIR)/node_modules

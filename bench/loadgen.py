@@ -55,7 +55,8 @@ from bench.wsframes import (
 )
 
 _APPEND_HEAD = b'{"type":"input_audio_buffer.append","event_id":"t'
-_DELTA = b'{"type":"response.output_audio.delta"'
+# The echo, in the GA name or (through a translating relay) the preview one.
+_DELTAS = (b'{"type":"response.output_audio.delta"', b'{"type":"response.audio.delta"')
 _RESPONSE_ID = b'"response_id":"t'
 _CREATED = b'"session.created"'
 _ERROR = b'{"type":"error"'
@@ -205,7 +206,7 @@ class Session(asyncio.Protocol):
             return
         for opcode, payload in messages:
             if opcode == OP_TEXT:
-                if payload.startswith(_DELTA):
+                if payload.startswith(_DELTAS):
                     self._echoed(payload)
                 else:
                     self._other(payload)

@@ -5,7 +5,10 @@
   package where missing and we are root; skipped with a message otherwise);
 - ``relay``: this relay with auth, session defaults and rules, and metrics on;
 - ``relay-w2``: the relay with ``--workers 2`` (skipped as pending where `relay serve` has
-  no ``--workers``).
+  no ``--workers``);
+- ``relay-preview``: the relay with a preview-dialect client on the GA deployment
+  (``/openai/realtime?api-version=2024-10-01-preview``), so every event is translated: the
+  cost of translation is this path's CPU per frame against ``relay``'s.
 
 ``--gc-log`` runs the relay paths with a prelude that logs garbage-collection pauses (one
 process only: `--workers` children are started by the relay itself, without it).
@@ -34,6 +37,8 @@ from bench.measure import free_port
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 REALTIME_PATH = "/openai/v1/realtime?model=bench"
+# Where a preview-era client (Azure's rtclient, LiveKit's Azure mode) connects.
+PREVIEW_CLIENT_PATH = "/openai/realtime?api-version=2024-10-01-preview&deployment=bench"
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
 START_TIMEOUT_S = 30.0
 # The relay's session duration limit in the bench config (a typical app's); the soak raises
@@ -212,8 +217,10 @@ class RelayPath(BenchPath):
         extra_args: Sequence[str] = (),
         gc_log: bool = False,
         needs_option: str | None = None,
+        client_path: str = REALTIME_PATH,
     ) -> None:
         self.name = name
+        self.client_path = client_path
         self.upstream_key = upstream_key
         self.extra_args = list(extra_args)
         self.gc_log = gc_log
@@ -267,7 +274,7 @@ class RelayPath(BenchPath):
         except PathError:
             self.stop()
             raise
-        return Endpoint("127.0.0.1", port, REALTIME_PATH, {"api-key": self.client_key})
+        return Endpoint("127.0.0.1", port, self.client_path, {"api-key": self.client_key})
 
     def pids(self) -> list[int]:
         return [self.child.pid] if self.child is not None else []

@@ -36,6 +36,7 @@ from typing import Any
 from bench import report, soak
 from bench.measure import ProcessTree
 from bench.paths import (
+    PREVIEW_CLIENT_PATH,
     REALTIME_PATH,
     REPO_DIR,
     UPSTREAM_KEY_ENV,
@@ -53,8 +54,8 @@ from bench.runner import Context, QuietGate, run_point
 from bench.scenarios import Scenario, default_plan, paced, quick_plan, saturation
 from bench.soak import DEFAULT_SESSIONS as SOAK_SESSIONS
 
-ALL_PATHS = ("direct", "nginx", "relay", "relay-w2")
-DEFAULT_PATHS = "direct,nginx,relay,relay-w2"
+ALL_PATHS = ("direct", "nginx", "relay", "relay-w2", "relay-preview")
+DEFAULT_PATHS = "direct,nginx,relay,relay-w2,relay-preview"
 # A path "falls behind" at a session count when fewer than this share keep real time.
 KEEPS_UP_SHARE = 0.95
 # A point during which other processes used more than this many cores is measured again once.
@@ -146,6 +147,9 @@ def build_paths(args: argparse.Namespace, upstream_key: str) -> list[BenchPath]:
             upstream_key,
             extra_args=["--workers", "2", *extra],
             needs_option="--workers",
+        ),
+        "relay-preview": lambda: RelayPath(
+            "relay-preview", upstream_key, extra_args=extra, client_path=PREVIEW_CLIENT_PATH
         ),
     }
     names = [n.strip() for n in args.paths.split(",") if n.strip()]

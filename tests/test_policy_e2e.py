@@ -92,7 +92,12 @@ async def test_preview_deployment_gets_the_same_policy_in_preview_names(
     simulator, start_relay, http
 ):
     relay = await start_relay(policy_config(simulator.url, protocol="preview"))
-    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+    # A preview client (a GA one would get the session translated).
+    preview_url = (
+        f"http://127.0.0.1:{relay.port}/openai/realtime"
+        "?api-version=2025-04-01-preview&deployment=gpt-realtime"
+    )
+    async with http.ws_connect(preview_url, headers={"api-key": ALPHA_KEY}) as ws:
         [created] = await read_until(ws, "session.created")
         session = created["session"]
         assert session["input_audio_transcription"]["model"] == "whisper-1"

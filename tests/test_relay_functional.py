@@ -112,12 +112,6 @@ async def test_missing_model_and_plain_http(simulator, start_relay, http):
         assert (await response.json())["error"]["code"] == "websocket_required"
 
 
-async def test_beta_header_on_a_ga_deployment_is_refused(simulator, start_relay, http):
-    relay = await start_relay(relay_config(simulator.url))
-    headers = {"api-key": ALPHA_KEY, "OpenAI-Beta": "realtime=v1"}
-    await refused(http, ws_url(relay), 400, "protocol_mismatch", headers=headers)
-
-
 # --- what goes upstream -------------------------------------------------------------------
 
 

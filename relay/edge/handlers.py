@@ -29,6 +29,7 @@ from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.logsetup import describe_error, redact_url
 from relay.ops.metrics import SessionMeter
 from relay.ops.redaction import SECRETS
+from relay.session.dialect import Translator
 from relay.session.events import error_event
 from relay.session.pump import Bridge, Ending
 from relay.session.renewal import Dial, Renewal
@@ -57,6 +58,8 @@ class Admitted:
     meter: type[SessionMeter] = SessionMeter
     # Which key opened the session: a reload that removes it ends the session.
     opened_by: SessionKey | None = None
+    # Set when the client speaks the other dialect than the deployment.
+    translator: Translator | None = None
 
 
 Admit = Callable[[web.Request, RelayState, LiveConfig, str], Awaitable[Admitted]]
@@ -145,7 +148,10 @@ async def _admit(
             "call_id",
         )
     deployment = resolve_deployment(wanted, team, live.config.deployments)
-    structlog.contextvars.bind_contextvars(deployment=deployment.name)
+    structlog.contextvars.bind_contextvars(deployment=deployment.name, dialect=wanted.dialect)
+    translator = None
+    if wanted.dialect != deployment.protocol:
+        translator = Translator(wanted.dialect, deployment.protocol)
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     state.budgets.check(team.name)
@@ -167,6 +173,7 @@ async def _admit(
         started,
         dial if renewable else None,
         opened_by=opened_by,
+        translator=translator,
     )
 
 
@@ -189,7 +196,7 @@ async def admit_client(
     SECRETS.in_this_request(key)
     team, key_hash = await _authenticate(state, live, address, key)
     structlog.contextvars.bind_contextvars(team=team.name)
-    wanted = parse_realtime_request(request.query, request.headers, subprotocols)
+    wanted = parse_realtime_request(request.query, request.headers, subprotocols, request.path)
     return team, SessionKey(key_hash, team.name), wanted
 
 
@@ -344,6 +351,7 @@ async def _serve(
         response_timeout=live.config.upstream.response_timeout_seconds,
         max_pings_per_second=server.max_pings_per_second,
         client_transport=transport,
+        translator=admitted.translator,
     )
     continuity = live.continuity.get((team.name, deployment.name))
     if continuity is not None and admitted.dial is not None:

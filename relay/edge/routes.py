@@ -1,8 +1,9 @@
 """Which deployment a client asks for, from the URL it connects to. Pure.
 
 Every client path reaches the deployment's own upstream: the path only says how the client
-names the deployment. The `openai` SDK's Azure client always uses the preview path while
-speaking GA events, so the path is not taken as the client's protocol.
+names the deployment. The dialect the client speaks comes from the path, api-version and
+beta header or subprotocol (`relay.session.dialect.client_dialect`); a deployment of the
+other dialect gets its events translated.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from relay.errors import ClientRefused, RequestRejected
 from relay.ops.config import DeploymentConfig, TeamConfig
+from relay.session.dialect import Dialect, client_dialect
 
 # Azure GA, Azure preview, and OpenAI-style paths.
 REALTIME_PATHS = ("/openai/v1/realtime", "/openai/realtime", "/v1/realtime")
@@ -21,8 +23,8 @@ BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 @dataclass(frozen=True, slots=True)
 class RealtimeRequest:
     deployment: str
-    # The client said it speaks the beta protocol (OpenAI-Beta header or subprotocol).
-    wants_beta: bool
+    # The dialect the client speaks.
+    dialect: Dialect = "ga"
     # `intent=transcription`: a transcription-only session.
     transcription: bool = False
     # `call_id=…`: the sideband socket of a WebRTC call the relay placed.
@@ -30,11 +32,15 @@ class RealtimeRequest:
 
 
 def parse_realtime_request(
-    query: Mapping[str, str], headers: Mapping[str, str], subprotocols: Iterable[str]
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    subprotocols: Iterable[str],
+    path: str = "/openai/v1/realtime",
 ) -> RealtimeRequest:
     wants_beta = "realtime=v1" in headers.get("OpenAI-Beta", "").replace(" ", "") or (
         BETA_SUBPROTOCOL in subprotocols
     )
+    dialect = client_dialect(path, query.get("api-version"), wants_beta)
     intent = query.get("intent")
     if intent is not None and intent != "transcription":
         raise RequestRejected(
@@ -50,7 +56,7 @@ def parse_realtime_request(
                 "call_id names a call; it takes no intent and must not be empty.",
                 "call_id",
             )
-        return RealtimeRequest("", wants_beta, call_id=call_id)
+        return RealtimeRequest("", dialect, call_id=call_id)
     deployment = query.get("model") or query.get("deployment")
     if not deployment:
         raise ClientRefused(
@@ -59,7 +65,7 @@ def parse_realtime_request(
             "Name the deployment with the `model` query parameter "
             "(or `deployment` on the /openai/realtime path).",
         )
-    return RealtimeRequest(deployment, wants_beta, transcription=intent is not None)
+    return RealtimeRequest(deployment, dialect, transcription=intent is not None)
 
 
 def resolve_deployment(
@@ -88,11 +94,12 @@ def resolve_deployment(
             "connect without intent=transcription.",
             "intent",
         )
-    if request.wants_beta and deployment.protocol == "ga":
+    if request.transcription and request.dialect != deployment.protocol:
+        # Translation covers realtime sessions; transcription sessions are not translated.
         raise ClientRefused(
             400,
             "protocol_mismatch",
-            f"The deployment {deployment.name!r} speaks the GA realtime protocol; "
-            "connect without the `OpenAI-Beta: realtime=v1` header or beta subprotocol.",
+            f"The transcription deployment {deployment.name!r} speaks the "
+            f"{deployment.protocol} realtime protocol; connect in that dialect.",
         )
     return deployment

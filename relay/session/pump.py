@@ -10,6 +10,10 @@ How it works:
   too many refusals close it (1008).
 - The upstream's `session.updated` events are parsed to keep the session in force, which
   the policy judges changes against. Everything else is only sniffed for its type.
+- A client that speaks the other dialect than its deployment gets a `Translator`
+  (`relay.session.dialect`): client events are translated before the policy judges them
+  (the policy speaks the deployment's dialect), server events after the session is tracked.
+  A field that has no counterpart is left out and named in an `error` event.
 - A watchdog ends the session at the policy's maximum duration (close 1001, as the service
   does) or idle timeout (1008), with an `error` event that says why.
 - The first side to end decides the `Ending`. Its pump closes the other socket with the
@@ -37,6 +41,7 @@ from aiohttp import WSMsgType, web
 from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
 from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.continuity import TRACKED
+from relay.session.dialect import Translator
 from relay.session.events import error_event
 from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
 from relay.session.renewal import Renewal, is_loss
@@ -108,7 +113,7 @@ class Bridge:
         "stall_timeout", "response_timeout", "max_pings_per_second", "client_transport",
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
         "started_at", "last_client_event_at", "last_upstream_event_at",
-        "throttled", "renewal", "gate", "__weakref__",
+        "throttled", "renewal", "gate", "translator", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -125,6 +130,7 @@ class Bridge:
         response_timeout: float = 60.0,
         max_pings_per_second: float = 5.0,
         client_transport: asyncio.Transport | None = None,
+        translator: Translator | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -140,6 +146,8 @@ class Bridge:
         self.max_pings_per_second = max_pings_per_second
         # To drop the client's TCP connection at once, when it takes no data.
         self.client_transport = client_transport
+        # Between the client's dialect and the deployment's, when they differ.
+        self.translator = translator
         self.ending: Ending | None = None
         # When each pump began its current write, or None: a write that never ends is a
         # stalled peer (the ticker checks).
@@ -256,7 +264,13 @@ class Bridge:
                     break
                 try:
                     kind, event, audio = read_client_frame(msg.data)
-                    checked = policy.check(kind, msg.data, self.session, audio, event)
+                    frame = msg.data
+                    if self.translator is not None and kind in self.translator.client_events:
+                        translated = await self._translate_in(kind, frame, event)
+                        if translated is None:
+                            continue
+                        frame, event = translated, None
+                    checked = policy.check(kind, frame, self.session, audio, event)
                 except FrameError as exc:
                     await self._refuse(PolicyViolation(exc.message, code=exc.code))
                     continue
@@ -320,9 +334,13 @@ class Bridge:
         updated = self.policy.session_event("updated")
         renewal = self.renewal
         greeting, self.greeting = self.greeting, ()  # sent once: not kept for the session
+        translator = self.translator
         try:
             for frame in greeting:
-                await client.send_frame(frame, WSMsgType.TEXT)
+                for out in (
+                    translator.to_client(sniff_type(frame), frame) if translator else (frame,)
+                ):
+                    await client.send_frame(out, WSMsgType.TEXT)
         except ConnectionError:
             pass  # the client pump sees why
         del greeting
@@ -353,7 +371,11 @@ class Bridge:
                     self.between_responses.set()
                 writing = self.writing_out_since = now()
                 try:
-                    await client.send_frame(frame, WSMsgType.TEXT)
+                    if translator is None:
+                        await client.send_frame(frame, WSMsgType.TEXT)
+                    else:
+                        for out in translator.to_client(kind, frame):
+                            await client.send_frame(out, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the client pump sees why
                 written = now()
@@ -408,6 +430,31 @@ class Bridge:
             return False
         return True
 
+    async def _translate_in(
+        self, kind: str, frame: bytes, event: dict[str, Any] | None
+    ) -> bytes | None:
+        """A client event in the deployment's dialect; what has no counterpart there is left
+        out and named in an `error` event. None when nothing is left to send."""
+        assert self.translator is not None
+        translation = self.translator.to_upstream(kind, frame, event)
+        if translation.dropped:
+            for param in translation.dropped:
+                _log.info("client_field_untranslatable", param=param, event_type=kind)
+                await self._send_to_client(
+                    error_event(
+                        "untranslatable_field",
+                        f"{param} has no counterpart in the {self.translator.upstream} dialect "
+                        "this deployment speaks; it was left out of the event."
+                        if translation.frame is not None
+                        else f"The event {kind!r} has no counterpart in the "
+                        f"{self.translator.upstream} dialect this deployment speaks.",
+                        error_type="invalid_request_error",
+                        param=param,
+                        event_id=translation.event_id,
+                    )
+                )
+        return translation.frame
+
     def _session_updated(self, frame: bytes) -> None:
         session = orjson.loads(frame).get("session")
         if isinstance(session, dict):
@@ -453,6 +500,9 @@ class Bridge:
     async def _refuse(self, violation: PolicyViolation) -> None:
         self.violations += 1
         self.meter.violation(violation.code)
+        param = violation.param
+        if param is not None and self.translator is not None:
+            param = self.translator.client_param(param)
         _log.info(
             "client_event_refused",
             code=violation.code,
@@ -464,7 +514,7 @@ class Bridge:
                 violation.code,
                 violation.message,
                 error_type="invalid_request_error",
-                param=violation.param,
+                param=param,
                 event_id=violation.event_id,
             )
         )

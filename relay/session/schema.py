@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # GA path -> preview key (the preview session is flat where GA nests under `audio`).
-_GA_TO_PREVIEW: dict[str, str] = {
+GA_TO_PREVIEW: dict[str, str] = {
     "audio.input.format": "input_audio_format",
     "audio.input.transcription": "input_audio_transcription",
     "audio.input.noise_reduction": "input_audio_noise_reduction",
@@ -23,7 +23,23 @@ _GA_TO_PREVIEW: dict[str, str] = {
     "max_output_tokens": "max_response_output_tokens",
     "output_modalities": "modalities",
 }
-_FORMAT_TO_PREVIEW = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
+FORMAT_TO_PREVIEW = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
+# The only PCM rate either dialect takes; the preview name `pcm16` implies it.
+PCM_RATE = 24000
+
+# Server event renames (migration guide): GA name -> preview name. `conversation.item.done`
+# has no preview counterpart; the preview `conversation.item.created` is GA's `added`.
+EVENT_TO_PREVIEW: dict[str, str] = {
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+    "response.output_text.delta": "response.text.delta",
+    "response.output_text.done": "response.text.done",
+    "conversation.item.added": "conversation.item.created",
+}
+# Content part types of assistant messages: GA -> preview.
+CONTENT_TO_PREVIEW: dict[str, str] = {"output_audio": "audio", "output_text": "text"}
 _MISSING = object()
 
 
@@ -69,44 +85,74 @@ def merge_session(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str
     return merged
 
 
-def preview_path(ga_path: str) -> str:
+def preview_path(ga_path: str, table: Mapping[str, str] = GA_TO_PREVIEW) -> str:
     """The preview name of a GA dotted path (`audio.input.transcription.model` ->
     `input_audio_transcription.model`)."""
-    for ga, preview in _GA_TO_PREVIEW.items():
+    for ga, preview in table.items():
         if ga_path == ga or ga_path.startswith(ga + "."):
             return preview + ga_path[len(ga) :]
     return ga_path
 
 
-def ga_path(preview: str) -> str:
-    """The GA name of a preview dotted path (`turn_detection.type` ->
-    `audio.input.turn_detection.type`); the inverse of `preview_path`."""
-    for ga, name in _GA_TO_PREVIEW.items():
-        if preview == name or preview.startswith(name + "."):
-            return ga + preview[len(name) :]
+def ga_path(preview: str, table: Mapping[str, str] = GA_TO_PREVIEW) -> str:
+    """The GA dotted path of a preview name (`input_audio_transcription.model` ->
+    `audio.input.transcription.model`); the inverse of `preview_path`."""
+    for ga, flat in table.items():
+        if preview == flat or preview.startswith(flat + "."):
+            return ga + preview[len(flat) :]
     return preview
 
 
 def preview_value(ga_path: str, value: Any) -> Any:
     if ga_path in ("audio.input.format", "audio.output.format") and isinstance(value, Mapping):
-        return _FORMAT_TO_PREVIEW.get(str(value.get("type")), value.get("type"))
+        return FORMAT_TO_PREVIEW.get(str(value.get("type")), value.get("type"))
     if ga_path == "output_modalities" and isinstance(value, list):
         return ["text", "audio"] if "audio" in value else list(value)
     return value
 
 
-def to_preview_session(fragment: Mapping[str, Any]) -> dict[str, Any]:
-    """A GA session fragment in preview field names."""
+def ga_value(ga_path: str, value: Any) -> Any:
+    """A preview value in its GA shape (`"pcm16"` -> `{"type": "audio/pcm", "rate": 24000}`,
+    `["text", "audio"]` -> `["audio"]`); unknown values keep their name for the service to
+    judge."""
+    if ga_path in ("audio.input.format", "audio.output.format") and isinstance(value, str):
+        kind = _FORMAT_TO_GA.get(value, value)
+        return {"type": kind, "rate": PCM_RATE} if kind == "audio/pcm" else {"type": kind}
+    if ga_path == "output_modalities" and isinstance(value, list):
+        return ["audio"] if "audio" in value else list(value)
+    return value
+
+
+_FORMAT_TO_GA = {preview: ga for ga, preview in FORMAT_TO_PREVIEW.items()}
+
+
+def to_preview_session(
+    fragment: Mapping[str, Any], table: Mapping[str, str] = GA_TO_PREVIEW
+) -> dict[str, Any]:
+    """A GA session fragment (or, with another ``table``, response fragment) in preview
+    field names."""
     preview: dict[str, Any] = {}
     for key, value in fragment.items():
         if key == "type":
             continue  # the preview session has no type
         if key == "audio" and isinstance(value, Mapping):
-            for ga_path in _GA_TO_PREVIEW:
-                if ga_path.startswith("audio."):
-                    present, inner = get_path(fragment, ga_path)
+            for path in table:
+                if path.startswith("audio."):
+                    present, inner = get_path(fragment, path)
                     if present:
-                        preview[preview_path(ga_path)] = preview_value(ga_path, inner)
+                        preview[preview_path(path, table)] = preview_value(path, inner)
             continue
-        preview[preview_path(key)] = preview_value(key, value)
+        preview[preview_path(key, table)] = preview_value(key, value)
     return preview
+
+
+def to_ga_session(
+    fragment: Mapping[str, Any], table: Mapping[str, str] = GA_TO_PREVIEW
+) -> dict[str, Any]:
+    """A preview session fragment (or response fragment, with its ``table``) in GA shape:
+    flat keys nested under `audio`, formats as objects. Adds no `type`."""
+    ga: dict[str, Any] = {}
+    for key, value in fragment.items():
+        path = ga_path(key, table)
+        set_path(ga, path, ga_value(path, value))
+    return ga

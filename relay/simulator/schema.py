@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from relay.session.schema import CONTENT_TO_PREVIEW, EVENT_TO_PREVIEW
 from relay.simulator.audio import G711_ALAW, G711_ULAW, PCM16, AudioFormat
 
 
@@ -66,18 +67,19 @@ GA = Dialect(
     detailed_usage=True,
 )
 
+# The beta names are the GA ones renamed, by the table the relay translates with.
 BETA = Dialect(
     name="beta",
-    audio_delta="response.audio.delta",
-    audio_done="response.audio.done",
-    transcript_delta="response.audio_transcript.delta",
-    transcript_done="response.audio_transcript.done",
-    text_delta="response.text.delta",
-    text_done="response.text.done",
-    item_added="conversation.item.created",
+    audio_delta=EVENT_TO_PREVIEW[GA.audio_delta],
+    audio_done=EVENT_TO_PREVIEW[GA.audio_done],
+    transcript_delta=EVENT_TO_PREVIEW[GA.transcript_delta],
+    transcript_done=EVENT_TO_PREVIEW[GA.transcript_done],
+    text_delta=EVENT_TO_PREVIEW[GA.text_delta],
+    text_done=EVENT_TO_PREVIEW[GA.text_done],
+    item_added=EVENT_TO_PREVIEW[GA.item_added],
     item_done=None,
-    audio_content="audio",
-    text_content="text",
+    audio_content=CONTENT_TO_PREVIEW[GA.audio_content],
+    text_content=CONTENT_TO_PREVIEW[GA.text_content],
     modalities_key="modalities",
     detailed_usage=False,
 )

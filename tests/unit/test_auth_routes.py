@@ -69,7 +69,6 @@ def test_deployment_from_model_or_deployment_query():
     [
         (TEAM_A, "missing", False, 404),
         (TEAM_A, "mini", False, 403),
-        (TEAM_B, "gpt-realtime", True, 400),
     ],
 )
 def test_resolve_deployment_refusals(team, name, beta, status):
@@ -83,9 +82,16 @@ def test_resolve_deployment_refusals(team, name, beta, status):
 
 def test_beta_client_on_a_preview_deployment_is_fine():
     request = parse_realtime_request({"model": "old"}, {}, ["openai-beta.realtime-v1"])
-    assert request.wants_beta
+    assert request.dialect == "preview"
     team = TeamConfig("c", TEAM_B.keys, ("old",))
     assert resolve_deployment(request, team, DEPLOYMENTS).name == "old"
+
+
+def test_beta_client_on_a_ga_deployment_is_admitted_for_translation():
+    query = {"deployment": "gpt-realtime", "api-version": "2024-10-01-preview"}
+    request = parse_realtime_request(query, {}, [], "/openai/realtime")
+    assert request.dialect == "preview"
+    assert resolve_deployment(request, TEAM_B, DEPLOYMENTS).name == "gpt-realtime"
 
 
 def test_client_address_behind_trusted_proxies():
@@ -138,3 +144,15 @@ def test_intent_and_call_id_are_read():
                 both,
             )
         assert info.value.code == "intent_mismatch"
+
+
+def test_a_transcription_session_is_not_translated():
+    transcribe = DeploymentConfig("t", "https://r", CRED, kind="transcription")
+    team = TeamConfig("a", (hash_key("k"),), ("t",))
+    wanted = parse_realtime_request(
+        {"model": "t", "intent": "transcription"}, {"OpenAI-Beta": "realtime=v1"}, []
+    )
+    assert wanted.dialect == "preview"
+    with pytest.raises(ClientRefused) as info:
+        resolve_deployment(wanted, team, {"t": transcribe})
+    assert info.value.code == "protocol_mismatch"

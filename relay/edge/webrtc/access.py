@@ -99,7 +99,7 @@ def ga_deployment(
     known = live.config.deployments.get(name)
     if transcription is None:
         transcription = known is not None and known.kind == "transcription"
-    wanted = RealtimeRequest(name, False, transcription=transcription)
+    wanted = RealtimeRequest(name, transcription=transcription)
     deployment = resolve_deployment(wanted, team, live.config.deployments)
     structlog.contextvars.bind_contextvars(deployment=deployment.name)
     if deployment.protocol != "ga":

@@ -23,6 +23,7 @@ from relay.edge.webrtc.access import owned_call
 from relay.edge.webrtc.handlers import WEBRTC
 from relay.errors import ClientRefused, UpstreamRefused
 from relay.ops.metrics import SessionMeter
+from relay.session.dialect import Translator
 from relay.session.setup import StartedSession
 from relay.session.transcription import transcription_policy
 from relay.state import LiveConfig, RelayState
@@ -98,6 +99,8 @@ async def _admit(
     started = StartedSession(None, dict(policy.defaults), policy=policy)
     meter = _EventsOnlyMeter if placed.observed else SessionMeter
     # A call's sideband observes the call: it cannot move to another upstream session.
+    # A call speaks GA; a preview-dialect client of its sideband is translated.
+    translator = Translator(wanted.dialect, "ga") if wanted.dialect != "ga" else None
     return Admitted(
         team,
         deployment,
@@ -108,4 +111,5 @@ async def _admit(
         None,
         meter=meter,
         opened_by=opened_by,
+        translator=translator,
     )

@@ -1,0 +1,139 @@
+"""A client of one dialect on a deployment of the other: the relay translates both ways.
+
+Raw aiohttp clients, so every byte the client gets can be checked; tests/compat runs the real
+SDKs the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.helpers import ALPHA_KEY, b64, read_until, relay_config, tone_pcm
+
+GA_NAMES = ("response.output_audio", "response.output_text", "conversation.item.added")
+PREVIEW_NAMES = ("response.audio.", "response.audio_transcript.", "response.text.")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def send(ws: aiohttp.ClientWebSocketResponse, event: dict) -> None:
+    await ws.send_str(orjson.dumps(event).decode())
+
+
+async def talk(ws: aiohttp.ClientWebSocketResponse) -> list[dict]:
+    """Append a tone, commit, ask for a response; every event up to response.done."""
+    await send(ws, {"type": "input_audio_buffer.append", "audio": b64(tone_pcm(300))})
+    await send(ws, {"type": "input_audio_buffer.commit"})
+    await send(ws, {"type": "response.create"})
+    return await read_until(ws, "response.done")
+
+
+async def test_a_preview_client_on_a_ga_deployment(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    url = (
+        f"http://127.0.0.1:{relay.port}/openai/realtime"
+        "?api-version=2024-10-01-preview&deployment=gpt-realtime"
+    )
+    async with http.ws_connect(url, headers={"api-key": ALPHA_KEY}) as ws:
+        created = (await read_until(ws, "session.created"))[-1]["session"]
+        assert "type" not in created and created["input_audio_format"] == "pcm16"
+        assert created["modalities"] == ["text", "audio"]
+        await send(
+            ws,
+            {
+                "type": "session.update",
+                "event_id": "c1",
+                "session": {
+                    "voice": "ash",
+                    "turn_detection": None,
+                    "output_audio_format": "g711_ulaw",
+                    "temperature": 0.7,
+                },
+            },
+        )
+        events = await read_until(ws, "session.updated")
+        error = next(e for e in events if e["type"] == "error")["error"]
+        assert (error["code"], error["param"], error["event_id"]) == (
+            "untranslatable_field",
+            "session.temperature",
+            "c1",
+        )
+        session = events[-1]["session"]
+        assert (session["voice"], session["turn_detection"]) == ("ash", None)
+        assert session["output_audio_format"] == "g711_ulaw"
+        await send(ws, {"type": "session.update", "session": {"output_audio_format": "pcm16"}})
+        await read_until(ws, "session.updated")
+        events = await talk(ws)
+    kinds = [e["type"] for e in events]
+    assert "response.audio.delta" in kinds and "response.audio_transcript.done" in kinds
+    assert "conversation.item.created" in kinds and "error" not in kinds
+    assert not [k for k in kinds if k.startswith(GA_NAMES) or k == "conversation.item.done"]
+    done = events[-1]["response"]
+    assert done["status"] == "completed" and done["voice"] == "ash"
+    assert done["output"][0]["content"][0]["type"] == "audio"
+
+
+async def test_a_ga_client_on_a_preview_deployment(simulator, start_relay, http):
+    config = relay_config(
+        simulator.url,
+        deployments={
+            "gpt-realtime": {
+                "endpoint": simulator.url,
+                "azure_deployment": "gpt-4o-realtime-preview",
+                "protocol": "preview",
+                "api_version": "2025-04-01-preview",
+                "credential": {"env": "TEST_AZURE_KEY"},
+            }
+        },
+    )
+    relay = await start_relay(config)
+    url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+    async with http.ws_connect(url, headers={"api-key": ALPHA_KEY}) as ws:
+        created = (await read_until(ws, "session.created"))[-1]["session"]
+        assert created["type"] == "realtime"
+        assert created["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 24000}
+        await send(
+            ws,
+            {
+                "type": "session.update",
+                "session": {
+                    "type": "realtime",
+                    "audio": {"input": {"turn_detection": None}, "output": {"voice": "ash"}},
+                },
+            },
+        )
+        session = (await read_until(ws, "session.updated"))[-1]["session"]
+        assert session["audio"]["output"]["voice"] == "ash"
+        assert "temperature" not in session
+        events = await talk(ws)
+    kinds = [e["type"] for e in events]
+    assert "response.output_audio.delta" in kinds
+    assert "conversation.item.added" in kinds and "conversation.item.done" in kinds
+    assert not [k for k in kinds if k.startswith(PREVIEW_NAMES)] and "error" not in kinds
+    assert events[-1]["response"]["audio"]["output"]["voice"] == "ash"
+
+
+async def test_an_event_with_no_counterpart_is_answered_not_sent(simulator, start_relay, http):
+    relay = await start_relay(relay_config(simulator.url))
+    url = f"http://127.0.0.1:{relay.port}/v1/realtime?model=gpt-realtime"
+    headers = {"Authorization": f"Bearer {ALPHA_KEY}", "OpenAI-Beta": "realtime=v1"}
+    async with http.ws_connect(url, headers=headers) as ws:
+        await read_until(ws, "session.created")
+        await send(ws, {"type": "transcription_session.update", "event_id": "t1", "session": {}})
+        error = (await read_until(ws, "error"))[-1]["error"]
+        assert (error["code"], error["param"], error["event_id"]) == (
+            "untranslatable_field",
+            "type",
+            "t1",
+        )
+        # The session goes on.
+        await send(ws, {"type": "session.update", "session": {"instructions": "Hi."}})
+        assert (await read_until(ws, "session.updated"))[-1]["session"]["instructions"]
