@@ -149,7 +149,8 @@ async def test_the_microphone_gets_a_spoken_reply(browser, local_relay):
     await page.wait_for_selector("#status[data-state=connected]")
     await page.click("#mic")  # the fake microphone plays examples/hello.wav
     await wait_for_reply(page)
-    await expect(page.locator("#transcript li.assistant")).to_contain_text(
+    # The fake microphone loops the file: more turns may follow the first.
+    await expect(page.locator("#transcript li.assistant").first).to_contain_text(
         "You said: Hello, this is"
     )
     assert await page.locator("#transcript li.user").count() >= 1
