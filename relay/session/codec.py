@@ -84,7 +84,7 @@ def read_client_frame(frame: bytes) -> ClientFrame:
             if frame.find(_TYPE_KEY, 2) == -1:
                 return kind, None, 0
         else:
-            found = _audio_span(frame)
+            found = _key_span(frame, _AUDIO_KEY)
             # The base64 between start and end holds no quote, so no key: only the bytes
             # around it need searching for a second `"type"` or `"audio"`.
             if found is not None:
@@ -101,12 +101,14 @@ def read_client_frame(frame: bytes) -> ClientFrame:
     return kind, event, _decoded_size(audio) if isinstance(audio, str) else 0
 
 
-def _audio_span(frame: bytes) -> tuple[int, int, int] | None:
-    """Where the first `"audio"` key is and its string value lies, for the compact layouts."""
-    at = frame.find(_AUDIO_KEY)
+def _key_span(frame: bytes, key: bytes) -> tuple[int, int, int] | None:
+    """Where the first ``key`` (quoted) is and its string value lies, in the compact layouts
+    (`"audio":"` and `"audio": "`). An unescaped `"audio"` followed by `:"` cannot occur
+    inside a JSON string: it is the key."""
+    at = frame.find(key)
     if at == -1:
         return None
-    start = at + len(_AUDIO_KEY)
+    start = at + len(key)
     if frame.startswith(b':"', start):
         start += 2
     elif frame.startswith(b': "', start):
@@ -227,18 +229,8 @@ def _compact_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
     key = _KEYS.get(field)
     if key is None:
         key = _KEYS[field] = b'"' + field + b'"'
-    at = frame.find(key)
-    if at == -1:
-        return None
-    start = at + len(key)
-    if frame.startswith(b':"', start):
-        start += 2
-    elif frame.startswith(b': "', start):
-        start += 3
-    else:
-        return None
-    end = frame.find(b'"', start)
-    return None if end == -1 else (start, end)
+    found = _key_span(frame, key)
+    return None if found is None else (found[1], found[2])
 
 
 def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
