@@ -27,7 +27,13 @@ from relay.ops.config import DeploymentConfig, PolicyConfig, TeamConfig
 from relay.session.codec import FrameError, base64_size, parse_event_strict, read_client_frame
 from relay.session.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
 from relay.session.rules import judge
-from relay.session.schema import merge_session, preview_path, to_preview_session
+from relay.session.schema import (
+    get_path,
+    merge_session,
+    preview_path,
+    set_path,
+    to_preview_session,
+)
 
 Flavour = Literal["ga", "preview"]
 OnViolation = Literal["rewrite", "refuse"]
@@ -40,6 +46,8 @@ DEFAULT_MAX_VIOLATIONS = 10
 # 200; the burst lets a client upload 20 s of 20 ms chunks at once.
 DEFAULT_MAX_EVENTS_PER_SECOND = 250.0
 DEFAULT_EVENT_BURST = 1000
+# Capped fields whose service default is unbounded: the cap becomes the default.
+_UNBOUNDED_BY_DEFAULT = ("max_output_tokens",)
 DEFAULTS_EVENT_ID = "relay_session_defaults"
 
 
@@ -231,6 +239,11 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
     locked = tuple(rules.locked or ())
     allowed_values = dict(rules.allowed_values or {})
     max_values = dict(rules.max_values or {})
+    for path in _UNBOUNDED_BY_DEFAULT:
+        cap = max_values.get(path)
+        # The service's default is "inf": a client that never sets it would run uncapped.
+        if cap is not None and not transcribing and not get_path(defaults, path)[0]:
+            set_path(defaults, path, int(cap) if float(cap).is_integer() else cap)
     if deployment.protocol == "preview":
         defaults = to_preview_session(defaults)
         locked = tuple(preview_path(p) for p in locked)

@@ -143,6 +143,7 @@ def test_preview_dialect_of_the_same_policy():
         "turn_detection": {"type": "server_vad"},
         "output_audio_format": "pcm16",
         "voice": "alloy",
+        "max_response_output_tokens": 100,  # the cap, as no default set it
     }
     assert policy.locked == ("voice", "input_audio_transcription.model")
     assert policy.max_values == {"max_response_output_tokens": 100}
@@ -585,3 +586,16 @@ def test_forwarded_events_never_change_a_locked_field(fragment, kind, prefix, mo
     present, tokens = get_path(forwarded, "max_output_tokens")
     if present and (kind == "session.update" or tokens is not None):
         assert isinstance(tokens, int) and tokens <= 4096
+
+
+def test_a_cap_on_max_output_tokens_becomes_the_default_when_none_is_set():
+    # The service's own default is "inf": without this, a client that never sets it runs
+    # uncapped.
+    policy = build_policy(deployment(max_values={"max_output_tokens": 1024}), team())
+    assert policy.defaults["max_output_tokens"] == 1024
+    preview = build_policy(deployment("preview", max_values={"max_output_tokens": 1024}), team())
+    assert preview.defaults["max_response_output_tokens"] == 1024
+    chosen = build_policy(
+        deployment(max_values={"max_output_tokens": 1024}), team(session={"max_output_tokens": 500})
+    )
+    assert chosen.defaults["max_output_tokens"] == 500
