@@ -341,7 +341,7 @@ async def test_client_events_sent_during_switches_all_reach_the_new_upstream(sta
                 await ws.send_str(retrieve.decode())
                 await ws.send_str(append.decode())
                 sent += 1
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # the client's pace, not a wait for anything
             sending = False
             if answered == sent:
                 all_answered.set()

@@ -229,7 +229,7 @@ class Bridge:
 
     async def _client_to_upstream(self) -> None:
         client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
-        policy, gate = self.policy, self.gate
+        policy, gate, translator = self.policy, self.gate, self.translator
         # Token buckets (events, pings), in locals: this loop runs for every client frame.
         rate, burst = policy.max_events_per_second, float(policy.event_burst)
         throttle = policy.on_rate_exceeded == "throttle"
@@ -265,7 +265,7 @@ class Bridge:
                 try:
                     kind, event, audio = read_client_frame(msg.data)
                     frame = msg.data
-                    if self.translator is not None and kind in self.translator.client_events:
+                    if translator is not None and kind in translator.client_events:
                         translated = await self._translate_in(kind, frame, event)
                         if translated is None:
                             continue

@@ -48,7 +48,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if (args.wav is None) == (args.text is None):
-        print("relay talk: give a WAV file or --text, one of the two", file=sys.stderr)
+        # Command-line usage errors go to stderr, as argparse's own do (not a log line).
+        sys.stderr.write("relay talk: give a WAV file or --text, one of the two\n")
         return 2
     try:
         from rich.console import Console
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         from relay.talk.audio import WavError, read_wav
         from relay.talk.client import TalkError, TalkOptions
     except ImportError:
-        print(f"relay talk: {INSTALL_HINT}", file=sys.stderr)
+        sys.stderr.write(f"relay talk: {INSTALL_HINT}\n")  # rich itself may be missing
         return 2
     console = Console(highlight=False, soft_wrap=True)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
