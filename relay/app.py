@@ -26,6 +26,7 @@ from relay.live import budget_gauges, build_live, build_pools, zero_series
 from relay.ops.config import RelayConfig
 from relay.ops.metrics import Metrics
 from relay.ops.redaction import SECRETS
+from relay.session import frames
 from relay.session.pump import Bridge
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
@@ -36,6 +37,8 @@ _log = structlog.get_logger("relay.app")
 # header from this module global in every response it writes, including the 400s its HTTP
 # parser sends before any application hook could run.
 web_response.SERVER_SOFTWARE = "realtime-relay"  # type: ignore[attr-defined]
+# Sockets whose frames the pumps can forward inside the read callback (relay.session.frames).
+frames.install()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

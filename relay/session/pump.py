@@ -4,6 +4,11 @@ How it works:
 - One pump per direction reads a frame from one socket and awaits its write to the other
   before reading the next. The write's drain is the backpressure: a slow reader stops its
   peer's pump, whose socket stops being read, whose TCP window closes.
+- While a pump waits with nothing queued, its socket's queue is *armed* (`frames.py`): each
+  frame is judged, metered and written to the peer inside the read callback, with no task
+  switch. Whatever needs to wait (a refusal to send, a throttle, a full peer buffer, a
+  switch, a close) is declined there and queued, and the pump does it, in order, as before.
+  Both paths run the same checks (`_forward_in`/`_forward_out` and the pumps share them).
 - Text frames travel as the bytes they arrived as (no decode, no re-encode). Client frames
   pass the session policy first: an event that breaks a rule is corrected and forwarded (or,
   with `on_violation = "refuse"`, answered with an `error` event); the session goes on until
@@ -39,6 +44,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
+from relay.session import frames
 from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.continuity import TRACKED
 from relay.session.dialect import Translator
@@ -113,7 +119,8 @@ class Bridge:
         "stall_timeout", "response_timeout", "max_pings_per_second", "client_transport",
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
         "started_at", "last_client_event_at", "last_upstream_event_at",
-        "throttled", "renewal", "gate", "translator", "__weakref__",
+        "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -167,6 +174,11 @@ class Bridge:
         self.renewal: Renewal | None = None
         self.gate = asyncio.Event()
         self.gate.set()
+        # The client's event bucket (max_events_per_second, event_burst), shared by both paths.
+        self.tokens = float(policy.event_burst)
+        self.filled_at = self.started_at
+        # "session.updated", or "transcription_session.updated" (a preview transcription)
+        self.updated = policy.session_event("updated")
         meter.session_changed(session)
 
     async def run(self) -> Ending:
@@ -194,6 +206,7 @@ class Bridge:
             if transport is not None and transport.is_closing():
                 self._end(Ending("client", 1006, "connection lost", clean=False))
             self._end(Ending("relay", 1001, "relay closed the session", cause="relay_closed"))
+            self._disarm()
             await self._close_both()
             self.meter.flush()
         assert self.ending is not None
@@ -225,17 +238,62 @@ class Bridge:
             return False
         self.ending = ending
         self.between_responses.set()  # nothing is in progress any more: a drain need not wait
+        self._disarm()
+        return True
+
+    def _disarm(self) -> None:
+        """No more frames forwarded in read callbacks: the pumps see what is left."""
+        frames.disarm(frames.queue_of(self.client))
+        frames.disarm(frames.queue_of(self.upstream))
+
+    def _refill(self, now: float) -> float:
+        """The client's event tokens at ``now``."""
+        policy = self.policy
+        self.tokens = min(
+            float(policy.event_burst),
+            self.tokens + (now - self.filled_at) * policy.max_events_per_second,
+        )
+        self.filled_at = now
+        return self.tokens
+
+    def _forward_in(self, msg: Any) -> bool:
+        """A client frame, in its read callback: forwarded when nothing in it needs to wait
+        (the same checks as the pump's); False leaves it, and what follows, to the pump."""
+        if msg.type is not WSMsgType.TEXT or not self.gate.is_set():
+            return False
+        arrived = time.perf_counter()
+        if self._refill(arrived) < 1.0:
+            return False  # the pump throttles or refuses
+        data = msg.data
+        if not data.isascii() and not _is_utf8(data):
+            return False
+        kind, event, audio = read_client_frame(data)  # a FrameError declines
+        translator = self.translator
+        if translator is not None and kind in translator.client_events:
+            return False  # may have to tell the client what it left out
+        checked = self.policy.check(kind, data, self.session, audio, event)
+        upstream = self.upstream
+        if not isinstance(checked, bytes) or not frames.writable(upstream):
+            return False  # a rewrite is logged by the pump; a closing upstream is its to handle
+        self.tokens -= 1.0
+        self.last_client_event_at = arrived
+        self.meter.client_event(kind, checked, audio)
+        frames.write_text(upstream, checked)
+        self.meter.forwarded("in", time.perf_counter() - arrived, 0.0)
+        if frames.paused(upstream):
+            frames.disarm(frames.queue_of(self.client))  # the pump waits for the drain
         return True
 
     async def _client_to_upstream(self) -> None:
-        client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
+        client, meter, now = self.client, self.meter, time.perf_counter
         policy, gate, translator = self.policy, self.gate, self.translator
-        # Token buckets (events, pings), in locals: this loop runs for every client frame.
+        queue, forward = frames.queue_of(client), self._forward_in
         rate, burst = policy.max_events_per_second, float(policy.event_burst)
         throttle = policy.on_rate_exceeded == "throttle"
+        # The ping bucket, in locals: pings never take the callback path.
         ping_rate = self.max_pings_per_second
-        tokens, ping_tokens = burst, 2 * ping_rate
-        filled_at = ping_filled_at = now()
+        ping_tokens = 2 * ping_rate
+        ping_filled_at = now()
         # Frames already queued are received without suspending: yield now and then, so one
         # client's burst cannot hold the loop (and every other session) for its whole length.
         unyielded = 0
@@ -244,21 +302,24 @@ class Bridge:
             if unyielded >= _YIELD_EVERY:
                 unyielded = 0
                 await asyncio.sleep(0)
+            if frames.paused(self.upstream):
+                await self._drained("in", self.upstream)
+            if self.ending is None:
+                frames.arm(queue, forward)
             msg = await client.receive()
+            frames.disarm(queue)
             if msg.type is WSMsgType.TEXT:
                 arrived = self.last_client_event_at = now()
-                tokens = min(burst, tokens + (arrived - filled_at) * rate)
-                filled_at = arrived
-                if tokens < 1.0:
+                if self._refill(arrived) < 1.0:
                     if not throttle:
                         await self._refuse(_rate_limited(rate, burst))
                         continue
                     # Stop reading this client until a token is back: TCP holds the rest,
                     # nothing is dropped, and the excess costs the relay nothing.
-                    await self._throttle((1.0 - tokens) / rate, "events")
-                    arrived = filled_at = now()
-                    tokens = 1.0
-                tokens -= 1.0
+                    await self._throttle((1.0 - self.tokens) / rate, "events")
+                    arrived = self.filled_at = now()
+                    self.tokens = 1.0
+                self.tokens -= 1.0
                 if not msg.data.isascii() and not _is_utf8(msg.data):
                     await self._client_broke(1007, "invalid UTF-8 in a text frame", "invalid_utf8")
                     break
@@ -328,11 +389,65 @@ class Bridge:
                 break
         await self._close_upstream()
 
-    async def _upstream_to_client(self) -> None:
-        client, upstream, meter, now = self.client, self.upstream, self.meter, time.perf_counter
-        # "session.updated", or "transcription_session.updated" (a preview transcription)
-        updated = self.policy.session_event("updated")
+    def _accepted_out(self, kind: str, frame: bytes) -> Sequence[bytes]:
+        """An upstream event the client will get: metered and tracked; the frames to send."""
+        self.meter.upstream_event(kind, frame)
         renewal = self.renewal
+        if renewal is not None and kind in TRACKED:
+            renewal.track(kind, frame)
+        if kind == self.updated:
+            self._session_updated(frame)
+        elif kind == "error":
+            self._upstream_error(frame)
+        elif kind == "response.created":
+            self.between_responses.clear()
+        elif kind == "response.done":
+            self.between_responses.set()
+        translator = self.translator
+        return (frame,) if translator is None else translator.to_client(kind, frame)
+
+    def _forward_out(self, msg: Any) -> bool:
+        """An upstream frame, in its read callback: forwarded when the client's socket takes
+        it at once; False leaves it, and what follows, to the pump."""
+        if msg.type is not WSMsgType.TEXT:
+            return False
+        frame = msg.data
+        kind = sniff_type(frame)  # a FrameError declines
+        renewal = self.renewal
+        if renewal is not None and kind == "error" and renewal.is_marker(frame):
+            return False
+        client = self.client
+        if not frames.writable(client):
+            return False
+        arrived = self.last_upstream_event_at = time.perf_counter()
+        for out in self._accepted_out(kind, frame):
+            frames.write_text(client, out)
+        self.meter.forwarded("out", time.perf_counter() - arrived, 0.0)
+        if frames.paused(client):
+            frames.disarm(frames.queue_of(self.upstream))  # the pump waits for the drain
+        return True
+
+    async def _drained(self, direction: str, ws: ClientSocket | UpstreamSocket) -> None:
+        """Wait until ``ws`` takes data again (the ticker ends a wait that lasts)."""
+        began = time.perf_counter()
+        if direction == "in":
+            self.writing_in_since = began
+        else:
+            self.writing_out_since = began
+        try:
+            await frames.drained(ws)
+        except ConnectionError:
+            pass  # its pump sees why
+        waited = time.perf_counter() - began
+        if direction == "in":
+            self.writing_in_since = None
+        else:
+            self.writing_out_since = None
+        self.meter.forwarded(direction, waited, waited)
+
+    async def _upstream_to_client(self) -> None:
+        client, meter, now = self.client, self.meter, time.perf_counter
+        renewal, forward = self.renewal, self._forward_out
         greeting, self.greeting = self.greeting, ()  # sent once: not kept for the session
         translator = self.translator
         try:
@@ -345,7 +460,14 @@ class Bridge:
             pass  # the client pump sees why
         del greeting
         while True:
+            if frames.paused(client):
+                await self._drained("out", client)
+            upstream = self.upstream  # a renewal may have replaced it
+            queue = frames.queue_of(upstream)
+            if self.ending is None:
+                frames.arm(queue, forward)
             msg = await upstream.receive()
+            frames.disarm(queue)
             if msg.type is WSMsgType.TEXT:
                 arrived = self.last_upstream_event_at = now()
                 frame = msg.data
@@ -356,26 +478,12 @@ class Bridge:
                     break
                 if renewal is not None and kind == "error" and renewal.is_marker(frame):
                     await renewal.switch_at_marker()  # the relay's own: not the client's
-                    upstream = self.upstream
                     continue
-                meter.upstream_event(kind, frame)
-                if renewal is not None and kind in TRACKED:
-                    renewal.track(kind, frame)
-                if kind == updated:
-                    self._session_updated(frame)
-                elif kind == "error":
-                    self._upstream_error(frame)
-                elif kind == "response.created":
-                    self.between_responses.clear()
-                elif kind == "response.done":
-                    self.between_responses.set()
+                outs = self._accepted_out(kind, frame)
                 writing = self.writing_out_since = now()
                 try:
-                    if translator is None:
-                        await client.send_frame(frame, WSMsgType.TEXT)
-                    else:
-                        for out in translator.to_client(kind, frame):
-                            await client.send_frame(out, WSMsgType.TEXT)
+                    for out in outs:
+                        await client.send_frame(out, WSMsgType.TEXT)
                 except ConnectionError:
                     break  # the client pump sees why
                 written = now()
@@ -385,7 +493,7 @@ class Bridge:
                 await self._upstream_broke("binary frame")
                 break
             elif renewal is not None and await self._resumed(msg.type, msg.data, renewal):
-                upstream = self.upstream
+                continue
             elif msg.type is WSMsgType.CLOSE:
                 self._end(Ending("upstream", msg.data, msg.extra or ""))
                 break

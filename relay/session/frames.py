@@ -1,0 +1,109 @@
+"""Forwarding inside the socket's read callback: no task switch per frame.
+
+aiohttp parses a socket's bytes in its protocol's `data_received` and puts each message on
+a queue that a task awaits (`receive()`): every frame costs a future, a wake-up and a task
+step before the pump sees it. Here the queue can be *armed* with a forward function that
+gets each message first, synchronously, while the bytes are being parsed. When it takes the
+message (returns True), the message was judged, metered and written to the peer's transport
+right there; when it declines, the message is queued as aiohttp would, the queue disarms,
+and the pump task handles it and everything after it in order (see `pump.py`).
+
+aiohttp internals used (aiohttp is pinned below 3.15; `tests/unit/test_frames.py` fails CI
+when any of these moves):
+- the queue class the server (`aiohttp.web_ws`) and the client (`aiohttp.client`) build per
+  socket, `WebSocketDataQueue`, whose `feed_data` its C reader calls per message (a cpdef
+  method: a Python subclass's override is called), and its public `_buffer` deque;
+- a socket's `_reader` (that queue) and `_writer` (`WebSocketWriter`), the writer's
+  `_write_websocket_frame` (header, client mask, one transport write), `_closing`, `transport`
+  and `protocol`, whose `writing_paused` is true while the transport's buffer is past its high-water
+  mark and `_drain_helper()` waits until it is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp.client
+import aiohttp.web_ws
+from aiohttp import WSMsgType
+from aiohttp._websocket.reader import WebSocketDataQueue
+
+Forward = Callable[[Any], bool]
+_TEXT = int(WSMsgType.TEXT)
+
+
+class ForwardingQueue(WebSocketDataQueue):
+    """aiohttp's message queue, with an optional forward function that sees messages first."""
+
+    __slots__ = ("forward",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.forward: Forward | None = None
+
+    def feed_data(self, data: Any, size: int) -> None:
+        forward = self.forward
+        if forward is not None:
+            try:
+                if forward(data):
+                    return
+            except Exception:
+                # Declined: the pump handles this message again on its slow path, where the
+                # same failure ends the session the usual way (pump_failed, 1011).
+                pass
+            self.forward = None  # what follows a queued message must queue behind it
+        super().feed_data(data, size)
+
+
+def install() -> None:
+    """Make aiohttp build ForwardingQueues for the relay's sockets (both sides)."""
+    aiohttp.web_ws.WebSocketDataQueue = ForwardingQueue  # type: ignore[attr-defined]
+    aiohttp.client.WebSocketDataQueue = ForwardingQueue  # type: ignore[attr-defined]
+
+
+def queue_of(ws: Any) -> ForwardingQueue | None:
+    """The socket's queue when it can be armed (built after `install`), else None."""
+    queue = getattr(ws, "_reader", None)
+    return queue if isinstance(queue, ForwardingQueue) else None
+
+
+def arm(queue: ForwardingQueue | None, forward: Forward) -> None:
+    """Let ``forward`` take the next messages, if none is waiting to be received."""
+    if queue is not None and not queue._buffer:
+        queue.forward = forward
+
+
+def disarm(queue: ForwardingQueue | None) -> None:
+    if queue is not None:
+        queue.forward = None
+
+
+def writable(ws: Any) -> bool:
+    """Whether a frame can be written to ``ws`` now, without waiting or compressing."""
+    writer = ws._writer
+    return (
+        writer is not None
+        and not writer._closing
+        and not writer.compress
+        and not ws._closing
+        and not writer.transport.is_closing()
+    )
+
+
+def write_text(ws: Any, frame: bytes) -> None:
+    """Write ``frame`` as one text frame to a `writable` socket."""
+    ws._writer._write_websocket_frame(frame, _TEXT, 0)
+
+
+def paused(ws: Any) -> bool:
+    """Whether ``ws``'s transport is past its high-water mark: its peer reads too slowly."""
+    writer = ws._writer
+    return writer is not None and writer.protocol.writing_paused
+
+
+async def drained(ws: Any) -> None:
+    """Until ``ws``'s transport is below its low-water mark (at once if it is)."""
+    writer = ws._writer
+    if writer is not None and writer.protocol.writing_paused:
+        await writer.protocol._drain_helper()

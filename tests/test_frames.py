@@ -1,0 +1,200 @@
+"""The frame layer: frames forwarded inside the read callback, in order with the pump's.
+
+Also pins the aiohttp internals `relay.session.frames` uses, so an aiohttp upgrade that moves
+them fails here rather than in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import WSMsgType
+
+from relay.session import frames
+from relay.session.pump import Bridge
+from tests.helpers import ALPHA_KEY, FakeUpstream, b64, read_until, relay_config
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bool]]:
+    """What each direction's read-callback path decided, frame by frame."""
+    decisions: dict[str, list[bool]] = {"in": [], "out": []}
+    for direction, name in (("in", "_forward_in"), ("out", "_forward_out")):
+        original = getattr(Bridge, name)
+
+        def counted(self: Bridge, msg: Any, original: Any = original, d: str = direction) -> bool:
+            try:
+                took = bool(original(self, msg))
+            except Exception:
+                decisions[d].append(False)
+                raise
+            decisions[d].append(took)
+            return took
+
+        monkeypatch.setattr(Bridge, name, counted)
+    return decisions
+
+
+# 12 MB of 60 KB echoes: more than the kernel buffers between the relay and a test client.
+_FLOOD = 200
+
+
+def _append(seq: int) -> bytes:
+    return orjson.dumps(
+        {"type": "input_audio_buffer.append", "event_id": f"a{seq}", "audio": b64(b"\0" * 960)}
+    )
+
+
+async def _relay_on_echo(start_relay: Any, start_fake: Any, **policy: Any) -> tuple[Any, Any]:
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    endpoint = str(upstream.make_url(""))
+    config = relay_config(
+        endpoint,
+        deployments={
+            "gpt-realtime": {
+                "endpoint": endpoint,
+                "credential": {"env": "TEST_AZURE_KEY"},
+                "policy": {"allowed_events": ["input_audio_buffer.append", "session.update"]}
+                | policy,
+            }
+        },
+    )
+    relay = await start_relay(config)
+    return fake, relay
+
+
+def _url(relay: Any) -> str:
+    return f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+
+
+async def test_audio_frames_take_the_callback_path_both_ways(start_relay, start_fake, http, taken):
+    fake, relay = await _relay_on_echo(start_relay, start_fake)
+    async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        for seq in range(200):
+            await ws.send_str(_append(seq).decode())
+            echoed = orjson.loads((await ws.receive()).data)
+            assert echoed["event_id"] == f"a{seq}"
+    assert fake.received == [_append(seq) for seq in range(200)]
+    # Paced frames arrive while the pumps wait: nearly all of them are forwarded in the
+    # callback (a few may land while a pump is still finishing the frame before).
+    assert sum(taken["in"]) >= 190
+    assert sum(taken["out"]) >= 190
+
+
+async def test_declined_frames_keep_their_place(start_relay, start_fake, http, taken):
+    """A refused event (the pump answers it) and a rewritten one sit between audio frames
+    sent back to back: the upstream gets everything in the order the client sent it."""
+    fake, relay = await _relay_on_echo(
+        start_relay, start_fake, locked=["instructions"], max_violations=1000
+    )
+    sent: list[bytes] = []
+    refused = orjson.dumps({"type": "response.create", "event_id": "no"})
+    rewrite = orjson.dumps({"type": "session.update", "session": {"instructions": "x"}})
+    async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        for seq in range(300):
+            frame = _append(seq)
+            await ws.send_str(frame.decode())
+            sent.append(frame)
+            if seq % 50 == 10:
+                await ws.send_str(refused.decode())
+            if seq % 50 == 30:
+                await ws.send_str(rewrite.decode())
+                sent.append(b"rewritten")
+        errors = 0
+        echoed = 0
+        while echoed < len(sent):
+            event = orjson.loads((await ws.receive()).data)
+            if event["type"] == "error":
+                errors += 1
+            else:
+                echoed += 1
+    assert errors == 6
+    got = [b"rewritten" if f.startswith(b'{"type":"session.update"') else f for f in fake.received]
+    assert got == sent
+    assert True in taken["in"] and False in taken["in"]
+
+
+async def test_a_client_that_stops_reading_stops_the_callback_path(
+    start_relay, start_fake, http, taken
+):
+    """The callback path writes only while the client's transport takes data; past its
+    high-water mark the pump takes over and waits for the drain (backpressure)."""
+    all_in = asyncio.Event()
+
+    async def echo_all(ws: Any, fake: FakeUpstream) -> None:
+        await ws.send_str('{"type":"session.created","event_id":"e0","session":{}}')
+        async for msg in ws:
+            fake.received.append(msg.data.encode())
+            await ws.send_str(msg.data)
+            if len(fake.received) == _FLOOD:
+                all_in.set()
+
+    fake = FakeUpstream(script=echo_all)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    big = _append(0)[:-2] + b"A" * 60_000 + b'"}'
+    async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        for _ in range(_FLOOD):  # echoed back to a client that reads nothing yet
+            await ws.send_str(big.decode())
+        await all_in.wait()
+        for _ in range(_FLOOD):
+            msg = await ws.receive()
+            assert msg.type is WSMsgType.TEXT and len(msg.data) == len(big)
+    assert sum(taken["out"]) < _FLOOD  # some echoes were left to the pump, to wait for the drain
+
+
+async def test_the_aiohttp_internals_the_frame_layer_uses(start_fake, http):
+    """Fails when an aiohttp upgrade moves what relay.session.frames relies on."""
+    frames.install()
+    accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def handler(request: Any) -> Any:
+        ws = aiohttp.web.WebSocketResponse()
+        await ws.prepare(request)
+        accepted.set_result(ws)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/", handler)
+    server = await start_fake(app)
+    async with http.ws_connect(server.make_url("/")) as client:
+        server_ws = await accepted
+        for ws in (client, server_ws):
+            queue = frames.queue_of(ws)
+            assert isinstance(queue, frames.ForwardingQueue)
+            assert hasattr(queue, "_buffer") and not queue._buffer
+            writer = ws._writer
+            assert callable(writer._write_websocket_frame)
+            assert writer._closing is False and not writer.compress
+            assert writer.transport is not None and writer.protocol.writing_paused is False
+            assert callable(writer.protocol._drain_helper)
+            assert ws._closing is False
+            assert frames.writable(ws) and not frames.paused(ws)
+        # An armed queue gets the message first; a declined one is queued as usual.
+        taken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        queue = frames.queue_of(client)
+        frames.arm(queue, lambda msg: taken.set_result(msg.data) or True)
+        await server_ws.send_str("taken")
+        assert await taken == "taken"  # this client decodes text
+        frames.arm(queue, lambda msg: False)
+        await server_ws.send_str("declined")
+        msg = await client.receive()
+        assert msg.data == "declined"
+        assert queue.forward is None  # disarmed by the decline
