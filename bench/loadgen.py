@@ -21,6 +21,11 @@ Two ways to send:
   generator that falls behind its own schedule invalidates the run, and the report says so.
 - ``closed``: ``window`` frames in flight per session, the next sent as soon as an echo
   arrives: as fast as the path allows (saturation and large-frame scenarios).
+- ``setup``: ``sessions`` connectors, each opening a session (upgrade, then the
+  `session.created` the server sends first), closing it, and opening the next, from t0 until
+  the window's end. Instead of round trips it records each set-up's duration, from before
+  the TCP connect to `session.created`, for the set-ups started in the window; it counts
+  those completed in the window (``received_window``) and those that failed.
 """
 
 from __future__ import annotations
@@ -55,11 +60,17 @@ from bench.wsframes import (
 )
 
 _APPEND_HEAD = b'{"type":"input_audio_buffer.append","event_id":"t'
-# The echo, in the GA name or (through a translating relay) the preview one.
-_DELTAS = (b'{"type":"response.output_audio.delta"', b'{"type":"response.audio.delta"')
-_RESPONSE_ID = b'"response_id":"t'
+# The echo, in the GA name or (through a translating relay) the preview one; compact as the
+# upstream writes it, or re-serialized with Python's json.dumps spacing (LiteLLM).
+_DELTAS = (
+    b'{"type":"response.output_audio.delta"',
+    b'{"type":"response.audio.delta"',
+    b'{"type": "response.output_audio.delta"',
+    b'{"type": "response.audio.delta"',
+)
+_RESPONSE_ID = b'"response_id":'
 _CREATED = b'"session.created"'
-_ERROR = b'{"type":"error"'
+_ERROR = (b'{"type":"error"', b'{"type": "error"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +82,7 @@ class LoadSpec:
     path: str
     headers: dict[str, str]
     sessions: int
-    mode: Literal["paced", "closed"]
+    mode: Literal["paced", "closed", "setup"]
     # paced: seconds between frames of a session.
     interval_s: float
     # closed: frames in flight per session.
@@ -216,6 +227,8 @@ class Session(asyncio.Protocol):
                 if not self.closing:
                     self.closing = True
                     self._write(client_frame(OP_CLOSE, payload[:2]))
+                elif self.transport is not None:
+                    self.transport.close()  # our close answered: the handshake is over
 
     def _handshake(self, data: bytes) -> bytes:
         self.head += data
@@ -251,11 +264,14 @@ class Session(asyncio.Protocol):
     def _echoed(self, payload: bytes) -> None:
         now = time.monotonic_ns()
         at = payload.find(_RESPONSE_ID, 0, 256)
-        dash = payload.find(b"-", at + len(_RESPONSE_ID)) if at != -1 else -1
-        if dash == -1:
+        if at != -1:
+            at += len(_RESPONSE_ID)
+            at += 3 if payload.startswith(b' "t', at) else 2 if payload.startswith(b'"t', at) else 0
+        dash = payload.find(b"-", at) if at != -1 else -1
+        if dash == -1 or not payload[at:dash].isdigit():
             self.totals.unmatched_echoes += 1
             return
-        sent = int(payload[at + len(_RESPONSE_ID) : dash])
+        sent = int(payload[at:dash])
         clock = self.clock
         self.outstanding -= 1
         self.totals.echoed(now >= clock.window_end)
@@ -393,17 +409,62 @@ def _tail(audio_bytes: int, seed: int) -> bytes:
 async def _connect(
     session: Session, spec: LoadSpec, limit: asyncio.Semaphore, totals: Totals
 ) -> bool:
-    loop = asyncio.get_running_loop()
     async with limit:
-        try:
-            await loop.create_connection(lambda: session, spec.host, spec.port)
-            await session.upgraded
-            await session.ready
-        except (OSError, ConnectionError) as exc:
-            totals.connect_failed(str(exc) or type(exc).__name__)
-            session.abort()
-            return False
+        return await _open(session, spec, totals)
+
+
+async def _open(session: Session, spec: LoadSpec, totals: Totals) -> bool:
+    """Connect, upgrade and wait for `session.created`; False (counted) if that failed."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.create_connection(lambda: session, spec.host, spec.port)
+        await session.upgraded
+        await session.ready
+    except (OSError, ConnectionError) as exc:
+        totals.connect_failed(str(exc) or type(exc).__name__)
+        session.abort()
+        return False
     return True
+
+
+# A set-up that takes longer than this is counted as failed; a close as long is cut short.
+SETUP_TIMEOUT_S = 5.0
+
+
+@dataclass(slots=True)
+class SetupTally:
+    """What the connectors of the set-up mode saw."""
+
+    started_window: int = 0
+    completed_window: int = 0
+    durations: array[int] = field(default_factory=lambda: array("q"))
+    started_at: array[int] = field(default_factory=lambda: array("q"))
+
+
+async def _connector(spec: LoadSpec, clock: Clock, totals: Totals, tally: SetupTally) -> None:
+    """Open, close, open again, until the window's end (the set-up mode)."""
+    while True:
+        began = time.monotonic_ns()
+        if began >= clock.window_end:
+            return
+        in_window = began >= clock.window_start
+        tally.started_window += in_window
+        session = Session(spec, clock, totals, b"")
+        try:
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                opened = await _open(session, spec, totals)
+        except TimeoutError:
+            totals.connect_failed("set-up timeout")
+            session.abort()
+            continue
+        done = time.monotonic_ns()
+        if opened:
+            if clock.window_start <= done < clock.window_end:
+                tally.completed_window += 1
+            if in_window:
+                tally.durations.append(done - began)
+                tally.started_at.append(began)
+            await _close_all([session], SETUP_TIMEOUT_S)
 
 
 async def _connect_all(sessions: list[Session], spec: LoadSpec, totals: Totals) -> list[Session]:
@@ -440,6 +501,8 @@ async def _sleep_until(ns: int) -> None:
 
 
 async def generate(spec: LoadSpec) -> dict[str, Any]:
+    if spec.mode == "setup":
+        return await generate_setups(spec)
     loop = asyncio.get_running_loop()
     clock = Clock(loop, int(spec.interval_s * 1e9))
     totals = Totals()
@@ -470,11 +533,52 @@ async def generate(spec: LoadSpec) -> dict[str, Any]:
     return _results(spec, connected, totals, cpu_window)
 
 
-async def _close_all(sessions: list[Session]) -> None:
+async def generate_setups(spec: LoadSpec) -> dict[str, Any]:
+    """The set-up mode: ``spec.sessions`` connectors from t0 to the window's end."""
+    clock = Clock(asyncio.get_running_loop(), int(spec.interval_s * 1e9))
+    totals = Totals()
+    tally = SetupTally()
+    print(f"READY {spec.sessions} 0", flush=True)
+    clock.begin(await _read_go(spec.go_timeout_s), spec.warmup_s, spec.duration_s)
+    await _sleep_until(clock.start)
+    async with asyncio.TaskGroup() as tasks:
+        for _ in range(spec.sessions):
+            tasks.create_task(_connector(spec, clock, totals, tally))
+        await _sleep_until(clock.window_start)
+        cpu_start = os.times()
+        await _sleep_until(clock.window_end)
+        cpu_end = os.times()
+    cpu_window = (cpu_end.user - cpu_start.user, cpu_end.system - cpu_start.system)
+    return _setup_results(spec, totals, tally, cpu_window)
+
+
+def _setup_results(
+    spec: LoadSpec, totals: Totals, tally: SetupTally, cpu_window: tuple[float, float]
+) -> dict[str, Any]:
+    Path(spec.samples_path).write_bytes(tally.durations.tobytes())
+    Path(send_times_path(spec.samples_path)).write_bytes(tally.started_at.tobytes())
+    return {
+        "requested": spec.sessions,
+        "connected": spec.sessions,
+        "connect_errors": totals.connect_errors,
+        "error_events": totals.error_events,
+        "other_events": totals.other_events,
+        "unmatched_echoes": totals.unmatched_echoes,
+        "sent_window": tally.started_window,
+        "received_window": tally.completed_window,
+        "sent_total": tally.started_window,
+        "received_total": len(tally.durations),
+        "cpu_window_user_s": cpu_window[0],
+        "cpu_window_system_s": cpu_window[1],
+        "sessions": [],
+    }
+
+
+async def _close_all(sessions: list[Session], timeout_s: float = 2.0) -> None:
     for session in sessions:
         session.close()
     try:
-        async with asyncio.timeout(2.0):
+        async with asyncio.timeout(timeout_s):
             await asyncio.gather(*(s.gone for s in sessions))
     except TimeoutError:
         pass

@@ -8,7 +8,12 @@
   no ``--workers``);
 - ``relay-preview``: the relay with a preview-dialect client on the GA deployment
   (``/openai/realtime?api-version=2024-10-01-preview``), so every event is translated: the
-  cost of translation is this path's CPU per frame against ``relay``'s.
+  cost of translation is this path's CPU per frame against ``relay``'s;
+- ``picows``: a bare picows relay (`bench/picows_relay.py`), the floor for Python (skipped
+  where picows is not installed: it comes with the bench extra);
+- ``litellm``: LiteLLM's proxy, its realtime route with an Azure model pointing at the echo
+  upstream's TLS listener (skipped where `make bench-peers` has not installed it into
+  bench/.venv-litellm).
 
 ``--gc-log`` runs the relay paths with a prelude that logs garbage-collection pauses (one
 process only: `--workers` children are started by the relay itself, without it).
@@ -19,6 +24,7 @@ Every proxy is started fresh for each run, so each run's memory starts from the 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -61,18 +67,30 @@ gc.callbacks.append(_bench_gc)
 _MAIN = "from relay.cli import main\nsys.exit(main())\n"
 
 
+# LiteLLM's own venv (`make bench-peers`, bench/requirements-litellm.txt).
+LITELLM_VENV = BENCH_DIR / ".venv-litellm"
+# LiteLLM imports a great deal before it listens: on 2 busy cores, 20 s and more.
+LITELLM_START_TIMEOUT_S = 120.0
+# Largest event the peers are configured to take: above the 8 MiB memory scenario.
+PEER_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 class PathError(RuntimeError):
     """A path could not be started."""
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a generator connects, with the headers it presents."""
+    """Where a generator connects, with the headers it presents. The echo upstream also
+    gives its TLS listener's port and the CA file that signs its certificate (peers that
+    dial only wss://), where it has one."""
 
     host: str
     port: int
     path: str
     headers: dict[str, str] = field(default_factory=dict)
+    tls_port: int | None = None
+    ca_file: str | None = None
 
 
 class Child:
@@ -114,9 +132,15 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def wait_listening(port: int, child: Child, *, http_path: str | None = None) -> None:
+def wait_listening(
+    port: int,
+    child: Child,
+    *,
+    http_path: str | None = None,
+    timeout_s: float = START_TIMEOUT_S,
+) -> None:
     """Until 127.0.0.1:port accepts (and answers ``http_path`` with 200), bounded in time."""
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not child.alive():
             raise PathError(f"exited with {child.proc.returncode}:\n{child.tail()}")
@@ -131,7 +155,23 @@ def wait_listening(port: int, child: Child, *, http_path: str | None = None) -> 
         except (OSError, urllib.error.URLError):
             pass
         time.sleep(0.05)
-    raise PathError(f"not listening on {port} after {START_TIMEOUT_S:g} s:\n{child.tail()}")
+    raise PathError(f"not listening on {port} after {timeout_s:g} s:\n{child.tail()}")
+
+
+def announced_ports(child: Child, labels: Sequence[str] = ("PORT",)) -> dict[str, int]:
+    """The ports a child prints as ``<LABEL> <port>`` lines (the bench's own servers), once
+    it has printed every one of ``labels``; bounded in time."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and child.alive():
+        found = {}
+        for line in child.log.read_text(errors="replace").splitlines():
+            label, _, port = line.partition(" ")
+            if label in labels and port.isdigit():
+                found[label] = int(port)
+        if len(found) == len(labels):
+            return found
+        time.sleep(0.05)
+    raise PathError(f"announced no {' and '.join(labels)} in time:\n{child.tail()}")
 
 
 def render(template: str, values: dict[str, object]) -> str:
@@ -169,12 +209,27 @@ class DirectPath(BenchPath):
         return upstream
 
 
-class NginxPath(BenchPath):
+class ChildPath(BenchPath):
+    """A path that is one process (and its children) the bench starts and stops."""
+
+    def __init__(self) -> None:
+        self.child: Child | None = None
+
+    def pids(self) -> list[int]:
+        return [self.child.pid] if self.child is not None else []
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
+
+
+class NginxPath(ChildPath):
     name = "nginx"
 
     def __init__(self) -> None:
+        super().__init__()
         self.binary, self.pending = ensure_nginx()
-        self.child: Child | None = None
 
     def start(self, upstream: Endpoint, work: Path) -> Endpoint:
         assert self.binary is not None
@@ -197,16 +252,8 @@ class NginxPath(BenchPath):
             raise
         return Endpoint("127.0.0.1", port, upstream.path, dict(upstream.headers))
 
-    def pids(self) -> list[int]:
-        return [self.child.pid] if self.child is not None else []
 
-    def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop()
-            self.child = None
-
-
-class RelayPath(BenchPath):
+class RelayPath(ChildPath):
     """`relay serve` with the bench config, plus extra command-line arguments."""
 
     def __init__(
@@ -219,6 +266,7 @@ class RelayPath(BenchPath):
         needs_option: str | None = None,
         client_path: str = REALTIME_PATH,
     ) -> None:
+        super().__init__()
         self.name = name
         self.client_path = client_path
         self.upstream_key = upstream_key
@@ -227,7 +275,6 @@ class RelayPath(BenchPath):
         self.log: Path | None = None
         self.client_key = "rk-bench-" + os.urandom(12).hex()
         self.max_session_s = MAX_SESSION_S
-        self.child: Child | None = None
         if needs_option is not None and needs_option not in _relay_serve_help():
             self.pending = f"pending: `relay serve` has no {needs_option} option yet"
 
@@ -276,13 +323,94 @@ class RelayPath(BenchPath):
             raise
         return Endpoint("127.0.0.1", port, self.client_path, {"api-key": self.client_key})
 
-    def pids(self) -> list[int]:
-        return [self.child.pid] if self.child is not None else []
-
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop(grace_s=15.0)
             self.child = None
+
+
+class PicowsPath(ChildPath):
+    """The bare picows relay (`bench/picows_relay.py`): the floor for a Python relay. It
+    holds the upstream key itself and asks clients for none."""
+
+    name = "picows"
+
+    def __init__(self, upstream_key: str) -> None:
+        super().__init__()
+        self.upstream_key = upstream_key
+        if importlib.util.find_spec("picows") is None:
+            self.pending = "skipped: picows is not installed (it comes with the bench extra)"
+
+    def start(self, upstream: Endpoint, work: Path) -> Endpoint:
+        work.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "bench.picows_relay", "--key-env", UPSTREAM_KEY_ENV]
+        argv += ["--upstream", f"ws://{upstream.host}:{upstream.port}"]
+        env = {**os.environ, UPSTREAM_KEY_ENV: self.upstream_key}
+        self.child = child = Child(argv, work / "picows.log", env)
+        try:
+            port = announced_ports(child)["PORT"]
+        except PathError:
+            self.stop()
+            raise
+        return Endpoint("127.0.0.1", port, upstream.path)
+
+
+class LitellmPath(ChildPath):
+    """LiteLLM's proxy from its own venv: the realtime route (`/openai/v1/realtime`), a
+    master key for auth, and an Azure model whose `api_base` is the echo upstream's TLS
+    listener. LiteLLM's Azure route dials wss:// only; it trusts the bench's CA through
+    SSL_CERT_FILE, which its SSL configuration reads (litellm's get_ssl_configuration)."""
+
+    name = "litellm"
+
+    def __init__(self, upstream_key: str) -> None:
+        super().__init__()
+        self.upstream_key = upstream_key
+        self.master_key = "sk-bench-" + os.urandom(12).hex()
+        self.binary = LITELLM_VENV / "bin" / "litellm"
+        if not self.binary.exists():
+            self.pending = (
+                "skipped: LiteLLM is not installed; `make bench-peers` installs it into "
+                f"{LITELLM_VENV.relative_to(REPO_DIR)}"
+            )
+
+    def start(self, upstream: Endpoint, work: Path) -> Endpoint:
+        if upstream.tls_port is None or upstream.ca_file is None:
+            raise PathError("the echo upstream has no TLS listener (is trustme installed?)")
+        work.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        config = work / "litellm.yaml"
+        config.write_text(
+            render(
+                "litellm.yaml.template",
+                {"API_BASE": f"https://127.0.0.1:{upstream.tls_port}", "KEY_ENV": UPSTREAM_KEY_ENV},
+            )
+        )
+        env = {
+            **os.environ,
+            UPSTREAM_KEY_ENV: self.upstream_key,
+            "BENCH_LITELLM_MASTER_KEY": self.master_key,
+            "SSL_CERT_FILE": upstream.ca_file,
+            # The bundled model cost map: no fetch from the network at start-up.
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            # websockets' default is 1 MiB: the large-event scenarios need more, as would
+            # a team forwarding real `conversation.item` events.
+            "REALTIME_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES": str(PEER_MAX_MESSAGE_BYTES),
+            "LITELLM_LOG": "ERROR",
+        }
+        argv = [str(self.binary), "--config", str(config), "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--num_workers", "1"]
+        self.child = child = Child(argv, work / "litellm.log", env)
+        try:
+            wait_listening(
+                port, child, http_path="/health/liveliness", timeout_s=LITELLM_START_TIMEOUT_S
+            )
+        except PathError:
+            self.stop()
+            raise
+        return Endpoint(
+            "127.0.0.1", port, REALTIME_PATH, {"Authorization": f"Bearer {self.master_key}"}
+        )
 
 
 def _relay_command() -> list[str]:

@@ -44,9 +44,12 @@ from bench.paths import (
     Child,
     DirectPath,
     Endpoint,
+    LitellmPath,
     NginxPath,
     PathError,
+    PicowsPath,
     RelayPath,
+    announced_ports,
     find_nginx,
 )
 from bench.profile import Recorder, format_summary, summarize
@@ -54,8 +57,9 @@ from bench.runner import Context, QuietGate, run_point
 from bench.scenarios import Scenario, default_plan, paced, quick_plan, saturation
 from bench.soak import DEFAULT_SESSIONS as SOAK_SESSIONS
 
-ALL_PATHS = ("direct", "nginx", "relay", "relay-w2", "relay-preview")
-DEFAULT_PATHS = "direct,nginx,relay,relay-w2,relay-preview"
+ALL_PATHS = ("direct", "nginx", "relay", "relay-w2", "relay-preview", "picows", "litellm")
+# picows and litellm are skipped, with a message, where they are not installed.
+DEFAULT_PATHS = "direct,nginx,relay,relay-w2,relay-preview,picows,litellm"
 # A path "falls behind" at a session count when fewer than this share keep real time.
 KEEPS_UP_SHARE = 0.95
 # A point during which other processes used more than this many cores is measured again once.
@@ -151,6 +155,8 @@ def build_paths(args: argparse.Namespace, upstream_key: str) -> list[BenchPath]:
         "relay-preview": lambda: RelayPath(
             "relay-preview", upstream_key, extra_args=extra, client_path=PREVIEW_CLIENT_PATH
         ),
+        "picows": lambda: PicowsPath(upstream_key),
+        "litellm": lambda: LitellmPath(upstream_key),
     }
     names = [n.strip() for n in args.paths.split(",") if n.strip()]
     unknown = [n for n in names if n not in makers]
@@ -165,19 +171,45 @@ def build_paths(args: argparse.Namespace, upstream_key: str) -> list[BenchPath]:
     return [p for p in paths if not p.pending]
 
 
-def start_upstream(work: Path, key: str) -> tuple[Child, Endpoint]:
+def start_upstream(work: Path, key: str, *, tls: bool = False) -> tuple[Child, Endpoint]:
+    """The echo upstream; with ``tls``, also its TLS listener (certificates from a fresh
+    trustme CA, whose file the endpoint names), where trustme is installed."""
     env = {**os.environ, UPSTREAM_KEY_ENV: key}
-    log = work / "upstream.log"
-    child = Child([sys.executable, "-m", "bench.upstream", "--key-env", UPSTREAM_KEY_ENV], log, env)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and child.alive():
-        for line in log.read_text().splitlines():
-            if line.startswith("PORT "):
-                port = int(line.split()[1])
-                return child, Endpoint("127.0.0.1", port, REALTIME_PATH, {"api-key": key})
-        time.sleep(0.05)
-    child.stop()
-    raise SystemExit(f"bench: the echo upstream did not start:\n{child.tail()}")
+    argv = [sys.executable, "-m", "bench.upstream", "--key-env", UPSTREAM_KEY_ENV]
+    ca_file = _tls_files(work) if tls else None
+    if ca_file is not None:
+        argv += ["--tls-cert", str(work / "upstream.pem")]
+    child = Child(argv, work / "upstream.log", env)
+    labels = ("PORT", "TLS_PORT") if ca_file is not None else ("PORT",)
+    try:
+        ports = announced_ports(child, labels)
+    except PathError as exc:
+        child.stop()
+        raise SystemExit(f"bench: the echo upstream did not start: {exc}") from None
+    return child, Endpoint(
+        "127.0.0.1",
+        ports["PORT"],
+        REALTIME_PATH,
+        {"api-key": key},
+        tls_port=ports.get("TLS_PORT"),
+        ca_file=str(ca_file) if ca_file is not None else None,
+    )
+
+
+def _tls_files(work: Path) -> Path | None:
+    """A CA and the upstream's certificate for 127.0.0.1 (work/upstream.pem, key included);
+    the CA's file, or None without trustme (the `test` extra)."""
+    try:
+        import trustme
+    except ImportError:
+        print("bench: trustme is not installed: the echo upstream has no TLS", file=sys.stderr)
+        return None
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(work / "upstream.pem")
+    )
+    ca.cert_pem.write_to_path(str(work / "ca.pem"))
+    return work / "ca.pem"
 
 
 def run_plan(
@@ -354,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     upstream_key = "bench-upstream-" + secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         work = Path(tmp)
-        upstream, endpoint = start_upstream(work, upstream_key)
+        wants_tls = "litellm" in args.paths and not args.soak
+        upstream, endpoint = start_upstream(work, upstream_key, tls=wants_tls)
         try:
             if args.soak:
                 args.paths = "direct,relay"

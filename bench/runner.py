@@ -220,10 +220,12 @@ def run_point(
             "max_ms": round(max(pauses, default=0.0), 2),
             "total_ms": round(sum(pauses), 2),
         }
-    if tree is not None and connected:
-        # RSS per session: the path's growth from idle to loaded, over the sessions.
+    if tree is not None and connected and scenario.kind != "setup":
+        # RSS per session: the path's growth from idle to loaded, over the sessions; and
+        # its highest growth (a large event's copies), over the sessions.
         growth = point["rss_loaded_bytes"] - rss_idle
         point["rss_per_session_kib"] = round(growth / connected / 1024, 1)
+        point["peak_growth_per_session_mib"] = round((peak - rss_idle) / connected / 2**20, 2)
     if series is not None:
         start, end = window["span_ns"]
         point["series"] = _series(window["series"], start, sent_at, rtts)
@@ -456,6 +458,9 @@ def _figures(
         "generators": len(results),
         "connect_errors": _merge_counts(r["connect_errors"] for r in results),
         "error_events": sum(r["error_events"] for r in results),
+        # Events the generators did not take for echoes (a path that reshapes them shows).
+        "other_events": sum(r["other_events"] for r in results),
+        "unmatched_echoes": sum(r["unmatched_echoes"] for r in results),
         "rtt_ms": percentiles_ms(samples, PERCENTILES) | {"max": _max_ms(samples)},
         "samples": int(samples.size),
         "frames_in_per_s": round(sent / duration, 1),
@@ -484,6 +489,23 @@ def _figures(
         else None,
         "other_cores": round(max(0.0, machine - ours) / duration, 3),
         "interrupt_cores": round((after.interrupts - before.interrupts) / duration, 3),
+    } | (
+        _setup_figures(has_proxy, path_cpu, received, duration) if scenario.kind == "setup" else {}
+    )
+
+
+def _setup_figures(
+    has_proxy: bool, path_cpu: float, setups: int, duration: float
+) -> dict[str, Any]:
+    """The set-up scenario's own figures: set-ups completed per second in the window, and
+    the path's CPU per set-up (its CPU in the window over those set-ups). Its `rtt_ms` are
+    set-up times, from before the TCP connect to `session.created`; in/s and out/s are
+    set-ups started and completed per second."""
+    return {
+        "setups_per_s": round(setups / duration, 1),
+        "cpu_ms_per_setup": round(path_cpu / setups * 1000, 3) if has_proxy and setups else None,
+        "cpu_us_per_frame": None,
+        "cpu_s_per_1000_frames": None,
     }
 
 

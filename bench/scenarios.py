@@ -27,10 +27,12 @@ def audio_bytes_for_event(event_bytes: int) -> int:
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
-    kind: Literal["paced", "saturation", "large"]
+    kind: Literal["paced", "saturation", "large", "setup", "idle"]
+    # Sessions (setup: connectors, each opening one session after another).
     sessions: tuple[int, ...]
-    # paced: one frame per interval per session; closed: `window` frames in flight.
-    mode: Literal["paced", "closed"]
+    # paced: one frame per interval per session; closed: `window` frames in flight;
+    # setup: open, wait for `session.created`, close, repeat.
+    mode: Literal["paced", "closed", "setup"]
     interval_s: float
     audio_bytes: int
     window: int = 1
@@ -69,6 +71,33 @@ def saturation(sessions: int, window: int, duration_s: float) -> Scenario:
     )
 
 
+def idle(sessions: tuple[int, ...], duration_s: float) -> Scenario:
+    """Sessions open but nearly idle (one 20 ms frame a second each): memory per session."""
+    return Scenario(
+        name="idle",
+        kind="idle",
+        sessions=sessions,
+        mode="paced",
+        interval_s=1.0,
+        audio_bytes=audio_bytes_for(20),
+        duration_s=duration_s,
+    )
+
+
+def setup(connectors: tuple[int, ...], duration_s: float) -> Scenario:
+    """Session set-up: connect, `session.created`, close, repeated by each connector."""
+    return Scenario(
+        name="setup",
+        kind="setup",
+        sessions=connectors,
+        mode="setup",
+        interval_s=1.0,
+        audio_bytes=0,
+        warmup_s=1.0,
+        duration_s=duration_s,
+    )
+
+
 def large(event_mib: int, sessions: int, duration_s: float) -> Scenario:
     return Scenario(
         name=f"large {event_mib} MiB",
@@ -84,21 +113,25 @@ def large(event_mib: int, sessions: int, duration_s: float) -> Scenario:
 
 
 def default_plan() -> list[Scenario]:
-    """About 5 minutes on 2 cores with four paths."""
+    """About 10 minutes on 2 cores with the default paths (LiteLLM among them)."""
     return [
         paced(20, (50, 200, 500, 1000), 3.0),
-        paced(100, (50, 200, 500, 1000), 4.0),
+        paced(100, (200, 1000), 3.0),
         saturation(50, 4, 4.0),
+        setup((1, 16), 3.0),
+        idle((200, 1000), 2.0),
         large(1, 2, 2.5),
-        large(5, 2, 2.5),
+        large(8, 4, 2.5),
     ]
 
 
 def quick_plan() -> list[Scenario]:
-    """Under a minute: for developing the bench, not for figures."""
+    """A few minutes: for developing the bench, not for figures."""
     short = [
         paced(20, (50, 200), 1.2),
         saturation(50, 4, 1.2),
-        large(1, 2, 0.8),
+        setup((1, 16), 1.2),
+        idle((50,), 1.0),
+        large(8, 2, 0.8),
     ]
     return [replace(s, warmup_s=0.5) for s in short]

@@ -7,8 +7,9 @@ carrying the same base64 audio, with the append's `event_id` (the load generator
 timestamp) as its `response_id`. The echo is built by slicing bytes, never by parsing JSON:
 this process is the physical limit the paths are compared against.
 
-Run: ``python -m bench.upstream [--port 0] [--key-env VAR]``; prints ``PORT <n>`` when
-listening and serves until SIGTERM or SIGINT.
+Run: ``python -m bench.upstream [--port 0] [--key-env VAR] [--tls-cert PEM --tls-key PEM]``;
+prints ``PORT <n>`` when listening (and ``TLS_PORT <n>`` for a second, TLS listener, which
+peers that only dial wss:// need: LiteLLM's Azure route) and serves until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 import sys
 from typing import Any, cast
 
@@ -201,18 +203,31 @@ class EchoConnection(asyncio.Protocol):
         self._transport.write(server_frame(OP_TEXT, orjson.dumps(reply)))
 
 
-async def serve(host: str, port: int, api_key: str | None) -> None:
+async def serve(
+    host: str, port: int, api_key: str | None, tls: ssl.SSLContext | None = None
+) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: EchoConnection(api_key), host, port, backlog=4096, reuse_address=True
-    )
-    bound = server.sockets[0].getsockname()[1]
-    print(f"PORT {bound}", flush=True)
+    servers = []
+    listeners = [("PORT", port, None)] + ([("TLS_PORT", 0, tls)] if tls is not None else [])
+    for label, wanted, context in listeners:
+        server = await loop.create_server(
+            lambda: EchoConnection(api_key),
+            host,
+            wanted,
+            backlog=4096,
+            reuse_address=True,
+            ssl=context,
+        )
+        servers.append(server)
+        print(f"{label} {server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with server:
+    try:
         await stop.wait()
+    finally:
+        for server in servers:
+            server.close()
 
 
 def run(main: Any) -> None:
@@ -230,9 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--key-env", help="environment variable holding the api-key to require")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: also listen with TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     api_key = os.environ.get(args.key_env) if args.key_env else None
-    run(serve(args.host, args.port, api_key))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    run(serve(args.host, args.port, api_key, tls))
     return 0
 
 
