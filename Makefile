@@ -10,7 +10,7 @@ export RELAY_SIMULATOR_KEY ?= local-simulator-key
 NODE_DIR := tests/compat/node
 NODE_DEPS := $(NODE_DIR)/node_modules/.package-lock.json
 
-.PHONY: venv node-deps run simulate test lint typecheck pytest format clean bench bench-fairness bench-continuity rules
+.PHONY: venv node-deps run simulate test lint typecheck pytest format clean bench bench-peers bench-fairness bench-continuity rules
 
 venv: $(VENV)/.installed
 
@@ -57,11 +57,23 @@ test: lint typecheck pytest
 rules:
 	$(PYTHON) deploy/prometheus/prometheusrule.py
 
-# Direct vs nginx vs the relay, on loopback (docs/performance.md): about 5 minutes on 2 cores.
-# BENCH_ARGS="--quick" for under a minute, "--profile" to py-spy the relay under saturation.
+# Direct vs nginx vs the relay vs picows (and LiteLLM, after `make bench-peers`), on loopback
+# (docs/performance.md): about 10 minutes on 2 cores. BENCH_ARGS="--quick" for a few
+# minutes, "--profile" to py-spy the relay under saturation.
 bench: venv
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The optional LiteLLM peer path: its own venv, pinned by bench/requirements-litellm.txt.
+LITELLM_VENV := bench/.venv-litellm
+bench-peers: $(LITELLM_VENV)/.installed
+
+$(LITELLM_VENV)/.installed: bench/requirements-litellm.txt
+	@echo "Installing LiteLLM's proxy into $(LITELLM_VENV) for make bench (a few minutes)..."
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LITELLM_VENV)/bin/python -m pip install --progress-bar on -r bench/requirements-litellm.txt
+	touch $@
 
 # One client floods events, then pings: how far does a healthy session's p99 move?
 bench-fairness: venv
@@ -74,4 +86,4 @@ bench-continuity: venv
 	$(BIN)/python -m bench.continuity $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(NODE_DIR)/node_modules
+	rm -rf $(VENV) $(LITELLM_VENV) .mypy_cache .pytest_cache .ruff_cache $(NODE_DIR)/node_modules

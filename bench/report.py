@@ -12,6 +12,18 @@ import orjson
 KEYS = ("p50", "p99", "p99.9")
 # Other processes' cores during a point above which the table flags it with "!".
 BUSY_CORES = 0.3
+# The proxy every other path's costs are divided by (this machine's speed varies from day
+# to day; ratios to nginx in the same run do not).
+REFERENCE = "nginx"
+# The figures given as ratios to the reference's at the same scenario and N.
+RATIO_FIELDS = (
+    "cpu_us_per_frame",
+    "cpu_ms_per_setup",
+    "rss_per_session_kib",
+    "peak_growth_per_session_mib",
+)
+# Scenarios whose figures are about memory: the memory table shows them.
+MEMORY_KINDS = ("idle", "large")
 _COLUMNS = (
     ("scenario", 13, "<"),
     ("N", 5, ">"),
@@ -50,6 +62,23 @@ def add_added_latency(points: list[dict[str, Any]]) -> None:
                 if mine is not None and theirs is not None:
                     added[key] = round(mine - theirs, 4)
         point["added_ms"] = added
+
+
+def add_ratios(points: Sequence[dict[str, Any]]) -> None:
+    """Each point's RATIO_FIELDS over nginx's at the same scenario and N, in ``vs_nginx``
+    (None where either is missing or nginx's is not above zero)."""
+    reference = {(p["scenario"], p["sessions"]): p for p in points if p["path"] == REFERENCE}
+    for point in points:
+        base = reference.get((point["scenario"], point["sessions"]))
+        point["vs_nginx"] = {
+            name: _ratio(point.get(name), base.get(name) if base else None) for name in RATIO_FIELDS
+        }
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference <= 0:
+        return None
+    return round(value / reference, 2)
 
 
 def median_point(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -127,6 +156,8 @@ def table(points: Sequence[dict[str, Any]]) -> str:
     repeated = any(p.get("added_p99_range_ms") for p in points)
     if repeated:
         columns.insert(10, ("p99 min..max", 13, ">"))
+    setups = [p for p in points if p["kind"] == "setup"]
+    points = [p for p in points if p["kind"] != "setup"]
     header = " ".join(f"{name:{align}{width}}" for name, width, align in columns)
     lines = [header, "-" * len(header)]
     for point in points:
@@ -139,19 +170,24 @@ def table(points: Sequence[dict[str, Any]]) -> str:
                 for cell, (_, width, align) in zip(cells, columns, strict=True)
             )
         )
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    for title, (headers, rows) in _extra_tables(setups, points):
+        text += f"\n\n{title}\n" + _grid(headers, rows)
+    return text
 
 
 def markdown(points: Sequence[dict[str, Any]]) -> str:
     """A shorter table in Markdown, for docs/performance.md (with repeats: the medians, and
     the added p99's min-max)."""
     repeated = any(p.get("added_p99_range_ms") for p in points)
+    setups = [p for p in points if p["kind"] == "setup"]
+    points = [p for p in points if p["kind"] != "setup"]
     lines = [
         "| scenario | N | path | added p50 / p99 / p99.9 ms "
         + ("| added p99 min–max " if repeated else "")
-        + "| rtt p99 ms | CPU us/frame (kernel) | RSS KiB/session | peak MiB | keeps real time "
-        "| cores: gen / proxy |",
-        "|---|---:|---|---|" + ("---|" if repeated else "") + "---:|---|---:|---:|---:|---|",
+        + "| rtt p99 ms | CPU us/frame (kernel) | × nginx | RSS KiB/session | peak MiB "
+        "| keeps real time | cores: gen / proxy |",
+        "|---|---:|---|---|" + ("---|" if repeated else "") + "---:|---|---:|---:|---:|---:|---|",
     ]
     for point in points:
         added = point.get("added_ms", {})
@@ -168,13 +204,122 @@ def markdown(points: Sequence[dict[str, Any]]) -> str:
             *([_range(point, " – ")] if repeated else []),
             _num(point["rtt_ms"].get("p99")),
             cpu,
+            _times(point, "cpu_us_per_frame"),
             _num(point["rss_per_session_kib"], 1),
             _num(peak, 1),
             _realtime_cell(point),
             f"{_num(point['generator_cores'])} / {_num(point['proxy_cores'])}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    for title, (headers, rows) in _extra_tables(setups, points):
+        text += f"\n\n**{title}**\n\n" + _markdown_grid(headers, rows)
+    return text
+
+
+def _times(point: dict[str, Any], name: str) -> str:
+    """A figure's ratio to nginx's, as "2.5×", or "-"."""
+    ratio = point.get("vs_nginx", {}).get(name)
+    return "-" if ratio is None else f"{ratio:.2f}×"
+
+
+def _extra_tables(
+    setups: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]]
+) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """The set-up and memory tables (title, headers, rows), where the run has such points."""
+    tables = []
+    if setups:
+        tables.append(
+            ("Session set-up (connect to session.created, then close)", setup_rows(setups))
+        )
+    memory = [p for p in points if p["kind"] in MEMORY_KINDS and p["path"] != "direct"]
+    if memory:
+        tables.append(("Memory", memory_rows(memory)))
+    return tables
+
+
+def setup_rows(points: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The set-up table: set-ups per second, set-up time, the proxy's CPU per set-up."""
+    headers = [
+        "connectors",
+        "path",
+        "set-ups/s",
+        "set-up p50 / p99 ms",
+        "added p99 ms",
+        "CPU ms/set-up",
+        "× nginx",
+        "failed",
+    ]
+    rows = []
+    for point in points:
+        rtt = point["rtt_ms"]
+        rows.append(
+            [
+                str(point["sessions"]),
+                point["path"],
+                _num(point.get("setups_per_s"), 1),
+                f"{_num(rtt.get('p50'))} / {_num(rtt.get('p99'))}",
+                _num(point.get("added_ms", {}).get("p99")),
+                _num(point.get("cpu_ms_per_setup"), 3),
+                _times(point, "cpu_ms_per_setup"),
+                str(sum(point["connect_errors"].values())),
+            ]
+        )
+    return headers, rows
+
+
+def memory_rows(points: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The memory table: RSS per open session, and the peak growth per session (what a
+    large event costs), each with its ratio to nginx's."""
+    headers = [
+        "scenario",
+        "N",
+        "path",
+        "RSS KiB/session",
+        "× nginx",
+        "peak growth MiB/session",
+        "× nginx",
+        "kept up",
+    ]
+    rows = []
+    for point in points:
+        kept = point["realtime_sessions"]
+        if kept is None:
+            echoed = point["samples"] > 0 and not point["connect_errors"]
+            kept_cell = "yes" if echoed else "no"
+        else:
+            kept_cell = f"{kept}/{point['connected']}"
+        rows.append(
+            [
+                point["scenario"],
+                str(point["sessions"]),
+                point["path"],
+                _num(point.get("rss_per_session_kib"), 1),
+                _times(point, "rss_per_session_kib"),
+                _num(point.get("peak_growth_per_session_mib"), 2),
+                _times(point, "peak_growth_per_session_mib"),
+                kept_cell,
+            ]
+        )
+    return headers, rows
+
+
+def _grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Fixed-width columns: the first two left-aligned, the rest right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return " ".join(
+            f"{cell:{'<' if i < 2 else '>'}{widths[i]}}" for i, cell in enumerate(cells)
+        ).rstrip()
+
+    head = line(headers)
+    return "\n".join([head, "-" * len(head), *(line(r) for r in rows)])
+
+
+def _markdown_grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    align = ["---" if i < 2 else "---:" for i in range(len(headers))]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [list(headers), align, *rows])
 
 
 def _realtime_cell(point: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""`make bench`: the relay against the physical limit (direct) and a real proxy (nginx).
+"""`make bench`: the relay against the physical limit (direct), a real proxy (nginx), the
+floor for Python (a bare picows relay) and what a team would pick instead (LiteLLM).
 
 For each scenario and session count, every path is measured in turn, direct first; a path
 that stops keeping real time is not taken to higher counts. With --repeat N, each point is
@@ -6,8 +7,8 @@ measured N times (all paths once, then all again) and the medians are reported. 
 printed table, a JSON file and a PNG plot in ``--out`` (default ``bench/results/``). See
 docs/performance.md.
 
-    python -m bench.run                     # the default run, ~5 minutes on 2 cores
-    python -m bench.run --quick             # under a minute
+    python -m bench.run                     # the default run, ~10 minutes on 2 cores
+    python -m bench.run --quick             # a few minutes
     python -m bench.run --repeat 3          # medians of three runs of every point
     python -m bench.run --paths direct,relay --relay-args="--workers auto"
     python -m bench.run --profile           # also py-spy the relay (saturation, or: paced)
@@ -58,8 +59,9 @@ from bench.scenarios import Scenario, default_plan, paced, quick_plan, saturatio
 from bench.soak import DEFAULT_SESSIONS as SOAK_SESSIONS
 
 ALL_PATHS = ("direct", "nginx", "relay", "relay-w2", "relay-preview", "picows", "litellm")
-# picows and litellm are skipped, with a message, where they are not installed.
-DEFAULT_PATHS = "direct,nginx,relay,relay-w2,relay-preview,picows,litellm"
+# The side-by-side of issue 14; picows and litellm are skipped, with a message, where they
+# are not installed. relay-w2 and relay-preview compare the relay with itself: --paths.
+DEFAULT_PATHS = "direct,nginx,relay,picows,litellm"
 # A path "falls behind" at a session count when fewer than this share keep real time.
 KEEPS_UP_SHARE = 0.95
 # A point during which other processes used more than this many cores is measured again once.
@@ -413,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile = run_profile(paths, ctx, target, args.quick, args.profile)
         finally:
             upstream.stop()
+    report.add_ratios(points)
     meta = machine_meta(args, time.monotonic() - began, ctx.quiet.waited_s)
     report.write_json(args.out / f"bench-{stamp}.json", meta, points)
     text = report.table(points)

@@ -113,14 +113,14 @@ def large(event_mib: int, sessions: int, duration_s: float) -> Scenario:
 
 
 def default_plan() -> list[Scenario]:
-    """About 10 minutes on 2 cores with the default paths (LiteLLM among them)."""
+    """About 10 minutes on 2 cores with the default paths, LiteLLM included (it takes 20 to
+    30 s to start, for each point, and falls behind early)."""
     return [
         paced(20, (50, 200, 500, 1000), 3.0),
         paced(100, (200, 1000), 3.0),
         saturation(50, 4, 4.0),
         setup((1, 16), 3.0),
-        idle((200, 1000), 2.0),
-        large(1, 2, 2.5),
+        idle((200,), 2.0),
         large(8, 4, 2.5),
     ]
 

@@ -42,6 +42,8 @@ from bench.wsframes import (
 
 _APPEND = b'{"type":"input_audio_buffer.append"'
 _UPDATE_PREFIXES = (b'{"type":"session.update"', b'{"type": "session.update"')
+# Azure's realtime routes: GA (`?model=`) and preview (`?api-version=...&deployment=`).
+_REALTIME_ROUTES = ("GET /openai/v1/realtime?", "GET /openai/realtime?")
 _EVENT_ID = b'"event_id":"'
 _AUDIO = b'"audio":"'
 _DELTA_HEAD = b'{"type":"response.output_audio.delta","event_id":"e","response_id":"'
@@ -176,6 +178,10 @@ class EchoConnection(asyncio.Protocol):
         key = headers.get("sec-websocket-key")
         if not line.startswith("GET ") or key is None:
             transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            transport.close()
+            return b""
+        if not line.startswith(_REALTIME_ROUTES):
+            transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
             transport.close()
             return b""
         if self._api_key is not None and headers.get("api-key") != self._api_key:
