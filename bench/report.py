@@ -305,12 +305,13 @@ def memory_rows(points: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
 
 
 def _grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Fixed-width columns: the first two left-aligned, the rest right-aligned."""
+    """Fixed-width columns: names (up to and including "path") left-aligned, figures right."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    names = headers.index("path") + 1
 
     def line(cells: Sequence[str]) -> str:
         return " ".join(
-            f"{cell:{'<' if i < 2 else '>'}{widths[i]}}" for i, cell in enumerate(cells)
+            f"{cell:{'<' if i < names else '>'}{widths[i]}}" for i, cell in enumerate(cells)
         ).rstrip()
 
     head = line(headers)
@@ -318,7 +319,7 @@ def _grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _markdown_grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    align = ["---" if i < 2 else "---:" for i in range(len(headers))]
+    align = ["---" if h in ("scenario", "path") else "---:" for h in headers]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [list(headers), align, *rows])
 
 
