@@ -132,7 +132,7 @@ def quick_plan() -> list[Scenario]:
         paced(20, (50, 200), 1.2),
         saturation(50, 4, 1.2),
         setup((1, 16), 1.2),  # keeps its 2 s warm-up
-        idle((50,), 1.0),
+        idle((50,), 2.0),  # two frames per session in the window
         large(8, 2, 0.8),
     ]
     return [s if s.kind == "setup" else replace(s, warmup_s=0.5) for s in short]
