@@ -58,7 +58,7 @@ rules:
 	$(PYTHON) deploy/prometheus/prometheusrule.py
 
 # Direct vs nginx vs the relay vs picows (and LiteLLM, after `make bench-peers`), on loopback
-# (docs/performance.md): about 10 minutes on 2 cores. BENCH_ARGS="--quick" for a few
+# (docs/performance.md): about 10 minutes on 2 cores. BENCH_ARGS="--quick" for 3 to 8
 # minutes, "--profile" to py-spy the relay under saturation.
 bench: venv
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'

@@ -8,7 +8,7 @@ printed table, a JSON file and a PNG plot in ``--out`` (default ``bench/results/
 docs/performance.md.
 
     python -m bench.run                     # the default run, ~10 minutes on 2 cores
-    python -m bench.run --quick             # a few minutes
+    python -m bench.run --quick             # 3 to 8 minutes
     python -m bench.run --repeat 3          # medians of three runs of every point
     python -m bench.run --paths direct,relay --relay-args="--workers auto"
     python -m bench.run --profile           # also py-spy the relay (saturation, or: paced)
