@@ -437,21 +437,23 @@ class ContinuityConfig:
     enabled: bool | None = None
     # Renew the upstream session from this long before its `expires_at`, at a quiet point.
     renew_before_seconds: float | None = None
-    # How user turns are replayed: as their transcripts ("text"). Replaying kept audio
-    # ("audio") is not implemented: the relay keeps no audio.
+    # How user audio turns are replayed: as their transcripts ("text"), or as the user's own
+    # audio, which the relay then keeps ("audio").
     replay: Literal["text", "audio"] | None = None
     # Estimated tokens of history replayed at most; the oldest items are dropped first.
     max_replay_tokens: int | None = None
     # A lost upstream: "resume" on a new upstream session, or "close" the client (1011).
     on_upstream_loss: Literal["resume", "close"] | None = None
+    # With replay = "audio": seconds of user audio kept per session at most (memory); the
+    # oldest item's audio is dropped first, and that item is replayed as its transcript.
+    max_replay_audio_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        problems = _not_positive(self, ("renew_before_seconds", "max_replay_tokens"))
-        if self.replay == "audio":
-            problems.append(
-                'replay = "audio" is not supported yet (the relay keeps no audio); use "text"'
+        _report(
+            _not_positive(
+                self, ("renew_before_seconds", "max_replay_tokens", "max_replay_audio_seconds")
             )
-        _report(problems)
+        )
 
 
 # Paths Azure's docs and portal write after the resource (`…azure.com/openai/v1/`); the relay

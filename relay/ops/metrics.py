@@ -38,6 +38,7 @@ from relay.ops.config import PriceTable
 from relay.ops.usage import cost_usd, response_tokens, transcription_usage
 from relay.session.codec import base64_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
+from relay.session.schema import audio_bytes_per_second
 
 # Voice latencies: from a few ms (relay overhead) to seconds (a model's first audio).
 LATENCY_BUCKETS = (
@@ -52,15 +53,6 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
 RESPONSE_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
 # 20 ms of 24 kHz PCM16 is 960 bytes; 250 ms is 12,000.
 CHUNK_BUCKETS = (160, 480, 960, 1920, 4800, 9600, 12000, 24000, 48000, 96000, 480000)
-# Bytes of audio per second, by wire format name (GA type or preview name).
-_BYTES_PER_SECOND = {
-    "audio/pcm": 48000,
-    "pcm16": 48000,
-    "audio/pcmu": 8000,
-    "audio/pcma": 8000,
-    "g711_ulaw": 8000,
-    "g711_alaw": 8000,
-}
 FLUSH_INTERVAL_SECONDS = 1.0
 # `*_created` series double the scrape for no use on a long-running service.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -572,19 +564,10 @@ class SessionMeter:
         """Track the audio formats in force, to turn bytes into seconds."""
         if not isinstance(session, Mapping):
             return
-        for direction, ga, preview in (
-            ("in", "input", "input_audio_format"),
-            ("out", "output", "output_audio_format"),
-        ):
-            audio = session.get("audio")
-            fmt: Any = None
-            if isinstance(audio, Mapping) and isinstance(audio.get(ga), Mapping):
-                spec = audio[ga].get("format")
-                fmt = spec.get("type") if isinstance(spec, Mapping) else None
-            elif isinstance(session.get(preview), str):
-                fmt = session[preview]
-            if isinstance(fmt, str) and fmt in _BYTES_PER_SECOND:
-                self._rate[direction] = _BYTES_PER_SECOND[fmt]
+        for direction, name in (("in", "input"), ("out", "output")):
+            rate = audio_bytes_per_second(session, name)
+            if rate is not None:
+                self._rate[direction] = rate
 
     def _response_done(self, frame: bytes) -> None:
         response = orjson.loads(frame).get("response")

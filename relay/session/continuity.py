@@ -3,22 +3,25 @@
 Theory of operation. The relay cannot resume an upstream session (the API has none), so it
 keeps a shadow of the conversation from the upstream's own events and, on a new upstream
 session, re-creates it with `conversation.item.create`: each item with its original id and
-`previous_item_id`, user audio as its transcript, assistant audio as `output_text`, tool items
-verbatim. Only the events in `TRACKED` are parsed (never an audio delta), so the shadow costs
-nothing on the audio path.
+`previous_item_id`, user audio as its transcript (or, with `replay = "audio"`, as the audio
+the relay kept: audio_keeper.py), assistant audio as `output_text`, tool items verbatim.
+Only the events in `TRACKED` are parsed (never an audio delta), so the shadow costs nothing
+on the audio path.
 
 Rules:
 1. The shadow holds what the upstream reported, not what the client asked for: an item
    exists once the upstream said it was added, is gone once it said it was deleted, and a
    truncated assistant part loses its transcript (the service drops unheard text too).
 2. A replay fits in `max_replay_tokens` (estimated): the newest items are kept, the oldest
-   dropped first, and a tool output whose call was dropped goes with it.
+   dropped first, and a tool output whose call was dropped goes with it. A user turn whose
+   kept audio does not fit is replayed as its transcript when that fits.
 3. A quiet point is when nothing is in flight: no response, no speech, no tool call waiting
    for its output. Only there may the upstream be switched.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,10 +29,13 @@ from typing import Any, Literal
 import orjson
 
 from relay.ops.config import ContinuityConfig, DeploymentConfig, TeamConfig
+from relay.session.audio_keeper import AudioKeeper
 
 Flavour = Literal["ga", "preview"]
 DEFAULT_RENEW_BEFORE_SECONDS = 300.0
 DEFAULT_MAX_REPLAY_TOKENS = 8000
+# About 3.8 MB of base64 a session at 24 kHz PCM16 (64 KB a second, as the client sent it).
+DEFAULT_MAX_REPLAY_AUDIO_SECONDS = 60.0
 # Upstream events the shadow reads (GA and preview names); every other event is only sniffed.
 TRACKED = frozenset(
     {
@@ -38,7 +44,7 @@ TRACKED = frozenset(
         "conversation.item.input_audio_transcription.completed", "response.output_item.done",
         "response.created", "response.done", "input_audio_buffer.speech_started",
         "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
-        "input_audio_buffer.cleared",
+        "input_audio_buffer.cleared", "input_audio_buffer.timeout_triggered", "error",
     }
 )  # fmt: skip
 # Session fields the service sets itself; a session.update carrying them is refused or moot.
@@ -50,6 +56,14 @@ KEEP_SPEAKING_NOTE = (
 # A rough estimate (about four characters a token) plus each item's framing.
 _CHARS_PER_TOKEN = 4
 _TOKENS_PER_ITEM = 4
+# User audio: 1 token per 100 ms (the service's published rate; audio tokens cost ~8x text).
+_AUDIO_TOKENS_PER_SECOND = 10
+_SPEECH_ENDS = frozenset(
+    {
+        "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+        "input_audio_buffer.cleared",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,8 @@ class ContinuitySettings:
     max_replay_tokens: int = DEFAULT_MAX_REPLAY_TOKENS
     on_upstream_loss: Literal["resume", "close"] = "resume"
     flavour: Flavour = "ga"
+    replay: Literal["text", "audio"] = "text"
+    max_replay_audio_seconds: float = DEFAULT_MAX_REPLAY_AUDIO_SECONDS
 
 
 def build_continuity(deployment: DeploymentConfig, team: TeamConfig) -> ContinuitySettings | None:
@@ -72,6 +88,10 @@ def build_continuity(deployment: DeploymentConfig, team: TeamConfig) -> Continui
         max_replay_tokens=merged.max_replay_tokens or DEFAULT_MAX_REPLAY_TOKENS,
         on_upstream_loss=merged.on_upstream_loss or "resume",
         flavour=deployment.protocol,
+        replay=merged.replay or "text",
+        max_replay_audio_seconds=(
+            merged.max_replay_audio_seconds or DEFAULT_MAX_REPLAY_AUDIO_SECONDS
+        ),
     )
 
 
@@ -130,7 +150,7 @@ class ShadowConversation:
             self.response_id = None
         elif kind == "input_audio_buffer.speech_started":
             self.speaking = True
-        else:  # speech stopped, buffer committed or cleared
+        elif kind in _SPEECH_ENDS:
             self.speaking = False
 
     def _put(self, raw: Any, previous_id: Any) -> None:
@@ -215,9 +235,12 @@ class ReplayPlan:
     seq: int
 
 
-def replay_item(wire: Mapping[str, Any], flavour: Flavour) -> dict[str, Any] | None:
+def replay_item(
+    wire: Mapping[str, Any], flavour: Flavour, audio: str | None = None
+) -> dict[str, Any] | None:
     """The `conversation.item.create` item that re-creates ``wire``; None when nothing of it
-    can be replayed (user audio never transcribed, assistant audio cut before any text)."""
+    can be replayed (user audio never transcribed, assistant audio cut before any text).
+    ``audio`` (base64), when kept, replays a user turn's audio part as itself."""
     kind = wire.get("type")
     base = {"id": wire["id"], "type": kind}
     if kind == "function_call":
@@ -228,10 +251,14 @@ def replay_item(wire: Mapping[str, Any], flavour: Flavour) -> dict[str, Any] | N
         return None
     role = wire.get("role")
     parts = [p for p in wire.get("content") or () if isinstance(p, Mapping)]
+    content: list[dict[str, Any]]
     if role == "assistant":
         text = "".join(str(p.get("text") or p.get("transcript") or "") for p in parts)
         kind_of_text = "output_text" if flavour == "ga" else "text"
         content = [{"type": kind_of_text, "text": text}] if text else []
+    elif audio is not None and role == "user":
+        parted = (_audio_part(p, audio) or _input_part(p) for p in parts)
+        content = [c for c in parted if c is not None]
     else:
         content = [c for c in (_input_part(p) for p in parts) if c is not None]
     if not content or role not in ("user", "assistant", "system"):
@@ -250,15 +277,32 @@ def _input_part(part: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _audio_part(part: Mapping[str, Any], audio: str) -> dict[str, Any] | None:
+    """A user audio part with its audio; the transcript rides along (the service does not
+    send it to the model: it is for whoever retrieves the item)."""
+    if part.get("type") != "input_audio":
+        return None
+    replayed: dict[str, Any] = {"type": "input_audio", "audio": audio}
+    if isinstance(part.get("transcript"), str) and part["transcript"]:
+        replayed["transcript"] = part["transcript"]
+    return replayed
+
+
 def _fields(wire: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     return {name: wire[name] for name in names if name in wire}
 
 
 def estimate_tokens(item: Mapping[str, Any]) -> int:
+    """Tokens ``item`` costs as the model's input, roughly; a user turn with its audio costs
+    `audio_tokens` instead."""
     text = orjson.dumps(item.get("content") or "") + orjson.dumps(
         [item.get(k) for k in ("name", "arguments", "output")]
     )
     return _TOKENS_PER_ITEM + len(text) // _CHARS_PER_TOKEN
+
+
+def audio_tokens(seconds: float) -> int:
+    return _TOKENS_PER_ITEM + math.ceil(seconds * _AUDIO_TOKENS_PER_SECOND)
 
 
 def plan_replay(
@@ -267,20 +311,34 @@ def plan_replay(
     flavour: Flavour,
     max_tokens: int,
     note_id: str | None,
+    audio: AudioKeeper | None = None,
 ) -> ReplayPlan:
     """The items to replay, newest first into the budget, oldest dropped; ``note_id`` adds
-    the keep-speaking system note in front."""
-    candidates = [(s, replay_item(s.wire, flavour)) for s in shadow.in_order()]
-    replayable = [item for _, item in candidates if item is not None]
+    the keep-speaking system note in front. With ``audio``, user turns whose audio was kept
+    are replayed as audio when it fits (decoded only for the turns that do)."""
+    candidates = [
+        (s.wire, replay_item(s.wire, flavour), audio.seconds_of(s.wire["id"]) if audio else 0.0)
+        for s in shadow.in_order()
+    ]
+    replayable = sum(1 for _, item, seconds in candidates if item is not None or seconds)
     kept: list[dict[str, Any]] = []
     tokens = 0
     note = _note(note_id) if note_id else None
     budget = max_tokens - (estimate_tokens(note) if note else 0)
-    for item in reversed(replayable):
-        cost = estimate_tokens(item)
+    for wire, text, seconds in reversed(candidates):
+        choice: dict[str, Any] | None = None
+        if seconds and audio is not None and tokens + audio_tokens(seconds) <= budget:
+            choice = _with_audio(wire, flavour, audio)
+            cost = audio_tokens(seconds)
+        if choice is None and text is not None:
+            choice, cost = text, estimate_tokens(text)
+        if choice is None:
+            if seconds:
+                break  # its audio does not fit, and it has no text
+            continue  # nothing of it can be replayed
         if tokens + cost > budget:
             break
-        kept.append(item)
+        kept.append(choice)
         tokens += cost
     kept.reverse()
     calls = {i.get("call_id") for i in kept if i["type"] == "function_call"}
@@ -293,9 +351,16 @@ def plan_replay(
         frames=frames,
         item_ids=tuple(i["id"] for i in kept),
         tokens=tokens,
-        dropped=len(replayable) - len(kept) + (1 if note else 0),
+        dropped=replayable - len(kept) + (1 if note else 0),
         seq=shadow.seq,
     )
+
+
+def _with_audio(
+    wire: Mapping[str, Any], flavour: Flavour, audio: AudioKeeper
+) -> dict[str, Any] | None:
+    b64 = audio.audio_of(wire["id"])
+    return None if b64 is None else replay_item(wire, flavour, b64)
 
 
 def _note(note_id: str) -> dict[str, Any]:
@@ -324,7 +389,11 @@ def create_frames(items: list[dict[str, Any]], previous: str | None) -> tuple[by
 
 
 def plan_delta(
-    shadow: ShadowConversation, since_seq: int, present: set[str], flavour: Flavour
+    shadow: ShadowConversation,
+    since_seq: int,
+    present: set[str],
+    flavour: Flavour,
+    audio: AudioKeeper | None = None,
 ) -> tuple[list[bytes], list[str]]:
     """What a prepared upstream still lacks at the switch: frames (creates for items that
     arrived after the plan, deletes for items gone since) and the ids to confirm."""
@@ -336,7 +405,11 @@ def plan_delta(
         if item_id in present:
             previous = item_id
             continue
-        item = replay_item(shadowed.wire, flavour) if shadowed.seq > since_seq else None
+        item = None
+        if shadowed.seq > since_seq:
+            if audio is not None:
+                item = _with_audio(shadowed.wire, flavour, audio)
+            item = item or replay_item(shadowed.wire, flavour)
         if item is not None:
             frames.extend(create_frames([item], previous))
             created.append(item_id)

@@ -280,6 +280,9 @@ class Bridge:
         self.meter.client_event(kind, checked, audio)
         frames.write_text(upstream, checked)
         self.meter.forwarded("in", time.perf_counter() - arrived, 0.0)
+        keeper = self.renewal.keeper if self.renewal is not None else None  # replay = "audio"
+        if keeper is not None and kind.startswith("input_audio_buffer."):
+            keeper.client_event(kind, checked, audio)
         if frames.paused(upstream):
             frames.disarm(frames.queue_of(self.client))  # the pump waits for the drain
         return True
@@ -288,6 +291,7 @@ class Bridge:
         client, meter, now = self.client, self.meter, time.perf_counter
         policy, gate, translator = self.policy, self.gate, self.translator
         queue, forward = frames.queue_of(client), self._forward_in
+        keeper = self.renewal.keeper if self.renewal is not None else None  # replay = "audio"
         rate, burst = policy.max_events_per_second, float(policy.event_burst)
         throttle = policy.on_rate_exceeded == "throttle"
         # The ping bucket, in locals: pings never take the callback path.
@@ -355,6 +359,8 @@ class Bridge:
                 written = now()
                 self.writing_in_since = None
                 meter.forwarded("in", written - arrived, written - writing)
+                if keeper is not None and kind.startswith("input_audio_buffer."):
+                    keeper.client_event(kind, frame, audio)
             elif msg.type is WSMsgType.PING:
                 arrived = now()
                 ping_tokens = min(

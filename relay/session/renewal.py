@@ -33,6 +33,7 @@ from aiohttp import WSMsgType
 
 from relay.errors import HttpRefusal
 from relay.ops.metrics import Metrics
+from relay.session.audio_keeper import AudioKeeper
 from relay.session.codec import FrameError, sniff_type
 from relay.session.continuity import (
     NOTE_PREFIX,
@@ -118,6 +119,11 @@ class Renewal:
         self.bridge = bridge
         self.settings = settings
         self.shadow = ShadowConversation()
+        # The user's own audio per item, kept only for replay = "audio" (the pump feeds it).
+        self.keeper: AudioKeeper | None = None
+        if settings.replay == "audio":
+            self.keeper = AudioKeeper(settings.max_replay_audio_seconds)
+            self.keeper.configure(bridge.session)
         self.quiet = asyncio.Event()
         self.quiet.set()
         self._dial = dial
@@ -142,6 +148,8 @@ class Renewal:
             return
         if isinstance(event, dict):
             self.shadow.observe(kind, event)
+            if self.keeper is not None:
+                self.keeper.observe(kind, event, self.bridge.session)
         if self.shadow.quiet:
             self.quiet.set()
         else:
@@ -165,7 +173,7 @@ class Renewal:
             _settle(switch.done, False)  # something started: wait for the next quiet point
             return
         frames, created = plan_delta(
-            self.shadow, prepared.plan.seq, prepared.present, self.settings.flavour
+            self.shadow, prepared.plan.seq, prepared.present, self.settings.flavour, self.keeper
         )
         try:
             async with asyncio.timeout(HOLD_SECONDS / 2):
@@ -300,7 +308,11 @@ class Renewal:
         bridge, flavour = self.bridge, self.settings.flavour
         note = NOTE_PREFIX + secrets.token_hex(6) if speaks(bridge.session) else None
         plan = plan_replay(
-            self.shadow, flavour=flavour, max_tokens=self.settings.max_replay_tokens, note_id=note
+            self.shadow,
+            flavour=flavour,
+            max_tokens=self.settings.max_replay_tokens,
+            note_id=note,
+            audio=self.keeper,
         )
         try:
             backend, upstream = await self._dial(lost)
@@ -357,6 +369,8 @@ class Renewal:
         bridge.upstream = prepared.upstream
         bridge.session = prepared.session
         bridge.meter.session_changed(prepared.session)
+        if self.keeper is not None:
+            self.keeper.new_session()
         self._backend = prepared.backend
         self.notify()
 

@@ -156,3 +156,27 @@ def to_ga_session(
         path = ga_path(key, table)
         set_path(ga, path, ga_value(path, value))
     return ga
+
+
+# Bytes of audio per second, by wire format name (GA type or preview name).
+BYTES_PER_SECOND = {
+    "audio/pcm": 48000,
+    "pcm16": 48000,
+    "audio/pcmu": 8000,
+    "audio/pcma": 8000,
+    "g711_ulaw": 8000,
+    "g711_alaw": 8000,
+}
+
+
+def audio_bytes_per_second(session: Mapping[str, Any], direction: str) -> int | None:
+    """Bytes a second of the ``direction`` ("input" or "output") audio format in force, in
+    either dialect; None when the session does not say (or names an unknown format)."""
+    audio = session.get("audio")
+    fmt: Any = None
+    if isinstance(audio, Mapping) and isinstance(audio.get(direction), Mapping):
+        spec = audio[direction].get("format")
+        fmt = spec.get("type") if isinstance(spec, Mapping) else None
+    else:
+        fmt = session.get(f"{direction}_audio_format")
+    return BYTES_PER_SECOND.get(fmt) if isinstance(fmt, str) else None

@@ -10,6 +10,7 @@ import pytest
 from relay.errors import ConfigError
 from relay.ops.config import parse_config
 from relay.session.continuity import (
+    DEFAULT_MAX_REPLAY_AUDIO_SECONDS,
     KEEP_SPEAKING_NOTE,
     ContinuitySettings,
     ShadowConversation,
@@ -72,12 +73,20 @@ def test_team_over_deployment_over_defaults():
     assert settings_of(None, {"enabled": True}) == ContinuitySettings()
 
 
+def test_audio_replay_is_accepted_with_its_memory_bound():
+    got = settings_of({"enabled": True, "replay": "audio"}, {"max_replay_audio_seconds": 30})
+    assert got is not None and got.replay == "audio" and got.max_replay_audio_seconds == 30.0
+    default = settings_of({"enabled": True, "replay": "audio"})
+    assert default is not None
+    assert default.max_replay_audio_seconds == DEFAULT_MAX_REPLAY_AUDIO_SECONDS
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"renew_before_seconds": 0}, "renew_before_seconds must be greater than 0"),
         ({"max_replay_tokens": -1}, "max_replay_tokens must be greater than 0"),
-        ({"replay": "audio"}, 'replay = "audio" is not supported yet'),
+        ({"max_replay_audio_seconds": 0}, "max_replay_audio_seconds must be greater than 0"),
         ({"replay": "video"}, "must be one of 'text', 'audio'"),
         ({"on_upstream_loss": "retry"}, "must be one of 'resume', 'close'"),
         ({"enabled": "yes"}, "must be true or false"),
