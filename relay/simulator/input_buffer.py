@@ -69,6 +69,10 @@ class InputBuffer:
             if change.kind == "speech_started":
                 self._item_id = self._ids.item()
                 turns.append(SpeechStarted(self._item_id, change.audio_ms))
+                # The turn's audio starts where the event says (prefix padding included).
+                keep = (change.offset_ms - change.audio_ms) * self._fmt.bytes_per_ms
+                if len(self._audio) > keep:
+                    del self._audio[: len(self._audio) - keep]
             else:
                 item_id, taken = self._take()
                 turns.append(SpeechStopped(item_id, change.audio_ms, taken))

@@ -33,11 +33,13 @@ class TurnDetection:
 @dataclass(frozen=True, slots=True)
 class VadEvent:
     """A VAD transition: ``audio_ms`` is session-wide; ``offset`` is where it happened
-    in the bytes passed to the ``feed`` call that produced it."""
+    in the bytes passed to the ``feed`` call that produced it, at session-wide ``offset_ms``
+    (a speech start is reported before it, by the prefix padding and the loud window)."""
 
     kind: Literal["speech_started", "speech_stopped"]
     audio_ms: int
     offset: int
+    offset_ms: int
 
 
 def rms_threshold(threshold: float) -> float:
@@ -95,7 +97,7 @@ class VoiceActivityDetector:
             if kind is not None:
                 at = self._position_ms if kind == "speech_stopped" else self._speech_start()
                 offset = (index + 1) * window_bytes - len(self._pending)
-                events.append(VadEvent(kind, at, offset))
+                events.append(VadEvent(kind, at, offset, self._position_ms))
         self._pending = bytes(buffered[usable:])
         return events
 

@@ -17,7 +17,7 @@ from relay.simulator.response import ResponseRun
 from relay.simulator.schema import BETA, GA, Dialect
 from relay.simulator.usage import output_audio_tokens, text_tokens
 from tests.simulator import sdk_types
-from tests.simulator.conftest import b64, speech, speech_then_silence, types
+from tests.simulator.conftest import b64, silence, speech, speech_then_silence, types
 
 NO_VAD = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
 
@@ -282,6 +282,19 @@ def test_server_vad_commits_and_responds() -> None:
     assert started["item_id"] == stopped["item_id"] == committed["item_id"]  # type: ignore[index]
     assert isinstance(start, StartResponse)
     assert harness.engine.active_response is start.run
+
+
+def test_a_vad_turn_holds_the_audio_between_its_reported_start_and_end() -> None:
+    harness = Harness()
+    sent = silence(1000) + speech_then_silence(1000, 800)
+    actions = harness.send({"type": "input_audio_buffer.append", "audio": b64(sent[:24000])})
+    actions += harness.send({"type": "input_audio_buffer.append", "audio": b64(sent[24000:])})
+    started, stopped, committed = [a for a in actions if isinstance(a, dict)][:3]
+    assert started["audio_start_ms"] == 700 and stopped["audio_end_ms"] == 2500
+    item_id = committed["item_id"]
+    [retrieved] = harness.events({"type": "conversation.item.retrieve", "item_id": item_id})
+    audio = base64.b64decode(retrieved["item"]["content"][0]["audio"])
+    assert audio == sent[700 * 48 : 2500 * 48]  # the prefix padding, not the whole silence
 
 
 def test_vad_without_create_response_only_commits() -> None:
