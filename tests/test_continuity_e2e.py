@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -348,5 +349,106 @@ async def test_client_events_sent_during_switches_all_reach_the_new_upstream(sta
             await all_answered.wait()  # a lost event would hang here (the test's timeout)
             reader.cancel()
             assert answered == sent
+    finally:
+        await simulator.close()
+
+
+# --- replay = "audio" ------------------------------------------------------------------------
+
+TRANSCRIBED = {"transcription": {"model": "whisper-1"}}
+CHUNK_MS = 100  # what Azure's quickstart streams; a multiple of VAD's 20 ms windows
+
+
+def audio_config(endpoint: str, turn_detection: Any) -> Any:
+    deployment = {
+        "session": {"audio": {"input": {**TRANSCRIBED, "turn_detection": turn_detection}}},
+        "endpoint": endpoint,
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "continuity": {**CONTINUITY, "replay": "audio"},
+    }
+    return relay_config(endpoint, deployments={"gpt-realtime": deployment})
+
+
+async def stream(ws: aiohttp.ClientWebSocketResponse, pcm: bytes) -> None:
+    """``pcm`` in 100 ms appends, as a microphone sends it."""
+    step = CHUNK_MS * 48
+    for at in range(0, len(pcm), step):
+        append = {"type": "input_audio_buffer.append", "audio": b64(pcm[at : at + step])}
+        await ws.send_str(orjson.dumps(append).decode())
+
+
+async def until(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    event = await next_event(ws)
+    while event["type"] != kind:
+        event = await next_event(ws)
+    return event
+
+
+async def kept_audio(ws: aiohttp.ClientWebSocketResponse, item_id: str) -> dict[str, Any]:
+    [part] = (await retrieved(ws, item_id))["item"]["content"]
+    assert part["type"] == "input_audio" and part["transcript"], part
+    return {**part, "audio": base64.b64decode(part["audio"], validate=True)}
+
+
+def audio_simulator() -> Any:
+    return start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text="Noted.",
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+
+
+async def test_committed_audio_turns_are_replayed_as_the_users_own_audio(start_relay, http):
+    simulator = await audio_simulator()
+    try:
+        relay = await start_relay(audio_config(simulator.url, None))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            # A cleared buffer's audio belongs to no item.
+            await stream(ws, tone_pcm(200, freq=1000.0))
+            await ws.send_str('{"type":"input_audio_buffer.clear"}')
+            sent: dict[str, bytes] = {}
+            n = 0
+            # Two renewals: the second replays audio that was itself replayed.
+            while renewals(relay) < 2:
+                pcm = tone_pcm(300 + 100 * (n % 4), freq=300.0 + 40 * n)
+                await stream(ws, pcm)
+                await ws.send_str('{"type":"input_audio_buffer.commit"}')
+                sent[(await until(ws, "input_audio_buffer.committed"))["item_id"]] = pcm
+                await ws.send_str('{"type":"response.create"}')
+                assert (await until(ws, "response.done"))["response"]["status"] == "completed"
+                n += 1
+            for item_id, pcm in sent.items():
+                assert (await kept_audio(ws, item_id))["audio"] == pcm, item_id
+            assert not ws.closed
+    finally:
+        await simulator.close()
+
+
+async def test_server_vad_turns_are_replayed_as_the_span_the_service_reported(start_relay, http):
+    simulator = await audio_simulator()
+    vad = {"type": "server_vad", "silence_duration_ms": 500, "prefix_padding_ms": 300}
+    speech = tone_pcm(600)
+    try:
+        relay = await start_relay(audio_config(simulator.url, vad))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            spans: dict[str, tuple[int, int]] = {}
+            while renewals(relay) < 2:
+                await stream(ws, bytes(400 * 48) + speech + bytes(700 * 48))
+                started = await until(ws, "input_audio_buffer.speech_started")
+                stopped = await until(ws, "input_audio_buffer.speech_stopped")
+                spans[started["item_id"]] = (started["audio_start_ms"], stopped["audio_end_ms"])
+                assert (await until(ws, "response.done"))["response"]["status"] == "completed"
+            for item_id, (start_ms, end_ms) in spans.items():
+                # Prefix padding (300 ms, or less when a switch came just before the speech),
+                # the speech, and the 500 ms of silence that ended it.
+                lead_ms = end_ms - start_ms - 600 - 500
+                assert 0 <= lead_ms <= 300
+                expected = bytes(lead_ms * 48) + speech + bytes(500 * 48)
+                assert (await kept_audio(ws, item_id))["audio"] == expected, item_id
     finally:
         await simulator.close()
