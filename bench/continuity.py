@@ -7,6 +7,12 @@ real-time pace, pauses ``--think-ms`` and asks again; during the pause it probes
 with a `conversation.item.retrieve` and times the answer (perf_counter). The relay switches
 at quiet points, i.e. in those pauses, holding client frames while it does.
 
+With ``--replay audio`` the relay keeps the users' audio and replays it at each renewal, and
+each question is spoken instead: 1 s of tone in the microphone stream, which the service's
+VAD commits and answers (time to first audio counts from the end of the speech, so it
+includes the VAD's 500 ms of silence). Spoken turns need longer quiet points: run it with
+``--session-seconds 8 --think-ms 1000``.
+
 Reported: the relay's switch pauses (from its `session_renewed` log lines), the client's
 probe round trips (p50/p99/max: a probe held by a switch shows the gap the client sees),
 and the time to first audio of each answer. The target (issue 16): switch p99 under 300 ms.
@@ -35,13 +41,23 @@ from relay.simulator import SimulatorOptions, start_simulator
 
 KEY, AZURE_KEY = "rk-bench-continuity", "bench-azure-key"
 SILENCE = base64.b64encode(bytes(960)).decode()  # 20 ms of 24 kHz PCM16
+# 20 ms of a 440 Hz tone (a whole number of periods): the simulator's VAD hears speech.
+TONE = base64.b64encode(
+    np.round(8000 * np.sin(2 * np.pi * 440 * np.arange(480) / 24000)).astype("<i2").tobytes()
+).decode()
+SPEECH_FRAMES = 50  # 1 s
 
 
 class Client:
-    def __init__(self) -> None:
+    def __init__(self, spoken: bool = False) -> None:
+        self.spoken = spoken
         self.probes: list[float] = []
         self.first_audio: list[float] = []
         self.errors: list[Any] = []
+        # Tone frames the microphone still has to send (a spoken question in progress).
+        self.speech_left = 0
+        self.speech_done = asyncio.Event()
+        self.spoken_at = 0.0
 
     async def run(self, url: str, seconds: float, think_ms: float) -> None:
         headers = {"api-key": KEY}
@@ -65,13 +81,21 @@ class Client:
 
     async def _microphone(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         frame = orjson.dumps({"type": "input_audio_buffer.append", "audio": SILENCE}).decode()
+        tone = orjson.dumps({"type": "input_audio_buffer.append", "audio": TONE}).decode()
         began, n = time.perf_counter(), 0
         while not ws.closed:
-            await ws.send_str(frame)
+            await ws.send_str(tone if self.speech_left else frame)
+            if self.speech_left:
+                self.speech_left -= 1
+                if not self.speech_left:
+                    self.spoken_at = time.perf_counter()
+                    self.speech_done.set()
             n += 1
             await asyncio.sleep(max(0.0, began + n * 0.02 - time.perf_counter()))
 
     async def _ask(self, ws: aiohttp.ClientWebSocketResponse, n: int) -> str:
+        if self.spoken:
+            return await self._say(ws)
         item_id = f"bench_user_{n:05d}"
         item = {"id": item_id, "type": "message", "role": "user"}
         item["content"] = [{"type": "input_text", "text": f"Question {n}?"}]
@@ -82,6 +106,18 @@ class Client:
         self.first_audio.append((time.perf_counter() - asked) * 1000)
         await self._event(ws, "response.done")
         return "bench_user_00000"
+
+    async def _say(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """A spoken question: the service's VAD commits it and answers."""
+        self.speech_done.clear()
+        self.speech_left = SPEECH_FRAMES
+        committed = await self._event(ws, "input_audio_buffer.committed")
+        await self.speech_done.wait()
+        await self._event(ws, "response.output_audio.delta")
+        self.first_audio.append((time.perf_counter() - self.spoken_at) * 1000)
+        await self._event(ws, "response.done")
+        item_id: str = committed["item_id"]
+        return item_id
 
     async def _probe(self, ws: aiohttp.ClientWebSocketResponse, item_id: str) -> None:
         sent = time.perf_counter()
@@ -132,6 +168,7 @@ async def main(args: argparse.Namespace) -> int:
                     "continuity": {
                         "enabled": True,
                         "renew_before_seconds": args.session_seconds - 1.5,
+                        "replay": args.replay,
                     },
                 }
             },
@@ -145,7 +182,7 @@ async def main(args: argparse.Namespace) -> int:
     await site.start()
     port = runner.addresses[0][1]
     url = f"http://127.0.0.1:{port}/openai/v1/realtime?model=gpt-realtime"
-    clients = [Client() for _ in range(args.sessions)]
+    clients = [Client(spoken=args.replay == "audio") for _ in range(args.sessions)]
     try:
         with structlog.testing.capture_logs() as logs:
             await asyncio.gather(*(c.run(url, args.seconds, args.think_ms) for c in clients))
@@ -157,10 +194,12 @@ async def main(args: argparse.Namespace) -> int:
     pauses = [e["switch_pause_seconds"] * 1000 for e in renewed]
     errors = [err for c in clients for err in c.errors]
     print(f"continuity: {args.sessions} sessions x {args.seconds:g} s, upstream sessions of "
-          f"{args.session_seconds:g} s")  # fmt: skip
+          f"{args.session_seconds:g} s, replay = {args.replay}")  # fmt: skip
     print(f"  renewals: {len(renewed)} done, {len(failed)} failed "
           f"({', '.join(sorted({e['outcome'] for e in failed})) or 'none'})")  # fmt: skip
     print(f"  switch pause (relay):     {stats(pauses)}")
+    tokens = [e["replayed_tokens"] for e in renewed]
+    print(f"  replayed tokens a renewal: mean {np.mean(tokens) if tokens else 0:.0f}")
     print(f"  probe round trip (client): {stats([p for c in clients for p in c.probes])}")
     print(f"  time to first audio:       {stats([p for c in clients for p in c.first_audio])}")
     print(f"  client errors or closes:   {len(errors)} {errors[:3]}")
@@ -175,4 +214,5 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--session-seconds", type=float, default=5.0)
     parser.add_argument("--think-ms", type=float, default=400.0)
+    parser.add_argument("--replay", choices=("text", "audio"), default="text")
     raise SystemExit(asyncio.run(main(parser.parse_args())))

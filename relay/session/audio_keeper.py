@@ -21,13 +21,14 @@ Rules:
    before it was committed, has no audio here and is replayed as its transcript.
 2. With server VAD on, between utterances only the last few seconds are held (speech is
    reported after it started: the margin covers the report's delay and prefix padding).
-3. Base64 is decoded only to replay (`audio_of`): strictly, so a chunk the upstream would
+3. Base64 is joined only to replay (`audio_of`): as it came where chunks hold whole 3-byte
+   groups (24 kHz PCM16 in whole milliseconds always does), decoded and re-encoded only
+   where a chunk was padded or cut; all of it is checked, so a chunk the upstream would
    have refused makes the item fall back to its transcript instead of failing the replay.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections import deque
 from collections.abc import Mapping
@@ -47,17 +48,12 @@ _APPEND_HEADS = (
     b'{"type": "input_audio_buffer.append", "audio": "',
 )
 _AUDIO_KEYS = (b'"audio":"', b'"audio": "')
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One append's audio: ``frame[start:end]`` is its base64; ``at`` its position."""
-
-    frame: bytes
-    start: int
-    end: int
-    at: int
-    size: int
+# One append's audio: (frame, start, end, at, size): ``frame[start:end]`` is its base64, of
+# ``size`` decoded bytes from session-wide position ``at``. A plain tuple: one per append.
+Chunk = tuple[bytes, int, int, int, int]
 
 
 # A part of a chunk: (chunk, first decoded byte, end decoded byte).
@@ -128,7 +124,7 @@ class AudioKeeper:
                 return
             frame = audio.encode("ascii", "replace")
             span = (0, len(frame))
-        self.pending.append(Chunk(frame, span[0], span[1], self.position, size))
+        self.pending.append((frame, span[0], span[1], self.position, size))
         self.position += size
         self.pending_bytes += size
         if self.idle_bytes is not None and self.pending_bytes > self.idle_bytes:
@@ -220,24 +216,30 @@ class AudioKeeper:
         """The pending audio in [start, end); everything before ``end`` leaves the buffer."""
         pieces: list[Piece] = []
         pending = self.pending
-        while pending and pending[0].at < end:
+        while pending:
             chunk = pending[0]
-            lo, hi = max(0, start - chunk.at), min(chunk.size, end - chunk.at)
+            _, _, _, at, size = chunk
+            if at >= end:
+                break
+            lo, hi = max(0, start - at), min(size, end - at)
             if lo < hi:
                 pieces.append((chunk, lo, hi))
-            if chunk.at + chunk.size > end:
+            if at + size > end:
                 break  # the rest of it is the buffer's start
             pending.popleft()
-            self.pending_bytes -= chunk.size
+            self.pending_bytes -= size
         return pieces
 
     def _shed_pending(self, keep: int) -> None:
         """Drop the oldest pending chunks until at most ``keep`` bytes are pending."""
         pending = self.pending
-        while pending and self.pending_bytes - pending[0].size >= keep:
-            chunk = pending.popleft()
-            self.pending_bytes -= chunk.size
-            self.shed_to = chunk.at + chunk.size
+        while pending:
+            _, _, _, at, size = pending[0]
+            if self.pending_bytes - size < keep:
+                break
+            pending.popleft()
+            self.pending_bytes -= size
+            self.shed_to = at + size
 
     def _bound(self) -> None:
         """Rule 1: the oldest item's audio goes first, then the oldest pending audio."""
@@ -268,18 +270,37 @@ class AudioKeeper:
         if kept is None:
             return None
         try:
-            raw = b"".join(
-                binascii.a2b_base64(chunk.frame[chunk.start : chunk.end], strict_mode=True)[lo:hi]
-                for chunk, lo, hi in kept.pieces
-            )
+            audio = join_base64(kept.pieces)
         except binascii.Error:
             self.forget(item_id)
             return None
-        return base64.b64encode(raw).decode("ascii")
+        return audio.decode("ascii")
 
     def seconds_of(self, item_id: str) -> float:
         kept = self.items.get(item_id)
         return 0.0 if kept is None else kept.size / self.bytes_per_ms / 1000
+
+
+def join_base64(pieces: list[Piece]) -> bytes:
+    """One base64 string of ``pieces``. A piece of whole 3-byte groups is its base64 slice
+    as it came; only pieces that end mid-group (padding, a VAD cut) are decoded and
+    re-encoded. Raises binascii.Error when a chunk is not valid base64."""
+    parts: list[bytes] = []
+    carry = b""
+    for (frame, start, end, _, _), lo, hi in pieces:
+        if not carry and lo % 3 == 0 and hi % 3 == 0 and (end - start) % 4 == 0:
+            parts.append(frame[start + lo // 3 * 4 : start + hi // 3 * 4])
+            continue
+        raw = carry + binascii.a2b_base64(frame[start:end], strict_mode=True)[lo:hi]
+        whole = len(raw) - len(raw) % 3
+        parts.append(binascii.b2a_base64(raw[:whole], newline=False))
+        carry = raw[whole:]
+    if carry:
+        parts.append(binascii.b2a_base64(carry, newline=False))
+    joined = b"".join(parts)
+    if joined.rstrip(b"=").translate(None, _BASE64_ALPHABET) or len(joined) % 4:
+        raise binascii.Error("not base64")  # a slice passed on as it came was not
+    return joined
 
 
 def _audio_span(frame: bytes) -> tuple[int, int] | None:

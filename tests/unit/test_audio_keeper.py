@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import random
 from typing import Any
 
 import orjson
 
-from relay.session.audio_keeper import IDLE_KEEP_SECONDS, AudioKeeper
+from relay.session.audio_keeper import IDLE_KEEP_SECONDS, AudioKeeper, Piece, join_base64
 from relay.session.codec import read_client_frame
 from relay.session.continuity import (
     ShadowConversation,
@@ -167,6 +168,22 @@ def test_padded_chunks_and_unusual_layouts_join_into_valid_base64():
     committed(keeper, "u1", ULAW)
     assert kept(keeper, "u1") == b"".join(chunks)
     assert keeper.seconds_of("u1") == 0.06
+
+
+def test_joined_base64_is_the_audio_of_any_cut_of_any_chunks():
+    rng = random.Random(16)
+    for _ in range(200):
+        raws = [rng.randbytes(rng.randint(1, 40)) for _ in range(rng.randint(1, 6))]
+        pieces: list[Piece] = []
+        expected, at = b"", 0
+        for raw in raws:
+            frame = b'{"audio":"' + base64.b64encode(raw) + b'"}'
+            lo = rng.randint(0, len(raw) - 1)
+            hi = rng.randint(lo + 1, len(raw))
+            pieces.append(((frame, 10, len(frame) - 2, at, len(raw)), lo, hi))
+            expected += raw[lo:hi]
+            at += len(raw)
+        assert base64.b64decode(join_base64(pieces), validate=True) == expected
 
 
 def test_a_chunk_the_upstream_refused_leaves_the_turn_to_its_transcript():
