@@ -76,15 +76,17 @@ def main() -> None:
         keeper.client_event("input_audio_buffer.commit", b"{}", 0)
         keeper.observe("input_audio_buffer.committed", {"item_id": "u1"}, MANUAL)
         pieces = keeper.items["u1"].pieces
-        began = time.perf_counter()
-        audio = keeper.audio_of("u1")
-        join_ms = (time.perf_counter() - began) * 1000
-        began = time.perf_counter()
-        raw = b"".join(
-            binascii.a2b_base64(f[s:e], strict_mode=True) for (f, s, e, _, _), _, _ in pieces
-        )
-        decoded = base64.b64encode(raw).decode()
-        decode_ms = (time.perf_counter() - began) * 1000
+        join_ms = decode_ms = float("inf")
+        for _ in range(5):
+            began = time.perf_counter()
+            audio = keeper.audio_of("u1")
+            join_ms = min(join_ms, (time.perf_counter() - began) * 1000)
+            began = time.perf_counter()
+            raw = b"".join(
+                binascii.a2b_base64(f[s:e], strict_mode=True) for (f, s, e, _, _), _, _ in pieces
+            )
+            decoded = base64.b64encode(raw).decode()
+            decode_ms = min(decode_ms, (time.perf_counter() - began) * 1000)
         assert audio == decoded
         print(f"  replaying 60 s: joined as it came {join_ms:.1f} ms; decoded and re-encoded "
               f"{decode_ms:.1f} ms")  # fmt: skip
@@ -97,11 +99,11 @@ def main() -> None:
     del references_held
     before = tracemalloc.get_traced_memory()[0]
     decoded_held = [binascii.a2b_base64(f[_HEAD:-2]) for f in sent]
-    decoded = tracemalloc.get_traced_memory()[0] - before
+    decoded_bytes = tracemalloc.get_traced_memory()[0] - before
     del decoded_held
     tracemalloc.stop()
     print(f"memory for 60 s kept (100 ms appends): references {held / 60 / 1024:.1f} KiB/s, "
-          f"decoded {decoded / 60 / 1024:.1f} KiB/s")  # fmt: skip
+          f"decoded {decoded_bytes / 60 / 1024:.1f} KiB/s")  # fmt: skip
 
 
 if __name__ == "__main__":
