@@ -405,25 +405,28 @@ async def test_committed_audio_turns_are_replayed_as_the_users_own_audio(start_r
     simulator = await audio_simulator()
     try:
         relay = await start_relay(audio_config(simulator.url, None))
-        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
-            assert (await next_event(ws))["type"] == "session.created"
-            # A cleared buffer's audio belongs to no item.
-            await stream(ws, tone_pcm(200, freq=1000.0))
-            await ws.send_str('{"type":"input_audio_buffer.clear"}')
-            sent: dict[str, bytes] = {}
-            n = 0
-            # Two renewals: the second replays audio that was itself replayed.
-            while renewals(relay) < 2:
-                pcm = tone_pcm(300 + 100 * (n % 4), freq=300.0 + 40 * n)
-                await stream(ws, pcm)
-                await ws.send_str('{"type":"input_audio_buffer.commit"}')
-                sent[(await until(ws, "input_audio_buffer.committed"))["item_id"]] = pcm
-                await ws.send_str('{"type":"response.create"}')
-                assert (await until(ws, "response.done"))["response"]["status"] == "completed"
-                n += 1
-            for item_id, pcm in sent.items():
-                assert (await kept_audio(ws, item_id))["audio"] == pcm, item_id
-            assert not ws.closed
+        with capture_logs() as logs:
+            async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+                assert (await next_event(ws))["type"] == "session.created"
+                # A cleared buffer's audio belongs to no item.
+                await stream(ws, tone_pcm(200, freq=1000.0))
+                await ws.send_str('{"type":"input_audio_buffer.clear"}')
+                sent: dict[str, bytes] = {}
+                n = 0
+                # Two renewals: the second replays audio that was itself replayed.
+                while renewals(relay) < 2:
+                    pcm = tone_pcm(300 + 100 * (n % 4), freq=300.0 + 40 * n)
+                    await stream(ws, pcm)
+                    await ws.send_str('{"type":"input_audio_buffer.commit"}')
+                    sent[(await until(ws, "input_audio_buffer.committed"))["item_id"]] = pcm
+                    await ws.send_str('{"type":"response.create"}')
+                    assert (await until(ws, "response.done"))["response"]["status"] == "completed"
+                    n += 1
+                for item_id, pcm in sent.items():
+                    assert (await kept_audio(ws, item_id))["audio"] == pcm, item_id
+                assert not ws.closed
+        renewed = [e for e in logs if e["event"] == "session_renewed"]
+        assert len(renewed) >= 2 and all(e["replayed_audio_seconds"] > 0 for e in renewed)
     finally:
         await simulator.close()
 

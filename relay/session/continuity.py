@@ -233,6 +233,8 @@ class ReplayPlan:
     dropped: int
     # The shadow's seq when planned: later items are the switch's delta.
     seq: int
+    # Seconds of the user's own audio replayed (replay = "audio").
+    audio_seconds: float = 0.0
 
 
 def replay_item(
@@ -322,7 +324,7 @@ def plan_replay(
     ]
     replayable = sum(1 for _, item, seconds in candidates if item is not None or seconds)
     kept: list[dict[str, Any]] = []
-    tokens = 0
+    tokens, audio_seconds = 0, 0.0
     note = _note(note_id) if note_id else None
     budget = max_tokens - (estimate_tokens(note) if note else 0)
     for wire, text, seconds in reversed(candidates):
@@ -330,6 +332,7 @@ def plan_replay(
         if seconds and audio is not None and tokens + audio_tokens(seconds) <= budget:
             choice = _with_audio(wire, flavour, audio)
             cost = audio_tokens(seconds)
+            audio_seconds += seconds if choice is not None else 0.0
         if choice is None and text is not None:
             choice, cost = text, estimate_tokens(text)
         if choice is None:
@@ -353,6 +356,7 @@ def plan_replay(
         tokens=tokens,
         dropped=replayable - len(kept) + (1 if note else 0),
         seq=shadow.seq,
+        audio_seconds=audio_seconds,
     )
 
 

@@ -405,6 +405,7 @@ class Renewal:
             switch_pause_seconds=round(pause, 6),
             replayed_items=len(plan.item_ids),
             replayed_tokens=plan.tokens,
+            replayed_audio_seconds=round(plan.audio_seconds, 3),
             dropped_items=plan.dropped,
         )
 

@@ -233,6 +233,7 @@ def test_a_kept_turn_is_replayed_as_its_audio_with_its_transcript():
         {"type": "input_audio", "audio": base64.b64encode(pcm(500, 2)).decode()}
     ]  # never transcribed, replayed all the same
     assert plan.tokens == audio_tokens(1.0) + audio_tokens(0.5) == 23
+    assert plan.audio_seconds == 1.5
 
 
 def test_audio_that_does_not_fit_falls_back_to_the_transcript_then_the_oldest_go():
@@ -247,6 +248,7 @@ def test_audio_that_does_not_fit_falls_back_to_the_transcript_then_the_oldest_go
     assert plan.item_ids == ("u1", "u2") and plan.dropped == 1
     assert newest["content"][0]["type"] == "input_audio"
     assert older["content"] == [{"type": "input_text", "text": "a short line"}]
+    assert plan.audio_seconds == 2.0
 
 
 def test_text_replay_and_the_switch_delta_use_kept_audio_only_when_given():
