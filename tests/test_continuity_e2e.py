@@ -152,12 +152,14 @@ async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http)
         await simulator.close()
 
 
-def pooled(*simulators: RunningSimulator, **continuity: Any) -> Any:
+def pooled(*simulators: RunningSimulator, session: Any = None, **continuity: Any) -> Any:
     backends = [
         {"name": f"b{i}", "endpoint": sim.url, "credential": {"env": "TEST_AZURE_KEY"}}
         for i, sim in enumerate(simulators)
     ]
     deployment = {"backends": backends, "continuity": {**CONTINUITY, **continuity}}
+    if session is not None:
+        deployment["session"] = session
     return relay_config(simulators[0].url, deployments={"gpt-realtime": deployment})
 
 
@@ -455,3 +457,32 @@ async def test_server_vad_turns_are_replayed_as_the_span_the_service_reported(st
                 assert (await kept_audio(ws, item_id))["audio"] == expected, item_id
     finally:
         await simulator.close()
+
+
+async def test_kept_audio_is_replayed_on_the_other_backend_after_a_loss(start_relay, http):
+    options = SimulatorOptions(
+        api_keys=frozenset({AZURE_KEY}),
+        speed=1.0,
+        reply_text="A long answer that takes a few seconds to say out loud, slowly.",
+    )
+    simulators = [await start_simulator(options) for _ in range(2)]
+    try:
+        session = {"audio": {"input": {**TRANSCRIBED, "turn_detection": None}}}
+        relay = await start_relay(pooled(*simulators, session=session, replay="audio"))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            pcm = tone_pcm(400, freq=350.0)
+            await stream(ws, pcm)
+            await ws.send_str('{"type":"input_audio_buffer.commit"}')
+            item_id = (await until(ws, "input_audio_buffer.committed"))["item_id"]
+            await until(ws, "conversation.item.input_audio_transcription.completed")
+            await ws.send_str('{"type":"response.create"}')
+            await until(ws, "response.output_audio.delta")
+            await kill(holding_a_session(*simulators))
+            cut = await until(ws, "response.done")  # the relay noticed, and resumed
+            assert cut["response"]["status"] == "failed"
+            assert (await kept_audio(ws, item_id))["audio"] == pcm
+        assert renewals(relay, "resumed", "upstream_lost") == 1
+    finally:
+        for simulator in simulators:
+            await simulator.close()

@@ -41,8 +41,10 @@ from relay.session.schema import audio_bytes_per_second
 _PCM16_BYTES_PER_SECOND = 48000
 # Between utterances under server VAD, audio older than this cannot start a turn.
 IDLE_KEEP_SECONDS = 5.0
-# Speech spans announced but never committed (a clear) are forgotten past this many.
+# Speech spans announced but never committed (a clear) are forgotten past this many; so
+# are commits and clears never answered.
 _MAX_SPANS = 16
+_MAX_ASKED = 64
 _APPEND_HEADS = (
     b'{"type":"input_audio_buffer.append","audio":"',
     b'{"type": "input_audio_buffer.append", "audio": "',
@@ -94,7 +96,7 @@ class AudioKeeper:
     floor: int = 0
     shed_to: int = 0
     # The client's commits and clears not yet answered, in order: (kind, position).
-    asked: deque[tuple[str, int]] = field(default_factory=deque)
+    asked: deque[tuple[str, int]] = field(default_factory=lambda: deque(maxlen=_MAX_ASKED))
     spans: dict[str, _Span] = field(default_factory=dict)
     # Updated from the session in force at each upstream event.
     bytes_per_ms: float = _PCM16_BYTES_PER_SECOND / 1000
