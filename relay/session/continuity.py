@@ -329,14 +329,15 @@ def plan_replay(
     budget = max_tokens - (estimate_tokens(note) if note else 0)
     for wire, text, seconds in reversed(candidates):
         choice: dict[str, Any] | None = None
-        if seconds and audio is not None and tokens + audio_tokens(seconds) <= budget:
-            choice = _with_audio(wire, flavour, audio)
+        fits = bool(seconds) and tokens + audio_tokens(seconds) <= budget
+        if fits and audio is not None:
+            choice = _with_audio(wire, flavour, audio)  # None: its audio was not valid
             cost = audio_tokens(seconds)
             audio_seconds += seconds if choice is not None else 0.0
         if choice is None and text is not None:
             choice, cost = text, estimate_tokens(text)
         if choice is None:
-            if seconds:
+            if seconds and not fits:
                 break  # its audio does not fit, and it has no text
             continue  # nothing of it can be replayed
         if tokens + cost > budget:

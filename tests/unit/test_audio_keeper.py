@@ -106,6 +106,17 @@ def test_server_vad_spans_cut_the_turn_out_of_the_buffer():
     assert kept(keeper, "u2") == pcm(50, 0) + pcm(100, 2)
 
 
+def test_a_vad_idle_timeout_commits_the_span_it_reports():
+    keeper = keeper_for(VAD)
+    append(keeper, pcm(600, 0))
+    upstream(
+        keeper, "input_audio_buffer.timeout_triggered", VAD,
+        item_id="u1", audio_start_ms=100, audio_end_ms=500,
+    )  # fmt: skip
+    committed(keeper, "u1", VAD)
+    assert kept(keeper, "u1") == pcm(400, 0)
+
+
 def test_the_oldest_items_audio_is_dropped_first_when_over_the_bound():
     keeper = keeper_for(seconds=1.0)
     for n in range(4):
@@ -249,6 +260,18 @@ def test_audio_that_does_not_fit_falls_back_to_the_transcript_then_the_oldest_go
     assert newest["content"][0]["type"] == "input_audio"
     assert older["content"] == [{"type": "input_text", "text": "a short line"}]
     assert plan.audio_seconds == 2.0
+
+
+def test_a_turn_whose_audio_was_refused_and_has_no_text_is_skipped_not_a_stop():
+    keeper = keeper_for()
+    spoken(keeper, "u1", 200, 1)
+    append(keeper, b"", b'{"type":"input_audio_buffer.append","audio":"not base64!!"}')
+    client(keeper, "commit")
+    committed(keeper, "u2")
+    spoken(keeper, "u3", 200, 3)
+    shadow = shadow_with(user_audio("u1"), user_audio("u2"), user_audio("u3"))
+    plan = plan_replay(shadow, flavour="ga", max_tokens=8000, note_id=None, audio=keeper)
+    assert plan.item_ids == ("u1", "u3") and plan.dropped == 1
 
 
 def test_text_replay_and_the_switch_delta_use_kept_audio_only_when_given():
