@@ -129,33 +129,39 @@ async def test_declined_frames_keep_their_place(start_relay, start_fake, http, t
 
 
 async def test_a_client_that_stops_reading_stops_the_callback_path(
-    start_relay, start_fake, http, taken
+    start_relay, start_fake, http, taken, monkeypatch
 ):
     """The callback path writes only while the client's transport takes data; past its
     high-water mark the pump takes over and waits for the drain (backpressure)."""
-    all_in = asyncio.Event()
+    waited = asyncio.Event()
+    drained = Bridge._drained
 
-    async def echo_all(ws: Any, fake: FakeUpstream) -> None:
+    async def drained_seen(self: Bridge, direction: str, ws: Any) -> None:
+        if direction == "out":
+            waited.set()
+        await drained(self, direction, ws)
+
+    monkeypatch.setattr(Bridge, "_drained", drained_seen)
+    big = [_append(seq)[:-2] + b"A" * 60_000 + b'"}' for seq in range(_FLOOD)]
+
+    async def flood(ws: Any, fake: FakeUpstream) -> None:
         await ws.send_str('{"type":"session.created","event_id":"e0","session":{}}')
-        async for msg in ws:
-            fake.received.append(msg.data.encode())
-            await ws.send_str(msg.data)
-            if len(fake.received) == _FLOOD:
-                all_in.set()
+        await ws.receive()  # the client's go
+        for frame in big:
+            await ws.send_str(frame.decode())
+        await ws.receive()
 
-    fake = FakeUpstream(script=echo_all)
+    fake = FakeUpstream(script=flood)
     upstream = await start_fake(fake.app())
     relay = await start_relay(relay_config(str(upstream.make_url(""))))
-    big = _append(0)[:-2] + b"A" * 60_000 + b'"}'
     async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")
-        for _ in range(_FLOOD):  # echoed back to a client that reads nothing yet
-            await ws.send_str(big.decode())
-        await all_in.wait()
-        for _ in range(_FLOOD):
+        await ws.send_str(_append(0).decode())
+        await waited.wait()  # the client's buffers filled: the pump waits for its drain
+        for frame in big:
             msg = await ws.receive()
-            assert msg.type is WSMsgType.TEXT and len(msg.data) == len(big)
-    assert sum(taken["out"]) < _FLOOD  # some echoes were left to the pump, to wait for the drain
+            assert msg.type is WSMsgType.TEXT and msg.data == frame.decode()
+    assert 0 < sum(taken["out"]) < _FLOOD  # the rest went through the pump
 
 
 async def test_the_aiohttp_internals_the_frame_layer_uses(start_fake, http):

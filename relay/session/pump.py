@@ -33,8 +33,9 @@ How it works:
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,7 +120,8 @@ class Bridge:
         "stall_timeout", "response_timeout", "max_pings_per_second", "client_transport",
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
         "started_at", "last_client_event_at", "last_upstream_event_at",
-        "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated",
+        "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
+        "timer",
         "__weakref__",
     )  # fmt: skip
 
@@ -179,20 +181,27 @@ class Bridge:
         self.filled_at = self.started_at
         # "session.updated", or "transcription_session.updated" (a preview transcription)
         self.updated = policy.session_event("updated")
+        # The session's task group while it runs, and its watchdog's next call.
+        self.tasks: asyncio.TaskGroup | None = None
+        self.timer: asyncio.TimerHandle | None = None
         meter.session_changed(session)
 
     async def run(self) -> Ending:
         try:
             async with asyncio.TaskGroup() as tasks:
+                self.tasks = tasks
                 pumps = [
                     tasks.create_task(self._client_to_upstream(), name="pump client->upstream"),
                     tasks.create_task(self._upstream_to_client(), name="pump upstream->client"),
                 ]
-                ticker = tasks.create_task(self._tick(), name="session ticker")
+                # The first watch at a random point of the first interval: sessions that
+                # start together do not all flush their meters in the same tick.
+                first = random.random() * min(FLUSH_INTERVAL_SECONDS, self.stall_timeout)
+                self.timer = asyncio.get_running_loop().call_later(first, self._watch)
                 if self.renewal is not None:
                     renewer = tasks.create_task(self.renewal.run(), name="session renewal")
                 await asyncio.wait(pumps)
-                ticker.cancel()
+                self._unwatch()
                 if self.renewal is not None:
                     renewer.cancel()
         except* Exception as group:
@@ -200,6 +209,7 @@ class Bridge:
                 _log.error("pump_failed", exc_info=exc)
             await self.stop(1011, "relay internal error", cause="relay_internal_error")
         finally:
+            self._unwatch()
             # Also on cancellation: no socket outlives its session. aiohttp may cancel the
             # handler when the client's connection drops, before a pump sees it.
             transport = self.client_transport
@@ -642,52 +652,64 @@ class Bridge:
                 error_type="invalid_request_error",
             )
 
-    async def _tick(self) -> None:
-        """Flush the meter every second; end the session at its duration or idle limit."""
+    def _unwatch(self) -> None:
+        self.tasks = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _watch(self) -> None:
+        """Every second (a timer, not a task): flush the meter; end the session at a stalled
+        write, its duration or idle limit, or a silent upstream mid-response."""
+        self.timer = None
+        if self.ending is not None or self.tasks is None:
+            return
+        self.meter.flush()
         max_seconds = self.policy.max_session_seconds
         idle_seconds = self.policy.idle_timeout_seconds
-        while True:
-            now = time.perf_counter()
-            for direction, since in (
-                ("in", self.writing_in_since),
-                ("out", self.writing_out_since),
-            ):
-                if since is not None and now - since >= self.stall_timeout:
-                    await self._stalled(direction)
-                    return
-            if max_seconds is not None and now >= self.started_at + max_seconds:
-                # 1001, as the service closes its own expired sessions: a normal end to clients.
-                await self.stop(
-                    1001,
-                    "session duration limit reached",
-                    cause="session_expired",
-                    message=f"The session reached its maximum duration of {max_seconds:g} s.",
-                    error_type="invalid_request_error",
-                )
-                return
-            responding = not self.between_responses.is_set()
-            silent_until = self.last_upstream_event_at + self.response_timeout
-            if responding and now >= silent_until:
-                await self._upstream_silent()
-                return
-            if idle_seconds is not None and now >= self.last_client_event_at + idle_seconds:
-                await self.stop(
-                    1008,
-                    "idle timeout",
-                    cause="idle_timeout",
-                    message=f"No client event for {idle_seconds:g} s; the session is closed.",
-                    error_type="invalid_request_error",
-                )
-                return
-            wake = now + min(FLUSH_INTERVAL_SECONDS, self.stall_timeout)
-            if max_seconds is not None:
-                wake = min(wake, self.started_at + max_seconds)
-            if idle_seconds is not None:
-                wake = min(wake, self.last_client_event_at + idle_seconds)
-            if responding:
-                wake = min(wake, silent_until)
-            await asyncio.sleep(wake - now)
-            self.meter.flush()
+        now = time.perf_counter()
+        ending = self._overdue(now, max_seconds, idle_seconds)
+        if ending is not None:
+            self.tasks.create_task(ending, name="session watchdog")
+            return
+        responding = not self.between_responses.is_set()
+        wake = now + min(FLUSH_INTERVAL_SECONDS, self.stall_timeout)
+        if max_seconds is not None:
+            wake = min(wake, self.started_at + max_seconds)
+        if idle_seconds is not None:
+            wake = min(wake, self.last_client_event_at + idle_seconds)
+        if responding:
+            wake = min(wake, self.last_upstream_event_at + self.response_timeout)
+        self.timer = asyncio.get_running_loop().call_later(max(0.0, wake - now), self._watch)
+
+    def _overdue(
+        self, now: float, max_seconds: float | None, idle_seconds: float | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """What ends the session now, if anything does."""
+        for direction, since in (("in", self.writing_in_since), ("out", self.writing_out_since)):
+            if since is not None and now - since >= self.stall_timeout:
+                return self._stalled(direction)
+        if max_seconds is not None and now >= self.started_at + max_seconds:
+            # 1001, as the service closes its own expired sessions: a normal end to clients.
+            return self.stop(
+                1001,
+                "session duration limit reached",
+                cause="session_expired",
+                message=f"The session reached its maximum duration of {max_seconds:g} s.",
+                error_type="invalid_request_error",
+            )
+        responding = not self.between_responses.is_set()
+        if responding and now >= self.last_upstream_event_at + self.response_timeout:
+            return self._upstream_silent()
+        if idle_seconds is not None and now >= self.last_client_event_at + idle_seconds:
+            return self.stop(
+                1008,
+                "idle timeout",
+                cause="idle_timeout",
+                message=f"No client event for {idle_seconds:g} s; the session is closed.",
+                error_type="invalid_request_error",
+            )
+        return None
 
     async def _stalled(self, direction: str) -> None:
         """A peer took no data for stall_timeout: its pump is stuck writing to it."""
