@@ -230,6 +230,7 @@ def run_point(
         start, end = window["span_ns"]
         point["series"] = _series(window["series"], start, sent_at, rtts)
         point["by_minute"] = _by_minute(start, end, sent_at, rtts)
+        point["p99_by_second_ms"] = _by_second(start, end, sent_at, rtts)
     return point
 
 
@@ -287,20 +288,36 @@ def _by_minute(
 ) -> list[dict[str, Any]]:
     """Round-trip percentiles of the frames sent in each minute of the window (a last
     partial minute only when it holds at least half a minute)."""
-    minute_ns = int(MINUTE_S * 1e9)
+    return [
+        {"minute": index + 1, **window}
+        for index, window in enumerate(_by_window(start_ns, end_ns, sent_at, rtts, MINUTE_S))
+    ]
+
+
+def _by_second(
+    start_ns: int, end_ns: int, sent_at: np.ndarray, rtts: np.ndarray
+) -> list[float | None]:
+    """The round-trip p99 (ms) of the frames sent in each second of the window: a stall
+    episode shows as a run of high seconds that a whole-window p99 averages away."""
+    return [w["rtt_ms"]["p99"] for w in _by_window(start_ns, end_ns, sent_at, rtts, 1.0)]
+
+
+def _by_window(
+    start_ns: int, end_ns: int, sent_at: np.ndarray, rtts: np.ndarray, window_s: float
+) -> list[dict[str, Any]]:
+    window_ns = int(window_s * 1e9)
     order = np.argsort(sent_at, kind="stable")
     sent_at, rtts = sent_at[order], rtts[order]
-    minutes: list[dict[str, Any]] = []
+    windows: list[dict[str, Any]] = []
     lo = start_ns
     while lo < end_ns:
-        hi = min(lo + minute_ns, end_ns)
-        if hi - lo < minute_ns // 2 and minutes:
+        hi = min(lo + window_ns, end_ns)
+        if hi - lo < window_ns // 2 and windows:
             break
         first, last = np.searchsorted(sent_at, (lo, hi), "left")
         chosen = rtts[first:last]
-        minutes.append(
+        windows.append(
             {
-                "minute": len(minutes) + 1,
                 "from_s": round((lo - start_ns) / 1e9, 1),
                 "to_s": round((hi - start_ns) / 1e9, 1),
                 "samples": int(chosen.size),
@@ -308,7 +325,7 @@ def _by_minute(
             }
         )
         lo = hi
-    return minutes
+    return windows
 
 
 def _start_generators(

@@ -31,6 +31,8 @@ from bench.scenarios import Scenario, paced
 
 SOAK_WARMUP_S = 30.0
 SAMPLE_EVERY_S = 10.0
+# A second whose added p99 passes this is part of a stall episode (issue 14's bound).
+STALL_MS = 5.0
 BASELINE_S = 60.0
 BASELINE_WARMUP_S = 5.0
 DEFAULT_SESSIONS = 200
@@ -144,6 +146,11 @@ def summarize(
             }
         )
     added_p99 = [m["added_p99_ms"] for m in minutes if m["added_p99_ms"] is not None]
+    by_second = [
+        round(p99 - direct_p99, 3)
+        for p99 in point.get("p99_by_second_ms", [])
+        if p99 is not None and direct_p99 is not None
+    ]
     return {
         "seconds": scenario.duration_s,
         "warmup_s": scenario.warmup_s,
@@ -170,6 +177,10 @@ def summarize(
         "direct_p99_ms": direct_p99,
         "by_minute": minutes,
         "added_p99_ms": _spread(added_p99, 3),
+        # Stall episodes: the added p99 of each second of the window.
+        "added_p99_by_second_ms": by_second,
+        "added_p99_per_second": _spread(by_second, 3),
+        "seconds_over_5_ms": sum(1 for added in by_second if added > STALL_MS),
         "added_p99_slope_ms_per_min": _round(
             _slope_per_minute([m["from_s"] for m in minutes], added_p99)
             if len(added_p99) == len(minutes)
@@ -231,6 +242,7 @@ def text(point: dict[str, Any]) -> str:
 def _summary_lines(soak: dict[str, Any]) -> list[str]:
     fps, cores, cpu = soak["frames_per_s"], soak["proxy_cores"], soak["cpu_us_per_frame"]
     added = soak["added_p99_ms"]
+    per_second = soak["added_p99_per_second"]
     return [
         f"RSS MiB: idle {soak['rss_idle_mib']}, start {soak['rss_start_mib']}, "
         f"end {soak['rss_end_mib']}, max {soak['rss_max_mib']}, min {soak['rss_min_mib']}",
@@ -246,6 +258,10 @@ def _summary_lines(soak: dict[str, Any]) -> list[str]:
         f"added p99 by minute (direct p99 {_fmt(soak['direct_p99_ms'])} ms): "
         f"min {_fmt(added['min'])}, median {_fmt(added['median'])}, max {_fmt(added['max'])} "
         f"ms; slope {_fmt(soak['added_p99_slope_ms_per_min'], 4)} ms/min",
+        f"added p99 by second: min {_fmt(per_second['min'])}, median "
+        f"{_fmt(per_second['median'])}, max {_fmt(per_second['max'])} ms; "
+        f"{soak['seconds_over_5_ms']} of {len(soak['added_p99_by_second_ms'])} seconds "
+        f"over {STALL_MS:g} ms",
         f"processes outside the bench, cores between samples: "
         f"median {_fmt(soak['other_cores']['median'])}, max {_fmt(soak['other_cores']['max'])}",
     ]
