@@ -288,11 +288,13 @@ class Bridge:
         self.tokens -= 1.0
         self.last_client_event_at = arrived
         self.meter.client_event(kind, checked, audio)
-        frames.write_text(upstream, checked)
-        self.meter.forwarded("in", time.perf_counter() - arrived, 0.0)
         keeper = self.renewal.keeper if self.renewal is not None else None  # replay = "audio"
         if keeper is not None and kind.startswith("input_audio_buffer."):
             keeper.client_event(kind, checked, audio)
+        # Nothing that can raise after the write: a raise declines, and the pump would send
+        # the frame again.
+        frames.write_text(upstream, checked)
+        self.meter.forwarded("in", time.perf_counter() - arrived, 0.0)
         if frames.paused(upstream):
             frames.disarm(frames.queue_of(self.client))  # the pump waits for the drain
         return True
