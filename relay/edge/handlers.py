@@ -360,18 +360,19 @@ async def _serve(
         )
     state.track(bridge, admitted.opened_by)
     setup_seconds = time.perf_counter() - began
-    metrics.session_setup.labels(*labels).observe(setup_seconds)
-    metrics.sessions_active.labels(*labels).inc()
+    series = metrics.series(*labels, admitted.backend.name)
+    series.session_setup.observe(setup_seconds)
+    series.sessions_active.inc()
     _log.info("session_started", setup_seconds=round(setup_seconds, 6))
     try:
         await bridge.run()
     finally:
         # Also when the handler is cancelled (the client's connection dropped).
-        metrics.sessions_active.labels(*labels).dec()
+        series.sessions_active.dec()
         ending = bridge.ending or Ending("relay", 1011, "handler cancelled", cause="relay_closed")
         duration = time.perf_counter() - began
         metrics.sessions.labels(*labels, ending.outcome).inc()
-        metrics.session_duration.labels(*labels).observe(duration)
+        series.session_duration.observe(duration)
         _log.info(
             "session_ended",
             duration_seconds=round(duration, 3),

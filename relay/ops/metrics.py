@@ -101,6 +101,16 @@ class Metrics:
     switch_pause: Histogram
     replayed_items: Counter
     replayed_tokens: Counter
+    _series: dict[tuple[str, str, str], SessionSeries] = field(default_factory=dict)
+
+    def series(self, team: str, deployment: str, backend: str) -> SessionSeries:
+        """The label children a session of ``team`` on ``deployment`` through ``backend``
+        feeds, looked up once per such triple rather than once per session."""
+        key = (team, deployment, backend)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = SessionSeries.of(self, *key)
+        return found
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -371,6 +381,42 @@ class Metrics:
         return metrics
 
 
+@dataclass(frozen=True, slots=True)
+class SessionSeries:
+    """Label children of the series every session feeds. `labels()` builds, locks and hashes
+    a key each call; a session start made eighteen such calls. The names are the config's,
+    so the cache is as bounded as the series themselves."""
+
+    session_setup: Any
+    sessions_active: Any
+    session_duration: Any
+    time_to_first_audio: Any
+    response_duration: Any
+    # By direction ("in", "out").
+    relay_delay: Mapping[str, Any]
+    audio_chunk: Mapping[str, Any]
+    backpressure: Mapping[str, Any]
+    audio_seconds: Mapping[str, Any]
+    frame_bytes: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, metrics: Metrics, team: str, deployment: str, backend: str) -> SessionSeries:
+        td = (team, deployment)
+        both = ("in", "out")
+        return cls(
+            session_setup=metrics.session_setup.labels(*td),
+            sessions_active=metrics.sessions_active.labels(*td),
+            session_duration=metrics.session_duration.labels(*td),
+            time_to_first_audio=metrics.time_to_first_audio.labels(*td, backend),
+            response_duration=metrics.response_duration.labels(*td),
+            relay_delay={d: metrics.relay_delay.labels(d) for d in both},
+            audio_chunk={d: metrics.audio_chunk.labels(d) for d in both},
+            backpressure={d: metrics.backpressure.labels(d) for d in both},
+            audio_seconds={d: metrics.audio_seconds.labels(d, *td) for d in both},
+            frame_bytes={d: metrics.frame_bytes.labels(d) for d in both},
+        )
+
+
 # Upstream error codes are the service's; keep the label set bounded all the same.
 _KNOWN_ERROR_CODES = frozenset(
     {
@@ -489,13 +535,14 @@ class SessionMeter:
         self.deployment = deployment
         self.clock = clock
         td = (team, deployment)
-        self._ttfa = metrics.time_to_first_audio.labels(*td, backend)
-        self._response_duration = metrics.response_duration.labels(*td)
-        self._delay = {d: BatchedHistogram(metrics.relay_delay.labels(d)) for d in ("in", "out")}
-        self._chunk = {d: BatchedHistogram(metrics.audio_chunk.labels(d)) for d in ("in", "out")}
-        self._backpressure = {d: metrics.backpressure.labels(d) for d in ("in", "out")}
-        self._audio_seconds = {d: metrics.audio_seconds.labels(d, *td) for d in ("in", "out")}
-        self._frame_bytes = {d: metrics.frame_bytes.labels(d) for d in ("in", "out")}
+        series = metrics.series(team, deployment, backend)
+        self._ttfa = series.time_to_first_audio
+        self._response_duration = series.response_duration
+        self._delay = {d: BatchedHistogram(c) for d, c in series.relay_delay.items()}
+        self._chunk = {d: BatchedHistogram(c) for d, c in series.audio_chunk.items()}
+        self._backpressure = series.backpressure
+        self._audio_seconds = series.audio_seconds
+        self._frame_bytes = series.frame_bytes
         # Sums since the last flush.
         self._events: dict[str, Tally[str]] = {"in": Tally(), "out": Tally()}
         self._bytes = {"in": 0, "out": 0}

@@ -255,3 +255,16 @@ def test_batched_histogram_equals_plain_observes():
         ]
 
     assert collect(batched) == collect(plain)
+
+
+def test_a_sessions_series_are_looked_up_once_per_team_deployment_and_backend():
+    metrics = Metrics.create(CollectorRegistry())
+    series = metrics.series("team-a", "gpt-rt", "east")
+    assert metrics.series("team-a", "gpt-rt", "east") is series
+    assert metrics.series("team-a", "gpt-rt", "west") is not series
+    # The very children `labels()` gives: what a session feeds is what is exported.
+    assert series.sessions_active is metrics.sessions_active.labels("team-a", "gpt-rt")
+    assert series.time_to_first_audio is metrics.time_to_first_audio.labels(
+        "team-a", "gpt-rt", "east"
+    )
+    assert series.audio_seconds["out"] is metrics.audio_seconds.labels("out", "team-a", "gpt-rt")
