@@ -24,6 +24,7 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from relay.errors import UpstreamRefused
+from relay.session import frames
 from relay.upstream.credentials import ApiKeyCredential
 from relay.upstream.dial import open_upstream
 from relay.upstream.handshake import Dialer, HandshakeRefused, SocketOptions, UpstreamTarget
@@ -305,3 +306,15 @@ async def test_the_relay_dials_a_tls_upstream_with_its_ca_file(
         created = await client.receive_json()
         assert created["type"] == "session.created"
     assert fake.requests[0]["path"] == "/openai/v1/realtime"
+
+
+async def test_the_frame_layer_can_arm_a_dialed_socket(raw_server):
+    """The dialer builds the queue class aiohttp's client builds, so the frame layer's
+    replacement (installed when relay.app is imported) forwards upstream frames too."""
+    frames.install()
+    close = bytes([0x88, 2]) + (1000).to_bytes(2, "big")
+    raw = await raw_server(lambda key: switching(key) + close)
+    upstream = await dial(raw.port)
+    assert isinstance(frames.queue_of(upstream), frames.ForwardingQueue)
+    assert (await upstream.receive()).type is WSMsgType.CLOSE
+    await raw.closed.wait()

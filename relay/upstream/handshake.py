@@ -9,8 +9,9 @@ the 101 is parsed by aiohttp's own response parser and checked as aiohttp checks
 socket handed back is aiohttp's own `ClientWebSocketResponse` on aiohttp's own frame reader
 and writer: every frame after the handshake takes exactly the path it took before.
 
-aiohttp internals used, pinned by tests/unit/test_handshake.py: `client_proto.ResponseHandler`
-(`set_response_params`, `read`, `set_parser`), `WebSocketDataQueue`, `WebSocketReader`,
+aiohttp internals used, pinned by tests/test_upstream_handshake.py: `client_proto.ResponseHandler`
+(`set_response_params`, `read`, `set_parser`), the queue class `aiohttp.client` builds
+(`WebSocketDataQueue`, or the frame layer's replacement), `WebSocketReader`,
 `WebSocketWriter`, the `ClientWebSocketResponse` constructor, its `_parser` and
 `_on_data_received`, and the one thing it asks of the response it is given: `connection`
 and `close()`.
@@ -31,9 +32,10 @@ from typing import cast
 
 import aiohappyeyeballs
 import aiohttp
+import aiohttp.client
 from aiohappyeyeballs import AddrInfoType
 from aiohttp import ClientResponse, ClientWebSocketResponse
-from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+from aiohttp._websocket.reader import WebSocketReader
 from aiohttp._websocket.writer import WebSocketWriter
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
@@ -181,7 +183,10 @@ async def _upgrade(
         or answer.get("Sec-WebSocket-Accept", "") != accept
     ):
         raise HandshakeRefused(101)
-    reader = WebSocketDataQueue(proto, DEFAULT_CHUNK_SIZE, loop=loop)
+    # The queue class aiohttp's own client builds, looked up now: the frame layer replaces
+    # it (`relay.session.frames.install`) to forward inside the read callback.
+    queue_class = aiohttp.client.WebSocketDataQueue  # type: ignore[attr-defined]
+    reader = queue_class(proto, DEFAULT_CHUNK_SIZE, loop=loop)
     writer = WebSocketWriter(proto, transport, use_mask=True)
     upstream: UpstreamSocket = ClientWebSocketResponse(
         reader,
