@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
@@ -136,7 +137,9 @@ class RunResult:
 async def run_sessions(endpoint: Endpoint, pid: int, sessions: int, connectors: int) -> RunResult:
     latencies: list[float] = []
     failures: list[str] = []
-    per_connector = [sessions // connectors + (i < sessions % connectors) for i in range(connectors)]
+    per_connector = [
+        sessions // connectors + (i < sessions % connectors) for i in range(connectors)
+    ]
 
     async def connector(count: int) -> None:
         for _ in range(count):
@@ -187,12 +190,13 @@ def one_run(
                 recorder = None
                 if profile is not None and index == 0:
                     recorder = Recorder(profile, rate=args.profile_rate, native=args.native)
-                    # Long enough for the whole run; stopped by py-spy's own duration.
-                    recorder([pid], args.sessions / 200 + 5)
+                    # Longer than any run (at 20 set-ups/s); interrupted when the run ends.
+                    recorder([pid], args.sessions / 20 + 5)
                     await asyncio.sleep(1.0)  # py-spy attaches before the first session
                 results.append(await run_sessions(endpoint, pid, args.sessions, connectors))
-                if recorder is not None:
-                    recorder.wait(timeout=args.sessions / 200 + 30)
+                if recorder is not None and recorder.proc is not None:
+                    recorder.proc.send_signal(signal.SIGINT)  # py-spy writes what it has
+                    recorder.wait(timeout=30)
 
         run_loop(measure())
         return results
@@ -202,12 +206,13 @@ def one_run(
 
 def report(runs: list[list[RunResult]]) -> str:
     lines = [
-        "connectors  sessions/s   p50 ms   p99 ms   relay CPU ms/session (system)   driver CPU ms  failed"
+        "connectors  sessions/s   p50 ms   p99 ms   relay CPU ms/session (system)"
+        "   driver CPU ms  failed"
     ]
     for column in zip(*runs, strict=True):
 
         def median(name: str, column: tuple[RunResult, ...] = column) -> float:
-            return statistics.median(getattr(r, name) for r in column)
+            return float(statistics.median(getattr(r, name) for r in column))
 
         lines.append(
             f"{column[0].connectors:>10}  {median('sessions_per_s'):>10.0f}  "
