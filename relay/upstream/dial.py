@@ -1,4 +1,5 @@
-"""The upstream side: the exact Azure URL and headers, and the handshake with its failures.
+"""The upstream side: the exact Azure URL, failover across a pool, and every way a handshake
+(`handshake.py`) can fail mapped to what the client is told.
 
 The handshake runs before the client's upgrade completes, so every way it can fail becomes
 an honest HTTP answer to the client (see `UpstreamRefused`).
