@@ -345,7 +345,7 @@ async def _serve(
         policy=started.policy or live.policies[team.name, deployment.name],
         session=started.session,
         meter=meter,
-        greeting=(*started.created, *started.pending),
+        greeting=started.take_greeting(),
         close_timeout=server.close_timeout_seconds,
         stall_timeout=server.stall_timeout_seconds,
         response_timeout=live.config.upstream.response_timeout_seconds,

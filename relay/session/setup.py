@@ -36,6 +36,12 @@ class StartedSession:
     def created(self) -> tuple[bytes, ...]:
         return () if self.created_frame is None else (self.created_frame,)
 
+    def take_greeting(self) -> tuple[bytes, ...]:
+        """The frames the client gets first, handed over once: not kept for the session."""
+        greeting = (*self.created, *self.pending)
+        self.created_frame, self.pending = None, []
+        return greeting
+
 
 async def start_session(
     upstream: UpstreamSocket, policy: SessionPolicy, *, setup_seconds: float
