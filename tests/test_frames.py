@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog.testing
 from aiohttp import WSMsgType
 
 from relay.session import frames
@@ -204,3 +205,13 @@ async def test_the_aiohttp_internals_the_frame_layer_uses(start_fake, http):
         msg = await client.receive()
         assert msg.data == "declined"
         assert queue.forward is None  # disarmed by the decline
+
+        def broken(msg: Any) -> bool:
+            raise KeyError("a bug")
+
+        frames.arm(queue, broken)
+        with structlog.testing.capture_logs() as logs:
+            await server_ws.send_str("after a bug")
+            msg = await client.receive()
+        assert msg.data == "after a bug"  # queued for the pump, not lost
+        assert {"event": "frame_callback_failed", "error": "KeyError", "log_level": "error"} in logs

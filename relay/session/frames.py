@@ -26,10 +26,12 @@ from typing import Any
 
 import aiohttp.client
 import aiohttp.web_ws
+import structlog
 from aiohttp import WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue
 
 Forward = Callable[[Any], bool]
+_log = structlog.get_logger("relay.session")
 _TEXT = int(WSMsgType.TEXT)
 
 
@@ -48,10 +50,10 @@ class ForwardingQueue(WebSocketDataQueue):
             try:
                 if forward(data):
                     return
-            except Exception:
-                # Declined: the pump handles this message again on its slow path, where the
-                # same failure ends the session the usual way (pump_failed, 1011).
-                pass
+            except Exception as exc:
+                # A bug, not a refusal (those return False). Declined: the pump handles the
+                # message again, where the same failure ends the session (pump_failed, 1011).
+                _log.error("frame_callback_failed", error=type(exc).__name__)
             self.forward = None  # what follows a queued message must queue behind it
         super().feed_data(data, size)
 

@@ -277,11 +277,14 @@ class Bridge:
         data = msg.data
         if not data.isascii() and not _is_utf8(data):
             return False
-        kind, event, audio = read_client_frame(data)  # a FrameError declines
-        translator = self.translator
-        if translator is not None and kind in translator.client_events:
-            return False  # may have to tell the client what it left out
-        checked = self.policy.check(kind, data, self.session, audio, event)
+        try:
+            kind, event, audio = read_client_frame(data)
+            translator = self.translator
+            if translator is not None and kind in translator.client_events:
+                return False  # may have to tell the client what it left out
+            checked = self.policy.check(kind, data, self.session, audio, event)
+        except (FrameError, PolicyViolation):
+            return False  # the pump refuses it
         upstream = self.upstream
         if not isinstance(checked, bytes) or not frames.writable(upstream):
             return False  # a rewrite is logged by the pump; a closing upstream is its to handle
@@ -430,7 +433,10 @@ class Bridge:
         if msg.type is not WSMsgType.TEXT:
             return False
         frame = msg.data
-        kind = sniff_type(frame)  # a FrameError declines
+        try:
+            kind = sniff_type(frame)
+        except FrameError:
+            return False  # the pump ends the session
         renewal = self.renewal
         if renewal is not None and kind == "error" and renewal.is_marker(frame):
             return False
