@@ -938,7 +938,8 @@ async def test_the_simulator_checks_credentials_bodies_and_expiry(aiohttp_server
 
 
 async def test_a_real_offer_from_aiortc_gets_an_answer_it_accepts(simulator, start_relay, http):
-    aiortc = pytest.importorskip("aiortc", reason="aiortc is not installed")
+    import aiortc  # a test dependency (pyproject [test])
+
     relay = await start_relay(policy_config(simulator.url))
     secret = (await mint(http, relay))["value"]
     pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import aiortc
 import orjson
 import pytest
 from openai import AsyncOpenAI, BadRequestError, NotFoundError
@@ -31,8 +32,6 @@ from tests.test_webrtc import (
     multipart_parts,
     post,
 )
-
-aiortc = pytest.importorskip("aiortc", reason="aiortc is not installed")
 
 
 def calls_config(

@@ -291,9 +291,7 @@ class Bridge:
         self.tokens -= 1.0
         self.last_client_event_at = arrived
         self.meter.client_event(kind, checked, audio)
-        keeper = self.renewal.keeper if self.renewal is not None else None  # replay = "audio"
-        if keeper is not None and kind.startswith("input_audio_buffer."):
-            keeper.client_event(kind, checked, audio)
+        self._keep_audio(kind, checked, audio)
         # Nothing that can raise after the write: a raise declines, and the pump would send
         # the frame again.
         frames.write_text(upstream, checked)
@@ -302,11 +300,17 @@ class Bridge:
             frames.disarm(frames.queue_of(self.client))  # the pump waits for the drain
         return True
 
+    def _keep_audio(self, kind: str, frame: bytes, audio: int) -> None:
+        """With replay = "audio", the audio keeper follows the client's input buffer."""
+        renewal = self.renewal
+        if renewal is not None and renewal.keeper is not None:
+            if kind.startswith("input_audio_buffer."):
+                renewal.keeper.client_event(kind, frame, audio)
+
     async def _client_to_upstream(self) -> None:
         client, meter, now = self.client, self.meter, time.perf_counter
         policy, gate, translator = self.policy, self.gate, self.translator
         queue, forward = frames.queue_of(client), self._forward_in
-        keeper = self.renewal.keeper if self.renewal is not None else None  # replay = "audio"
         rate, burst = policy.max_events_per_second, float(policy.event_burst)
         throttle = policy.on_rate_exceeded == "throttle"
         # The ping bucket, in locals: pings never take the callback path.
@@ -374,8 +378,8 @@ class Bridge:
                 written = now()
                 self.writing_in_since = None
                 meter.forwarded("in", written - arrived, written - writing)
-                if keeper is not None and kind.startswith("input_audio_buffer."):
-                    keeper.client_event(kind, frame, audio)
+                self._keep_audio(kind, frame, audio)  # after the send: a held frame counts
+                # on the new upstream session
             elif msg.type is WSMsgType.PING:
                 arrived = now()
                 ping_tokens = min(
