@@ -114,7 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         metavar="SECONDS",
         help=f"instead of the plan: {SOAK_SESSIONS} paced sessions (or --sessions N) of "
-        "20 ms frames through the relay for SECONDS, sampling its RSS, fds and frames/s",
+        "20 ms frames through the relay (or each of --paths) for SECONDS, sampling its RSS, "
+        "fds and frames/s, and the added p99 of every second",
     )
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         wants_tls = "litellm" in args.paths and not args.soak
         upstream, endpoint = start_upstream(work, upstream_key, tls=wants_tls)
         try:
-            if args.soak:
+            if args.soak and args.paths == DEFAULT_PATHS:
                 args.paths = "direct,relay"
             paths = build_paths(args, upstream_key)
             ctx = Context(
@@ -403,10 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             profile = None
             if args.soak:
-                direct, relay = paths
-                assert isinstance(relay, RelayPath)
+                direct, *soaked = paths
                 sessions = int(args.sessions) if args.sessions else SOAK_SESSIONS
-                points = soak.run_soak(direct, relay, args.soak, sessions, ctx)
+                points = soak.run_soak(direct, soaked, args.soak, sessions, ctx)
                 report.add_added_latency(points)
             else:
                 points = run_plan(build_plan(args), paths, ctx, args.repeat)
@@ -421,9 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     text = report.table(points)
     markdown = report.markdown(points)
     if args.soak:
-        text += "\n\n" + soak.text(points[-1])
-        markdown += "\n\n" + soak.markdown(points[-1])
-        plotted = soak.plot(args.out / f"bench-{stamp}.png", points[-1])
+        soaked_points = [p for p in points if "soak" in p]
+        text += "".join("\n\n" + soak.text(p) for p in soaked_points)
+        text += "\n\n" + soak.comparison(points)
+        markdown += "".join("\n\n" + soak.markdown(p) for p in soaked_points)
+        plotted = soak.plot(args.out / f"bench-{stamp}.png", soaked_points[-1])
     else:
         plotted = report.plot(args.out / f"bench-{stamp}.png", points)
     (args.out / f"bench-{stamp}.txt").write_text(text + "\n")

@@ -170,9 +170,12 @@ def run_point(
     *,
     during_window: WindowHook | None = None,
     series: SeriesSpec | None = None,
+    per_second: bool = False,
 ) -> dict[str, Any]:
     """Measure one point; ``during_window(pids, seconds)`` runs at the window's start;
-    ``series`` adds a time series of the path's memory, fds and CPU."""
+    ``series`` adds a time series of the path's memory, fds and CPU, and the round trips'
+    p99 of each second (which ``per_second`` adds alone)."""
+    timed = series is not None or per_second
     background = ctx.quiet.wait(ctx.upstream_tree)
     work = ctx.work / f"{scenario.name.replace(' ', '-')}-{sessions}-{path.name}"
     work.mkdir(parents=True, exist_ok=True)
@@ -196,7 +199,7 @@ def run_point(
             generator.expect("DONE", deadline)
         results = [g.results() for g in generators]
         samples = load_samples([Path(g.spec.samples_path) for g in generators])
-        if series is not None:
+        if timed:
             sent_at, rtts = load_timed_samples(
                 [
                     (Path(send_times_path(g.spec.samples_path)), Path(g.spec.samples_path))
@@ -226,10 +229,11 @@ def run_point(
         growth = point["rss_loaded_bytes"] - rss_idle
         point["rss_per_session_kib"] = round(growth / connected / 1024, 1)
         point["peak_growth_per_session_mib"] = round((peak - rss_idle) / connected / 2**20, 2)
+    start, end = window["span_ns"]
     if series is not None:
-        start, end = window["span_ns"]
         point["series"] = _series(window["series"], start, sent_at, rtts)
         point["by_minute"] = _by_minute(start, end, sent_at, rtts)
+    if timed:
         point["p99_by_second_ms"] = _by_second(start, end, sent_at, rtts)
     return point
 

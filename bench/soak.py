@@ -1,12 +1,15 @@
 """The soak (``python -m bench.run --soak SECONDS``): does the relay's memory grow over time?
 
-One paced load (default 200 sessions of 20 ms frames, a load the relay keeps in real time on
-2 cores) runs through the relay for SECONDS after a warm-up of ``SOAK_WARMUP_S``. Every
+One paced load (default 200 sessions of 20 ms frames) runs through the relay (or each path
+of ``--paths`` in turn, e.g. nginx,picows,relay) for SECONDS after a warm-up of
+``SOAK_WARMUP_S``. Every
 ``SAMPLE_EVERY_S`` the orchestrator records the relay's RSS, open file descriptors and CPU;
 the frames forwarded per second between samples come from the generators' send and arrival
 instants. Round trips are split by minute of the window. "Added" latency needs direct at the
 same load: a shorter direct run (``BASELINE_S``) comes first, and each minute's added p99 is
-that minute's relay p99 minus direct's p99.
+that minute's relay p99 minus direct's p99. The same goes for each second (stall episodes);
+direct's own seconds against its window's p99 are the harness's floor, so a path's stall
+seconds can be told from the machine's (`comparison`).
 
 The summary: RSS at the window's start, end and highest, and its growth as the least-squares
 slope over the window (and over its second half, after any settling), in KiB per minute; the
@@ -47,28 +50,57 @@ def soak_scenario(seconds: float, sessions: int) -> Scenario:
 
 
 def run_soak(
-    direct: BenchPath, relay: RelayPath, seconds: float, sessions: int, ctx: Context
+    direct: BenchPath, paths: Sequence[BenchPath], seconds: float, sessions: int, ctx: Context
 ) -> list[dict[str, Any]]:
-    """The direct baseline and the relay's soak, as two points (the relay's with
-    ``series``, ``by_minute`` and ``soak``, the summary)."""
+    """The direct baseline, then each path's soak: points, the soaks' with ``series``,
+    ``by_minute`` and ``soak``, the summary. Direct's own seconds against its window's p99
+    are the harness's floor: a second a path spends over the bound that direct also shows
+    is the machine's (the generators, the echo upstream), not the path's."""
     scenario = soak_scenario(seconds, sessions)
-    # The bench config's session limit would end the sessions of a long soak.
-    relay.max_session_s = max(MAX_SESSION_S, scenario.warmup_s + seconds + 120)
     base = replace(scenario, warmup_s=BASELINE_WARMUP_S, duration_s=min(BASELINE_S, seconds))
     print(f"bench: soak: direct baseline, {sessions} sessions, {base.duration_s:g} s", flush=True)
-    baseline = run_point(direct, base, sessions, ctx)
-    print(f"bench: soak: direct p99 {baseline['rtt_ms']['p99']} ms", flush=True)
+    baseline = run_point(direct, base, sessions, ctx, per_second=True)
+    baseline["soak_floor"] = _floor(baseline)
     print(
-        f"bench: soak: relay, {sessions} sessions x {FRAME_MS} ms frames, "
-        f"{scenario.warmup_s:g} s warm-up + {seconds:g} s; a sample every {SAMPLE_EVERY_S:g} s",
+        f"bench: soak: direct p99 {baseline['rtt_ms']['p99']} ms; "
+        f"{baseline['soak_floor']['seconds_over_5_ms']} of "
+        f"{len(baseline['soak_floor']['over_own_p99_by_second_ms'])} seconds over it by "
+        f"{STALL_MS:g} ms",
         flush=True,
     )
-    point = run_point(
-        relay, scenario, sessions, ctx, series=SeriesSpec(SAMPLE_EVERY_S, _print_sample)
-    )
-    point["soak"] = summarize(point, baseline, scenario)
-    point["relay_log"] = log_summary(relay.log)
-    return [baseline, point]
+    points = [baseline]
+    for path in paths:
+        if isinstance(path, RelayPath):
+            # The bench config's session limit would end the sessions of a long soak.
+            path.max_session_s = max(MAX_SESSION_S, scenario.warmup_s + seconds + 120)
+        print(
+            f"bench: soak: {path.name}, {sessions} sessions x {FRAME_MS} ms frames, "
+            f"{scenario.warmup_s:g} s warm-up + {seconds:g} s; a sample every "
+            f"{SAMPLE_EVERY_S:g} s",
+            flush=True,
+        )
+        point = run_point(
+            path, scenario, sessions, ctx, series=SeriesSpec(SAMPLE_EVERY_S, _print_sample)
+        )
+        point["soak"] = summarize(point, baseline, scenario)
+        if isinstance(path, RelayPath):
+            point["relay_log"] = log_summary(path.log)
+        points.append(point)
+    return points
+
+
+def _floor(baseline: dict[str, Any]) -> dict[str, Any]:
+    """Direct's seconds against its own window's p99: the harness's stall floor."""
+    p99 = baseline["rtt_ms"]["p99"]
+    over = [
+        round(second - p99, 3)
+        for second in baseline.get("p99_by_second_ms", [])
+        if second is not None and p99 is not None
+    ]
+    return {
+        "over_own_p99_by_second_ms": over,
+        "seconds_over_5_ms": sum(1 for added in over if added > STALL_MS),
+    }
 
 
 def log_summary(log: Path | None) -> dict[str, Any]:
@@ -190,6 +222,30 @@ def summarize(
     }
 
 
+def comparison(points: Sequence[dict[str, Any]]) -> str:
+    """One line per path: its seconds over the bound, beside direct's own (the floor)."""
+    baseline = points[0]
+    floor = baseline["soak_floor"]
+    lines = [
+        f"stall seconds (a second's p99 more than {STALL_MS:g} ms over direct's window p99 "
+        f"{_fmt(baseline['rtt_ms']['p99'])} ms):",
+        f"  direct (its own floor): {floor['seconds_over_5_ms']} of "
+        f"{len(floor['over_own_p99_by_second_ms'])}",
+    ]
+    for point in points[1:]:
+        if "soak" not in point:
+            continue
+        soak = point["soak"]
+        per_second = soak["added_p99_per_second"]
+        lines.append(
+            f"  {point['path']}: {soak['seconds_over_5_ms']} of "
+            f"{len(soak['added_p99_by_second_ms'])}; added p99 by second median "
+            f"{_fmt(per_second['median'])}, max {_fmt(per_second['max'])} ms; "
+            f"{_fmt(soak['cpu_us_per_frame']['median'], 1)} us/frame"
+        )
+    return "\n".join(lines)
+
+
 def _spread(values: Sequence[float], digits: int) -> dict[str, float | None]:
     if not values:
         return {"min": None, "median": None, "max": None}
@@ -208,12 +264,18 @@ def text(point: dict[str, Any]) -> str:
     """The soak's summary, per-minute latency and every sample, for the .txt output."""
     soak = point["soak"]
     lines = [
-        f"soak: relay, {point['sessions']} sessions x {FRAME_MS} ms frames, "
+        f"soak: {point['path']}, {point['sessions']} sessions x {FRAME_MS} ms frames, "
         f"{soak['warmup_s']:g} s warm-up + {soak['seconds']:g} s measured, "
         f"{soak['samples']} samples",
         *_summary_lines(soak),
-        f"relay log lines by level: {point['relay_log']['levels']}; "
-        f"warnings and errors: {point['relay_log']['warnings'] or 'none'}",
+        *(
+            [
+                f"relay log lines by level: {point['relay_log']['levels']}; "
+                f"warnings and errors: {point['relay_log']['warnings'] or 'none'}"
+            ]
+            if "relay_log" in point
+            else []
+        ),
         "",
         "minute  samples  rtt p50   p99  p99.9    max  added p99",
     ]
@@ -271,7 +333,7 @@ def markdown(point: dict[str, Any]) -> str:
     """The summary and the per-minute latency in Markdown."""
     soak = point["soak"]
     lines = [
-        f"Soak: relay, {point['sessions']} sessions x {FRAME_MS} ms frames, "
+        f"Soak: {point['path']}, {point['sessions']} sessions x {FRAME_MS} ms frames, "
         f"{soak['warmup_s']:g} s warm-up + {soak['seconds']:g} s measured.",
         "",
         *(f"- {line}" for line in _summary_lines(soak)),
