@@ -97,8 +97,8 @@ class Client:
         if self.spoken:
             return await self._say(ws)
         item_id = f"bench_user_{n:05d}"
-        item = {"id": item_id, "type": "message", "role": "user"}
-        item["content"] = [{"type": "input_text", "text": f"Question {n}?"}]
+        content = [{"type": "input_text", "text": f"Question {n}?"}]
+        item = {"id": item_id, "type": "message", "role": "user", "content": content}
         await ws.send_str(orjson.dumps({"type": "conversation.item.create", "item": item}).decode())
         asked = time.perf_counter()
         await ws.send_str('{"type":"response.create"}')

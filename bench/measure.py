@@ -69,6 +69,25 @@ class ProcessTree:
                 continue
         return int(total)
 
+    def schedstat_ns(self) -> tuple[int, int]:
+        """(on a CPU, runnable but waiting for one) nanoseconds of every thread of the tree,
+        from /proc/<pid>/task/<tid>/schedstat (the scheduler's own accounting); (0, 0)
+        where the kernel does not keep it."""
+        on_cpu = waiting = 0
+        for proc in self.processes():
+            try:
+                tasks = list(Path(f"/proc/{proc.pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    ran, waited, _ = (task / "schedstat").read_text().split()
+                except (OSError, ValueError):
+                    continue
+                on_cpu += int(ran)
+                waiting += int(waited)
+        return on_cpu, waiting
+
     def peak_rss_bytes(self) -> int:
         """Sum of each process's high-water RSS (VmHWM) since it started."""
         total = 0

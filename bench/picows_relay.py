@@ -21,6 +21,8 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from picows import (
     WSCloseCode,
@@ -121,8 +123,8 @@ class Relay:
         self.headers = {"api-key": api_key} if api_key else {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

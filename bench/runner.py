@@ -13,6 +13,7 @@ second, cores and CPU per frame between samples) and per-minute round-trip perce
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import subprocess
@@ -41,6 +42,7 @@ from bench.scenarios import Scenario
 
 PERCENTILES = (50.0, 99.0, 99.9)
 RSS_SAMPLE_S = 0.25
+SECOND_NS = 1_000_000_000
 GO_LEAD_S = 0.3
 QUIET_SAMPLE_S = 0.3
 # A session keeps real time when its round trips stay under this many frame intervals at
@@ -235,6 +237,8 @@ def run_point(
         point["by_minute"] = _by_minute(start, end, sent_at, rtts)
     if timed:
         point["p99_by_second_ms"] = _by_second(start, end, sent_at, rtts)
+    if window["sched"]:
+        point["sched_by_second"] = _sched_by_second(window["sched"])
     return point
 
 
@@ -395,15 +399,24 @@ def _measure_window(
         instants = list(range(start, last, int(spec.every_s * 1e9))) + [last]
     if during_window is not None:
         during_window(path.pids(), scenario.duration_s)
+    # With a series, the scheduler's accounting at every whole second of the window: a
+    # stalled second is told apart as the path's own work or its wait for a core.
+    seconds = list(range(start, end, SECOND_NS)) if spec is not None and tree is not None else []
+    sched: list[tuple[int, ...]] = []
     peak = 0
     while time.monotonic_ns() < end:
         if tree is not None:
             peak = max(peak, tree.rss_bytes())
+        if seconds and tree is not None and time.monotonic_ns() >= seconds[0]:
+            sched.append(_sched_sample(tree, gen_tree, ctx.upstream_tree))
+            seconds.pop(0)
         if instants and time.monotonic_ns() >= instants[0]:
             series.append(sample())
             instants.pop(0)
-        wake = min(time.monotonic_ns() + int(RSS_SAMPLE_S * 1e9), end, *instants[:1])
+        wake = min(time.monotonic_ns() + int(RSS_SAMPLE_S * 1e9), end, *instants[:1], *seconds[:1])
         _sleep_until_ns(wake)
+    if sched and tree is not None:
+        sched.append(_sched_sample(tree, gen_tree, ctx.upstream_tree))
     after = CpuSnapshot.take(tree, ctx.upstream_tree)
     rss_loaded = tree.rss_bytes() if tree else 0
     return {
@@ -413,7 +426,36 @@ def _measure_window(
         "rss_peak": peak,
         "span_ns": (start, end),
         "series": series,
+        "sched": sched,
     }
+
+
+def _sched_sample(
+    tree: ProcessTree, gen_tree: ProcessTree | None, upstream: ProcessTree
+) -> tuple[int, ...]:
+    """(instant, then on-CPU and waiting ns of the path, the generators, the upstream)."""
+    gens = gen_tree.schedstat_ns() if gen_tree is not None else (0, 0)
+    return (time.monotonic_ns(), *tree.schedstat_ns(), *gens, *upstream.schedstat_ns())
+
+
+def _sched_by_second(sched: list[tuple[int, ...]]) -> list[dict[str, float]]:
+    """Per second of the window: milliseconds each process group ran on a CPU, and waited
+    for one while runnable (the kernel's run-queue delay)."""
+    seconds = []
+    for before, after in itertools.pairwise(sched):
+        d = [(a - b) / 1e6 for a, b in zip(after[1:], before[1:], strict=True)]
+        seconds.append(
+            {
+                "ms": round((after[0] - before[0]) / 1e6, 1),
+                "path_run_ms": round(d[0], 1),
+                "path_wait_ms": round(d[1], 1),
+                "generators_run_ms": round(d[2], 1),
+                "generators_wait_ms": round(d[3], 1),
+                "upstream_run_ms": round(d[4], 1),
+                "upstream_wait_ms": round(d[5], 1),
+            }
+        )
+    return seconds
 
 
 def _series_sample(

@@ -89,6 +89,25 @@ def run_soak(
     return points
 
 
+def _stall_causes(by_second: Sequence[float], sched: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """The scheduler's accounting in stalled seconds against the others: medians of what
+    the path ran and waited for a core, and the generators' and upstream's running. A path
+    that waits for a core in its stalled seconds is starved by the machine; one that runs
+    more is behind on its own work."""
+
+    def medians(rows: list[dict[str, float]]) -> dict[str, float | None]:
+        keys = ("path_run_ms", "path_wait_ms", "generators_run_ms", "upstream_run_ms")
+        return {
+            k: _round(float(np.median([r[k] for r in rows])), 1) if rows else None for k in keys
+        }
+
+    paired = list(zip(by_second, sched, strict=False))
+    return {
+        "sched_stalled_seconds": medians([row for added, row in paired if added > STALL_MS]),
+        "sched_other_seconds": medians([row for added, row in paired if added <= STALL_MS]),
+    }
+
+
 def _floor(baseline: dict[str, Any]) -> dict[str, Any]:
     """Direct's seconds against its own window's p99: the harness's stall floor."""
     p99 = baseline["rtt_ms"]["p99"]
@@ -184,6 +203,7 @@ def summarize(
         if p99 is not None and direct_p99 is not None
     ]
     return {
+        **_stall_causes(by_second, point.get("sched_by_second", [])),
         "seconds": scenario.duration_s,
         "warmup_s": scenario.warmup_s,
         "sample_every_s": SAMPLE_EVERY_S,
@@ -324,9 +344,22 @@ def _summary_lines(soak: dict[str, Any]) -> list[str]:
         f"{_fmt(per_second['median'])}, max {_fmt(per_second['max'])} ms; "
         f"{soak['seconds_over_5_ms']} of {len(soak['added_p99_by_second_ms'])} seconds "
         f"over {STALL_MS:g} ms",
+        _sched_line("stalled seconds", soak.get("sched_stalled_seconds")),
+        _sched_line("other seconds", soak.get("sched_other_seconds")),
         f"processes outside the bench, cores between samples: "
         f"median {_fmt(soak['other_cores']['median'])}, max {_fmt(soak['other_cores']['max'])}",
     ]
+
+
+def _sched_line(what: str, medians: dict[str, float | None] | None) -> str:
+    if not medians or medians["path_run_ms"] is None:
+        return f"{what}: none"
+    return (
+        f"{what}, medians per second: the path ran {_fmt(medians['path_run_ms'], 0)} ms and "
+        f"waited {_fmt(medians['path_wait_ms'], 0)} ms for a core; generators ran "
+        f"{_fmt(medians['generators_run_ms'], 0)} ms, the upstream "
+        f"{_fmt(medians['upstream_run_ms'], 0)} ms"
+    )
 
 
 def markdown(point: dict[str, Any]) -> str:

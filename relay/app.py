@@ -24,6 +24,7 @@ from relay.edge.spend_book import MemorySpend, RedisSpend
 from relay.errors import ClientRefused, ConfigError
 from relay.live import budget_gauges, build_live, build_pools, zero_series
 from relay.ops.config import RelayConfig
+from relay.ops.loop_lag import LoopLag
 from relay.ops.metrics import Metrics
 from relay.ops.redaction import SECRETS
 from relay.session import frames
@@ -87,6 +88,7 @@ def create_app(
     app.cleanup_ctx.append(_credentials)
     app.cleanup_ctx.append(_upstream_http)
     app.cleanup_ctx.append(_live_gauges)
+    app.cleanup_ctx.append(_loop_lag)
     app.on_shutdown.append(_close_sessions)
     for path in REALTIME_PATHS:
         # The GA paths also serve WebRTC calls' sideband sockets (`?call_id=`).
@@ -260,6 +262,15 @@ async def _live_gauges(app: web.Application) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
+    lag = LoopLag(app[STATE].metrics.loop_lag)
+    lag.start()
+    try:
+        yield
+    finally:
+        lag.stop()
 
 
 async def _credentials(app: web.Application) -> AsyncIterator[None]:

@@ -98,6 +98,8 @@ async def test_metrics_count_what_happened(simulator, start_relay, aiohttp_serve
     assert value(found, "relay_session_setup_seconds_count", **td) == 1
     assert value(found, "relay_forward_delay_seconds_count", direction="in") >= 53
     assert value(found, "relay_frame_bytes_total", direction="out") > turn["out_bytes"]
+    # The loop's lag is exported from the start (tests/unit/test_loop_lag.py: what it measures).
+    assert ("relay_event_loop_lag_seconds_count", frozenset()) in found
 
 
 async def test_refusals_and_connect_failures_are_counted(start_relay, aiohttp_server):

@@ -35,6 +35,7 @@ from prometheus_client import (
 
 from relay.ops.build import build_commit, build_version
 from relay.ops.config import PriceTable
+from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 from relay.ops.usage import cost_usd, response_tokens, transcription_usage
 from relay.session.codec import base64_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
@@ -101,6 +102,7 @@ class Metrics:
     switch_pause: Histogram
     replayed_items: Counter
     replayed_tokens: Counter
+    loop_lag: Histogram
     _series: dict[tuple[str, str, str], SessionSeries] = field(default_factory=dict)
 
     def series(self, team: str, deployment: str, backend: str) -> SessionSeries:
@@ -374,6 +376,12 @@ class Metrics:
                 "relay_session_replayed_tokens",
                 "Estimated input tokens of history replayed (billed again by the service).",
                 ("deployment",),
+                registry=r,
+            ),
+            loop_lag=Histogram(
+                "relay_event_loop_lag_seconds",
+                "How late the event loop ran a timer due every 100 ms: every frame waits that.",
+                buckets=LOOP_LAG_BUCKETS,
                 registry=r,
             ),
         )
