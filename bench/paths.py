@@ -197,8 +197,8 @@ class BenchPath:
     def stop(self) -> None:
         return None
 
-    def gc_pauses(self, start_ns: int, end_ns: int) -> list[float] | None:
-        """GC pauses (ms) in the window, where the path records them."""
+    def gc_pauses(self, start_ns: int, end_ns: int) -> list[tuple[int, float]] | None:
+        """GC pauses in the window, (generation, ms), where the path records them."""
         return None
 
 
@@ -284,16 +284,16 @@ class RelayPath(ChildPath):
             head = [sys.executable, "-c", "import sys\n" + _GC_LOG + _MAIN]
         return [*head, "serve", "--config", str(config), "--port", str(port), *self.extra_args]
 
-    def gc_pauses(self, start_ns: int, end_ns: int) -> list[float] | None:
-        """Milliseconds of each GC pause that ended in [start_ns, end_ns) (with gc_log)."""
+    def gc_pauses(self, start_ns: int, end_ns: int) -> list[tuple[int, float]] | None:
+        """(generation, ms) of each GC pause that ended in [start_ns, end_ns) (with gc_log)."""
         if not self.gc_log or self.log is None or not self.log.exists():
             return None
         pauses = []
         for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith("bench_gc_pause "):
-                _, ended, _generation, millis = line.split()
+                _, ended, generation, millis = line.split()
                 if start_ns <= int(ended) < end_ns:
-                    pauses.append(float(millis))
+                    pauses.append((int(generation), float(millis)))
         return pauses
 
     def start(self, upstream: Endpoint, work: Path) -> Endpoint:

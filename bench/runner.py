@@ -218,12 +218,14 @@ def run_point(
     point["rss_idle_bytes"] = rss_idle
     point["rss_peak_bytes"] = peak
     point["background_cores_before"] = round(background, 3)
-    pauses = path.gc_pauses(*window["span_ns"])
-    if pauses is not None:
+    logged = path.gc_pauses(*window["span_ns"])
+    if logged is not None:
+        pauses = [ms for _, ms in logged]
         point["gc_pauses"] = {
             "count": len(pauses),
             "max_ms": round(max(pauses, default=0.0), 2),
             "total_ms": round(sum(pauses), 2),
+            "by_generation": {str(g): sum(1 for gen, _ in logged if gen == g) for g in (0, 1, 2)},
         }
     if tree is not None and connected and scenario.kind != "setup":
         # RSS per session: the path's growth from idle to loaded, over the sessions; and

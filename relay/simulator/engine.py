@@ -71,7 +71,7 @@ class CancelResponse:
 Action = Event | StartResponse | CancelResponse
 # The service's limit on one `input_audio_buffer.append` (decoded audio).
 MAX_APPEND_AUDIO_BYTES = 15 * 1024 * 1024
-Handler = Callable[[dict[str, Any]], list[Action]]
+Handler = Callable[["Engine", dict[str, Any]], list[Action]]
 
 
 class Engine:
@@ -109,25 +109,27 @@ class Engine:
         self._active: ResponseRun | None = None
         # The voice is fixed once the assistant has spoken.
         self._assistant_spoke = False
+        # Unbound: bound methods here would make every engine a reference cycle, left to
+        # the cycle collector when its session ends.
         self._handlers: dict[str, Handler] = {
-            "session.update": self._session_update,
-            "input_audio_buffer.append": self._append,
-            "input_audio_buffer.commit": self._commit_request,
-            "input_audio_buffer.clear": self._clear,
-            "conversation.item.create": self._item_create,
-            "conversation.item.retrieve": self._item_retrieve,
-            "conversation.item.truncate": self._item_truncate,
-            "conversation.item.delete": self._item_delete,
-            "response.create": self._response_create,
-            "response.cancel": self._response_cancel,
-            "output_audio_buffer.clear": self._unsupported,
-            "transcription_session.update": self._unsupported,
+            "session.update": Engine._session_update,
+            "input_audio_buffer.append": Engine._append,
+            "input_audio_buffer.commit": Engine._commit_request,
+            "input_audio_buffer.clear": Engine._clear,
+            "conversation.item.create": Engine._item_create,
+            "conversation.item.retrieve": Engine._item_retrieve,
+            "conversation.item.truncate": Engine._item_truncate,
+            "conversation.item.delete": Engine._item_delete,
+            "response.create": Engine._response_create,
+            "response.cancel": Engine._response_cancel,
+            "output_audio_buffer.clear": Engine._unsupported,
+            "transcription_session.update": Engine._unsupported,
         }
         if transcription:
             for kind in REFUSED_EVENTS:
-                self._handlers[kind] = self._not_transcribing
-            self._handlers["session.update"] = self._not_transcribing
-            self._handlers[update_event(dialect)] = self._transcription_update
+                self._handlers[kind] = Engine._not_transcribing
+            self._handlers["session.update"] = Engine._not_transcribing
+            self._handlers[update_event(dialect)] = Engine._transcription_update
 
     @property
     def active_response(self) -> ResponseRun | None:
@@ -205,7 +207,7 @@ class Engine:
         v.check_keys(event, known[kind] | {"type", "event_id"}, "")
         if "event_id" in event:
             v.string(event["event_id"], "event_id")
-        return self._handlers[kind](event)
+        return self._handlers[kind](self, event)
 
     def event(self, kind: str, **fields: Any) -> Event:
         """A server event of this session (fresh event id)."""
