@@ -110,6 +110,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure every point N times and report the medians (and the added p99's range)",
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the path on CPU 0, the generators and the echo upstream on the other CPUs",
+    )
+    parser.add_argument(
         "--soak",
         type=float,
         metavar="SECONDS",
@@ -346,6 +351,7 @@ def machine_meta(args: argparse.Namespace, elapsed: float, quiet_wait: float) ->
         "quick": args.quick,
         "repeat": args.repeat,
         "soak_s": args.soak,
+        "pinned": args.pin,
         "relay_args": args.relay_args,
         "elapsed_s": round(elapsed, 1),
         "waited_for_quiet_s": round(quiet_wait, 1),
@@ -401,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 upstream_tree=ProcessTree([upstream.pid]),
                 quiet=QuietGate(per_point_s=args.wait_quiet, budget_s=6 * args.wait_quiet),
                 sessions_per_generator=args.sessions_per_generator,
+                pin=args.pin,
             )
             profile = None
             if args.soak:

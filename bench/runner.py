@@ -13,6 +13,7 @@ second, cores and CPU per frame between samples) and per-minute round-trip perce
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -98,6 +99,9 @@ class Context:
     quiet: QuietGate = field(default_factory=QuietGate)
     sessions_per_generator: int = 500
     connect_timeout_s: float = 60.0
+    # --pin: the path on CPU 0, the generators and the echo upstream on the others, so the
+    # path never waits for a core behind the harness (the stall-episode control).
+    pin: bool = False
 
 
 class GeneratorProcess:
@@ -186,6 +190,8 @@ def run_point(
     sent_at = rtts = np.zeros(0, dtype=np.int64)
     try:
         tree = ProcessTree(path.pids()) if path.pids() else None
+        if ctx.pin and tree is not None:
+            pin(tree, ctx.upstream_tree)
         time.sleep(0.2)
         rss_idle = tree.rss_bytes() if tree else 0
         generators = _start_generators(endpoint, scenario, sessions, ctx, work)
@@ -195,6 +201,8 @@ def run_point(
         for generator in generators:
             generator.go(t0)
         gen_tree = ProcessTree([g.proc.pid for g in generators])
+        if ctx.pin:
+            pin(None, gen_tree)
         window = _measure_window(t0, scenario, tree, ctx, path, during_window, series, gen_tree)
         deadline = time.monotonic() + 20
         for generator in generators:
@@ -430,6 +438,18 @@ def _measure_window(
         "series": series,
         "sched": sched,
     }
+
+
+def pin(path: ProcessTree | None, harness: ProcessTree) -> None:
+    """The path's processes (every thread) on CPU 0; the harness's on the other CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("bench: --pin needs at least 2 CPUs")
+    for tree, where in ((path, {cpus[0]}), (harness, set(cpus[1:]))):
+        for proc in tree.processes() if tree is not None else []:
+            for thread in proc.threads():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(thread.id, where)
 
 
 def _sched_sample(
