@@ -61,6 +61,12 @@ _CANONICAL_APPENDS = (
     b'{"type": "input_audio_buffer.append", "audio": "',
 )
 _AUDIO_KEY = b'"audio"'
+# What clients built on pydantic models with an `event_id` base field send (Pipecat):
+# {"event_id", "type", "audio"} in that order, spaced as json.dumps or compact.
+_ID_FIRST_APPENDS = (
+    (b'{"event_id": "', b'", "type": "input_audio_buffer.append", "audio": "'),
+    (b'{"event_id":"', b'","type":"input_audio_buffer.append","audio":"'),
+)
 
 
 def read_client_frame(frame: bytes) -> ClientFrame:
@@ -75,6 +81,20 @@ def read_client_frame(frame: bytes) -> ClientFrame:
                 and frame.find(b"\\") == -1
             ):
                 return _APPEND, None, _span_size(frame, len(head), end)
+            break
+    for head, middle in _ID_FIRST_APPENDS:
+        # Three different keys in a fixed layout, no backslash: the event id's value ends
+        # at the first quote after its head, and the audio's at the frame's last quote.
+        if frame.startswith(head):
+            id_end = frame.find(b'"', len(head))
+            if id_end != -1 and frame.startswith(middle, id_end):
+                start, end = id_end + len(middle), len(frame) - 2
+                if (
+                    frame.find(b'"', start) == end
+                    and frame.endswith(b'"}')
+                    and frame.find(b"\\") == -1
+                ):
+                    return _APPEND, None, _span_size(frame, start, end)
             break
     kind = _sniff_prefix(frame)
     # No backslash: no escaped key, and every quote delimits a string, so a key name is

@@ -79,16 +79,22 @@ def reference_verdict(event: Any) -> bool:
     fragment = event.get(key) if key else None
     if not isinstance(fragment, dict):
         return True
-    for path in LOCKED:
+
+    def given(path: str) -> tuple[bool, Any]:
         present, value = get_path(fragment, path)
+        # In a response, null means "unset: the session's value applies" (docs/policy.md).
+        return (False, None) if key == "response" and value is None else (present, value)
+
+    for path in LOCKED:
+        present, value = given(path)
         if present and value != get_path(CURRENT, path)[1]:
             return False
     for path, allowed in ALLOWED.items():
-        present, value = get_path(fragment, path)
+        present, value = given(path)
         if present and value not in allowed:
             return False
     for path, cap in CAPS.items():
-        present, value = get_path(fragment, path)
+        present, value = given(path)
         if present and (not isinstance(value, int | float) or isinstance(value, bool)):
             return False
         if present and value > cap:
@@ -227,6 +233,12 @@ def test_a_second_audio_key_is_measured_as_the_upstream_reads_it() -> None:
         (b'{"type":"input_audio_buffer.append","audio":"AAAA"}', True),
         (b'{"type": "input_audio_buffer.append", "audio": "AAAA", "event_id": "e1"}', True),
         (b'{"type":"input_audio_buffer.commit"}', True),
+        # Pipecat's layout: event_id first, spaced or compact.
+        (b'{"event_id": "4e1c-a", "type": "input_audio_buffer.append", "audio": "AAAA"}', True),
+        (b'{"event_id":"type","type":"input_audio_buffer.append","audio":"AAAA"}', True),
+        (b'{"event_id": "a\\"b", "type": "input_audio_buffer.append", "audio": "AAAA"}', False),
+        (b'{"event_id": "e", "type": "input_audio_buffer.append", "audio": "AAAA", "x": 1}', False),
+        (b'{"event_id":"e","type":"input_audio_buffer.append","audio":"AAAA","x":"y"}', False),
         # A string value that reads "type" or an escape anywhere: parsed, never guessed.
         (b'{"type":"input_audio_buffer.append","audio":"AAAA","event_id":"type"}', False),
         (b'{"type":"input_audio_buffer.append","audio":"AAAA","event_id":"a\\"b"}', False),
