@@ -18,7 +18,6 @@ thread between bytecodes, so the loop is stopped while they look.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import sys
@@ -27,6 +26,8 @@ import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 # Objects no session owns even when a session reaches them.
 _SHARED_TYPES = (
@@ -91,7 +92,7 @@ def _take_sessions() -> None:
     gc.unfreeze()
     result = census(bridges, _baseline_ids)
     gc.freeze()
-    (_out() / "census.json").write_text(json.dumps(result, indent=1))
+    (_out() / "census.json").write_bytes(orjson.dumps(result))
 
 
 def _attr(obj: Any, *names: str) -> Any:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
 import random
 import secrets
@@ -39,6 +38,8 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import orjson
 
 from bench.paths import Endpoint, RelayPath
 from bench.run import start_upstream
@@ -270,11 +271,11 @@ def large_run(upstream: Endpoint, key: str, work: Path, args: argparse.Namespace
                     peak = max(peak, memory_kib(pid)["VmRSS"])
                     await asyncio.sleep(0.005)
 
-            sampler = asyncio.create_task(sample())
-            for _ in range(args.rounds):
-                await asyncio.gather(*(c.echo(audio) for c in clients))
-            done.set()
-            await sampler
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(sample())
+                for _ in range(args.rounds):
+                    await asyncio.gather(*(c.echo(audio) for c in clients))
+                done.set()
             after = memory_kib(pid)
             await close_sessions(clients)
             return before, after, peak
@@ -348,7 +349,7 @@ def trace_report(work: Path, sessions: int, top: int, detail: int = 0) -> str:
 
 
 def census_report(work: Path) -> str:
-    census = json.loads((work / "census.json").read_text())
+    census = orjson.loads((work / "census.json").read_bytes())
     n = max(1, census["bridges"])
     lines = [
         f"census of {census['bridges']} live sessions (sys.getsizeof of objects made since "
