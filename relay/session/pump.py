@@ -43,6 +43,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import WSMsgType, web
+from aiohttp._websocket.models import WSMessageTextBytes
 
 from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
 from relay.session import frames
@@ -50,11 +51,14 @@ from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.continuity import TRACKED
 from relay.session.dialect import Translator
 from relay.session.events import error_event
+from relay.session.flag import Flag
 from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
 from relay.session.renewal import Renewal, is_loss
 
 ClientSocket = web.WebSocketResponse[bool]
 UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]
+ClientMessage = aiohttp.WSMessage | WSMessageTextBytes
+UpstreamMessage = ClientMessage
 Side = Literal["client", "upstream", "relay"]
 
 # Close codes an endpoint may put in a close frame (RFC 6455 7.4, IANA registry).
@@ -165,8 +169,7 @@ class Bridge:
         self.writing_in_since: float | None = None
         self.writing_out_since: float | None = None
         # Set while no response is being generated: what a graceful drain waits for.
-        self.between_responses = asyncio.Event()
-        self.between_responses.set()
+        self.between_responses = Flag(True)
         self.violations = 0
         self.throttled = False
         # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
@@ -176,8 +179,7 @@ class Bridge:
         self.last_upstream_event_at = self.started_at
         # Continuity (None when off), and the gate client frames wait at while it switches.
         self.renewal: Renewal | None = None
-        self.gate = asyncio.Event()
-        self.gate.set()
+        self.gate = Flag(True)
         # The client's event bucket (max_events_per_second, event_burst), shared by both paths.
         self.tokens = float(policy.event_burst)
         self.filled_at = self.started_at
@@ -319,10 +321,18 @@ class Bridge:
         ping_rate = self.max_pings_per_second
         ping_tokens = 2 * ping_rate
         ping_filled_at = now()
+        # Nothing of the last event is held while the pump waits for the next: an 8 MiB event
+        # would stay in memory until then (and a masked copy of it was what got written).
+        msg: ClientMessage | None = None
+        frame = b""
+        checked: bytes | Rewritten = b""
+        event: dict[str, Any] | None = None
+        translated: bytes | None = None
         # Frames already queued are received without suspending: yield now and then, so one
         # client's burst cannot hold the loop (and every other session) for its whole length.
         unyielded = 0
         while True:
+            msg, frame, checked, event, translated = None, b"", b"", None, None
             unyielded += 1
             if unyielded >= _YIELD_EVERY:
                 unyielded = 0
@@ -489,7 +499,13 @@ class Bridge:
         except ConnectionError:
             pass  # the client pump sees why
         del greeting
+        # Nothing of the last event is held while the pump waits for the next: not a large
+        # event, not the greeting (orjson's output of a few hundred bytes sits in a 4 KiB block).
+        msg: UpstreamMessage | None = None
+        frame = out = b""
+        outs: Sequence[bytes] = ()
         while True:
+            msg, frame, out, outs = None, b"", b"", ()
             if frames.paused(client):
                 await self._drained("out", client)
             upstream = self.upstream  # a renewal may have replaced it
