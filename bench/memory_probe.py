@@ -114,10 +114,11 @@ def _roots(bridge: Any) -> list[tuple[str, Any]]:
     connection = _attr(response, "_connection")
     group = bridge.tasks
     pumps = list(_attr(group, "_tasks") or ())
-    handler = _attr(protocol, "_task_handler")
+    # The connection's task (aiohttp's RequestHandler.start), which awaits the request's.
+    handler = _attr(request, "_task") or _attr(protocol, "_task_handler")
     return [
         # A task's context (structlog's bound variables) is reached through the task.
-        ("aiohttp's handler task + frames", (handler, _attr(handler, "get_coro")())),
+        ("aiohttp's connection + request tasks, frames", (handler, _attr(handler, "get_coro")())),
         ("pump tasks + frames, TaskGroup", (group, pumps, [t.get_coro() for t in pumps])),
         ("meter (SessionMeter)", bridge.meter),
         ("session dict in force", bridge.session),
