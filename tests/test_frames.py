@@ -195,6 +195,9 @@ async def test_the_aiohttp_internals_the_frame_layer_uses(start_fake, http):
             assert callable(writer.protocol._drain_helper)
             assert ws._closing is False
             assert frames.writable(ws) and not frames.paused(ws)
+            assert isinstance(writer._output_size, int) and isinstance(writer._limit, int)
+        assert client._writer.use_mask is True and server_ws._writer.use_mask is False
+        assert isinstance(client._writer.get_random_bits(), int)
         # An armed queue gets the message first; a declined one is queued as usual.
         taken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         queue = frames.queue_of(client)
@@ -246,3 +249,45 @@ async def test_a_lost_connection_keeps_no_callback_to_its_socket(
         await asyncio.sleep(0)  # one loop pass, not a wait for time
     assert len(protocols) == 2 and all(p.transport is None for p in protocols)
     assert [p._data_received_cb for p in protocols] == [None, None]
+
+
+async def test_large_frames_to_the_upstream_are_masked_in_one_buffer(start_fake, http):
+    """The relay's own masked writes (above 64 KiB) reach a WebSocket server as the same text,
+    by the callback path's write and the pump's send, and at both ends of the size range."""
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    async def handler(request: Any) -> Any:
+        ws = aiohttp.web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
+        await ws.prepare(request)
+        async for msg in ws:
+            await received.put(msg.data)
+        return ws
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/", handler)
+    server = await start_fake(app)
+    async with http.ws_connect(server.make_url("/")) as client:
+        for size in (frames.ONE_COPY_ABOVE + 1, frames.ONE_COPY_ABOVE + 7, 3 * 1024 * 1024 + 2):
+            text = bytes(range(48, 58)) * (size // 10) + b"x" * (size % 10)
+            frames.write_text(client, text)
+            assert await received.get() == text.decode()
+            await frames.send_text(client, text)
+            assert await received.get() == text.decode()
+        await frames.send_text(client, b"small")  # aiohttp's own writer
+        assert await received.get() == "small"
+        await client.close()
+        with pytest.raises(ConnectionError):
+            await frames.send_text(client, b"y" * (frames.ONE_COPY_ABOVE + 1))
+
+
+async def test_a_large_event_reaches_the_upstream_unchanged(start_relay, start_fake, http):
+    fake, relay = await _relay_on_echo(start_relay, start_fake)
+    event = orjson.dumps(
+        {"type": "input_audio_buffer.append", "event_id": "big", "audio": b64(b"\1" * 600_000)}
+    )
+    async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str(event.decode())
+        echoed = orjson.loads((await ws.receive()).data)
+        assert echoed["event_id"] == "big"
+    assert fake.received == [event]

@@ -14,15 +14,22 @@ when any of these moves):
   socket, `WebSocketDataQueue`, whose `feed_data` its C reader calls per message (a cpdef
   method: a Python subclass's override is called), and its public `_buffer` deque;
 - a socket's `_reader` (that queue) and `_writer` (`WebSocketWriter`), the writer's
-  `_write_websocket_frame` (header, client mask, one transport write), `_closing`, `transport`
-  and `protocol`, whose `writing_paused` is true while the transport's buffer is past its high-water
-  mark and `_drain_helper()` waits until it is not;
+  `_write_websocket_frame` (header, client mask, one transport write), `_closing`, `use_mask`,
+  `get_random_bits`, `_output_size`, `_limit`, `transport` and `protocol`, whose
+  `writing_paused` is true while the transport's buffer is past its high-water mark and
+  `_drain_helper()` waits until it is not;
 - the queue's `feed_eof` (called when the connection is lost) and `_protocol`, and the
-  protocols' `_data_received_cb` (the heartbeat callback, cleared then: see `feed_eof`).
+  protocols' `_data_received_cb` (the heartbeat callback, cleared then: see `feed_eof`);
+- `aiohttp._websocket.helpers.websocket_mask` (XOR with a 4-byte key, in place, on a bytearray).
+
+Large frames to the upstream (the relay is its WebSocket client, so it masks them) are built
+here in one buffer: aiohttp's writer copies the payload twice (`bytearray(message)`, then
+`header + mask + that`), 16 MiB of copies for an 8 MiB event on top of the event itself.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +37,17 @@ import aiohttp.client
 import aiohttp.web_ws
 import structlog
 from aiohttp import WSMsgType
+from aiohttp._websocket.helpers import websocket_mask
 from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.client_exceptions import ClientConnectionResetError
 
 Forward = Callable[[Any], bool]
 _log = structlog.get_logger("relay.session")
 _TEXT = int(WSMsgType.TEXT)
+# Masked frames above this size are written with one copy of the payload (not aiohttp's two).
+# Below it, the copies are small and aiohttp's writer is as fast.
+ONE_COPY_ABOVE = 64 * 1024
+_FIN_TEXT = 0x80 | _TEXT
 
 
 class ForwardingQueue(WebSocketDataQueue):
@@ -109,7 +122,45 @@ def writable(ws: Any) -> bool:
 
 def write_text(ws: Any, frame: bytes) -> None:
     """Write ``frame`` as one text frame to a `writable` socket."""
-    ws._writer._write_websocket_frame(frame, _TEXT, 0)
+    writer = ws._writer
+    if writer.use_mask and len(frame) > ONE_COPY_ABOVE:
+        _write_masked(writer, frame)
+    else:
+        writer._write_websocket_frame(frame, _TEXT, 0)
+
+
+async def send_text(ws: Any, frame: bytes) -> None:
+    """`ws.send_frame(frame, TEXT)`, with a large masked frame written by `_write_masked`.
+    Raises ConnectionError (aiohttp's ClientConnectionResetError) on a closing socket."""
+    writer = ws._writer
+    if writer is None or not writer.use_mask or len(frame) <= ONE_COPY_ABOVE or writer.compress:
+        await ws.send_frame(frame, WSMsgType.TEXT)
+        return
+    if writer._closing or writer.transport.is_closing():
+        raise ClientConnectionResetError("Cannot write to closing transport")
+    _write_masked(writer, frame)
+    # aiohttp's writer waits for the drain once it has written past its limit: so does this.
+    if writer._output_size > writer._limit:
+        writer._output_size = 0
+        await drained(ws)
+
+
+def _write_masked(writer: Any, payload: bytes) -> None:
+    """One masked text frame (header, mask key, payload) built in one buffer and written:
+    one copy of the payload, masked in place."""
+    length = len(payload)
+    # Above ONE_COPY_ABOVE (64 KiB) the length always takes the 8-byte form.
+    header = struct.pack("!BBQ", _FIN_TEXT, 0x80 | 127, length)
+    mask = struct.pack("!I", writer.get_random_bits())
+    start = len(header) + 4
+    out = bytearray(start)
+    out += payload
+    # websocket_mask masks from the buffer's first byte: rotate the key so the payload, which
+    # starts at `start`, gets key byte 0 first; the head it scrambles is written after.
+    websocket_mask(bytes(mask[(i - start) % 4] for i in range(4)), out)
+    out[:start] = header + mask
+    writer.transport.write(out)
+    writer._output_size += start + length
 
 
 def paused(ws: Any) -> bool:

@@ -383,7 +383,7 @@ class Bridge:
                 upstream = self.upstream
                 writing = self.writing_in_since = now()
                 try:
-                    await upstream.send_frame(frame, WSMsgType.TEXT)
+                    await frames.send_text(upstream, frame)
                 except ConnectionError:
                     if not await self._resend(upstream, frame):
                         break  # the upstream pump sees why
@@ -579,7 +579,7 @@ class Bridge:
         if upstream is None:
             return False
         try:
-            await upstream.send_frame(frame, WSMsgType.TEXT)
+            await frames.send_text(upstream, frame)
         except ConnectionError:
             return False
         return True
