@@ -24,8 +24,9 @@ How it works:
 - The first side to end decides the `Ending`. Its pump closes the other socket with the
   mapped close code, which ends the other pump's read; both pumps then return. A relay-side
   stop (shutdown) records its own Ending first and closes both sockets.
-- Nothing here outlives `Bridge.run`: both pumps run in one TaskGroup and both sockets are
-  closed on the way out, whatever happened.
+- Nothing here outlives `Bridge.run`: the client pump runs in the session's TaskGroup, the
+  upstream pump in the handler's own task inside it (one task fewer per session), and both
+  sockets are closed on the way out, whatever happened.
 - With continuity on, a `Renewal` (renewal.py) may replace the upstream socket: the client
   pump waits at `gate` while it does, and both pumps take `self.upstream` afresh after.
 """
@@ -194,17 +195,22 @@ class Bridge:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self.tasks = tasks
-                pumps = [
-                    tasks.create_task(self._client_to_upstream(), name="pump client->upstream"),
-                    tasks.create_task(self._upstream_to_client(), name="pump upstream->client"),
-                ]
+                # The client pump in a task, the upstream pump in this one: per session a task
+                # and a pending asyncio.wait fewer (about 1.5 KiB).
+                client_pump = tasks.create_task(
+                    self._client_to_upstream(), name="pump client->upstream"
+                )
                 # The first watch at a random point of the first interval: sessions that
                 # start together do not all flush their meters in the same tick.
                 first = random.random() * min(FLUSH_INTERVAL_SECONDS, self.stall_timeout)
                 self.timer = asyncio.get_running_loop().call_later(first, self._watch)
                 if self.renewal is not None:
                     renewer = tasks.create_task(self.renewal.run(), name="session renewal")
-                await asyncio.wait(pumps)
+                await self._upstream_to_client()
+                if not client_pump.done():
+                    # Ends once its socket is closed (the upstream pump closed it). Its failure
+                    # reaches the task group, not this wait.
+                    await asyncio.wait((client_pump,))
                 self._unwatch()
                 if self.renewal is not None:
                     renewer.cancel()
