@@ -516,15 +516,36 @@ def label_for_type(kind: str) -> str:
     return kind if kind in KNOWN_EVENT_TYPES else "other"
 
 
+class _Flow:
+    """One direction of a session: sums since the last flush, and the series they go to. Two
+    slotted objects instead of a dict per sum keyed by direction (each dict 184 bytes)."""
+
+    __slots__ = (
+        "events", "bytes", "audio_bytes", "waited", "rate", "delay", "chunk", "backpressure",
+        "audio_seconds", "frame_bytes",
+    )  # fmt: skip
+
+    def __init__(self, series: SessionSeries, direction: str) -> None:
+        self.events: Tally[str] = Tally()
+        self.bytes = 0
+        self.audio_bytes = 0
+        self.waited = 0.0
+        self.rate = 48000  # audio bytes per second until the session says otherwise
+        self.delay = BatchedHistogram(series.relay_delay[direction])
+        self.chunk = BatchedHistogram(series.audio_chunk[direction])
+        self.backpressure = series.backpressure[direction]
+        self.audio_seconds = series.audio_seconds[direction]
+        self.frame_bytes = series.frame_bytes[direction]
+
+
 class SessionMeter:
     """Everything measured about one session. Call `flush` now and then, and at the end."""
 
     __slots__ = (
-        "metrics", "team", "deployment", "clock", "_ttfa", "_response_duration", "_delay",
-        "_chunk", "_backpressure", "_audio_seconds", "_frame_bytes", "_events", "_bytes",
-        "_audio_bytes", "_waited", "audio_bytes_total", "audio_seconds_total", "tokens",
-        "responses", "_rate", "_turn_ended_at", "_response_started_at", "frames_total",
-        "transcription_seconds", "cost_usd", "_prices", "_on_cost", "_cost",
+        "metrics", "team", "deployment", "clock", "_ttfa", "_response_duration", "_in", "_out",
+        "_flows", "audio_bytes_total", "audio_seconds_total", "tokens", "responses",
+        "_turn_ended_at", "_response_started_at", "frames_total", "transcription_seconds",
+        "cost_usd", "_prices", "_on_cost", "_cost",
     )  # fmt: skip
 
     def __init__(
@@ -546,16 +567,10 @@ class SessionMeter:
         series = metrics.series(team, deployment, backend)
         self._ttfa = series.time_to_first_audio
         self._response_duration = series.response_duration
-        self._delay = {d: BatchedHistogram(c) for d, c in series.relay_delay.items()}
-        self._chunk = {d: BatchedHistogram(c) for d, c in series.audio_chunk.items()}
-        self._backpressure = series.backpressure
-        self._audio_seconds = series.audio_seconds
-        self._frame_bytes = series.frame_bytes
-        # Sums since the last flush.
-        self._events: dict[str, Tally[str]] = {"in": Tally(), "out": Tally()}
-        self._bytes = {"in": 0, "out": 0}
-        self._audio_bytes = {"in": 0, "out": 0}
-        self._waited = {"in": 0.0, "out": 0.0}
+        # Sums since the last flush, by direction.
+        self._in = _Flow(series, "in")
+        self._out = _Flow(series, "out")
+        self._flows = {"in": self._in, "out": self._out}
         # Session totals, for the end-of-session log line.
         self.audio_bytes_total = {"in": 0, "out": 0}
         self.audio_seconds_total = {"in": 0.0, "out": 0.0}
@@ -569,7 +584,6 @@ class SessionMeter:
         self._on_cost = on_cost
         # No series for a deployment without prices: a $0 would read as free.
         self._cost = metrics.cost.labels(*td) if prices is not None else None
-        self._rate = {"in": 48000, "out": 48000}
         self._turn_ended_at: float | None = None
         self._response_started_at: float | None = None
 
@@ -578,19 +592,24 @@ class SessionMeter:
     def client_event(self, kind: str, frame: bytes, audio_bytes: int = 0) -> None:
         """A client frame (direction "in") that will be forwarded; ``audio_bytes`` is the
         decoded size of an append's audio (the pump measures it once, for the policy too)."""
-        self._events["in"][kind] += 1
-        self._bytes["in"] += len(frame)
+        flow = self._in
+        flow.events[kind] += 1
+        flow.bytes += len(frame)
         if kind == "input_audio_buffer.append":
-            self._audio("in", audio_bytes)
+            flow.audio_bytes += audio_bytes
+            flow.chunk.observe(audio_bytes)
         elif kind == "response.create" and self._turn_ended_at is None:
             self._turn_ended_at = self.clock()
 
     def upstream_event(self, kind: str, frame: bytes) -> None:
         """An upstream frame (direction "out")."""
-        self._events["out"][kind] += 1
-        self._bytes["out"] += len(frame)
+        flow = self._out
+        flow.events[kind] += 1
+        flow.bytes += len(frame)
         if kind in AUDIO_DELTA_TYPES:
-            self._audio("out", base64_size(frame, b"delta"))
+            decoded = base64_size(frame, b"delta")
+            flow.audio_bytes += decoded
+            flow.chunk.observe(decoded)
             if self._turn_ended_at is not None:
                 self._ttfa.observe(self.clock() - self._turn_ended_at)
                 self._turn_ended_at = None
@@ -606,12 +625,9 @@ class SessionMeter:
 
     def forwarded(self, direction: str, delay: float, waited: float) -> None:
         """A frame written ``delay`` seconds after it arrived, ``waited`` of them in the write."""
-        self._delay[direction].observe(delay)
-        self._waited[direction] += waited
-
-    def _audio(self, direction: str, decoded: int) -> None:
-        self._audio_bytes[direction] += decoded
-        self._chunk[direction].observe(decoded)
+        flow = self._flows[direction]
+        flow.delay.observe(delay)
+        flow.waited += waited
 
     # --- rare events, parsed ---------------------------------------------------------------
 
@@ -619,10 +635,10 @@ class SessionMeter:
         """Track the audio formats in force, to turn bytes into seconds."""
         if not isinstance(session, Mapping):
             return
-        for direction, name in (("in", "input"), ("out", "output")):
+        for flow, name in ((self._in, "input"), (self._out, "output")):
             rate = audio_bytes_per_second(session, name)
             if rate is not None:
-                self._rate[direction] = rate
+                flow.rate = rate
 
     def _response_done(self, frame: bytes) -> None:
         response = orjson.loads(frame).get("response")
@@ -679,24 +695,24 @@ class SessionMeter:
 
     def flush(self) -> None:
         events = self.metrics.events
-        for direction, tally in self._events.items():
+        for direction, flow in self._flows.items():
+            tally = flow.events
             for kind, count in tally.items():
                 events.labels(direction, label_for_type(kind)).inc(count)
                 self.frames_total[direction] += count
             tally.clear()
-        for direction in ("in", "out"):
-            self._delay[direction].flush()
-            self._chunk[direction].flush()
-            if self._bytes[direction]:
-                self._frame_bytes[direction].inc(self._bytes[direction])
-                self._bytes[direction] = 0
-            if self._waited[direction]:
-                self._backpressure[direction].inc(self._waited[direction])
-                self._waited[direction] = 0.0
-            audio = self._audio_bytes[direction]
+            flow.delay.flush()
+            flow.chunk.flush()
+            if flow.bytes:
+                flow.frame_bytes.inc(flow.bytes)
+                flow.bytes = 0
+            if flow.waited:
+                flow.backpressure.inc(flow.waited)
+                flow.waited = 0.0
+            audio = flow.audio_bytes
             if audio:
-                seconds = audio / self._rate[direction]
-                self._audio_seconds[direction].inc(seconds)
+                seconds = audio / flow.rate
+                flow.audio_seconds.inc(seconds)
                 self.audio_bytes_total[direction] += audio
                 self.audio_seconds_total[direction] += seconds
-                self._audio_bytes[direction] = 0
+                flow.audio_bytes = 0
