@@ -319,6 +319,29 @@ def _short(filename: str) -> str:
     return filename
 
 
+# Areas by the innermost frame of an allocation (first match wins).
+_AREAS = (
+    ("aiohttp/web_", "aiohttp server: request, protocol, WebSocketResponse"),
+    ("aiohttp/_websocket/", "aiohttp WebSocket reader and writer"),
+    ("aiohttp/", "aiohttp client: upstream handshake, ClientWebSocketResponse"),
+    ("asyncio/runners.py", "loop callbacks: transports, futures (C)"),
+    ("asyncio/", "asyncio: tasks, task group, waits"),
+    ("_weakrefset.py", "asyncio: tasks, task group, waits"),
+    ("structlog/", "structlog: bound context"),
+    ("relay/session/codec.py", "relay: session in force (parsed)"),
+    ("relay/ops/metrics.py", "relay: meter"),
+    ("relay/session/frames.py", "aiohttp WebSocket reader and writer"),
+    ("relay/", "relay: bridge, handlers, set-up"),
+)
+
+
+def _area(filename: str) -> str:
+    for marker, area in _AREAS:
+        if marker in filename:
+            return area
+    return "other"
+
+
 def trace_report(work: Path, sessions: int, top: int, detail: int = 0) -> str:
     snapshot = tracemalloc.Snapshot.load(str(work / "sessions.snap"))
     snapshot = snapshot.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
@@ -329,8 +352,15 @@ def trace_report(work: Path, sessions: int, top: int, detail: int = 0) -> str:
         f"{total / KIB / sessions:.2f} KiB/session "
         f"({sum(s.count for s in stats) / sessions:.1f} blocks/session)",
         "",
-        f"{'KiB/sess':>8} {'blocks':>6}  innermost relay frame -> innermost other frame",
+        "KiB/sess  by area (the allocation's innermost frame)",
     ]
+    areas: dict[str, int] = {}
+    for stat in snapshot.statistics("lineno"):
+        area = _area(stat.traceback[0].filename)
+        areas[area] = areas.get(area, 0) + stat.size
+    for area, size in sorted(areas.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{size / KIB / sessions:8.2f}  {area}")
+    lines += ["", f"{'KiB/sess':>8} {'blocks':>6}  innermost relay frame -> innermost other frame"]
     by_place: dict[tuple[str, str], list[int]] = {}
     for stat in stats:
         place = _where(stat.traceback)
