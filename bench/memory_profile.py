@@ -43,6 +43,7 @@ import orjson
 
 from bench.paths import Endpoint, RelayPath
 from bench.run import start_upstream
+from bench.setup_profile import quiet_cpu_seconds
 from bench.wsframes import (
     HEAD_END,
     OP_CLOSE,
@@ -50,7 +51,7 @@ from bench.wsframes import (
     FrameReader,
     client_frame,
     close_payload,
-    new_client_key,
+    upgrade_request,
 )
 
 KIB = 1024
@@ -61,7 +62,6 @@ _DELTA = b'{"type":"response.output_audio.delta"'
 _AUDIO_20MS = 960
 _PROBE = "import sys\nimport bench.memory_probe as probe\nprobe.install()\n"
 _MAIN = "from relay.cli import main\nsys.exit(main())\n"
-_QUIET_S = 0.3
 _WAIT_S = 30.0
 _REPO = str(Path(__file__).resolve().parent.parent)
 T = TypeVar("T")
@@ -92,24 +92,6 @@ def memory_kib(pid: int) -> dict[str, float]:
     return found
 
 
-def cpu_ticks(pid: int) -> int:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
-
-
-async def quiet(pid: int) -> None:
-    """Until the process's CPU time stops moving (its callbacks are done)."""
-    last = cpu_ticks(pid)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        await asyncio.sleep(_QUIET_S)
-        now = cpu_ticks(pid)
-        if now == last:
-            return
-        last = now
-
-
 class Client:
     """One session as the bench's load generator opens it: raw frames on a stream."""
 
@@ -123,14 +105,7 @@ class Client:
     async def open(self) -> None:
         ep = self.endpoint
         self.reader, self.writer = await asyncio.open_connection(ep.host, ep.port, limit=2**27)
-        headers = "".join(f"{name}: {value}\r\n" for name, value in ep.headers.items())
-        self.writer.write(
-            (
-                f"GET {ep.path} HTTP/1.1\r\nHost: {ep.host}:{ep.port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                f"Sec-WebSocket-Key: {new_client_key().decode()}\r\n{headers}\r\n"
-            ).encode()
-        )
+        self.writer.write(upgrade_request(ep.host, ep.port, ep.path, ep.headers))
         head = await self.reader.readuntil(HEAD_END)
         if not head.startswith(b"HTTP/1.1 101"):
             raise RuntimeError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
@@ -230,12 +205,12 @@ def one_run(
         async def measure() -> Run:
             warm = await open_sessions(endpoint, args.warm_up, args.frames, audio)
             await close_sessions(warm)
-            await quiet(pid)
+            await quiet_cpu_seconds(pid)
             await signal_probe(pid, signal.SIGUSR1, work, "baseline")
-            await quiet(pid)
+            await quiet_cpu_seconds(pid)
             before = memory_kib(pid)
             clients = await open_sessions(endpoint, args.sessions, args.frames, audio)
-            await quiet(pid)
+            await quiet_cpu_seconds(pid)
             after = memory_kib(pid)
             if trace_frames:
                 await signal_probe(pid, signal.SIGUSR2, work, "sessions")
@@ -260,7 +235,7 @@ def large_run(upstream: Endpoint, key: str, work: Path, args: argparse.Namespace
 
         async def measure() -> tuple[dict[str, float], dict[str, float], float]:
             clients = await open_sessions(endpoint, args.sessions, 0, audio)
-            await quiet(pid)
+            await quiet_cpu_seconds(pid)
             before = memory_kib(pid)
             peak = before["VmRSS"]
             done = asyncio.Event()

@@ -44,7 +44,7 @@ from bench.wsframes import (
     FrameReader,
     client_frame,
     close_payload,
-    new_client_key,
+    upgrade_request,
 )
 
 _CREATED = b'{"type":"session.created"'
@@ -86,14 +86,7 @@ async def one_session(endpoint: Endpoint) -> float:
     began = time.perf_counter()
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
     try:
-        headers = "".join(f"{name}: {value}\r\n" for name, value in endpoint.headers.items())
-        writer.write(
-            (
-                f"GET {endpoint.path} HTTP/1.1\r\nHost: {endpoint.host}:{endpoint.port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                f"Sec-WebSocket-Key: {new_client_key().decode()}\r\n{headers}\r\n"
-            ).encode()
-        )
+        writer.write(upgrade_request(endpoint.host, endpoint.port, endpoint.path, endpoint.headers))
         head = await reader.readuntil(HEAD_END)
         if not head.startswith(b"HTTP/1.1 101"):
             raise SetupFailed(head.split(b"\r\n", 1)[0].decode(errors="replace"))

@@ -57,6 +57,16 @@ def new_client_key() -> bytes:
     return base64.b64encode(random.randbytes(16))
 
 
+def upgrade_request(host: str, port: int, path: str, headers: dict[str, str]) -> bytes:
+    """A client's WebSocket upgrade request, with a fresh key and ``headers`` added."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {new_client_key().decode()}\r\n{extra}\r\n"
+    ).encode()
+
+
 def frame_header(opcode: int, length: int, *, masked: bool) -> bytes:
     first = 0x80 | opcode
     bit = 0x80 if masked else 0

@@ -506,7 +506,7 @@ class Bridge:
             pass  # the client pump sees why
         del greeting
         # Nothing of the last event is held while the pump waits for the next: not a large
-        # event, not the greeting (orjson's output of a few hundred bytes sits in a 4 KiB block).
+        # event, not the greeting (a few hundred bytes, measured in a 4 KiB allocation).
         msg: UpstreamMessage | None = None
         frame = out = b""
         outs: Sequence[bytes] = ()
