@@ -148,13 +148,24 @@ class Client:
         self.writer.close()
 
 
-async def open_sessions(endpoint: Endpoint, count: int, frames: int, audio: bytes) -> list[Client]:
+_UPDATE = client_frame(
+    OP_TEXT, b'{"type":"session.update","session":{"type":"realtime","instructions":"Be brief."}}'
+)
+
+
+async def open_sessions(
+    endpoint: Endpoint, count: int, frames: int, audio: bytes, update: bool = False
+) -> list[Client]:
     limit = asyncio.Semaphore(16)
 
     async def one() -> Client:
         async with limit:
             client = Client(endpoint)
             await client.open()
+            if update:  # as most clients do first
+                assert client.writer is not None
+                client.writer.write(_UPDATE)
+                await client.expect(b'{"type":"session.updated"')
             for _ in range(frames):
                 await client.echo(audio)
             return client
@@ -209,7 +220,9 @@ def one_run(
             await signal_probe(pid, signal.SIGUSR1, work, "baseline")
             await quiet_cpu_seconds(pid)
             before = memory_kib(pid)
-            clients = await open_sessions(endpoint, args.sessions, args.frames, audio)
+            clients = await open_sessions(
+                endpoint, args.sessions, args.frames, audio, args.session_update
+            )
             await quiet_cpu_seconds(pid)
             after = memory_kib(pid)
             if trace_frames:
@@ -379,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=None, help="sessions measured")
     parser.add_argument("--warm-up", type=int, default=20, help="sessions before the baseline")
     parser.add_argument("--frames", type=int, default=1, help="20 ms appends echoed per session")
+    parser.add_argument(
+        "--session-update", action="store_true", help="each session sends a session.update first"
+    )
     parser.add_argument("--top", type=int, default=25, help="tracemalloc places shown")
     parser.add_argument("--frames-per-trace", type=int, default=25)
     parser.add_argument("--detail", type=int, default=0, help="full tracebacks of the N largest")

@@ -343,7 +343,7 @@ async def _serve(
         client,
         upstream,
         policy=started.policy or live.policies[team.name, deployment.name],
-        session=started.session,
+        session=started.take_session(),
         meter=meter,
         greeting=started.take_greeting(),
         close_timeout=server.close_timeout_seconds,

@@ -42,6 +42,12 @@ class StartedSession:
         self.created_frame, self.pending = None, []
         return greeting
 
+    def take_session(self) -> dict[str, Any]:
+        """The session in force, handed over once: kept here, it would outlive the session's
+        first `session.updated` (2 KiB and more, for the session's life)."""
+        session, self.session = self.session, {}
+        return session
+
 
 async def start_session(
     upstream: UpstreamSocket, policy: SessionPolicy, *, setup_seconds: float
