@@ -32,6 +32,7 @@ from relay.session.pump import Bridge
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.state import METRICS_TOKEN, REGISTRY, STATE, RelayState
 from relay.upstream.backends import build_credentials
+from relay.upstream.handshake import Dialer
 
 _log = structlog.get_logger("relay.app")
 # No `Server: Python/3.11 aiohttp/3.x` (versions help only an attacker). aiohttp fills the
@@ -149,7 +150,8 @@ async def _simulator(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream_http(app: web.Application) -> AsyncIterator[None]:
-    """One client session for every upstream socket, without aiohttp's 100-connection cap."""
+    """One client session for the upstream's HTTP requests, without aiohttp's 100-connection
+    cap, and one dialer for its WebSockets; both with the same TLS context."""
     state = app[STATE]
     live = state.live
     upstream = live.config.upstream
@@ -160,6 +162,7 @@ async def _upstream_http(app: web.Application) -> AsyncIterator[None]:
     # The connect deadline is also applied per dial, from the config in force.
     timeout = aiohttp.ClientTimeout(total=None)
     state.http = aiohttp.ClientSession(connector=connector, timeout=timeout)
+    state.dialer = Dialer(ssl_context)
     state.live = dataclasses.replace(live, pools=build_pools(state, live.config, live.credentials))
     try:
         yield

@@ -25,6 +25,7 @@ from relay.session.policy import SessionPolicy
 from relay.session.pump import Bridge
 from relay.upstream.backends import BackendPool
 from relay.upstream.credentials import ApiKeyCredential, UpstreamCredential
+from relay.upstream.handshake import Dialer
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,9 @@ class RelayState:
     auth_throttle: AuthBrake
     budgets: Budgets
     live_gauges: LiveGauges = field(default_factory=LiveGauges)
+    # The upstream's HTTP requests (WebRTC), and its WebSockets.
     http: aiohttp.ClientSession | None = None
+    dialer: Dialer | None = None
     # Every open session, and the key that opened it.
     bridges: dict[Bridge, SessionKey | None] = field(default_factory=dict)
     # Set while no session is open: what a drain waits for.

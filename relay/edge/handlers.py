@@ -37,7 +37,7 @@ from relay.session.setup import StartedSession, start_session
 from relay.session.transcription import transcription_policy
 from relay.state import METRICS_TOKEN, REGISTRY, RELOAD, STATE, LiveConfig, RelayState, SessionKey
 from relay.upstream.backends import Backend
-from relay.upstream.dial import SocketOptions, UpstreamSocket, connect_pool
+from relay.upstream.dial import UpstreamSocket, connect_pool, socket_options
 
 _log = structlog.get_logger("relay.session")
 
@@ -224,10 +224,8 @@ def _dialer(state: RelayState, deployment: DeploymentConfig, session_id: str) ->
     """Opens an upstream socket through the deployment's pool in the config in force (failing
     over), for the session start and for continuity's renewals. A backend given as ``lost``
     is counted as failed and tried last."""
-    assert state.http is not None
-    http, metrics = state.http, state.metrics
-    assert state.http is not None
-    http, metrics = state.http, state.metrics
+    assert state.dialer is not None
+    dialer, metrics = state.dialer, state.metrics
 
     async def dial(lost: Backend | None = None) -> tuple[Backend, UpstreamSocket]:
         live = state.live  # a renewal after a reload dials as the reload says
@@ -240,15 +238,11 @@ def _dialer(state: RelayState, deployment: DeploymentConfig, session_id: str) ->
             pool.failed(lost, _LOST)
         began = time.perf_counter()
         backend, upstream = await connect_pool(
-            http,
+            dialer,
             pool,
             request_id=session_id,
             connect_timeout=config.upstream.connect_timeout_seconds,
-            options=SocketOptions(
-                close_timeout=config.server.close_timeout_seconds,
-                heartbeat=config.upstream.heartbeat_seconds,
-                max_message_bytes=config.server.max_message_bytes,
-            ),
+            options=socket_options(config),
             on_failure=lambda backend, refusal: upstream_failed(
                 state, deployment, backend, refusal
             ),

@@ -33,6 +33,7 @@ from relay.ops.config import (
     RelayConfig,
 )
 from relay.upstream.credentials import UpstreamCredential, build_credential
+from relay.upstream.handshake import UpstreamTarget
 
 _log = structlog.get_logger("relay.upstream.backends")
 
@@ -45,6 +46,11 @@ class Backend:
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     retry_after_until: float = 0.0
+    # The URL's address and request head, built once rather than per session.
+    target: UpstreamTarget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.target = UpstreamTarget.of(self.url)
 
     @property
     def name(self) -> str:

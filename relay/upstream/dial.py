@@ -1,4 +1,5 @@
-"""The upstream side: the exact Azure URL and headers, and the handshake with its failures.
+"""The upstream side: the exact Azure URL, failover across a pool, and every way a handshake
+(`handshake.py`) can fail mapped to what the client is told.
 
 The handshake runs before the client's upgrade completes, so every way it can fail becomes
 an honest HTTP answer to the client (see `UpstreamRefused`).
@@ -10,18 +11,19 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from relay.errors import ClientRefused, CredentialUnavailable, UpstreamRefused
-from relay.ops.config import DeploymentConfig
+from relay.ops.config import DeploymentConfig, RelayConfig
 from relay.upstream.backends import Backend, BackendPool
 from relay.upstream.credentials import UpstreamCredential
+from relay.upstream.handshake import Dialer, HandshakeRefused, SocketOptions, UpstreamTarget
+from relay.upstream.handshake import UpstreamSocket as UpstreamSocket  # re-exported
 
-UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]
 T = TypeVar("T")
 
 
@@ -50,15 +52,17 @@ def realtime_url(endpoint: str, deployment: DeploymentConfig, azure_deployment: 
     return base.with_scheme(scheme).with_path(prefix + path).with_query(query)
 
 
-@dataclass(frozen=True, slots=True)
-class SocketOptions:
-    close_timeout: float
-    heartbeat: float
-    max_message_bytes: int
+def socket_options(config: RelayConfig) -> SocketOptions:
+    """The options of every upstream socket, from the config in force."""
+    return SocketOptions(
+        close_timeout=config.server.close_timeout_seconds,
+        heartbeat=config.upstream.heartbeat_seconds,
+        max_message_bytes=config.server.max_message_bytes,
+    )
 
 
 async def connect_pool(
-    session: aiohttp.ClientSession,
+    dialer: Dialer,
     pool: BackendPool,
     *,
     request_id: str,
@@ -78,14 +82,12 @@ async def connect_pool(
 
     async def attempt(backend: Backend, remaining: float) -> UpstreamSocket:
         return await open_upstream(
-            session,
-            backend.url,
+            dialer,
+            backend.target,
             backend.credential,
             request_id=request_id,
             connect_timeout=remaining,
-            close_timeout=options.close_timeout,
-            heartbeat=options.heartbeat,
-            max_message_bytes=options.max_message_bytes,
+            options=options,
         )
 
     return await fail_over(
@@ -146,15 +148,13 @@ def _overall_refusal(refusals: list[UpstreamRefused]) -> UpstreamRefused:
 
 
 async def open_upstream(
-    session: aiohttp.ClientSession,
-    url: URL,
+    dialer: Dialer,
+    target: UpstreamTarget,
     credential: UpstreamCredential,
     *,
     request_id: str,
     connect_timeout: float,
-    close_timeout: float,
-    heartbeat: float,
-    max_message_bytes: int,
+    options: SocketOptions,
 ) -> UpstreamSocket:
     """Open the upstream WebSocket, or raise UpstreamRefused with the status for the client."""
     headers = await credential_headers(credential)
@@ -163,20 +163,9 @@ async def open_upstream(
     with transport_refusals():
         try:
             async with asyncio.timeout(connect_timeout):
-                return await session.ws_connect(
-                    url,
-                    headers=headers,
-                    compress=0,  # base64 audio barely compresses; deflate costs 2.5x the CPU
-                    max_msg_size=max_message_bytes,
-                    heartbeat=heartbeat,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
-                    decode_text=False,
-                )
-        except aiohttp.WSServerHandshakeError as exc:
-            retry_after = retry_after_seconds(
-                exc.headers.get("Retry-After") if exc.headers else None
-            )
-            raise refusal_for_status(exc.status, retry_after) from exc
+                return await dialer.open(target, headers, options)
+        except HandshakeRefused as exc:
+            raise refusal_for_status(exc.status, retry_after_seconds(exc.retry_after)) from exc
 
 
 @contextmanager
@@ -188,7 +177,7 @@ def transport_refusals() -> Iterator[None]:
         raise UpstreamRefused(
             504, "upstream_timeout", "The upstream service did not answer in time."
         ) from exc
-    except (aiohttp.ClientError, OSError) as exc:
+    except (aiohttp.ClientError, HttpProcessingError, OSError) as exc:
         raise UpstreamRefused(
             502, "upstream_unavailable", "The upstream service could not be reached."
         ) from exc

@@ -38,7 +38,8 @@ from relay.session.codec import FrameError, sniff_type
 from relay.session.policy import SessionPolicy
 from relay.state import RelayState
 from relay.upstream.backends import Backend
-from relay.upstream.dial import UpstreamSocket, open_upstream
+from relay.upstream.dial import UpstreamSocket, open_upstream, socket_options
+from relay.upstream.handshake import UpstreamTarget
 
 _log = structlog.get_logger("relay.edge.webrtc")
 _TURN_END = frozenset({"input_audio_buffer.speech_stopped", "input_audio_buffer.committed"})
@@ -175,17 +176,15 @@ async def watch_call(state: RelayState, watch: CallWatch) -> None:
 
 
 async def _open(state: RelayState, watch: CallWatch) -> UpstreamSocket:
-    assert state.http is not None
+    assert state.dialer is not None
     config = state.live.config
     return await open_upstream(
-        state.http,
-        watch.backend.url.with_query({"call_id": watch.call_id}),
+        state.dialer,
+        UpstreamTarget.of(watch.backend.url.with_query({"call_id": watch.call_id})),
         watch.backend.credential,
         request_id=watch.call_id,
         connect_timeout=config.upstream.connect_timeout_seconds,
-        close_timeout=config.server.close_timeout_seconds,
-        heartbeat=config.upstream.heartbeat_seconds,
-        max_message_bytes=config.server.max_message_bytes,
+        options=socket_options(config),
     )
 
 

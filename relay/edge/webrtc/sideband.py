@@ -27,7 +27,8 @@ from relay.session.dialect import Translator
 from relay.session.setup import StartedSession
 from relay.session.transcription import transcription_policy
 from relay.state import LiveConfig, RelayState
-from relay.upstream.dial import open_upstream
+from relay.upstream.dial import open_upstream, socket_options
+from relay.upstream.handshake import UpstreamTarget
 
 # The paths that serve sideband sockets (the service's GA path, and OpenAI's).
 SIDEBAND_PATHS = ("/openai/v1/realtime", "/v1/realtime")
@@ -70,19 +71,17 @@ async def _admit(
     placed, deployment, backend = await owned_call(
         live, request.app[WEBRTC].calls, team, wanted.call_id
     )
-    assert state.http is not None
+    assert state.dialer is not None
     config = live.config
     began = time.perf_counter()
     try:
         upstream = await open_upstream(
-            state.http,
-            backend.url.with_query({"call_id": wanted.call_id}),
+            state.dialer,
+            UpstreamTarget.of(backend.url.with_query({"call_id": wanted.call_id})),
             backend.credential,
             request_id=session_id,
             connect_timeout=config.upstream.connect_timeout_seconds,
-            close_timeout=config.server.close_timeout_seconds,
-            heartbeat=config.upstream.heartbeat_seconds,
-            max_message_bytes=config.server.max_message_bytes,
+            options=socket_options(config),
         )
     except UpstreamRefused as refusal:
         upstream_failed(state, deployment, backend, refusal)
