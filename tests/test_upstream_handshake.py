@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -19,12 +20,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import trustme
 from aiohttp import WSMsgType, web
+from prometheus_client import generate_latest
 from yarl import URL
 
 from relay.errors import UpstreamRefused
 from relay.session import frames
+from relay.state import STATE
 from relay.upstream.credentials import ApiKeyCredential
 from relay.upstream.dial import open_upstream
 from relay.upstream.handshake import Dialer, HandshakeRefused, SocketOptions, UpstreamTarget
@@ -58,7 +62,8 @@ async def servers() -> AsyncIterator[Callable[..., Awaitable[int]]]:
 
 
 # What a raw server answers a request head with (given its Sec-WebSocket-Key): bytes, then
-# it waits for the client to close; SILENT, nothing; HANG_UP, it closes at once.
+# it waits for the client to close; SILENT, nothing; bytes ending in HANG_UP, those bytes
+# and it closes at once.
 RawAnswer = Callable[[bytes], bytes]
 SILENT, HANG_UP = b"(silent)", b"(hang up)"
 
@@ -69,6 +74,7 @@ class RawServer:
     # Set when the connection is closed; what came before a complete request head, if any.
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     partial_head: bytes | None = None
+    head: bytes = b""  # the request head it read
 
 
 @pytest.fixture
@@ -90,10 +96,14 @@ async def raw_server() -> AsyncIterator[Callable[[RawAnswer], Awaitable[RawServe
                 for line in head.split(b"\r\n")
                 if line.lower().startswith(b"sec-websocket-key:")
             )
+            raw.head = head
             reply = answer(key)
-            if reply != HANG_UP:
-                if reply != SILENT:
-                    writer.write(reply)
+            hang_up = reply.endswith(HANG_UP)
+            if hang_up:
+                reply = reply.removesuffix(HANG_UP)
+            if reply != SILENT:
+                writer.write(reply)
+            if not hang_up:
                 await reader.read()  # until the client closes
             writer.close()
             raw.closed.set()
@@ -195,28 +205,63 @@ async def test_events_sent_with_the_101_are_not_lost(raw_server):
     await raw.closed.wait()
 
 
+def refused_with(status: str, body: bytes, *headers: bytes) -> bytes:
+    head = [f"HTTP/1.1 {status}".encode(), *headers, b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+# An upstream that echoes what it was sent (the key included) in its error body: the body is
+# never read into an error, a log line or the client's answer (as with aiohttp's client).
+ECHO = b'{"error":{"message":"bad request from api-key ' + AZURE_KEY.encode() + b'"}}'
+
+
 @pytest.mark.parametrize(
     ("answer", "status", "code", "retry_after"),
     [
-        (b"HTTP/1.1 429 Too Many\r\nRetry-After: 6.5\r\nContent-Length: 0\r\n\r\n", 429,
-         "upstream_rate_limited", "7"),
-        (b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n", 502,
-         "upstream_auth_failed", None),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 502, "upstream_not_websocket", None),
-        (b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", 502, "upstream_error", None),
+        (refused_with("429 Too Many", ECHO, b"Retry-After: 6.5"), 429, "upstream_rate_limited", "7"),
+        (refused_with("429 Too Many", b""), 429, "upstream_rate_limited", "1"),
+        (refused_with("401 Unauthorized", ECHO), 502, "upstream_auth_failed", None),
+        (refused_with("403 Forbidden", ECHO), 502, "upstream_auth_failed", None),
+        (refused_with("404 Not Found", ECHO), 502, "upstream_error", None),
+        (refused_with("500 Internal Server Error", ECHO), 502, "upstream_error", None),
+        (refused_with("503 Busy", b""), 502, "upstream_error", None),
+        # Not followed (aiohttp's client would have, resending the key to wherever it points).
+        (refused_with("307 Temporary Redirect", b"", b"Location: http://127.0.0.1:1/"), 502,
+         "upstream_error", None),
+        (refused_with("200 OK", b"ok"), 502, "upstream_not_websocket", None),
+        (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nbusy!\r\n0\r\n\r\n",
+         502, "upstream_error", None),
         (b"NOT HTTP AT ALL\r\n\r\n", 502, "upstream_unavailable", None),
         (HANG_UP, 502, "upstream_unavailable", None),
+        # Closed mid-handshake: in the status line, in the headers, before the blank line.
+        (b"HTTP/1.1 10" + HANG_UP, 502, "upstream_unavailable", None),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: webso" + HANG_UP, 502,
+         "upstream_unavailable", None),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" + HANG_UP, 502,
+         "upstream_unavailable", None),
     ],
 )  # fmt: skip
 async def test_an_answer_that_is_not_an_upgrade_is_refused_and_closed(
-    raw_server, answer, status, code, retry_after
+    raw_server, caplog, answer, status, code, retry_after
 ):
     raw = await raw_server(lambda key: answer)
-    with pytest.raises(UpstreamRefused) as refused:
+    with structlog.testing.capture_logs() as logs, pytest.raises(UpstreamRefused) as refused:
         await dial(raw.port)
     assert (refused.value.status, refused.value.code) == (status, code)
     assert refused.value.retry_after == retry_after
     await raw.closed.wait()  # closed on the relay's side too: nothing leaks
+    assert AZURE_KEY.encode() in raw.head  # it was sent, and is nowhere else
+    assert AZURE_KEY not in told(refused.value) + repr(logs) + caplog.text
+
+
+def told(error: BaseException) -> str:
+    """Everything an error says, through its causes and contexts."""
+    said: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None:
+        said += [str(seen), repr(seen), repr(getattr(seen, "__dict__", {}))]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(said)
 
 
 @pytest.mark.parametrize(
@@ -225,8 +270,10 @@ async def test_an_answer_that_is_not_an_upgrade_is_refused_and_closed(
         lambda key: switching(key, accept_key=b"d3Jvbmc="),
         lambda key: switching(key).replace(b"Upgrade: websocket", b"Upgrade: h2c"),
         lambda key: switching(key).replace(b"Connection: Upgrade", b"Connection: close"),
+        lambda key: switching(key).replace(b"Upgrade: websocket\r\n", b""),
+        lambda key: switching(key).replace(b"Sec-WebSocket-Accept: " + accept(key) + b"\r\n", b""),
     ],
-    ids=["wrong accept", "wrong upgrade", "wrong connection"],
+    ids=["wrong accept", "wrong upgrade", "wrong connection", "no upgrade", "no accept"],
 )
 async def test_a_101_that_aiohttp_would_refuse_is_refused(raw_server, bad):
     raw = await raw_server(bad)
@@ -243,6 +290,30 @@ async def test_a_silent_upstream_times_out_and_is_closed(raw_server):
         await dial(raw.port, connect_timeout=0.2)
     assert (refused.value.status, refused.value.code) == (504, "upstream_timeout")
     await raw.closed.wait()
+
+
+async def test_a_name_that_does_not_resolve_is_refused():
+    """DNS failure (.invalid never resolves, RFC 6761): 502, the resolver's error as cause."""
+    with pytest.raises(UpstreamRefused) as refused:
+        await dial(target(443, "wss", "relay-handshake-test.invalid"))
+    assert (refused.value.status, refused.value.code) == (502, "upstream_unavailable")
+    assert isinstance(refused.value.__cause__, socket.gaierror)
+    assert AZURE_KEY not in told(refused.value)
+
+
+async def test_a_connect_that_is_never_answered_times_out():
+    """A listener whose accept queue is full drops the SYN: the TCP connect itself hangs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())  # fills the queue
+    try:
+        with pytest.raises(UpstreamRefused) as refused:
+            await dial(listener.getsockname()[1], connect_timeout=0.3)
+        assert (refused.value.status, refused.value.code) == (504, "upstream_timeout")
+    finally:
+        filler.close()
+        listener.close()
 
 
 async def test_a_header_value_with_a_line_break_is_never_sent(raw_server):
@@ -287,6 +358,46 @@ async def test_tls_with_an_untrusted_certificate_is_refused(servers, ca):
     with pytest.raises(UpstreamRefused) as refused:
         await dial(target(port, "wss", "localhost"))
     assert (refused.value.status, refused.value.code) == (502, "upstream_unavailable")
+
+
+async def test_tls_with_a_certificate_for_another_name_is_refused(servers, ca):
+    port = await servers(FakeUpstream().app(), tls_server_context(ca))  # a cert for localhost
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with pytest.raises(UpstreamRefused) as refused:
+        await dial(target(port, "wss", "127.0.0.1"), dialer=Dialer(context))
+    assert (refused.value.status, refused.value.code) == (502, "upstream_unavailable")
+    assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+
+
+async def test_tls_to_a_server_that_does_not_speak_it_is_refused(servers):
+    port = await servers(FakeUpstream().app())  # answers the ClientHello with a plain 400
+    with pytest.raises(UpstreamRefused) as refused:
+        await dial(target(port, "wss"))
+    assert (refused.value.status, refused.value.code) == (502, "upstream_unavailable")
+    assert isinstance(refused.value.__cause__, ssl.SSLError)
+
+
+async def test_a_refused_handshake_tells_the_client_nothing_the_upstream_said(
+    raw_server, start_relay, caplog
+):
+    """Through the relay: an upstream 403 whose body echoes the key becomes the relay's own
+    JSON refusal; the key is in no response, log line or metric."""
+    raw = await raw_server(lambda key: refused_with("403 Forbidden", ECHO))
+    relay = await start_relay(relay_config(f"http://127.0.0.1:{raw.port}"))
+    url = f"ws://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "api-key": ALPHA_KEY}  # fmt: skip
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as http, http.get(url, headers=upgrade) as response:
+            body = await response.json()
+    metrics = generate_latest(relay.app[STATE].metrics.registry).decode()
+    assert response.status == 502
+    assert body["error"]["code"] == "upstream_auth_failed"
+    assert 'code="upstream_auth_failed"' in metrics
+    assert "upstream_connect_failed" in repr(logs)
+    said = f"{body} {dict(response.headers)} {metrics} {logs!r} {caplog.text}"
+    assert AZURE_KEY not in said and "bad request from" not in said
 
 
 async def test_the_relay_dials_a_tls_upstream_with_its_ca_file(

@@ -7,6 +7,7 @@ failure. Only when the upstream socket is open does the client's upgrade complet
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import socket
@@ -392,8 +393,21 @@ async def _serve(
             # upstream_session_id names the first; session_renewed lines name the others.
             upstream_sessions=1 + (bridge.renewal.moves if bridge.renewal else 0),
         )
-        state.forget(bridge)
+        _forget_when_done(state, bridge)
     return client
+
+
+def _forget_when_done(state: RelayState, bridge: Bridge) -> None:
+    """Forget ``bridge`` once this handler's task is done, not before. A handler aiohttp
+    cancelled (the client's connection dropped) raises CancelledError through the session's
+    frames; its task keeps that error, and with it the bridge, until the task finishes
+    unwinding (a C task's kept CancelledError is invisible to gc.get_referrers). Forgotten
+    earlier, `idle` would be set while sessions are still held."""
+    task = asyncio.current_task()
+    if task is None or task.done():
+        state.forget(bridge)
+    else:
+        task.add_done_callback(lambda _: state.forget(bridge))
 
 
 async def metrics(request: web.Request) -> web.Response:
