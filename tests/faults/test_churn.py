@@ -67,10 +67,25 @@ async def test_churn_leaves_no_tasks_sockets_or_memory_behind(simulator, start_r
     tracemalloc.stop()
     assert len(asyncio.all_tasks()) <= tasks
     assert open_fds() <= fds + 2
-    # aiohttp's test server cancels handlers when a client vanishes; the last cancellation's
-    # traceback (which sees one Bridge) lives until the next. None accumulate.
+    # A session is forgotten when its handler's task is done, so at `idle` none should be
+    # held (test_a_session_is_not_held_once_idle); the bound keeps the one a cancelled
+    # handler's traceback might still hold. None accumulate.
     assert len([o for o in gc.get_objects() if isinstance(o, Bridge)]) <= 1
     assert kept < 2 * 1024 * 1024, f"{kept / 2**20:.2f} MiB kept after {SESSIONS // 2} sessions"
     ended = outcomes(relay)
     assert sum(ended.values()) == SESSIONS + 200
     assert set(ended) <= {"client_closed", "client_lost"}
+
+
+async def test_a_session_is_not_held_once_idle(simulator, start_relay):
+    """A client that vanishes gets its handler cancelled by aiohttp; the CancelledError's
+    traceback holds the session's frames until the handler's task is done. `idle` (what a
+    drain waits for) is set only then: no Bridge is left to find."""
+    relay = await start_relay(relay_config(simulator.url))
+    state = relay.app[STATE]
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await asyncio.gather(*(one_session(http, relay, i) for i in range(0, 60, 3)))
+    await state.idle.wait()
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, Bridge)] == []
