@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import socket
@@ -229,3 +230,11 @@ class _Connection:
 
     def close(self) -> None:
         self._proto.close()
+
+    def __del__(self) -> None:
+        # aiohttp's ClientResponse, which this stands in for, closes a connection still
+        # open when it is collected; so does this, rather than leaving the socket to the
+        # transport's finaliser (an unclosed-transport warning, and the fd held till then).
+        if self._proto.transport is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._proto.close()
