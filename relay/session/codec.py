@@ -74,27 +74,19 @@ def read_client_frame(frame: bytes) -> ClientFrame:
     for head in _CANONICAL_APPENDS:
         # What the SDKs send: {"type", "audio"} and nothing else, so nothing to search.
         if frame.startswith(head):
-            end = len(frame) - 2
-            if (
-                frame.find(b'"', len(head)) == end
-                and frame.endswith(b'"}')
-                and frame.find(b"\\") == -1
-            ):
-                return _APPEND, None, _span_size(frame, len(head), end)
+            whole = _audio_to_the_end(frame, len(head))
+            if whole is not None:
+                return whole
             break
     for head, middle in _ID_FIRST_APPENDS:
-        # Three different keys in a fixed layout, no backslash: the event id's value ends
-        # at the first quote after its head, and the audio's at the frame's last quote.
+        # Three different keys in a fixed layout: the event id's value ends at the first
+        # quote after its head (no backslash, checked with the audio).
         if frame.startswith(head):
             id_end = frame.find(b'"', len(head))
             if id_end != -1 and frame.startswith(middle, id_end):
-                start, end = id_end + len(middle), len(frame) - 2
-                if (
-                    frame.find(b'"', start) == end
-                    and frame.endswith(b'"}')
-                    and frame.find(b"\\") == -1
-                ):
-                    return _APPEND, None, _span_size(frame, start, end)
+                whole = _audio_to_the_end(frame, id_end + len(middle))
+                if whole is not None:
+                    return whole
             break
     kind = _sniff_prefix(frame)
     # No backslash: no escaped key, and every quote delimits a string, so a key name is
@@ -119,6 +111,15 @@ def read_client_frame(frame: bytes) -> ClientFrame:
     kind = event_type(event)
     audio = event.get("audio") if kind == _APPEND else None
     return kind, event, _decoded_size(audio) if isinstance(audio, str) else 0
+
+
+def _audio_to_the_end(frame: bytes, start: int) -> ClientFrame | None:
+    """An append whose audio string starts at ``start`` and is the frame's last value
+    (`..."}`), in a frame without a backslash (no escape: every quote delimits a string)."""
+    end = len(frame) - 2
+    if frame.find(b'"', start) == end and frame.endswith(b'"}') and frame.find(b"\\") == -1:
+        return _APPEND, None, _span_size(frame, start, end)
+    return None
 
 
 def _key_span(frame: bytes, key: bytes) -> tuple[int, int, int] | None:

@@ -123,7 +123,7 @@ def writable(ws: Any) -> bool:
 def write_text(ws: Any, frame: bytes) -> None:
     """Write ``frame`` as one text frame to a `writable` socket."""
     writer = ws._writer
-    if writer.use_mask and len(frame) > ONE_COPY_ABOVE:
+    if len(frame) > ONE_COPY_ABOVE and writer.use_mask:
         _write_masked(writer, frame)
     else:
         writer._write_websocket_frame(frame, _TEXT, 0)

@@ -211,7 +211,7 @@ class Bridge:
                     # Ends once its socket is closed (the upstream pump closed it). Its failure
                     # reaches the task group, not this wait.
                     await asyncio.wait((client_pump,))
-                self._unwatch()
+                self._unwatch()  # before the task group closes: no watchdog task after it
                 if self.renewal is not None:
                     renewer.cancel()
         except* Exception as group:
@@ -396,8 +396,8 @@ class Bridge:
                 written = now()
                 self.writing_in_since = None
                 meter.forwarded("in", written - arrived, written - writing)
-                self._keep_audio(kind, frame, audio)  # after the send: a held frame counts
-                # on the new upstream session
+                # After the send: a frame held at a switch counts on the new upstream session.
+                self._keep_audio(kind, frame, audio)
             elif msg.type is WSMsgType.PING:
                 arrived = now()
                 ping_tokens = min(

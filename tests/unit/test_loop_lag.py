@@ -78,6 +78,6 @@ async def test_a_loop_held_by_work_is_logged_as_busy():
 
 async def test_a_loop_held_off_a_cpu_is_logged_as_waiting():
     # The loop blocked without using a CPU: what a descheduled process looks like.
-    seen, logged = await _held_up(lambda: time.sleep(0.2))
+    seen, logged = await _held_up(lambda: time.sleep(0.2))  # blocks the loop: under test
     assert seen >= 0.1
     assert logged and logged[0]["cpu_share"] <= 0.5
