@@ -29,6 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from relay.edge.responses import error_response
 from relay.errors import ClientRefused, HttpRefusal
+from relay.heartbeat import LazyHeartbeat
 
 _log = structlog.get_logger("relay.edge.connection")
 
@@ -203,11 +204,13 @@ class _Linger:
             self.done.set_result(None)
 
 
-class ClientSocket(web.WebSocketResponse):
-    """The client's WebSocket. aiohttp closes a socket whose frame is over ``max_msg_size``
-    with 1009, no reason, and at once drops the connection while the frame is still
-    arriving: a reset that can destroy the close frame. Here the close carries a reason and
-    the connection lingers (`RelayConnection.linger`) before it is closed."""
+class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
+    """The client's WebSocket, with a heartbeat that costs nothing per read (`LazyHeartbeat`).
+
+    aiohttp closes a socket whose frame is over ``max_msg_size`` with 1009, no reason, and
+    at once drops the connection while the frame is still arriving: a reset that can destroy
+    the close frame. Here the close carries a reason and the connection lingers
+    (`RelayConnection.linger`) before it is closed."""
 
     __slots__ = ("_limit", "_linger_seconds", "_lingering", "_too_big", "_request")
 

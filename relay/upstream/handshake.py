@@ -42,6 +42,8 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from yarl import URL
 
+from relay.heartbeat import LazyHeartbeat
+
 UpstreamSocket = ClientWebSocketResponse[bool]
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # As aiohttp's connector: DNS answers kept 10 s, RFC 8305's 250 ms between attempts.
@@ -191,7 +193,7 @@ async def _upgrade(
     queue_class = aiohttp.client.WebSocketDataQueue  # type: ignore[attr-defined]
     reader = queue_class(proto, DEFAULT_CHUNK_SIZE, loop=loop)
     writer = WebSocketWriter(proto, transport, use_mask=True)
-    upstream: UpstreamSocket = ClientWebSocketResponse(
+    upstream: UpstreamSocket = _UpstreamSocket(
         reader,
         writer,
         None,  # no subprotocol
@@ -216,6 +218,10 @@ def _header_lines(headers: Mapping[str, str]) -> bytes:
         # A value holding a line break would split the request (aiohttp refuses it too).
         raise ValueError("a header value holds a line break")
     return lines.encode("latin-1")
+
+
+class _UpstreamSocket(LazyHeartbeat, ClientWebSocketResponse):
+    """aiohttp's client socket, with a heartbeat that costs nothing per read."""
 
 
 class _Connection:
