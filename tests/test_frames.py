@@ -7,6 +7,7 @@ them fails here rather than in production.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,9 @@ import orjson
 import pytest
 import structlog.testing
 from aiohttp import WSMsgType
+from aiohttp.web_protocol import RequestHandler
 
+from relay.edge.connection import RelayConnection
 from relay.session import frames
 from relay.session.pump import Bridge
 from relay.state import STATE
@@ -280,6 +283,44 @@ async def test_large_frames_to_the_upstream_are_masked_in_one_buffer(start_fake,
             await frames.send_text(client, b"y" * (frames.ONE_COPY_ABOVE + 1))
 
 
+# Each side of every header length boundary (RFC 6455 5.2: 7-bit, 16-bit and 64-bit lengths).
+_BOUNDARY_SIZES = (0, 1, 125, 126, 127, 65535, 65536, 65537, frames.ONE_COPY_ABOVE + 1)
+
+
+async def test_callback_writes_frame_every_length_both_masked_and_not(start_fake, http):
+    """`write_text` frames payloads itself: a client's (masked) and a server's (not) reach an
+    aiohttp peer as the same text at every header length, and report the transport's pause."""
+    to_server: asyncio.Queue[str] = asyncio.Queue()
+    server_sockets: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def handler(request: Any) -> Any:
+        ws = aiohttp.web.WebSocketResponse(max_msg_size=1 << 20)
+        await ws.prepare(request)
+        await server_sockets.put(ws)
+        async for msg in ws:
+            await to_server.put(msg.data)
+        return ws
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/", handler)
+    server = await start_fake(app)
+    async with http.ws_connect(server.make_url("/"), max_msg_size=1 << 20) as client:
+        on_server = await server_sockets.get()
+        for size in _BOUNDARY_SIZES:
+            text = bytes(range(97, 123)) * (size // 26) + b"z" * (size % 26)
+            assert frames.write_text(client, text) is False  # nothing waits on loopback
+            assert await to_server.get() == text.decode()
+            assert frames.write_text(on_server, text) is False
+            echoed = await client.receive()
+            assert (echoed.type, echoed.data) == (aiohttp.WSMsgType.TEXT, text.decode())
+        # Paused is the protocol's flag, read at once after the write.
+        on_server._writer.protocol._paused = True
+        assert frames.write_text(on_server, b"{}") is True
+        on_server._writer.protocol._paused = False
+        assert (await client.receive()).data == "{}"
+        await client.close()
+
+
 async def test_a_large_event_reaches_the_upstream_unchanged(start_relay, start_fake, http):
     fake, relay = await _relay_on_echo(start_relay, start_fake)
     event = orjson.dumps(
@@ -291,3 +332,18 @@ async def test_a_large_event_reaches_the_upstream_unchanged(start_relay, start_f
         echoed = orjson.loads((await ws.receive()).data)
         assert echoed["event_id"] == "big"
     assert fake.received == [event]
+
+
+def test_an_upgraded_connections_bytes_go_to_the_reader_as_aiohttp_sends_them():
+    """`RelayConnection.data_received` hands an upgraded connection's bytes to the WebSocket
+    reader itself, as aiohttp's `RequestHandler.data_received` does (one call fewer per
+    frame). This fails when aiohttp's upgraded branch changes, so the copy is reviewed."""
+    ours = inspect.getsource(RelayConnection.data_received)
+    theirs = " ".join(inspect.getsource(RequestHandler.data_received).split())
+    assert "if self._force_close or self._close: return" in theirs
+    assert (
+        "elif data: if self._data_received_cb is not None: self._data_received_cb() "
+        "eof, tail = self._payload_parser.feed_data(data) if eof: self.close()"
+    ) in theirs
+    assert theirs.endswith("if eof: self.close()")  # nothing after it for upgraded bytes
+    assert "parser.feed_data(data)" in ours

@@ -13,7 +13,9 @@
 
 aiohttp internals used, pinned by tests/faults/test_connection.py: `web.Server._kwargs`
 (the handler options) and `_loop`, `RequestHandler.handle_error` and
-`WebSocketResponse._close_transport`.
+`WebSocketResponse._close_transport`; and, for an upgraded connection's bytes, the
+handler's `_payload_parser` (the WebSocket reader: `feed_data` returns an EOF flag),
+`_data_received_cb`, `_force_close` and `_close` (pinned by tests/test_frames.py).
 """
 
 from __future__ import annotations
@@ -66,6 +68,18 @@ class RelayConnection(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
             self._linger.discarded(len(data))
+            return
+        parser = self._payload_parser
+        if parser is not None:
+            # Upgraded: the bytes go to the WebSocket reader as aiohttp's own data_received
+            # sends them, one Python call fewer per frame.
+            if data and not (self._force_close or self._close):
+                callback = self._data_received_cb
+                if callback is not None:
+                    callback()
+                eof, _ = parser.feed_data(data)
+                if eof:
+                    self.close()
             return
         if self._awaiting_head:
             self._head_bytes += len(data)

@@ -623,6 +623,11 @@ class SessionMeter:
         elif kind == "conversation.item.input_audio_transcription.completed":
             self._transcription_usage(frame)
 
+    def delay_observer(self, direction: str) -> Callable[[float], None]:
+        """`forwarded(direction, delay, 0.0)` in one call, for frames written at once (in
+        their read callback: nothing waited)."""
+        return self._flows[direction].delay.observe
+
     def forwarded(self, direction: str, delay: float, waited: float) -> None:
         """A frame written ``delay`` seconds after it arrived, ``waited`` of them in the write."""
         flow = self._flows[direction]

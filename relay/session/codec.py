@@ -225,7 +225,13 @@ def base64_size(frame: bytes, field: bytes) -> int:
 
     Scans for the field; parses only when the scan can't tell. 0 when absent or not a string.
     """
-    span = _compact_span(frame, field) or _string_span(frame, field)
+    key = _KEYS.get(field)
+    if key is None:
+        key = _KEYS[field] = b'"' + field + b'"'
+    found = _key_span(frame, key)  # the common layouts, found with one search
+    if found is not None:
+        return _span_size(frame, found[1], found[2])
+    span = _string_span(frame, field)
     if span is None:
         value = parse_event(frame).get(field.decode())
         return _decoded_size(value) if isinstance(value, str) else 0
@@ -239,19 +245,8 @@ def _span_size(data: bytes, start: int, end: int) -> int:
     return (end - start) * 3 // 4 - padding
 
 
+# A field's quoted key, built once per field name.
 _KEYS: dict[bytes, bytes] = {}
-
-
-def _compact_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
-    """The common layouts (`"audio":"` and `"audio": "`), found with one search.
-
-    An unescaped `"audio"` followed by `:"` cannot occur inside a JSON string: it is the key.
-    """
-    key = _KEYS.get(field)
-    if key is None:
-        key = _KEYS[field] = b'"' + field + b'"'
-    found = _key_span(frame, key)
-    return None if found is None else (found[1], found[2])
 
 
 def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:

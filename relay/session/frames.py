@@ -14,17 +14,19 @@ when any of these moves):
   socket, `WebSocketDataQueue`, whose `feed_data` its C reader calls per message (a cpdef
   method: a Python subclass's override is called), and its public `_buffer` deque;
 - a socket's `_reader` (that queue) and `_writer` (`WebSocketWriter`), the writer's
-  `_write_websocket_frame` (header, client mask, one transport write), `_closing`, `use_mask`,
-  `get_random_bits`, `_output_size`, `_limit`, `transport` and `protocol`, whose
-  `writing_paused` is true while the transport's buffer is past its high-water mark and
-  `_drain_helper()` waits until it is not;
+  `_closing`, `compress`, `use_mask` (a client's frames are masked), `get_random_bits`,
+  `_output_size`, `_limit`, `transport` and `protocol`, whose `_paused` (`writing_paused`) is
+  true while the transport's buffer is past its high-water mark and `_drain_helper()` waits
+  until it is not;
 - the queue's `feed_eof` (called when the connection is lost) and `_protocol`, and the
   protocols' `_data_received_cb` (the heartbeat callback, cleared then: see `feed_eof`);
 - `aiohttp._websocket.helpers.websocket_mask` (XOR with a 4-byte key, in place, on a bytearray).
 
-Large frames to the upstream (the relay is its WebSocket client, so it masks them) are built
-here in one buffer: aiohttp's writer copies the payload twice (`bytearray(message)`, then
-`header + mask + that`), 16 MiB of copies for an 8 MiB event on top of the event itself.
+Frames written from the callbacks are framed here (RFC 6455 5.2), not by aiohttp's generic
+writer: a header packed by length and one transport write. Frames to the upstream (the relay
+is its WebSocket client, so it masks them) are built in one buffer: aiohttp's writer copies
+the payload twice (`bytearray(message)`, then `header + mask + that`), 16 MiB of copies for
+an 8 MiB event on top of the event itself.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ _TEXT = int(WSMsgType.TEXT)
 # Below it, the copies are small and aiohttp's writer is as fast.
 ONE_COPY_ABOVE = 64 * 1024
 _FIN_TEXT = 0x80 | _TEXT
+# Frame headers by payload length (RFC 6455 5.2): under 126, under 65,536, and beyond.
+_HEAD_SHORT = struct.Struct("!BB").pack
+_HEAD_MEDIUM = struct.Struct("!BBH").pack
+_HEAD_LONG = struct.Struct("!BBQ").pack
+_MASK_KEY = struct.Struct("!I").pack
 
 
 class ForwardingQueue(WebSocketDataQueue):
@@ -120,13 +127,23 @@ def writable(ws: Any) -> bool:
     )
 
 
-def write_text(ws: Any, frame: bytes) -> None:
-    """Write ``frame`` as one text frame to a `writable` socket."""
+def write_text(ws: Any, frame: bytes) -> bool:
+    """Write ``frame`` as one text frame to a `writable` socket; True when its transport is
+    then past its high-water mark (its peer reads too slowly: wait for `drained`)."""
     writer = ws._writer
-    if len(frame) > ONE_COPY_ABOVE and writer.use_mask:
+    length = len(frame)
+    if writer.use_mask:
         _write_masked(writer, frame)
+        return bool(writer.protocol._paused)
+    if length < 126:
+        writer.transport.write(_HEAD_SHORT(_FIN_TEXT, length) + frame)
+    elif length < 65536:
+        writer.transport.write(_HEAD_MEDIUM(_FIN_TEXT, 126, length) + frame)
     else:
-        writer._write_websocket_frame(frame, _TEXT, 0)
+        # Header and payload in two writes: no copy of a large payload.
+        writer.transport.write(_HEAD_LONG(_FIN_TEXT, 127, length))
+        writer.transport.write(frame)
+    return bool(writer.protocol._paused)
 
 
 async def send_text(ws: Any, frame: bytes) -> None:
@@ -147,17 +164,22 @@ async def send_text(ws: Any, frame: bytes) -> None:
 
 def _write_masked(writer: Any, payload: bytes) -> None:
     """One masked text frame (header, mask key, payload) built in one buffer and written:
-    one copy of the payload, masked in place."""
+    one copy of the payload, masked in place (aiohttp's writer makes two)."""
     length = len(payload)
-    # Above ONE_COPY_ABOVE (64 KiB) the length always takes the 8-byte form.
-    header = struct.pack("!BBQ", _FIN_TEXT, 0x80 | 127, length)
-    mask = struct.pack("!I", writer.get_random_bits())
+    if length < 126:
+        header = _HEAD_SHORT(_FIN_TEXT, 0x80 | length)
+    elif length < 65536:
+        header = _HEAD_MEDIUM(_FIN_TEXT, 0x80 | 126, length)
+    else:
+        header = _HEAD_LONG(_FIN_TEXT, 0x80 | 127, length)
+    mask = _MASK_KEY(writer.get_random_bits())
     start = len(header) + 4
     out = bytearray(start)
     out += payload
     # websocket_mask masks from the buffer's first byte: rotate the key so the payload, which
     # starts at `start`, gets key byte 0 first; the head it scrambles is written after.
-    websocket_mask(bytes(mask[(i - start) % 4] for i in range(4)), out)
+    turn = -start % 4
+    websocket_mask((mask + mask)[turn : turn + 4], out)
     out[:start] = header + mask
     writer.transport.write(out)
     writer._output_size += start + length

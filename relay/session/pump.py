@@ -128,7 +128,7 @@ class Bridge:
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
-        "timer",
+        "timer", "_delay_in", "_delay_out",
         "__weakref__",
     )  # fmt: skip
 
@@ -154,6 +154,9 @@ class Bridge:
         # The session in force, as the upstream last reported it.
         self.session = session
         self.meter = meter
+        # The relay-delay histograms of frames forwarded in their read callbacks.
+        self._delay_in = meter.delay_observer("in")
+        self._delay_out = meter.delay_observer("out")
         # Frames the client gets before any other: the session.created in force.
         self.greeting = greeting
         self.close_timeout = close_timeout
@@ -301,12 +304,13 @@ class Bridge:
         self.tokens -= 1.0
         self.last_client_event_at = arrived
         self.meter.client_event(kind, checked, audio)
-        self._keep_audio(kind, checked, audio)
+        if self.renewal is not None:
+            self._keep_audio(kind, checked, audio)
         # Nothing that can raise after the write: a raise declines, and the pump would send
         # the frame again.
-        frames.write_text(upstream, checked)
-        self.meter.forwarded("in", time.perf_counter() - arrived, 0.0)
-        if frames.paused(upstream):
+        paused = frames.write_text(upstream, checked)
+        self._delay_in(time.perf_counter() - arrived)
+        if paused:
             frames.disarm(frames.queue_of(self.client))  # the pump waits for the drain
         return True
 
@@ -466,10 +470,11 @@ class Bridge:
         if not frames.writable(client):
             return False
         arrived = self.last_upstream_event_at = time.perf_counter()
+        paused = False
         for out in self._accepted_out(kind, frame):
-            frames.write_text(client, out)
-        self.meter.forwarded("out", time.perf_counter() - arrived, 0.0)
-        if frames.paused(client):
+            paused = frames.write_text(client, out)
+        self._delay_out(time.perf_counter() - arrived)
+        if paused:
             frames.disarm(frames.queue_of(self.upstream))  # the pump waits for the drain
         return True
 
