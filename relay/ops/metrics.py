@@ -37,7 +37,7 @@ from relay.ops.build import build_commit, build_version
 from relay.ops.config import PriceTable
 from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 from relay.ops.usage import cost_usd, response_tokens, transcription_usage
-from relay.session.codec import base64_size
+from relay.session.codec import delta_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
 from relay.session.schema import audio_bytes_per_second
 
@@ -607,7 +607,7 @@ class SessionMeter:
         flow.events[kind] += 1
         flow.bytes += len(frame)
         if kind in AUDIO_DELTA_TYPES:
-            decoded = base64_size(frame, b"delta")
+            decoded = delta_size(frame)
             flow.audio_bytes += decoded
             flow.chunk.observe(decoded)
             if self._turn_ended_at is not None:

@@ -61,11 +61,15 @@ _CANONICAL_APPENDS = (
     b'{"type": "input_audio_buffer.append", "audio": "',
 )
 _AUDIO_KEY = b'"audio"'
-# What clients built on pydantic models with an `event_id` base field send (Pipecat):
-# {"event_id", "type", "audio"} in that order, spaced as json.dumps or compact.
-_ID_FIRST_APPENDS = (
+# Appends with an `event_id`, in the two orders clients build them, spaced as json.dumps or
+# compact: {"event_id", "type", "audio"} (pydantic models with an `event_id` base field, as
+# Pipecat's) and {"type", "event_id", "audio"} (object literals; the bench's load generator).
+# Each is a head, the event id's value, then a fixed middle up to the audio's value.
+_ID_APPENDS = (
     (b'{"event_id": "', b'", "type": "input_audio_buffer.append", "audio": "'),
     (b'{"event_id":"', b'","type":"input_audio_buffer.append","audio":"'),
+    (b'{"type":"input_audio_buffer.append","event_id":"', b'","audio":"'),
+    (b'{"type": "input_audio_buffer.append", "event_id": "', b'", "audio": "'),
 )
 
 
@@ -78,7 +82,7 @@ def read_client_frame(frame: bytes) -> ClientFrame:
             if whole is not None:
                 return whole
             break
-    for head, middle in _ID_FIRST_APPENDS:
+    for head, middle in _ID_APPENDS:
         # Three different keys in a fixed layout: the event id's value ends at the first
         # quote after its head (no backslash, checked with the audio).
         if frame.startswith(head):
@@ -236,6 +240,22 @@ def base64_size(frame: bytes, field: bytes) -> int:
         value = parse_event(frame).get(field.decode())
         return _decoded_size(value) if isinstance(value, str) else 0
     return _span_size(frame, *span)
+
+
+_DELTA_KEY = b'"delta":"'
+
+
+def delta_size(frame: bytes) -> int:
+    """Decoded bytes of an upstream audio delta's `delta` (base64), never decoding. Azure
+    puts it last (`..."delta":"<base64>"}`): found with one search from the end, the value
+    running to the frame's end; any other layout is measured by `base64_size`."""
+    at = frame.rfind(_DELTA_KEY)
+    if at != -1:
+        start = at + len(_DELTA_KEY)
+        end = len(frame) - 2
+        if frame.find(b'"', start) == end and frame.endswith(b'"}'):
+            return _span_size(frame, start, end)
+    return base64_size(frame, b"delta")
 
 
 def _span_size(data: bytes, start: int, end: int) -> int:

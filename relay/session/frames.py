@@ -132,50 +132,27 @@ def write_text(ws: Any, frame: bytes) -> bool:
     then past its high-water mark (its peer reads too slowly: wait for `drained`)."""
     writer = ws._writer
     length = len(frame)
-    if writer.use_mask:
-        _write_masked(writer, frame)
+    masked = writer.use_mask
+    flag = 0x80 if masked else 0
+    if length < 126:
+        header = _HEAD_SHORT(_FIN_TEXT, flag | length)
+    elif length < 65536:
+        header = _HEAD_MEDIUM(_FIN_TEXT, flag | 126, length)
+    else:
+        header = _HEAD_LONG(_FIN_TEXT, flag | 127, length)
+    if not masked:
+        if length < 65536:
+            writer.transport.write(header + frame)
+        else:  # header and payload in two writes: no copy of a large payload
+            writer.transport.write(header)
+            writer.transport.write(frame)
         return bool(writer.protocol._paused)
-    if length < 126:
-        writer.transport.write(_HEAD_SHORT(_FIN_TEXT, length) + frame)
-    elif length < 65536:
-        writer.transport.write(_HEAD_MEDIUM(_FIN_TEXT, 126, length) + frame)
-    else:
-        # Header and payload in two writes: no copy of a large payload.
-        writer.transport.write(_HEAD_LONG(_FIN_TEXT, 127, length))
-        writer.transport.write(frame)
-    return bool(writer.protocol._paused)
-
-
-async def send_text(ws: Any, frame: bytes) -> None:
-    """`ws.send_frame(frame, TEXT)`, with a large masked frame written by `_write_masked`.
-    Raises ConnectionError (aiohttp's ClientConnectionResetError) on a closing socket."""
-    writer = ws._writer
-    if writer is None or not writer.use_mask or len(frame) <= ONE_COPY_ABOVE or writer.compress:
-        await ws.send_frame(frame, WSMsgType.TEXT)
-        return
-    if writer._closing or writer.transport.is_closing():
-        raise ClientConnectionResetError("Cannot write to closing transport")
-    _write_masked(writer, frame)
-    # aiohttp's writer waits for the drain once it has written past its limit: so does this.
-    if writer._output_size > writer._limit:
-        writer._output_size = 0
-        await drained(ws)
-
-
-def _write_masked(writer: Any, payload: bytes) -> None:
-    """One masked text frame (header, mask key, payload) built in one buffer and written:
-    one copy of the payload, masked in place (aiohttp's writer makes two)."""
-    length = len(payload)
-    if length < 126:
-        header = _HEAD_SHORT(_FIN_TEXT, 0x80 | length)
-    elif length < 65536:
-        header = _HEAD_MEDIUM(_FIN_TEXT, 0x80 | 126, length)
-    else:
-        header = _HEAD_LONG(_FIN_TEXT, 0x80 | 127, length)
+    # A client's frame (to the upstream), masked: header, key and payload built in one
+    # buffer, one copy of the payload masked in place (aiohttp's writer makes two copies).
     mask = _MASK_KEY(writer.get_random_bits())
     start = len(header) + 4
     out = bytearray(start)
-    out += payload
+    out += frame
     # websocket_mask masks from the buffer's first byte: rotate the key so the payload, which
     # starts at `start`, gets key byte 0 first; the head it scrambles is written after.
     turn = -start % 4
@@ -183,6 +160,23 @@ def _write_masked(writer: Any, payload: bytes) -> None:
     out[:start] = header + mask
     writer.transport.write(out)
     writer._output_size += start + length
+    return bool(writer.protocol._paused)
+
+
+async def send_text(ws: Any, frame: bytes) -> None:
+    """`ws.send_frame(frame, TEXT)`, with a large masked frame written by `write_text`.
+    Raises ConnectionError (aiohttp's ClientConnectionResetError) on a closing socket."""
+    writer = ws._writer
+    if writer is None or not writer.use_mask or len(frame) <= ONE_COPY_ABOVE or writer.compress:
+        await ws.send_frame(frame, WSMsgType.TEXT)
+        return
+    if writer._closing or writer.transport.is_closing():
+        raise ClientConnectionResetError("Cannot write to closing transport")
+    write_text(ws, frame)
+    # aiohttp's writer waits for the drain once it has written past its limit: so does this.
+    if writer._output_size > writer._limit:
+        writer._output_size = 0
+        await drained(ws)
 
 
 def paused(ws: Any) -> bool:

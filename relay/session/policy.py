@@ -149,7 +149,8 @@ class SessionPolicy:
                 event_id=_event_id_of(frame),
             )
         if kind == "input_audio_buffer.append":
-            self._check_append(frame, audio_bytes)
+            if not 0 <= audio_bytes <= self.max_append_audio_bytes:
+                self._check_append(frame, audio_bytes)  # unmeasured yet, or refused
             return frame
         if kind == "session.update" or kind == self.update_event:
             return self._check_update(frame, "session", session, event)

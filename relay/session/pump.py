@@ -128,7 +128,7 @@ class Bridge:
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
-        "timer", "_delay_in", "_delay_out",
+        "timer", "_delay_in", "_delay_out", "_rate", "_burst",
         "__weakref__",
     )  # fmt: skip
 
@@ -185,7 +185,9 @@ class Bridge:
         self.renewal: Renewal | None = None
         self.gate = Flag(True)
         # The client's event bucket (max_events_per_second, event_burst), shared by both paths.
-        self.tokens = float(policy.event_burst)
+        self._rate = float(policy.max_events_per_second)
+        self._burst = float(policy.event_burst)
+        self.tokens = self._burst
         self.filled_at = self.started_at
         # "session.updated", or "transcription_session.updated" (a preview transcription)
         self.updated = policy.session_event("updated")
@@ -271,13 +273,10 @@ class Bridge:
 
     def _refill(self, now: float) -> float:
         """The client's event tokens at ``now``."""
-        policy = self.policy
-        self.tokens = min(
-            float(policy.event_burst),
-            self.tokens + (now - self.filled_at) * policy.max_events_per_second,
-        )
+        tokens = self.tokens + (now - self.filled_at) * self._rate
+        self.tokens = tokens = tokens if tokens < self._burst else self._burst
         self.filled_at = now
-        return self.tokens
+        return tokens
 
     def _forward_in(self, msg: Any) -> bool:
         """A client frame, in its read callback: forwarded when nothing in it needs to wait

@@ -238,6 +238,11 @@ def test_a_second_audio_key_is_measured_as_the_upstream_reads_it() -> None:
         (b'{"event_id":"type","type":"input_audio_buffer.append","audio":"AAAA"}', True),
         (b'{"event_id": "a\\"b", "type": "input_audio_buffer.append", "audio": "AAAA"}', False),
         (b'{"event_id": "e", "type": "input_audio_buffer.append", "audio": "AAAA", "x": 1}', False),
+        # An object literal's layout: type, event_id, audio; spaced or compact.
+        (b'{"type":"input_audio_buffer.append","event_id":"t1-1","audio":"AAAA"}', True),
+        (b'{"type": "input_audio_buffer.append", "event_id": "audio", "audio": "AAAA"}', True),
+        (b'{"type":"input_audio_buffer.append","event_id":"a\\"b","audio":"AAAA"}', False),
+        (b'{"type":"input_audio_buffer.append","event_id":"e","audio":"AAAA","x":"y"}', True),
         (b'{"event_id":"e","type":"input_audio_buffer.append","audio":"AAAA","x":"y"}', False),
         # A string value that reads "type" or an escape anywhere: parsed, never guessed.
         (b'{"type":"input_audio_buffer.append","audio":"AAAA","event_id":"type"}', False),
@@ -262,6 +267,15 @@ def test_the_fast_path_is_taken_only_when_the_bytes_prove_the_frame_unambiguous(
         (b'{"a":1,"type":"a",}', "invalid_json"),
         (b"[1]", "invalid_event"),
         (b'{"type":"x","type":"y"}', "invalid_event"),
+        # The fixed layouts' tails, repeated: never taken for the fixed layout.
+        (
+            b'{"type":"input_audio_buffer.append","event_id":"e","audio":"AAAA","audio":"A"}',
+            "invalid_event",
+        ),
+        (
+            b'{"type":"input_audio_buffer.append","event_id":"e","audio":"AAAA","type":"x"}',
+            "invalid_event",
+        ),
         (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
     ],
 )

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from relay.edge.auth import hash_key
 from relay.ops.config import CredentialConfig, DeploymentConfig, PolicyConfig, TeamConfig
-from relay.session.codec import FrameError, base64_size, sniff_type
+from relay.session.codec import FrameError, base64_size, delta_size, sniff_type
 from relay.session.policy import (
     DOCUMENTED_CLIENT_EVENTS,
     PolicyViolation,
@@ -104,6 +104,21 @@ def test_base64_size_without_decoding(size):
     assert base64_size(spaced, b"audio") == size
     escaped = f'{{"type": "x", "audio": "{audio}", "note": "\\""}}'.encode()
     assert base64_size(escaped, b"audio") == size
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 960, 961, 962])
+def test_delta_size_as_azure_lays_a_delta_out_and_otherwise(size):
+    delta = base64.b64encode(b"\x01" * size).decode()
+    azure = (
+        '{"type":"response.output_audio.delta","event_id":"e","response_id":"r","item_id":"i",'
+        f'"output_index":0,"content_index":0,"delta":"{delta}"}}'
+    ).encode()
+    assert delta_size(azure) == size
+    # Not last, or spaced: measured by base64_size's search.
+    assert delta_size(frame({"delta": delta, "type": "response.output_audio.delta"})) == size
+    spaced = f'{{"type": "response.output_audio.delta", "delta": "{delta}"}}'.encode()
+    assert delta_size(spaced) == size
+    assert delta_size(b'{"type":"response.output_audio.delta"}') == 0
 
 
 def test_base64_size_when_absent():

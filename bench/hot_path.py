@@ -1,0 +1,156 @@
+"""The relay's own CPU per forwarded frame, in process: no sockets, no event loop.
+
+A real `Bridge` with the bench's policy, metrics and prices (bench/relay.toml.template)
+forwards the bench's frames through its read-callback paths (`_forward_in` for a client's
+append, `_forward_out` for the upstream's audio delta) into stand-in sockets whose transport
+only counts what it is given. What is measured is the relay's judging, metering and framing,
+the part of a frame's cost that is the relay's own code (`make bench` measures the whole
+path, kernel and event loop included, side by side with nginx).
+
+Reported: the best of ``--repeat`` runs of ``--frames`` frames each, in microseconds per
+frame, for each direction.
+
+Run: ``.venv/bin/python -m bench.hot_path [--frames 200000] [--repeat 7]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import WSMsgType
+
+from bench.paths import MAX_SESSION_S, render
+from relay.ops.config import parse_config
+from relay.ops.metrics import Metrics, SessionMeter
+from relay.session.policy import build_policy
+from relay.session.pump import Bridge
+
+# 20 ms of 24 kHz PCM16: 960 bytes, 1,280 base64 characters (as bench/loadgen.py sends).
+_AUDIO = base64.b64encode(bytes(960))
+APPEND = b'{"type":"input_audio_buffer.append","event_id":"t1764547200000000000-1","audio":"'
+APPEND += _AUDIO + b'"}'
+# What bench/upstream.py echoes back (Azure's layout: the delta last).
+DELTA = (
+    b'{"type":"response.output_audio.delta","event_id":"e","response_id":"t1764547200000000000-1",'
+    b'"item_id":"i","output_index":0,"content_index":0,"delta":"' + _AUDIO + b'"}'
+)
+
+
+class _Transport:
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.written += len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Protocol:
+    __slots__ = ("_paused",)
+
+    def __init__(self) -> None:
+        self._paused = False
+
+
+class _Writer:
+    """What the frame layer uses of aiohttp's `WebSocketWriter`."""
+
+    def __init__(self, use_mask: bool) -> None:
+        self.transport = _Transport()
+        self.protocol = _Protocol()
+        self.use_mask = use_mask
+        self.compress = 0
+        self._closing = False
+        self._output_size = 0
+        self._limit = 1 << 16
+        self.get_random_bits = lambda: 0x5A5A5A5A
+
+
+class _Socket:
+    """What the frame layer uses of a socket: its writer, its closing flag, no queue."""
+
+    def __init__(self, use_mask: bool) -> None:
+        self._writer = _Writer(use_mask)
+        self._closing = False
+        self._reader = None
+
+
+class _Message:
+    __slots__ = ("type", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.type = WSMsgType.TEXT
+        self.data = data
+
+
+def bridge() -> Bridge:
+    """A Bridge as the handlers build one for the bench's team and deployment."""
+    import tomllib
+
+    text = render(
+        "relay.toml.template",
+        {
+            "PORT": 8000,
+            "METRICS_PORT": 9000,
+            "UPSTREAM": "http://127.0.0.1:9",
+            "KEY_HASH": "sha256:" + hashlib.sha256(b"rk-bench").hexdigest(),
+            "MAX_SESSION_SECONDS": int(MAX_SESSION_S),
+        },
+    )
+    config = parse_config(tomllib.loads(text), source="bench/relay.toml.template")
+    deployment, team = config.deployments["bench"], config.teams["bench"]
+    meter = SessionMeter(Metrics.create(), "bench", "bench", prices=deployment.prices)
+    client: Any = _Socket(use_mask=False)
+    upstream: Any = _Socket(use_mask=True)
+    return Bridge(
+        client,
+        upstream,
+        policy=build_policy(deployment, team),
+        session=dict(deployment.session),
+        meter=meter,
+        close_timeout=config.server.close_timeout_seconds,
+        stall_timeout=config.server.stall_timeout_seconds,
+    )
+
+
+def per_frame_us(forward: Callable[[Any], bool], frame: bytes, frames: int) -> float:
+    message = _Message(frame)
+    for _ in range(1000):  # warm
+        assert forward(message)
+    began = time.perf_counter()
+    for _ in range(frames):
+        forward(message)
+    return (time.perf_counter() - began) / frames * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args(argv)
+    session = bridge()
+    # The token bucket would throttle a loop this fast: the bench's rate is "unlimited".
+    rows = []
+    for name, forward, frame in (
+        ("client append -> upstream", session._forward_in, APPEND),
+        ("upstream delta -> client", session._forward_out, DELTA),
+    ):
+        best = min(per_frame_us(forward, frame, args.frames) for _ in range(args.repeat))
+        rows.append((name, best))
+    for name, best in rows:
+        print(f"{name:28} {best:6.2f} us/frame")
+    print(f"{'round trip':28} {sum(best for _, best in rows):6.2f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
