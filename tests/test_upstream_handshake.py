@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import inspect
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ import pytest
 import structlog
 import trustme
 from aiohttp import WSMsgType, web
+from aiohttp.client_proto import ResponseHandler
 from prometheus_client import generate_latest
 from yarl import URL
 
@@ -429,3 +431,25 @@ async def test_the_frame_layer_can_arm_a_dialed_socket(raw_server):
     assert isinstance(frames.queue_of(upstream), frames.ForwardingQueue)
     assert (await upstream.receive()).type is WSMsgType.CLOSE
     await raw.closed.wait()
+
+
+def test_an_upgraded_upstreams_bytes_go_to_the_reader_as_aiohttp_sends_them():
+    """The upstream protocol hands an upgraded socket's bytes to the WebSocket reader itself,
+    as aiohttp's `ResponseHandler.data_received` does when no read timeout is armed. This
+    fails when aiohttp's branch changes, so the copy is reviewed."""
+    theirs = " ".join(inspect.getsource(ResponseHandler.data_received).split())
+    assert "if self._payload_parser_failed:" in theirs
+    assert "if data: self._reschedule_timeout()" in theirs
+    assert (
+        "if self._payload_parser is not None: if self._data_received_cb is not None: "
+        "self._data_received_cb() "
+    ) in theirs
+    assert (
+        "protocol_error, _ = self._payload_parser.feed_data(data) if protocol_error: "
+        "self._payload = None self._payload_parser = None self._payload_parser_failed = True "
+        "return"
+    ) in theirs
+    # With no timeout armed, rescheduling it does nothing but set its handle to None again.
+    reschedule = " ".join(inspect.getsource(ResponseHandler._reschedule_timeout).split())
+    assert "if timeout: self._read_timeout_handle = self._loop.call_later(" in reschedule
+    assert "else: self._read_timeout_handle = None" in reschedule

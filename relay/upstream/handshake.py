@@ -10,7 +10,9 @@ socket handed back is aiohttp's own `ClientWebSocketResponse` on aiohttp's own f
 and writer: every frame after the handshake takes exactly the path it took before.
 
 aiohttp internals used, pinned by tests/test_upstream_handshake.py: `client_proto.ResponseHandler`
-(`set_response_params`, `read`, `set_parser`), the queue class `aiohttp.client` builds
+(`set_response_params`, `read`, `set_parser`; and `data_received`'s upgraded branch, copied:
+`_payload_parser`, `_payload_parser_failed`, `_payload`, `_read_timeout_handle`,
+`_data_received_cb`), the queue class `aiohttp.client` builds
 (`WebSocketDataQueue`, or the frame layer's replacement), `WebSocketReader`,
 `WebSocketWriter`, the `ClientWebSocketResponse` constructor, its `_parser` and
 `_on_data_received`, and the one thing it asks of the response it is given: `connection`
@@ -29,7 +31,7 @@ import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import aiohappyeyeballs
 import aiohttp
@@ -127,7 +129,7 @@ class Dialer:
             # One IPv4 address (loopback, most endpoints): the loop's own connect costs
             # half of happy eyeballs' Python socket handling.
             _, handler = await loop.create_connection(
-                lambda: ResponseHandler(loop),
+                lambda: _UpstreamProtocol(loop),
                 address[0],
                 address[1],
                 family=family,
@@ -141,7 +143,7 @@ class Dialer:
         )
         try:
             _, handler = await loop.create_connection(
-                lambda: ResponseHandler(loop), sock=sock, ssl=tls, server_hostname=hostname
+                lambda: _UpstreamProtocol(loop), sock=sock, ssl=tls, server_hostname=hostname
             )
         except BaseException:
             sock.close()
@@ -218,6 +220,26 @@ def _header_lines(headers: Mapping[str, str]) -> bytes:
         # A value holding a line break would split the request (aiohttp refuses it too).
         raise ValueError("a header value holds a line break")
     return lines.encode("latin-1")
+
+
+class _UpstreamProtocol(ResponseHandler):
+    """aiohttp's client protocol. Once upgraded (its parser is the WebSocket reader) and with
+    no read timeout armed (none is set on an upstream socket), its bytes go to the reader as
+    `ResponseHandler.data_received` sends them, with one call fewer per frame."""
+
+    def data_received(self, data: bytes) -> None:
+        parser: Any = self._payload_parser  # aiohttp types it as its initial None
+        if parser is None or self._read_timeout_handle is not None:
+            super().data_received(data)
+            return
+        callback = self._data_received_cb
+        if callback is not None:
+            callback()
+        protocol_error, _ = parser.feed_data(data)
+        if protocol_error:
+            self._payload = None
+            self._payload_parser = None
+            self._payload_parser_failed = True
 
 
 class _UpstreamSocket(LazyHeartbeat, ClientWebSocketResponse):
