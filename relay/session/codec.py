@@ -247,9 +247,10 @@ _DELTA_KEY = b'"delta":"'
 
 def delta_size(frame: bytes) -> int:
     """Decoded bytes of an upstream audio delta's `delta` (base64), never decoding. Azure
-    puts it last (`..."delta":"<base64>"}`): found with one search from the end, the value
-    running to the frame's end; any other layout is measured by `base64_size`."""
-    at = frame.rfind(_DELTA_KEY)
+    puts it last (`..."delta":"<base64>"}`): the key's first place (an unescaped `"delta":"`
+    is a key; the upstream sends each once) with its value running to the frame's end; any
+    other layout is measured by `base64_size`."""
+    at = frame.find(_DELTA_KEY)
     if at != -1:
         start = at + len(_DELTA_KEY)
         end = len(frame) - 2

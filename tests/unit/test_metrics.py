@@ -1,13 +1,20 @@
 """The meter on recorded event sequences, with a fake clock: no sockets."""
 
 import base64
+from typing import Any
 
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.ops.config import PriceTable
-from relay.ops.metrics import BatchedHistogram, Metrics, SessionMeter, label_for_type
+from relay.ops.metrics import (
+    BatchedHistogram,
+    CountedHistogram,
+    Metrics,
+    SessionMeter,
+    label_for_type,
+)
 from relay.session.codec import base64_size
 
 
@@ -238,6 +245,10 @@ def test_forward_delay_and_backpressure(meter):
     )
 
 
+def _samples(histogram: Any) -> list[tuple[str, dict[str, str], float]]:
+    return [(s.name, s.labels, s.value) for s in next(iter(histogram.collect())).samples]
+
+
 def test_batched_histogram_equals_plain_observes():
     values = [0, 0.00005, 0.0001, 0.00007, 0.3, 2.0, 0.004, 0.0049, 10.0, 0.001]
     plain = Metrics.create(CollectorRegistry())
@@ -248,13 +259,20 @@ def test_batched_histogram_equals_plain_observes():
         buffer.observe(value)
     buffer.flush()
     buffer.flush()  # nothing twice
+    assert _samples(batched.relay_delay) == _samples(plain.relay_delay)
 
-    def collect(metrics):
-        return [
-            (s.name, s.labels, s.value) for s in next(iter(metrics.relay_delay.collect())).samples
-        ]
 
-    assert collect(batched) == collect(plain)
+def test_counted_histogram_equals_plain_observes():
+    values = [0, 960, 960, 961, 4800, 160, 960, 10_000_000, 3]
+    plain = Metrics.create(CollectorRegistry())
+    counted = Metrics.create(CollectorRegistry())
+    tally = CountedHistogram(counted.audio_chunk.labels("in"))
+    for value in values:
+        plain.audio_chunk.labels("in").observe(value)
+        tally.values[value] += 1
+    tally.flush()
+    tally.flush()  # nothing twice
+    assert _samples(counted.audio_chunk) == _samples(plain.audio_chunk)
 
 
 def test_a_sessions_series_are_looked_up_once_per_team_deployment_and_backend():
