@@ -46,8 +46,9 @@ from aiohttp.client_exceptions import ClientConnectionResetError
 Forward = Callable[[Any], bool]
 _log = structlog.get_logger("relay.session")
 _TEXT = int(WSMsgType.TEXT)
-# Masked frames above this size are written with one copy of the payload (not aiohttp's two).
-# Below it, the copies are small and aiohttp's writer is as fast.
+# The pump's masked sends (`send_text`) above this size are written by `write_text`, with one
+# copy of the payload (not aiohttp's two); below it the copies are small, and aiohttp's
+# `send_frame` keeps its own accounting. The callbacks' writes always use `write_text`.
 ONE_COPY_ABOVE = 64 * 1024
 _FIN_TEXT = 0x80 | _TEXT
 # Frame headers by payload length (RFC 6455 5.2): under 126, under 65,536, and beyond.
