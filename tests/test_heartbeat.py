@@ -22,7 +22,9 @@ from relay.heartbeat import LazyHeartbeat
 from tests.helpers import ALPHA_KEY, FakeUpstream, echo, read_until, relay_config
 from tests.test_upstream_handshake import dial, servers  # noqa: F401 (a fixture)
 
-HEARTBEAT = 0.1
+# Long enough that a loop stall on a busy CI machine cannot make a pong late (the deadline
+# is half a heartbeat), or leave a busy peer a heartbeat without a frame.
+HEARTBEAT = 0.4
 
 
 @pytest.mark.parametrize("socket_class", [web.WebSocketResponse, aiohttp.ClientWebSocketResponse])
@@ -73,7 +75,7 @@ async def test_a_quiet_upstream_that_answers_is_pinged_and_kept(servers):  # noq
 
 
 async def test_a_busy_upstream_is_never_pinged(servers):  # noqa: F811
-    frames = 20
+    frames = 25
     pings = 0
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
@@ -84,8 +86,8 @@ async def test_a_busy_upstream_is_never_pinged(servers):  # noqa: F811
         async def talk() -> None:
             for i in range(frames):
                 await ws.send_str(f'{{"type":"delta","n":{i}}}')
-                # The cadence under test: a frame every quarter heartbeat, five heartbeats long.
-                await asyncio.sleep(HEARTBEAT / 4)
+                # The cadence under test: a frame every tenth of a heartbeat, 2.5 heartbeats.
+                await asyncio.sleep(HEARTBEAT / 10)
             await ws.close()
 
         talking = asyncio.ensure_future(talk())
