@@ -41,9 +41,15 @@ class FrameError(ValueError):
         self.message = message
 
 
+_DELTA = "response.output_audio.delta"
+_DELTA_PREFIX = b'{"type":"' + _DELTA.encode() + b'"'
+
+
 def sniff_type(frame: bytes) -> str:
     """The event's `type`, for frames from the upstream (trusted to send each key once);
     raises FrameError when the frame is not a typed JSON object."""
+    if frame.startswith(_DELTA_PREFIX):  # Azure's audio deltas: most of what it sends
+        return _DELTA
     kind = _sniff_prefix(frame)
     return kind if kind is not None else event_type(parse_event(frame))
 

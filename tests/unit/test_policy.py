@@ -74,6 +74,8 @@ def rewritten(policy: SessionPolicy, event, session=None) -> tuple[dict, tuple[s
         (b'{"type": "response.create"}', "response.create"),
         (b'{"event_id":"e1","type":"session.update","session":{}}', "session.update"),
         (b'{"type":"a\\"b"}', 'a"b'),
+        (b'{"type":"response.output_audio.delta","delta":"AAAA"}', "response.output_audio.delta"),
+        (b'{"type":"response.output_audio.delta_x","delta":""}', "response.output_audio.delta_x"),
     ],
 )
 def test_sniff_type(raw, kind):
