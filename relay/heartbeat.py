@@ -33,21 +33,20 @@ class LazyHeartbeat:
         self._data_seen = True
 
     def _send_heartbeat(self) -> None:
-        if self._data_seen:
-            self._data_seen = False
-            self._rearm()
-            return
-        super()._send_heartbeat()  # type: ignore[misc]
+        if not self._rearmed():
+            super()._send_heartbeat()  # type: ignore[misc]
 
     def _pong_not_received(self) -> None:
-        if self._data_seen:
-            self._data_seen = False
-            self._rearm()
-            return
-        super()._pong_not_received()  # type: ignore[misc]
+        if not self._rearmed():
+            super()._pong_not_received()  # type: ignore[misc]
 
-    def _rearm(self) -> None:
-        """The peer is alive: the next ping is a heartbeat from now, no pong is awaited."""
+    def _rearmed(self) -> bool:
+        """If anything arrived since the timer was armed, the peer is alive: the next ping is
+        a heartbeat from now and no pong is awaited (True). Otherwise False: nothing done."""
+        if not self._data_seen:
+            return False
+        self._data_seen = False
         socket: Any = self
         socket._heartbeat_cb = None
         socket._reset_heartbeat()
+        return True

@@ -254,14 +254,15 @@ async def test_a_lost_connection_keeps_no_callback_to_its_socket(
     assert [p._data_received_cb for p in protocols] == [None, None]
 
 
-async def test_large_frames_to_the_upstream_are_masked_in_one_buffer(start_fake, http):
-    """The relay's own masked writes (above 64 KiB) reach a WebSocket server as the same text,
-    by the callback path's write and the pump's send, and at both ends of the size range."""
+async def _recording_server(start_fake: Any, max_msg_size: int) -> tuple[Any, Any, Any]:
+    """A WebSocket server at "/": its URL, the texts it receives, and its sockets."""
     received: asyncio.Queue[str] = asyncio.Queue()
+    sockets: asyncio.Queue[Any] = asyncio.Queue()
 
     async def handler(request: Any) -> Any:
-        ws = aiohttp.web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
+        ws = aiohttp.web.WebSocketResponse(max_msg_size=max_msg_size)
         await ws.prepare(request)
+        await sockets.put(ws)
         async for msg in ws:
             await received.put(msg.data)
         return ws
@@ -269,7 +270,14 @@ async def test_large_frames_to_the_upstream_are_masked_in_one_buffer(start_fake,
     app = aiohttp.web.Application()
     app.router.add_get("/", handler)
     server = await start_fake(app)
-    async with http.ws_connect(server.make_url("/")) as client:
+    return server.make_url("/"), received, sockets
+
+
+async def test_large_frames_to_the_upstream_are_masked_in_one_buffer(start_fake, http):
+    """The relay's own masked writes (above 64 KiB) reach a WebSocket server as the same text,
+    by the callback path's write and the pump's send, and at both ends of the size range."""
+    where, received, _ = await _recording_server(start_fake, 16 * 1024 * 1024)
+    async with http.ws_connect(where) as client:
         for size in (frames.ONE_COPY_ABOVE + 1, frames.ONE_COPY_ABOVE + 7, 3 * 1024 * 1024 + 2):
             text = bytes(range(48, 58)) * (size // 10) + b"x" * (size % 10)
             frames.write_text(client, text)
@@ -290,21 +298,8 @@ _BOUNDARY_SIZES = (0, 1, 125, 126, 127, 65535, 65536, 65537, frames.ONE_COPY_ABO
 async def test_callback_writes_frame_every_length_both_masked_and_not(start_fake, http):
     """`write_text` frames payloads itself: a client's (masked) and a server's (not) reach an
     aiohttp peer as the same text at every header length, and report the transport's pause."""
-    to_server: asyncio.Queue[str] = asyncio.Queue()
-    server_sockets: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def handler(request: Any) -> Any:
-        ws = aiohttp.web.WebSocketResponse(max_msg_size=1 << 20)
-        await ws.prepare(request)
-        await server_sockets.put(ws)
-        async for msg in ws:
-            await to_server.put(msg.data)
-        return ws
-
-    app = aiohttp.web.Application()
-    app.router.add_get("/", handler)
-    server = await start_fake(app)
-    async with http.ws_connect(server.make_url("/"), max_msg_size=1 << 20) as client:
+    where, to_server, server_sockets = await _recording_server(start_fake, 1 << 20)
+    async with http.ws_connect(where, max_msg_size=1 << 20) as client:
         on_server = await server_sockets.get()
         for size in _BOUNDARY_SIZES:
             text = bytes(range(97, 123)) * (size // 26) + b"z" * (size % 26)
