@@ -15,7 +15,7 @@ NODE_DEPS := $(NODE_DIR)/node_modules/.package-lock.json
 venv: $(VENV)/.installed
 
 # Not --quiet: the first install takes a minute or two, and pip's lines show it is working.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py relay/session/_accel.c
 	@echo "Installing realtime-relay and its dependencies into $(VENV) (first time only)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -20,6 +20,7 @@ from relay.app import create_app, create_metrics_app, drain
 from relay.edge.connection import RelayRunner
 from relay.errors import ConfigError, StartupError
 from relay.live import ReloadResult, reload
+from relay.ops.build import frame_scans
 from relay.ops.check import ConfigSource
 from relay.ops.config import RelayConfig, TlsConfig
 from relay.ops.logsetup import AccessLogger
@@ -103,7 +104,7 @@ async def run_server(
                 watch_file(source.path, reloads.run), name="config file watch"
             )
         with pid_file(None if worker else config.server.pid_file):
-            _log.info("relay_listening", url=url)
+            _log.info("relay_listening", url=url, frame_scans=frame_scans())
             on_ready(url)
             await stop.wait()
             # Readiness turns false at once; new sessions get 503 while the others finish.

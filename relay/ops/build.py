@@ -1,4 +1,4 @@
-"""What the running relay was built from, for `relay_build_info`."""
+"""What the running relay was built from, for `relay_build_info` and its start-up line."""
 
 from __future__ import annotations
 
@@ -39,3 +39,14 @@ def build_commit() -> str:
         return "unknown"
     commit = result.stdout.strip()
     return commit if result.returncode == 0 and commit else "unknown"
+
+
+@cache
+def frame_scans() -> str:
+    """ "c" when the per-frame scans run in relay/session/_accel.c, "python" when it was not
+    built (no C compiler at install): the same answers, more CPU per frame."""
+    try:
+        import relay.session._accel  # noqa: F401
+    except ImportError:
+        return "python"
+    return "c"

@@ -524,7 +524,9 @@ class CountedHistogram:
     def __init__(self, child: Any) -> None:
         self._child = child
         self._bounds: list[float] = child._upper_bounds
-        self.values: Tally[int] = Tally()  # value -> observations since the last flush
+        # value -> observations since the last flush. A plain dict, not a Counter: the
+        # interpreter's fast path for `d[k]` is for dicts alone (a Counter's costs 2.5x).
+        self.values: dict[int, int] = {}
 
     def flush(self) -> None:
         if not self.values:
@@ -552,7 +554,7 @@ class _Flow:
     )  # fmt: skip
 
     def __init__(self, series: SessionSeries, direction: str) -> None:
-        self.events: Tally[str] = Tally()
+        self.events: dict[str, int] = {}  # a plain dict: see CountedHistogram.values
         self.bytes = 0
         self.audio_bytes = 0
         self.waited = 0.0
@@ -619,23 +621,27 @@ class SessionMeter:
         """A client frame (direction "in") that will be forwarded; ``audio_bytes`` is the
         decoded size of an append's audio (the pump measures it once, for the policy too)."""
         flow = self._in
-        flow.events[kind] += 1
+        events = flow.events
+        events[kind] = events.get(kind, 0) + 1
         flow.bytes += len(frame)
         if kind == "input_audio_buffer.append":
             flow.audio_bytes += audio_bytes
-            flow.chunk.values[audio_bytes] += 1
+            chunks = flow.chunk.values
+            chunks[audio_bytes] = chunks.get(audio_bytes, 0) + 1
         elif kind == "response.create" and self._turn_ended_at is None:
             self._turn_ended_at = self.clock()
 
     def upstream_event(self, kind: str, frame: bytes) -> None:
         """An upstream frame (direction "out")."""
         flow = self._out
-        flow.events[kind] += 1
+        events = flow.events
+        events[kind] = events.get(kind, 0) + 1
         flow.bytes += len(frame)
         if kind in AUDIO_DELTA_TYPES:
             decoded = delta_size(frame)
             flow.audio_bytes += decoded
-            flow.chunk.values[decoded] += 1
+            chunks = flow.chunk.values
+            chunks[decoded] = chunks.get(decoded, 0) + 1
             if self._turn_ended_at is not None:
                 self._ttfa.observe(self.clock() - self._turn_ended_at)
                 self._turn_ended_at = None

@@ -31,6 +31,7 @@ import structlog
 from aiohttp import web
 
 from relay.errors import ConfigError, StartupError
+from relay.ops.build import frame_scans
 from relay.ops.check import ConfigSource
 from relay.ops.config import RelayConfig
 from relay.ops.watch import watch_file
@@ -99,7 +100,9 @@ class Supervisor:
                         watch_file(self.source.path, self._reload_all), name="config file watch"
                     )
                 with pid_file(server.pid_file):
-                    _log.info("relay_listening", url=url, workers=self.count)
+                    _log.info(
+                        "relay_listening", url=url, workers=self.count, frame_scans=frame_scans()
+                    )
                     on_ready(url)
                     return await self._supervise()
             finally:

@@ -81,23 +81,9 @@ _ID_APPENDS = (
 
 def read_client_frame(frame: bytes) -> ClientFrame:
     """The type (and an append's audio size) the upstream will see; FrameError otherwise."""
-    for head in _CANONICAL_APPENDS:
-        # What the SDKs send: {"type", "audio"} and nothing else, so nothing to search.
-        if frame.startswith(head):
-            whole = _audio_to_the_end(frame, len(head))
-            if whole is not None:
-                return whole
-            break
-    for head, middle in _ID_APPENDS:
-        # Three different keys in a fixed layout: the event id's value ends at the first
-        # quote after its head (no backslash, checked with the audio).
-        if frame.startswith(head):
-            id_end = frame.find(b'"', len(head))
-            if id_end != -1 and frame.startswith(middle, id_end):
-                whole = _audio_to_the_end(frame, id_end + len(middle))
-                if whole is not None:
-                    return whole
-            break
+    audio = fixed_append_size(frame)
+    if audio >= 0:
+        return _APPEND, None, audio
     kind = _sniff_prefix(frame)
     # No backslash: no escaped key, and every quote delimits a string, so a key name is
     # found exactly where its bytes are. The prefix put one `"type"` at index 1.
@@ -119,17 +105,35 @@ def read_client_frame(frame: bytes) -> ClientFrame:
                     return kind, None, _span_size(frame, start, end)
     event = parse_event_strict(frame)
     kind = event_type(event)
-    audio = event.get("audio") if kind == _APPEND else None
-    return kind, event, _decoded_size(audio) if isinstance(audio, str) else 0
+    audio_value = event.get("audio") if kind == _APPEND else None
+    return kind, event, _decoded_size(audio_value) if isinstance(audio_value, str) else 0
 
 
-def _audio_to_the_end(frame: bytes, start: int) -> ClientFrame | None:
-    """An append whose audio string starts at ``start`` and is the frame's last value
-    (`..."}`), in a frame without a backslash (no escape: every quote delimits a string)."""
+def _fixed_append_size(frame: bytes) -> int:
+    """An append's decoded audio bytes when the frame has one of the fixed layouts, else -1:
+    `{"type", "audio"}` and nothing else (what the SDKs send), or three different keys in an
+    `_ID_APPENDS` layout, whose event id's value ends at the first quote after its head. In
+    both the audio is the last value and the frame has no backslash (no escape: every quote
+    delimits a string), so there is nothing to search. The reference for `_accel`'s."""
+    for head in _CANONICAL_APPENDS:
+        if frame.startswith(head):
+            return _audio_to_the_end(frame, len(head))
+    for head, middle in _ID_APPENDS:
+        if frame.startswith(head):
+            id_end = frame.find(b'"', len(head))
+            if id_end != -1 and frame.startswith(middle, id_end):
+                return _audio_to_the_end(frame, id_end + len(middle))
+            return -1
+    return -1
+
+
+def _audio_to_the_end(frame: bytes, start: int) -> int:
+    """The decoded size of an append's audio string that starts at ``start`` and is the
+    frame's last value (`..."}`), in a frame without a backslash; else -1."""
     end = len(frame) - 2
     if frame.find(b'"', start) == end and frame.endswith(b'"}') and frame.find(b"\\") == -1:
-        return _APPEND, None, _span_size(frame, start, end)
-    return None
+        return _span_size(frame, start, end)
+    return -1
 
 
 def _key_span(frame: bytes, key: bytes) -> tuple[int, int, int] | None:
@@ -252,24 +256,31 @@ _DELTA_KEY = b'"delta":"'
 
 
 def delta_size(frame: bytes) -> int:
-    """Decoded bytes of an upstream audio delta's `delta` (base64), never decoding. Azure
-    puts it last (`..."delta":"<base64>"}`): the key's first place (an unescaped `"delta":"`
-    is a key; the upstream sends each once) with its value running to the frame's end; any
-    other layout is measured by `base64_size`."""
+    """Decoded bytes of an upstream audio delta's `delta` (base64), never decoding."""
+    size = delta_to_the_end(frame)
+    return size if size >= 0 else base64_size(frame, b"delta")
+
+
+def _delta_to_the_end(frame: bytes) -> int:
+    """Azure puts a delta's audio last (`..."delta":"<base64>"}`): its size from the key's
+    first place (an unescaped `"delta":"` is a key; the upstream sends each once) when the
+    value runs to the frame's end, else -1 (`base64_size` measures any other layout). The
+    reference for `_accel`'s."""
     at = frame.find(_DELTA_KEY)
     if at != -1:
         start = at + len(_DELTA_KEY)
         end = len(frame) - 2
         if frame.find(b'"', start) == end and frame.endswith(b'"}'):
             return _span_size(frame, start, end)
-    return base64_size(frame, b"delta")
+    return -1
 
 
 def _span_size(data: bytes, start: int, end: int) -> int:
     if end <= start:
         return 0
     padding = (data[end - 1] == _EQUALS) + (end - 2 >= start and data[end - 2] == _EQUALS)
-    return (end - start) * 3 // 4 - padding
+    size = (end - start) * 3 // 4 - padding
+    return size if size > 0 else 0  # "=" alone is not -1 bytes
 
 
 # A field's quoted key, built once per field name.
@@ -296,3 +307,12 @@ def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
             return None if end == -1 else (start + 1, end)
         at = frame.find(key, at + 1)
     return None
+
+
+# The two scans every audio frame takes, in C (relay/session/_accel.c) where it was built: one
+# call instead of ten to fifteen. The Python versions above are the reference its tests hold
+# it to (tests/unit/test_accel.py), and what runs where no C compiler was at install.
+try:
+    from relay.session._accel import delta_to_the_end, fixed_append_size
+except ImportError:  # pragma: no cover
+    fixed_append_size, delta_to_the_end = _fixed_append_size, _delta_to_the_end

@@ -132,8 +132,23 @@ def write_text(ws: Any, frame: bytes) -> bool:
     """Write ``frame`` as one text frame to a `writable` socket; True when its transport is
     then past its high-water mark (its peer reads too slowly: wait for `drained`)."""
     writer = ws._writer
-    length = len(frame)
-    masked = writer.use_mask
+    if writer.use_mask:  # a client's frame (to the upstream)
+        out = text_frame(frame, True, writer.get_random_bits())
+        writer.transport.write(out)
+        writer._output_size += len(out)
+    elif len(frame) < 65536:
+        writer.transport.write(text_frame(frame, False, 0))
+    else:  # header and payload in two writes: no copy of a large payload
+        writer.transport.write(_HEAD_LONG(_FIN_TEXT, 127, len(frame)))
+        writer.transport.write(frame)
+    return bool(writer.protocol._paused)
+
+
+def _text_frame(payload: bytes, masked: bool, mask: int) -> bytes | bytearray:
+    """One text frame (RFC 6455 5.2, FIN set) holding ``payload``, masked with the 4-byte
+    key ``mask`` when ``masked``: the header packed by length, the payload copied once. The
+    reference for `_accel`'s."""
+    length = len(payload)
     flag = 0x80 if masked else 0
     if length < 126:
         header = _HEAD_SHORT(_FIN_TEXT, flag | length)
@@ -142,26 +157,17 @@ def write_text(ws: Any, frame: bytes) -> bool:
     else:
         header = _HEAD_LONG(_FIN_TEXT, flag | 127, length)
     if not masked:
-        if length < 65536:
-            writer.transport.write(header + frame)
-        else:  # header and payload in two writes: no copy of a large payload
-            writer.transport.write(header)
-            writer.transport.write(frame)
-        return bool(writer.protocol._paused)
-    # A client's frame (to the upstream), masked: header, key and payload built in one
-    # buffer, one copy of the payload masked in place (aiohttp's writer makes two copies).
-    mask = _MASK_KEY(writer.get_random_bits())
+        return header + payload
+    key = _MASK_KEY(mask)
     start = len(header) + 4
     out = bytearray(start)
-    out += frame
+    out += payload
     # websocket_mask masks from the buffer's first byte: rotate the key so the payload, which
     # starts at `start`, gets key byte 0 first; the head it scrambles is written after.
     turn = -start % 4
-    websocket_mask((mask + mask)[turn : turn + 4], out)
-    out[:start] = header + mask
-    writer.transport.write(out)
-    writer._output_size += start + length
-    return bool(writer.protocol._paused)
+    websocket_mask((key + key)[turn : turn + 4], out)
+    out[:start] = header + key
+    return out
 
 
 async def send_text(ws: Any, frame: bytes) -> None:
@@ -191,3 +197,11 @@ async def drained(ws: Any) -> None:
     writer = ws._writer
     if writer is not None and writer.protocol.writing_paused:
         await writer.protocol._drain_helper()
+
+
+# One call per frame in C (relay/session/_accel.c) where it was built; `_text_frame` is the
+# reference its tests hold it to (tests/unit/test_accel.py), and what runs without it.
+try:
+    from relay.session._accel import text_frame
+except ImportError:  # pragma: no cover
+    text_frame = _text_frame

@@ -269,7 +269,7 @@ def test_counted_histogram_equals_plain_observes():
     tally = CountedHistogram(counted.audio_chunk.labels("in"))
     for value in values:
         plain.audio_chunk.labels("in").observe(value)
-        tally.values[value] += 1
+        tally.values[value] = tally.values.get(value, 0) + 1
     tally.flush()
     tally.flush()  # nothing twice
     assert _samples(counted.audio_chunk) == _samples(plain.audio_chunk)
