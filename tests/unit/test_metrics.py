@@ -270,8 +270,8 @@ def test_counted_histogram_equals_plain_observes():
     for value in values:
         plain.audio_chunk.labels("in").observe(value)
         tally.values[value] = tally.values.get(value, 0) + 1
-    tally.flush()
-    tally.flush()  # nothing twice
+    assert tally.flush() == sum(values)  # a direction's audio bytes
+    assert tally.flush() == 0  # nothing twice
     assert _samples(counted.audio_chunk) == _samples(plain.audio_chunk)
 
 
