@@ -341,4 +341,96 @@ def test_an_upgraded_connections_bytes_go_to_the_reader_as_aiohttp_sends_them():
         "eof, tail = self._payload_parser.feed_data(data) if eof: self.close()"
     ) in theirs
     assert theirs.endswith("if eof: self.close()")  # nothing after it for upgraded bytes
-    assert "parser.feed_data(data)" in ours
+    assert "frames.feed(parser, data)" in ours  # parser.feed_data(data), writes batched
+
+
+class _Writes:
+    """A transport that records each write: a `write` as one chunk, a `writelines` as its
+    chunks together (uvloop sends those in one `writev`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[bytes]] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append([bytes(data)])
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.calls.append([bytes(chunk) for chunk in chunks])
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Peer:
+    """What `write_text` and `writable` use of a server-side socket (unmasked writes)."""
+
+    def __init__(self) -> None:
+        self._closing = False
+        self._writer = type(
+            "Writer",
+            (),
+            {
+                "use_mask": False,
+                "_closing": False,
+                "compress": 0,
+                "transport": _Writes(),
+                "protocol": type("Protocol", (), {"_paused": False})(),
+            },
+        )()
+
+
+async def test_a_read_of_several_frames_reaches_the_peer_in_one_write():
+    """Frames that arrive in one read (a relay that fell behind, a client sending in bursts)
+    are written to the peer together when the read is parsed, in order; a lone frame in a
+    write of its own. If the peer is then past its high-water mark, the reading side's
+    callback is disarmed (its pump waits for the drain), as after a single write."""
+    from aiohttp._websocket.reader import WebSocketReader
+
+    protocol = type("Protocol", (), {"_reading_paused": False, "pause_reading": print})()
+    queue = frames.ForwardingQueue(protocol, 1 << 16, loop=asyncio.get_running_loop())
+    reader = WebSocketReader(queue, 1 << 20, compress=False, decode_text=False)
+    peer = _Peer()
+
+    def forward(msg: Any) -> bool:
+        assert frames.writable(peer)
+        assert frames.write_text(peer, msg.data) is False  # batched: `feed` looks after
+        return True
+
+    payloads = [_append(seq) for seq in range(5)]
+    framed = [bytes(frames._text_frame(p, True, 0x1020304 + seq)) for seq, p in enumerate(payloads)]
+    frames.arm(queue, forward)
+    frames.feed(reader, b"".join(framed))
+    frames.feed(reader, framed[0])
+    unmasked = [bytes(frames._text_frame(p, False, 0)) for p in payloads]
+    assert peer._writer.transport.calls == [unmasked, unmasked[:1]]
+    assert queue.forward is forward and not queue._buffer
+
+    peer._writer.protocol._paused = True
+    frames.feed(reader, b"".join(framed[:2]))
+    assert len(peer._writer.transport.calls) == 3  # the read's frames still go, together
+    assert queue.forward is None  # and the next ones wait in the queue for the pump
+    frames.feed(reader, framed[2])
+    assert len(peer._writer.transport.calls) == 3 and len(queue._buffer) == 1
+    # Outside a read (the pump's writes), a write is at once and reports the mark itself.
+    assert frames.write_text(peer, payloads[0]) is True
+    assert peer._writer.transport.calls[-1] == unmasked[:1]
+
+
+async def test_frames_sent_in_one_segment_reach_the_upstream_in_order(
+    start_relay, start_fake, http, taken
+):
+    """A client's burst (ten appends in one TCP write, so the relay reads them together)
+    goes through the read callback and reaches the upstream whole and in order."""
+    fake, relay = await _relay_on_echo(start_relay, start_fake)
+    async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        for burst in range(3):
+            payloads = [_append(burst * 10 + seq) for seq in range(10)]
+            ws._writer.transport.write(
+                b"".join(bytes(frames._text_frame(p, True, 0x5A5A5A5A)) for p in payloads)
+            )
+            for payload in payloads:
+                echoed = orjson.loads((await ws.receive()).data)
+                assert echoed["event_id"] == orjson.loads(payload)["event_id"]
+    assert fake.received == [_append(seq) for seq in range(30)]
+    assert sum(taken["in"]) >= 25

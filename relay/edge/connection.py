@@ -32,6 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 from relay.edge.responses import error_response
 from relay.errors import ClientRefused, HttpRefusal
 from relay.heartbeat import LazyHeartbeat
+from relay.session import frames
 
 _log = structlog.get_logger("relay.edge.connection")
 
@@ -77,7 +78,7 @@ class RelayConnection(RequestHandler):
                 callback = self._data_received_cb
                 if callback is not None:
                     callback()
-                eof, _ = parser.feed_data(data)
+                eof, _ = frames.feed(parser, data)
                 if eof:
                     self.close()
             return

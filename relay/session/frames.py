@@ -22,6 +22,9 @@ when any of these moves):
   protocols' `_data_received_cb` (the heartbeat callback, cleared then: see `feed_eof`);
 - `aiohttp._websocket.helpers.websocket_mask` (XOR with a 4-byte key, in place, on a bytearray).
 
+The frames forwarded while one read is parsed are written together when it is done
+(`feed`): one system call per read, not per frame.
+
 Frames written from the callbacks are framed here (RFC 6455 5.2), not by aiohttp's generic
 writer: a header packed by length and one transport write. Frames to the upstream (the relay
 is its WebSocket client, so it masks them) are built in one buffer: aiohttp's writer copies
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp.client
 import aiohttp.web_ws
@@ -72,6 +75,8 @@ class ForwardingQueue(WebSocketDataQueue):
         if forward is not None:
             try:
                 if forward(data):
+                    if _BATCH.open:
+                        _BATCH.source = self  # its writes may pause the peer: see `feed`
                     return
             except Exception as exc:
                 # A bug, not a refusal (those return False). Declined: the pump handles the
@@ -128,19 +133,82 @@ def writable(ws: Any) -> bool:
     )
 
 
+class _Batch:
+    """The frames the callbacks forwarded while one read was parsed (`feed`), to one peer:
+    written together when the read is done, in one system call."""
+
+    __slots__ = ("open", "source", "writer", "frames")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.source: ForwardingQueue | None = None  # the queue whose callback forwarded them
+        self.writer: Any = None
+        self.frames: list[bytes | bytearray] = []
+
+
+# One at a time: reads do not nest, and nothing else runs while one is parsed.
+_BATCH = _Batch()
+
+
+def feed(parser: Any, data: bytes) -> tuple[bool, bytes]:
+    """``parser.feed_data(data)`` (an upgraded connection's WebSocket reader), with the
+    frames its callbacks forward written at the end: a read that holds several frames (a
+    relay that fell behind, a client sending in bursts) costs the peer one `writev`, not one
+    `write` each. Then, if the peer's transport is past its high-water mark, the reading
+    side's callback is disarmed and its pump waits for the drain, as after a single write:
+    the backpressure bound is the high-water mark plus one read."""
+    batch = _BATCH
+    batch.open = True
+    try:
+        return cast(tuple[bool, bytes], parser.feed_data(data))
+    finally:
+        batch.open = False
+        writer = batch.writer
+        if writer is not None:
+            batch.writer = None
+            frames = batch.frames
+            transport = writer.transport
+            # Closing only if the peer's connection was lost meanwhile: what it would have
+            # been sent is lost with it, as a write to it would be.
+            if not transport.is_closing():
+                if len(frames) == 1:
+                    transport.write(frames[0])
+                else:
+                    transport.writelines(frames)
+            frames.clear()
+            if writer.protocol._paused:
+                disarm(batch.source)
+        batch.source = None
+
+
 def write_text(ws: Any, frame: bytes) -> bool:
     """Write ``frame`` as one text frame to a `writable` socket; True when its transport is
-    then past its high-water mark (its peer reads too slowly: wait for `drained`)."""
+    then past its high-water mark (its peer reads too slowly: wait for `drained`). Inside
+    `feed`, the frame joins the read's batch (False: `feed` checks the mark after)."""
     writer = ws._writer
     if writer.use_mask:  # a client's frame (to the upstream)
         out = text_frame(frame, True, writer.get_random_bits())
-        writer.transport.write(out)
         writer._output_size += len(out)
     elif len(frame) < 65536:
-        writer.transport.write(text_frame(frame, False, 0))
+        out = text_frame(frame, False, 0)
     else:  # header and payload in two writes: no copy of a large payload
-        writer.transport.write(_HEAD_LONG(_FIN_TEXT, 127, len(frame)))
-        writer.transport.write(frame)
+        _send(writer, _HEAD_LONG(_FIN_TEXT, 127, len(frame)))
+        return _send(writer, frame)
+    return _send(writer, out)
+
+
+def _send(writer: Any, data: bytes | bytearray) -> bool:
+    batch = _BATCH
+    if batch.open:
+        if batch.writer is writer:
+            batch.frames.append(data)
+            return False
+        if batch.writer is None:
+            batch.writer = writer
+            batch.frames.append(data)
+            return False
+        # A second peer in one read (not done by the callbacks today): written at once.
+    writer.transport.write(data)
     return bool(writer.protocol._paused)
 
 

@@ -45,6 +45,7 @@ from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from yarl import URL
 
 from relay.heartbeat import LazyHeartbeat
+from relay.session import frames
 
 UpstreamSocket = ClientWebSocketResponse[bool]
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -235,7 +236,7 @@ class _UpstreamProtocol(ResponseHandler):
         callback = self._data_received_cb
         if callback is not None:
             callback()
-        protocol_error, _ = parser.feed_data(data)
+        protocol_error, _ = frames.feed(parser, data)
         if protocol_error:
             self._payload = None
             self._payload_parser = None
