@@ -158,6 +158,8 @@ def feed(parser: Any, data: bytes) -> tuple[bool, bytes]:
     side's callback is disarmed and its pump waits for the drain, as after a single write:
     the backpressure bound is the high-water mark plus one read."""
     batch = _BATCH
+    if batch.open:  # reads do not nest; if one ever did, it joins the outer read's batch
+        return cast(tuple[bool, bytes], parser.feed_data(data))
     batch.open = True
     try:
         return cast(tuple[bool, bytes], parser.feed_data(data))
