@@ -1,0 +1,107 @@
+"""relay/session/_accel.c under AddressSanitizer and UndefinedBehaviorSanitizer.
+
+Its inputs are hostile clients' frames. Here it is compiled with both sanitizers and fed
+mutated frames (a quote, a backslash, a brace, padding or a space put in, taken out or
+changed; truncations) and random masks, in a child process with the sanitizers' runtime
+preloaded: a read or write out of bounds, or undefined behaviour, ends the child with the
+sanitizer's report. Each answer is also compared with the Python reference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "relay" / "session" / "_accel.c"
+
+FUZZ = r"""
+import base64, importlib.machinery, importlib.util, random, sys
+spec = importlib.util.spec_from_loader(
+    "relay.session._accel", importlib.machinery.ExtensionFileLoader("relay.session._accel", sys.argv[1])
+)
+accel = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(accel)
+sys.modules["relay.session._accel"] = accel
+from relay.session import codec, frames
+assert codec.fixed_append_size is accel.fixed_append_size, "the sanitized build is not the one run"
+rng = random.Random(int(sys.argv[2]))
+seeds = [s.encode() for s in (
+    '{"type":"input_audio_buffer.append","audio":"%s"}',
+    '{"type": "input_audio_buffer.append", "event_id": "x", "audio": "%s"}',
+    '{"event_id":"e","type":"input_audio_buffer.append","audio":"%s"}',
+    '{"type":"response.output_audio.delta","delta":"%s"}')]
+alphabet = b'"\\}{=: ,aQ'
+for _ in range(int(sys.argv[3])):
+    frame = bytearray(rng.choice(seeds) % base64.b64encode(rng.randbytes(rng.randrange(40))))
+    for _ in range(rng.randrange(4)):
+        at = rng.randrange(len(frame) + 1)
+        op = rng.randrange(3)
+        if op == 0 and frame:
+            frame[min(at, len(frame) - 1)] = rng.choice(alphabet)
+        elif op == 1:
+            frame[at:at] = bytes([rng.choice(alphabet)])
+        else:
+            del frame[at : at + rng.randrange(1, 5)]
+    if rng.random() < 0.1:
+        frame = frame[: rng.randrange(len(frame) + 1)]
+    b = bytes(frame)
+    assert accel.fixed_append_size(b) == codec._fixed_append_size(b), b
+    assert accel.delta_to_the_end(b) == codec._delta_to_the_end(b), b
+    mask, masked = rng.getrandbits(32), rng.random() < 0.5
+    assert accel.text_frame(b, masked, mask) == bytes(frames._text_frame(b, masked, mask)), b
+for size in (0, 1, 7, 8, 9, 125, 126, 127, 65535, 65536, 65537, 1 << 20):
+    b = rng.randbytes(size)
+    assert accel.text_frame(b, True, 0xDEADBEEF) == bytes(frames._text_frame(b, True, 0xDEADBEEF))
+print("clean")
+"""
+
+
+def _runtime(compiler: str, name: str) -> str | None:
+    found = subprocess.run(
+        [compiler, f"-print-file-name={name}"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def test_the_c_scans_and_framing_are_clean_under_the_sanitizers(tmp_path: Path) -> None:
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("gcc is not installed: the sanitized build needs it")
+    runtimes = [_runtime(compiler, "libasan.so"), _runtime(compiler, "libubsan.so")]
+    if None in runtimes:
+        pytest.skip("gcc's libasan or libubsan is not installed")
+    built = tmp_path / ("_accel" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(
+        [
+            compiler, "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer",
+            "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-Wall", "-Wextra",
+            "-Werror", f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(built),
+        ],
+        check=True,
+    )  # fmt: skip
+    env = {
+        **os.environ,
+        "LD_PRELOAD": ":".join(r for r in runtimes if r),
+        # CPython's own allocations are not what this looks at, and it leaks at exit by design.
+        "ASAN_OPTIONS": "detect_leaks=0",
+        # Every object from malloc, so ASan sees the bounds of each `bytes` (pymalloc's pools
+        # would hide a small frame's).
+        "PYTHONMALLOC": "malloc",
+        "UBSAN_OPTIONS": "print_stacktrace=1",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", FUZZ, str(built), "14", "40000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr[-4000:]
