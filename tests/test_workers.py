@@ -72,6 +72,7 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
             assert "python_info" in found
             (build,) = found["relay_build_info"]
             assert build.labels["version"] == "0.1.0" and build.value == 1
+            assert build.labels["frame_scans"] == "c"  # CI requires the C build
             for _ in range(100):
                 total = sum(s.value for s in found.get("relay_sessions_total", []))
                 if total == 20:

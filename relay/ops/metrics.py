@@ -33,7 +33,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from relay.ops.build import build_commit, build_version
+from relay.ops.build import build_commit, build_version, frame_scans
 from relay.ops.config import PriceTable
 from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 from relay.ops.usage import cost_usd, response_tokens, transcription_usage
@@ -307,8 +307,9 @@ class Metrics:
             ),
             build_info=Gauge(
                 "relay_build_info",
-                "Always 1: the relay's version and the commit it was built from.",
-                ("version", "commit"),
+                "Always 1: the relay's version, the commit it was built from, and whether its "
+                "per-frame scans run in C or, without the C build, in Python.",
+                ("version", "commit", "frame_scans"),
                 registry=r,
                 multiprocess_mode="max",
             ),
@@ -385,7 +386,7 @@ class Metrics:
                 registry=r,
             ),
         )
-        metrics.build_info.labels(build_version(), build_commit()).set(1)
+        metrics.build_info.labels(build_version(), build_commit(), frame_scans()).set(1)
         return metrics
 
 
