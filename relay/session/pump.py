@@ -51,7 +51,6 @@ from relay.session import frames
 from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.continuity import TRACKED
 from relay.session.dialect import Translator
-from relay.session.event_types import AUDIO_DELTA_TYPES
 from relay.session.events import error_event
 from relay.session.flag import Flag
 from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
@@ -470,15 +469,9 @@ class Bridge:
         if not frames.writable(client):
             return False
         arrived = self.last_upstream_event_at = time.perf_counter()
-        if kind in AUDIO_DELTA_TYPES and self.translator is None:
-            # Most of what the upstream sends: nothing of `_accepted_out` applies to it but
-            # the metering (a delta is not tracked, and changes no session state).
-            self.meter.upstream_event(kind, frame)
-            paused = frames.write_text(client, frame)
-        else:
-            paused = False
-            for out in self._accepted_out(kind, frame):
-                paused = frames.write_text(client, out)
+        paused = False
+        for out in self._accepted_out(kind, frame):
+            paused = frames.write_text(client, out)
         self._delay_out(time.perf_counter() - arrived)
         if paused:
             frames.disarm(frames.queue_of(self.upstream))  # the pump waits for the drain
