@@ -72,11 +72,15 @@ def _runtime(compiler: str, name: str) -> str | None:
 
 def test_the_c_scans_and_framing_are_clean_under_the_sanitizers(tmp_path: Path) -> None:
     compiler = shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("gcc is not installed: the sanitized build needs it")
-    runtimes = [_runtime(compiler, "libasan.so"), _runtime(compiler, "libubsan.so")]
-    if None in runtimes:
-        pytest.skip("gcc's libasan or libubsan is not installed")
+    runtimes = (
+        [_runtime(compiler, "libasan.so"), _runtime(compiler, "libubsan.so")] if compiler else []
+    )
+    if compiler is None or None in runtimes:
+        # Debian's gcc brings both runtimes (libgcc-12-dev); the relay's own build needs gcc too.
+        reason = "gcc with its libasan and libubsan is not installed (apt-get install gcc)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     built = tmp_path / ("_accel" + sysconfig.get_config_var("EXT_SUFFIX"))
     subprocess.run(
         [
