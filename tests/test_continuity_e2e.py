@@ -167,8 +167,7 @@ def pooled(*simulators: RunningSimulator, session: Any = None, **continuity: Any
 
 async def stop_listening(simulator: RunningSimulator) -> None:
     """New connections are refused; open ones carry on."""
-    for site in list(simulator._runner.sites):
-        await site.stop()
+    await simulator.stop_listening()
 
 
 async def kill(simulator: RunningSimulator) -> None:

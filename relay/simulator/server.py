@@ -11,11 +11,12 @@ upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 import uuid
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import structlog
@@ -244,8 +245,15 @@ class RunningSimulator:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    async def stop_listening(self) -> None:
+        """Refuse new connections; open ones carry on (a backend going away)."""
+        await _stop_accepting(self._runner)
+        for site in list(self._runner.sites):
+            await site.stop()
+
     async def close(self) -> None:
         """Close every simulator socket (1001) and stop listening."""
+        await _stop_accepting(self._runner)
         await self._runner.cleanup()
 
     async def __aenter__(self) -> RunningSimulator:
@@ -258,6 +266,28 @@ class RunningSimulator:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def _stop_accepting(runner: web.AppRunner) -> None:
+    """Stop taking connections, then let those accepted a moment before join the server.
+
+    asyncio's selector loop (Python 3.11) makes an accepted connection's transport one loop
+    pass after the accept; a `Server.close()` in between fails it, and its socket is left
+    open until collected (python/cpython#109564: a `ResourceWarning` in whatever runs then).
+    So reading the listening sockets stops first, then three passes: the transports are
+    made, aiohttp's handlers get them, and each handler waits for its request, where the
+    runner's shutdown closes it (a handler that has not started yet would be waited for,
+    for the whole shutdown timeout). uvloop makes the transport in the accept: nothing to
+    wait for."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, asyncio.SelectorEventLoop):
+        return
+    for site in runner.sites:
+        server: Any = getattr(site, "_server", None)  # aiohttp's TCPSite: its asyncio.Server
+        for sock in server.sockets if server is not None else ():
+            loop.remove_reader(sock.fileno())
+    for _ in range(3):
+        await asyncio.sleep(0)  # loop passes, not a wait for anything (see above)
 
 
 async def start_simulator(
