@@ -39,6 +39,7 @@ from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 from relay.ops.usage import cost_usd, response_tokens, transcription_usage
 from relay.session.codec import delta_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
+from relay.session.lane import Lane
 from relay.session.schema import audio_bytes_per_second
 
 # Voice latencies: from a few ms (relay overhead) to seconds (a model's first audio).
@@ -507,6 +508,18 @@ class BatchedHistogram:
             self._counts[bisect_left(self._bounds, value)] += 1
         self._sum += value
 
+    @property
+    def bounds(self) -> list[float]:
+        return self._bounds
+
+    def add(self, counts: list[int], total: float) -> None:
+        """Observations counted elsewhere into the same buckets (a lane's), and their sum."""
+        mine = self._counts
+        for i, count in enumerate(counts):
+            if count:
+                mine[i] += count
+        self._sum += total
+
     def flush(self) -> None:
         if not self._sum and not any(self._counts):
             return
@@ -559,7 +572,7 @@ class _Flow:
 
     __slots__ = (
         "events", "bytes", "waited", "rate", "delay", "chunk", "backpressure",
-        "audio_seconds", "frame_bytes",
+        "audio_seconds", "frame_bytes", "lane",
     )  # fmt: skip
 
     def __init__(self, series: SessionSeries, direction: str) -> None:
@@ -572,6 +585,9 @@ class _Flow:
         self.backpressure = series.backpressure[direction]
         self.audio_seconds = series.audio_seconds[direction]
         self.frame_bytes = series.frame_bytes[direction]
+        # The direction's fast path, when the pump has one (relay/session/lane.py): it counts
+        # into `events` and the chunk sizes itself; its bytes and delays come at flush.
+        self.lane: Lane | None = None
 
 
 class SessionMeter:
@@ -623,6 +639,25 @@ class SessionMeter:
         self._turn_ended_at: float | None = None
         self._response_started_at: float | None = None
 
+    def lane(self, direction: str, max_frame: int = -1, max_audio: int = -1) -> Lane:
+        """A fast path for the direction's callback, counting into this meter (see
+        relay/session/lane.py for what it takes; ``max_frame`` and ``max_audio`` are the
+        policy's limits, -1 for none and for no append)."""
+        flow = self._flows[direction]
+        lane = Lane(flow.events, flow.chunk.values, flow.delay.bounds, max_frame, max_audio)
+        lane.turn_pending = direction == "out" and self._turn_ended_at is not None
+        flow.lane = lane
+        return lane
+
+    def _turn_ended(self, at: float | None) -> None:
+        """The client's turn ended at ``at`` (None: its first audio came, or none will):
+        until the first audio delta, the lane leaves deltas to `upstream_event`, which
+        times it."""
+        self._turn_ended_at = at
+        lane = self._out.lane
+        if lane is not None:
+            lane.turn_pending = at is not None
+
     # --- per frame ---------------------------------------------------------------------
 
     def client_event(self, kind: str, frame: bytes, audio_bytes: int = 0) -> None:
@@ -636,7 +671,7 @@ class SessionMeter:
             chunks = flow.chunk.values
             chunks[audio_bytes] = chunks.get(audio_bytes, 0) + 1
         elif kind == "response.create" and self._turn_ended_at is None:
-            self._turn_ended_at = self.clock()
+            self._turn_ended(self.clock())
 
     def upstream_event(self, kind: str, frame: bytes) -> None:
         """An upstream frame (direction "out")."""
@@ -650,10 +685,10 @@ class SessionMeter:
             chunks[decoded] = chunks.get(decoded, 0) + 1
             if self._turn_ended_at is not None:
                 self._ttfa.observe(self.clock() - self._turn_ended_at)
-                self._turn_ended_at = None
+                self._turn_ended(None)
         elif kind in _TURN_END_UPSTREAM:
             if self._turn_ended_at is None:
-                self._turn_ended_at = self.clock()
+                self._turn_ended(self.clock())
         elif kind == "response.created":
             self._response_started_at = self.clock()
         elif kind == "response.done":
@@ -694,7 +729,7 @@ class SessionMeter:
         if self._response_started_at is not None:
             self._response_duration.observe(self.clock() - self._response_started_at)
             self._response_started_at = None
-        self._turn_ended_at = None  # a response without audio ends the turn too
+        self._turn_ended(None)  # a response without audio ends the turn too
         usage = response.get("usage")
         if isinstance(usage, Mapping):
             self._count_usage(response_tokens(usage))
@@ -744,6 +779,11 @@ class SessionMeter:
                 events.labels(direction, label_for_type(kind)).inc(count)
                 self.frames_total[direction] += count
             tally.clear()
+            lane = flow.lane
+            if lane is not None:
+                taken, delays, delay_sum = lane.drain()
+                flow.bytes += taken
+                flow.delay.add(delays, delay_sum)
             flow.delay.flush()
             audio = flow.chunk.flush()
             if flow.bytes:

@@ -6,13 +6,16 @@
  * the Python versions make ten to fifteen method calls a frame, about 100 ns each on this
  * machine; each function here is one call.
  *
- * Nothing here keeps a reference or writes outside a buffer it allocated: the inputs are
- * read-only `bytes`, every read is bounded by their length.
+ * The functions keep no reference and write outside no buffer they did not allocate: the
+ * inputs are read-only `bytes`, every read is bounded by their length. The one type, `Lane`
+ * (a direction's fast path: relay/session/lane.py), holds the two dicts of the meter it
+ * counts into, and its own delay buckets.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 static const char APPEND_COMPACT[] = "{\"type\":\"input_audio_buffer.append\",\"audio\":\"";
 static const char APPEND_SPACED[] = "{\"type\": \"input_audio_buffer.append\", \"audio\": \"";
@@ -219,6 +222,294 @@ text_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* --- Lane: relay.session.lane.PyLane, the reference (see that module's docstring) ------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *events;     /* dict: event type -> count (the meter's) */
+    PyObject *chunks;     /* dict: decoded audio bytes -> count (the meter's) */
+    Py_ssize_t max_frame; /* -1: no limit */
+    Py_ssize_t max_audio; /* -1: no append taken */
+    int turn_pending;
+    long long bytes;
+    Py_ssize_t nbounds;
+    double *bounds;       /* the delay histogram's upper bounds, the last +inf */
+    long long *counts;
+    double sum;
+} Lane;
+
+static PyObject *APPEND_KIND; /* "input_audio_buffer.append", interned */
+
+static void
+lane_dealloc(Lane *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->events);
+    Py_CLEAR(self->chunks);
+    PyMem_Free(self->bounds);
+    PyMem_Free(self->counts);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+lane_traverse(Lane *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->events);
+    Py_VISIT(self->chunks);
+    return 0;
+}
+
+static int
+lane_clear(Lane *self)
+{
+    Py_CLEAR(self->events);
+    Py_CLEAR(self->chunks);
+    return 0;
+}
+
+static int
+lane_init(Lane *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"events", "chunks", "bounds", "max_frame", "max_audio", NULL};
+    PyObject *events, *chunks, *bounds;
+    Py_ssize_t max_frame = -1, max_audio = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O|nn", keywords, &PyDict_Type, &events,
+                                     &PyDict_Type, &chunks, &bounds, &max_frame, &max_audio))
+        return -1;
+    PyObject *seq = PySequence_Fast(bounds, "bounds must be a sequence of floats");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "bounds must not be empty");
+        return -1;
+    }
+    double *values = PyMem_Calloc((size_t)n, sizeof(double));
+    long long *counts = PyMem_Calloc((size_t)n, sizeof(long long));
+    if (values == NULL || counts == NULL) {
+        PyMem_Free(values);
+        PyMem_Free(counts);
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        values[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (values[i] == -1.0 && PyErr_Occurred()) {
+            PyMem_Free(values);
+            PyMem_Free(counts);
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    Py_INCREF(events);
+    Py_XSETREF(self->events, events);
+    Py_INCREF(chunks);
+    Py_XSETREF(self->chunks, chunks);
+    PyMem_Free(self->bounds);
+    PyMem_Free(self->counts);
+    self->bounds = values;
+    self->counts = counts;
+    self->nbounds = n;
+    self->max_frame = max_frame;
+    self->max_audio = max_audio;
+    self->turn_pending = 0;
+    self->bytes = 0;
+    self->sum = 0.0;
+    return 0;
+}
+
+/* d[key] = d.get(key, 0) + 1 */
+static int
+increment(PyObject *d, PyObject *key)
+{
+    PyObject *old = PyDict_GetItemWithError(d, key); /* borrowed */
+    long long value = 0;
+    if (old != NULL) {
+        value = PyLong_AsLongLong(old);
+        if (value == -1 && PyErr_Occurred())
+            return -1;
+    } else if (PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *new_value = PyLong_FromLongLong(value + 1);
+    if (new_value == NULL)
+        return -1;
+    int result = PyDict_SetItem(d, key, new_value);
+    Py_DECREF(new_value);
+    return result;
+}
+
+/* PyLane._count */
+static int
+lane_count(Lane *self, PyObject *kind, Py_ssize_t frame_size, Py_ssize_t audio)
+{
+    PyObject *size = PyLong_FromSsize_t(audio);
+    if (size == NULL)
+        return -1;
+    int result = increment(self->events, kind) < 0 || increment(self->chunks, size) < 0 ? -1 : 0;
+    Py_DECREF(size);
+    if (result == 0)
+        self->bytes += frame_size;
+    return result;
+}
+
+static int
+all_ascii(const char *data, Py_ssize_t size)
+{
+    unsigned char seen = 0;
+    for (Py_ssize_t i = 0; i < size; i++)
+        seen |= (unsigned char)data[i];
+    return seen < 0x80;
+}
+
+/* PyLane.append */
+static PyObject *
+lane_append(Lane *self, PyObject *frame)
+{
+    if (!PyBytes_Check(frame)) {
+        PyErr_SetString(PyExc_TypeError, "append takes bytes");
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(frame);
+    Py_ssize_t size = PyBytes_GET_SIZE(frame);
+    if (self->max_frame >= 0 && size > self->max_frame)
+        return PyLong_FromLong(-1);
+    Py_ssize_t audio = fixed_append(data, size);
+    if (audio < 0 || audio > self->max_audio || !all_ascii(data, size))
+        return PyLong_FromLong(-1);
+    if (lane_count(self, APPEND_KIND, size, audio) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(audio);
+}
+
+/* PyLane.delta */
+static PyObject *
+lane_delta(Lane *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "delta(kind: str, frame: bytes)");
+        return NULL;
+    }
+    if (self->turn_pending)
+        return PyLong_FromLong(-1);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
+    Py_ssize_t audio = delta_end(PyBytes_AS_STRING(args[1]), size);
+    if (audio >= 0 && lane_count(self, args[0], size, audio) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(audio);
+}
+
+/* PyLane.written: time.perf_counter() is CLOCK_MONOTONIC on Linux (tests/unit/test_lane.py
+ * checks the two agree). */
+static PyObject *
+lane_written(Lane *self, PyObject *arrived)
+{
+    double then = PyFloat_AsDouble(arrived);
+    if (then == -1.0 && PyErr_Occurred())
+        return NULL;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double delay = (double)now.tv_sec + (double)now.tv_nsec * 1e-9 - then;
+    /* bisect_left: the first bound at or above the delay (the last is +inf). */
+    Py_ssize_t low = 0, high = self->nbounds;
+    while (low < high) {
+        Py_ssize_t mid = (low + high) / 2;
+        if (self->bounds[mid] < delay)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    if (low >= self->nbounds) /* NaN, or no +inf bound: the last bucket */
+        low = self->nbounds - 1;
+    self->counts[low] += 1;
+    self->sum += delay;
+    Py_RETURN_NONE;
+}
+
+/* PyLane.drain */
+static PyObject *
+lane_drain(Lane *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *counts = PyList_New(self->nbounds);
+    if (counts == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->nbounds; i++) {
+        PyObject *count = PyLong_FromLongLong(self->counts[i]);
+        if (count == NULL) {
+            Py_DECREF(counts);
+            return NULL;
+        }
+        PyList_SET_ITEM(counts, i, count);
+    }
+    PyObject *drained = Py_BuildValue("(LNd)", self->bytes, counts, self->sum);
+    if (drained == NULL)
+        return NULL;
+    memset(self->counts, 0, (size_t)self->nbounds * sizeof(long long));
+    self->bytes = 0;
+    self->sum = 0.0;
+    return drained;
+}
+
+static PyObject *
+lane_get_turn_pending(Lane *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->turn_pending);
+}
+
+static int
+lane_set_turn_pending(Lane *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    int flag = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (flag < 0)
+        return -1;
+    self->turn_pending = flag;
+    return 0;
+}
+
+static PyObject *
+lane_get_bytes(Lane *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->bytes);
+}
+
+static PyGetSetDef lane_getset[] = {
+    {"turn_pending", (getter)lane_get_turn_pending, (setter)lane_set_turn_pending,
+     "While true, deltas are left to the general path (the meter times the first audio).",
+     NULL},
+    {"bytes", (getter)lane_get_bytes, NULL, "Frame bytes taken since the last drain.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef lane_methods[] = {
+    {"append", (PyCFunction)lane_append, METH_O,
+     "A fixed-layout append the policy allows, counted: its audio bytes; else -1."},
+    {"delta", (PyCFunction)(void (*)(void))lane_delta, METH_FASTCALL,
+     "An audio delta whose audio runs to the end, counted: its audio bytes; else -1."},
+    {"written", (PyCFunction)lane_written, METH_O,
+     "The frame that arrived at this perf_counter() reading was written: its delay."},
+    {"drain", (PyCFunction)lane_drain, METH_NOARGS,
+     "(bytes, delay bucket counts, delay sum) since the last drain."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "relay.session._accel.Lane",
+    .tp_doc = "A direction's per-frame fast path (relay.session.lane.PyLane is the reference).",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)lane_init,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_methods = lane_methods,
+    .tp_getset = lane_getset,
+};
+
 static PyMethodDef methods[] = {
     {"fixed_append_size", fixed_append_size, METH_O,
      "An append's decoded audio bytes when the frame has one of the fixed layouts, else -1."},
@@ -240,5 +531,19 @@ static struct PyModuleDef accel_module = {
 PyMODINIT_FUNC
 PyInit__accel(void)
 {
-    return PyModule_Create(&accel_module);
+    if (PyType_Ready(&LaneType) < 0)
+        return NULL;
+    APPEND_KIND = PyUnicode_InternFromString("input_audio_buffer.append");
+    if (APPEND_KIND == NULL)
+        return NULL;
+    PyObject *module = PyModule_Create(&accel_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(module, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -313,6 +313,7 @@ def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
 # call instead of ten to fifteen. The Python versions above are the reference its tests hold
 # it to (tests/unit/test_accel.py), and what runs where no C compiler was at install.
 try:
-    from relay.session._accel import delta_to_the_end, fixed_append_size
+    from relay.session._accel import delta_to_the_end as delta_to_the_end
+    from relay.session._accel import fixed_append_size as fixed_append_size
 except ImportError:  # pragma: no cover
     fixed_append_size, delta_to_the_end = _fixed_append_size, _delta_to_the_end

@@ -51,8 +51,10 @@ from relay.session import frames
 from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.continuity import TRACKED
 from relay.session.dialect import Translator
+from relay.session.event_types import AUDIO_DELTA_TYPES
 from relay.session.events import error_event
 from relay.session.flag import Flag
+from relay.session.lane import APPEND, Lane
 from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
 from relay.session.renewal import Renewal, is_loss
 
@@ -128,7 +130,7 @@ class Bridge:
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
-        "timer", "_delay_in", "_delay_out", "_rate", "_burst",
+        "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
         "__weakref__",
     )  # fmt: skip
 
@@ -157,6 +159,20 @@ class Bridge:
         # The relay-delay histograms of frames forwarded in their read callbacks.
         self._delay_in = meter.delay_observer("in")
         self._delay_out = meter.delay_observer("out")
+        # The callbacks' fast paths (lane.py): none where a frame needs more than a lane
+        # checks, as appends and deltas the translator rewrites. Continuity's audio keeper
+        # drops the client's (renewal.py).
+        self.lane_in: Lane | None = None
+        self.lane_out: Lane | None = None
+        if translator is None or APPEND not in translator.client_events:
+            max_frame = policy.max_frame_bytes
+            self.lane_in = meter.lane(
+                "in",
+                -1 if max_frame is None else max_frame,
+                policy.max_append_audio_bytes if APPEND in policy.allowed_events else -1,
+            )
+        if translator is None:
+            self.lane_out = meter.lane("out")
         # Frames the client gets before any other: the session.created in force.
         self.greeting = greeting
         self.close_timeout = close_timeout
@@ -287,6 +303,17 @@ class Bridge:
         if self._refill(arrived) < 1.0:
             return False  # the pump throttles or refuses
         data = msg.data
+        upstream = self.upstream
+        lane = self.lane_in
+        if lane is not None and frames.writable(upstream) and lane.append(data) >= 0:
+            # An append the lane judged and counted as the general way below would have.
+            self.tokens -= 1.0
+            self.last_client_event_at = arrived
+            paused = frames.write_text(upstream, data)
+            lane.written(arrived)
+            if paused:
+                frames.disarm(frames.queue_of(self.client))  # the pump waits for the drain
+            return True
         if not data.isascii() and not _is_utf8(data):
             return False
         try:
@@ -297,7 +324,6 @@ class Bridge:
             checked = self.policy.check(kind, data, self.session, audio, event)
         except (FrameError, PolicyViolation):
             return False  # the pump refuses it
-        upstream = self.upstream
         if not isinstance(checked, bytes) or not frames.writable(upstream):
             return False  # a rewrite is logged by the pump; a closing upstream is its to handle
         self.tokens -= 1.0
@@ -469,10 +495,17 @@ class Bridge:
         if not frames.writable(client):
             return False
         arrived = self.last_upstream_event_at = time.perf_counter()
-        paused = False
-        for out in self._accepted_out(kind, frame):
-            paused = frames.write_text(client, out)
-        self._delay_out(time.perf_counter() - arrived)
+        lane = self.lane_out
+        if lane is not None and kind in AUDIO_DELTA_TYPES and lane.delta(kind, frame) >= 0:
+            # Counted by the lane, as `_accepted_out` would have (nothing else in it applies
+            # to a delta), and forwarded as it is.
+            paused = frames.write_text(client, frame)
+            lane.written(arrived)
+        else:
+            paused = False
+            for out in self._accepted_out(kind, frame):
+                paused = frames.write_text(client, out)
+            self._delay_out(time.perf_counter() - arrived)
         if paused:
             frames.disarm(frames.queue_of(self.upstream))  # the pump waits for the drain
         return True

@@ -124,6 +124,7 @@ class Renewal:
         if settings.replay == "audio":
             self.keeper = AudioKeeper(settings.max_replay_audio_seconds)
             self.keeper.configure(bridge.session)
+            bridge.lane_in = None  # every append goes by the keeper (the pump's `_keep_audio`)
         self.quiet = asyncio.Event()
         self.quiet.set()
         self._dial = dial

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.session import codec, frames
+from tests.unit.frame_corpus import APPENDS, AUDIO, DELTAS, frames_from
 
 try:
     from relay.session import _accel as accel
@@ -28,39 +29,6 @@ except ImportError:
     if os.environ.get("CI"):  # .ci/run builds it: the relay CI tests is the one that ships
         pytest.fail(_REASON, pytrace=False)
     pytest.skip(_REASON, allow_module_level=True)
-
-AUDIO = base64.b64encode(bytes(range(256)) * 3 + b"\x01").decode()  # ends in "=="
-APPENDS = [
-    '{"type":"input_audio_buffer.append","audio":"%s"}',
-    '{"type": "input_audio_buffer.append", "audio": "%s"}',
-    '{"event_id": "ev_1", "type": "input_audio_buffer.append", "audio": "%s"}',
-    '{"event_id":"ev_1","type":"input_audio_buffer.append","audio":"%s"}',
-    '{"type":"input_audio_buffer.append","event_id":"ev_1","audio":"%s"}',
-    '{"type": "input_audio_buffer.append", "event_id": "ev_1", "audio": "%s"}',
-]
-DELTAS = [
-    '{"type":"response.output_audio.delta","event_id":"e","response_id":"r","item_id":"i",'
-    '"output_index":0,"content_index":0,"delta":"%s"}',
-    '{"type":"response.output_audio.delta","delta":"%s"}',
-]
-# Bytes that change what a scan finds.
-NEAR_MISSES = b'"\\}{=: ,a'
-
-
-def frames_from(layouts: list[str]) -> list[bytes]:
-    """Each layout with audio of several sizes and paddings, and its near misses."""
-    out = []
-    for layout in layouts:
-        for audio in ("", "=", "==", "QQ==", "QUI=", "QUJD", AUDIO, AUDIO[:-1], AUDIO[:-2]):
-            frame = (layout % audio).encode()
-            out.append(frame)
-            out.extend(frame[:cut] for cut in range(len(frame) - len(audio)))
-            out.extend(frame[:-cut] for cut in range(1, 4))
-            for at in range(0, len(frame), max(1, len(frame) // 97)):
-                out.extend(frame[:at] + bytes((b,)) + frame[at + 1 :] for b in NEAR_MISSES)
-            out.append(frame + b" ")
-            out.append(frame[:-1] + b',"audio":"QQ=="}')
-    return out
 
 
 def test_fixed_append_size_matches_its_reference() -> None:

@@ -30,8 +30,12 @@ accel = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(accel)
 sys.modules["relay.session._accel"] = accel
 from relay.session import codec, frames
+from relay.session.lane import PyLane
 assert codec.fixed_append_size is accel.fixed_append_size, "the sanitized build is not the one run"
 rng = random.Random(int(sys.argv[2]))
+bounds, delta = [0.001, 0.01, float("inf")], "response.output_audio.delta"
+tallies = ({}, {}), ({}, {})
+c_lane, py_lane = accel.Lane(*tallies[0], bounds, 1400, 1000), PyLane(*tallies[1], bounds, 1400, 1000)
 seeds = [s.encode() for s in (
     '{"type":"input_audio_buffer.append","audio":"%s"}',
     '{"type": "input_audio_buffer.append", "event_id": "x", "audio": "%s"}',
@@ -56,6 +60,11 @@ for _ in range(int(sys.argv[3])):
     assert accel.delta_to_the_end(b) == codec._delta_to_the_end(b), b
     mask, masked = rng.getrandbits(32), rng.random() < 0.5
     assert accel.text_frame(b, masked, mask) == bytes(frames._text_frame(b, masked, mask)), b
+    assert c_lane.append(b) == py_lane.append(b), b
+    assert c_lane.delta(delta, b) == py_lane.delta(delta, b), b
+    c_lane.written(rng.random())
+assert tallies[0] == tallies[1] and c_lane.bytes == py_lane.bytes
+c_lane.drain()
 for size in (0, 1, 7, 8, 9, 125, 126, 127, 65535, 65536, 65537, 1 << 20):
     b = rng.randbytes(size)
     assert accel.text_frame(b, True, 0xDEADBEEF) == bytes(frames._text_frame(b, True, 0xDEADBEEF))

@@ -1,6 +1,7 @@
 """The meter on recorded event sequences, with a fake clock: no sockets."""
 
 import base64
+import time
 from typing import Any
 
 import orjson
@@ -286,3 +287,57 @@ def test_a_sessions_series_are_looked_up_once_per_team_deployment_and_backend():
         "team-a", "gpt-rt", "east"
     )
     assert series.audio_seconds["out"] is metrics.audio_seconds.labels("out", "team-a", "gpt-rt")
+
+
+def a_voice_turn_and_the_next(meter: SessionMeter, through_lanes: bool) -> None:
+    """Two turns, appends and deltas through the meter or through its lanes where they take
+    them (as the pump's callbacks do), the rest through the meter."""
+    lanes = {"in": meter.lane("in", -1, 10**6), "out": meter.lane("out")} if through_lanes else {}
+
+    def forward(direction: str, frame: bytes, at: float | None = None) -> None:
+        kind = orjson.loads(frame)["type"]
+        lane = lanes.get(direction)
+        if lane is not None:
+            taken = lane.append(frame) if direction == "in" else lane.delta(kind, frame)
+            if taken >= 0:
+                if at is not None:
+                    meter.clock.now = at
+                lane.written(time.perf_counter())
+                return
+        feed(meter, direction, frame, at)
+        meter.forwarded(direction, 0.0, 0.0)
+
+    for turn in range(2):
+        start = 100.0 + 10 * turn
+        for _ in range(50):
+            forward("in", ev("input_audio_buffer.append", audio=audio(960)))
+        forward("in", ev("input_audio_buffer.append", audio=audio(960)).replace(b"{", b"{ "))
+        forward("out", ev("input_audio_buffer.speech_stopped", item_id="i"), at=start + 1.0)
+        forward("out", ev("response.created", response={}), at=start + 1.2)
+        for n in range(4):  # the first times the turn: the meter's, not a lane's
+            forward("out", ev("response.output_audio.delta", delta=audio(4000)), start + 1.4 + n)
+        forward("out", ev("response.done", response={"status": "completed"}), at=start + 6.0)
+    meter.flush()
+
+
+def test_lanes_count_what_the_meter_would_have():
+    plain = SessionMeter(Metrics.create(CollectorRegistry()), "team-a", "gpt-rt", clock=Clock())
+    laned = SessionMeter(Metrics.create(CollectorRegistry()), "team-a", "gpt-rt", clock=Clock())
+    a_voice_turn_and_the_next(plain, through_lanes=False)
+    a_voice_turn_and_the_next(laned, through_lanes=True)
+
+    def samples(meter: SessionMeter) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name, s.labels, s.value)
+            for family in meter.metrics.registry.collect()
+            for s in family.samples
+            if s.name.startswith("relay_")
+            and s.name != "relay_forward_delay_seconds_sum"  # measured, not fed
+            and not s.name.endswith("_created")
+        ]
+
+    assert samples(laned) == samples(plain)
+    td = {"team": "team-a", "deployment": "gpt-rt", "backend": "default"}
+    assert sample(laned.metrics, "relay_time_to_first_audio_seconds_count", td) == 2
+    assert sample(laned.metrics, "relay_time_to_first_audio_seconds_sum", td) == pytest.approx(0.8)
+    assert laned.frames_total == plain.frames_total == {"in": 102, "out": 14}
