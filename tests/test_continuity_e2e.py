@@ -12,6 +12,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from relay.session.renewal import Renewal
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.simulator.server import SOCKETS_KEY
 from relay.state import STATE
@@ -218,6 +219,76 @@ async def test_a_backend_killed_mid_response_resumes_on_the_other(start_relay, h
     finally:
         for simulator in simulators:
             await simulator.close()
+
+
+async def test_a_renewal_waiting_for_a_quiet_point_leaves_a_loss_to_the_resume(
+    start_relay, http, monkeypatch
+):
+    # The resume reports the cut response, which makes the session quiet: the renewal waiting
+    # for that must not then switch away from the dead upstream (a spurious switch_timeout
+    # that reopened the gate mid-resume) nor count the resume against itself.
+    options = SimulatorOptions(
+        api_keys=frozenset({AZURE_KEY}),
+        speed=1.0,
+        reply_text="Here is a long answer that takes a few seconds to say out loud, slowly.",
+        max_session_seconds=SESSION_SECONDS,
+    )
+    simulators = [await start_simulator(options) for _ in range(2)]
+    waiting = asyncio.Event()
+    until_quiet = Renewal._until_quiet
+
+    async def noted(renewal: Renewal, old: Any, deadline: float) -> bool:
+        if not renewal.quiet.is_set():
+            waiting.set()
+        return await until_quiet(renewal, old, deadline)
+
+    monkeypatch.setattr(Renewal, "_until_quiet", noted)
+    try:
+        # Renewal starts 0.5-1.5 s in (expires_at is in whole seconds), while the answer is
+        # being spoken.
+        relay = await start_relay(pooled(*simulators))
+        with capture_logs() as logs:
+            async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+                assert (await next_event(ws))["type"] == "session.created"
+                asked = await ask(ws, "Say something long.", 0)
+                await waiting.wait()
+                await kill(holding_a_session(*simulators))
+                event = await next_event(ws)
+                while event["type"] != "response.done" or event["response"]["status"] != "failed":
+                    event = await next_event(ws)
+                assert event["response"]["status_details"]["error"]["code"] == "upstream_lost"
+                await retrieve_all(ws, [asked])  # replayed on the other backend
+            await relay.app[STATE].idle.wait()  # the session_ended line is written
+        assert renewals(relay, "resumed", "upstream_lost") == 1
+        assert [e for e in logs if e["event"] == "session_renewal_failed"] == []
+    finally:
+        for simulator in simulators:
+            await simulator.close()
+
+
+async def test_renew_before_as_long_as_the_session_renews_each_session_once(start_relay, http):
+    # Each new session would be due for renewal at once: a storm of dials and replays.
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}), speed=0, max_session_seconds=SESSION_SECONDS
+        )
+    )
+    try:
+        relay = await start_relay(
+            continuity_config(simulator.url, renew_before_seconds=10 * SESSION_SECONDS)
+        )
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            began, n = asyncio.get_running_loop().time(), 0
+            while renewals(relay) < 1:
+                await turn(ws, f"Turn {n}.", n)
+                n += 1
+            # Not before a quarter of the session's life (expires_at is in whole seconds).
+            assert elapsed(began) >= 0.25 * (SESSION_SECONDS - 1)
+            await turn(ws, "And now?", n)
+            assert renewals(relay) == 1
+    finally:
+        await simulator.close()
 
 
 async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay, http):

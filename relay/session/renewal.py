@@ -1,11 +1,12 @@
 """Continuity's I/O: renew the upstream session before it expires, resume it after a loss.
 
 How it works:
-- `Renewal.run` (a task of the Bridge) sleeps until `expires_at - renew_before_seconds`,
-  waits for a quiet point, dials a second upstream through the pool, puts the session in
-  force and replays the shadow conversation, reading the new upstream itself until every
-  replayed item is confirmed: the replay's own events never reach the client. The client
-  goes on talking to the old upstream meanwhile.
+- `Renewal.run` (a task of the Bridge) sleeps until `expires_at - renew_before_seconds`
+  (and at least a quarter of the upstream session's life), waits for a quiet point, dials a
+  second upstream through the pool, puts the session in force and replays the shadow
+  conversation, reading the new upstream itself until every replayed item is confirmed: the
+  replay's own events never reach the client. The client goes on talking to the old
+  upstream meanwhile. A resume that comes first replaces the renewal.
 - The switch: client frames are held (the Bridge's gate) and a marker goes to the old
   upstream, a `conversation.item.retrieve` of an id that does not exist. Its `error` answer
   comes after whatever the old upstream did for the client's earlier events. At it the
@@ -61,6 +62,9 @@ MARKER_PREFIX = b"relay_switch_"
 HOLD_SECONDS = 1.0
 # The switch must happen this long before the service's own expiry, or not at all.
 _EXPIRY_MARGIN_SECONDS = 1.0
+# No renewal before this share of an upstream session's life: a renew_before_seconds as long
+# as the session itself would otherwise renew each new session at once, over and over.
+_EARLIEST_RENEWAL = 0.25
 _RETRY_SECONDS = 30.0
 _log = structlog.get_logger("relay.session")
 
@@ -134,6 +138,8 @@ class Renewal:
         self._setup_seconds = setup_seconds
         self._clock = clock
         self._switch: _Switch | None = None
+        self._began = clock()  # when the current upstream session was adopted
+        self._resuming = False
         self._settled = asyncio.Event()
         self._count = 0
         # Upstream sessions this client session moved to (renewed or resumed).
@@ -197,6 +203,7 @@ class Renewal:
             _settle_failed(pending.done, RenewalFailed("upstream_lost", detail))
         bridge.gate.clear()
         began = time.perf_counter()
+        self._resuming = True
         try:
             await self._report_cut_response()
             prepared = await self._prepare(lost=self._backend)
@@ -205,6 +212,7 @@ class Renewal:
             _log.warning("session_resume_failed", outcome=failure.outcome, detail=failure.detail)
             return False
         finally:
+            self._resuming = False
             bridge.gate.set()
         self._adopt(prepared)
         self._done("upstream_lost", "resumed", prepared, old_id, time.perf_counter() - began)
@@ -230,7 +238,11 @@ class Renewal:
             expires_at = _expires_at(self.bridge.session)
             if expires_at is None:
                 return
-            renew_at = expires_at - self.settings.renew_before_seconds
+            lifetime = expires_at - self._began
+            renew_at = max(
+                expires_at - self.settings.renew_before_seconds,
+                self._began + _EARLIEST_RENEWAL * lifetime,
+            )
             await asyncio.sleep(max(0.0, renew_at - self._clock()))
             if _expires_at(self.bridge.session) != expires_at:
                 continue  # resumed meanwhile: a new expiry
@@ -242,18 +254,22 @@ class Renewal:
             await asyncio.sleep(min(_RETRY_SECONDS, remaining / 2))
 
     async def renew(self, expires_at: float) -> bool:
-        """One renewal attempt before ``expires_at``; True when the session was switched."""
+        """One renewal attempt before ``expires_at``; True when the session moved to a new
+        upstream, by this renewal or by a resume that came first."""
         old = self.bridge.upstream
         old_id = self.bridge.session.get("id")
         deadline = expires_at - _EXPIRY_MARGIN_SECONDS
         prepared: Prepared | None = None
         try:
-            await self._until_quiet(deadline)
+            if not await self._until_quiet(old, deadline):
+                return True  # a resume replaced the upstream meanwhile: its expiry is new
             prepared = await self._prepare()
             while True:
-                await self._until_quiet(deadline)
-                if self.bridge.upstream is not old or self.bridge.ending is not None:
-                    raise RenewalFailed("abandoned", "the upstream changed or the session ended")
+                if not await self._until_quiet(old, deadline):
+                    await _close(prepared.upstream, "renewal superseded by a resume")
+                    return True
+                if self.bridge.ending is not None:
+                    raise RenewalFailed("abandoned", "the session ended")
                 began = time.perf_counter()
                 if await self._switch_over(old, prepared):
                     pause = time.perf_counter() - began
@@ -272,12 +288,18 @@ class Renewal:
         await _close(old, "session renewed")
         return True
 
-    async def _until_quiet(self, deadline: float) -> None:
+    async def _until_quiet(self, old: UpstreamSocket, deadline: float) -> bool:
+        """Wait for a quiet point on ``old``; False when a resume replaced it meanwhile. A
+        resume reports the cut response, which makes the session quiet while the new upstream
+        is still being dialled: a switch then would go to the lost one."""
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock())):
                 await self.quiet.wait()
+                while self._resuming:
+                    await self._settled.wait()
         except TimeoutError as exc:
             raise RenewalFailed("no_quiet_point", "no quiet point before the expiry") from exc
+        return self.bridge.upstream is old
 
     async def _switch_over(self, old: UpstreamSocket, prepared: Prepared) -> bool:
         """Hold client frames, send the marker, let the upstream pump swap at its answer."""
@@ -370,6 +392,7 @@ class Renewal:
         bridge.upstream = prepared.upstream
         bridge.session = prepared.session
         bridge.meter.session_changed(prepared.session)
+        self._began = self._clock()
         if self.keeper is not None:
             self.keeper.new_session()
         self._backend = prepared.backend
