@@ -177,6 +177,11 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _banner(config: RelayConfig, url: str) -> None:
+    """How to talk to a local relay, for the person who started it (`make run`). A relay
+    in front of Azure, not on a terminal, says it in its JSON log alone (`relay_listening`):
+    a plain line among the JSON ones is one a log pipeline cannot parse."""
+    if not (config.uses_simulator or config.simulator.demo_key or sys.stderr.isatty()):
+        return
     lines = [f"realtime-relay is listening on {url}"]
     deployment = next(iter(config.deployments))
     if config.uses_simulator:

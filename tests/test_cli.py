@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
+from relay.cli import _banner, main
 from relay.edge.auth import hash_key
+from tests.helpers import relay_config
 from tests.processes import free_port
 
 ROOT = Path(__file__).parent.parent
@@ -126,3 +127,10 @@ async def test_a_busy_port_is_one_line_naming_the_port_and_the_setting(flag, set
         f"relay: cannot listen on 127.0.0.1:{port}: the port is in use by another process; "
         f"change {setting}\n"
     )
+
+
+def test_a_relay_in_front_of_azure_prints_no_banner_among_its_json_lines(capsys):
+    _banner(relay_config("https://example.openai.azure.com"), "ws://127.0.0.1:8080")
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is no terminal
+    _banner(relay_config("simulator"), "ws://127.0.0.1:8080")
+    assert capsys.readouterr().err.startswith("realtime-relay is listening on ws://127.0.0.1:8080")
