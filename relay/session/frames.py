@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import aiohttp.client
 import aiohttp.web_ws
@@ -157,12 +157,16 @@ def feed(parser: Any, data: bytes) -> tuple[bool, bytes]:
     `write` each. Then, if the peer's transport is past its high-water mark, the reading
     side's callback is disarmed and its pump waits for the drain, as after a single write:
     the backpressure bound is the high-water mark plus one read."""
+    # Annotated, not `cast`: a cast is a function call and a new generic alias per read.
+    result: tuple[bool, bytes]
     batch = _BATCH
     if batch.open:  # reads do not nest; if one ever did, it joins the outer read's batch
-        return cast(tuple[bool, bytes], parser.feed_data(data))
+        result = parser.feed_data(data)
+        return result
     batch.open = True
     try:
-        return cast(tuple[bool, bytes], parser.feed_data(data))
+        result = parser.feed_data(data)
+        return result
     finally:
         batch.open = False
         writer = batch.writer
