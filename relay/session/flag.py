@@ -14,29 +14,31 @@ import asyncio
 class Flag:
     """Set or clear; `wait` returns once it is set (at once if it is)."""
 
-    __slots__ = ("_set", "_waiters")
+    __slots__ = ("value", "_waiters")
 
     def __init__(self, value: bool = False) -> None:
-        self._set = value
+        # Read it where a method call per frame counts (`is_set` is the same); set it with
+        # `set` and `clear` alone.
+        self.value = value
         self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
-        return self._set
+        return self.value
 
     def set(self) -> None:
-        if self._set:
+        if self.value:
             return
-        self._set = True
+        self.value = True
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
     def clear(self) -> None:
-        self._set = False
+        self.value = False
 
     async def wait(self) -> None:
-        if self._set:
+        if self.value:
             return
         waiter = asyncio.get_running_loop().create_future()
         if self._waiters is None:
