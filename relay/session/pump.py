@@ -47,7 +47,7 @@ from aiohttp import WSMsgType, web
 from aiohttp._websocket.models import WSMessageTextBytes
 
 from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
-from relay.session import frames
+from relay.session import frames, shared_strings
 from relay.session.codec import FrameError, read_client_frame, sniff_type
 from relay.session.continuity import TRACKED
 from relay.session.dialect import Translator
@@ -661,7 +661,7 @@ class Bridge:
     def _session_updated(self, frame: bytes) -> None:
         session = orjson.loads(frame).get("session")
         if isinstance(session, dict):
-            self.session = session
+            self.session = shared_strings.share(session)  # kept: see shared_strings
             self.meter.session_changed(session)
 
     def _upstream_error(self, frame: bytes) -> None:

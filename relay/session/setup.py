@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 from relay.errors import UpstreamRefused
+from relay.session import shared_strings
 from relay.session.codec import FrameError, parse_event
 from relay.session.policy import SessionPolicy
 from relay.upstream.dial import UpstreamSocket
@@ -114,7 +115,8 @@ async def _next_event(upstream: UpstreamSocket) -> tuple[bytes, dict[str, Any]]:
 
 def _session_of(event: dict[str, Any]) -> dict[str, Any]:
     session = event.get("session")
-    return session if isinstance(session, dict) else {}
+    # Kept for the session's life: its strings shared with the other sessions'.
+    return shared_strings.share(session) if isinstance(session, dict) else {}
 
 
 def _refusal(detail: str) -> UpstreamRefused:

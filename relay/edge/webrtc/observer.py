@@ -34,6 +34,7 @@ from relay.edge.webrtc.restore import judge_reported
 from relay.errors import HttpRefusal
 from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.metrics import SessionMeter
+from relay.session import shared_strings
 from relay.session.codec import FrameError, sniff_type
 from relay.session.policy import SessionPolicy
 from relay.state import RelayState
@@ -97,6 +98,7 @@ class CallWatch:
         reported = orjson.loads(frame).get("session")
         if not isinstance(reported, dict):
             return None
+        shared_strings.share(reported)  # kept for the call's life: see shared_strings
         if self.session is None:
             # The first report (the answer to the relay's defaults, if it sent any) is the
             # session in force from then on.
