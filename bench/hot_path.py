@@ -165,7 +165,10 @@ class _Reads:
     def __init__(self, sessions: int, loop: asyncio.AbstractEventLoop) -> None:
         frames.install()
         protocol = BaseProtocol(loop)
-        self.sides: list[list[tuple[WebSocketReader, ForwardingQueue, Any, bytes]]] = [[], []]
+        self.sides: list[list[tuple[WebSocketReader, ForwardingQueue, Any, bytes, Any]]] = [
+            [],
+            [],
+        ]
         for _ in range(sessions):
             session = bridge()
             for side, forward, frame, masked in (
@@ -174,18 +177,19 @@ class _Reads:
             ):
                 queue = ForwardingQueue(protocol, 1 << 16, loop=loop)
                 reader = WebSocketReader(queue, 1 << 24, compress=False, decode_text=False)
+                splitter = frames.splitter(queue, masked=masked, max_size=1 << 24)
                 read = bytes(_text_frame(frame, masked, 0x5A5A5A5A))
-                self.sides[side].append((reader, queue, forward, read))
+                self.sides[side].append((reader, queue, forward, read, splitter))
 
     def per_frame_us(self, side: int, frames_total: int) -> float:
         feed, rounds = frames.feed, max(1, frames_total // len(self.sides[side]))
         began = time.perf_counter()
         for _ in range(rounds):
-            for reader, queue, forward, read in self.sides[side]:
+            for reader, queue, forward, read, splitter in self.sides[side]:
                 queue.forward = forward  # the pump arms it again after each read
-                feed(reader, read)
+                feed(reader, read, splitter)
         elapsed = time.perf_counter() - began
-        assert all(not queue._buffer for _, queue, _, _ in self.sides[side]), "a frame declined"
+        assert all(not side[1]._buffer for side in self.sides[side]), "a frame declined"
         return elapsed / (rounds * len(self.sides[side])) * 1e6
 
 

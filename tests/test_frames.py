@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -291,6 +292,31 @@ async def test_large_frames_to_the_upstream_are_masked_in_one_buffer(start_fake,
             await frames.send_text(client, b"y" * (frames.ONE_COPY_ABOVE + 1))
 
 
+async def test_a_large_message_goes_in_fragments_and_other_sends_wait_for_its_end(start_fake, http):
+    """A masked message of LARGE_FRAME and more is written as fragments, waiting for the
+    drain between them; a data frame sent meanwhile (the renewal's switch marker) goes
+    after the message's last fragment, never between two of them."""
+    where, received, sockets = await _recording_server(start_fake, 16 * 1024 * 1024)
+    async with http.ws_connect(where) as client:
+        on_server = await sockets.get()
+        client._writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384
+        )
+        on_server._req.transport.pause_reading()  # the peer stops reading: the drain waits
+        big = bytes(range(65, 91)) * (3 * frames.LARGE_FRAME // 26)
+        async with asyncio.TaskGroup() as tasks:
+            sending = tasks.create_task(frames.send_text(client, big))
+            await asyncio.sleep(0)  # one loop pass: it writes until its transport pauses
+            assert id(client) in frames._FRAGMENTED and not sending.done()
+            marker = tasks.create_task(frames.send_text(client, b"marker"))
+            await asyncio.sleep(0)  # one loop pass: the marker finds the message unfinished
+            assert not marker.done()
+            on_server._req.transport.resume_reading()
+        assert await received.get() == big.decode()
+        assert await received.get() == "marker"
+        assert frames._FRAGMENTED == {}
+
+
 # Each side of every header length boundary (RFC 6455 5.2: 7-bit, 16-bit and 64-bit lengths).
 _BOUNDARY_SIZES = (0, 1, 125, 126, 127, 65535, 65536, 65537, frames.ONE_COPY_ABOVE + 1)
 
@@ -341,7 +367,7 @@ def test_an_upgraded_connections_bytes_go_to_the_reader_as_aiohttp_sends_them():
         "eof, tail = self._payload_parser.feed_data(data) if eof: self.close()"
     ) in theirs
     assert theirs.endswith("if eof: self.close()")  # nothing after it for upgraded bytes
-    assert "frames.feed(parser, data)" in ours  # parser.feed_data(data), writes batched
+    assert "frames.feed(parser, data, self._large_frames)" in ours  # writes batched, large split
 
 
 class _Writes:

@@ -21,6 +21,7 @@ handler's `_payload_parser` (the WebSocket reader: `feed_data` returns an EOF fl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -46,7 +47,10 @@ class RelayConnection(RequestHandler):
     """aiohttp's per-connection protocol with a request-head deadline, JSON errors for
     malformed requests and a lingering close after an oversized frame."""
 
-    __slots__ = ("_header_timeout", "_awaiting_head", "_head_bytes", "_head_deadline", "_linger")
+    __slots__ = (
+        "_header_timeout", "_awaiting_head", "_head_bytes", "_head_deadline", "_linger",
+        "upgrading", "_large_frames",
+    )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -55,6 +59,18 @@ class RelayConnection(RequestHandler):
         self._head_bytes = 0
         self._head_deadline: asyncio.TimerHandle | None = None
         self._linger: _Linger | None = None
+        # The ClientSocket being prepared on this connection, until it sets its parser.
+        self.upgrading: ClientSocket | None = None
+        self._large_frames: frames.Splitter | None = None
+
+    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
+        socket, self.upgrading = self.upgrading, None
+        # The splitter must see every byte the reader sees: not when aiohttp is about to feed
+        # the reader bytes that came with the request (a client that did not wait for 101).
+        if socket is not None and not self._message_tail:
+            queue, limit = socket._reader, socket._limit
+            self._large_frames = frames.splitter(queue, masked=True, max_size=limit)
+        super().set_parser(parser, data_received_cb)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -78,7 +94,7 @@ class RelayConnection(RequestHandler):
                 callback = self._data_received_cb
                 if callback is not None:
                     callback()
-                eof, _ = frames.feed(parser, data)
+                eof, _ = frames.feed(parser, data, self._large_frames)
                 if eof:
                     self.close()
             return
@@ -239,6 +255,8 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         self._request = request
+        if isinstance(request.protocol, RelayConnection):
+            request.protocol.upgrading = self  # its set_parser makes this socket's splitter
         return await super().prepare(request)
 
     async def close(

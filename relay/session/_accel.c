@@ -13,6 +13,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -510,6 +511,248 @@ static PyTypeObject LaneType = {
     .tp_getset = lane_getset,
 };
 
+/* --- Splitter: large text frames filled past aiohttp's reader ---------------------------
+ *
+ * aiohttp's reader keeps a frame's pieces, joins them, copies them to unmask and hands on a
+ * copy of that: an 8 MiB event costs 16 MiB while the last two live. A connection's
+ * splitter sees every read first (relay.session.frames.feed) and walks every frame header.
+ * A frame whose header is whole in one read, and which is a final, unfragmented,
+ * uncompressed text frame of at least `large` bytes and under `max_size`, masked as this
+ * side's frames are, it fills into one `bytes` of the announced length, unmasking as the
+ * pieces arrive. Every other byte goes to aiohttp's reader, in order. Its oracle is that
+ * reader (tests/unit/test_splitter.py): the same messages, in the same order. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *queue;            /* where the glue puts the messages */
+    int masked;                 /* this side's frames are masked (a client's) */
+    Py_ssize_t large;
+    Py_ssize_t max_size;        /* aiohttp's max_msg_size; 0: none */
+    unsigned char head[14];
+    int head_len;               /* header bytes seen of the next frame (0: at a boundary) */
+    unsigned long long skip;    /* payload bytes still to pass to aiohttp */
+    int fragmented;             /* inside a fragmented data message */
+    PyObject *buffer;           /* the large frame being filled, or NULL */
+    Py_ssize_t filled;
+    Py_ssize_t size;
+    unsigned char key[4];
+} Splitter;
+
+static void
+splitter_dealloc(Splitter *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->buffer);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+splitter_traverse(Splitter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->queue);
+    return 0;
+}
+
+static int
+splitter_clear(Splitter *self)
+{
+    Py_CLEAR(self->queue);
+    return 0;
+}
+
+static int
+splitter_init(Splitter *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"queue", "masked", "large", "max_size", NULL};
+    PyObject *queue;
+    int masked;
+    Py_ssize_t large, max_size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Opnn", keywords, &queue, &masked, &large,
+                                     &max_size))
+        return -1;
+    if (large < 1 || max_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "large must be positive, max_size not negative");
+        return -1;
+    }
+    Py_INCREF(queue);
+    Py_XSETREF(self->queue, queue);
+    Py_CLEAR(self->buffer);
+    self->masked = masked;
+    self->large = large;
+    self->max_size = max_size;
+    self->head_len = 0;
+    self->skip = 0;
+    self->fragmented = 0;
+    self->filled = self->size = 0;
+    return 0;
+}
+
+static int
+header_size(const unsigned char *head)
+{
+    int length = head[1] & 0x7f;
+    return 2 + (length == 126 ? 2 : length == 127 ? 8 : 0) + ((head[1] & 0x80) ? 4 : 0);
+}
+
+/* Append (is_message, part) to *out, made on first use. 0, or -1 with an exception. */
+static int
+emit(PyObject **out, int is_message, PyObject *part)
+{
+    if (part == NULL)
+        return -1;
+    if (*out == NULL && (*out = PyList_New(0)) == NULL) {
+        Py_DECREF(part);
+        return -1;
+    }
+    PyObject *pair = Py_BuildValue("(ON)", is_message ? Py_True : Py_False, part);
+    if (pair == NULL)
+        return -1;
+    int appended = PyList_Append(*out, pair);
+    Py_DECREF(pair);
+    return appended;
+}
+
+static PyObject *
+splitter_split(Splitter *self, PyObject *data)
+{
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "split(data: bytes)");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    PyObject *out = NULL;
+    int changed = self->buffer != NULL; /* this read starts inside a frame being filled */
+    Py_ssize_t pos = 0, seg = 0;        /* seg: the first byte not yet handed on */
+    while (pos < n) {
+        if (self->buffer != NULL) {
+            Py_ssize_t take = self->size - self->filled;
+            if (take > n - pos)
+                take = n - pos;
+            unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(self->buffer) + self->filled;
+            for (Py_ssize_t i = 0; i < take; i++)
+                dst[i] = p[pos + i] ^ self->key[(self->filled + i) & 3];
+            self->filled += take;
+            pos += take;
+            seg = pos;
+            if (self->filled == self->size) {
+                PyObject *message = self->buffer;
+                self->buffer = NULL;
+                if (emit(&out, 1, message) < 0)
+                    goto error;
+            }
+            continue;
+        }
+        if (self->skip) {
+            unsigned long long take = self->skip;
+            if (take > (unsigned long long)(n - pos))
+                take = (unsigned long long)(n - pos);
+            pos += (Py_ssize_t)take;
+            self->skip -= take;
+            continue;
+        }
+        Py_ssize_t start = pos - self->head_len; /* negative: the header began in an earlier read */
+        while (pos < n && self->head_len < 2)
+            self->head[self->head_len++] = p[pos++];
+        if (self->head_len < 2)
+            break;
+        int need = header_size(self->head);
+        while (pos < n && self->head_len < need)
+            self->head[self->head_len++] = p[pos++];
+        if (self->head_len < need)
+            break;
+        const unsigned char *head = self->head;
+        int fin = head[0] & 0x80, rsv = head[0] & 0x70, opcode = head[0] & 0x0f;
+        int masked = (head[1] & 0x80) != 0, short_length = head[1] & 0x7f;
+        unsigned long long length = (unsigned long long)short_length;
+        if (short_length == 126)
+            length = ((unsigned long long)head[2] << 8) | head[3];
+        else if (short_length == 127) {
+            length = 0;
+            for (int i = 0; i < 8; i++)
+                length = (length << 8) | head[2 + i];
+        }
+        self->head_len = 0;
+        if (start >= 0 && fin && !rsv && opcode == 1 && !self->fragmented &&
+            masked == self->masked && length >= (unsigned long long)self->large &&
+            (self->max_size == 0 || length < (unsigned long long)self->max_size) &&
+            length <= (unsigned long long)PY_SSIZE_T_MAX) {
+            if (start > seg &&
+                emit(&out, 0, PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)
+                goto error;
+            self->buffer = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)length);
+            if (self->buffer == NULL)
+                goto error;
+            self->size = (Py_ssize_t)length;
+            self->filled = 0;
+            if (masked)
+                memcpy(self->key, head + need - 4, 4);
+            else
+                memset(self->key, 0, 4);
+            seg = pos;
+            changed = 1;
+            continue;
+        }
+        if (opcode < 3) { /* data frames: a message without FIN continues in the next ones */
+            if (opcode != 0 && !fin)
+                self->fragmented = 1;
+            else if (opcode == 0 && fin)
+                self->fragmented = 0;
+        }
+        self->skip = length;
+    }
+    if (out == NULL && !changed)
+        Py_RETURN_NONE; /* all of it to aiohttp, as it came */
+    if (seg < n && emit(&out, 0, PyBytes_FromStringAndSize((const char *)p + seg, n - seg)) < 0)
+        goto error;
+    if (out == NULL)
+        out = PyList_New(0);
+    return out;
+error:
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *
+splitter_get_filling(Splitter *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->buffer != NULL);
+}
+
+static PyMemberDef splitter_members[] = {
+    {"queue", T_OBJECT, offsetof(Splitter, queue), READONLY, "Where the messages go."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef splitter_getset[] = {
+    {"filling", (getter)splitter_get_filling, NULL, "A large frame is being filled.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef splitter_methods[] = {
+    {"split", (PyCFunction)splitter_split, METH_O,
+     "None: all of data goes to aiohttp's reader. Else [(is_message, bytes)], in order: the "
+     "parts for the reader, and the payloads of the large frames filled."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SplitterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "relay.session._accel.Splitter",
+    .tp_doc = "A connection's large text frames, filled past aiohttp's reader.",
+    .tp_basicsize = sizeof(Splitter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)splitter_init,
+    .tp_dealloc = (destructor)splitter_dealloc,
+    .tp_traverse = (traverseproc)splitter_traverse,
+    .tp_clear = (inquiry)splitter_clear,
+    .tp_methods = splitter_methods,
+    .tp_members = splitter_members,
+    .tp_getset = splitter_getset,
+};
+
 static PyMethodDef methods[] = {
     {"fixed_append_size", fixed_append_size, METH_O,
      "An append's decoded audio bytes when the frame has one of the fixed layouts, else -1."},
@@ -531,7 +774,7 @@ static struct PyModuleDef accel_module = {
 PyMODINIT_FUNC
 PyInit__accel(void)
 {
-    if (PyType_Ready(&LaneType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&SplitterType) < 0)
         return NULL;
     APPEND_KIND = PyUnicode_InternFromString("input_audio_buffer.append");
     if (APPEND_KIND == NULL)
@@ -542,6 +785,12 @@ PyInit__accel(void)
     Py_INCREF(&LaneType);
     if (PyModule_AddObject(module, "Lane", (PyObject *)&LaneType) < 0) {
         Py_DECREF(&LaneType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&SplitterType);
+    if (PyModule_AddObject(module, "Splitter", (PyObject *)&SplitterType) < 0) {
+        Py_DECREF(&SplitterType);
         Py_DECREF(module);
         return NULL;
     }

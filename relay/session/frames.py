@@ -20,7 +20,9 @@ when any of these moves):
   until it is not;
 - the queue's `feed_eof` (called when the connection is lost) and `_protocol`, and the
   protocols' `_data_received_cb` (the heartbeat callback, cleared then: see `feed_eof`);
-- `aiohttp._websocket.helpers.websocket_mask` (XOR with a 4-byte key, in place, on a bytearray).
+- `aiohttp._websocket.helpers.websocket_mask` (XOR with a 4-byte key, in place, on a bytearray);
+- `aiohttp._websocket.models.WSMessageTextBytes`, the message the reader queues for a text
+  frame it does not decode, and the server protocol's `_message_tail` and `set_parser`.
 
 The frames forwarded while one read is parsed are written together when it is done
 (`feed`): one system call per read, not per frame.
@@ -30,10 +32,16 @@ writer: a header packed by length and one transport write. Frames to the upstrea
 is its WebSocket client, so it masks them) are built in one buffer: aiohttp's writer copies
 the payload twice (`bytearray(message)`, then `header + mask + that`), 16 MiB of copies for
 an 8 MiB event on top of the event itself.
+
+Large events (`LARGE_FRAME`, 1 MiB, and more) cost about their own size: on the way in, a
+connection's splitter (`splitter`, in C) fills a large text frame into one buffer past
+aiohttp's reader, which would have held two copies; on the way to the upstream, the pump
+sends it as fragments of 256 KiB, each masked as it is written (`send_text`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +51,7 @@ import aiohttp.web_ws
 import structlog
 from aiohttp import WSMsgType
 from aiohttp._websocket.helpers import websocket_mask
+from aiohttp._websocket.models import WSMessageTextBytes
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.client_exceptions import ClientConnectionResetError
 
@@ -150,22 +159,26 @@ class _Batch:
 _BATCH = _Batch()
 
 
-def feed(parser: Any, data: bytes) -> tuple[bool, bytes]:
+def feed(parser: Any, data: bytes, splitter: Splitter | None = None) -> tuple[bool, bytes]:
     """``parser.feed_data(data)`` (an upgraded connection's WebSocket reader), with the
     frames its callbacks forward written at the end: a read that holds several frames (a
     relay that fell behind, a client sending in bursts) costs the peer one `writev`, not one
     `write` each. Then, if the peer's transport is past its high-water mark, the reading
     side's callback is disarmed and its pump waits for the drain, as after a single write:
-    the backpressure bound is the high-water mark plus one read."""
+    the backpressure bound is the high-water mark plus one read.
+
+    With the connection's ``splitter`` (see `splitter`), its large text frames are filled
+    past the reader and queued as the reader would have queued them."""
     # Annotated, not `cast`: a cast is a function call and a new generic alias per read.
     result: tuple[bool, bytes]
+    parts = None if splitter is None else splitter.split(data)  # None: all of it as it came
     batch = _BATCH
     if batch.open:  # reads do not nest; if one ever did, it joins the outer read's batch
-        result = parser.feed_data(data)
+        result = parser.feed_data(data) if parts is None else _feed_parts(parser, parts, splitter)
         return result
     batch.open = True
     try:
-        result = parser.feed_data(data)
+        result = parser.feed_data(data) if parts is None else _feed_parts(parser, parts, splitter)
         return result
     finally:
         batch.open = False
@@ -185,6 +198,38 @@ def feed(parser: Any, data: bytes) -> tuple[bool, bytes]:
             if writer.protocol._paused:
                 disarm(batch.source)
         batch.source = None
+
+
+# Text frames of this size and more are filled past aiohttp's reader, in one buffer.
+LARGE_FRAME = 1 << 20
+
+
+def splitter(queue: Any, *, masked: bool, max_size: int) -> Splitter | None:
+    """A connection's splitter (`_accel.Splitter`): it must see every byte its reader sees,
+    from the first. aiohttp's reader keeps a frame's pieces, joins them, copies them to
+    unmask and hands on a copy of that: twice an event's size while the last two live. A
+    large text frame is filled into one buffer of its size instead. None where `_accel`
+    was not built: the reader takes everything, as before."""
+    if _Splitter is None:
+        return None
+    return _Splitter(queue, masked, LARGE_FRAME, max_size)
+
+
+def _feed_parts(
+    parser: Any, parts: list[tuple[bool, bytes]], splitter: Splitter | None
+) -> tuple[bool, bytes]:
+    """A read the splitter cut: the reader's parts fed to it, the large frames' payloads
+    queued as the reader queues a text message it does not decode."""
+    assert splitter is not None
+    result: tuple[bool, bytes] = (False, b"")
+    for is_message, part in parts:
+        if is_message:
+            splitter.queue.feed_data(WSMessageTextBytes(WSMsgType.TEXT, part, ""), len(part))
+        else:
+            result = parser.feed_data(part)
+            if result[0]:
+                break  # the reader failed (its queue holds why): nothing after counts
+    return result
 
 
 def write_text(ws: Any, frame: bytes) -> bool:
@@ -245,19 +290,78 @@ def _text_frame(payload: bytes, masked: bool, mask: int) -> bytes | bytearray:
 
 
 async def send_text(ws: Any, frame: bytes) -> None:
-    """`ws.send_frame(frame, TEXT)`, with a large masked frame written by `write_text`.
-    Raises ConnectionError (aiohttp's ClientConnectionResetError) on a closing socket."""
+    """`ws.send_frame(frame, TEXT)`, with a large masked frame written by `write_text`, and
+    one of `LARGE_FRAME` and more in fragments (`_send_in_fragments`). A send waits for a
+    fragmented message on ``ws`` to end first: no data frame may come between its
+    fragments. Raises ConnectionError (aiohttp's ClientConnectionResetError) on a closing
+    socket."""
+    while (writing := _FRAGMENTED.get(id(ws))) is not None:
+        await asyncio.shield(writing)
     writer = ws._writer
     if writer is None or not writer.use_mask or len(frame) <= ONE_COPY_ABOVE or writer.compress:
         await ws.send_frame(frame, WSMsgType.TEXT)
         return
     if writer._closing or writer.transport.is_closing():
         raise ClientConnectionResetError("Cannot write to closing transport")
+    if len(frame) >= LARGE_FRAME:
+        await _send_in_fragments(ws, frame)
+        return
     write_text(ws, frame)
     # aiohttp's writer waits for the drain once it has written past its limit: so does this.
     if writer._output_size > writer._limit:
         writer._output_size = 0
         await drained(ws)
+
+
+# A fragmented message being written, by socket (`id`), until it ends.
+_FRAGMENTED: dict[int, asyncio.Future[None]] = {}
+FRAGMENT = 256 * 1024
+_CONTINUATION = 0x0
+
+
+async def _send_in_fragments(ws: Any, frame: bytes) -> None:
+    """A large masked message as a text frame without FIN and continuation frames of
+    `FRAGMENT` bytes (RFC 6455 5.4), waiting for the transport to drain between them: what
+    is held is the event and about one fragment, not a masked copy of the whole event.
+    Pings and pongs may come between fragments; `send_text` holds other data frames."""
+    writer = ws._writer
+    key = id(ws)
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    _FRAGMENTED[key] = ended
+    try:
+        view = memoryview(frame)
+        for start in range(0, len(frame), FRAGMENT):
+            end = min(start + FRAGMENT, len(frame))
+            if writer._closing or writer.transport.is_closing():
+                raise ClientConnectionResetError("Cannot write to closing transport")
+            first = _TEXT if start == 0 else _CONTINUATION
+            head, body = _masked_fragment(
+                view[start:end], first, end == len(frame), writer.get_random_bits()
+            )
+            writer.transport.write(head)
+            writer.transport.write(body)
+            if writer.protocol._paused:
+                await writer.protocol._drain_helper()  # ConnectionError if the peer is gone
+    finally:
+        del _FRAGMENTED[key]
+        ended.set_result(None)
+
+
+def _masked_fragment(
+    piece: memoryview, opcode: int, fin: bool, mask: int
+) -> tuple[bytes, bytearray]:
+    length = len(piece)
+    first = (0x80 if fin else 0) | opcode
+    if length < 126:
+        head = _HEAD_SHORT(first, 0x80 | length)
+    elif length < 65536:
+        head = _HEAD_MEDIUM(first, 0x80 | 126, length)
+    else:
+        head = _HEAD_LONG(first, 0x80 | 127, length)
+    key = _MASK_KEY(mask)
+    body = bytearray(piece)
+    websocket_mask(key, body)
+    return head + key, body
 
 
 def paused(ws: Any) -> bool:
@@ -276,6 +380,10 @@ async def drained(ws: Any) -> None:
 # One call per frame in C (relay/session/_accel.c) where it was built; `_text_frame` is the
 # reference its tests hold it to (tests/unit/test_accel.py), and what runs without it.
 try:
+    from relay.session._accel import Splitter as Splitter
     from relay.session._accel import text_frame
+
+    _Splitter: type[Splitter] | None = Splitter
 except ImportError:  # pragma: no cover
     text_frame = _text_frame
+    _Splitter = None

@@ -70,6 +70,7 @@ _MAX_REASON_BYTES = 123
 _YIELD_EVERY = 16
 # The per-frame clock, one global lookup (not `time.perf_counter`: two).
 _clock = time.perf_counter
+_LARGE_FRAME = frames.LARGE_FRAME
 _log = structlog.get_logger("relay.session")
 # Read per frame: an enum member through its class costs 7 times a global on Python 3.11.
 _TEXT = WSMsgType.TEXT
@@ -309,6 +310,8 @@ class Bridge:
         if tokens < 1.0:
             return False  # the pump throttles or refuses
         data = msg.data
+        if len(data) >= _LARGE_FRAME:
+            return False  # the pump writes it in fragments: no masked copy of all of it
         upstream = self.upstream
         lane = self.lane_in
         if lane is not None and frames.writable(upstream) and lane.append(data) >= 0:

@@ -34,6 +34,7 @@ from aiohttp import WSMsgType
 
 from relay.errors import HttpRefusal
 from relay.ops.metrics import Metrics
+from relay.session import frames
 from relay.session.audio_keeper import AudioKeeper
 from relay.session.codec import FrameError, sniff_type
 from relay.session.continuity import (
@@ -310,7 +311,8 @@ class Renewal:
         self.bridge.gate.clear()
         retrieve = {"type": "conversation.item.retrieve", "event_id": marker, "item_id": marker}
         try:
-            await old.send_frame(orjson.dumps(retrieve), WSMsgType.TEXT)
+            # After any fragmented message the client pump is writing (`frames.send_text`).
+            await frames.send_text(old, orjson.dumps(retrieve))
             async with asyncio.timeout(HOLD_SECONDS):
                 return await asyncio.shield(done)
         except (TimeoutError, ConnectionError) as exc:

@@ -210,6 +210,10 @@ async def _upgrade(
     upstream._parser = WebSocketReader(
         reader, options.max_message_bytes, compress=False, decode_text=False
     )
+    if isinstance(proto, _UpstreamProtocol):  # before the first byte goes to the reader
+        proto.large_frames = frames.splitter(
+            reader, masked=False, max_size=options.max_message_bytes
+        )
     # Bytes that came with the 101 (the service's session.created) are parsed now.
     proto.set_parser(upstream._parser, reader, data_received_cb=upstream._on_data_received)
     return upstream
@@ -228,6 +232,9 @@ class _UpstreamProtocol(ResponseHandler):
     no read timeout armed (none is set on an upstream socket), its bytes go to the reader as
     `ResponseHandler.data_received` sends them, with one call fewer per frame."""
 
+    # Made before the first byte goes to the WebSocket reader (`_upgrade`).
+    large_frames: frames.Splitter | None = None
+
     def data_received(self, data: bytes) -> None:
         parser: Any = self._payload_parser  # aiohttp types it as its initial None
         if parser is None or self._read_timeout_handle is not None:
@@ -236,7 +243,7 @@ class _UpstreamProtocol(ResponseHandler):
         callback = self._data_received_cb
         if callback is not None:
             callback()
-        protocol_error, _ = frames.feed(parser, data)
+        protocol_error, _ = frames.feed(parser, data, self.large_frames)
         if protocol_error:
             self._payload = None
             self._payload_parser = None

@@ -68,6 +68,24 @@ c_lane.drain()
 for size in (0, 1, 7, 8, 9, 125, 126, 127, 65535, 65536, 65537, 1 << 20):
     b = rng.randbytes(size)
     assert accel.text_frame(b, True, 0xDEADBEEF) == bytes(frames._text_frame(b, True, 0xDEADBEEF))
+# The splitter on streams of frames, large and not, and on bytes that are no frames, cut
+# into reads anywhere (its answers are held to aiohttp's reader in tests/unit/test_splitter.py).
+for _ in range(int(sys.argv[3]) // 20):
+    masked = rng.random() < 0.5
+    splitter = accel.Splitter(None, masked, 16, 1 << 12)
+    stream = bytearray()
+    for _ in range(rng.randrange(1, 6)):
+        payload = rng.randbytes(rng.choice((0, 5, 16, 17, 200, 70000)))
+        stream += frames._text_frame(payload, masked, rng.getrandbits(32))
+    if rng.random() < 0.3:
+        stream[rng.randrange(len(stream))] = rng.randrange(256)
+    if rng.random() < 0.1:
+        stream = bytearray(rng.randbytes(rng.randrange(200)))
+    at = 0
+    while at < len(stream):
+        step = rng.randrange(1, 300)
+        splitter.split(bytes(stream[at : at + step]))
+        at += step
 print("clean")
 """
 

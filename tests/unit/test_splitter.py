@@ -1,0 +1,153 @@
+"""The splitter (`_accel.Splitter`, through `frames.feed`) against its oracle, aiohttp's own
+reader: the same byte stream, cut into the same reads, must put the same messages on the
+queue in the same order, and the same error where the reader refuses the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import struct
+from typing import Any
+
+import pytest
+from aiohttp._websocket.helpers import websocket_mask
+from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+from aiohttp.base_protocol import BaseProtocol
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.session import frames
+
+_accel = pytest.importorskip(
+    "relay.session._accel",
+    reason="relay/session/_accel.c was not built (no C compiler at pip install: "
+    "apt-get install gcc, then make venv)",
+)
+if os.environ.get("CI") and not hasattr(_accel, "Splitter"):  # pragma: no cover
+    pytest.fail("the C splitter is missing in CI")
+
+LARGE = 64  # small, so that the corpora hold many large frames
+MAX_SIZE = 1 << 17  # frames of 64 KiB and more have the long header
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool, rsv: int = 0) -> bytes:
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    flag = 0x80 if masked else 0
+    n = len(payload)
+    if n < 126:
+        head += bytes([flag | n])
+    elif n < 65536:
+        head += bytes([flag | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([flag | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    body = bytearray(payload)
+    websocket_mask(key, body)
+    return head + key + body
+
+
+def stream(rng: random.Random, masked: bool) -> bytes:
+    """Text and binary messages small and large, fragmented ones with control frames
+    between their fragments, pings and pongs."""
+    out = []
+    for _ in range(rng.randrange(1, 12)):
+        size = rng.choice((0, 5, LARGE - 1, LARGE, LARGE + 1, 300, 70000, MAX_SIZE - 1))
+        payload = rng.randbytes(size)
+        pick = rng.random()
+        if pick < 0.45:
+            out.append(frame(1, payload, masked=masked))
+        elif pick < 0.55:
+            out.append(frame(2, payload, masked=masked))
+        elif pick < 0.75:  # a fragmented text message
+            cuts = sorted(rng.sample(range(len(payload) + 1), min(2, len(payload) + 1)))
+            pieces = [payload[: cuts[0]], payload[cuts[0] : cuts[-1]], payload[cuts[-1] :]]
+            for i, piece in enumerate(pieces):
+                out.append(frame(0 if i else 1, piece, fin=i == 2, masked=masked))
+                if rng.random() < 0.5:
+                    out.append(frame(9, b"ping", masked=masked))
+        else:
+            out.append(frame(rng.choice((9, 10)), payload[:100], masked=masked))
+    return b"".join(out)
+
+
+def reads(data: bytes, rng: random.Random) -> list[bytes]:
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(0, 12))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def received(queue: WebSocketDataQueue) -> tuple[list[tuple[Any, ...]], Any]:
+    messages = [(m.type, m.data, m.extra, size) for m, size in queue._buffer]
+    exc = queue.exception()
+    return messages, None if exc is None else (type(exc), str(exc))
+
+
+def through(chunks: list[bytes], masked: bool, split: bool) -> tuple[list[Any], Any]:
+    protocol = BaseProtocol(asyncio.get_event_loop())
+    queue = WebSocketDataQueue(protocol, 1 << 30, loop=asyncio.get_event_loop())
+    reader = WebSocketReader(queue, MAX_SIZE, compress=False, decode_text=False)
+    splitter = _accel.Splitter(queue, masked, LARGE, MAX_SIZE) if split else None
+    for chunk in chunks:
+        eof, _ = frames.feed(reader, chunk, splitter)
+        if eof:
+            break
+    return received(queue)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["client", "upstream"])
+@pytest.mark.parametrize("seed", range(300))
+async def test_the_queue_gets_what_aiohttps_reader_alone_gives_it(seed, masked):
+    rng = random.Random(seed)
+    data = stream(rng, masked)
+    chunks = reads(data, rng)
+    alone = through(chunks, masked, split=False)
+    assert through(chunks, masked, split=True) == alone
+    assert alone[1] is None and alone[0]
+
+
+async def test_large_text_frames_are_filled_past_the_reader():
+    payloads = [b"a" * (LARGE - 1), b"b" * LARGE, b"c" * 70000]
+    data = b"".join(frame(1, p, masked=True) for p in payloads)
+    parts = _accel.Splitter(None, True, LARGE, MAX_SIZE).split(data)
+    assert parts is not None
+    assert [p for is_message, p in parts if is_message] == payloads[1:]
+    assert [p for is_message, p in parts if not is_message] == [data[: 2 + 4 + LARGE - 1]]
+    # A header cut across reads leaves its frame to the reader (the corpora above check
+    # that the reader then gets every byte of it).
+    splitter = _accel.Splitter(None, True, LARGE, MAX_SIZE)
+    big = frame(1, payloads[2], masked=True)
+    assert splitter.split(big[:3]) is None
+    assert splitter.split(big[3:]) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        frame(1, b"x" * MAX_SIZE, masked=True),  # at the limit: the reader refuses it
+        frame(1, b"x" * 100, masked=True, rsv=0x40),  # compressed, on a connection without
+        frame(1, b"x" * 100, masked=False),  # unmasked from a client
+        bytes([0x81, 0xFF]) + b"\xff" * 8 + b"key!",  # a length past 2**63
+        frame(0, b"x" * 100, masked=True),  # a continuation of nothing
+    ],
+)
+async def test_a_stream_the_reader_refuses_is_refused_the_same(bad):
+    data = frame(1, b"ok" * 40, masked=True) + bad + frame(1, b"after" * 30, masked=True)
+    chunks = reads(data, random.Random(len(bad)))
+    assert through(chunks, True, split=True) == through(chunks, True, split=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.lists(st.integers(1, 599), max_size=6))
+def test_any_bytes_give_the_same_as_the_reader(data, cuts):
+    points = sorted({c for c in cuts if c < len(data)})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    chunks = [c for c in chunks if c]
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        assert through(chunks, True, split=True) == through(chunks, True, split=False)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
