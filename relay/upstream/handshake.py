@@ -238,6 +238,10 @@ class _UpstreamProtocol(ResponseHandler):
     def data_received(self, data: bytes) -> None:
         parser: Any = self._payload_parser  # aiohttp types it as its initial None
         if parser is None or self._read_timeout_handle is not None:
+            # Bytes the reader gets without the splitter: it would lose its place in the
+            # frames (none do today: the 101 is read before the splitter is made, and no
+            # read timeout is set on an upstream socket).
+            self.large_frames = None
             super().data_received(data)
             return
         callback = self._data_received_cb
