@@ -355,6 +355,31 @@ async def test_a_large_event_reaches_the_upstream_unchanged(start_relay, start_f
     assert fake.received == [event]
 
 
+async def test_a_large_event_is_filled_past_the_reader_both_ways(
+    start_relay, start_fake, http, monkeypatch
+):
+    """An event of LARGE_FRAME and more is filled by the connection's splitter, on the
+    client's connection and on the upstream's (the echo), and reaches each side whole."""
+    filled: list[int] = []
+    feed_parts = frames._feed_parts
+
+    def counted(parser: Any, parts: Any, splitter: Any) -> tuple[bool, bytes]:
+        filled.extend(len(part) for is_message, part in parts if is_message)
+        return feed_parts(parser, parts, splitter)
+
+    monkeypatch.setattr(frames, "_feed_parts", counted)
+    fake, relay = await _relay_on_echo(start_relay, start_fake)
+    audio = b64(bytes(range(256)) * (2 * frames.LARGE_FRAME // 256))
+    event = orjson.dumps({"type": "input_audio_buffer.append", "event_id": "big", "audio": audio})
+    async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str(event.decode())
+        echoed = (await ws.receive()).data
+        assert orjson.loads(echoed)["audio"] == audio
+    assert fake.received == [event]
+    assert filled == [len(event), len(echoed)]
+
+
 def test_an_upgraded_connections_bytes_go_to_the_reader_as_aiohttp_sends_them():
     """`RelayConnection.data_received` hands an upgraded connection's bytes to the WebSocket
     reader itself, as aiohttp's `RequestHandler.data_received` does (one call fewer per
