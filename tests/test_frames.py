@@ -244,6 +244,7 @@ async def test_a_lost_connection_keeps_no_callback_to_its_socket(
     async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")
         assert all(p._data_received_cb is not None for p in protocols)  # heartbeats on
+        assert all(p.large_frames is not None for p in protocols)  # splitters made
         await ws.send_str(_append(1).decode())
         await ws.receive()
     await relay.app[STATE].idle.wait()
@@ -253,6 +254,7 @@ async def test_a_lost_connection_keeps_no_callback_to_its_socket(
         await asyncio.sleep(0)  # one loop pass, not a wait for time
     assert len(protocols) == 2 and all(p.transport is None for p in protocols)
     assert [p._data_received_cb for p in protocols] == [None, None]
+    assert [p.large_frames for p in protocols] == [None, None]  # the splitters, likewise
 
 
 async def _recording_server(start_fake: Any, max_msg_size: int) -> tuple[Any, Any, Any]:
@@ -392,7 +394,7 @@ def test_an_upgraded_connections_bytes_go_to_the_reader_as_aiohttp_sends_them():
         "eof, tail = self._payload_parser.feed_data(data) if eof: self.close()"
     ) in theirs
     assert theirs.endswith("if eof: self.close()")  # nothing after it for upgraded bytes
-    assert "frames.feed(parser, data, self._large_frames)" in ours  # writes batched, large split
+    assert "frames.feed(parser, data, self.large_frames)" in ours  # writes batched, large split
 
 
 class _Writes:

@@ -49,7 +49,7 @@ class RelayConnection(RequestHandler):
 
     __slots__ = (
         "_header_timeout", "_awaiting_head", "_head_bytes", "_head_deadline", "_linger",
-        "upgrading", "_large_frames",
+        "upgrading", "large_frames",
     )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
@@ -61,7 +61,7 @@ class RelayConnection(RequestHandler):
         self._linger: _Linger | None = None
         # The ClientSocket being prepared on this connection, until it sets its parser.
         self.upgrading: ClientSocket | None = None
-        self._large_frames: frames.Splitter | None = None
+        self.large_frames: frames.Splitter | None = None
 
     def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
         socket, self.upgrading = self.upgrading, None
@@ -69,7 +69,7 @@ class RelayConnection(RequestHandler):
         # the reader bytes that came with the request (a client that did not wait for 101).
         if socket is not None and not self._message_tail:
             queue, limit = socket._reader, socket._limit
-            self._large_frames = frames.splitter(queue, masked=True, max_size=limit)
+            self.large_frames = frames.splitter(queue, masked=True, max_size=limit)
         super().set_parser(parser, data_received_cb)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,6 +80,9 @@ class RelayConnection(RequestHandler):
         self._disarm_head_deadline()
         if self._linger is not None:
             self._linger.finish()
+        # The splitter holds the socket's queue, which holds this protocol: a cycle that
+        # would leave every closed session to the cycle collector (see frames.feed_eof).
+        self.large_frames = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -94,7 +97,7 @@ class RelayConnection(RequestHandler):
                 callback = self._data_received_cb
                 if callback is not None:
                     callback()
-                eof, _ = frames.feed(parser, data, self._large_frames)
+                eof, _ = frames.feed(parser, data, self.large_frames)
                 if eof:
                     self.close()
             return

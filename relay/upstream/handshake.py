@@ -235,6 +235,12 @@ class _UpstreamProtocol(ResponseHandler):
     # Made before the first byte goes to the WebSocket reader (`_upgrade`).
     large_frames: frames.Splitter | None = None
 
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # The splitter holds the socket's queue, which holds this protocol: a cycle that
+        # would leave every closed session to the cycle collector.
+        self.large_frames = None
+        super().connection_lost(exc)
+
     def data_received(self, data: bytes) -> None:
         parser: Any = self._payload_parser  # aiohttp types it as its initial None
         if parser is None or self._read_timeout_handle is not None:
