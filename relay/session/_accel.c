@@ -148,6 +148,28 @@ delta_to_the_end(PyObject *Py_UNUSED(module), PyObject *frame)
     return scan_bytes(frame, delta_end, "delta_to_the_end");
 }
 
+/* dst[i] = src[i] ^ key[(offset + i) % 4] (RFC 6455 5.3: `offset` is where src starts in
+ * the payload), eight bytes at a time with the key repeated. */
+static void
+xor_mask(unsigned char *dst, const unsigned char *src, Py_ssize_t length,
+         const unsigned char key[4], Py_ssize_t offset)
+{
+    unsigned char repeated[8];
+    for (int i = 0; i < 8; i++)
+        repeated[i] = key[(offset + i) & 3];
+    uint64_t wide;
+    memcpy(&wide, repeated, 8);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= length; i += 8) {
+        uint64_t chunk;
+        memcpy(&chunk, src + i, 8);
+        chunk ^= wide;
+        memcpy(dst + i, &chunk, 8);
+    }
+    for (; i < length; i++)
+        dst[i] = src[i] ^ key[(offset + i) & 3];
+}
+
 /* frames._text_frame: one RFC 6455 text frame (FIN set) holding `payload`, masked with the
  * 4-byte key `mask` (big-endian, as aiohttp packs it) when `masked` is true. */
 static PyObject *
@@ -205,21 +227,7 @@ text_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         memcpy(dst, payload, (size_t)length);
         return out;
     }
-    /* XOR eight bytes at a time with the key repeated (the payload starts at key byte 0). */
-    uint64_t wide;
-    unsigned char repeated[8];
-    for (int i = 0; i < 8; i++)
-        repeated[i] = mask[i % 4];
-    memcpy(&wide, repeated, 8);
-    Py_ssize_t i = 0;
-    for (; i + 8 <= length; i += 8) {
-        uint64_t chunk;
-        memcpy(&chunk, payload + i, 8);
-        chunk ^= wide;
-        memcpy(dst + i, &chunk, 8);
-    }
-    for (; i < length; i++)
-        dst[i] = (unsigned char)payload[i] ^ mask[i % 4];
+    xor_mask(dst, (const unsigned char *)payload, length, mask, 0);
     return out;
 }
 
@@ -631,8 +639,7 @@ splitter_split(Splitter *self, PyObject *data)
             if (take > n - pos)
                 take = n - pos;
             unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(self->buffer) + self->filled;
-            for (Py_ssize_t i = 0; i < take; i++)
-                dst[i] = p[pos + i] ^ self->key[(self->filled + i) & 3];
+            xor_mask(dst, p + pos, take, self->key, self->filled);
             self->filled += take;
             pos += take;
             seg = pos;
@@ -714,20 +721,9 @@ error:
     return NULL;
 }
 
-static PyObject *
-splitter_get_filling(Splitter *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->buffer != NULL);
-}
-
 static PyMemberDef splitter_members[] = {
     {"queue", T_OBJECT, offsetof(Splitter, queue), READONLY, "Where the messages go."},
     {NULL, 0, 0, 0, NULL},
-};
-
-static PyGetSetDef splitter_getset[] = {
-    {"filling", (getter)splitter_get_filling, NULL, "A large frame is being filled.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyMethodDef splitter_methods[] = {
@@ -750,7 +746,6 @@ static PyTypeObject SplitterType = {
     .tp_clear = (inquiry)splitter_clear,
     .tp_methods = splitter_methods,
     .tp_members = splitter_members,
-    .tp_getset = splitter_getset,
 };
 
 static PyMethodDef methods[] = {

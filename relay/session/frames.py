@@ -243,7 +243,7 @@ def write_text(ws: Any, frame: bytes) -> bool:
     elif len(frame) < 65536:
         out = text_frame(frame, False, 0)
     else:  # header and payload in two writes: no copy of a large payload
-        _send(writer, _HEAD_LONG(_FIN_TEXT, 127, len(frame)))
+        _send(writer, _frame_head(_FIN_TEXT, False, len(frame)))
         return _send(writer, frame)
     return _send(writer, out)
 
@@ -267,14 +267,7 @@ def _text_frame(payload: bytes, masked: bool, mask: int) -> bytes | bytearray:
     """One text frame (RFC 6455 5.2, FIN set) holding ``payload``, masked with the 4-byte
     key ``mask`` when ``masked``: the header packed by length, the payload copied once. The
     reference for `_accel`'s."""
-    length = len(payload)
-    flag = 0x80 if masked else 0
-    if length < 126:
-        header = _HEAD_SHORT(_FIN_TEXT, flag | length)
-    elif length < 65536:
-        header = _HEAD_MEDIUM(_FIN_TEXT, flag | 126, length)
-    else:
-        header = _HEAD_LONG(_FIN_TEXT, flag | 127, length)
+    header = _frame_head(_FIN_TEXT, masked, len(payload))
     if not masked:
         return header + payload
     key = _MASK_KEY(mask)
@@ -350,18 +343,21 @@ async def _send_in_fragments(ws: Any, frame: bytes) -> None:
 def _masked_fragment(
     piece: memoryview, opcode: int, fin: bool, mask: int
 ) -> tuple[bytes, bytearray]:
-    length = len(piece)
-    first = (0x80 if fin else 0) | opcode
-    if length < 126:
-        head = _HEAD_SHORT(first, 0x80 | length)
-    elif length < 65536:
-        head = _HEAD_MEDIUM(first, 0x80 | 126, length)
-    else:
-        head = _HEAD_LONG(first, 0x80 | 127, length)
     key = _MASK_KEY(mask)
     body = bytearray(piece)
     websocket_mask(key, body)
-    return head + key, body
+    return _frame_head((0x80 if fin else 0) | opcode, True, len(piece)) + key, body
+
+
+def _frame_head(first: int, masked: bool, length: int) -> bytes:
+    """A frame's first byte (FIN and opcode), then its mask bit and length, packed by length
+    (RFC 6455 5.2); the mask key, if any, follows it."""
+    flag = 0x80 if masked else 0
+    if length < 126:
+        return _HEAD_SHORT(first, flag | length)
+    if length < 65536:
+        return _HEAD_MEDIUM(first, flag | 126, length)
+    return _HEAD_LONG(first, flag | 127, length)
 
 
 def paused(ws: Any) -> bool:

@@ -9,7 +9,6 @@ backslash, padding, a brace, a space where the layout has another byte) and on r
 from __future__ import annotations
 
 import base64
-import os
 import random
 
 import pytest
@@ -17,18 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.session import codec, frames
+from tests.unit.accel_build import NOT_BUILT, not_built
 from tests.unit.frame_corpus import APPENDS, AUDIO, DELTAS, frames_from
 
 try:
     from relay.session import _accel as accel
 except ImportError:
-    _REASON = (
-        "relay/session/_accel.c was not built: there was no C compiler at `pip install` "
-        "(apt-get install gcc, then make venv)"
-    )
-    if os.environ.get("CI"):  # .ci/run builds it: the relay CI tests is the one that ships
-        pytest.fail(_REASON, pytrace=False)
-    pytest.skip(_REASON, allow_module_level=True)
+    not_built()
+    pytest.skip(NOT_BUILT, allow_module_level=True)
 
 
 def test_fixed_append_size_matches_its_reference() -> None:

@@ -18,17 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.session import frames
+from tests.unit.accel_build import NOT_BUILT, not_built
 
-_REASON = (
-    "relay/session/_accel.c was not built: there was no C compiler at `pip install` "
-    "(apt-get install gcc, then make venv); without it nothing is split"
-)
 try:
     from relay.session import _accel
 except ImportError:
-    if os.environ.get("CI"):  # .ci/run builds it: the relay CI tests is the one that ships
-        pytest.fail(_REASON, pytrace=False)
-    pytest.skip(_REASON, allow_module_level=True)
+    not_built()
+    pytest.skip(NOT_BUILT + "; without it nothing is split", allow_module_level=True)
 
 LARGE = 64  # small, so that the corpora hold many large frames
 MAX_SIZE = 1 << 17  # frames of 64 KiB and more have the long header
