@@ -4,20 +4,12 @@ percentiles of the round-trip samples the generators write.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil  # type: ignore[import-untyped]  # no stubs installed
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (bound and released: fine on a loopback-only bench)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ProcessTree:

@@ -38,8 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.measure import free_port
-
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 REALTIME_PATH = "/openai/v1/realtime?model=bench"
@@ -172,6 +170,13 @@ def announced_ports(child: Child, labels: Sequence[str] = ("PORT",)) -> dict[str
             return found
         time.sleep(0.05)
     raise PathError(f"announced no {' and '.join(labels)} in time:\n{child.tail()}")
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (bound and released: fine on a loopback-only bench)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def render(template: str, values: dict[str, object]) -> str:
