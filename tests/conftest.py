@@ -30,6 +30,9 @@ class RelayTestServer(TestServer):
     """aiohttp's TestServer on the relay's own runner (`RelayRunner`), as `relay serve`."""
 
     async def _make_runner(self, **kwargs: Any) -> RelayRunner:
+        # aiohttp's TestServer cancels a handler when its client's connection is lost;
+        # `relay serve` does not (aiohttp's default): the pumps see the loss themselves.
+        kwargs.pop("handler_cancellation", None)
         return RelayRunner(self.app, **kwargs)
 
 

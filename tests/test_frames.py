@@ -7,6 +7,7 @@ them fails here rather than in production.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import socket
 from collections.abc import AsyncIterator
@@ -255,6 +256,45 @@ async def test_a_lost_connection_keeps_no_callback_to_its_socket(
     assert len(protocols) == 2 and all(p.transport is None for p in protocols)
     assert [p._data_received_cb for p in protocols] == [None, None]
     assert [p.large_frames for p in protocols] == [None, None]  # the splitters, likewise
+
+
+async def test_a_finished_session_is_freed_without_the_cycle_collector(
+    start_relay, start_fake, http, monkeypatch
+):
+    """A session's objects (both sockets, both protocols, the bridge) go when the last
+    reference does. A cycle among them would leave every session to the cycle collector,
+    whose passes under set-up churn took 17-28 ms (the set-up p99 at 16 connectors): the
+    client socket, kept on its protocol as `upgrading` when aiohttp prepared it a second
+    time after the handler returned, was one."""
+    fake, relay = await _relay_on_echo(start_relay, start_fake)
+    # Identities, not references (aiohttp's protocols take no weak references).
+    watched: set[tuple[int, type]] = set()
+    run = Bridge.run
+
+    async def watch(self: Bridge) -> Any:
+        for one in (self, self.client, self.upstream, self.client._writer.protocol,
+                    self.upstream._writer.protocol):  # fmt: skip
+            watched.add((id(one), type(one)))
+        return await run(self)
+
+    monkeypatch.setattr(Bridge, "run", watch)
+    gc.collect()
+    gc.disable()
+    try:
+        async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            await ws.send_str(_append(1).decode())
+            await ws.receive()
+        await relay.app[STATE].idle.wait()
+        await asyncio.sleep(0)  # one loop pass: the connections are lost
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if (id(o), type(o)) in watched]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert len(watched) == 5 and left == []
 
 
 async def _recording_server(start_fake: Any, max_msg_size: int) -> tuple[Any, Any, Any]:

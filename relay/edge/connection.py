@@ -258,7 +258,9 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         self._request = request
-        if isinstance(request.protocol, RelayConnection):
+        # aiohttp prepares a response again once the handler returns: only the first time
+        # is an upgrade (set later, the protocol would keep this socket, a cycle per session).
+        if self._payload_writer is None and isinstance(request.protocol, RelayConnection):
             request.protocol.upgrading = self  # its set_parser makes this socket's splitter
         return await super().prepare(request)
 
