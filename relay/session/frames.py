@@ -20,6 +20,7 @@ when any of these moves):
   until it is not;
 - the queue's `feed_eof` (called when the connection is lost) and `_protocol`, and the
   protocols' `_data_received_cb` (the heartbeat callback, cleared then: see `feed_eof`);
+- a socket's `_exception` (what `exception()` returns), cleared once it is closed;
 - `aiohttp._websocket.helpers.websocket_mask` (XOR with a 4-byte key, in place, on a bytearray);
 - `aiohttp._websocket.models.WSMessageTextBytes`, the message the reader queues for a text
   frame it does not decode, and the server protocol's `_message_tail` and `set_parser`.
@@ -371,6 +372,13 @@ async def drained(ws: Any) -> None:
     writer = ws._writer
     if writer is not None and writer.protocol.writing_paused:
         await writer.protocol._drain_helper()
+
+
+def forget_error(ws: Any) -> None:
+    """Drop the error aiohttp keeps on a closed socket (``exception()``): its traceback holds
+    the socket's own frames, so a connection that broke (a client that vanished) would be a
+    reference cycle, left to the cycle collector with everything the socket holds."""
+    ws._exception = None
 
 
 # One call per frame in C (relay/session/_accel.c) where it was built; `_text_frame` is the

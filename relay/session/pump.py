@@ -859,6 +859,8 @@ class Bridge:
 
     async def _close_both(self) -> None:
         await asyncio.gather(self._close_client(), self._close_upstream(), return_exceptions=True)
+        frames.forget_error(self.client)
+        frames.forget_error(self.upstream)
 
 
 def _rate_limited(rate: float, burst: float) -> PolicyViolation:

@@ -457,3 +457,4 @@ async def _close(upstream: UpstreamSocket, reason: str) -> None:
             await upstream.close(code=1000, message=reason.encode())
     except (TimeoutError, ConnectionError):
         pass  # aiohttp has dropped the connection
+    frames.forget_error(upstream)
