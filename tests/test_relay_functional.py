@@ -76,6 +76,25 @@ async def test_query_key_is_accepted_and_never_logged(simulator, start_relay, ht
     assert "api-key=REDACTED" in refusal["url"]
 
 
+async def test_a_session_logs_its_own_lines_and_other_requests_the_access_line(
+    simulator, start_relay, http
+):
+    """A session's record is `session_started` and `session_ended`; the access line would
+    repeat `session_ended` as the handler ends. A refused upgrade is not a session: it logs
+    its refusal and the access line."""
+    relay = await start_relay(relay_config(simulator.url))
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+        await relay.app[STATE].idle.wait()
+        await refused(http, ws_url(relay, **{"api-key": "wrong-key-123"}), 401, "invalid_api_key")
+    events = [entry["event"] for entry in logs]
+    assert events.count("session_started") == events.count("session_ended") == 1
+    access = [entry for entry in logs if entry["event"] == "http_request"]
+    assert len(access) == 2  # `refused` asks twice: the upgrade, then a GET for the body
+    assert all(line["status"] == 401 and "api-key=REDACTED" in line["url"] for line in access)
+
+
 @pytest.mark.parametrize(
     ("headers", "code"),
     [({}, "missing_api_key"), ({"api-key": "nope"}, "invalid_api_key")],

@@ -246,7 +246,9 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
     the close frame. Here the close carries a reason and the connection lingers
     (`RelayConnection.linger`) before it is closed."""
 
-    __slots__ = ("_limit", "_linger_seconds", "_lingering", "_too_big", "_request")
+    __slots__ = (
+        "_limit", "_linger_seconds", "_lingering", "_too_big", "_request", "logged_as_session"
+    )  # fmt: skip
 
     def __init__(self, *, max_msg_size: int, linger_seconds: float, **kwargs: Any) -> None:
         super().__init__(max_msg_size=max_msg_size, **kwargs)
@@ -255,6 +257,8 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
         self._lingering: asyncio.Future[None] | None = None
         self._too_big = False
         self._request: web.BaseRequest | None = None
+        # Its session logged `session_ended`, which stands for the access line (AccessLogger).
+        self.logged_as_session = False
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         self._request = request

@@ -393,6 +393,7 @@ async def _serve(
             # upstream_session_id names the first; session_renewed lines name the others.
             upstream_sessions=1 + (bridge.renewal.moves if bridge.renewal else 0),
         )
+        client.logged_as_session = True
         _forget_when_done(state, bridge)
     return client
 
