@@ -199,6 +199,7 @@ async def test_the_aiohttp_internals_the_frame_layer_uses(start_fake, http):
             assert writer.transport is not None and writer.protocol.writing_paused is False
             assert callable(writer.protocol._drain_helper)
             assert ws._closing is False
+            assert ws._exception is None and ws.exception() is None  # `forget_error`
             assert frames.writable(ws) and not frames.paused(ws)
             assert isinstance(writer._output_size, int) and isinstance(writer._limit, int)
         assert client._writer.use_mask is True and server_ws._writer.use_mask is False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import orjson
 import structlog
 from aiohttp import WSMsgType, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay.edge.admission import Lease
 from relay.edge.auth import REALTIME_SUBPROTOCOL, find_key, hash_key, offered_subprotocols
@@ -27,6 +27,7 @@ from relay.edge.responses import error_response, error_type
 from relay.edge.routes import RealtimeRequest, parse_realtime_request, resolve_deployment
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRefused
 from relay.ops.config import DeploymentConfig, TeamConfig
+from relay.ops.exposition import exposition
 from relay.ops.logsetup import describe_error, redact_url
 from relay.ops.metrics import SessionMeter
 from relay.ops.redaction import SECRETS
@@ -421,7 +422,7 @@ async def metrics(request: web.Request) -> web.Response:
             return error_response(
                 ClientRefused(401, "invalid_metrics_token", "The metrics token is not valid.")
             )
-    body = generate_latest(request.app[REGISTRY])
+    body = await exposition(request.app[REGISTRY])  # a slice at a time: frames flow meanwhile
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

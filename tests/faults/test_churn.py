@@ -14,8 +14,8 @@ import pytest
 from relay.edge.connection import ClientSocket, RelayConnection
 from relay.ops.metrics import SessionMeter
 from relay.session.pump import Bridge
-from relay.upstream.handshake import _UpstreamSocket
 from relay.state import STATE
+from relay.upstream.handshake import _UpstreamSocket
 from tests.faults.test_upstream_faults import outcomes, url
 from tests.helpers import ALPHA_KEY, read_until, relay_config
 
