@@ -19,6 +19,15 @@ from relay.ops.config import RelayConfig, parse_config
 ALPHA_KEY = "rk-alpha-0123456789"
 BETA_KEY = "rk-beta-9876543210"
 AZURE_KEY = "azure-key-s3cret-value"
+# A plain request's headers for a valid WebSocket upgrade (RFC 6455 4.1): what a refusal's
+# JSON body is read with (the relay refuses a malformed upgrade before any other check that
+# needs the upstream).
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 ENVIRON = {"TEST_AZURE_KEY": AZURE_KEY}
 
 

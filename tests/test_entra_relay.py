@@ -9,7 +9,7 @@ import pytest
 
 from relay.state import STATE
 from tests.entra_fake import IDENTITY_HEADER, PATH, FakeIdentityEndpoint
-from tests.helpers import ALPHA_KEY, FakeUpstream, read_until, relay_config
+from tests.helpers import ALPHA_KEY, UPGRADE, FakeUpstream, read_until, relay_config
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ async def test_no_valid_token_means_not_ready_and_503(identity, start_fake, star
         async with http.get(relay.make_url("/readyz")) as response:
             assert response.status == 503
         url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
-        headers = {"api-key": ALPHA_KEY, "Upgrade": "websocket", "Connection": "Upgrade"}
+        headers = {"api-key": ALPHA_KEY, **UPGRADE}
         async with http.get(url, headers=headers) as response:
             assert response.status == 503
             body = await response.json()

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.app import create_metrics_app
 from relay.edge.auth import hash_key
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, ENVIRON, b64, relay_config, tone_pcm
+from tests.helpers import ALPHA_KEY, ENVIRON, UPGRADE, b64, relay_config, tone_pcm
 from tests.processes import free_port, relay_process
 
 
@@ -107,9 +107,7 @@ async def test_refusals_and_connect_failures_are_counted(start_relay, aiohttp_se
     async with aiohttp.ClientSession() as http:
         for headers in ({}, {"api-key": ALPHA_KEY}):
             url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
-            async with http.get(
-                url, headers={"Upgrade": "websocket", "Connection": "Upgrade", **headers}
-            ) as r:
+            async with http.get(url, headers={**UPGRADE, **headers}) as r:
                 assert r.status in (401, 502)
         async with http.get(relay.make_url("/metrics")) as response:
             assert response.status == 404

@@ -17,7 +17,7 @@ from relay.ops.config import BackendConfig, CredentialConfig, DeploymentConfig
 from relay.state import STATE
 from relay.upstream.backends import Backend, BackendPool
 from relay.upstream.credentials import ApiKeyCredential
-from tests.helpers import ALPHA_KEY, AZURE_KEY, FakeUpstream, read_until, relay_config
+from tests.helpers import ALPHA_KEY, AZURE_KEY, UPGRADE, FakeUpstream, read_until, relay_config
 
 ADMIN_KEY = "rk-admin-key-0001"
 
@@ -254,7 +254,7 @@ async def test_all_backends_down_is_an_honest_answer(start_relay, http):
     )
     relay = await start_relay(config)
     url = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
-    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "api-key": ALPHA_KEY}
+    upgrade = {**UPGRADE, "api-key": ALPHA_KEY}
     async with http.get(url, headers=upgrade) as response:
         assert response.status == 502
     async with http.get(url, headers=upgrade) as response:  # both ejected now

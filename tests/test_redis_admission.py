@@ -12,7 +12,7 @@ from relay.edge.auth import hash_key
 from relay.errors import ClientRefused
 from relay.ops.config import AdmissionConfig, LimitsConfig, TeamLimits
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, BETA_KEY, ENVIRON, read_until, relay_config
+from tests.helpers import ALPHA_KEY, BETA_KEY, ENVIRON, UPGRADE, read_until, relay_config
 from tests.processes import needs_redis, redis_server, relay_process
 
 pytestmark = needs_redis
@@ -267,7 +267,7 @@ async def test_failed_authentication_is_counted_across_relays(tmp_path, simulato
         )
         environ = {**ENVIRON, "RELAY_REDIS_URL": url}
         relays = [await start_relay(config, environ) for _ in range(2)]
-        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+        upgrade = UPGRADE
 
         async def attempt(relay, key: str) -> tuple[int, str]:
             realtime = relay.make_url("/openai/v1/realtime?model=gpt-realtime")

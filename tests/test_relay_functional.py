@@ -19,6 +19,7 @@ from tests.helpers import (
     ALPHA_KEY,
     AZURE_KEY,
     BETA_KEY,
+    UPGRADE,
     FakeUpstream,
     b64,
     read_until,
@@ -43,7 +44,7 @@ async def refused(http, url, status, code, **kwargs):
         await http.ws_connect(url, **kwargs)
     assert info.value.status == status
     # The body says why, as JSON: fetch it again with a plain GET carrying the same upgrade.
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", **kwargs.get("headers", {})}
+    headers = {**UPGRADE, **kwargs.get("headers", {})}
     async with http.get(url, headers=headers) as response:
         assert response.status == status
         body = await response.json()
@@ -129,6 +130,31 @@ async def test_missing_model_and_plain_http(simulator, start_relay, http):
     async with http.get(ws_url(relay), headers={"api-key": ALPHA_KEY}) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "websocket_required"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"},
+        {"Upgrade": "websocket", "Connection": "keep-alive", "Sec-WebSocket-Key": "x" * 24},
+        # A browser's offer of the `realtime` subprotocol: refusals usually go in band, after
+        # an upgrade; a malformed one cannot be upgraded.
+        {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Protocol": "realtime"},
+    ],
+)
+async def test_a_malformed_upgrade_is_a_json_400_before_the_upstream_is_dialled(
+    start_relay, start_fake, http, headers
+):
+    """aiohttp refused these only once the upgrade was under way, after the upstream session
+    had started: in plain text ("Handshake error: None"), leaving its exception's traceback in
+    a cycle with the connection."""
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    async with http.get(ws_url(relay), headers={"api-key": ALPHA_KEY, **headers}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "websocket_handshake_invalid"
+    assert fake.requests == []
 
 
 # --- what goes upstream -------------------------------------------------------------------

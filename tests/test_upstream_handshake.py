@@ -34,7 +34,7 @@ from relay.state import STATE
 from relay.upstream.credentials import ApiKeyCredential
 from relay.upstream.dial import open_upstream
 from relay.upstream.handshake import Dialer, HandshakeRefused, SocketOptions, UpstreamTarget
-from tests.helpers import ALPHA_KEY, AZURE_KEY, FakeUpstream, relay_config
+from tests.helpers import ALPHA_KEY, AZURE_KEY, UPGRADE, FakeUpstream, relay_config
 
 PATH = "/openai/v1/realtime?model=az-gpt-realtime"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -388,8 +388,7 @@ async def test_a_refused_handshake_tells_the_client_nothing_the_upstream_said(
     raw = await raw_server(lambda key: refused_with("403 Forbidden", ECHO))
     relay = await start_relay(relay_config(f"http://127.0.0.1:{raw.port}"))
     url = f"ws://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
-    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "api-key": ALPHA_KEY}  # fmt: skip
+    upgrade = {**UPGRADE, "api-key": ALPHA_KEY}
     with structlog.testing.capture_logs() as logs:
         async with aiohttp.ClientSession() as http, http.get(url, headers=upgrade) as response:
             body = await response.json()

@@ -20,7 +20,16 @@ from relay.edge.webrtc.restore import judge_reported
 from relay.session.policy import build_policy
 from relay.simulator.calls import CALLS_KEY
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, AZURE_KEY, BETA_KEY, FakeUpstream, b64, relay_config, tone_pcm
+from tests.helpers import (
+    ALPHA_KEY,
+    AZURE_KEY,
+    BETA_KEY,
+    UPGRADE,
+    FakeUpstream,
+    b64,
+    relay_config,
+    tone_pcm,
+)
 from tests.test_webrtc import (
     CALLS,
     DEFAULTS,
@@ -327,7 +336,7 @@ async def test_another_teams_key_gets_404_for_the_sideband_and_call_control(
 )
 async def test_bad_intents_and_call_ids_are_400(simulator, start_relay, http, query, code):
     relay = await start_relay(calls_config(simulator.url))
-    headers = {"api-key": ALPHA_KEY, "Upgrade": "websocket", "Connection": "Upgrade"}
+    headers = {"api-key": ALPHA_KEY, **UPGRADE}
     headers |= {"Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
     url = relay.make_url("/openai/v1/realtime").with_query(query)
     async with http.get(url, headers=headers) as response:

@@ -82,7 +82,8 @@ class RelayConnection(RequestHandler):
             self._linger.finish()
         # The splitter holds the socket's queue, which holds this protocol: a cycle that
         # would leave every closed session to the cycle collector (see frames.feed_eof).
-        self.large_frames = None
+        # So does a socket whose upgrade failed before `set_parser` took it.
+        self.large_frames = self.upgrading = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

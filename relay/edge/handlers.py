@@ -65,6 +65,8 @@ class Admitted:
 
 
 Admit = Callable[[web.Request, RelayState, LiveConfig, str], Awaitable[Admitted]]
+# A malformed upgrade: answered over HTTP, as an in-band refusal needs the upgrade to succeed.
+HANDSHAKE_INVALID = "websocket_handshake_invalid"
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
@@ -93,7 +95,7 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
             url=redact_url(request.rel_url),
             cause=describe_error(refusal.__cause__),
         )
-        if _reads_refusals_in_band(request):
+        if refusal.code != HANDSHAKE_INVALID and _reads_refusals_in_band(request):
             return await _refuse_in_band(request, refusal)
         return error_response(refusal)
     try:
@@ -157,6 +159,7 @@ async def _admit(
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     state.budgets.check(team.name)
+    check_handshake(request)
     lease = await state.admission.acquire(team.name)
     dial = _dialer(state, deployment, session_id)
     try:
@@ -200,6 +203,22 @@ async def admit_client(
     structlog.contextvars.bind_contextvars(team=team.name)
     wanted = parse_realtime_request(request.query, request.headers, subprotocols, request.path)
     return team, SessionKey(key_hash, team.name), wanted
+
+
+def check_handshake(request: web.Request) -> None:
+    """Refuse a malformed upgrade before the upstream is dialled. aiohttp finds it only once
+    the client's upgrade is under way: after the upstream session has started, in plain text
+    ("Handshake error: None"). Checked after the other refusals, so that a plain request with
+    `Upgrade: websocket` still reads why it would be refused."""
+    # With the subprotocol the session's socket takes: offered it, aiohttp logs no warning
+    # naming the offered ones (a browser's carry its key).
+    if not web.WebSocketResponse(protocols=(REALTIME_SUBPROTOCOL,)).can_prepare(request).ok:
+        raise ClientRefused(
+            400,
+            HANDSHAKE_INVALID,
+            "The WebSocket upgrade is malformed: a GET with `Connection: Upgrade`, "
+            "`Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key` is needed (RFC 6455 4.1).",
+        )
 
 
 async def _authenticate(

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
-from tests.helpers import read_until
+from tests.helpers import UPGRADE, read_until
 
 DEMO_KEY = "rk-drain-demo"
 CONFIG = """
@@ -83,9 +83,7 @@ async def test_sigterm_lets_the_response_finish_then_closes_with_1001(tmp_path):
                 if readiness[0] == 503:
                     break
             assert readiness == (503, {"status": "not ready", "reason": "draining"})
-            async with http.get(
-                url, headers={**headers, "Upgrade": "websocket", "Connection": "Upgrade"}
-            ) as response:
+            async with http.get(url, headers={**headers, **UPGRADE}) as response:
                 assert response.status == 503
                 assert (await response.json())["error"]["code"] == "relay_draining"
 

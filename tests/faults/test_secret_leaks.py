@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 
 from relay.edge.auth import hash_key
 from tests.entra_fake import IDENTITY_HEADER, PATH, FakeIdentityEndpoint
+from tests.helpers import UPGRADE
 from tests.processes import free_port, relay_process
 from tests.test_webrtc import OFFER
 
@@ -180,7 +181,7 @@ async def run_faults(
         answers.append(head.encode() + body)
         return body
 
-    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    upgrade = UPGRADE
 
     # Sessions with the key in every accepted place.
     for query, kwargs in (

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType
 
 from relay.app import create_metrics_app
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, AZURE_KEY, BETA_KEY, ENVIRON, relay_config
+from tests.helpers import ALPHA_KEY, AZURE_KEY, BETA_KEY, ENVIRON, UPGRADE, relay_config
 
 METRICS_TOKEN = "metrics-bearer-t0ken-s3cret"
 WRONG_KEY = "rk-wrong-but-secret-looking-key"
@@ -50,7 +50,7 @@ async def test_no_secret_leaks_anywhere(simulator, start_relay, aiohttp_server, 
                         if msg.type == WSMsgType.TEXT and '"response.done"' in msg.data:
                             break
             # Refusals: wrong keys everywhere, a forbidden deployment, bad metrics tokens.
-            upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+            upgrade = UPGRADE
             await get(f"{base}?model=gpt-realtime&api-key={WRONG_KEY}", **upgrade)
             await get(f"{base}?model=gpt-realtime", **upgrade, Authorization=f"Bearer {WRONG_KEY}")
             await get(f"{base}?model=gpt-realtime", **upgrade, **{"api-key": BETA_KEY})

@@ -17,7 +17,13 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from relay.edge.handlers import Admitted, admit_client, run_session, upstream_failed
+from relay.edge.handlers import (
+    Admitted,
+    admit_client,
+    check_handshake,
+    run_session,
+    upstream_failed,
+)
 from relay.edge.handlers import realtime as conversation
 from relay.edge.webrtc.access import owned_call
 from relay.edge.webrtc.handlers import WEBRTC
@@ -68,6 +74,7 @@ async def _admit(
     if state.draining:
         raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
     state.budgets.check(team.name)  # a sideband can start responses
+    check_handshake(request)
     placed, deployment, backend = await owned_call(
         live, request.app[WEBRTC].calls, team, wanted.call_id
     )
