@@ -16,6 +16,7 @@ from relay.session.renewal import Renewal
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.simulator.server import SOCKETS_KEY
 from relay.state import STATE
+from tests.cycles import collector_off, in_cycles, watch_sessions
 from tests.helpers import ALPHA_KEY, AZURE_KEY, b64, relay_config, tone_pcm
 
 SESSION_SECONDS = 4.0
@@ -115,6 +116,25 @@ def elapsed(since: float) -> float:
 def renewals(relay: Any, outcome: str = "renewed", reason: str = "expiry") -> float:
     metric = relay.app[STATE].metrics.session_renewals
     return metric.labels("gpt-realtime", reason, outcome)._value.get()
+
+
+@pytest.mark.parametrize("ending", ["closed", "vanished"])
+async def test_a_session_with_continuity_is_freed_without_the_cycle_collector(
+    simulator, start_relay, http, monkeypatch, ending
+):
+    """The renewal holds its bridge, which holds the renewal: every session with continuity
+    on was left to the cycle collector until the handler dropped the edge."""
+    relay = await start_relay(continuity_config(simulator.url))
+    watched = watch_sessions(monkeypatch)
+    with collector_off() as unreachable:
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            if ending == "vanished":
+                ws._response.connection.transport.abort()  # no close frame
+        await relay.app[STATE].idle.wait()
+        await asyncio.sleep(0)  # one loop pass: the connections are lost
+        left = in_cycles(unreachable(), watched)
+    assert any(kind is Renewal for _, kind in watched) and left == []
 
 
 async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http):

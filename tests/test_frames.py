@@ -7,7 +7,6 @@ them fails here rather than in production.
 from __future__ import annotations
 
 import asyncio
-import gc
 import inspect
 import socket
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from relay.edge.connection import RelayConnection
 from relay.session import frames
 from relay.session.pump import Bridge
 from relay.state import STATE
+from tests.cycles import collector_off, in_cycles, watch_sessions
 from tests.helpers import ALPHA_KEY, FakeUpstream, b64, read_until, relay_config
 
 
@@ -270,20 +270,8 @@ async def test_a_finished_session_is_freed_without_the_cycle_collector(
     prepared it a second time after the handler returned; and, when a client vanished, the
     error aiohttp keeps on the socket, whose traceback holds the socket (`forget_error`)."""
     fake, relay = await _relay_on_echo(start_relay, start_fake)
-    # Identities, not references (aiohttp's protocols take no weak references).
-    watched: set[tuple[int, type]] = set()
-    run = Bridge.run
-
-    async def watch(self: Bridge) -> Any:
-        for one in (self, self.client, self.upstream, self.client._writer.protocol,
-                    self.upstream._writer.protocol):  # fmt: skip
-            watched.add((id(one), type(one)))
-        return await run(self)
-
-    monkeypatch.setattr(Bridge, "run", watch)
-    gc.collect()
-    gc.disable()
-    try:
+    watched = watch_sessions(monkeypatch)
+    with collector_off() as unreachable:
         async with http.ws_connect(_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
             await read_until(ws, "session.created")
             await ws.send_str(_append(1).decode())
@@ -292,13 +280,7 @@ async def test_a_finished_session_is_freed_without_the_cycle_collector(
                 ws._response.connection.transport.abort()  # no close frame
         await relay.app[STATE].idle.wait()
         await asyncio.sleep(0)  # one loop pass: the connections are lost
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if (id(o), type(o)) in watched]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+        left = in_cycles(unreachable(), watched)
     assert len(watched) == 5 and left == []
 
 

@@ -414,6 +414,7 @@ async def _serve(
             upstream_sessions=1 + (bridge.renewal.moves if bridge.renewal else 0),
         )
         client.logged_as_session = True
+        bridge.renewal = None  # it holds the bridge: a cycle that only the collector would free
         _forget_when_done(state, bridge)
     return client
 

@@ -16,6 +16,7 @@ from relay.ops.metrics import SessionMeter
 from relay.session.pump import Bridge
 from relay.state import STATE
 from relay.upstream.handshake import _UpstreamSocket
+from tests.cycles import collector_off
 from tests.faults.test_upstream_faults import outcomes, url
 from tests.helpers import ALPHA_KEY, read_until, relay_config
 
@@ -66,17 +67,10 @@ async def test_churn_leaves_no_tasks_sockets_or_memory_behind(simulator, start_r
     tasks, fds = len(asyncio.all_tasks()), open_fds()
     # With the collector off, what it would have freed: nothing of the relay's side of a
     # session may be in a cycle (under churn, passes of tens of thousands of objects).
-    gc.disable()
-    try:
+    with collector_off() as unreachable:
         await run(SESSIONS // 2)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        in_cycles = Counter(type(o).__name__ for o in gc.garbage if isinstance(o, RELAY_SIDE))
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-    assert not in_cycles, f"left to the cycle collector: {dict(in_cycles)}"
+        cycles = Counter(type(o).__name__ for o in unreachable() if isinstance(o, RELAY_SIDE))
+    assert not cycles, f"left to the cycle collector: {dict(cycles)}"
     gc.collect()
     # A leak grows with sessions: what the second half allocates and keeps must be ~nothing.
     tracemalloc.start()
