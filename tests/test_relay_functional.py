@@ -91,6 +91,8 @@ async def test_a_session_logs_its_own_lines_and_other_requests_the_access_line(
         await refused(http, ws_url(relay, **{"api-key": "wrong-key-123"}), 401, "invalid_api_key")
     events = [entry["event"] for entry in logs]
     assert events.count("session_started") == events.count("session_ended") == 1
+    [ended] = [entry for entry in logs if entry["event"] == "session_ended"]
+    assert ended["url"] == "/openai/v1/realtime?model=gpt-realtime"  # as the access line had
     access = [entry for entry in logs if entry["event"] == "http_request"]
     assert len(access) == 2  # `refused` asks twice: the upgrade, then a GET for the body
     assert all(line["status"] == 401 and "api-key=REDACTED" in line["url"] for line in access)

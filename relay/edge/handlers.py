@@ -396,6 +396,8 @@ async def _serve(
         series.session_duration.observe(duration)
         _log.info(
             "session_ended",
+            # What the access line said, which a session no longer logs (AccessLogger).
+            url=redact_url(request.rel_url),
             duration_seconds=round(duration, 3),
             outcome=ending.outcome,
             ended_by=ending.side,
