@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeHistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.ops.exposition import exposition
 
@@ -85,3 +86,29 @@ async def test_the_loop_is_served_between_slices():
         done = True
     # A pass at least every 10 samples (small families go together up to 10).
     assert passes - before >= sliced // 10 - 1
+
+
+async def test_series_added_and_removed_during_a_scrape():
+    """Between slices the relay goes on: new sessions add label children, a reload removes
+    some. The scrape still completes and parses, each family's header once."""
+    registry = CollectorRegistry()
+    frames = Counter("frames", "Frames.", ["team"], registry=registry)
+    for n in range(100):
+        frames.labels(f"team-{n}").inc()
+    done = False
+
+    async def churn() -> None:
+        n = 100
+        while not done:
+            frames.labels(f"team-{n}").inc()
+            frames.remove(f"team-{n - 100}")
+            n += 1
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(churn())
+        text = (await exposition(registry, 5)).decode()
+        done = True
+    [family] = text_string_to_metric_families(text)
+    assert family.name == "frames" and len(family.samples) >= 100
+    assert text.count("# TYPE frames_total counter") == 1
