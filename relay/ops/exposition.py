@@ -52,6 +52,11 @@ async def exposition(registry: CollectorRegistry, slice_samples: int = SLICE_SAM
     parts: list[bytes] = []
     budget = slice_samples  # samples before the next pass of the loop
     for family, samples in _families(registry):
+        if family is None:  # a collector collected whole (its own slice: /proc reads) is next
+            if budget < slice_samples:
+                budget = slice_samples
+                await asyncio.sleep(0)
+            continue
         moved_names = {family.name + suffix: suffix for suffix in _MOVED_SUFFIXES}
         moved: dict[str, list[Any]] = {}
         chunk: list[Any] = []
@@ -83,9 +88,12 @@ def _format(family: Metric, samples: list[Any], header: bool) -> bytes:
     return text if header else text.split(b"\n", 2)[2]
 
 
-def _families(registry: CollectorRegistry) -> Iterator[tuple[Metric, Iterable[Any]]]:
+def _families(
+    registry: CollectorRegistry,
+) -> Iterator[tuple[Metric | None, Iterable[Any]]]:
     """The registry's families in `collect()`'s order, each with its samples: a metric's
-    collected lazily (each read as it is consumed), any other collector's collected whole."""
+    collected lazily (each read as it is consumed), any other collector's collected whole,
+    between two marks (no family) where the loop may be served."""
     internals: Any = registry
     with internals._lock:
         collectors = list(internals._collector_to_names)
@@ -97,8 +105,10 @@ def _families(registry: CollectorRegistry) -> Iterator[tuple[Metric, Iterable[An
             metric: Any = collector
             yield metric._get_metric(), _as_samples(metric)
         else:
+            yield None, ()
             for family in collector.collect():
                 yield family, family.samples
+            yield None, ()
 
 
 def _as_samples(metric: Any) -> Iterator[Any]:
