@@ -65,8 +65,6 @@ class Admitted:
 
 
 Admit = Callable[[web.Request, RelayState, LiveConfig, str], Awaitable[Admitted]]
-# A malformed upgrade: answered over HTTP, as an in-band refusal needs the upgrade to succeed.
-HANDSHAKE_INVALID = "websocket_handshake_invalid"
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
@@ -95,7 +93,7 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
             url=redact_url(request.rel_url),
             cause=describe_error(refusal.__cause__),
         )
-        if refusal.code != HANDSHAKE_INVALID and _reads_refusals_in_band(request):
+        if _reads_refusals_in_band(request):
             return await _refuse_in_band(request, refusal)
         return error_response(refusal)
     try:
@@ -116,8 +114,8 @@ def _reads_refusals_in_band(request: web.Request) -> bool:
     (1006). Clients that offer the `realtime` subprotocol (browsers, by OpenAI's convention)
     get the upgrade instead, then the refusal as an `error` event and a close."""
     offered = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
-    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-    return upgrade and REALTIME_SUBPROTOCOL in offered
+    # A malformed upgrade cannot be completed to carry the refusal: it is answered over HTTP.
+    return REALTIME_SUBPROTOCOL in offered and _upgradable(request)
 
 
 async def _refuse_in_band(request: web.Request, refusal: HttpRefusal) -> web.WebSocketResponse:
@@ -210,15 +208,20 @@ def check_handshake(request: web.Request) -> None:
     the client's upgrade is under way: after the upstream session has started, in plain text
     ("Handshake error: None"). Checked after the other refusals, so that a plain request with
     `Upgrade: websocket` still reads why it would be refused."""
-    # With the subprotocol the session's socket takes: offered it, aiohttp logs no warning
-    # naming the offered ones (a browser's carry its key).
-    if not web.WebSocketResponse(protocols=(REALTIME_SUBPROTOCOL,)).can_prepare(request).ok:
+    if not _upgradable(request):
         raise ClientRefused(
             400,
-            HANDSHAKE_INVALID,
+            "websocket_handshake_invalid",
             "The WebSocket upgrade is malformed: a GET with `Connection: Upgrade`, "
             "`Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key` is needed (RFC 6455 4.1).",
         )
+
+
+def _upgradable(request: web.Request) -> bool:
+    """Whether aiohttp would complete this request's WebSocket upgrade. Asked with the
+    subprotocol the relay's sockets take: offered it, aiohttp logs no warning naming the
+    offered ones (a browser's carry its key)."""
+    return web.WebSocketResponse(protocols=(REALTIME_SUBPROTOCOL,)).can_prepare(request).ok
 
 
 async def _authenticate(

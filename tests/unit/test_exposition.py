@@ -103,7 +103,7 @@ async def test_series_added_and_removed_during_a_scrape():
             frames.labels(f"team-{n}").inc()
             frames.remove(f"team-{n - 100}")
             n += 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop pass: a slice of the scrape may run between
 
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(churn())
