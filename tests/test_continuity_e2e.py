@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.simulator.server import SOCKETS_KEY
 from relay.state import STATE
 from tests.cycles import collector_off, in_cycles, watch_sessions
-from tests.helpers import ALPHA_KEY, AZURE_KEY, b64, relay_config, tone_pcm
+from tests.helpers import ALPHA_KEY, AZURE_KEY, FakeUpstream, b64, relay_config, tone_pcm
 
 SESSION_SECONDS = 4.0
 # Ids of continuity's own items and events: the client never sees them.
@@ -309,6 +310,77 @@ async def test_renew_before_as_long_as_the_session_renews_each_session_once(star
             assert renewals(relay) == 1
     finally:
         await simulator.close()
+
+
+async def test_a_response_requested_as_a_switch_begins_is_not_left_on_the_old_upstream(
+    start_fake, start_relay, http
+):
+    """The service may answer the switch marker before the `response.created` of a
+    `response.create` sent just ahead of it (the simulator does, now and then: CI once hung
+    here). Quiet by the upstream's events alone, the relay switched, closed the old upstream
+    and the client never heard its response. Here the upstream holds `response.created`
+    until its next event (the marker) or 1.5 s, on purpose."""
+    connections = 0
+    renewed = asyncio.Event()  # the relay dialled a second upstream
+
+    async def upstream(ws: Any, fake: Any) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 2:
+            renewed.set()
+        session = {"id": f"sess_{connections}", "object": "realtime.session"}
+        session["expires_at"] = time.time() + SESSION_SECONDS
+
+        async def send(event: dict[str, Any]) -> None:
+            await ws.send_str(orjson.dumps(event).decode())
+
+        await send({"type": "session.created", "event_id": "e0", "session": session})
+        held: str | None = None  # a response whose start waits for the marker
+        while True:
+            try:
+                async with asyncio.timeout(1.5 if held else None):
+                    msg = await ws.receive()
+            except TimeoutError:
+                msg = None
+            if msg is not None and msg.type is not aiohttp.WSMsgType.TEXT:
+                return
+            event = orjson.loads(msg.data) if msg is not None else {"type": "none"}
+            kind = event["type"]
+            if kind == "session.update":
+                session |= event["session"]
+                await send({"type": "session.updated", "event_id": "e1", "session": session})
+            elif kind == "conversation.item.create":
+                item = {**event["item"], "status": "completed"}
+                item.setdefault("id", f"item_{connections}_{len(fake.received)}")
+                await send({"type": "conversation.item.added", "event_id": "e2", "item": item})
+                await send({"type": "conversation.item.done", "event_id": "e3", "item": item})
+            elif kind == "conversation.item.retrieve":
+                error = {"type": "invalid_request_error", "code": "item_not_found",
+                         "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
+                await send({"type": "error", "event_id": "e4", "error": error})
+            elif kind == "response.create":
+                held = f"resp_{connections}"
+                continue
+            fake.received.append(kind.encode())
+            if held is not None:
+                response = {"id": held, "object": "realtime.response", "status": "completed"}
+                await send({"type": "response.created", "event_id": "e5", "response": response})
+                await send({"type": "response.done", "event_id": "e6", "response": response})
+                held = None
+
+    fake = FakeUpstream(script=upstream)
+    server = await start_fake(fake.app())
+    endpoint = str(server.make_url("")).rstrip("/")
+    relay = await start_relay(
+        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
+    )
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        assert (await next_event(ws))["type"] == "session.created"
+        await ws.send_str(orjson.dumps({"type": "response.create"}).decode())
+        async with asyncio.timeout(2 * SESSION_SECONDS):
+            while (await next_event(ws))["type"] != "response.done":
+                pass  # the response reaches the client, wherever the switch fell
+            await renewed.wait()  # and the renewal went ahead (at the quiet point after it)
 
 
 async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay, http):

@@ -338,7 +338,10 @@ class Bridge:
         self.tokens -= 1.0
         self.last_client_event_at = arrived
         self.meter.client_event(kind, checked, audio)
-        if self.renewal is not None:
+        renewal = self.renewal
+        if renewal is not None:
+            if kind == "response.create":
+                renewal.response_requested()
             self._keep_audio(kind, checked, audio)
         # Nothing that can raise after the write: a raise declines, and the pump would send
         # the frame again.
@@ -425,6 +428,8 @@ class Bridge:
                 if not gate.is_set():
                     await gate.wait()  # held while the upstream is switched
                 upstream = self.upstream
+                if kind == "response.create" and self.renewal is not None:
+                    self.renewal.response_requested()  # before the send: see there
                 writing = self.writing_in_since = now()
                 try:
                     await frames.send_text(upstream, frame)

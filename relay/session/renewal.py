@@ -141,6 +141,8 @@ class Renewal:
         self._switch: _Switch | None = None
         self._began = clock()  # when the current upstream session was adopted
         self._resuming = False
+        # A client's `response.create` sent, its `response.created` not yet seen.
+        self._requested = False
         self._settled = asyncio.Event()
         self._count = 0
         # Upstream sessions this client session moved to (renewed or resumed).
@@ -158,10 +160,19 @@ class Renewal:
             self.shadow.observe(kind, event)
             if self.keeper is not None:
                 self.keeper.observe(kind, event, self.bridge.session)
-        if self.shadow.quiet:
+        if kind in ("response.created", "error"):
+            self._requested = False  # the requested response started, or was refused
+        if self.shadow.quiet and not self._requested:
             self.quiet.set()
         else:
             self.quiet.clear()
+
+    def response_requested(self) -> None:
+        """A client's `response.create` is on its way to the upstream: not quiet until the
+        upstream starts it. The service may answer the switch marker first (the simulator
+        does), and a switch then would leave the response on the old upstream, lost."""
+        self._requested = True
+        self.quiet.clear()
 
     @staticmethod
     def is_marker(frame: bytes) -> bool:
@@ -177,7 +188,7 @@ class Renewal:
         if prepared.upstream.closed:
             _settle_failed(switch.done, RenewalFailed("switch_failed", "the new upstream closed"))
             return
-        if not self.shadow.quiet:
+        if not self.shadow.quiet or self._requested:
             _settle(switch.done, False)  # something started: wait for the next quiet point
             return
         frames, created = plan_delta(
@@ -407,6 +418,7 @@ class Renewal:
             await self.bridge._send_to_client(frame)
         shadow.response_id = None
         shadow.speaking = False
+        self._requested = False  # a request the lost upstream had not started is lost with it
         self.bridge.between_responses.set()
         self.quiet.set()
 
