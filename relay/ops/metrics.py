@@ -29,13 +29,13 @@ from prometheus_client import (
     GCCollector,
     Histogram,
     PlatformCollector,
-    ProcessCollector,
     disable_created_metrics,
 )
 
 from relay.ops.build import build_commit, build_version, frame_scans
 from relay.ops.config import PriceTable
 from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
+from relay.ops.process_collector import ProcessStats
 from relay.ops.usage import cost_usd, response_tokens, transcription_usage
 from relay.session.codec import delta_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
@@ -121,7 +121,7 @@ class Metrics:
         if not MULTIPROCESS:
             # process_* and python_* of this process. Under --workers the supervisor adds
             # each worker's process_* to its scrape (relay.ops.workers).
-            ProcessCollector(registry=r)
+            ProcessStats(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
         td = ("team", "deployment")

@@ -2,7 +2,7 @@
 every relay process.
 
 prometheus-client's multiprocess mode sums the workers' own metric files, and custom
-collectors such as `ProcessCollector` have no file: each worker's CPU, memory and file
+collectors such as `ProcessStats` (process_*) have no file: each worker's CPU, memory and file
 descriptors would be missing. The supervisor reads them from /proc for each live worker (and
 itself), labelled by `pid` like the multiprocess gauges.
 """
@@ -13,10 +13,12 @@ import glob
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from relay.ops.process_collector import ProcessStats
 
 # A metric file starts with its 8-byte header; a shorter one is still being created.
 _HEADER_BYTES = 8
@@ -48,7 +50,7 @@ def _size(path: str) -> int:
 class WorkerProcesses(Collector):
     def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
         self._pids = pids
-        self._collectors: dict[int, ProcessCollector] = {}
+        self._collectors: dict[int, ProcessStats] = {}
 
     def collect(self) -> Iterator[Metric]:
         pids = [os.getpid(), *self._pids()]
@@ -67,8 +69,8 @@ class WorkerProcesses(Collector):
                     merged.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
         yield from families.values()
 
-    def _collector(self, pid: int) -> ProcessCollector:
+    def _collector(self, pid: int) -> ProcessStats:
         known = self._collectors.get(pid)
         if known is not None:
             return known
-        return ProcessCollector(pid=lambda: pid, registry=None)
+        return ProcessStats(pid=lambda: pid, registry=None)
