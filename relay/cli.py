@@ -19,6 +19,7 @@ from relay.edge.auth import hash_key, new_key
 from relay.errors import ConfigError, StartupError
 from relay.ops.check import ConfigSource, check_config
 from relay.ops.config import RelayConfig, masked_config
+from relay.ops.descriptors import raise_limit
 from relay.ops.logsetup import configure_logging
 from relay.ops.redaction import SECRETS
 from relay.ops.workers import worker_count
@@ -26,6 +27,8 @@ from relay.talk import command as talk
 
 DEFAULT_CONFIG = "config/local.toml"
 _log = structlog.get_logger("relay.cli")
+# Without limits.max_sessions, a limit for fewer sessions than this is worth a warning.
+_SESSIONS_EXPECTED = 500
 T = TypeVar("T")
 
 
@@ -147,6 +150,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.worker is None:  # the supervisor has said it already
         for warning in checked.warnings:
             _log.warning("config_warning", warning=warning)
+        _raise_descriptor_limit(config)  # workers inherit it
     from relay.server import run_server
 
     if args.worker is not None:
@@ -164,6 +168,27 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return _run(supervise())
     _run(run_server(config, environ, source=source, on_ready=lambda url: _banner(config, url)))
     return 0
+
+
+def _raise_descriptor_limit(config: RelayConfig) -> None:
+    limit = raise_limit()
+    sessions = limit.sessions
+    _log.info(
+        "descriptor_limit",
+        soft=limit.soft,
+        hard=limit.hard,
+        raised_from=limit.was if limit.was != limit.soft else None,
+        sessions=sessions,
+    )
+    wanted = config.limits.max_sessions or _SESSIONS_EXPECTED
+    if sessions is not None and sessions < wanted:
+        _log.warning(
+            "descriptor_limit_low",
+            sessions=sessions,
+            wanted=wanted,
+            hint="raise the hard open-files limit (ulimit -Hn; LimitNOFILE= in systemd, "
+            "--ulimit nofile= in Docker); sessions past it are refused with 503",
+        )
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:

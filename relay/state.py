@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry
 from relay.edge.admission import AdmissionStore, AuthBrake
 from relay.edge.auth import KeyRing, client_address
 from relay.edge.budget import Budgets
+from relay.errors import ClientRefused
 from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
+from relay.ops.descriptors import DescriptorWatch
 from relay.ops.metrics import LiveGauges, Metrics
 from relay.session.continuity import ContinuitySettings
 from relay.session.policy import SessionPolicy
@@ -86,6 +88,8 @@ class RelayState:
     # Set while no session is open: what a drain waits for.
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
+    # Whether the process has descriptors to spare for another session.
+    descriptors: DescriptorWatch = field(default_factory=DescriptorWatch)
     simulator_url: str | None = None
     # What the relay presents to its in-process simulator: a key of this process alone, so
     # a simulator endpoint needs no secret in the environment.
@@ -106,10 +110,33 @@ class RelayState:
         if not self.bridges:
             self.idle.set()
 
+    def check_open(self) -> None:
+        """Refuse a new session or call (503) while this process takes none."""
+        if self.draining:
+            raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+        if self.descriptors.exhausted():
+            raise ClientRefused(
+                503,
+                "relay_out_of_file_descriptors",
+                "The relay has as many connections open as it can hold; retry later.",
+                retry_after="1",
+            )
+
     @property
     def ready(self) -> bool:
+        return self.unready_reason is None
+
+    @property
+    def unready_reason(self) -> str | None:
+        """Why the relay takes no new sessions now (/readyz), or None."""
+        if self.draining:
+            return "draining"
         pools = self.live.pools
-        return not self.draining and bool(pools) and all(pool.usable for pool in pools.values())
+        if not pools or not all(pool.usable for pool in pools.values()):
+            return "no usable upstream credential"
+        if self.descriptors.exhausted():
+            return "out of file descriptors"
+        return None
 
 
 STATE = web.AppKey("state", RelayState)

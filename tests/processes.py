@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -21,6 +23,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def simulator_config(key: str, **server: float) -> str:
+    """A config for `relay serve` as a child process: the in-process simulator (its key from
+    RELAY_SIMULATOR_KEY), ports the system picks, JSON logs, team demo with ``key``; and the
+    given [server] settings."""
+    from relay.edge.auth import hash_key
+
+    settings = "".join(f"{name} = {value}\n" for name, value in server.items())
+    return f"""
+[server]
+port = 0
+close_timeout_seconds = 2
+{settings}[metrics]
+port = 0
+[logging]
+format = "json"
+[simulator]
+speed = 1.0
+[deployments.gpt-realtime]
+endpoint = "simulator"
+credential = {{ env = "RELAY_SIMULATOR_KEY" }}
+[teams.demo]
+keys = ["{hash_key(key)}"]
+deployments = ["gpt-realtime"]
+"""
+
+
 @asynccontextmanager
 async def relay_process(
     config: Path,
@@ -28,8 +56,11 @@ async def relay_process(
     *args: str,
     stdout: bytearray | None = None,
     stderr: bytearray | None = None,
+    descriptors: int | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`relay serve` as a child process; yields it and its base URL (http://...).
+
+    With ``descriptors``, the process starts with that open-files limit, soft and hard.
 
     Given ``stdout``/``stderr``, every byte the process writes there is collected into them
     (complete once the process has exited and the context is left)."""
@@ -38,6 +69,7 @@ async def relay_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL if stderr is None else asyncio.subprocess.PIPE,
         env={**os.environ, **env},
+        preexec_fn=None if descriptors is None else partial(_limit_descriptors, descriptors),
     )  # fmt: skip
     readers = []
     try:
@@ -64,6 +96,10 @@ async def relay_process(
             await asyncio.wait(readers, timeout=10)
         for reader in readers:
             reader.cancel()
+
+
+def _limit_descriptors(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 async def _collect(stream: asyncio.StreamReader, into: bytearray | None) -> None:

@@ -154,8 +154,7 @@ async def _admit(
     translator = None
     if wanted.dialect != deployment.protocol:
         translator = Translator(wanted.dialect, deployment.protocol)
-    if state.draining:
-        raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+    state.check_open()
     state.budgets.check(team.name)
     check_handshake(request)
     lease = await state.admission.acquire(team.name)
@@ -509,10 +508,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if state.ready:
+    reason = request.app[STATE].unready_reason
+    if reason is None:
         return web.json_response({"status": "ready"}, dumps=_dumps)
-    reason = "draining" if state.draining else "no usable upstream credential"
     return web.json_response({"status": "not ready", "reason": reason}, status=503, dumps=_dumps)
 
 

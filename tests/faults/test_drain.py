@@ -14,35 +14,16 @@ import orjson
 from aiohttp import WSMsgType
 
 from tests.helpers import UPGRADE, read_until
+from tests.processes import simulator_config
 
 DEMO_KEY = "rk-drain-demo"
-CONFIG = """
-[server]
-port = 0
-drain_grace_seconds = {grace}
-close_timeout_seconds = 2
-[metrics]
-port = 0
-[logging]
-format = "json"
-[simulator]
-speed = 1.0
-[deployments.gpt-realtime]
-endpoint = "simulator"
-credential = {{ env = "RELAY_SIMULATOR_KEY" }}
-[teams.demo]
-keys = ["{key_hash}"]
-deployments = ["gpt-realtime"]
-"""
 
 
 async def start_relay_process(
     tmp_path: Path, grace: float
 ) -> tuple[asyncio.subprocess.Process, str]:
-    from relay.edge.auth import hash_key
-
     config = tmp_path / "relay.toml"
-    config.write_text(CONFIG.format(grace=grace, key_hash=hash_key(DEMO_KEY)))
+    config.write_text(simulator_config(DEMO_KEY, drain_grace_seconds=grace))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -80,8 +80,7 @@ def secret_route(
 
 
 def _check_open(state: RelayState, live: LiveConfig, request: web.Request) -> None:
-    if state.draining:
-        raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+    state.check_open()
     origin = request.headers.get("Origin")
     if origin is not None and not live.origin_allowed(origin):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not call.")

@@ -27,7 +27,7 @@ from relay.edge.handlers import (
 from relay.edge.handlers import realtime as conversation
 from relay.edge.webrtc.access import owned_call
 from relay.edge.webrtc.handlers import WEBRTC
-from relay.errors import ClientRefused, UpstreamRefused
+from relay.errors import UpstreamRefused
 from relay.ops.metrics import SessionMeter
 from relay.session.dialect import Translator
 from relay.session.setup import StartedSession
@@ -71,8 +71,7 @@ async def _admit(
 ) -> Admitted:
     team, opened_by, wanted = await admit_client(request, state, live)
     assert wanted.call_id is not None
-    if state.draining:
-        raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+    state.check_open()
     state.budgets.check(team.name)  # a sideband can start responses
     check_handshake(request)
     placed, deployment, backend = await owned_call(
