@@ -48,6 +48,7 @@ RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
     ("server", "port"),
     ("server", "tls"),
     ("server", "max_header_bytes"),
+    ("server", "listen_backlog"),
     ("server", "watch_config"),
     ("server", "pid_file"),
     ("metrics", None),

@@ -72,6 +72,7 @@ async def run_server(
             config.server.port,
             ssl_context=server_ssl_context(tls) if tls else None,
             reuse_port=worker or None,
+            backlog=config.server.listen_backlog,
         )
         await listen(site, config.server.host, config.server.port, "server.port (--port)")
         if config.metrics.enabled and not worker:

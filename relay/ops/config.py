@@ -87,6 +87,10 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()
     # Longest request line and header field accepted (the relay answers 400 beyond).
     max_header_bytes: int = 16384
+    # Connections the kernel queues for the relay to accept (capped by net.core.somaxconn).
+    # aiohttp's 128 overflowed in a reconnect storm (the clients of a restarted replica
+    # arriving at once): each dropped handshake costs its client a 1 s, then 3 s, retry.
+    listen_backlog: int = 2048
     # A connection must complete its request line and headers within this many seconds of
     # opening (or of a later request's first byte); else it is closed (408 if it sent some).
     header_timeout_seconds: float = 10.0
@@ -108,7 +112,7 @@ class ServerConfig:
             (
                 "max_message_bytes", "heartbeat_seconds", "close_timeout_seconds",
                 "stall_timeout_seconds", "max_header_bytes", "max_pings_per_second",
-                "header_timeout_seconds", "keepalive_timeout_seconds",
+                "header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog",
             ),
         )  # fmt: skip
         if not 0 <= self.port <= 65535:

@@ -127,7 +127,7 @@ def test_level_names_are_case_insensitive(tmp_path: Path):
 
 
 def test_one_pass_finds_every_problem_in_a_broken_file():
-    data = minimal(port=70000, max_message_bytes=0, heartbeat_seconds=-1)
+    data = minimal(port=70000, max_message_bytes=0, heartbeat_seconds=-1, listen_backlog=0)
     data["limits"] = {"max_sessions": 0, "auth_block_seconds": 0}
     data["deployments"]["gpt-realtime"]["session"] = {"voice": "alloy"}
     data["deployments"]["gpt-realtime"]["policy"] = {"max_violations": -1}
@@ -142,6 +142,7 @@ def test_one_pass_finds_every_problem_in_a_broken_file():
             "relay.toml: limits: auth_block_seconds must be greater than 0",
             "relay.toml: limits: max_sessions must be greater than 0",
             "relay.toml: server: heartbeat_seconds must be greater than 0",
+            "relay.toml: server: listen_backlog must be greater than 0",
             "relay.toml: server: max_message_bytes must be greater than 0",
             "relay.toml: server: port must be between 0 and 65535",
             "relay.toml: teams.t2: keys must hold hashes made by `relay hash-key` or "
