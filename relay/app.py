@@ -24,6 +24,7 @@ from relay.edge.spend_book import MemorySpend, RedisSpend
 from relay.errors import ClientRefused, ConfigError
 from relay.live import budget_gauges, build_live, build_pools, zero_series
 from relay.ops.config import RelayConfig
+from relay.ops.logsetup import count_dropped_lines
 from relay.ops.loop_lag import LoopLag
 from relay.ops.metrics import Metrics
 from relay.ops.redaction import SECRETS
@@ -78,6 +79,7 @@ def create_app(
         auth_throttle=auth_throttle,
     )
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
+    count_dropped_lines(state.metrics.log_lines_dropped.inc)
     zero_series(state)
     budget_gauges(state)
     app = web.Application(middlewares=[json_errors])

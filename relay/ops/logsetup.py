@@ -1,6 +1,7 @@
 """Logging set-up: every line the process logs, structlog's and the stdlib's (aiohttp, asyncio,
 azure, warnings), comes out as one JSON line on stdout (console rendering on a TTY), with
-the session context merged and secrets removed by one filter (`redaction.SECRETS`).
+the session context merged and secrets removed by one filter (`redaction.SECRETS`), written
+by a thread of its own (`log_writer`): a stuck log reader never blocks the event loop.
 
 Callers still log names, sizes, codes and statuses only; URLs go through `redact_url` and
 exceptions through `describe_error`. The filter is the net under them, not the plan.
@@ -8,9 +9,11 @@ exceptions through `describe_error`. The filter is the net under them, not the p
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import aiohttp
 import aiohttp.abc
@@ -20,6 +23,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 from structlog.typing import EventDict, Processor, WrappedLogger
 from yarl import URL
 
+from relay.ops.log_writer import LogWriter, text_stream
 from relay.ops.redaction import SECRETS
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -29,6 +33,7 @@ _SECRET_QUERY_WORDS = ("key", "token", "secret", "sig", "password", "auth", "cre
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    writer = _writer(sys.stdout.buffer)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -39,11 +44,11 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     text_renderer: Any
     if console:
         renderer = text_renderer = structlog.dev.ConsoleRenderer()
-        factory: Any = structlog.PrintLoggerFactory()
+        factory: Any = structlog.PrintLoggerFactory(text_stream(writer))
     else:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         text_renderer = structlog.processors.JSONRenderer(serializer=_dumps_text)
-        factory = structlog.BytesLoggerFactory()
+        factory = structlog.BytesLoggerFactory(writer)  # type: ignore[arg-type]
     structlog.configure(
         processors=[*shared, *finish, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -52,7 +57,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     )
     # The stdlib's loggers (aiohttp's server errors, asyncio, azure, warnings) through the
     # same processors: the same JSON lines, the same filter.
-    handler = _RelayHandler(sys.stdout)
+    handler = _RelayHandler(text_stream(writer))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
@@ -71,6 +76,41 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     logging.captureWarnings(True)
     # azure-core logs every token request over several lines at INFO.
     logging.getLogger("azure").setLevel(max(logging.WARNING, _LEVELS[level]))
+
+
+_WRITER: LogWriter | None = None
+
+
+def _writer(stream: BinaryIO) -> LogWriter:
+    """The process's log writer (one thread), writing to ``stream``."""
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = LogWriter(stream)
+        atexit.register(flush_logs)
+    else:
+        _WRITER.retarget(stream)
+    return _WRITER
+
+
+def flush_logs() -> None:
+    """Wait (a few seconds at most) until the lines logged so far are written: at exit."""
+    if _WRITER is not None:
+        _WRITER.wait_written()
+
+
+def write_log_line(line: bytes) -> None:
+    """A line logged by another process (a worker's), out with this process's own."""
+    if _WRITER is None:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+    else:
+        _WRITER.write(line)
+
+
+def count_dropped_lines(count: Callable[[], None]) -> None:
+    """Call ``count`` for each log line dropped because the output was not read."""
+    if _WRITER is not None:
+        _WRITER.on_drop = count
 
 
 class _RelayHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -99,6 +99,7 @@ class Metrics:
     budget_spent: Gauge
     budget_sync_failures: Counter
     config_reloads: Counter
+    log_lines_dropped: Counter
     session_renewals: Counter
     switch_pause: Histogram
     replayed_items: Counter
@@ -352,6 +353,12 @@ class Metrics:
                 "Config reloads, by outcome: applied, unchanged or rejected (the old config "
                 "stays in force).",
                 ("outcome",),
+                registry=r,
+            ),
+            log_lines_dropped=Counter(
+                "relay_log_lines_dropped",
+                "Log lines dropped because the log output (stdout) was not read: past 8 MiB "
+                "waiting, the relay drops lines rather than stop.",
                 registry=r,
             ),
             session_renewals=Counter(

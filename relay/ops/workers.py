@@ -34,6 +34,7 @@ from relay.errors import ConfigError, StartupError
 from relay.ops.build import frame_scans
 from relay.ops.check import ConfigSource
 from relay.ops.config import RelayConfig
+from relay.ops.logsetup import write_log_line
 from relay.ops.watch import watch_file
 
 _log = structlog.get_logger("relay.ops.workers")
@@ -184,8 +185,7 @@ class Supervisor:
     ) -> None:
         """Pass a worker's log lines through; note when it is listening."""
         while line := await stream.readline():
-            sys.stdout.buffer.write(line)
-            sys.stdout.buffer.flush()
+            write_log_line(line)
             if ready is not None and not ready.done() and b'"relay_listening"' in line:
                 import orjson
 
