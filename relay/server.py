@@ -7,7 +7,6 @@ import errno
 import gc
 import os
 import signal
-import ssl
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,22 +17,17 @@ from aiohttp import web
 
 from relay.app import create_app, create_metrics_app, drain
 from relay.edge.connection import RelayRunner
+from relay.edge.tls import CertificateWatch, server_ssl_context
 from relay.errors import ConfigError, StartupError
 from relay.live import ReloadResult, reload
 from relay.ops.build import frame_scans
 from relay.ops.check import ConfigSource
-from relay.ops.config import RelayConfig, TlsConfig
+from relay.ops.config import RelayConfig
 from relay.ops.logsetup import AccessLogger
 from relay.ops.watch import watch_file
 from relay.state import REGISTRY, RELOAD, STATE, RelayState
 
 _log = structlog.get_logger("relay.server")
-
-
-def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
-    return context
 
 
 async def run_server(
@@ -64,13 +58,21 @@ async def run_server(
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     watcher: asyncio.Task[None] | None = None
+    certificate_watch: asyncio.Task[None] | None = None
     try:
         tls = config.server.tls
+        ssl_context = None
+        if tls is not None:
+            ssl_context = server_ssl_context(tls)
+            # New connections get a renewed certificate; open sessions keep theirs.
+            expiry = state.metrics.tls_certificate_expiry.labels(str(tls.cert_file))
+            certificates = CertificateWatch(ssl_context, tls, expiry.set)
+            certificate_watch = loop.create_task(certificates.run(), name="certificate watch")
         site = web.TCPSite(
             runner,
             config.server.host,
             config.server.port,
-            ssl_context=server_ssl_context(tls) if tls else None,
+            ssl_context=ssl_context,
             reuse_port=worker or None,
             backlog=config.server.listen_backlog,
         )
@@ -113,8 +115,9 @@ async def run_server(
             _log.info("relay_stopping", grace_seconds=grace)
             await drain(state, grace_seconds=grace)
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for task in (watcher, certificate_watch):
+            if task is not None:
+                task.cancel()
         await reloads.cancel()
         await runner.cleanup()
         if metrics_runner is not None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -57,10 +58,12 @@ async def relay_process(
     stdout: bytearray | None = None,
     stderr: bytearray | None = None,
     descriptors: int | None = None,
+    lines: asyncio.Queue[dict[str, Any]] | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`relay serve` as a child process; yields it and its base URL (http://...).
 
-    With ``descriptors``, the process starts with that open-files limit, soft and hard.
+    With ``descriptors``, the process starts with that open-files limit, soft and hard. Given
+    ``lines``, each log line the process writes after it listens is put there, parsed.
 
     Given ``stdout``/``stderr``, every byte the process writes there is collected into them
     (complete once the process has exited and the context is left)."""
@@ -85,7 +88,7 @@ async def relay_process(
             if event.get("event") == "relay_listening":
                 break
         # Keep reading its log so the pipe never fills and blocks the relay.
-        readers.append(asyncio.ensure_future(_collect(process.stdout, stdout)))
+        readers.append(asyncio.ensure_future(_collect(process.stdout, stdout, lines)))
         yield process, event["url"].replace("ws://", "http://")
     finally:
         if process.returncode is None:
@@ -102,10 +105,16 @@ def _limit_descriptors(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
-async def _collect(stream: asyncio.StreamReader, into: bytearray | None) -> None:
+async def _collect(
+    stream: asyncio.StreamReader,
+    into: bytearray | None,
+    lines: asyncio.Queue[dict[str, Any]] | None = None,
+) -> None:
     while line := await stream.readline():
         if into is not None:
             into += line
+        if lines is not None and line.startswith(b"{"):
+            lines.put_nowait(orjson.loads(line))
 
 
 needs_redis = pytest.mark.skipif(

@@ -11,11 +11,14 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import trustme
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import create_metrics_app
 from relay.edge.auth import hash_key
+from relay.edge.tls import CertificateWatch, server_ssl_context
+from relay.ops.config import TlsConfig
 from relay.ops.metrics import Metrics
 from relay.state import STATE
 from tests.helpers import ALPHA_KEY, ENVIRON, read_until, relay_config
@@ -193,6 +196,13 @@ async def test_every_dashboard_query_answers_from_a_live_scrape(
         state = relay.app[STATE]
         await use_everything(relay)
         await state.idle.wait()
+        # The TLS listener's certificate, as `relay serve` watches it with [server.tls].
+        tls = TlsConfig(cert_file=tmp_path / "tls.crt", key_file=tmp_path / "tls.key")
+        leaf = trustme.CA().issue_cert("relay.test")
+        leaf.cert_chain_pems[0].write_to_path(str(tls.cert_file))
+        leaf.private_key_pem.write_to_path(str(tls.key_file))
+        expiry = state.metrics.tls_certificate_expiry.labels(str(tls.cert_file))
+        CertificateWatch(server_ssl_context(tls), tls, expiry.set)
         listener = await aiohttp_server(create_metrics_app(state.metrics.registry))
         async with aiohttp.ClientSession() as http:
             async with http.get(listener.make_url("/metrics")) as response:

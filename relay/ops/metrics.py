@@ -105,6 +105,7 @@ class Metrics:
     replayed_items: Counter
     replayed_tokens: Counter
     loop_lag: Histogram
+    tls_certificate_expiry: Gauge
     _series: dict[tuple[str, str, str], SessionSeries] = field(default_factory=dict)
 
     def series(self, team: str, deployment: str, backend: str) -> SessionSeries:
@@ -392,6 +393,15 @@ class Metrics:
                 "How late the event loop ran a timer due every 100 ms: every frame waits that.",
                 buckets=LOOP_LAG_BUCKETS,
                 registry=r,
+            ),
+            tls_certificate_expiry=Gauge(
+                "relay_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate the relay's TLS listener serves expires (its notAfter, "
+                "Unix time), by its file; absent without [server.tls]. Under --workers, the "
+                "soonest.",
+                ("cert_file",),
+                registry=r,
+                multiprocess_mode="livemin",
             ),
         )
         metrics.build_info.labels(build_version(), build_commit(), frame_scans()).set(1)
