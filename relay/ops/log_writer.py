@@ -64,12 +64,13 @@ class LogWriter:
             else:
                 self._lines.append(line)
                 self._pending += len(line)
-                self._idle.clear()
+                if self._idle.is_set():  # a plain read; clear() and set() take a lock each
+                    self._idle.clear()
                 dropped = False
         if dropped:
             if self.on_drop is not None:
                 self.on_drop()
-        else:
+        elif not self._wake.is_set():  # set: the thread has yet to clear it and take lines
             self._wake.set()
         return len(line)
 
