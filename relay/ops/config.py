@@ -305,8 +305,10 @@ class CredentialConfig:
     (one token cache) however many backends use them."""
 
     type: Literal["api-key", "entra"] = "api-key"
-    # api-key: the environment variable that holds the Azure key.
+    # api-key: the environment variable that holds the Azure key...
     env: str = "AZURE_OPENAI_API_KEY"
+    # ...or a file that does (a mounted Secret), read again when it changes; instead of env.
+    file: Path | None = None
     # entra: which azure-identity credential gets the tokens.
     method: Literal["default", "managed-identity", "workload-identity", "client-secret"] = "default"
     client_id: str | None = None  # user-assigned identity, app registration
@@ -322,6 +324,8 @@ class CredentialConfig:
             value = getattr(self, name)
             if value is not None and not _ENV_NAME_RE.match(value):
                 problems.append(f"{name} must be an environment variable name, got {value!r}")
+        if self.type == "entra" and self.file is not None:
+            problems.append("file holds an api-key: type entra takes none")
         if self.type == "entra" and self.method == "client-secret":
             if not (self.client_id and self.tenant_id and self.client_secret_env):
                 problems.append(

@@ -8,11 +8,18 @@ fetched and refreshed in the background, never per session on the hot path.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
+
+import structlog
 
 from relay.ops.config import CredentialConfig
 from relay.ops.redaction import SECRETS
+from relay.ops.watch import POLL_SECONDS, signature
+
+_log = structlog.get_logger("relay.upstream")
 
 
 class UpstreamCredential(Protocol):
@@ -65,16 +72,85 @@ class ApiKeyCredential:
         return "ApiKeyCredential(key=***)"
 
 
+class ApiKeyFileCredential(ApiKeyCredential):
+    """An Azure resource key read from a file (a mounted Secret, a Key Vault CSI volume),
+    read again when the file changes: a rotated key is used by the next session, with no
+    restart. Until a changed file holds a key again (mid-update, emptied), the last key
+    stays in use."""
+
+    __slots__ = ("_path", "_seen", "_poll_seconds", "_task")
+
+    def __init__(self, path: Path, *, poll_seconds: float = POLL_SECONDS) -> None:
+        super().__init__(_read_key(path))  # ValueError: a start-up problem
+        self._path = path
+        self._seen = signature(path)
+        self._poll_seconds = poll_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._watch(), name=f"key file {self._path}"
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "api-key", "file": str(self._path), "usable": True}
+
+    def __repr__(self) -> str:
+        return f"ApiKeyFileCredential(file={str(self._path)!r}, key=***)"
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_seconds)
+            self.poll()
+
+    def poll(self) -> bool:
+        """Read the key again if the file changed; True if a new key is in use."""
+        now = signature(self._path)
+        if now is None or now == self._seen:  # unchanged, or missing for a moment
+            return False
+        self._seen = now
+        try:
+            key = _read_key(self._path)
+        except ValueError as exc:
+            _log.error("upstream_key_reload_failed", file=str(self._path), error=str(exc))
+            return False
+        if key == self._key:
+            return False
+        self._key = key
+        _log.info("upstream_key_reloaded", file=str(self._path))
+        return True
+
+
+def _read_key(path: Path) -> str:
+    """The key in ``path`` (surrounding whitespace aside), registered with the log filter;
+    ValueError saying what is wrong, never the content."""
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"key file {path} cannot be read ({type(exc).__name__})") from None
+    if not key:
+        raise ValueError(f"key file {path} is empty")
+    SECRETS.register(key)
+    return key
+
+
 def build_credential(
     config: CredentialConfig,
     environ: Mapping[str, str],
     on_refresh_failure: Callable[[], None] = lambda: None,
 ) -> UpstreamCredential:
-    """Raises ValueError naming what is missing from the environment."""
+    """Raises ValueError naming what is missing from the environment (or the key file)."""
     if config.type == "entra":
         from relay.upstream.entra import EntraCredential
 
         return EntraCredential(config, environ, on_refresh_failure=on_refresh_failure)
+    if config.file is not None:
+        return ApiKeyFileCredential(config.file)
     key = environ.get(config.env, "").strip()
     if not key:
         raise ValueError(f"environment variable {config.env} is not set or empty")
