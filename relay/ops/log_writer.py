@@ -5,7 +5,8 @@ The relay logs to stdout, which is a pipe to a log shipper, journald or a contai
 Written from the event loop, a line blocks the whole process once that pipe is full: with its
 reader stuck, the relay froze after about 44 sessions (64 KiB of lines), every live session's
 audio with it, and /healthz stopped answering. Here the loop only appends a line to a bounded
-buffer; a thread writes the buffer out, blocking there instead. Past `MAX_PENDING_BYTES` new
+buffer; a thread writes the buffer out every `FLUSH_INTERVAL_SECONDS` (sooner when much is
+waiting), blocking there instead. Past `MAX_PENDING_BYTES` new
 lines are dropped and counted (`relay_log_lines_dropped_total`), and once lines flow again a
 `log_lines_dropped` line says how many.
 
@@ -29,6 +30,11 @@ MAX_PENDING_BYTES = 8 * 1024 * 1024
 PIPE_BUF = select.PIPE_BUF
 # How long an exiting process waits for its last lines to be written.
 FLUSH_TIMEOUT_SECONDS = 5.0
+# The thread writes what is pending this often, or as soon as this much is. Woken for each
+# line, it cost a set-up 0.24 ms of CPU for its two lines (a futex wake, a thread switch and
+# a handover of the GIL each), 17 % of all of it; a line now waits up to 0.1 s instead.
+FLUSH_INTERVAL_SECONDS = 0.1
+WAKE_BYTES = 16 * 1024
 
 _log = structlog.get_logger("relay.logs")
 
@@ -70,7 +76,7 @@ class LogWriter:
         if dropped:
             if self.on_drop is not None:
                 self.on_drop()
-        elif not self._wake.is_set():  # set: the thread has yet to clear it and take lines
+        elif self._pending >= WAKE_BYTES and not self._wake.is_set():
             self._wake.set()
         return len(line)
 
@@ -80,11 +86,12 @@ class LogWriter:
     def wait_written(self, timeout: float = FLUSH_TIMEOUT_SECONDS) -> bool:
         """Wait until every pending line is written (at exit); False if that took longer than
         ``timeout`` (the reader is stuck: what is left is lost with the process)."""
+        self._wake.set()
         return self._idle.wait(timeout)
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            self._wake.wait(FLUSH_INTERVAL_SECONDS)
             self._wake.clear()  # before taking lines: a line added meanwhile wakes it again
             self._drain()
 
