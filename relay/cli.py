@@ -20,7 +20,7 @@ from relay.errors import ConfigError, StartupError
 from relay.ops.check import ConfigSource, check_config
 from relay.ops.config import RelayConfig, masked_config
 from relay.ops.descriptors import raise_limit
-from relay.ops.logsetup import configure_logging
+from relay.ops.logsetup import configure_logging, flush_logs
 from relay.ops.redaction import SECRETS
 from relay.ops.workers import worker_count
 from relay.talk import command as talk
@@ -244,6 +244,7 @@ def _banner(config: RelayConfig, url: str) -> None:
         ]
         if config.playground.enabled:
             lines.append(f"Or talk to it in a browser: {_http_url(url)}/playground")
+    flush_logs()  # the start-up lines first: the banner is the last thing to read
     print("\n".join(lines) + "\n", file=sys.stderr, flush=True)
 
 
