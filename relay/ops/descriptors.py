@@ -1,7 +1,7 @@
 """File descriptors: the limit raised at start-up, and the headroom a new session needs.
 
 A session holds two descriptors (the client's connection and the upstream's), so a relay at
-the common default soft limit of 1,024 runs out at about 500 sessions. Out of descriptors, it
+the common default soft limit of 1,024 runs out at about 480 sessions. Out of descriptors, it
 fails silently: libuv (under uvloop) accepts each new connection it cannot keep and closes it
 at once, so clients see the server disconnect, /healthz and /metrics too, and nothing is
 logged. So the relay
