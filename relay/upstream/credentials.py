@@ -17,7 +17,7 @@ import structlog
 
 from relay.ops.config import CredentialConfig
 from relay.ops.redaction import SECRETS
-from relay.ops.watch import POLL_SECONDS, signature
+from relay.ops.watch import watch_file
 
 _log = structlog.get_logger("relay.upstream")
 
@@ -78,18 +78,16 @@ class ApiKeyFileCredential(ApiKeyCredential):
     restart. Until a changed file holds a key again (mid-update, emptied), the last key
     stays in use."""
 
-    __slots__ = ("_path", "_seen", "_poll_seconds", "_task")
+    __slots__ = ("_path", "_task")
 
-    def __init__(self, path: Path, *, poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__(_read_key(path))  # ValueError: a start-up problem
         self._path = path
-        self._seen = signature(path)
-        self._poll_seconds = poll_seconds
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
-            self._watch(), name=f"key file {self._path}"
+            watch_file(self._path, self.reload), name=f"key file {self._path}"
         )
 
     async def close(self) -> None:
@@ -103,17 +101,8 @@ class ApiKeyFileCredential(ApiKeyCredential):
     def __repr__(self) -> str:
         return f"ApiKeyFileCredential(file={str(self._path)!r}, key=***)"
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_seconds)
-            self.poll()
-
-    def poll(self) -> bool:
-        """Read the key again if the file changed; True if a new key is in use."""
-        now = signature(self._path)
-        if now is None or now == self._seen:  # unchanged, or missing for a moment
-            return False
-        self._seen = now
+    async def reload(self) -> bool:
+        """Read the key again (the file changed); True if a new key is in use."""
         try:
             key = _read_key(self._path)
         except ValueError as exc:
