@@ -79,6 +79,10 @@ def create_app(
         auth_throttle=auth_throttle,
     )
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
+    budget = state.message_budget
+    budget.limit = config.server.message_buffer_bytes
+    state.live_gauges.track(state.metrics.message_buffer, lambda: float(budget.held))
+    state.live_gauges.track(state.metrics.message_buffer_limit, lambda: float(budget.limit))
     count_dropped_lines(state.metrics.log_lines_dropped.inc)
     zero_series(state)
     budget_gauges(state)

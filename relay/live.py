@@ -262,6 +262,7 @@ async def apply_config(
     if isinstance(state.budgets.book, RedisSpend):
         state.budgets.book.teams = tuple(config.teams)  # whose shared spend it reads back
     state.auth_throttle.update(config.limits)
+    state.message_budget.limit = config.server.message_buffer_bytes
     if config.logging != old.config.logging:
         configure_logging(config.logging.level, config.logging.format)
     _forget_backends(state, old, live)

@@ -23,6 +23,7 @@ from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.ops.descriptors import DescriptorWatch
 from relay.ops.metrics import LiveGauges, Metrics
 from relay.session.continuity import ContinuitySettings
+from relay.session.frames import MessageBudget
 from relay.session.policy import SessionPolicy
 from relay.session.pump import Bridge
 from relay.upstream.backends import BackendPool
@@ -90,6 +91,9 @@ class RelayState:
     draining: bool = False
     # Whether the process has descriptors to spare for another session.
     descriptors: DescriptorWatch = field(default_factory=DescriptorWatch)
+    # The bytes of client messages still arriving, on every connection (its limit follows
+    # the config's server.message_buffer_bytes).
+    message_budget: MessageBudget = field(default_factory=lambda: MessageBudget(0))
     simulator_url: str | None = None
     # What the relay presents to its in-process simulator: a key of this process alone, so
     # a simulator endpoint needs no secret in the environment.

@@ -9,7 +9,9 @@
   log line naming the error's class only.
 - A client frame over `max_message_bytes`: the client gets close 1009 with a reason, then the
   rest of what it sends is read and discarded (bounded in bytes and time) before the TCP
-  close, so a compliant client reads the close rather than a connection reset.
+  close, so a compliant client reads the close rather than a connection reset. A frame the
+  process's budget for messages still arriving refuses (`server.message_buffer_bytes`, see
+  `frames.MessageBufferFull`) is closed the same way, with 1013.
 
 aiohttp internals used, pinned by tests/faults/test_connection.py: `web.Server._kwargs`
 (the handler options) and `_loop`, `RequestHandler.handle_error` and
@@ -65,12 +67,18 @@ class RelayConnection(RequestHandler):
 
     def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
         socket, self.upgrading = self.upgrading, None
-        # The splitter must see every byte the reader sees: not when aiohttp is about to feed
-        # the reader bytes that came with the request (a client that did not wait for 101).
-        if socket is not None and not self._message_tail:
-            queue, limit = socket._reader, socket._limit
-            self.large_frames = frames.splitter(queue, masked=True, max_size=limit)
+        if socket is None:
+            super().set_parser(parser, data_received_cb)
+            return
+        self.large_frames = frames.splitter(
+            socket._reader, masked=True, max_size=socket._limit, budget=socket.message_budget
+        )
+        # The splitter must see every byte the reader sees, from the first: frames that came
+        # with the request (a client that did not wait for the 101) go through it too.
+        tail, self._message_tail = self._message_tail, b""
         super().set_parser(parser, data_received_cb)
+        if tail and frames.feed(parser, tail, self.large_frames)[0]:
+            self.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -248,15 +256,26 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
     (`RelayConnection.linger`) before it is closed."""
 
     __slots__ = (
-        "_limit", "_linger_seconds", "_lingering", "_too_big", "_request", "logged_as_session"
+        "_limit", "_linger_seconds", "_lingering", "_mid_frame", "_request", "logged_as_session",
+        "message_budget",
     )  # fmt: skip
 
-    def __init__(self, *, max_msg_size: int, linger_seconds: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_msg_size: int,
+        linger_seconds: float,
+        message_budget: frames.MessageBudget | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(max_msg_size=max_msg_size, **kwargs)
         self._limit = max_msg_size
         self._linger_seconds = linger_seconds
         self._lingering: asyncio.Future[None] | None = None
-        self._too_big = False
+        # Closed while a frame it refused is still arriving: the connection lingers.
+        self._mid_frame = False
+        # The process's bytes of client messages still arriving, that this socket's count in.
+        self.message_budget = message_budget
         self._request: web.BaseRequest | None = None
         # Its session logged `session_ended`, which stands for the access line (AccessLogger).
         self.logged_as_session = False
@@ -274,8 +293,13 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
     ) -> bool:
         if code == WSCloseCode.MESSAGE_TOO_BIG and not message and not self.closed:
             # aiohttp's receive() closing after its reader refused an oversized frame.
-            self._too_big = True
+            self._mid_frame = True
             message = f"message too big: the limit is {self._limit} bytes".encode()
+        elif code == WSCloseCode.TRY_AGAIN_LATER and not message and not self.closed:
+            reader = self._reader
+            if reader is not None and isinstance(reader.exception(), frames.MessageBufferFull):
+                self._mid_frame = True  # its splitter refused a frame (the process's budget)
+                message = frames.MessageBufferFull.REASON.encode()
         closed = await super().close(code=code, message=message, drain=drain)
         if self._lingering is not None:
             await self._lingering
@@ -283,7 +307,7 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
 
     def _close_transport(self) -> None:
         protocol = self._request.protocol if self._request is not None else None
-        if not self._too_big or not isinstance(protocol, RelayConnection):
+        if not self._mid_frame or not isinstance(protocol, RelayConnection):
             super()._close_transport()
             return
         if self._lingering is None:

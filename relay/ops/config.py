@@ -71,6 +71,12 @@ class ServerConfig:
     # audio (about 20 MiB of JSON) and `conversation.item.retrieved` returns a whole audio
     # item in base64: 32 MiB admits both (an item of up to ~8 minutes of 24 kHz PCM16).
     max_message_bytes: int = 32 * 1024 * 1024
+    # Bytes of client messages a process holds while they arrive, across its connections: a
+    # message counts from its first frame's header until it is whole. Without a bound, a
+    # few clients sending most of a large message and then nothing hold memory enough to
+    # have the process killed. A frame past it closes its client with 1013 (try again
+    # later). 0: no bound; else at least max_message_bytes.
+    message_buffer_bytes: int = 256 * 1024 * 1024
     heartbeat_seconds: float = 20.0
     # Pings a client may send per second (burst twice that); a ping flood closes with 1008.
     max_pings_per_second: float = 5.0
@@ -125,6 +131,12 @@ class ServerConfig:
         for name in ("client_send_buffer_bytes", "drain_grace_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more")
+        if self.message_buffer_bytes != 0 and self.message_buffer_bytes < self.max_message_bytes:
+            # Else a message the relay accepts could never be taken: 1013 on every retry.
+            problems.append(
+                "message_buffer_bytes must be 0 (no bound) or at least max_message_bytes "
+                f"({self.max_message_bytes})"
+            )
         _report(problems)
 
 

@@ -106,6 +106,8 @@ class Metrics:
     replayed_tokens: Counter
     loop_lag: Histogram
     tls_certificate_expiry: Gauge
+    message_buffer: Gauge
+    message_buffer_limit: Gauge
     _series: dict[tuple[str, str, str], SessionSeries] = field(default_factory=dict)
 
     def series(self, team: str, deployment: str, backend: str) -> SessionSeries:
@@ -403,6 +405,20 @@ class Metrics:
                 registry=r,
                 multiprocess_mode="livemin",
             ),
+            message_buffer=Gauge(
+                "relay_message_buffer_bytes",
+                "Bytes of client messages still arriving, announced by their frames' headers "
+                "(a process's total: see relay_message_buffer_limit_bytes).",
+                registry=r,
+                multiprocess_mode="liveall",
+            ),
+            message_buffer_limit=Gauge(
+                "relay_message_buffer_limit_bytes",
+                "server.message_buffer_bytes: past it, a client's frame is refused (1013). "
+                "0: no bound.",
+                registry=r,
+                multiprocess_mode="liveall",
+            ),
         )
         metrics.build_info.labels(build_version(), build_commit(), frame_scans()).set(1)
         return metrics
@@ -466,7 +482,7 @@ _TURN_END_UPSTREAM = frozenset(
 # start, so that increase() and rate() see the first one (a series born at 1 shows no increase).
 WATCHED_OUTCOMES = (
     "upstream_lost", "upstream_protocol_error", "upstream_message_too_big", "upstream_stalled",
-    "relay_internal_error", "client_stalled", "budget_exceeded",
+    "relay_internal_error", "client_stalled", "budget_exceeded", "message_buffer_full",
 )  # fmt: skip
 
 

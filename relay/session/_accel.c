@@ -519,6 +519,56 @@ static PyTypeObject LaneType = {
     .tp_getset = lane_getset,
 };
 
+/* --- MessageBudget: the bytes of client messages a process holds while they arrive -------
+ *
+ * A message is held from its first frame's header until its last byte has arrived, up to
+ * max_message_bytes per connection; a client sending most of a large message and then
+ * nothing (or fragments, between which it may answer pings for ever) holds that memory. The
+ * splitters of a process's client connections reserve each data frame's announced length
+ * here at its header and release a message's bytes once it is whole (or the connection is
+ * gone). A frame that would take `held` past `limit` is refused (Splitter.split). */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t limit;           /* 0: none */
+    Py_ssize_t held;
+} MessageBudget;
+
+static int
+budget_init(MessageBudget *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"limit", NULL};
+    Py_ssize_t limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n", keywords, &limit))
+        return -1;
+    if (limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+        return -1;
+    }
+    self->limit = limit;
+    self->held = 0;
+    return 0;
+}
+
+static PyMemberDef budget_members[] = {
+    {"limit", T_PYSSIZET, offsetof(MessageBudget, limit), 0,
+     "Bytes the process may hold of messages still arriving (0: no limit)."},
+    {"held", T_PYSSIZET, offsetof(MessageBudget, held), READONLY,
+     "Bytes announced by the frames of messages still arriving."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject MessageBudgetType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "relay.session._accel.MessageBudget",
+    .tp_doc = "The bytes of client messages a process holds while they arrive.",
+    .tp_basicsize = sizeof(MessageBudget),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)budget_init,
+    .tp_members = budget_members,
+};
+
 /* --- Splitter: large text frames filled past aiohttp's reader ---------------------------
  *
  * aiohttp's reader keeps a frame's pieces, joins them, copies them to unmask and hands on a
@@ -544,12 +594,27 @@ typedef struct {
     Py_ssize_t filled;
     Py_ssize_t size;
     unsigned char key[4];
+    MessageBudget *budget;      /* what this connection's messages are counted in, or NULL */
+    Py_ssize_t holding;         /* bytes reserved there for the message arriving */
+    int ends_message;           /* the frame being passed on is its message's last */
+    int refused;                /* a frame was refused: nothing more is read */
 } Splitter;
+
+/* Give back what the message arriving held: it is whole, or its connection is gone. */
+static void
+release(Splitter *self)
+{
+    if (self->budget != NULL)
+        self->budget->held -= self->holding;
+    self->holding = 0;
+}
 
 static void
 splitter_dealloc(Splitter *self)
 {
     PyObject_GC_UnTrack(self);
+    release(self);
+    Py_CLEAR(self->budget);
     Py_CLEAR(self->queue);
     Py_CLEAR(self->buffer);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -572,13 +637,17 @@ splitter_clear(Splitter *self)
 static int
 splitter_init(Splitter *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"queue", "masked", "large", "max_size", NULL};
-    PyObject *queue;
+    static char *keywords[] = {"queue", "masked", "large", "max_size", "budget", NULL};
+    PyObject *queue, *budget = Py_None;
     int masked;
     Py_ssize_t large, max_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Opnn", keywords, &queue, &masked, &large,
-                                     &max_size))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Opnn|O", keywords, &queue, &masked, &large,
+                                     &max_size, &budget))
         return -1;
+    if (budget != Py_None && !PyObject_TypeCheck(budget, &MessageBudgetType)) {
+        PyErr_SetString(PyExc_TypeError, "budget must be a MessageBudget or None");
+        return -1;
+    }
     if (large < 1 || max_size < 0) {
         PyErr_SetString(PyExc_ValueError, "large must be positive, max_size not negative");
         return -1;
@@ -586,6 +655,9 @@ splitter_init(Splitter *self, PyObject *args, PyObject *kwargs)
     Py_INCREF(queue);
     Py_XSETREF(self->queue, queue);
     Py_CLEAR(self->buffer);
+    release(self);
+    Py_XSETREF(self->budget, budget == Py_None ? NULL : (MessageBudget *)Py_NewRef(budget));
+    self->ends_message = self->refused = 0;
     self->masked = masked;
     self->large = large;
     self->max_size = max_size;
@@ -603,9 +675,11 @@ header_size(const unsigned char *head)
     return 2 + (length == 126 ? 2 : length == 127 ? 8 : 0) + ((head[1] & 0x80) ? 4 : 0);
 }
 
-/* Append (is_message, part) to *out, made on first use. 0, or -1 with an exception. */
+/* Append (kind, part) to *out, made on first use: kind is True for a large frame's payload,
+ * False for bytes for the reader, None for a refused frame (part: its length). 0, or -1
+ * with an exception. */
 static int
-emit(PyObject **out, int is_message, PyObject *part)
+emit(PyObject **out, PyObject *kind, PyObject *part)
 {
     if (part == NULL)
         return -1;
@@ -613,7 +687,7 @@ emit(PyObject **out, int is_message, PyObject *part)
         Py_DECREF(part);
         return -1;
     }
-    PyObject *pair = Py_BuildValue("(ON)", is_message ? Py_True : Py_False, part);
+    PyObject *pair = Py_BuildValue("(ON)", kind, part);
     if (pair == NULL)
         return -1;
     int appended = PyList_Append(*out, pair);
@@ -628,6 +702,8 @@ splitter_split(Splitter *self, PyObject *data)
         PyErr_SetString(PyExc_TypeError, "split(data: bytes)");
         return NULL;
     }
+    if (self->refused)
+        return PyList_New(0); /* the connection is being closed: nothing more is read */
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     PyObject *out = NULL;
@@ -646,7 +722,8 @@ splitter_split(Splitter *self, PyObject *data)
             if (self->filled == self->size) {
                 PyObject *message = self->buffer;
                 self->buffer = NULL;
-                if (emit(&out, 1, message) < 0)
+                release(self);
+                if (emit(&out, Py_True, message) < 0)
                     goto error;
             }
             continue;
@@ -657,6 +734,8 @@ splitter_split(Splitter *self, PyObject *data)
                 take = (unsigned long long)(n - pos);
             pos += (Py_ssize_t)take;
             self->skip -= take;
+            if (self->skip == 0 && self->ends_message)
+                release(self);
             continue;
         }
         Py_ssize_t start = pos - self->head_len; /* negative: the header began in an earlier read */
@@ -681,12 +760,33 @@ splitter_split(Splitter *self, PyObject *data)
                 length = (length << 8) | head[2 + i];
         }
         self->head_len = 0;
+        self->ends_message = opcode < 3 && fin;
+        /* A data frame's length is reserved, unless aiohttp's reader refuses it as too big
+         * (its test, with the message's earlier fragments: 1009 follows). */
+        if (opcode < 3 && self->budget != NULL && length > 0 &&
+            !(self->max_size != 0 &&
+              length >= (unsigned long long)(self->max_size - self->holding))) {
+            MessageBudget *budget = self->budget;
+            Py_ssize_t room = (budget->limit != 0 ? budget->limit : PY_SSIZE_T_MAX) - budget->held;
+            if (room <= 0 || length > (unsigned long long)room) {
+                if (start > seg &&
+                    emit(&out, Py_False,
+                         PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)
+                    goto error;
+                if (emit(&out, Py_None, PyLong_FromUnsignedLongLong(length)) < 0)
+                    goto error;
+                self->refused = 1;
+                return out;
+            }
+            budget->held += (Py_ssize_t)length;
+            self->holding += (Py_ssize_t)length;
+        }
         if (start >= 0 && fin && !rsv && opcode == 1 && !self->fragmented &&
             masked == self->masked && length >= (unsigned long long)self->large &&
             (self->max_size == 0 || length < (unsigned long long)self->max_size) &&
             length <= (unsigned long long)PY_SSIZE_T_MAX) {
             if (start > seg &&
-                emit(&out, 0, PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)
+                emit(&out, Py_False, PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)
                 goto error;
             self->buffer = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)length);
             if (self->buffer == NULL)
@@ -708,10 +808,12 @@ splitter_split(Splitter *self, PyObject *data)
                 self->fragmented = 0;
         }
         self->skip = length;
+        if (length == 0 && self->ends_message)
+            release(self);
     }
     if (out == NULL && !changed)
         Py_RETURN_NONE; /* all of it to aiohttp, as it came */
-    if (seg < n && emit(&out, 0, PyBytes_FromStringAndSize((const char *)p + seg, n - seg)) < 0)
+    if (seg < n && emit(&out, Py_False, PyBytes_FromStringAndSize((const char *)p + seg, n - seg)) < 0)
         goto error;
     if (out == NULL)
         out = PyList_New(0);
@@ -723,6 +825,8 @@ error:
 
 static PyMemberDef splitter_members[] = {
     {"queue", T_OBJECT, offsetof(Splitter, queue), READONLY, "Where the messages go."},
+    {"budget", T_OBJECT, offsetof(Splitter, budget), READONLY,
+     "The MessageBudget its messages are counted in, or None."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -769,7 +873,8 @@ static struct PyModuleDef accel_module = {
 PyMODINIT_FUNC
 PyInit__accel(void)
 {
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&SplitterType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&SplitterType) < 0 ||
+        PyType_Ready(&MessageBudgetType) < 0)
         return NULL;
     APPEND_KIND = PyUnicode_InternFromString("input_audio_buffer.append");
     if (APPEND_KIND == NULL)
@@ -786,6 +891,12 @@ PyInit__accel(void)
     Py_INCREF(&SplitterType);
     if (PyModule_AddObject(module, "Splitter", (PyObject *)&SplitterType) < 0) {
         Py_DECREF(&SplitterType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&MessageBudgetType);
+    if (PyModule_AddObject(module, "MessageBudget", (PyObject *)&MessageBudgetType) < 0) {
+        Py_DECREF(&MessageBudgetType);
         Py_DECREF(module);
         return NULL;
     }

@@ -50,11 +50,12 @@ from typing import Any
 import aiohttp.client
 import aiohttp.web_ws
 import structlog
-from aiohttp import WSMsgType
+from aiohttp import WSCloseCode, WSMsgType
 from aiohttp._websocket.helpers import websocket_mask
 from aiohttp._websocket.models import WSMessageTextBytes
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.client_exceptions import ClientConnectionResetError
+from aiohttp.http_websocket import WebSocketError
 
 Forward = Callable[[Any], bool]
 _log = structlog.get_logger("relay.session")
@@ -205,31 +206,55 @@ def feed(parser: Any, data: bytes, splitter: Splitter | None = None) -> tuple[bo
 LARGE_FRAME = 1 << 20
 
 
-def splitter(queue: Any, *, masked: bool, max_size: int) -> Splitter | None:
+class MessageBufferFull(WebSocketError):
+    """A client's frame refused because the process holds its `limits.message_buffer_bytes`
+    of messages still arriving: the client is closed with 1013 (try again later)."""
+
+    REASON = "relay busy: too many large messages arriving at once; try again later"
+
+    def __init__(self) -> None:
+        super().__init__(WSCloseCode.TRY_AGAIN_LATER, self.REASON)
+
+
+def splitter(
+    queue: Any, *, masked: bool, max_size: int, budget: MessageBudget | None = None
+) -> Splitter | None:
     """A connection's splitter (`_accel.Splitter`): it must see every byte its reader sees,
     from the first. aiohttp's reader keeps a frame's pieces, joins them, copies them to
     unmask and hands on a copy of that: twice an event's size while the last two live. A
-    large text frame is filled into one buffer of its size instead. None where `_accel`
-    was not built: the reader takes everything, as before."""
+    large text frame is filled into one buffer of its size instead. With a ``budget``, the
+    bytes of each message are counted there while it arrives, and a frame past it refused.
+    None where `_accel` was not built: the reader takes everything, as before."""
     if _Splitter is None:
         return None
-    return _Splitter(queue, masked, LARGE_FRAME, max_size)
+    return _Splitter(queue, masked, LARGE_FRAME, max_size, budget)
 
 
 def _feed_parts(
-    parser: Any, parts: list[tuple[bool, bytes]], splitter: Splitter | None
+    parser: Any, parts: list[tuple[bool | None, Any]], splitter: Splitter | None
 ) -> tuple[bool, bytes]:
     """A read the splitter cut: the reader's parts fed to it, the large frames' payloads
-    queued as the reader queues a text message it does not decode."""
+    queued as the reader queues a text message it does not decode; a refused frame (kind
+    None, with its length) ends the reading as the reader's own errors do."""
     assert splitter is not None
     result: tuple[bool, bytes] = (False, b"")
-    for is_message, part in parts:
-        if is_message:
+    for kind, part in parts:
+        if kind is True:
             splitter.queue.feed_data(WSMessageTextBytes(WSMsgType.TEXT, part, ""), len(part))
-        else:
+        elif kind is False:
             result = parser.feed_data(part)
             if result[0]:
                 break  # the reader failed (its queue holds why): nothing after counts
+        else:
+            budget = splitter.budget
+            _log.warning(
+                "message_buffer_full",
+                frame_bytes=part,
+                held_bytes=budget.held if budget is not None else 0,
+                limit_bytes=budget.limit if budget is not None else 0,
+            )
+            splitter.queue.set_exception(MessageBufferFull())
+            return True, b""
     return result
 
 
@@ -384,10 +409,20 @@ def forget_error(ws: Any) -> None:
 # One call per frame in C (relay/session/_accel.c) where it was built; `_text_frame` is the
 # reference its tests hold it to (tests/unit/test_accel.py), and what runs without it.
 try:
+    from relay.session._accel import MessageBudget as MessageBudget
     from relay.session._accel import Splitter as Splitter
     from relay.session._accel import text_frame
 
     _Splitter: type[Splitter] | None = Splitter
+    BUDGET_ENFORCED = True
 except ImportError:  # pragma: no cover
     text_frame = _text_frame
     _Splitter = None
+    BUDGET_ENFORCED = False
+
+    class MessageBudget:  # type: ignore[no-redef]
+        """What stands for `_accel.MessageBudget` where nothing is split: it counts nothing."""
+
+        def __init__(self, limit: int) -> None:
+            self.limit = limit
+            self.held = 0

@@ -468,6 +468,9 @@ class Bridge:
                 self._end(Ending("client", msg.data, msg.extra or ""))
                 break
             else:  # CLOSING, CLOSED, ERROR: gone without a close frame, or broke the protocol
+                if isinstance(msg.data, frames.MessageBufferFull):  # the relay refused it: 1013
+                    self._end(Ending("relay", 1013, msg.data.REASON, cause="message_buffer_full"))
+                    break
                 code = _error_code(msg.data) or client.close_code or 1006
                 cause = "client_message_too_big" if code == 1009 else ""
                 reason = _describe_error(msg.type, msg.data)

@@ -78,6 +78,99 @@ async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_re
     assert outcomes(relay) == {"client_message_too_big": 1}
 
 
+def append_of(size: int) -> bytes:
+    prefix = b'{"type":"input_audio_buffer.append","audio":"'
+    return prefix + b"A" * (size - len(prefix) - 2) + b'"}'
+
+
+async def test_messages_arriving_past_the_process_budget_are_refused_with_1013(
+    start_fake, start_relay, http
+):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(
+        relay_config(
+            str(upstream.make_url("")),
+            server={"max_message_bytes": 65536, "message_buffer_bytes": 100_000},
+        )
+    )
+    budget = relay.app[STATE].message_budget
+    async with (
+        http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as holder,
+        http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as refused,
+    ):
+        await read_until(holder, "session.created")
+        await read_until(refused, "session.created")
+        # The holder sends most of a 60,000-byte event, in the read that carries an event
+        # whose echo says the relay has read it.
+        held = masked_text_frame(append_of(60_000))
+        clear = masked_text_frame(b'{"type":"input_audio_buffer.clear"}')
+        holder._writer.transport.write(clear + held[:30_000])
+        await read_until(holder, "input_audio_buffer.clear")
+        assert budget.held == 60_000
+        # 50,000 more would pass 100,000: refused at its header, its client told why, the
+        # rest of its frame read and dropped so that the close is not lost to a reset.
+        with structlog.testing.capture_logs() as logs:
+            refused._writer.transport.write(masked_text_frame(append_of(50_000)))
+            msg = await refused.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1013)
+        [line] = [e for e in logs if e["event"] == "message_buffer_full"]
+        assert (line["frame_bytes"], line["held_bytes"], line["limit_bytes"]) == (
+            50_000,
+            60_000,
+            100_000,
+        )
+        assert msg.extra == "relay busy: too many large messages arriving at once; try again later"
+        # The holder's event, once whole, goes on; then there is room again.
+        holder._writer.transport.write(held[30_000:])
+        echoed = await holder.receive()
+        assert echoed.data.encode() == append_of(60_000)
+        assert budget.held == 0
+        holder._writer.transport.write(masked_text_frame(append_of(50_000)))
+        echoed = await holder.receive()
+        assert echoed.data.encode() == append_of(50_000)
+    await relay.app[STATE].idle.wait()
+    assert outcomes(relay) == {"message_buffer_full": 1, "client_closed": 1}
+    assert [m for m in fake.received if len(m) > 40_000] == [append_of(60_000), append_of(50_000)]
+    assert budget.held == 0
+
+
+async def test_frames_sent_with_the_request_are_counted_too(start_fake, start_relay):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    budget = relay.app[STATE].message_budget
+    # A client that does not wait for the 101: its first frames arrive with the request,
+    # before the relay has a WebSocket reader for them.
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    held = masked_text_frame(append_of(60_000))
+    writer.write(
+        "GET /openai/v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: x\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\napi-key: {ALPHA_KEY}\r\n\r\n".encode()
+        + masked_text_frame(b'{"type":"input_audio_buffer.clear"}')
+        + held[:30_000]
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    while b"input_audio_buffer.clear" not in await server_frame(reader):
+        pass
+    assert budget.held == 60_000
+    writer.write(held[30_000:])
+    while b"input_audio_buffer.append" not in await server_frame(reader):
+        pass
+    assert budget.held == 0
+    writer.close()
+
+
+async def server_frame(reader: asyncio.StreamReader) -> bytes:
+    """The payload of the next frame from the relay (unmasked, under 64 KiB)."""
+    head = await reader.readexactly(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    return await reader.readexactly(length)
+
+
 @pytest.mark.parametrize(
     ("frame", "code"),
     [

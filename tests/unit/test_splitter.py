@@ -83,11 +83,13 @@ def received(queue: WebSocketDataQueue) -> tuple[list[tuple[Any, ...]], Any]:
     return messages, None if exc is None else (type(exc), str(exc))
 
 
-def through(chunks: list[bytes], masked: bool, split: bool) -> tuple[list[Any], Any]:
+def through(
+    chunks: list[bytes], masked: bool, split: bool, budget: Any = None
+) -> tuple[list[Any], Any]:
     protocol = BaseProtocol(asyncio.get_event_loop())
     queue = WebSocketDataQueue(protocol, 1 << 30, loop=asyncio.get_event_loop())
     reader = WebSocketReader(queue, MAX_SIZE, compress=False, decode_text=False)
-    splitter = _accel.Splitter(queue, masked, LARGE, MAX_SIZE) if split else None
+    splitter = _accel.Splitter(queue, masked, LARGE, MAX_SIZE, budget) if split else None
     for chunk in chunks:
         eof, _ = frames.feed(reader, chunk, splitter)
         if eof:
@@ -104,6 +106,11 @@ async def test_the_queue_gets_what_aiohttps_reader_alone_gives_it(seed, masked):
     alone = through(chunks, masked, split=False)
     assert through(chunks, masked, split=True) == alone
     assert alone[1] is None and alone[0]
+    # Counted in a budget that has room, the same; every message is whole at the end, so
+    # nothing is held.
+    budget = _accel.MessageBudget(1 << 40)
+    assert through(chunks, masked, split=True, budget=budget) == alone
+    assert budget.held == 0
 
 
 async def test_large_text_frames_are_filled_past_the_reader():
@@ -146,7 +153,81 @@ def test_any_bytes_give_the_same_as_the_reader(data, cuts):
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)
-        assert through(chunks, True, split=True) == through(chunks, True, split=False)
+        alone = through(chunks, True, split=False)
+        assert through(chunks, True, split=True) == alone
+        budget = _accel.MessageBudget(0)
+        assert through(chunks, True, split=True, budget=budget) == alone
+        assert budget.held == 0  # a message cut short is given back with its splitter
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def test_a_message_is_held_from_its_first_header_until_it_is_whole():
+    budget = _accel.MessageBudget(0)
+    splitter = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
+    first, middle, last = (frame(1, b"a" * 300, fin=False, masked=True),
+                           frame(0, b"b" * 70000, fin=False, masked=True),
+                           frame(0, b"c" * 5, masked=True))  # fmt: skip
+    ping = frame(9, b"ping", masked=True)
+    splitter.split(first[:8])  # the header: its whole length is reserved at once
+    assert budget.held == 300
+    splitter.split(first[8:] + ping + middle)
+    assert budget.held == 70300  # a ping between fragments holds nothing of its own
+    splitter.split(last[:-1])
+    assert budget.held == 70305
+    splitter.split(last[-1:])
+    assert budget.held == 0
+    # A large frame filled past the reader, and an empty final frame.
+    big = frame(1, b"d" * 70000, masked=True)
+    splitter.split(big[:-1])
+    assert budget.held == 70000
+    assert splitter.split(big[-1:]) == [(True, b"d" * 70000)]
+    assert budget.held == 0
+    splitter.split(frame(1, b"", masked=True))
+    assert budget.held == 0
+    # Gone mid-message: given back.
+    splitter.split(first)
+    assert budget.held == 300
+    del splitter
+    assert budget.held == 0
+
+
+def test_a_frame_past_the_budget_is_refused_and_nothing_after_it_is_read():
+    budget = _accel.MessageBudget(1000)
+    other = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
+    other.split(frame(1, b"x" * 600, masked=True)[:20])  # another connection holds 600
+    splitter = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
+    before = frame(1, b"ok", masked=True)
+    refused = frame(1, b"y" * 401, masked=True)
+    parts = splitter.split(before + refused + before)
+    assert parts == [(False, before), (None, 401)]
+    assert budget.held == 600
+    assert splitter.split(before) == []
+    # What fits is taken; a frame too big for the connection is aiohttp's to refuse (1009),
+    # not counted.
+    fits = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
+    assert fits.split(frame(1, b"z" * 400, masked=True)) == [(True, b"z" * 400)]
+    assert budget.held == 600
+    fits.split(frame(1, b"z" * MAX_SIZE, masked=True)[:20])
+    assert budget.held == 600
+    # A limit lowered below what is held refuses every data frame until it is given back.
+    budget.limit = 500
+    lowered = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
+    assert lowered.split(frame(1, b"a", masked=True)) == [(None, 1)]
+    del other
+    assert budget.held == 0
+
+
+async def test_a_refused_frame_ends_the_reading_with_1013():
+    protocol = BaseProtocol(asyncio.get_event_loop())
+    queue = WebSocketDataQueue(protocol, 1 << 30, loop=asyncio.get_event_loop())
+    reader = WebSocketReader(queue, MAX_SIZE, compress=False, decode_text=False)
+    budget = _accel.MessageBudget(100)
+    splitter = frames.splitter(queue, masked=True, max_size=MAX_SIZE, budget=budget)
+    data = frame(1, b"ok", masked=True) + frame(1, b"n" * 101, masked=True)
+    assert frames.feed(reader, data, splitter) == (True, b"")
+    messages, error = received(queue)
+    assert [m[1] for m in messages] == [b"ok"]
+    assert error == (frames.MessageBufferFull, str(frames.MessageBufferFull()))
+    assert queue.exception().code == 1013
