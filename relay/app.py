@@ -81,6 +81,12 @@ def create_app(
     state.live_gauges.track(state.metrics.ready, lambda: float(state.ready))
     budget = state.message_budget
     budget.limit = config.server.message_buffer_bytes
+    if not frames.BUDGET_ENFORCED:  # pragma: no cover (the extension is built here)
+        _log.warning(
+            "message_buffer_not_enforced",
+            detail="relay/session/_accel.c was not built: server.message_buffer_bytes does "
+            "not bound client messages still arriving (install with a C compiler)",
+        )
     state.live_gauges.track(state.metrics.message_buffer, lambda: float(budget.held))
     state.live_gauges.track(state.metrics.message_buffer_limit, lambda: float(budget.limit))
     count_dropped_lines(state.metrics.log_lines_dropped.inc)

@@ -105,15 +105,22 @@ async def test_settings_bound_at_start_are_reported_and_kept(simulator, start_re
     state = relay.app[STATE]
     moved = relay_config(
         simulator.url,
-        server={"port": 9999, "close_timeout_seconds": 2.0, "stall_timeout_seconds": 3.0},
+        server={
+            "port": 9999, "close_timeout_seconds": 2.0, "stall_timeout_seconds": 3.0,
+            "message_buffer_bytes": 64 * 1024 * 1024,
+        },
         metrics={"port": 9998},
-    )
+    )  # fmt: skip
+    assert state.message_budget.limit == 256 * 1024 * 1024
     result = await apply_config(state, moved, ENVIRON)
     assert result.outcome == "applied"
     assert result.restart_needed == ("server.port", "metrics")
     assert state.live.config.server.port == 8080  # as the process listens
     assert state.live.config.metrics.port == 9464
     assert state.live.config.server.stall_timeout_seconds == 3.0  # live settings apply
+    assert state.message_budget.limit == 64 * 1024 * 1024
+    sample = state.metrics.registry.get_sample_value("relay_message_buffer_limit_bytes")
+    assert sample == 64 * 1024 * 1024
     again = await apply_config(state, moved, ENVIRON)
     assert (again.outcome, again.restart_needed) == ("unchanged", ("server.port", "metrics"))
 

@@ -153,6 +153,16 @@ def test_one_pass_finds_every_problem_in_a_broken_file():
     )
 
 
+def test_the_message_buffer_holds_at_least_one_whole_message_or_is_unbounded():
+    assert problems(minimal(max_message_bytes=1000, message_buffer_bytes=999)) == [
+        "relay.toml: server: message_buffer_bytes must be 0 (no bound) or at least "
+        "max_message_bytes (1000)"
+    ]
+    for fine in (0, 1000):
+        data = minimal(max_message_bytes=1000, message_buffer_bytes=fine)
+        assert parse_config(data, source="relay.toml").server.message_buffer_bytes == fine
+
+
 def test_a_simulator_endpoint_needs_no_credential():
     data = minimal()
     data["deployments"]["gpt-realtime"] = {"endpoint": "simulator"}
