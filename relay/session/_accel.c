@@ -526,26 +526,29 @@ static PyTypeObject LaneType = {
  * nothing (or fragments, between which it may answer pings for ever) holds that memory. The
  * splitters of a process's client connections reserve each data frame's announced length
  * here at its header and release a message's bytes once it is whole (or the connection is
- * gone). A frame that would take `held` past `limit` is refused (Splitter.split). */
+ * gone). A frame that would take `held` past `limit` is refused (Splitter.split), unless
+ * its message is `small` in all: live audio goes on while a full budget refuses large ones. */
 
 typedef struct {
     PyObject_HEAD
     Py_ssize_t limit;           /* 0: none */
+    Py_ssize_t small;           /* messages of at most this many bytes are never refused */
     Py_ssize_t held;
 } MessageBudget;
 
 static int
 budget_init(MessageBudget *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"limit", NULL};
-    Py_ssize_t limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n", keywords, &limit))
+    static char *keywords[] = {"limit", "small", NULL};
+    Py_ssize_t limit, small = 65536;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n|n", keywords, &limit, &small))
         return -1;
-    if (limit < 0) {
-        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+    if (limit < 0 || small < 0) {
+        PyErr_SetString(PyExc_ValueError, "limit and small must not be negative");
         return -1;
     }
     self->limit = limit;
+    self->small = small;
     self->held = 0;
     return 0;
 }
@@ -553,6 +556,8 @@ budget_init(MessageBudget *self, PyObject *args, PyObject *kwargs)
 static PyMemberDef budget_members[] = {
     {"limit", T_PYSSIZET, offsetof(MessageBudget, limit), 0,
      "Bytes the process may hold of messages still arriving (0: no limit)."},
+    {"small", T_PYSSIZET, offsetof(MessageBudget, small), READONLY,
+     "Messages of at most this many bytes in all are counted but never refused."},
     {"held", T_PYSSIZET, offsetof(MessageBudget, held), READONLY,
      "Bytes announced by the frames of messages still arriving."},
     {NULL, 0, 0, 0, NULL},
@@ -768,7 +773,9 @@ splitter_split(Splitter *self, PyObject *data)
               length >= (unsigned long long)(self->max_size - self->holding))) {
             MessageBudget *budget = self->budget;
             Py_ssize_t room = (budget->limit != 0 ? budget->limit : PY_SSIZE_T_MAX) - budget->held;
-            if (room <= 0 || length > (unsigned long long)room) {
+            int small = self->holding <= budget->small &&
+                        length <= (unsigned long long)(budget->small - self->holding);
+            if (!small && (room <= 0 || length > (unsigned long long)room)) {
                 if (start > seg &&
                     emit(&out, Py_False,
                          PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)

@@ -9,6 +9,7 @@ import socket
 import struct
 
 from aiohttp import web
+from aiohttp._websocket.helpers import websocket_mask
 
 from tests.helpers import FakeUpstream
 
@@ -81,15 +82,18 @@ async def raw_client(
 
 
 def masked_text_frame(payload: bytes) -> bytes:
-    """A client-to-server text frame (clients must mask), payload under 64 KiB."""
+    """A client-to-server text frame (clients must mask)."""
     mask = os.urandom(4)
-    header = bytes([0x81])
-    header += (
-        bytes([0x80 | len(payload)])
-        if len(payload) < 126
-        else bytes([0x80 | 126]) + struct.pack("!H", len(payload))
-    )
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    if n < 126:
+        length = bytes([0x80 | n])
+    elif n < 65536:
+        length = bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        length = bytes([0x80 | 127]) + struct.pack("!Q", n)
+    body = bytearray(payload)
+    websocket_mask(mask, body)
+    return bytes([0x81]) + length + mask + bytes(body)
 
 
 async def silent_mid_response(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:

@@ -91,47 +91,51 @@ async def test_messages_arriving_past_the_process_budget_are_refused_with_1013(
     relay = await start_relay(
         relay_config(
             str(upstream.make_url("")),
-            server={"max_message_bytes": 65536, "message_buffer_bytes": 100_000},
+            server={"max_message_bytes": 1_000_000, "message_buffer_bytes": 1_000_000},
         )
     )
     budget = relay.app[STATE].message_budget
     async with (
         http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as holder,
+        http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as live,
         http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as refused,
     ):
-        await read_until(holder, "session.created")
-        await read_until(refused, "session.created")
-        # The holder sends most of a 60,000-byte event, in the read that carries an event
+        for ws in (holder, live, refused):
+            await read_until(ws, "session.created")
+        # The holder sends part of a 990,000-byte event, in the read that carries an event
         # whose echo says the relay has read it.
-        held = masked_text_frame(append_of(60_000))
+        held = masked_text_frame(append_of(990_000))
         clear = masked_text_frame(b'{"type":"input_audio_buffer.clear"}')
         holder._writer.transport.write(clear + held[:30_000])
         await read_until(holder, "input_audio_buffer.clear")
-        assert budget.held == 60_000
-        # 50,000 more would pass 100,000: refused at its header, its client told why, the
+        assert budget.held == 990_000
+        # Past the bound, a message of 64 KiB or less still goes through: live audio is
+        # never refused for someone else's large messages.
+        live._writer.transport.write(masked_text_frame(append_of(60_000)))
+        assert (await live.receive()).data.encode() == append_of(60_000)
+        # 100,000 more would pass 1,000,000: refused at its header, its client told why, the
         # rest of its frame read and dropped so that the close is not lost to a reset.
         with structlog.testing.capture_logs() as logs:
-            refused._writer.transport.write(masked_text_frame(append_of(50_000)))
+            refused._writer.transport.write(masked_text_frame(append_of(100_000)))
             msg = await refused.receive()
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1013)
+        assert msg.extra == "relay busy: too many large messages arriving at once; try again later"
         [line] = [e for e in logs if e["event"] == "message_buffer_full"]
         assert (line["frame_bytes"], line["held_bytes"], line["limit_bytes"]) == (
-            50_000,
-            60_000,
             100_000,
+            990_000,
+            1_000_000,
         )
-        assert msg.extra == "relay busy: too many large messages arriving at once; try again later"
         # The holder's event, once whole, goes on; then there is room again.
         holder._writer.transport.write(held[30_000:])
-        echoed = await holder.receive()
-        assert echoed.data.encode() == append_of(60_000)
+        assert (await holder.receive()).data.encode() == append_of(990_000)
         assert budget.held == 0
-        holder._writer.transport.write(masked_text_frame(append_of(50_000)))
-        echoed = await holder.receive()
-        assert echoed.data.encode() == append_of(50_000)
+        live._writer.transport.write(masked_text_frame(append_of(100_000)))
+        assert (await live.receive()).data.encode() == append_of(100_000)
     await relay.app[STATE].idle.wait()
-    assert outcomes(relay) == {"message_buffer_full": 1, "client_closed": 1}
-    assert [m for m in fake.received if len(m) > 40_000] == [append_of(60_000), append_of(50_000)]
+    assert outcomes(relay) == {"message_buffer_full": 1, "client_closed": 2}
+    large = [len(m) for m in fake.received if len(m) > 50_000]
+    assert large == [60_000, 990_000, 100_000]
     assert budget.held == 0
 
 

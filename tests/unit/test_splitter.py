@@ -194,7 +194,7 @@ def test_a_message_is_held_from_its_first_header_until_it_is_whole():
 
 
 def test_a_frame_past_the_budget_is_refused_and_nothing_after_it_is_read():
-    budget = _accel.MessageBudget(1000)
+    budget = _accel.MessageBudget(1000, small=100)
     other = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
     other.split(frame(1, b"x" * 600, masked=True)[:20])  # another connection holds 600
     splitter = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
@@ -214,16 +214,32 @@ def test_a_frame_past_the_budget_is_refused_and_nothing_after_it_is_read():
     # A limit lowered below what is held refuses every data frame until it is given back.
     budget.limit = 500
     lowered = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
-    assert lowered.split(frame(1, b"a", masked=True)) == [(None, 1)]
+    assert lowered.split(frame(1, b"a" * 101, masked=True)) == [(None, 101)]
     del other
     assert budget.held == 0
+
+
+def test_small_messages_are_never_refused():
+    budget = _accel.MessageBudget(1000, small=100)
+    holder = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
+    holder.split(frame(1, b"x" * 1000, masked=True)[:20])
+    assert budget.held == 1000  # full
+    live = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
+    audio = frame(1, b"a" * 100, masked=True)
+    assert live.split(audio + audio) == [(True, b"a" * 100)] * 2
+    assert budget.held == 1000
+    # A fragmented message is small while its fragments add up to 100 or less.
+    parts = live.split(
+        frame(1, b"b" * 60, fin=False, masked=True) + frame(0, b"c" * 41, masked=True)
+    )
+    assert parts is not None and parts[-1] == (None, 41)
 
 
 async def test_a_refused_frame_ends_the_reading_with_1013():
     protocol = BaseProtocol(asyncio.get_event_loop())
     queue = WebSocketDataQueue(protocol, 1 << 30, loop=asyncio.get_event_loop())
     reader = WebSocketReader(queue, MAX_SIZE, compress=False, decode_text=False)
-    budget = _accel.MessageBudget(100)
+    budget = _accel.MessageBudget(100, small=0)
     splitter = frames.splitter(queue, masked=True, max_size=MAX_SIZE, budget=budget)
     data = frame(1, b"ok", masked=True) + frame(1, b"n" * 101, masked=True)
     assert frames.feed(reader, data, splitter) == (True, b"")
