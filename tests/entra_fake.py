@@ -131,3 +131,46 @@ class FakeIdentityEndpoint:
 
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+class FakeClientCredentialsEndpoint:
+    """Microsoft Entra ID's token endpoint for the client-credentials grant
+    (`POST /{tenant}/oauth2/v2.0/token`), which azure-identity's ClientSecretCredential
+    calls over HTTPS: it issues tokens for the client secrets in ``accepted`` and answers
+    others as Entra does (401 `invalid_client`, AADSTS7000215). ``used`` lists the secret
+    each request presented."""
+
+    def __init__(self, *accepted: str, lifetime: int = 3599) -> None:
+        self.accepted = set(accepted)
+        self.lifetime = lifetime
+        self.used: list[str] = []
+        self.issued: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/{tenant}/oauth2/v2.0/token", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        secret = str(form.get("client_secret", ""))
+        self.used.append(secret)
+        if form.get("grant_type") != "client_credentials" or secret not in self.accepted:
+            return _json(
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided.",
+                },
+                status=401,
+            )
+        token = f"fake-entra-token-{len(self.issued) + 1}-{secrets.token_hex(8)}"
+        self.issued.append(token)
+        # refresh_in 0: azure-identity's cache never answers in the endpoint's place.
+        return _json(
+            {
+                "token_type": "Bearer",
+                "expires_in": self.lifetime,
+                "refresh_in": 0,
+                "access_token": token,
+            }
+        )

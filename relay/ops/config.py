@@ -326,7 +326,9 @@ class CredentialConfig:
     method: Literal["default", "managed-identity", "workload-identity", "client-secret"] = "default"
     client_id: str | None = None  # user-assigned identity, app registration
     tenant_id: str | None = None  # client-secret, workload-identity
-    client_secret_env: str | None = None  # client-secret: env var holding the secret
+    client_secret_env: str | None = None  # client-secret: env var holding the secret...
+    # ...or a file that does (a mounted Secret), read again when it changes.
+    client_secret_file: Path | None = None
     scope: str = COGNITIVE_SERVICES_SCOPE
     # Refresh a token this long before it expires, in the background.
     refresh_before_seconds: float = 300.0
@@ -340,10 +342,14 @@ class CredentialConfig:
         if self.type == "entra" and self.file is not None:
             problems.append("file holds an api-key: type entra takes none")
         if self.type == "entra" and self.method == "client-secret":
-            if not (self.client_id and self.tenant_id and self.client_secret_env):
+            if not (self.client_id and self.tenant_id):
+                problems.append("method client-secret needs client_id and tenant_id")
+            if (self.client_secret_env is None) == (self.client_secret_file is None):
                 problems.append(
-                    "method client-secret needs client_id, tenant_id and client_secret_env"
+                    "method client-secret needs client_secret_env or client_secret_file (one)"
                 )
+        elif self.client_secret_file is not None:
+            problems.append("client_secret_file is for type entra, method client-secret only")
         _report(problems)
 
 

@@ -81,7 +81,7 @@ class ApiKeyFileCredential(ApiKeyCredential):
     __slots__ = ("_path", "_task")
 
     def __init__(self, path: Path) -> None:
-        super().__init__(_read_key(path))  # ValueError: a start-up problem
+        super().__init__(read_secret_file(path))  # ValueError: a start-up problem
         self._path = path
         self._task: asyncio.Task[None] | None = None
 
@@ -104,7 +104,7 @@ class ApiKeyFileCredential(ApiKeyCredential):
     async def reload(self) -> bool:
         """Read the key again (the file changed); True if a new key is in use."""
         try:
-            key = _read_key(self._path)
+            key = read_secret_file(self._path)
         except ValueError as exc:
             _log.error("upstream_key_reload_failed", file=str(self._path), error=str(exc))
             return False
@@ -115,17 +115,17 @@ class ApiKeyFileCredential(ApiKeyCredential):
         return True
 
 
-def _read_key(path: Path) -> str:
-    """The key in ``path`` (surrounding whitespace aside), registered with the log filter;
+def read_secret_file(path: Path, what: str = "key file") -> str:
+    """The secret in ``path`` (surrounding whitespace aside), registered with the log filter;
     ValueError saying what is wrong, never the content."""
     try:
-        key = path.read_text().strip()
+        secret = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"key file {path} cannot be read ({type(exc).__name__})") from None
-    if not key:
-        raise ValueError(f"key file {path} is empty")
-    SECRETS.register(key)
-    return key
+        raise ValueError(f"{what} {path} cannot be read ({type(exc).__name__})") from None
+    if not secret:
+        raise ValueError(f"{what} {path} is empty")
+    SECRETS.register(secret)
+    return secret
 
 
 def build_credential(

@@ -20,7 +20,12 @@ Refresh rules:
   refresh (``TokenNotRenewed``): the failure shows before the token runs out, not after. For
   the same reason a ``refresh_before_seconds`` above 300 gains nothing with tokens under 2 h.
 
-Tokens never appear in logs, reprs, ``describe()`` or error messages.
+A client secret may come from a file (``client_secret_file``, a mounted Secret), watched like
+the config file: a changed secret is tried at once (a token fetched with it) and put in use
+only if Entra takes it (``entra_client_secret_reloaded``); else the old one stays
+(``entra_client_secret_reload_failed``). So the rotation needs no restart.
+
+Tokens and secrets never appear in logs, reprs, ``describe()`` or error messages.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from azure.identity.aio import (
 from relay.errors import CredentialUnavailable
 from relay.ops.config import CredentialConfig
 from relay.ops.redaction import SECRETS
+from relay.ops.watch import watch_file
+from relay.upstream.credentials import read_secret_file
 
 _log = structlog.get_logger("relay.upstream.entra")
 
@@ -94,9 +101,13 @@ def error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
 
 
 def build_token_source(
-    config: CredentialConfig, environ: Mapping[str, str], options: Mapping[str, Any]
+    config: CredentialConfig,
+    environ: Mapping[str, str],
+    options: Mapping[str, Any],
+    secret: str | None = None,
 ) -> AsyncTokenCredential:
-    """The azure-identity credential for ``config.method``; ``options`` go to its constructor.
+    """The azure-identity credential for ``config.method``; ``options`` go to its constructor
+    (and ``secret``, when given, to a client-secret one).
 
     Raises:
         ValueError: a setting or environment variable the method needs is missing.
@@ -106,7 +117,7 @@ def build_token_source(
     if config.method == "workload-identity":
         return _workload_identity(config, environ, options)
     if config.method == "client-secret":
-        return _client_secret(config, environ, options)
+        return _client_secret(config, environ, options, secret)
     # Interactive credentials are excluded by default: a server has nobody to sign in.
     return DefaultAzureCredential(managed_identity_client_id=config.client_id, **options)
 
@@ -131,14 +142,27 @@ def _workload_identity(
 
 
 def _client_secret(
-    config: CredentialConfig, environ: Mapping[str, str], options: Mapping[str, Any]
+    config: CredentialConfig,
+    environ: Mapping[str, str],
+    options: Mapping[str, Any],
+    secret: str | None = None,
 ) -> AsyncTokenCredential:
-    if not (config.tenant_id and config.client_id and config.client_secret_env):
-        raise ValueError("method client-secret needs client_id, tenant_id and client_secret_env")
-    secret = environ.get(config.client_secret_env, "").strip()
-    if not secret:
-        raise ValueError(f"environment variable {config.client_secret_env} is not set or empty")
-    SECRETS.register(secret)
+    """A ClientSecretCredential with ``secret``, else the one the config names (its file or
+    its environment variable)."""
+    if not (config.tenant_id and config.client_id):
+        raise ValueError("method client-secret needs client_id and tenant_id")
+    if secret is None:
+        if config.client_secret_file is not None:
+            secret = read_secret_file(config.client_secret_file, "client secret file")
+        elif config.client_secret_env:
+            secret = environ.get(config.client_secret_env, "").strip()
+            if not secret:
+                raise ValueError(
+                    f"environment variable {config.client_secret_env} is not set or empty"
+                )
+            SECRETS.register(secret)
+        else:
+            raise ValueError("method client-secret needs client_secret_env or client_secret_file")
     return ClientSecretCredential(config.tenant_id, config.client_id, secret, **options)
 
 
@@ -177,8 +201,14 @@ class EntraCredential:
         self._on_refresh_failure = on_refresh_failure
         self._sleep = sleep
         self._fetch_timeout = fetch_timeout
+        self._options = dict(credential_options or {})
+        # A client secret from a file: the one in use, and the task watching the file.
+        self._secret: str | None = None
+        self._secret_watch: asyncio.Task[None] | None = None
         if token_source is None:
-            token_source = build_token_source(config, environ, credential_options or {})
+            if config.method == "client-secret" and config.client_secret_file is not None:
+                self._secret = read_secret_file(config.client_secret_file, "client secret file")
+            token_source = build_token_source(config, environ, self._options, self._secret)
         self._source = token_source
         self._token: AccessToken | None = None
         self._refresh_failures = 0
@@ -193,16 +223,22 @@ class EntraCredential:
         if self._task is not None or self._closed:
             return
         fetched = await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(
             self._keep_fresh(0 if fetched else 1), name=f"entra-refresh-{self._config.method}"
         )
+        path = self._config.client_secret_file
+        if self._secret is not None and path is not None:
+            self._secret_watch = loop.create_task(
+                watch_file(path, self.reload_secret), name="entra-client-secret-file"
+            )
 
     async def close(self) -> None:
         """Stop the background task and any fetch, close the azure-identity credential."""
         if self._closed:
             return
         self._closed = True
-        tasks = [task for task in (self._task, self._fetch) if task is not None]
+        tasks = [t for t in (self._task, self._fetch, self._secret_watch) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -236,13 +272,48 @@ class EntraCredential:
         # Shielded: a caller given up on (a session's handshake) must not cancel the others'.
         return await asyncio.shield(self._fetch)
 
+    async def reload_secret(self) -> bool:
+        """Read the client secret file again (it changed). The new secret is put in use once
+        a token is fetched with it; until then (a file emptied mid-update, a secret the
+        endpoint refuses) the old one stays. True if the new secret is in use."""
+        path = self._config.client_secret_file
+        if path is None or self._closed:
+            return False
+        try:
+            secret = read_secret_file(path, "client secret file")
+        except ValueError as exc:
+            _log.error("entra_client_secret_reload_failed", file=str(path), error=str(exc))
+            return False
+        if secret == self._secret:
+            return False
+        source = build_token_source(self._config, {}, self._options, secret)
+        try:
+            token = await self._get_token(source)
+            self._check(token)
+        except Exception as exc:  # the old secret stays in use
+            _log.error(
+                "entra_client_secret_reload_failed",
+                file=str(path),
+                error=error_text(exc, (secret,)),
+            )
+            await source.close()
+            return False
+        fetch = self._fetch
+        if fetch is not None:  # one made with the old source: let it end before closing that
+            await asyncio.gather(asyncio.shield(fetch), return_exceptions=True)
+        old, self._source, self._secret = self._source, source, secret
+        self._record_success(token)
+        _log.info("entra_client_secret_reloaded", file=str(path))
+        await old.close()
+        return True
+
     @property
     def usable(self) -> bool:
         return self._token is not None and self._token.expires_on > self._clock()
 
     def describe(self) -> dict[str, Any]:
         remaining = self._remaining()
-        return {
+        described: dict[str, Any] = {
             "type": "entra",
             "method": self._config.method,
             "usable": self.usable,
@@ -250,6 +321,9 @@ class EntraCredential:
             "refresh_failures": self._refresh_failures,
             "last_error": self._last_error,
         }
+        if self._config.client_secret_file is not None:
+            described["client_secret_file"] = str(self._config.client_secret_file)
+        return described
 
     def __repr__(self) -> str:
         token = "***" if self._token is not None else None
@@ -291,11 +365,11 @@ class EntraCredential:
         self._record_success(token)
         return True
 
-    async def _get_token(self) -> AccessToken:
+    async def _get_token(self, source: AsyncTokenCredential | None = None) -> AccessToken:
         deadline = asyncio.timeout(self._fetch_timeout)
         try:
             async with deadline:
-                return await self._source.get_token(self._config.scope)
+                return await (source or self._source).get_token(self._config.scope)
         except TimeoutError:
             if deadline.expired():
                 raise FetchTimeout(f"no answer within {self._fetch_timeout:g} s") from None
