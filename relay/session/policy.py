@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,6 +49,9 @@ DEFAULT_MAX_EVENTS_PER_SECOND = 250.0
 DEFAULT_EVENT_BURST = 1000
 # Capped fields whose service default is unbounded: the cap becomes the default.
 _UNBOUNDED_BY_DEFAULT = ("max_output_tokens",)
+# Client frames this size and more are judged by the pump (not in the read callback), which
+# checks their size before reading them (`check_size`).
+LARGE_EVENT_BYTES = 256 * 1024
 DEFAULTS_EVENT_ID = "relay_session_defaults"
 
 
@@ -136,12 +140,7 @@ class SessionPolicy:
         """As `check_client_frame`, for a frame the caller already read with
         `codec.read_client_frame`: its type, an append's decoded audio size
         (``audio_bytes``) and the parsed event when reading it needed a parse."""
-        if self.max_frame_bytes is not None and len(frame) > self.max_frame_bytes:
-            raise PolicyViolation(
-                f"The event is {len(frame)} bytes; this deployment allows "
-                f"{self.max_frame_bytes} per event.",
-                event_id=_event_id_of(frame),
-            )
+        self.check_size(frame)
         if kind not in self.allowed_events:
             raise PolicyViolation(
                 f"The event type {kind!r} is not allowed here.",
@@ -157,6 +156,18 @@ class SessionPolicy:
         if kind == "response.create":
             return self._check_update(frame, "response", session, event)
         return frame
+
+    def check_size(self, frame: bytes) -> None:
+        """PolicyViolation when the frame is over `max_frame_bytes`. `check` starts with it;
+        the pump asks it first for a frame of `LARGE_EVENT_BYTES` and more, so that one too
+        large is refused before it is read (the strict parse of crafted JSON holds the loop
+        for tens of milliseconds a MiB)."""
+        if self.max_frame_bytes is not None and len(frame) > self.max_frame_bytes:
+            raise PolicyViolation(
+                f"The event is {len(frame)} bytes; this deployment allows "
+                f"{self.max_frame_bytes} per event.",
+                event_id=_event_id_of(frame),
+            )
 
     def _check_append(self, frame: bytes, decoded: int) -> None:
         if decoded < 0:
@@ -218,11 +229,22 @@ def with_prefix(prefix: str, instructions: str) -> str:
 
 
 def _event_id_of(frame: bytes) -> str | None:
+    """The event's `event_id`, for the `error` event that refuses it. A frame of
+    `LARGE_EVENT_BYTES` and more is not parsed for it (orjson took 0.75 s, holding every
+    session of the process, for 30 MiB of tiny objects): its first `"event_id"` is looked
+    for in its first 4 KiB, where clients put it."""
+    if len(frame) >= LARGE_EVENT_BYTES:
+        found = _EVENT_ID.search(frame, 0, 4096)
+        return found.group(1).decode() if found is not None else None
     try:
         event_id = orjson.loads(frame).get("event_id")
     except (orjson.JSONDecodeError, AttributeError):
         return None
     return event_id if isinstance(event_id, str) else None
+
+
+# An event id without escapes, as clients make them (`event_...`, UUIDs).
+_EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([\x20-\x21\x23-\x5b\x5d-\x7e]{1,256})"')
 
 
 def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolicy:

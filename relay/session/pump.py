@@ -55,7 +55,7 @@ from relay.session.event_types import AUDIO_DELTA_TYPES
 from relay.session.events import error_event
 from relay.session.flag import Flag
 from relay.session.lane import APPEND, Lane
-from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
+from relay.session.policy import LARGE_EVENT_BYTES, PolicyViolation, Rewritten, SessionPolicy
 from relay.session.renewal import Renewal, is_loss
 
 ClientSocket = web.WebSocketResponse[bool]
@@ -323,8 +323,8 @@ class Bridge:
             if paused:
                 frames.disarm(frames.queue_of(self.client))  # the pump waits for the drain
             return True
-        if not data.isascii() and not _is_utf8(data):
-            return False
+        if len(data) >= LARGE_EVENT_BYTES or (not data.isascii() and not _is_utf8(data)):
+            return False  # the pump checks a large frame's size before reading it
         try:
             kind, event, audio = read_client_frame(data)
             translator = self.translator
@@ -406,6 +406,8 @@ class Bridge:
                     await self._client_broke(1007, "invalid UTF-8 in a text frame", "invalid_utf8")
                     break
                 try:
+                    if len(msg.data) >= LARGE_EVENT_BYTES:
+                        policy.check_size(msg.data)  # too large: refused before it is read
                     kind, event, audio = read_client_frame(msg.data)
                     frame = msg.data
                     if translator is not None and kind in translator.client_events:

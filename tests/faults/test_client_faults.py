@@ -166,6 +166,34 @@ async def test_frames_sent_with_the_request_are_counted_too(start_fake, start_re
     writer.close()
 
 
+async def test_a_large_event_over_the_teams_size_is_refused_before_it_is_read(
+    start_fake, start_relay, http
+):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    alpha = {
+        "keys": [hash_key(ALPHA_KEY)],
+        "deployments": ["gpt-realtime"],
+        "policy": {"max_frame_bytes": 300_000},
+    }
+    relay = await start_relay(relay_config(str(upstream.make_url("")), teams={"alpha": alpha}))
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        # Crafted to be slow to read: an escaped second `type` makes the relay parse it all,
+        # 40,000 tiny objects, and it is not even valid JSON. Refused for its size, unread.
+        crafted = (
+            b'{"event_id":"evt_big","type":"conversation.item.create","\\u0074ype":['
+            + b'{"a":1},' * 40_000
+        )
+        ws._writer.transport.write(masked_text_frame(crafted))
+        [error] = await read_until(ws, "error")
+        assert error["error"]["message"].startswith(f"The event is {len(crafted)} bytes")
+        assert error["error"]["event_id"] == "evt_big"
+        await ws.send_str('{"type":"input_audio_buffer.clear"}')  # the session goes on
+        await read_until(ws, "input_audio_buffer.clear")
+    assert all(len(m) < 1000 for m in fake.received)
+
+
 async def server_frame(reader: asyncio.StreamReader) -> bytes:
     """The payload of the next frame from the relay (unmasked, under 64 KiB)."""
     head = await reader.readexactly(2)

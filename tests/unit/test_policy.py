@@ -10,9 +10,11 @@ from relay.ops.config import CredentialConfig, DeploymentConfig, PolicyConfig, T
 from relay.session.codec import FrameError, base64_size, delta_size, sniff_type
 from relay.session.policy import (
     DOCUMENTED_CLIENT_EVENTS,
+    LARGE_EVENT_BYTES,
     PolicyViolation,
     Rewritten,
     SessionPolicy,
+    _event_id_of,
     build_policy,
     with_prefix,
 )
@@ -513,6 +515,27 @@ def test_frame_and_append_size_limits():
         policy, {"type": "conversation.item.create", "event_id": "x", "item": {"pad": "p" * 3000}}
     )
     assert error.event_id == "x"
+
+
+def test_a_large_frame_over_the_size_is_refused_without_being_read():
+    policy = build_policy(deployment(max_frame_bytes=300_000), team())
+    # Crafted: a second, escaped `type` and a broken end, so reading it would parse all of it
+    # (and refuse it as invalid JSON); over the size, it is refused for that alone.
+    crafted = (
+        b'{"event_id": "evt_big", "type": "conversation.item.create", "\\u0074ype": '
+        + b"["
+        + b'{"a":1},' * 40_000
+        + b"!"
+    )
+    with pytest.raises(PolicyViolation) as info:
+        policy.check_size(crafted)
+    assert info.value.message.startswith(f"The event is {len(crafted)} bytes")
+    assert info.value.event_id == "evt_big"  # found in its first 4 KiB, not by a parse
+    # Under LARGE_EVENT_BYTES the event id is parsed as before; a large frame whose id is
+    # not near its start, or escaped, has none.
+    assert _event_id_of(b'{"type": "x", "event_id": "e\\u0031"}') == "e1"
+    late = b'{"type": "x", "pad": "' + b"p" * LARGE_EVENT_BYTES + b'", "event_id": "e2"}'
+    assert _event_id_of(late) is None
 
 
 def test_no_rules_means_frames_pass_untouched():
