@@ -16,6 +16,8 @@ every level, so the event the relay judged is the event the upstream runs.
 from __future__ import annotations
 
 import json  # noqa: TID251 (orjson cannot report duplicate keys; used only off the fast path)
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -81,16 +83,25 @@ _ID_APPENDS = (
 
 def read_client_frame(frame: bytes) -> ClientFrame:
     """The type (and an append's audio size) the upstream will see; FrameError otherwise."""
+    unparsed = read_unparsed(frame)
+    if unparsed is not None:
+        return unparsed[0], None, unparsed[1]
+    return read_parsed(frame)
+
+
+def read_unparsed(frame: bytes) -> tuple[str, int] | None:
+    """`read_client_frame`'s answer where the bytes give it without a parse: the type and
+    an append's audio size; else None."""
     audio = fixed_append_size(frame)
     if audio >= 0:
-        return _APPEND, None, audio
+        return _APPEND, audio
     kind = _sniff_prefix(frame)
     # No backslash: no escaped key, and every quote delimits a string, so a key name is
     # found exactly where its bytes are. The prefix put one `"type"` at index 1.
     if kind is not None and frame.find(b"\\") == -1:
         if kind != _APPEND:
             if frame.find(_TYPE_KEY, 2) == -1:
-                return kind, None, 0
+                return kind, 0
         else:
             found = _key_span(frame, _AUDIO_KEY)
             # The base64 between start and end holds no quote, so no key: only the bytes
@@ -102,7 +113,64 @@ def read_client_frame(frame: bytes) -> ClientFrame:
                     and frame.find(_TYPE_KEY, end) == -1
                     and frame.find(_AUDIO_KEY, end) == -1
                 ):
-                    return kind, None, _span_size(frame, start, end)
+                    return kind, _span_size(frame, start, end)
+    return None
+
+
+# Nesting the scan follows; a deeper event is refused (stdlib json gives up near 1,000).
+SCAN_MAX_DEPTH = 512
+
+
+def read_large(frame: bytes, parses: Callable[[str], bool]) -> ClientFrame:
+    """`read_client_frame` for a large frame that needs more than its bytes' prefix, for a
+    thread: judged by `_accel.scan_event` (as `parse_event_strict` judges it) with the GIL
+    released, so the event loop goes on meanwhile; the event is parsed only where
+    ``parses(kind)`` (the policy reads it). Where `_accel` was not built, `read_parsed`."""
+    if scan_event is None:  # pragma: no cover (built here)
+        return read_parsed(frame)
+    kind, audio = read_scanned(frame)
+    if not parses(kind):
+        return kind, None, audio
+    try:
+        event = orjson.loads(frame)  # valid and without duplicates: the same dict as json's
+    except orjson.JSONDecodeError:  # what only json takes: integers past 64 bits, surrogates
+        event = json.loads(frame.decode("utf-8"))
+    return kind, event, audio
+
+
+def read_scanned(frame: bytes) -> tuple[str, int]:
+    """The type and an append's audio size, by `_accel.scan_event`; FrameError as
+    `read_parsed` would raise it (its messages say less: no line and column)."""
+    assert scan_event is not None
+    status, *found = scan_event(frame, sys.get_int_max_str_digits())
+    if status == _SCAN_INVALID:
+        raise FrameError("invalid_json", f"The event is not valid JSON (at byte {found[0]}).")
+    if status == _SCAN_DUPLICATE:
+        raise FrameError(
+            "invalid_event",
+            f"The event has the key {found[0]!r} more than once in one object; send each key once.",
+        )
+    if status == _SCAN_DEEP:
+        raise FrameError("invalid_json", f"The event nests more than {SCAN_MAX_DEPTH} deep.")
+    if status == _SCAN_NOT_OBJECT:
+        raise FrameError("invalid_event", "An event must be a JSON object.")
+    type_start, type_end, audio_start, audio_end = found
+    kind = json.loads(frame[type_start:type_end]) if type_start >= 0 else None
+    if not kind:
+        raise FrameError("missing_event_type", "The event has no string `type` field.")
+    if kind != _APPEND or audio_start < 0:
+        return kind, 0
+    audio = frame[audio_start + 1 : audio_end - 1]
+    if audio.isascii() and b"\\" not in audio:
+        return kind, _span_size(audio, 0, len(audio))
+    return kind, _decoded_size(json.loads(frame[audio_start:audio_end]))
+
+
+_SCAN_NOT_OBJECT, _SCAN_DUPLICATE, _SCAN_INVALID, _SCAN_DEEP = 2, 3, 4, 5
+
+
+def read_parsed(frame: bytes) -> ClientFrame:
+    """`read_client_frame` by a strict parse."""
     event = parse_event_strict(frame)
     kind = event_type(event)
     audio_value = event.get("audio") if kind == _APPEND else None
@@ -315,5 +383,9 @@ def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
 try:
     from relay.session._accel import delta_to_the_end as delta_to_the_end
     from relay.session._accel import fixed_append_size as fixed_append_size
+    from relay.session._accel import scan_event as _scan_event
+
+    scan_event: Callable[[bytes, int], tuple[Any, ...]] | None = _scan_event
 except ImportError:  # pragma: no cover
     fixed_append_size, delta_to_the_end = _fixed_append_size, _delta_to_the_end
+    scan_event = None

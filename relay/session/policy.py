@@ -169,6 +169,11 @@ class SessionPolicy:
                 event_id=_event_id_of(frame),
             )
 
+    def parses(self, kind: str) -> bool:
+        """Whether judging an event of this type reads its fields (`check`'s ``event``)."""
+        judged = kind in ("session.update", "response.create") or kind == self.update_event
+        return judged and bool(self.inspects_session or self.instructions_prefix)
+
     def _check_append(self, frame: bytes, decoded: int) -> None:
         if decoded < 0:
             decoded = base64_size(frame, b"audio")
