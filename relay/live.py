@@ -263,6 +263,9 @@ async def apply_config(
         state.budgets.book.teams = tuple(config.teams)  # whose shared spend it reads back
     state.auth_throttle.update(config.limits)
     state.message_budget.limit = config.server.message_buffer_bytes
+    for name, budget in state.team_message_budgets.items():
+        team = config.teams.get(name)
+        budget.limit = (team.limits.message_buffer_bytes or 0) if team is not None else 0
     if config.logging != old.config.logging:
         configure_logging(config.logging.level, config.logging.format)
     _forget_backends(state, old, live)

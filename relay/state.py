@@ -94,6 +94,8 @@ class RelayState:
     # The bytes of client messages still arriving, on every connection (its limit follows
     # the config's server.message_buffer_bytes).
     message_budget: MessageBudget = field(default_factory=lambda: MessageBudget(0))
+    # Each team's part of it (teams.X.limits.message_buffer_bytes; 0: none), made on first use.
+    team_message_budgets: dict[str, MessageBudget] = field(default_factory=dict)
     simulator_url: str | None = None
     # What the relay presents to its in-process simulator: a key of this process alone, so
     # a simulator endpoint needs no secret in the environment.
@@ -113,6 +115,15 @@ class RelayState:
         self.bridges.pop(bridge, None)
         if not self.bridges:
             self.idle.set()
+
+    def message_budget_for(self, team: TeamConfig) -> MessageBudget:
+        """What a session of ``team`` counts its client messages still arriving in."""
+        budget = self.team_message_budgets.get(team.name)
+        if budget is None:
+            limit = team.limits.message_buffer_bytes or 0
+            budget = MessageBudget(limit, parent=self.message_budget)
+            self.team_message_budgets[team.name] = budget
+        return budget
 
     def check_open(self) -> None:
         """Refuse a new session or call (503) while this process takes none."""

@@ -125,6 +125,22 @@ async def test_settings_bound_at_start_are_reported_and_kept(simulator, start_re
     assert (again.outcome, again.restart_needed) == ("unchanged", ("server.port", "metrics"))
 
 
+async def test_a_teams_message_buffer_follows_a_reload(simulator, start_relay):
+    relay = await start_relay(relay_config(simulator.url))
+    state = relay.app[STATE]
+    alpha = state.message_budget_for(state.live.config.teams["alpha"])
+    assert (alpha.limit, alpha.parent) == (0, state.message_budget)
+    config = relay_config(simulator.url)
+    limits = dataclasses.replace(config.teams["alpha"].limits, message_buffer_bytes=1 << 26)
+    team = dataclasses.replace(config.teams["alpha"], limits=limits)
+    assert (
+        await apply_config(state, dataclasses.replace(config, teams={"alpha": team}), ENVIRON)
+    ).outcome == "applied"
+    assert alpha.limit == 1 << 26  # the same budget: sessions open now count in it
+    assert (await apply_config(state, config, ENVIRON)).outcome == "applied"
+    assert alpha.limit == 0
+
+
 async def test_policies_change_for_new_sessions_and_backends_keep_their_health(
     simulator, start_relay, http
 ):

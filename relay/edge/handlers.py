@@ -330,7 +330,7 @@ async def _serve(
         protocols=(REALTIME_SUBPROTOCOL,),
         compress=False,
         max_msg_size=server.max_message_bytes,
-        message_budget=state.message_budget,
+        message_budget=state.message_budget_for(team),
         heartbeat=server.heartbeat_seconds,
         timeout=server.close_timeout_seconds,
         decode_text=False,

@@ -221,11 +221,15 @@ class TeamLimits:
     # What live sessions do when the team goes over budget: "end" them once their response in
     # progress is done (error event budget_exceeded, close 1008), or let them "finish".
     live_sessions_over_budget: Literal["end", "finish"] = "end"
+    # Bytes of the team's client messages still arriving that a process holds, within
+    # server.message_buffer_bytes: so that one team's clients cannot fill the buffer the
+    # others' large messages need. Unset: the process's bound alone.
+    message_buffer_bytes: int | None = None
 
     def __post_init__(self) -> None:
         names = (
             "max_sessions", "max_new_sessions_per_second", "max_client_secrets_per_minute",
-            "max_usd_per_day", "max_usd_per_month",
+            "max_usd_per_day", "max_usd_per_month", "message_buffer_bytes",
         )  # fmt: skip
         _report(_not_positive(self, names))
 
@@ -932,6 +936,22 @@ class _Builder:
                         f"teams.{name}.deployments", f"names unknown deployment {deployment!r}"
                     )
         self.check_budgets()
+        self.check_message_buffers(data)
+
+    def check_message_buffers(self, data: Mapping[str, Any]) -> None:
+        """A team's message buffer holds at least one whole message (else one could never
+        be taken: 1013 on every retry)."""
+        server = data.get("server", {})
+        largest = server.get("max_message_bytes") if isinstance(server, dict) else None
+        if not isinstance(largest, int):
+            largest = ServerConfig().max_message_bytes
+        for team in self.valid.get("teams", {}).values():
+            bound = team.limits.message_buffer_bytes
+            if bound is not None and bound < largest:
+                self.problem(
+                    f"teams.{team.name}.limits",
+                    f"message_buffer_bytes must be at least max_message_bytes ({largest})",
+                )
 
     def check_budgets(self) -> None:
         """A team with a budget needs prices on each of its deployments (those valid)."""

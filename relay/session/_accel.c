@@ -527,30 +527,55 @@ static PyTypeObject LaneType = {
  * splitters of a process's client connections reserve each data frame's announced length
  * here at its header and release a message's bytes once it is whole (or the connection is
  * gone). A frame that would take `held` past `limit` is refused (Splitter.split), unless
- * its message is `small` in all: live audio goes on while a full budget refuses large ones. */
+ * its message is `small` in all: live audio goes on while a full budget refuses large ones.
+ * A team's budget has the process's as its `parent`: a frame must fit in both. */
 
-typedef struct {
+typedef struct MessageBudget {
     PyObject_HEAD
     Py_ssize_t limit;           /* 0: none */
     Py_ssize_t small;           /* messages of at most this many bytes are never refused */
     Py_ssize_t held;
+    struct MessageBudget *parent; /* counted there too, or NULL */
 } MessageBudget;
+
+static PyTypeObject MessageBudgetType;
 
 static int
 budget_init(MessageBudget *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"limit", "small", NULL};
+    static char *keywords[] = {"limit", "small", "parent", NULL};
     Py_ssize_t limit, small = 65536;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n|n", keywords, &limit, &small))
+    PyObject *parent = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n|nO", keywords, &limit, &small, &parent))
         return -1;
     if (limit < 0 || small < 0) {
         PyErr_SetString(PyExc_ValueError, "limit and small must not be negative");
         return -1;
     }
+    if (parent != Py_None && (!PyObject_TypeCheck(parent, &MessageBudgetType) ||
+                              ((MessageBudget *)parent)->parent != NULL)) {
+        PyErr_SetString(PyExc_TypeError, "parent must be a MessageBudget without a parent");
+        return -1;
+    }
     self->limit = limit;
     self->small = small;
     self->held = 0;
+    Py_XSETREF(self->parent, parent == Py_None ? NULL : (MessageBudget *)Py_NewRef(parent));
     return 0;
+}
+
+static void
+budget_dealloc(MessageBudget *self)
+{
+    Py_CLEAR(self->parent);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Bytes ``budget`` can still take. */
+static Py_ssize_t
+budget_room(const MessageBudget *budget)
+{
+    return (budget->limit != 0 ? budget->limit : PY_SSIZE_T_MAX) - budget->held;
 }
 
 static PyMemberDef budget_members[] = {
@@ -560,6 +585,8 @@ static PyMemberDef budget_members[] = {
      "Messages of at most this many bytes in all are counted but never refused."},
     {"held", T_PYSSIZET, offsetof(MessageBudget, held), READONLY,
      "Bytes announced by the frames of messages still arriving."},
+    {"parent", T_OBJECT, offsetof(MessageBudget, parent), READONLY,
+     "The budget these bytes are counted in too (the process's, for a team's), or None."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -571,6 +598,7 @@ static PyTypeObject MessageBudgetType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)budget_init,
+    .tp_dealloc = (destructor)budget_dealloc,
     .tp_members = budget_members,
 };
 
@@ -609,8 +637,12 @@ typedef struct {
 static void
 release(Splitter *self)
 {
-    if (self->budget != NULL)
-        self->budget->held -= self->holding;
+    MessageBudget *budget = self->budget;
+    if (budget != NULL) {
+        budget->held -= self->holding;
+        if (budget->parent != NULL)
+            budget->parent->held -= self->holding;
+    }
     self->holding = 0;
 }
 
@@ -771,8 +803,10 @@ splitter_split(Splitter *self, PyObject *data)
         if (opcode < 3 && self->budget != NULL && length > 0 &&
             !(self->max_size != 0 &&
               length >= (unsigned long long)(self->max_size - self->holding))) {
-            MessageBudget *budget = self->budget;
-            Py_ssize_t room = (budget->limit != 0 ? budget->limit : PY_SSIZE_T_MAX) - budget->held;
+            MessageBudget *budget = self->budget, *parent = budget->parent;
+            Py_ssize_t room = budget_room(budget);
+            if (parent != NULL && budget_room(parent) < room)
+                room = budget_room(parent);
             int small = self->holding <= budget->small &&
                         length <= (unsigned long long)(budget->small - self->holding);
             if (!small && (room <= 0 || length > (unsigned long long)room)) {
@@ -786,6 +820,8 @@ splitter_split(Splitter *self, PyObject *data)
                 return out;
             }
             budget->held += (Py_ssize_t)length;
+            if (parent != NULL)
+                parent->held += (Py_ssize_t)length;
             self->holding += (Py_ssize_t)length;
         }
         if (start >= 0 && fin && !rsv && opcode == 1 && !self->fragmented &&

@@ -247,16 +247,23 @@ def _feed_parts(
             if result[0]:
                 break  # the reader failed (its queue holds why): nothing after counts
         else:
-            budget = splitter.budget
+            team = splitter.budget
+            process = team.parent if team is not None else None
             _log.warning(
                 "message_buffer_full",
                 frame_bytes=part,
-                held_bytes=budget.held if budget is not None else 0,
-                limit_bytes=budget.limit if budget is not None else 0,
+                **_budget_fields("team_", team if process is not None else None),
+                **_budget_fields("", process or team),
             )
             splitter.queue.set_exception(MessageBufferFull())
             return True, b""
     return result
+
+
+def _budget_fields(prefix: str, budget: MessageBudget | None) -> dict[str, int]:
+    if budget is None:
+        return {}
+    return {f"{prefix}held_bytes": budget.held, f"{prefix}limit_bytes": budget.limit}
 
 
 def write_text(ws: Any, frame: bytes) -> bool:
@@ -424,6 +431,8 @@ except ImportError:  # pragma: no cover
     class MessageBudget:  # type: ignore[no-redef]
         """What stands for `_accel.MessageBudget` where nothing is split: it counts nothing."""
 
-        def __init__(self, limit: int) -> None:
-            self.limit = limit
+        def __init__(
+            self, limit: int, small: int = 65536, parent: MessageBudget | None = None
+        ) -> None:
+            self.limit, self.small, self.parent = limit, small, parent
             self.held = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -16,7 +17,7 @@ from relay.edge.auth import hash_key
 from relay.state import STATE
 from tests.faults.peers import Firehose, masked_text_frame, raw_client
 from tests.faults.test_upstream_faults import outcomes, url
-from tests.helpers import ALPHA_KEY, FakeUpstream, echo, read_until, relay_config
+from tests.helpers import ALPHA_KEY, BETA_KEY, FakeUpstream, echo, read_until, relay_config
 
 
 @pytest.fixture
@@ -78,6 +79,21 @@ async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_re
     assert outcomes(relay) == {"client_message_too_big": 1}
 
 
+async def send_part(ws: aiohttp.ClientWebSocketResponse, event: bytes) -> bytes:
+    """Send the first 30,000 bytes of ``event``'s frame, in the read that carries an event
+    whose echo says the relay has read them; return the rest of the frame."""
+    frame = masked_text_frame(event)
+    clear = masked_text_frame(b'{"type":"input_audio_buffer.clear"}')
+    ws._writer.transport.write(clear + frame[:30_000])
+    await read_until(ws, "input_audio_buffer.clear")
+    return frame[30_000:]
+
+
+def alpha_team(**tables: dict[str, Any]) -> dict[str, Any]:
+    """Team alpha as `relay_config` writes it, with more tables (limits, policy)."""
+    return {"keys": [hash_key(ALPHA_KEY)], "deployments": ["gpt-realtime"], **tables}
+
+
 def append_of(size: int) -> bytes:
     prefix = b'{"type":"input_audio_buffer.append","audio":"'
     return prefix + b"A" * (size - len(prefix) - 2) + b'"}'
@@ -102,12 +118,7 @@ async def test_messages_arriving_past_the_process_budget_are_refused_with_1013(
     ):
         for ws in (holder, live, refused):
             await read_until(ws, "session.created")
-        # The holder sends part of a 990,000-byte event, in the read that carries an event
-        # whose echo says the relay has read it.
-        held = masked_text_frame(append_of(990_000))
-        clear = masked_text_frame(b'{"type":"input_audio_buffer.clear"}')
-        holder._writer.transport.write(clear + held[:30_000])
-        await read_until(holder, "input_audio_buffer.clear")
+        rest = await send_part(holder, append_of(990_000))
         assert budget.held == 990_000
         # Past the bound, a message of 64 KiB or less still goes through: live audio is
         # never refused for someone else's large messages.
@@ -127,7 +138,7 @@ async def test_messages_arriving_past_the_process_budget_are_refused_with_1013(
             1_000_000,
         )
         # The holder's event, once whole, goes on; then there is room again.
-        holder._writer.transport.write(held[30_000:])
+        holder._writer.transport.write(rest)
         assert (await holder.receive()).data.encode() == append_of(990_000)
         assert budget.held == 0
         live._writer.transport.write(masked_text_frame(append_of(100_000)))
@@ -137,6 +148,42 @@ async def test_messages_arriving_past_the_process_budget_are_refused_with_1013(
     large = [len(m) for m in fake.received if len(m) > 50_000]
     assert large == [60_000, 990_000, 100_000]
     assert budget.held == 0
+
+
+async def test_a_team_holds_no_more_than_its_part_of_the_buffer(start_fake, start_relay, http):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    alpha = alpha_team(limits={"message_buffer_bytes": 100_000})
+    relay = await start_relay(
+        relay_config(
+            str(upstream.make_url("")),
+            server={"max_message_bytes": 100_000, "message_buffer_bytes": 1_000_000},
+            teams={"alpha": alpha},
+        )
+    )
+    state = relay.app[STATE]
+    beta_url = url(relay).replace("gpt-realtime", "other")
+    async with (
+        http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as holder,
+        http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as refused,
+        http.ws_connect(beta_url, headers={"api-key": BETA_KEY}) as beta,
+    ):
+        for ws in (holder, refused, beta):
+            await read_until(ws, "session.created")
+        rest = await send_part(holder, append_of(90_000))
+        assert state.team_message_budgets["alpha"].held == state.message_budget.held == 90_000
+        # Alpha's next large message would pass its 100,000: refused, with room in the process.
+        refused._writer.transport.write(masked_text_frame(append_of(70_000)))
+        msg = await refused.receive()
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1013)
+        # Another team's goes through.
+        beta._writer.transport.write(masked_text_frame(append_of(90_000)))
+        assert (await beta.receive()).data.encode() == append_of(90_000)
+        holder._writer.transport.write(rest)
+        assert (await holder.receive()).data.encode() == append_of(90_000)
+    await state.idle.wait()
+    assert state.message_budget.held == 0
+    assert outcomes(relay)["message_buffer_full"] == 1
 
 
 async def test_frames_sent_with_the_request_are_counted_too(start_fake, start_relay):
@@ -171,11 +218,7 @@ async def test_a_large_event_over_the_teams_size_is_refused_before_it_is_read(
 ):
     fake = FakeUpstream(script=echo)
     upstream = await start_fake(fake.app())
-    alpha = {
-        "keys": [hash_key(ALPHA_KEY)],
-        "deployments": ["gpt-realtime"],
-        "policy": {"max_frame_bytes": 300_000},
-    }
+    alpha = alpha_team(policy={"max_frame_bytes": 300_000})
     relay = await start_relay(relay_config(str(upstream.make_url("")), teams={"alpha": alpha}))
     async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")

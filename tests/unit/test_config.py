@@ -163,6 +163,17 @@ def test_the_message_buffer_holds_at_least_one_whole_message_or_is_unbounded():
         assert parse_config(data, source="relay.toml").server.message_buffer_bytes == fine
 
 
+def test_a_teams_message_buffer_holds_at_least_one_whole_message():
+    data = minimal(max_message_bytes=1000)
+    data["teams"]["t1"]["limits"] = {"message_buffer_bytes": 999}
+    assert problems(data) == [
+        "relay.toml: teams.t1.limits: message_buffer_bytes must be at least max_message_bytes "
+        "(1000)"
+    ]
+    data["teams"]["t1"]["limits"] = {"message_buffer_bytes": 1000}
+    assert parse_config(data, source="relay.toml").teams["t1"].limits.message_buffer_bytes == 1000
+
+
 def test_a_simulator_endpoint_needs_no_credential():
     data = minimal()
     data["deployments"]["gpt-realtime"] = {"endpoint": "simulator"}

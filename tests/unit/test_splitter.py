@@ -247,3 +247,26 @@ async def test_a_refused_frame_ends_the_reading_with_1013():
     assert [m[1] for m in messages] == [b"ok"]
     assert error == (frames.MessageBufferFull, str(frames.MessageBufferFull()))
     assert queue.exception().code == 1013
+
+
+def test_a_teams_budget_bounds_its_part_of_the_process():
+    process = _accel.MessageBudget(1000, small=10)
+    alpha = _accel.MessageBudget(400, small=10, parent=process)
+    beta = _accel.MessageBudget(0, small=10, parent=process)  # no bound of its own
+    held = _accel.Splitter(None, True, LARGE, MAX_SIZE, alpha)
+    held.split(frame(1, b"a" * 300, masked=True)[:8])
+    assert (alpha.held, process.held) == (300, 300)
+    # Past alpha's 400, though the process has room: refused.
+    more = _accel.Splitter(None, True, LARGE, MAX_SIZE, alpha)
+    assert more.split(frame(1, b"a" * 101, masked=True)) == [(None, 101)]
+    # Beta takes what the process has left, and no more.
+    other = _accel.Splitter(None, True, LARGE, MAX_SIZE, beta)
+    other.split(frame(1, b"b" * 700, masked=True)[:8])
+    assert (beta.held, process.held) == (700, 1000)
+    last = _accel.Splitter(None, True, LARGE, MAX_SIZE, alpha)
+    assert last.split(frame(1, b"a" * 11, masked=True)) == [(None, 11)]
+    assert last.budget is alpha and alpha.parent is process
+    del held, other
+    assert (alpha.held, beta.held, process.held) == (0, 0, 0)
+    with pytest.raises(TypeError):
+        _accel.MessageBudget(1, parent=alpha)  # one level: a team's budget under the process's
