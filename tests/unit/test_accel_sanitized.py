@@ -86,6 +86,58 @@ for _ in range(int(sys.argv[3]) // 20):
         step = rng.randrange(1, 300)
         splitter.split(bytes(stream[at : at + step]))
         at += step
+# The same with budgets (a team's under the process's), small enough to refuse some frames:
+# whatever was counted is given back once the splitters are gone.
+process = accel.MessageBudget(rng.randrange(1, 1 << 16), small=rng.randrange(64))
+team = accel.MessageBudget(rng.randrange(0, 1 << 15), small=rng.randrange(64), parent=process)
+for _ in range(int(sys.argv[3]) // 20):
+    splitters = [accel.Splitter(None, True, 16, 1 << 12, team) for _ in range(3)]
+    for splitter in splitters:
+        stream = bytearray()
+        for _ in range(rng.randrange(1, 6)):
+            payload = rng.randbytes(rng.choice((0, 5, 16, 17, 200, 3000)))
+            fin = rng.random() < 0.7
+            stream += bytes([0x81 if fin else 0x01]) + frames._text_frame(payload, True, 1)[1:]
+        if rng.random() < 0.3:
+            stream[rng.randrange(len(stream))] = rng.randrange(256)
+        at = 0
+        while at < len(stream):
+            step = rng.randrange(1, 300)
+            splitter.split(bytes(stream[at : at + step]))
+            at += step
+    del splitter, splitters
+    assert (team.held, process.held) == (0, 0), (team.held, process.held)
+# The event scan (held to the strict parse in tests/unit/test_scan_event.py) on mutated JSON.
+def verdict(read, b):
+    try:
+        found = read(b)
+    except codec.FrameError as exc:
+        return exc.code
+    return found[0], found[-1]
+events = [s.encode() for s in (
+    '{"type":"conversation.item.create","item":{"type":"message","content":[{"type":"input_text","text":"a\\nb"}]}}',
+    '{"audio":"QUJD\\u0041","type":"input_audio_buffer.append","n":[1,-2.5e3,true,null,{"k":"\\ud83d\\ude00"}]}',
+    '{"\\u0074ype":"x","a":{"b":1,"c":[[],{}]},"s":"\u00e9\U0001f600"}')]
+alphabet = b'"\\}{][=:, aQu0e.-+tfn'
+for _ in range(int(sys.argv[3])):
+    frame = bytearray(rng.choice(events))
+    for _ in range(rng.randrange(4)):
+        at = rng.randrange(len(frame) + 1)
+        op = rng.randrange(3)
+        if op == 0 and frame:
+            frame[min(at, len(frame) - 1)] = rng.choice(alphabet)
+        elif op == 1:
+            frame[at:at] = bytes([rng.choice(alphabet)])
+        else:
+            del frame[at : at + rng.randrange(1, 5)]
+    if rng.random() < 0.1:
+        frame = frame[: rng.randrange(len(frame) + 1)]
+    b = bytes(frame)
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        continue  # refused before it is judged (1007)
+    assert verdict(codec.read_scanned, b) == verdict(codec.read_parsed, b), b
 print("clean")
 """
 
