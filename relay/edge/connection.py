@@ -10,8 +10,8 @@
 - A client frame over `max_message_bytes`: the client gets close 1009 with a reason, then the
   rest of what it sends is read and discarded (bounded in bytes and time) before the TCP
   close, so a compliant client reads the close rather than a connection reset. A frame the
-  process's budget for messages still arriving refuses (`server.message_buffer_bytes`, see
-  `frames.MessageBufferFull`) is closed the same way, with 1013.
+  budget for messages still arriving refuses (`server.message_buffer_bytes`, or the team's
+  part: see `frames.MessageBufferFull`) is closed the same way, with 1013.
 
 aiohttp internals used, pinned by tests/faults/test_connection.py: `web.Server._kwargs`
 (the handler options) and `_loop`, `RequestHandler.handle_error` and
@@ -274,7 +274,8 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
         self._lingering: asyncio.Future[None] | None = None
         # Closed while a frame it refused is still arriving: the connection lingers.
         self._mid_frame = False
-        # The process's bytes of client messages still arriving, that this socket's count in.
+        # Where this socket's messages still arriving are counted: its team's budget, under
+        # the process's (`RelayState.message_budget_for`).
         self.message_budget = message_budget
         self._request: web.BaseRequest | None = None
         # Its session logged `session_ended`, which stands for the access line (AccessLogger).
@@ -298,7 +299,7 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
         elif code == WSCloseCode.TRY_AGAIN_LATER and not message and not self.closed:
             reader = self._reader
             if reader is not None and isinstance(reader.exception(), frames.MessageBufferFull):
-                self._mid_frame = True  # its splitter refused a frame (the process's budget)
+                self._mid_frame = True  # its splitter refused a frame (a message budget)
                 message = frames.MessageBufferFull.REASON.encode()
         closed = await super().close(code=code, message=message, drain=drain)
         if self._lingering is not None:
