@@ -298,6 +298,30 @@ async def test_an_observed_call_counts_against_max_sessions(simulator, start_rel
     await place_call(http, relay)  # the slot is free again
 
 
+async def test_a_client_sideband_takes_a_session_slot(simulator, start_relay, http):
+    relay = await start_relay(
+        calls_config(simulator.url, observe=False, alpha_limits={"max_sessions": 1})
+    )
+    call_id = await place_call(http, relay)  # unobserved: its media does not pass here
+    async with sdk(relay).realtime.connect(call_id=call_id) as sideband:
+        await sideband.response.create()
+        await next_of(sideband, "response.done")
+        # Its socket and its upstream socket are the team's one session: no second one...
+        with pytest.raises(Exception) as refused:
+            async with sdk(relay).realtime.connect(call_id=call_id):
+                pass
+        assert getattr(getattr(refused.value, "response", None), "status_code", None) == 429
+        ws_url = relay.make_url("/openai/v1/realtime").with_query(model="gpt-realtime")
+        async with http.get(ws_url, headers={**UPGRADE, "api-key": ALPHA_KEY}) as answer:
+            assert (answer.status, (await answer.json())["error"]["code"]) == (
+                429,
+                "team_session_limit",
+            )
+    await relay.app[STATE].idle.wait()
+    async with sdk(relay).realtime.connect(call_id=call_id) as sideband:  # free again
+        await sdk(relay).realtime.calls.hangup(call_id)
+
+
 async def test_another_teams_key_gets_404_for_the_sideband_and_call_control(
     simulator, start_relay, http
 ):

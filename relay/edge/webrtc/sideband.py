@@ -47,13 +47,6 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     return await conversation(request)
 
 
-class _NoSlot:
-    """A sideband socket holds no session slot (its call does, when observed)."""
-
-    async def release(self) -> None:
-        pass
-
-
 class _EventsOnlyMeter(SessionMeter):
     """Counts a sideband's events but not its usage, which the call's observer counts."""
 
@@ -79,6 +72,10 @@ async def _admit(
     )
     assert state.dialer is not None
     config = live.config
+    # A client's sideband socket is bridged like a session, with an upstream socket of its
+    # own: it takes a session slot of its team (within max_sessions and the rates), as the
+    # relay's own observer of a call does. Else a team could hold any number of them.
+    lease = await state.admission.acquire(team.name)
     began = time.perf_counter()
     try:
         upstream = await open_upstream(
@@ -89,8 +86,10 @@ async def _admit(
             connect_timeout=config.upstream.connect_timeout_seconds,
             options=socket_options(config),
         )
-    except UpstreamRefused as refusal:
-        upstream_failed(state, deployment, backend, refusal)
+    except BaseException as failure:
+        await lease.release()
+        if isinstance(failure, UpstreamRefused):
+            upstream_failed(state, deployment, backend, failure)
         raise
     handshake_seconds = time.perf_counter() - began
     state.metrics.upstream_handshake.labels(deployment.name, backend.name).observe(
@@ -109,7 +108,7 @@ async def _admit(
     return Admitted(
         team,
         deployment,
-        _NoSlot(),
+        lease,
         backend,
         upstream,
         started,
