@@ -290,6 +290,9 @@ async def _stop_accepting(runner: web.AppRunner) -> None:
         await asyncio.sleep(0)  # loop passes, not a wait for anything (see above)
 
 
+SIMULATOR_BACKLOG = 4096
+
+
 async def start_simulator(
     options: SimulatorOptions, host: str = "127.0.0.1", port: int = 0
 ) -> RunningSimulator:
@@ -298,7 +301,9 @@ async def start_simulator(
     runner = web.AppRunner(create_simulator_app(options), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        # Azure takes a reconnect storm's handshakes: aiohttp's backlog of 128 dropped the
+        # relay's dials past it (each retried after 1 s, then 3 s, then timed out).
+        site = web.TCPSite(runner, host, port, backlog=SIMULATOR_BACKLOG)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -8,7 +8,9 @@ p99 of 3.0 s with 128 and 1.2 s with 2,048 (docs/performance.md)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,46 @@ async def test_clients_arriving_while_the_relay_is_stopped_are_all_queued(tmp_pa
         assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
         for _, writer in connections:
             writer.close()
+
+
+@pytest.mark.skipif(
+    SOMAXCONN < CLIENTS,
+    reason=f"net.core.somaxconn is {SOMAXCONN}, under {CLIENTS}: the kernel caps every backlog",
+)
+async def test_the_simulator_queues_a_storm_of_dials_too():
+    """The simulator stands for Azure, which takes a storm's handshakes. With aiohttp's 128,
+    `make run`'s relay dialling it for 400 clients at once had a p99 of 1.39 s (dials past
+    128 dropped and retried after 1 s), and 25 % of 1,000 timed out; with 4,096, 0.44 s."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "simulate", "--port", "0",
+        env={**os.environ, "RELAY_SIMULATOR_KEY": "sim-key"},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        while not (line := await process.stderr.readline()).startswith(b"simulated Azure"):
+            assert line, "the simulator exited before listening"
+        port = int(line.rsplit(b":", 1)[1])
+        process.send_signal(signal.SIGSTOP)
+        try:
+            connections = await asyncio.gather(
+                *(
+                    asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+                    for _ in range(CLIENTS)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            process.send_signal(signal.SIGCONT)
+        dropped = [c for c in connections if isinstance(c, BaseException)]
+        assert not dropped, f"{len(dropped)} of {CLIENTS} handshakes not completed"
+        request = b"GET /nothing HTTP/1.1\r\nHost: azure\r\nConnection: close\r\n\r\n"
+        for _, writer in connections:
+            writer.write(request)
+        answers = await asyncio.gather(*(reader.read() for reader, _ in connections))
+        assert all(answer.startswith(b"HTTP/1.1 404") for answer in answers)
+        for _, writer in connections:
+            writer.close()
+    finally:
+        process.kill()
+        await process.wait()
