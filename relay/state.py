@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from relay.edge.admission import AdmissionStore, AuthBrake
 from relay.edge.auth import KeyRing, client_address
 from relay.edge.budget import Budgets
+from relay.edge.pass_gate import PassGate
 from relay.errors import ClientRefused
 from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.ops.descriptors import DescriptorWatch
@@ -96,6 +97,8 @@ class RelayState:
     message_budget: MessageBudget = field(default_factory=lambda: MessageBudget(0))
     # Each team's part of it (teams.X.limits.message_buffer_bytes; 0: none), made on first use.
     team_message_budgets: dict[str, MessageBudget] = field(default_factory=dict)
+    # At most so many set-ups take their first step in one pass of the event loop.
+    set_up_gate: PassGate = field(default_factory=PassGate)
     simulator_url: str | None = None
     # What the relay presents to its in-process simulator: a key of this process alone, so
     # a simulator endpoint needs no secret in the environment.

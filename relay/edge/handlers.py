@@ -75,6 +75,7 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
     """Admit a WebSocket session (``admit``: every check and the upstream start), or answer
     the refusal; then serve it to its end."""
     state = request.app[STATE]
+    await state.set_up_gate.turn()  # a burst of set-ups is spread over passes of the loop
     live = state.live  # this request's config, whatever a reload does meanwhile
     session_id = "rs_" + secrets.token_hex(8)
     began = time.perf_counter()
