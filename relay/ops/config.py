@@ -422,6 +422,10 @@ class PolicyConfig:
     on_violation: Literal["rewrite", "refuse"] | None = None
     # Always kept in front of whatever instructions the client sets.
     instructions_prefix: str | None = None
+    # The roles a client's conversation items may have (`conversation.item.create`, and a
+    # `response.create`'s own `input`); others are refused. A "system" item speaks with the
+    # instructions' voice: leaving it out keeps locked instructions the only ones.
+    allowed_item_roles: tuple[str, ...] | None = None
     # Client event types let through; the default is every documented client event.
     allowed_events: tuple[str, ...] | None = None
     max_frame_bytes: int | None = None
@@ -457,7 +461,17 @@ class PolicyConfig:
         ]  # fmt: skip
         if self.max_violations is not None and self.max_violations < 0:
             problems.append("max_violations must be 0 or more")
+        unknown_roles = sorted(set(self.allowed_item_roles or ()) - ITEM_ROLES)
+        if unknown_roles:
+            problems.append(
+                f"allowed_item_roles: unknown roles {unknown_roles} "
+                f"(items have {', '.join(sorted(ITEM_ROLES))})"
+            )
         _report(problems)
+
+
+# The roles of a conversation message item (GA and preview).
+ITEM_ROLES = frozenset({"user", "assistant", "system"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ DEFAULT_MAX_EVENTS_PER_SECOND = 250.0
 DEFAULT_EVENT_BURST = 1000
 # Capped fields whose service default is unbounded: the cap becomes the default.
 _UNBOUNDED_BY_DEFAULT = ("max_output_tokens",)
+# The client events that carry conversation items of the client's making.
+_ITEM_EVENTS = frozenset({"conversation.item.create", "response.create"})
 # Client frames this size and more are judged by the pump (not in the read callback), which
 # checks their size before reading them (`check_size`).
 LARGE_EVENT_BYTES = 256 * 1024
@@ -95,6 +97,8 @@ class SessionPolicy:
     allowed_events: frozenset[str] = DOCUMENTED_CLIENT_EVENTS
     max_frame_bytes: int | None = None
     max_append_audio_bytes: int = API_MAX_APPEND_AUDIO_BYTES
+    # The roles the client's items may have; None: any.
+    allowed_item_roles: frozenset[str] | None = None
     max_session_seconds: float | None = None
     idle_timeout_seconds: float | None = None
     max_violations: int = DEFAULT_MAX_VIOLATIONS
@@ -151,6 +155,8 @@ class SessionPolicy:
             if not 0 <= audio_bytes <= self.max_append_audio_bytes:
                 self._check_append(frame, audio_bytes)  # unmeasured yet, or refused
             return frame
+        if self.allowed_item_roles is not None and kind in _ITEM_EVENTS:
+            event = self._check_roles(kind, frame, event)
         if kind == "session.update" or kind == self.update_event:
             return self._check_update(frame, "session", session, event)
         if kind == "response.create":
@@ -171,8 +177,38 @@ class SessionPolicy:
 
     def parses(self, kind: str) -> bool:
         """Whether judging an event of this type reads its fields (`check`'s ``event``)."""
+        if self.allowed_item_roles is not None and kind in _ITEM_EVENTS:
+            return True
         judged = kind in ("session.update", "response.create") or kind == self.update_event
         return judged and bool(self.inspects_session or self.instructions_prefix)
+
+    def _check_roles(self, kind: str, frame: bytes, event: dict[str, Any] | None) -> dict[str, Any]:
+        """PolicyViolation for an item whose role is not allowed: the conversation item
+        created, or one of a response's own `input` items. The parsed event otherwise."""
+        if event is None:
+            try:
+                event = parse_event_strict(frame)
+            except FrameError as exc:
+                raise PolicyViolation(exc.message, code=exc.code) from exc
+        assert self.allowed_item_roles is not None
+        if kind == "conversation.item.create":
+            items: list[tuple[str, Any]] = [("item", event.get("item"))]
+        else:
+            response = event.get("response")
+            inputs = response.get("input") if isinstance(response, dict) else None
+            listed = inputs if isinstance(inputs, list) else []
+            items = [(f"response.input[{i}]", item) for i, item in enumerate(listed)]
+        for where, item in items:
+            role = item.get("role") if isinstance(item, dict) else None
+            if isinstance(role, str) and role not in self.allowed_item_roles:
+                event_id = event.get("event_id")
+                raise PolicyViolation(
+                    f"Items with the role {role!r} are not allowed here; allowed: "
+                    f"{', '.join(sorted(self.allowed_item_roles))}.",
+                    param=f"{where}.role",
+                    event_id=event_id if isinstance(event_id, str) else None,
+                )
+        return event
 
     def _check_append(self, frame: bytes, decoded: int) -> None:
         if decoded < 0:
@@ -292,6 +328,9 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
         allowed_events=allowed_events,
         max_frame_bytes=rules.max_frame_bytes,
         max_append_audio_bytes=rules.max_append_audio_bytes or API_MAX_APPEND_AUDIO_BYTES,
+        allowed_item_roles=(
+            None if rules.allowed_item_roles is None else frozenset(rules.allowed_item_roles)
+        ),
         max_session_seconds=rules.max_session_seconds,
         idle_timeout_seconds=rules.idle_timeout_seconds,
         max_violations=(

@@ -174,6 +174,15 @@ def test_a_teams_message_buffer_holds_at_least_one_whole_message():
     assert parse_config(data, source="relay.toml").teams["t1"].limits.message_buffer_bytes == 1000
 
 
+def test_item_roles_are_the_ones_items_have():
+    data = minimal()
+    data["deployments"]["gpt-realtime"]["policy"] = {"allowed_item_roles": ["user", "developer"]}
+    assert problems(data) == [
+        "relay.toml: deployments.gpt-realtime.policy: allowed_item_roles: unknown roles "
+        "['developer'] (items have assistant, system, user)"
+    ]
+
+
 def test_a_simulator_endpoint_needs_no_credential():
     data = minimal()
     data["deployments"]["gpt-realtime"] = {"endpoint": "simulator"}

@@ -538,6 +538,39 @@ def test_a_large_frame_over_the_size_is_refused_without_being_read():
     assert _event_id_of(late) is None
 
 
+def test_item_roles_outside_the_allowed_ones_are_refused():
+    policy = build_policy(deployment(allowed_item_roles=("user", "assistant")), team())
+    system = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "x"}]}
+    user = {**system, "role": "user"}
+    error = violation(
+        policy, {"type": "conversation.item.create", "event_id": "e1", "item": system}
+    )
+    assert (error.param, error.event_id, error.code) == ("item.role", "e1", "policy_violation")
+    assert "'system'" in error.message
+    ok = frame({"type": "conversation.item.create", "item": user})
+    assert policy.check_client_frame(ok, {}) is ok
+    # An out-of-band response's own input items, the same.
+    error = violation(policy, {"type": "response.create", "response": {"input": [user, system]}})
+    assert error.param == "response.input[1].role"
+    ok = frame({"type": "response.create", "response": {"input": [user]}})
+    assert policy.check_client_frame(ok, {}) is ok
+    # Read as the upstream reads it: an escaped key is the same key.
+    escaped = b'{"type":"conversation.item.create","item":{"type":"message","r\\u006fle":"system"}}'
+    assert violation_of(policy, escaped).param == "item.role"
+    assert policy.parses("conversation.item.create") and policy.parses("response.create")
+    # Unset (the default): any role.
+    anything = build_policy(deployment(), team())
+    raw = frame({"type": "conversation.item.create", "item": system})
+    assert anything.check_client_frame(raw, {}) is raw
+    assert not anything.parses("conversation.item.create")
+
+
+def violation_of(policy: SessionPolicy, raw: bytes) -> PolicyViolation:
+    with pytest.raises(PolicyViolation) as info:
+        policy.check_client_frame(raw, {})
+    return info.value
+
+
 def test_no_rules_means_frames_pass_untouched():
     policy = SessionPolicy()
     raw = frame({"type": "session.update", "session": {"instructions": "anything"}})
