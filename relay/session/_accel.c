@@ -903,9 +903,11 @@ static PyTypeObject SplitterType = {
  * released, so a large event is judged in a thread while the event loop goes on. What it
  * answers: invalid (at a byte), a duplicate key (which), not an object, too deep for it (the
  * caller parses), or valid, with the raw spans of the top-level `type` and `audio` values.
- * Keys are compared decoded (escapes and UTF-8 to code points, a \u surrogate pair joined),
- * as Python compares the str keys json makes. The input must be valid UTF-8 (the relay
- * refuses a frame that is not, 1007, before judging it). */
+ * Keys are compared decoded, as Python compares the str keys json makes: escapes written
+ * out as UTF-8 (a \u surrogate pair joined; a lone surrogate as its three bytes, which no
+ * valid UTF-8 holds, so it equals only itself), the rest as it is. Decoded keys are never
+ * longer than they were. The input must be valid UTF-8 (the relay refuses a frame that is
+ * not, 1007, before judging it). */
 
 #define SCAN_MAX_DEPTH 512
 
@@ -913,9 +915,9 @@ enum { SCAN_OK = 0, SCAN_NOT_OBJECT = 2, SCAN_DUPLICATE = 3, SCAN_INVALID = 4, S
        SCAN_NO_MEMORY = 6 };
 
 typedef struct {
-    Py_ssize_t offset, length; /* in the scan's code points */
+    Py_ssize_t offset, length; /* in the scan's decoded bytes */
     Py_ssize_t order;          /* its place in the object */
-    const uint32_t *at;        /* set when the object's keys are compared */
+    const unsigned char *at;   /* set when the object's keys are compared */
 } ScanKey;
 
 typedef struct {
@@ -923,11 +925,11 @@ typedef struct {
     Py_ssize_t n, pos;
     int depth, status;
     Py_ssize_t max_digits;     /* sys.get_int_max_str_digits() (0: none) */
-    uint32_t *points;          /* the decoded keys of the objects open now */
+    unsigned char *points;     /* the decoded keys of the objects open now */
     Py_ssize_t points_len, points_cap;
     ScanKey *keys;
     Py_ssize_t keys_len, keys_cap;
-    uint32_t *duplicate;       /* a copy of the duplicate key, for the message */
+    unsigned char *duplicate;  /* a copy of the duplicate key, for the message */
     Py_ssize_t duplicate_len;
     Py_ssize_t type_start, type_end, audio_start, audio_end; /* raw spans, quotes included */
 } Scan;
@@ -953,18 +955,49 @@ scan_fail(Scan *s, int status)
     return -1;
 }
 
+/* Room for `more` decoded bytes. */
 static int
-push_point(Scan *s, uint32_t point)
+reserve_points(Scan *s, Py_ssize_t more)
 {
-    if (s->points_len == s->points_cap) {
-        Py_ssize_t cap = s->points_cap ? 2 * s->points_cap : 256;
-        uint32_t *grown = PyMem_RawRealloc(s->points, (size_t)cap * sizeof(uint32_t));
+    if (s->points_len + more > s->points_cap) {
+        Py_ssize_t cap = s->points_cap ? s->points_cap : 256;
+        while (cap < s->points_len + more)
+            cap *= 2;
+        unsigned char *grown = PyMem_RawRealloc(s->points, (size_t)cap);
         if (grown == NULL)
             return scan_fail(s, SCAN_NO_MEMORY);
         s->points = grown;
         s->points_cap = cap;
     }
-    s->points[s->points_len++] = point;
+    return 0;
+}
+
+/* An escape's code point, as (generalized) UTF-8: at most the escape's own length. */
+static int
+push_point(Scan *s, uint32_t point)
+{
+    if (reserve_points(s, 4) < 0)
+        return -1;
+    unsigned char *out = s->points + s->points_len;
+    if (point < 0x80) {
+        out[0] = (unsigned char)point;
+        s->points_len += 1;
+    } else if (point < 0x800) {
+        out[0] = (unsigned char)(0xc0 | (point >> 6));
+        out[1] = (unsigned char)(0x80 | (point & 0x3f));
+        s->points_len += 2;
+    } else if (point < 0x10000) {
+        out[0] = (unsigned char)(0xe0 | (point >> 12));
+        out[1] = (unsigned char)(0x80 | ((point >> 6) & 0x3f));
+        out[2] = (unsigned char)(0x80 | (point & 0x3f));
+        s->points_len += 3;
+    } else {
+        out[0] = (unsigned char)(0xf0 | (point >> 18));
+        out[1] = (unsigned char)(0x80 | ((point >> 12) & 0x3f));
+        out[2] = (unsigned char)(0x80 | ((point >> 6) & 0x3f));
+        out[3] = (unsigned char)(0x80 | (point & 0x3f));
+        s->points_len += 4;
+    }
     return 0;
 }
 
@@ -1007,32 +1040,12 @@ scan_string(Scan *s, int decode)
             return scan_fail(s, SCAN_INVALID); /* a raw control character (strict) */
         }
         if (c != '\\') {
-            if (!decode) {
-                i++;
-                continue;
+            if (decode) { /* as it is: UTF-8 already */
+                if (reserve_points(s, 1) < 0)
+                    return -1;
+                s->points[s->points_len++] = c;
             }
-            uint32_t point;
-            int extra;
-            if (c < 0x80) {
-                point = c;
-                extra = 0;
-            } else if (c < 0xe0) {
-                point = c & 0x1f;
-                extra = 1;
-            } else if (c < 0xf0) {
-                point = c & 0x0f;
-                extra = 2;
-            } else {
-                point = c & 0x07;
-                extra = 3;
-            }
-            if (i + extra >= n)
-                return scan_fail(s, SCAN_INVALID);
-            for (int k = 1; k <= extra; k++)
-                point = (point << 6) | (p[i + k] & 0x3f);
-            if (push_point(s, point) < 0)
-                return -1;
-            i += 1 + extra;
+            i++;
             continue;
         }
         if (i + 1 >= n)
@@ -1129,8 +1142,7 @@ scan_literal(Scan *s, const char *word)
 static int
 same_key(const ScanKey *x, const ScanKey *y)
 {
-    return x->length == y->length &&
-           memcmp(x->at, y->at, (size_t)x->length * sizeof(uint32_t)) == 0;
+    return x->length == y->length && memcmp(x->at, y->at, (size_t)x->length) == 0;
 }
 
 /* By content, then by place: equal keys end up together, in the order they came. */
@@ -1140,9 +1152,9 @@ compare_keys(const void *a, const void *b)
     const ScanKey *x = a, *y = b;
     if (x->length != y->length)
         return x->length < y->length ? -1 : 1;
-    for (Py_ssize_t i = 0; i < x->length; i++)
-        if (x->at[i] != y->at[i])
-            return x->at[i] < y->at[i] ? -1 : 1;
+    int content = memcmp(x->at, y->at, (size_t)x->length);
+    if (content != 0)
+        return content;
     return x->order < y->order ? -1 : x->order > y->order;
 }
 
@@ -1166,7 +1178,7 @@ check_keys(Scan *s, Py_ssize_t first, Py_ssize_t first_point)
                 (repeat == NULL || keys[i].order < repeat->order))
                 repeat = &keys[i]; /* the second of a run: where that key first repeats */
         if (repeat != NULL) {
-            size_t size = (size_t)repeat->length * sizeof(uint32_t);
+            size_t size = (size_t)repeat->length;
             s->duplicate = PyMem_RawMalloc(size ? size : 1);
             if (s->duplicate == NULL)
                 return scan_fail(s, SCAN_NO_MEMORY);
@@ -1186,10 +1198,7 @@ is_word(const Scan *s, const ScanKey *key, const char *word)
     Py_ssize_t length = (Py_ssize_t)strlen(word);
     if (key->length != length)
         return 0;
-    for (Py_ssize_t i = 0; i < length; i++)
-        if (s->points[key->offset + i] != (uint32_t)(unsigned char)word[i])
-            return 0;
-    return 1;
+    return memcmp(s->points + key->offset, word, (size_t)length) == 0;
 }
 
 static int
@@ -1340,7 +1349,7 @@ scan_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else if (s.status == SCAN_DUPLICATE)
         result = Py_BuildValue(
             "(iN)", s.status,
-            PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, s.duplicate, s.duplicate_len));
+            PyUnicode_DecodeUTF8((const char *)s.duplicate, s.duplicate_len, "surrogatepass"));
     else if (s.status == SCAN_INVALID)
         result = Py_BuildValue("(in)", s.status, s.pos);
     else
