@@ -115,6 +115,32 @@ async def test_a_system_item_cannot_speak_past_locked_instructions(simulator, st
         assert (await conn.recv()).type == "conversation.item.added"
 
 
+async def test_an_image_item_is_judged_off_the_loop_and_goes_through(simulator, start_relay):
+    """A 300 KiB image item (past LARGE_EVENT_BYTES): its item's own `type` keys make the
+    relay read it in full, in a thread (`codec.read_large`), roles checked on the way."""
+    relay = await start_relay(
+        policy_config(simulator.url, allowed_item_roles=["user", "assistant"])
+    )
+    client = AsyncOpenAI(
+        websocket_base_url=f"ws://127.0.0.1:{relay.port}/openai/v1", api_key=ALPHA_KEY
+    )
+    image = "data:image/png;base64," + b64(bytes(range(256)) * 900)
+    async with client.realtime.connect(model="gpt-realtime") as conn:
+        assert (await conn.recv()).type == "session.created"
+        content = [{"type": "input_image", "image_url": image}]
+        await conn.conversation.item.create(
+            item={"type": "message", "role": "user", "content": content}
+        )
+        added = await conn.recv()
+        assert added.type == "conversation.item.added"
+        await conn.conversation.item.create(
+            item={"type": "message", "role": "system", "content": content}, event_id="evt_big"
+        )
+        while (error := await conn.recv()).type != "error":
+            pass  # the first item's conversation.item.done
+        assert (error.error.param, error.error.event_id) == ("item.role", "evt_big")
+
+
 async def test_preview_deployment_gets_the_same_policy_in_preview_names(
     simulator, start_relay, http
 ):
