@@ -10,7 +10,9 @@ upstream's JSON parser keeps the *last* of duplicate keys and decodes escaped ke
 a prefix sniff is only trusted when a byte scan proves the frame unambiguous: no backslash
 anywhere (so no escaped key and no quote inside a string) and exactly one `"type"` (and, for
 an append, one `"audio"`). Every other client frame is parsed, refusing duplicate keys at
-every level, so the event the relay judged is the event the upstream runs.
+every level, so the event the relay judged is the event the upstream runs. A large one is
+judged by `_accel.scan_event` instead (`read_large`, for a thread): the same verdict,
+without building the event and without the GIL.
 """
 
 from __future__ import annotations
