@@ -75,8 +75,8 @@ class ServerConfig:
     # message counts from its first frame's header until it is whole. Without a bound, a
     # few clients sending most of a large message and then nothing hold memory enough to
     # have the process killed. A frame past it closes its client with 1013 (try again
-    # later), unless its message is 64 KiB or less (live audio goes on). 0: no bound; else
-    # at least max_message_bytes.
+    # later), unless its message is 64 KiB or less (live audio goes on, up to twice the
+    # bound). 0: no bound; else at least max_message_bytes.
     message_buffer_bytes: int = 256 * 1024 * 1024
     heartbeat_seconds: float = 20.0
     # Pings a client may send per second (burst twice that); a ping flood closes with 1008.

@@ -527,13 +527,14 @@ static PyTypeObject LaneType = {
  * splitters of a process's client connections reserve each data frame's announced length
  * here at its header and release a message's bytes once it is whole (or the connection is
  * gone). A frame that would take `held` past `limit` is refused (Splitter.split), unless
- * its message is `small` in all: live audio goes on while a full budget refuses large ones.
+ * its message is `small` in all: live audio goes on while a full budget refuses large ones
+ * (up to twice the limit, which nothing passes).
  * A team's budget has the process's as its `parent`: a frame must fit in both. */
 
 typedef struct MessageBudget {
     PyObject_HEAD
     Py_ssize_t limit;           /* 0: none */
-    Py_ssize_t small;           /* messages of at most this many bytes are never refused */
+    Py_ssize_t small;           /* messages of at most this many bytes pass up to 2 x limit */
     Py_ssize_t held;
     struct MessageBudget *parent; /* counted there too, or NULL */
 } MessageBudget;
@@ -571,18 +572,23 @@ budget_dealloc(MessageBudget *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Bytes ``budget`` can still take. */
+/* Bytes ``budget`` can still take: up to its limit, or for a small message up to twice it
+ * (live audio goes on past the limit, but not without end: many connections each holding
+ * a small message half-sent would). */
 static Py_ssize_t
-budget_room(const MessageBudget *budget)
+budget_room(const MessageBudget *budget, int small)
 {
-    return (budget->limit != 0 ? budget->limit : PY_SSIZE_T_MAX) - budget->held;
+    Py_ssize_t limit = budget->limit;
+    if (limit == 0 || (small && limit > PY_SSIZE_T_MAX / 2))
+        return PY_SSIZE_T_MAX - budget->held;
+    return (small ? 2 * limit : limit) - budget->held;
 }
 
 static PyMemberDef budget_members[] = {
     {"limit", T_PYSSIZET, offsetof(MessageBudget, limit), 0,
      "Bytes the process may hold of messages still arriving (0: no limit)."},
     {"small", T_PYSSIZET, offsetof(MessageBudget, small), READONLY,
-     "Messages of at most this many bytes in all are counted but never refused."},
+     "Messages of at most this many bytes in all are refused only past twice the limit."},
     {"held", T_PYSSIZET, offsetof(MessageBudget, held), READONLY,
      "Bytes announced by the frames of messages still arriving."},
     {"parent", T_OBJECT, offsetof(MessageBudget, parent), READONLY,
@@ -804,12 +810,12 @@ splitter_split(Splitter *self, PyObject *data)
             !(self->max_size != 0 &&
               length >= (unsigned long long)(self->max_size - self->holding))) {
             MessageBudget *budget = self->budget, *parent = budget->parent;
-            Py_ssize_t room = budget_room(budget);
-            if (parent != NULL && budget_room(parent) < room)
-                room = budget_room(parent);
             int small = self->holding <= budget->small &&
                         length <= (unsigned long long)(budget->small - self->holding);
-            if (!small && (room <= 0 || length > (unsigned long long)room)) {
+            Py_ssize_t room = budget_room(budget, small);
+            if (parent != NULL && budget_room(parent, small) < room)
+                room = budget_room(parent, small);
+            if (room <= 0 || length > (unsigned long long)room) {
                 if (start > seg &&
                     emit(&out, Py_False,
                          PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)

@@ -208,8 +208,8 @@ LARGE_FRAME = 1 << 20
 
 class MessageBufferFull(WebSocketError):
     """A client's frame refused because the process holds its `server.message_buffer_bytes`
-    of messages still arriving, or the client's team its part of it (messages of 64 KiB or
-    less never are): the client is closed with 1013 (try again later)."""
+    of messages still arriving, or the client's team its part of it (a message of 64 KiB or
+    less only past twice that): the client is closed with 1013 (try again later)."""
 
     REASON = "relay busy: too many large messages arriving at once; try again later"
 

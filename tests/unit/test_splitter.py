@@ -219,7 +219,7 @@ def test_a_frame_past_the_budget_is_refused_and_nothing_after_it_is_read():
     assert budget.held == 0
 
 
-def test_small_messages_are_never_refused():
+def test_small_messages_go_on_past_the_bound_up_to_twice_it():
     budget = _accel.MessageBudget(1000, small=100)
     holder = _accel.Splitter(None, True, LARGE, MAX_SIZE, budget)
     holder.split(frame(1, b"x" * 1000, masked=True)[:20])
@@ -233,6 +233,14 @@ def test_small_messages_are_never_refused():
         frame(1, b"b" * 60, fin=False, masked=True) + frame(0, b"c" * 41, masked=True)
     )
     assert parts is not None and parts[-1] == (None, 41)
+    # But not without end: small messages half-sent stop at twice the bound.
+    halves = [_accel.Splitter(None, True, LARGE, MAX_SIZE, budget) for _ in range(11)]
+    for half in halves[:9]:
+        half.split(frame(1, b"h" * 100, masked=True)[:8])
+    assert budget.held == 1960  # 1,000, the fragment's 60 above, and 9 x 100
+    assert halves[9].split(frame(1, b"h" * 41, masked=True)) == [(None, 41)]
+    halves[10].split(frame(1, b"h" * 40, masked=True)[:8])
+    assert budget.held == 2000
 
 
 async def test_a_refused_frame_ends_the_reading_with_1013():
