@@ -15,6 +15,7 @@ from aiohttp import web
 from azure.identity._internal import utils as azure_identity_utils
 
 from relay.ops.config import ConfigError, CredentialConfig, parse_config
+from relay.upstream.credentials import build_credential
 from relay.upstream.entra import EntraCredential
 from tests.entra_fake import FakeClientCredentialsEndpoint
 
@@ -121,6 +122,19 @@ async def test_a_secret_that_does_not_work_leaves_the_old_one_in_use(
         assert await credential.headers() == held
         assert await credential.refresh() is True
         assert fake.used[-1] == "first-secret"  # still the secret in use
+    finally:
+        await credential.close()
+
+
+async def test_the_config_builds_it_from_the_file(tmp_path: Path):
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text("first-secret")
+    credential = build_credential(config(secret_file), {})
+    try:
+        assert isinstance(credential, EntraCredential)
+        described = credential.describe()
+        assert described["client_secret_file"] == str(secret_file)
+        assert "first-secret" not in repr(credential) + repr(described)
     finally:
         await credential.close()
 
