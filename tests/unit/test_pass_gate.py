@@ -45,7 +45,7 @@ async def test_a_lone_caller_does_not_wait():
     for _ in range(4):
         # Each goes on at once: nothing to wait for while the pass has room.
         task = asyncio.ensure_future(gate.turn())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one pass: the task's first step
         assert task.done()
 
 
