@@ -1319,6 +1319,65 @@ scan_value(Scan *s)
     return scan_fail(s, SCAN_INVALID);
 }
 
+/* Whether bytes.decode("utf-8") takes ``p``: well-formed UTF-8, without overlong forms,
+ * surrogates or anything past U+10FFFF. ASCII is checked eight bytes at a time. */
+static int
+utf8_valid(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    while (i < n) {
+        uint64_t word;
+        while (i + 8 <= n) {
+            memcpy(&word, p + i, 8);
+            if (word & 0x8080808080808080ULL)
+                break;
+            i += 8;
+        }
+        if (i >= n)
+            break;
+        unsigned char c = p[i];
+        if (c < 0x80) {
+            i++;
+        } else if (c >= 0xc2 && c <= 0xdf) {
+            if (i + 1 >= n || (p[i + 1] & 0xc0) != 0x80)
+                return 0;
+            i += 2;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            if (i + 2 >= n || (p[i + 1] & 0xc0) != 0x80 || (p[i + 2] & 0xc0) != 0x80)
+                return 0;
+            if ((c == 0xe0 && p[i + 1] < 0xa0) || (c == 0xed && p[i + 1] >= 0xa0))
+                return 0; /* overlong; a surrogate */
+            i += 3;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            if (i + 3 >= n || (p[i + 1] & 0xc0) != 0x80 || (p[i + 2] & 0xc0) != 0x80 ||
+                (p[i + 3] & 0xc0) != 0x80)
+                return 0;
+            if ((c == 0xf0 && p[i + 1] < 0x90) || (c == 0xf4 && p[i + 1] >= 0x90))
+                return 0; /* overlong; past U+10FFFF */
+            i += 4;
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* is_utf8(data: bytes) -> bool, without the GIL (codec.read_large calls it in a thread). */
+static PyObject *
+is_utf8(PyObject *module, PyObject *data)
+{
+    (void)module;
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "is_utf8(data: bytes)");
+        return NULL;
+    }
+    int valid;
+    Py_BEGIN_ALLOW_THREADS
+    valid = utf8_valid((const unsigned char *)PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(valid);
+}
+
 /* scan_event(frame: bytes, max_digits: int) -> tuple: see the section's comment. */
 static PyObject *
 scan_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -1374,6 +1433,8 @@ static PyMethodDef methods[] = {
      "A delta's decoded audio bytes when its value runs to the frame's end, else -1."},
     {"text_frame", (PyCFunction)(void (*)(void))text_frame, METH_FASTCALL,
      "One text frame holding the payload, masked with the key when masked is true."},
+    {"is_utf8", is_utf8, METH_O,
+     "Whether data.decode('utf-8') would succeed; the GIL is released meanwhile."},
     {"scan_event", (PyCFunction)(void (*)(void))scan_event, METH_FASTCALL,
      "A client event judged as codec.parse_event_strict judges it, without the GIL: "
      "(status, ...) (codec.read_scanned reads it)."},

@@ -12,6 +12,7 @@ def text_frame(payload: bytes, masked: bool, mask: int, /) -> bytes | bytearray:
 # (0, type_start, type_end, audio_start, audio_end) | (2, ...) not an object | (3, key)
 # duplicate | (4, byte) invalid | (5, ...) nested too deep: codec.read_scanned reads it.
 def scan_event(frame: bytes, max_digits: int, /) -> tuple[Any, ...]: ...
+def is_utf8(data: bytes, /) -> bool: ...
 
 class Lane:
     """relay.session.lane.PyLane is the reference: the same signatures."""

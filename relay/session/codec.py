@@ -124,10 +124,16 @@ SCAN_MAX_DEPTH = 512
 
 
 def read_large(frame: bytes, parses: Callable[[str], bool]) -> ClientFrame:
-    """`read_client_frame` for a large frame that needs more than its bytes' prefix, for a
-    thread: judged by `_accel.scan_event` (as `parse_event_strict` judges it) with the GIL
-    released, so the event loop goes on meanwhile; the event is parsed only where
-    ``parses(kind)`` (the policy reads it). Where `_accel` was not built, `read_parsed`."""
+    """`read_client_frame` for a large frame, for a thread, UTF-8 checked first (FrameError
+    `invalid_utf8`: the relay closes with 1007). Its prefix answers where it can; else it is
+    judged by `_accel.scan_event` (as `parse_event_strict` judges it); both without the GIL,
+    so the event loop goes on meanwhile. The event is parsed only where ``parses(kind)``
+    (the policy reads it). Where `_accel` was not built, `read_parsed`."""
+    if not frame.isascii() and not is_utf8(frame):
+        raise FrameError("invalid_utf8", "invalid UTF-8 in a text frame")
+    unparsed = read_unparsed(frame)
+    if unparsed is not None and not parses(unparsed[0]):
+        return unparsed[0], None, unparsed[1]
     if scan_event is None:  # pragma: no cover (built here)
         return read_parsed(frame)
     kind, audio = read_scanned(frame)
@@ -169,6 +175,15 @@ def read_scanned(frame: bytes) -> tuple[str, int]:
 
 
 _SCAN_NOT_OBJECT, _SCAN_DUPLICATE, _SCAN_INVALID, _SCAN_DEEP = 2, 3, 4, 5
+
+
+def _is_utf8(data: bytes) -> bool:
+    """The reference for `_accel.is_utf8`."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_parsed(frame: bytes) -> ClientFrame:
@@ -385,9 +400,11 @@ def _string_span(frame: bytes, field: bytes) -> tuple[int, int] | None:
 try:
     from relay.session._accel import delta_to_the_end as delta_to_the_end
     from relay.session._accel import fixed_append_size as fixed_append_size
+    from relay.session._accel import is_utf8 as is_utf8
     from relay.session._accel import scan_event as _scan_event
 
     scan_event: Callable[[bytes, int], tuple[Any, ...]] | None = _scan_event
 except ImportError:  # pragma: no cover
     fixed_append_size, delta_to_the_end = _fixed_append_size, _delta_to_the_end
     scan_event = None
+    is_utf8 = _is_utf8

@@ -42,13 +42,15 @@ async def test_half_open_client_is_found_by_heartbeat(start_fake, start_relay):
     assert outcomes(relay) == {"client_lost": 1}
 
 
-async def test_invalid_utf8_closes_with_1007(start_fake, start_relay, http):
+@pytest.mark.parametrize("pad", [0, 300_000], ids=["small", "large"])  # large: off the loop
+async def test_invalid_utf8_closes_with_1007(start_fake, start_relay, http, pad):
     fake = FakeUpstream(script=echo)
     upstream = await start_fake(fake.app())
     relay = await start_relay(relay_config(str(upstream.make_url(""))))
     async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")
-        await ws.send_frame(b'{"type":"response.create","x":"\xff\xfe"}', WSMsgType.TEXT)
+        frame = b'{"type":"response.create","p":"' + "é".encode() * pad + b'","x":"\xff\xfe"}'
+        await ws.send_frame(frame, WSMsgType.TEXT)
         msg = await ws.receive()
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1007)
     await fake.closed.wait()

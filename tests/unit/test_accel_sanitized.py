@@ -138,6 +138,14 @@ for _ in range(int(sys.argv[3])):
     except UnicodeDecodeError:
         continue  # refused before it is judged (1007)
     assert verdict(codec.read_scanned, b) == verdict(codec.read_parsed, b), b
+# The UTF-8 check on mutated text, cut anywhere.
+text = "aé你😀\u0080\u07ff\u0800\uffff\U00010000\U0010ffff".encode()
+for _ in range(int(sys.argv[3])):
+    data = bytearray(text * rng.randrange(1, 4))
+    for _ in range(rng.randrange(3)):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    b = bytes(data[rng.randrange(len(data) + 1):])
+    assert accel.is_utf8(b) == codec._is_utf8(b), b
 print("clean")
 """
 

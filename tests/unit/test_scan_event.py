@@ -14,11 +14,12 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from relay.session import codec
 from relay.session.codec import FrameError, read_large, read_parsed, read_scanned
 from tests.unit.accel_build import NOT_BUILT, not_built
 
 try:
-    from relay.session import _accel  # noqa: F401 (only: is it built)
+    from relay.session import _accel
 except ImportError:
     not_built()
     pytest.skip(NOT_BUILT + "; without it large events are parsed", allow_module_level=True)
@@ -189,3 +190,16 @@ def test_the_scan_lets_other_threads_run():
         done.set()
         counter.join()
     assert during > 1000
+
+
+utf8_pieces = st.sampled_from(
+    [b"a", b"\xc3\xa9", b"\xe4\xbd\xa0", b"\xf0\x9f\x98\x80", b"\xc0\x80", b"\xe0\x80\x80",
+     b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf5", b"\x80", b"\xc3", b"\xff", b"abcdefgh"]
+)  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(utf8_pieces, max_size=40) | st.binary(max_size=64).map(lambda b: [b]))
+def test_utf8_is_checked_as_python_decodes(pieces):
+    data = b"".join(pieces)
+    assert _accel.is_utf8(data) == codec._is_utf8(data), data
