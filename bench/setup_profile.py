@@ -81,8 +81,11 @@ class SetupFailed(Exception):
     pass
 
 
-async def one_session(endpoint: Endpoint) -> float:
-    """Seconds from the TCP connect to the `session.created` frame; then a clean close."""
+async def one_session_open(
+    endpoint: Endpoint,
+) -> tuple[float, asyncio.StreamWriter, asyncio.StreamReader, FrameReader]:
+    """Seconds from the TCP connect to the `session.created` frame; the session left open
+    (its writer, reader and frame reader)."""
     began = time.perf_counter()
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
     try:
@@ -91,17 +94,24 @@ async def one_session(endpoint: Endpoint) -> float:
         if not head.startswith(b"HTTP/1.1 101"):
             raise SetupFailed(head.split(b"\r\n", 1)[0].decode(errors="replace"))
         frames = FrameReader(masked=False)
-        created_at = None
-        while created_at is None:
+        while True:
             data = await reader.read(65536)
             if not data:
                 raise SetupFailed("closed before session.created")
             for opcode, payload in frames.feed(data):
                 if opcode == OP_TEXT and payload.startswith(_CREATED):
-                    created_at = time.perf_counter()
-                    break
+                    return time.perf_counter() - began, writer, reader, frames
                 if opcode == OP_CLOSE:
                     raise SetupFailed(f"closed before session.created: {payload[2:]!r}")
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def one_session(endpoint: Endpoint) -> float:
+    """Seconds from the TCP connect to the `session.created` frame; then a clean close."""
+    took, writer, reader, frames = await one_session_open(endpoint)
+    try:
         writer.write(client_frame(OP_CLOSE, close_payload(1000)))
         closed = False
         while not closed:
@@ -109,7 +119,7 @@ async def one_session(endpoint: Endpoint) -> float:
             if not data:
                 break
             closed = any(opcode == OP_CLOSE for opcode, _ in frames.feed(data))
-        return created_at - began
+        return took
     finally:
         writer.close()
 
