@@ -30,8 +30,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bench.paths import Endpoint, RelayPath
 from bench.profile import Recorder, format_summary, summarize
@@ -47,6 +49,7 @@ from bench.wsframes import (
     upgrade_request,
 )
 
+T = TypeVar("T")
 _CREATED = b'{"type":"session.created"'
 MAX_CONNECTORS = 50
 WARM_UP_SESSIONS = 300
@@ -229,6 +232,29 @@ def report(runs: list[list[RunResult]]) -> str:
     return "\n".join(lines)
 
 
+def repeated_runs(
+    prefix: str,
+    repeat: int,
+    one: Callable[[Endpoint, str, Path, int], T],
+    report: Callable[[list[T]], str],
+) -> list[T]:
+    """``one`` run ``repeat`` times against one echo upstream (each run starts its own
+    relay), each run's report printed as it ends."""
+    runs: list[T] = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        upstream_key = "bench-upstream-" + secrets.token_hex(8)
+        upstream_child, upstream = start_upstream(work, upstream_key)
+        try:
+            print(f"load before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
+            for index in range(repeat):
+                runs.append(one(upstream, upstream_key, work / f"run{index}", index))
+                print(report(runs[-1:]), file=sys.stderr)
+        finally:
+            upstream_child.stop()
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.setup_profile", description=__doc__)
     parser.add_argument("--sessions", type=int, default=2000, help="set-ups per measured run")
@@ -248,19 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if max(args.connectors) > MAX_CONNECTORS:
         parser.error(f"at most {MAX_CONNECTORS} connectors: others measure on this machine")
-    runs: list[list[RunResult]] = []
-    with tempfile.TemporaryDirectory(prefix="relay-setup-") as tmp:
-        work = Path(tmp)
-        upstream_key = "bench-upstream-" + secrets.token_hex(8)
-        upstream_child, upstream = start_upstream(work, upstream_key)
-        try:
-            print(f"load before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
-            for index in range(args.repeat):
-                profile = args.profile if index == 0 else None
-                runs.append(one_run(upstream, upstream_key, work / f"run{index}", args, profile))
-                print(report(runs[-1:]), file=sys.stderr)
-        finally:
-            upstream_child.stop()
+    runs = repeated_runs(
+        "relay-setup-",
+        args.repeat,
+        lambda upstream, key, work, index: one_run(
+            upstream, key, work, args, args.profile if index == 0 else None
+        ),
+        report,
+    )
     print(report(runs))
     print(f"load after: {os.getloadavg()[0]:.2f}")
     if args.profile is not None and args.profile.exists():

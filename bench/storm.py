@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.paths import Endpoint, RelayPath
-from bench.run import start_upstream
-from bench.setup_profile import SetupFailed, one_session_open
+from bench.setup_profile import SetupFailed, one_session_open, repeated_runs
 from bench.upstream import run as run_loop
 
 POLL_EVERY_S = 0.002
@@ -152,18 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs, each with a fresh relay")
     parser.add_argument("--relay-args", default="", help="extra arguments for `relay serve`")
     args = parser.parse_args(argv)
-    runs: list[StormResult] = []
-    with tempfile.TemporaryDirectory(prefix="relay-storm-") as tmp:
-        work = Path(tmp)
-        upstream_key = "bench-upstream-" + secrets.token_hex(8)
-        upstream_child, upstream = start_upstream(work, upstream_key)
-        try:
-            print(f"load before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
-            for index in range(args.repeat):
-                runs.append(one_run(upstream, upstream_key, work / f"run{index}", args))
-                print(report(runs[-1:]), file=sys.stderr)
-        finally:
-            upstream_child.stop()
+    runs = repeated_runs(
+        "relay-storm-",
+        args.repeat,
+        lambda upstream, key, work, _: one_run(upstream, key, work, args),
+        report,
+    )
     print(report(runs))
     return 0
 
