@@ -89,6 +89,8 @@ def create_app(
         )
     state.live_gauges.track(state.metrics.message_buffer, lambda: float(budget.held))
     state.live_gauges.track(state.metrics.message_buffer_limit, lambda: float(budget.limit))
+    for team in config.teams.values():
+        state.message_budget_for(team)  # each team's series from the start
     count_dropped_lines(state.metrics.log_lines_dropped.inc)
     zero_series(state)
     budget_gauges(state)

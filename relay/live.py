@@ -263,6 +263,8 @@ async def apply_config(
         state.budgets.book.teams = tuple(config.teams)  # whose shared spend it reads back
     state.auth_throttle.update(config.limits)
     state.message_budget.limit = config.server.message_buffer_bytes
+    for new_team in config.teams.values():
+        state.message_budget_for(new_team)  # a team added: its budget and series
     for name, budget in state.team_message_budgets.items():
         team = config.teams.get(name)
         budget.limit = (team.limits.message_buffer_bytes or 0) if team is not None else 0

@@ -124,8 +124,11 @@ class RelayState:
         budget = self.team_message_budgets.get(team.name)
         if budget is None:
             limit = team.limits.message_buffer_bytes or 0
-            budget = MessageBudget(limit, parent=self.message_budget)
-            self.team_message_budgets[team.name] = budget
+            budget = self.team_message_budgets[team.name] = MessageBudget(
+                limit, parent=self.message_budget
+            )
+            held = self.metrics.message_buffer_team.labels(team.name)
+            self.live_gauges.track(held, lambda: float(budget.held))
         return budget
 
     def check_open(self) -> None:

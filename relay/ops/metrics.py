@@ -108,6 +108,7 @@ class Metrics:
     tls_certificate_expiry: Gauge
     message_buffer: Gauge
     message_buffer_limit: Gauge
+    message_buffer_team: Gauge
     _series: dict[tuple[str, str, str], SessionSeries] = field(default_factory=dict)
 
     def series(self, team: str, deployment: str, backend: str) -> SessionSeries:
@@ -418,6 +419,14 @@ class Metrics:
                 "0: no bound.",
                 registry=r,
                 multiprocess_mode="liveall",
+            ),
+            message_buffer_team=Gauge(
+                "relay_message_buffer_team_bytes",
+                "Bytes of client messages still arriving, by team (summed over processes): "
+                "whose clients hold the message buffer.",
+                ("team",),
+                registry=r,
+                multiprocess_mode="livesum",
             ),
         )
         metrics.build_info.labels(build_version(), build_commit(), frame_scans()).set(1)

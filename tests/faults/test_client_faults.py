@@ -174,6 +174,12 @@ async def test_a_team_holds_no_more_than_its_part_of_the_buffer(start_fake, star
             await read_until(ws, "session.created")
         rest = await send_part(holder, append_of(90_000))
         assert state.team_message_budgets["alpha"].held == state.message_budget.held == 90_000
+        registry = state.metrics.registry
+        held = {  # whose clients hold the buffer, for the SRE the alert wakes
+            team: registry.get_sample_value("relay_message_buffer_team_bytes", {"team": team})
+            for team in ("alpha", "beta")
+        }
+        assert held == {"alpha": 90_000, "beta": 0}
         # Alpha's next large message would pass its 100,000: refused, with room in the process.
         refused._writer.transport.write(masked_text_frame(append_of(70_000)))
         msg = await refused.receive()
