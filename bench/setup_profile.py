@@ -163,18 +163,25 @@ async def run_sessions(endpoint: Endpoint, pid: int, sessions: int, connectors: 
     cpu_after = await quiet_cpu_seconds(pid)
     if failures:
         print(f"setup_profile: {len(failures)} failed, first: {failures[0]}", file=sys.stderr)
-    ordered = sorted(latencies) or [float("nan")]
+    p50_ms, p99_ms, _ = percentiles_ms(latencies)
     return RunResult(
         connectors=connectors,
         sessions=len(latencies),
         failed=len(failures),
         sessions_per_s=len(latencies) / wall,
-        p50_ms=1000 * ordered[len(ordered) // 2],
-        p99_ms=1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        p50_ms=p50_ms,
+        p99_ms=p99_ms,
         relay_cpu_ms=1000 * (sum(cpu_after) - sum(cpu_before)) / max(1, len(latencies)),
         relay_system_ms=1000 * (cpu_after[1] - cpu_before[1]) / max(1, len(latencies)),
         driver_cpu_ms=1000 * driver_cpu / max(1, len(latencies)),
     )
+
+
+def percentiles_ms(seconds: list[float]) -> tuple[float, float, float]:
+    """p50, p99 and the largest of ``seconds``, in ms (NaN when there are none)."""
+    ordered = sorted(seconds) or [float("nan")]
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return 1000 * ordered[len(ordered) // 2], 1000 * p99, 1000 * ordered[-1]
 
 
 def one_run(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.paths import Endpoint, RelayPath
-from bench.setup_profile import SetupFailed, one_session_open, repeated_runs
+from bench.setup_profile import SetupFailed, one_session_open, percentiles_ms, repeated_runs
 from bench.upstream import run as run_loop
 
 POLL_EVERY_S = 0.002
@@ -98,13 +98,13 @@ async def storm(endpoint: Endpoint, clients: int) -> StormResult:
     waits = [line for line in out.decode().split() if line.replace(".", "", 1).isdigit()]
     if failures:
         print(f"storm: {len(failures)} failed, first: {failures[0]}", file=sys.stderr)
-    ordered = sorted(latencies) or [float("nan")]
+    p50_ms, p99_ms, max_ms = percentiles_ms(latencies)
     return StormResult(
         clients=clients,
         failed=len(failures),
-        p50_ms=1000 * ordered[len(ordered) // 2],
-        p99_ms=1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        max_ms=1000 * ordered[-1],
+        p50_ms=p50_ms,
+        p99_ms=p99_ms,
+        max_ms=max_ms,
         live_wait_ms=float(waits[-1]) if waits else float("nan"),
     )
 

@@ -142,7 +142,7 @@ def read_large(frame: bytes, parses: Callable[[str], bool]) -> ClientFrame:
     try:
         event = orjson.loads(frame)  # valid and without duplicates: the same dict as json's
     except orjson.JSONDecodeError:  # what only json takes: integers past 64 bits, surrogates
-        event = json.loads(frame.decode("utf-8"))
+        event = parse_event_strict(frame)
     return kind, event, audio
 
 
@@ -163,7 +163,7 @@ def read_scanned(frame: bytes) -> tuple[str, int]:
     if status == _SCAN_NOT_OBJECT:
         raise FrameError("invalid_event", "An event must be a JSON object.")
     type_start, type_end, audio_start, audio_end = found
-    kind = json.loads(frame[type_start:type_end]) if type_start >= 0 else None
+    kind = _string_value(frame[type_start:type_end]) if type_start >= 0 else None
     if not kind:
         raise FrameError("missing_event_type", "The event has no string `type` field.")
     if kind != _APPEND or audio_start < 0:
@@ -171,7 +171,15 @@ def read_scanned(frame: bytes) -> tuple[str, int]:
     audio = frame[audio_start + 1 : audio_end - 1]
     if audio.isascii() and b"\\" not in audio:
         return kind, _span_size(audio, 0, len(audio))
-    return kind, _decoded_size(json.loads(frame[audio_start:audio_end]))
+    return kind, _decoded_size(_string_value(frame[audio_start:audio_end]))
+
+
+def _string_value(literal: bytes) -> str:
+    """A JSON string literal the scan found valid, as json reads it (a lone surrogate
+    escape included, which orjson refuses)."""
+    value = json.loads(literal)
+    assert isinstance(value, str)
+    return value
 
 
 _SCAN_NOT_OBJECT, _SCAN_DUPLICATE, _SCAN_INVALID, _SCAN_DEEP = 2, 3, 4, 5
