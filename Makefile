@@ -9,8 +9,12 @@ export RELAY_SIMULATOR_KEY ?= local-simulator-key
 # The compat suite's Node clients (tests/compat/node), pinned by its package-lock.json.
 NODE_DIR := tests/compat/node
 NODE_DEPS := $(NODE_DIR)/node_modules/.package-lock.json
+# Its Python agent frameworks (LiveKit Agents, Pipecat): a venv of their own, pinned by
+# requirements.txt, so their dependencies never meet the relay's.
+CLIENTS_DIR := tests/compat/python_clients
+CLIENTS_VENV := $(CLIENTS_DIR)/.venv
 
-.PHONY: venv node-deps run simulate test lint typecheck pytest format clean bench bench-peers bench-fairness bench-continuity rules
+.PHONY: venv node-deps client-deps run simulate test lint typecheck pytest format clean bench bench-peers bench-fairness bench-continuity rules
 
 venv: $(VENV)/.installed
 
@@ -31,6 +35,15 @@ $(NODE_DEPS): $(NODE_DIR)/package-lock.json
 		echo "npm not found: tests/compat's Node clients will be skipped" >&2; \
 	fi
 
+client-deps: $(CLIENTS_VENV)/.installed
+
+$(CLIENTS_VENV)/.installed: $(CLIENTS_DIR)/requirements.txt
+	@echo "Installing LiveKit Agents and Pipecat into $(CLIENTS_VENV) for tests/compat..."
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r $(CLIENTS_DIR)/requirements.txt
+	touch $@
+
 run: venv
 	$(BIN)/relay serve --config $(CONFIG)
 
@@ -48,7 +61,7 @@ format: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv node-deps
+pytest: venv node-deps client-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -86,4 +99,4 @@ bench-continuity: venv
 	$(BIN)/python -m bench.continuity $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LITELLM_VENV) .mypy_cache .pytest_cache .ruff_cache $(NODE_DIR)/node_modules
+	rm -rf $(VENV) $(LITELLM_VENV) $(CLIENTS_VENV) .mypy_cache .pytest_cache .ruff_cache $(NODE_DIR)/node_modules

@@ -1,0 +1,90 @@
+"""Python agent frameworks, unchanged, through the relay: LiveKit Agents (its OpenAI plugin's
+`RealtimeModel.with_azure`, GA and with the `api_version` its Azure docs show) and Pipecat
+(`AzureRealtimeLLMService`).
+
+They run from their own venv (tests/compat/python_clients/.venv, pinned by its
+requirements.txt; `make client-deps`, run by `make test` and .ci/run), so their dependencies
+never meet the relay's. Each script prints one JSON line with what it saw; this file judges it
+against config/local.toml's policy. Without that venv the tests skip and say so, except in CI
+(CI=true), where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.compat.conftest import LOCKED_TRANSCRIPTION, TOKEN_CAP, VOICE, expected_instructions
+from tests.helpers import ALPHA_KEY
+
+CLIENTS_DIR = Path(__file__).parent / "python_clients"
+CLIENTS_PYTHON = CLIENTS_DIR / ".venv" / "bin" / "python"
+
+
+@pytest.fixture(autouse=True)
+def _python_clients_installed() -> None:
+    if (CLIENTS_DIR / ".venv" / ".installed").exists():
+        return
+    reason = "tests/compat/python_clients has no venv: run `make client-deps`"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run the Python agent frameworks)")
+    pytest.skip(reason)
+
+
+async def run_client(script: str, **env: str) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        str(CLIENTS_PYTHON),
+        script,
+        cwd=CLIENTS_DIR,
+        env={"PATH": os.environ.get("PATH", ""), "RELAY_KEY": ALPHA_KEY, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=50)
+    assert process.returncode == 0, f"{script} failed:\n{err.decode()}"
+    lines = out.decode().strip().splitlines()
+    assert lines, f"{script} printed nothing:\n{err.decode()}"
+    return orjson.loads(lines[-1])
+
+
+def assert_tool_turn_and_spoken_turn(result: dict[str, Any]) -> None:
+    assert result["errors"] == [] and "error" not in result["seen"]
+    # The simulated model calls the agent's tool, then speaks its answer.
+    assert result["calls"], result
+    assert result["said"] and "sunny" in result["said"][-1]
+    # The spoken turn: the server's VAD heard it, transcribed it and answered.
+    assert result["heard"]
+    assert "input_audio_buffer.speech_stopped" in result["seen"]
+    assert "response.output_audio.delta" in result["seen"]
+
+
+@pytest.mark.parametrize("api_version", [None, "2024-10-01-preview"], ids=["ga", "api_version"])
+async def test_livekit_agent_session_with_azure(relay, api_version):
+    """`RealtimeModel.with_azure` as LiveKit's docs show it: without `api_version` it speaks GA
+    on /openai/v1/realtime; with one (deprecated, still in its docs' examples) it dials the
+    preview path, which the relay serves from the same GA deployment."""
+    result = await run_client(
+        "livekit_agent.py",
+        RELAY_URL=f"http://127.0.0.1:{relay.port}",
+        RELAY_DEPLOYMENT="gpt-realtime",
+        **({"RELAY_API_VERSION": api_version} if api_version else {}),
+    )
+    assert_tool_turn_and_spoken_turn(result)
+    session = result["session"]
+    assert session["instructions"] == expected_instructions()
+    assert [tool["name"] for tool in session["tools"]] == ["get_weather"]
+    if api_version is None:
+        assert session["audio"]["output"]["voice"] == VOICE
+        # Rewritten by the policy: the locked model, the capped token limit.
+        assert session["audio"]["input"]["transcription"]["model"] == LOCKED_TRANSCRIPTION
+        assert session["max_output_tokens"] == TOKEN_CAP
+    else:
+        # The preview dialect's names for the same session.
+        assert session["voice"] == VOICE
+        assert session["input_audio_transcription"]["model"] == LOCKED_TRANSCRIPTION
+        assert session["max_response_output_tokens"] == TOKEN_CAP
