@@ -12,7 +12,7 @@ NODE_DEPS := $(NODE_DIR)/node_modules/.package-lock.json
 # Its Python agent frameworks (LiveKit Agents, Pipecat): a venv of their own, pinned by
 # requirements.txt, so their dependencies never meet the relay's.
 CLIENTS_DIR := tests/compat/python_clients
-CLIENTS_VENV := $(CLIENTS_DIR)/.venv
+CLIENTS_VENV := .venv-clients
 
 .PHONY: venv node-deps client-deps run simulate test lint typecheck pytest format clean bench bench-peers bench-fairness bench-continuity rules
 

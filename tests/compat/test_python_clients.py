@@ -2,7 +2,7 @@
 `RealtimeModel.with_azure`, GA and with the `api_version` its Azure docs show) and Pipecat
 (`AzureRealtimeLLMService`).
 
-They run from their own venv (tests/compat/python_clients/.venv, pinned by its
+They run from their own venv (.venv-clients, pinned by tests/compat/python_clients/
 requirements.txt; `make client-deps`, run by `make test` and .ci/run), so their dependencies
 never meet the relay's. Each script prints one JSON line with what it saw; this file judges it
 against config/local.toml's policy. Without that venv the tests skip and say so, except in CI
@@ -23,14 +23,16 @@ from tests.compat.conftest import LOCKED_TRANSCRIPTION, TOKEN_CAP, VOICE, expect
 from tests.helpers import ALPHA_KEY
 
 CLIENTS_DIR = Path(__file__).parent / "python_clients"
-CLIENTS_PYTHON = CLIENTS_DIR / ".venv" / "bin" / "python"
+ROOT = Path(__file__).parents[2]
+CLIENTS_VENV = ROOT / ".venv-clients"
+CLIENTS_PYTHON = CLIENTS_VENV / "bin" / "python"
 
 
 @pytest.fixture(autouse=True)
 def _python_clients_installed() -> None:
-    if (CLIENTS_DIR / ".venv" / ".installed").exists():
+    if (CLIENTS_VENV / ".installed").exists():
         return
-    reason = "tests/compat/python_clients has no venv: run `make client-deps`"
+    reason = ".venv-clients is not installed: run `make client-deps`"
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI must run the Python agent frameworks)")
     pytest.skip(reason)
