@@ -90,3 +90,18 @@ async def test_livekit_agent_session_with_azure(relay, api_version):
         assert session["voice"] == VOICE
         assert session["input_audio_transcription"]["model"] == LOCKED_TRANSCRIPTION
         assert session["max_response_output_tokens"] == TOKEN_CAP
+
+
+async def test_livekit_recycles_its_connection_with_the_conversation_replayed(relay):
+    """LiveKit's own answer to the service's session limit (`max_session_duration`): a new
+    connection, into which it replays the conversation so far as items: the user's message,
+    the tool's call and output, the assistant's answer. Each goes through the relay's policy
+    and the simulator's checks, and the next turn is answered on the new connection."""
+    result = await run_client(
+        "livekit_agent.py",
+        RELAY_URL=f"http://127.0.0.1:{relay.port}",
+        RELAY_DEPLOYMENT="gpt-realtime",
+        RELAY_RECYCLE_SECONDS="2",
+    )
+    assert_tool_turn_and_spoken_turn(result)
+    assert result["replayed"] == ["user", "function_call", "function_call_output", "assistant"]

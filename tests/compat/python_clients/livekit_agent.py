@@ -56,6 +56,14 @@ async def main() -> dict[str, Any]:
     calls: list[str] = []
     said: list[str] = []
     api_version = os.environ.get("RELAY_API_VERSION") or None
+    recycle = os.environ.get("RELAY_RECYCLE_SECONDS")
+    options: dict[str, Any] = {}
+    if api_version:
+        options["api_version"] = api_version
+    if recycle:
+        # The plugin's own answer to the service's session limit: a new connection after
+        # this long, with the conversation so far replayed into it.
+        options["max_session_duration"] = float(recycle)
     async with aiohttp.ClientSession() as http:
         model = RealtimeModel.with_azure(
             azure_deployment=os.environ["RELAY_DEPLOYMENT"],
@@ -64,7 +72,7 @@ async def main() -> dict[str, Any]:
             voice=VOICE,
             input_audio_transcription=AudioTranscription(model=CLIENT_TRANSCRIPTION),
             http_session=http,
-            **({"api_version": api_version} if api_version else {}),
+            **options,
         )
         session: AgentSession[None] = AgentSession(llm=model)
 
@@ -82,7 +90,30 @@ async def main() -> dict[str, Any]:
         await session.start(WeatherAgent(calls))
         realtime = session._activity.realtime_llm_session  # type: ignore[union-attr]
         realtime.on("openai_server_event_received", on_server_event)
+        # What the plugin replays into a new connection: the items it sends after the turn's
+        # own and before it says it has reconnected.
+        queued_items: list[str] = []
+        reconnected = asyncio.Event()
+        replayed_up_to = 0
+
+        def on_client_event(event: dict[str, Any]) -> None:
+            if event["type"] == "conversation.item.create":
+                item = event["item"]
+                queued_items.append(item.get("role") or item["type"])
+
+        def on_reconnected(_: Any) -> None:
+            nonlocal replayed_up_to
+            if not reconnected.is_set():
+                replayed_up_to = len(queued_items)
+                reconnected.set()
+
+        realtime.on("openai_client_event_queued", on_client_event)
+        realtime.on("session_reconnected", on_reconnected)
         result = await session.run(user_input="Please get weather for Paris.")
+        turn_items = len(queued_items)
+        if recycle:
+            await reconnected.wait()
+        replayed = queued_items[turn_items:replayed_up_to]
         # A spoken turn: the plugin streams the audio, the server's VAD ends the turn and
         # answers it, and the plugin reports the user's transcript.
         heard: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -114,6 +145,7 @@ async def main() -> dict[str, Any]:
         "calls": calls,
         "said": said,
         "heard": transcript,
+        "replayed": replayed,
     }
 
 
