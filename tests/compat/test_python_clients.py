@@ -105,3 +105,28 @@ async def test_livekit_recycles_its_connection_with_the_conversation_replayed(re
     )
     assert_tool_turn_and_spoken_turn(result)
     assert result["replayed"] == ["user", "function_call", "function_call_output", "assistant"]
+
+
+async def test_pipecat_azure_realtime_service(relay):
+    """Pipecat's `AzureRealtimeLLMService` in a pipeline with its context aggregators, as its
+    docs point it at Azure: a text turn that calls the registered tool, then a spoken turn
+    of 20 ms frames paced as an input transport sends them. Pipecat treats any `error`
+    event as fatal, so one would end the run."""
+    result = await run_client(
+        "pipecat_azure.py",
+        RELAY_WS_URL=f"ws://127.0.0.1:{relay.port}/openai/v1/realtime",
+        RELAY_DEPLOYMENT="gpt-realtime",
+    )
+    assert result["errors"] == [] and result["status"] == "completed", result
+    assert [call["name"] for call in result["calls"]] == ["get_weather"]
+    answer, spoken = result["transcript"].splitlines()
+    assert "sunny" in answer and spoken.startswith("You said:")
+    assert result["audioBytes"] > 0
+    assert {"UserStartedSpeakingFrame", "UserStoppedSpeakingFrame"} <= set(result["frames"])
+    session = result["session"]
+    assert session["instructions"] == expected_instructions()
+    assert [tool["name"] for tool in session["tools"]] == ["get_weather"]
+    assert session["audio"]["output"]["voice"] == VOICE
+    # Rewritten by the policy: the locked model, and Pipecat's "inf" capped.
+    assert session["audio"]["input"]["transcription"]["model"] == LOCKED_TRANSCRIPTION
+    assert session["max_output_tokens"] == TOKEN_CAP
