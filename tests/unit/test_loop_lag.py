@@ -73,11 +73,13 @@ async def test_a_loop_held_by_work_is_logged_as_busy():
     seen, logged = await _held_up(lambda: _busy(0.2))
     assert seen >= 0.1
     assert logged and logged[0]["log_level"] == "warning"
-    assert logged[0]["cpu_share"] >= 0.5
+    # Not 1.0: on a machine whose cores are shared (a test run beside other work), the
+    # busy loop gets part of a core; a blocked loop (below) gets next to none.
+    assert logged[0]["cpu_share"] >= 0.3
 
 
 async def test_a_loop_held_off_a_cpu_is_logged_as_waiting():
     # The loop blocked without using a CPU: what a descheduled process looks like.
     seen, logged = await _held_up(lambda: time.sleep(0.2))  # blocks the loop: under test
     assert seen >= 0.1
-    assert logged and logged[0]["cpu_share"] <= 0.5
+    assert logged and logged[0]["cpu_share"] <= 0.2
