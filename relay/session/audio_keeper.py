@@ -16,9 +16,11 @@ item a commit became. So the keeper follows the input audio buffer as the upstre
 - A new upstream session starts its own buffer (and VAD clock) at zero: `new_session`.
 
 Rules:
-1. Bounded: at most ``max_seconds`` of audio are held (items and pending buffer); the oldest
-   item's audio is dropped first. An item whose audio was dropped, or was partly shed
-   before it was committed, has no audio here and is replayed as its transcript.
+1. Bounded: at most ``max_seconds`` of audio are held (items and pending buffer), and at
+   most twice its decoded size in memory (what the chunks hold, each with its overhead: a
+   client's tiny or padded appends cannot make seconds cost more); the oldest item's audio
+   is dropped first. An item whose audio was dropped, or was partly shed before it was
+   committed, has no audio here and is replayed as its transcript.
 2. With server VAD on, between utterances only the last few seconds are held (speech is
    reported after it started: the margin covers the report's delay and prefix padding).
 3. Base64 is joined only to replay (`audio_of`): as it came where chunks hold whole 3-byte
@@ -51,6 +53,11 @@ _APPEND_HEADS = (
 )
 _AUDIO_KEYS = (b'"audio":"', b'"audio": "')
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# A frame is kept whole (no copy) when it holds at most this much beside its base64;
+# otherwise its base64 alone is copied out (padding and long ids are not held).
+_FRAME_SLACK = 256
+# What keeping a chunk costs beyond its bytes: the bytes object, its tuple, a deque slot.
+_CHUNK_OVERHEAD = 200
 
 
 # One append's audio: (frame, start, end, at, size): ``frame[start:end]`` is its base64, of
@@ -66,6 +73,7 @@ Piece = tuple[Chunk, int, int]
 class KeptAudio:
     pieces: list[Piece]
     size: int
+    held: int  # memory: its chunks' bytes and overhead
 
 
 @dataclass(slots=True)
@@ -83,12 +91,15 @@ class AudioKeeper:
     # Rule 1's bound, in seconds of the input format in force (`configure` sets the bytes).
     max_seconds: float
     max_bytes: int = field(init=False, default=0)
-    # Kept audio by item id, oldest first.
+    max_held: int = field(init=False, default=0)
+    # Kept audio by item id, oldest first; decoded bytes and memory held.
     items: dict[str, KeptAudio] = field(default_factory=dict)
     kept_bytes: int = 0
+    kept_held: int = 0
     # Appended since the buffer last began, and not shed.
     pending: deque[Chunk] = field(default_factory=deque)
     pending_bytes: int = 0
+    pending_held: int = 0
     # Session-wide positions (decoded bytes): audio appended so far, where the upstream's
     # buffer began, and up to where pending audio was shed (an item starting before it is
     # incomplete).
@@ -104,6 +115,7 @@ class AudioKeeper:
 
     def __post_init__(self) -> None:
         self.max_bytes = int(self.max_seconds * _PCM16_BYTES_PER_SECOND)
+        self.max_held = 2 * self.max_bytes
 
     # --- client side: the pump's hook, after each forward ---------------------------------
 
@@ -126,13 +138,17 @@ class AudioKeeper:
                 return
             frame = audio.encode("ascii", "replace")
             span = (0, len(frame))
+        elif len(frame) - (span[1] - span[0]) > _FRAME_SLACK:
+            frame = frame[span[0] : span[1]]
+            span = (0, len(frame))
         self.pending.append((frame, span[0], span[1], self.position, size))
         self.position += size
         self.pending_bytes += size
+        self.pending_held += len(frame) + _CHUNK_OVERHEAD
         if self.idle_bytes is not None and self.pending_bytes > self.idle_bytes:
             if not self.spans or all(s.start_ms is None for s in self.spans.values()):
                 self._shed_pending(self.idle_bytes)
-        if self.kept_bytes + self.pending_bytes > self.max_bytes:
+        if self._over_bound():
             self._bound()
 
     # --- upstream side: continuity's tracked events ---------------------------------------
@@ -162,6 +178,7 @@ class AudioKeeper:
         rate = audio_bytes_per_second(session, "input") or _PCM16_BYTES_PER_SECOND
         self.bytes_per_ms = rate / 1000
         self.max_bytes = int(self.max_seconds * rate)
+        self.max_held = 2 * self.max_bytes
         self.idle_bytes = int(IDLE_KEEP_SECONDS * rate) if _vad_on(session) else None
 
     def _vad(self, kind: str, item_id: str, event: Mapping[str, Any]) -> None:
@@ -195,8 +212,10 @@ class AudioKeeper:
         if start < self.shed_to or not pieces:
             return  # incomplete (shed before it was committed), or empty
         size = sum(hi - lo for _, lo, hi in pieces)
-        self.items[item_id] = KeptAudio(pieces, size)
+        held = sum(len(chunk[0]) + _CHUNK_OVERHEAD for chunk, _, _ in pieces)
+        self.items[item_id] = KeptAudio(pieces, size, held)
         self.kept_bytes += size
+        self.kept_held += held
         self._bound()
 
     def _cleared(self) -> None:
@@ -230,24 +249,33 @@ class AudioKeeper:
                 break  # the rest of it is the buffer's start
             pending.popleft()
             self.pending_bytes -= size
+            self.pending_held -= len(chunk[0]) + _CHUNK_OVERHEAD
         return pieces
 
     def _shed_pending(self, keep: int) -> None:
-        """Drop the oldest pending chunks until at most ``keep`` bytes are pending."""
+        """Drop the oldest pending chunks until at most ``keep`` bytes are pending, and
+        what they hold is within the memory bound."""
         pending = self.pending
         while pending:
-            _, _, _, at, size = pending[0]
-            if self.pending_bytes - size < keep:
+            frame, _, _, at, size = pending[0]
+            if self.pending_bytes - size < keep and self.pending_held <= self.max_held:
                 break
             pending.popleft()
             self.pending_bytes -= size
+            self.pending_held -= len(frame) + _CHUNK_OVERHEAD
             self.shed_to = at + size
+
+    def _over_bound(self) -> bool:
+        return (
+            self.kept_bytes + self.pending_bytes > self.max_bytes
+            or self.kept_held + self.pending_held > self.max_held
+        )
 
     def _bound(self) -> None:
         """Rule 1: the oldest item's audio goes first, then the oldest pending audio."""
-        while self.items and self.kept_bytes + self.pending_bytes > self.max_bytes:
+        while self.items and self._over_bound():
             self.forget(next(iter(self.items)))
-        if self.pending_bytes > self.max_bytes:
+        if self.pending_bytes > self.max_bytes or self.pending_held > self.max_held:
             self._shed_pending(self.max_bytes)
 
     # --- for continuity ---------------------------------------------------------------------
@@ -256,6 +284,7 @@ class AudioKeeper:
         kept = self.items.pop(item_id, None)
         if kept is not None:
             self.kept_bytes -= kept.size
+            self.kept_held -= kept.held
 
     def new_session(self) -> None:
         """The conversation moved to a new upstream session: its buffer and VAD clock start
@@ -263,7 +292,7 @@ class AudioKeeper:
         self.pending.clear()
         self.asked.clear()
         self.spans.clear()
-        self.pending_bytes = self.position = self.floor = self.shed_to = 0
+        self.pending_bytes = self.pending_held = self.position = self.floor = self.shed_to = 0
 
     def audio_of(self, item_id: str) -> str | None:
         """The item's audio in base64, or None when none is kept (or a chunk of it is not

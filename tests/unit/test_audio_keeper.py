@@ -130,6 +130,38 @@ def test_the_oldest_items_audio_is_dropped_first_when_over_the_bound():
     assert keeper.kept_bytes + keeper.pending_bytes <= keeper.max_bytes
 
 
+def test_padded_appends_hold_their_audio_not_their_padding():
+    """A frame padded with whitespace (or a long event_id) beside a little audio: only the
+    base64 is kept, so the bound in seconds is a bound in memory."""
+    keeper = keeper_for()
+    audio = base64.b64encode(pcm(10, 1)).decode()
+    padded = b'{"type":"input_audio_buffer.append","audio":"%s"%s}' % (
+        audio.encode(),
+        b" " * 1_000_000,
+    )
+    for _ in range(50):
+        append(keeper, b"", padded)
+    held = sum(len(frame) for frame, *_ in keeper.pending)
+    assert held == 50 * len(audio)  # not 50 MB of padding
+    client(keeper, "commit")
+    committed(keeper, "u1")
+    assert kept(keeper, "u1") == pcm(10, 1) * 50
+
+
+def test_tiny_appends_are_bounded_by_what_they_hold_not_only_by_their_seconds():
+    """Appends of 3 bytes each: 60 s of them would be 960,000 chunks. What they hold in
+    memory, overhead included, stays within twice the bound's decoded size."""
+    keeper = keeper_for(seconds=1.0)
+    for _ in range(40_000):
+        append(keeper, b"\x01\x02\x03")
+    assert keeper.pending_bytes < keeper.max_bytes  # seconds alone would keep them all
+    assert keeper.pending_held <= keeper.max_held == 2 * keeper.max_bytes
+    assert keeper.shed_to > 0
+    client(keeper, "commit")
+    committed(keeper, "u1")
+    assert kept(keeper, "u1") is None  # partly shed before its commit: its transcript
+
+
 def test_a_turn_longer_than_the_bound_keeps_no_audio():
     keeper = keeper_for(seconds=0.5)
     for _ in range(8):
