@@ -650,3 +650,102 @@ async def test_kept_audio_is_replayed_on_the_other_backend_after_a_loss(start_re
     finally:
         for simulator in simulators:
             await simulator.close()
+
+
+# --- what a client does around a switch (found by probing as a hostile client) -------------
+
+
+async def test_a_session_update_sent_while_the_renewal_prepares_is_in_force_after_it(
+    start_relay, http
+):
+    """The new upstream is given the session in force when it is prepared; an update the
+    client sends after that goes to the old one. The switch sets the session again, so the
+    client's last update is the one in force (22 of 40 sessions lost it before)."""
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}), speed=0, max_session_seconds=SESSION_SECONDS
+        )
+    )
+    try:
+        relay = await start_relay(continuity_config(simulator.url, renew_before_seconds=3.5))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            sent = 0
+            # A new tag every few milliseconds until a switch (pacing, not a wait).
+            while renewals(relay) < 1:
+                sent += 1
+                update = {"type": "session.update", "session": tagged(sent)}
+                await ws.send_str(orjson.dumps(update).decode())
+                await asyncio.sleep(0.005)  # the client's pace, not a wait for anything
+            for _ in range(sent):
+                await until(ws, "session.updated")
+            # What the new upstream has in force: any update's answer shows all of it.
+            await ws.send_str(
+                orjson.dumps({"type": "session.update", "session": {"type": "realtime"}}).decode()
+            )
+            in_force = await until(ws, "session.updated")
+            assert in_force["session"]["tools"][0]["name"] == f"tool_{sent}"
+    finally:
+        await simulator.close()
+
+
+def tagged(n: int) -> dict[str, Any]:
+    tool = {"type": "function", "name": f"tool_{n}", "parameters": {"type": "object"}}
+    return {"type": "realtime", "tools": [tool]}
+
+
+async def test_a_client_leaving_during_a_resume_leaves_no_session_or_upstream_behind(
+    start_relay, http
+):
+    """The client hangs up as soon as it hears the cut response (what a client that treats
+    a failed response as fatal does), while the relay dials the other backend. The session
+    ends, and the new upstream is closed rather than adopted: before, the session stayed
+    open, holding its slot and an upstream, until that upstream said something."""
+    options = SimulatorOptions(
+        api_keys=frozenset({AZURE_KEY}),
+        speed=1.0,
+        reply_text="Here is a long answer that takes a few seconds to say out loud, slowly.",
+    )
+    simulators = [await start_simulator(options) for _ in range(2)]
+    try:
+        relay = await start_relay(pooled(*simulators))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            await ask(ws, "Say something long.", 0)
+            await until(ws, "response.output_audio.delta")
+            holder = holding_a_session(*simulators)
+            other = next(s for s in simulators if s is not holder)
+            await kill(holder)
+            cut = await until(ws, "response.done")
+            assert cut["response"]["status"] == "failed"
+        await asyncio.wait_for(relay.app[STATE].idle.wait(), 10)
+        assert (
+            renewals(relay, "abandoned", "upstream_lost")
+            + renewals(relay, "resumed", "upstream_lost")
+            <= 1
+        )
+        assert not any(not ws.closed for ws in other._runner.app[SOCKETS_KEY])
+    finally:
+        for simulator in simulators:
+            await simulator.close()
+
+
+async def test_a_clients_error_is_never_taken_for_a_switch_marker(start_relay, http):
+    """Markers carry a random id the client cannot name: an event of the client's whose
+    id looks like one gets its own error, as it would from Azure."""
+    simulator = await start_simulator(SimulatorOptions(api_keys=frozenset({AZURE_KEY}), speed=0))
+    try:
+        relay = await start_relay(continuity_config(simulator.url))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            for event_id in ("relay_switch_1", "relay_switch_mine"):
+                retrieve = {
+                    "type": "conversation.item.retrieve",
+                    "event_id": event_id,
+                    "item_id": event_id,
+                }
+                await ws.send_str(orjson.dumps(retrieve).decode())
+                error = orjson.loads((await ws.receive(timeout=10)).data)
+                assert error["type"] == "error" and error["error"]["event_id"] == event_id
+    finally:
+        await simulator.close()

@@ -197,6 +197,15 @@ class ShadowConversation:
     def in_order(self) -> list[ShadowItem]:
         return [self.items[i] for i in self.order]
 
+    def keep_only(self, present: set[str]) -> list[str]:
+        """Forget the items a new upstream session does not hold; their ids."""
+        gone = [i for i in self.order if i not in present]
+        if gone:
+            self.order = [i for i in self.order if i in present]
+            for item_id in gone:
+                del self.items[item_id]
+        return gone
+
 
 def _keep_transcripts(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """A later report of an item (`.done`) may lack a transcript an earlier event filled in

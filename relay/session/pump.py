@@ -606,7 +606,7 @@ class Bridge:
                     await self._upstream_broke(f"invalid event ({exc.code})")
                     break
                 if renewal is not None and kind == "error" and renewal.is_marker(frame):
-                    await renewal.switch_at_marker()  # the relay's own: not the client's
+                    await renewal.switch_at_marker(frame)  # the relay's own: not the client's
                     continue
                 outs = self._accepted_out(kind, frame)
                 writing = self.writing_out_since = now()

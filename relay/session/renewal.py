@@ -8,10 +8,12 @@ How it works:
   replay's own events never reach the client. The client goes on talking to the old
   upstream meanwhile. A resume that comes first replaces the renewal.
 - The switch: client frames are held (the Bridge's gate) and a marker goes to the old
-  upstream, a `conversation.item.retrieve` of an id that does not exist. Its `error` answer
-  comes after whatever the old upstream did for the client's earlier events. At it the
-  upstream pump calls `switch_at_marker`: if still quiet, items added since the replay are
-  sent, the sockets are swapped and the gate opens; the old upstream is closed with 1000.
+  upstream, a `conversation.item.retrieve` of an id that does not exist (random: a client
+  cannot name it). Its `error` answer (that `event_id`) comes after whatever the old
+  upstream did for the client's earlier events. At it the upstream pump calls
+  `switch_at_marker`: if still quiet, the session in force is set again where the client
+  changed it since the new upstream was prepared, items added since the replay are sent,
+  the sockets are swapped and the gate opens; the old upstream is closed with 1000.
 - A lost upstream (`on_upstream_loss = "resume"`): the upstream pump holds client frames,
   reports the cut response to the client as failed, and dials, sets up and replays a new
   upstream (the pool tries the other backends), then carries on reading it.
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
 # failed and tried last.
 Dial = Callable[[Backend | None], Awaitable[tuple[Backend, UpstreamSocket]]]
 MARKER_PREFIX = b"relay_switch_"
+# Markers sent and not yet answered, at most (a switch given up on leaves its own).
+_MAX_MARKERS = 16
 # Client frames are held at most this long at a switch before it is given up.
 HOLD_SECONDS = 1.0
 # The switch must happen this long before the service's own expiry, or not at all.
@@ -86,6 +90,8 @@ class Prepared:
     upstream: UpstreamSocket
     backend: Backend
     session: dict[str, Any]
+    # The session in force it was given: the client may change it before the switch.
+    source: dict[str, Any]
     plan: ReplayPlan
     # Item ids the new upstream holds (replayed, and created by a switch's delta).
     present: set[str]
@@ -139,12 +145,12 @@ class Renewal:
         self._setup_seconds = setup_seconds
         self._clock = clock
         self._switch: _Switch | None = None
+        self._markers: list[str] = []  # sent, not yet answered
         self._began = clock()  # when the current upstream session was adopted
         self._resuming = False
         # A client's `response.create` sent, its `response.created` not yet seen.
         self._requested = False
         self._settled = asyncio.Event()
-        self._count = 0
         # Upstream sessions this client session moved to (renewed or resumed).
         self.moves = 0
 
@@ -174,16 +180,22 @@ class Renewal:
         self._requested = True
         self.quiet.clear()
 
-    @staticmethod
-    def is_marker(frame: bytes) -> bool:
-        """An `error` answering a switch marker: the relay's own, never the client's."""
-        return MARKER_PREFIX in frame
+    def is_marker(self, frame: bytes) -> bool:
+        """An `error` answering a switch marker: the relay's own, never the client's (its
+        `event_id` is one the relay sent; a client's may look alike, not be the same)."""
+        if MARKER_PREFIX not in frame or not self._markers:
+            return False
+        return _error_event_id(frame) in self._markers
 
-    async def switch_at_marker(self) -> None:
-        """The old upstream answered the marker: swap now if nothing started meanwhile."""
-        switch, self._switch = self._switch, None
-        if switch is None:
+    async def switch_at_marker(self, frame: bytes) -> None:
+        """The old upstream answered a marker: swap now if nothing started meanwhile."""
+        marker = _error_event_id(frame)
+        if marker in self._markers:
+            self._markers.remove(marker)
+        switch = self._switch
+        if switch is None or switch.marker != marker:
             return  # a marker given up on: swallowed all the same
+        self._switch = None
         prepared = switch.prepared
         if prepared.upstream.closed:
             _settle_failed(switch.done, RenewalFailed("switch_failed", "the new upstream closed"))
@@ -196,6 +208,9 @@ class Renewal:
         )
         try:
             async with asyncio.timeout(HOLD_SECONDS / 2):
+                if self.bridge.session is not prepared.source:
+                    # The client changed the session while the new upstream was prepared.
+                    await self._set_session(prepared)
                 await self._replay(prepared.upstream, frames, created)
         except (RenewalFailed, TimeoutError, ConnectionError) as exc:
             _settle_failed(switch.done, RenewalFailed("switch_failed", str(exc)))
@@ -226,6 +241,12 @@ class Renewal:
         finally:
             self._resuming = False
             bridge.gate.set()
+        if bridge.ending is not None:
+            # The client left (or the session ended) while the new upstream was prepared:
+            # nothing would read it, or close it, once adopted.
+            await _close(prepared.upstream, "session ended during resume")
+            self._record("upstream_lost", "abandoned")
+            return False
         self._adopt(prepared)
         self._done("upstream_lost", "resumed", prepared, old_id, time.perf_counter() - began)
         return True
@@ -315,8 +336,9 @@ class Renewal:
 
     async def _switch_over(self, old: UpstreamSocket, prepared: Prepared) -> bool:
         """Hold client frames, send the marker, let the upstream pump swap at its answer."""
-        self._count += 1
-        marker = f"relay_switch_{self._count}"
+        marker = MARKER_PREFIX.decode() + secrets.token_hex(8)
+        self._markers.append(marker)
+        del self._markers[:-_MAX_MARKERS]
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._switch = _Switch(marker, prepared, done)
         self.bridge.gate.clear()
@@ -354,11 +376,12 @@ class Renewal:
             backend, upstream = await self._dial(lost)
         except HttpRefusal as refusal:
             raise RenewalFailed("dial_failed", refusal.code) from refusal
+        source = bridge.session
         try:
             started = await put_in_force(
                 upstream,
                 bridge.policy,
-                session_update(bridge.session, flavour),
+                session_update(source, flavour),
                 setup_seconds=self._setup_seconds,
             )
             async with asyncio.timeout(self._setup_seconds):
@@ -371,7 +394,27 @@ class Renewal:
         except BaseException:
             await _close(upstream, "renewal cancelled")
             raise
-        return Prepared(upstream, backend, started.session, plan, set(plan.item_ids))
+        return Prepared(upstream, backend, started.session, source, plan, set(plan.item_ids))
+
+    async def _set_session(self, prepared: Prepared) -> None:
+        """Put the session in force now on the prepared upstream, and take what it says."""
+        source = self.bridge.session
+        updated = self.bridge.policy.session_event("updated")
+        await prepared.upstream.send_frame(
+            session_update(source, self.settings.flavour), WSMsgType.TEXT
+        )
+        while True:
+            msg = await prepared.upstream.receive()
+            if msg.type is not WSMsgType.TEXT:
+                raise RenewalFailed("switch_failed", f"the new upstream closed ({msg.type.name})")
+            event = orjson.loads(msg.data)
+            if event.get("type") == updated:
+                prepared.session = event.get("session") or prepared.session
+                prepared.source = source
+                return
+            if event.get("type") == "error":
+                error = event.get("error") or {}
+                raise RenewalFailed("switch_failed", str(error.get("message", "")))
 
     async def _replay(
         self, upstream: UpstreamSocket, frames: tuple[bytes, ...] | list[bytes], ids: Any
@@ -406,6 +449,11 @@ class Renewal:
         bridge.session = prepared.session
         bridge.meter.session_changed(prepared.session)
         self._began = self._clock()
+        # What the new upstream does not hold is gone from the conversation: the shadow
+        # forgets it too, so it does not grow across renewals.
+        for item_id in self.shadow.keep_only(prepared.present):
+            if self.keeper is not None:
+                self.keeper.forget(item_id)
         if self.keeper is not None:
             self.keeper.new_session()
         self._backend = prepared.backend
@@ -446,6 +494,15 @@ class Renewal:
             replayed_audio_seconds=round(plan.audio_seconds, 3),
             dropped_items=plan.dropped,
         )
+
+
+def _error_event_id(frame: bytes) -> Any:
+    try:
+        event = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    error = event.get("error") if isinstance(event, dict) else None
+    return error.get("event_id") if isinstance(error, dict) else None
 
 
 def _expires_at(session: dict[str, Any]) -> float | None:

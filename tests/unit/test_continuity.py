@@ -241,6 +241,17 @@ def test_the_oldest_items_are_dropped_first_within_the_budget():
     assert "previous_item_id" not in created_items(plan.frames)[0]
 
 
+def test_a_new_session_keeps_only_what_it_holds_so_the_shadow_does_not_grow():
+    """After a switch, items left out of the replay are gone from the conversation: the
+    shadow forgets them (before, it kept every item across every renewal)."""
+    shadow = shadow_of(*(added(user_text(f"u{i}", "x" * 40)) for i in range(10)))
+    one = estimate_tokens(replay_item(shadow.items["u0"].wire, "ga") or {})
+    plan = plan_replay(shadow, flavour="ga", max_tokens=3 * one + 1, note_id=None)
+    assert shadow.keep_only(set(plan.item_ids)) == [f"u{i}" for i in range(7)]
+    assert shadow.order == ["u7", "u8", "u9"] and list(shadow.items) == shadow.order
+    assert shadow.keep_only(set(plan.item_ids)) == []
+
+
 def test_a_tool_output_goes_with_its_dropped_call():
     call = {"id": "f1", "type": "function_call", "status": "completed", "call_id": "c1",
             "name": "lookup", "arguments": "x" * 400}  # fmt: skip
