@@ -572,6 +572,29 @@ async def test_an_observer_that_cannot_attach_gives_the_slot_back(start_fake, st
     assert fake.requests[-1]["headers"]["api-key"] == AZURE_KEY
 
 
+@pytest.mark.parametrize("status", [400, 404, 409])
+async def test_call_controls_refusal_keeps_its_status_not_a_credential_it_quoted(
+    start_fake, start_relay, http, status
+):
+    """The upstream's refusal of a hangup reaches the caller with its status, code and
+    words, cleaned as every upstream message is (it was passed on byte for byte)."""
+    from tests.test_webrtc import RecordingUpstream
+
+    fake = RecordingUpstream()
+    server = await start_fake(fake.app())
+    relay = await start_relay(calls_config(f"http://127.0.0.1:{server.port}", observe=False))
+    call_id = await place_call(http, relay)
+    fake.status = status
+    quoted = {"code": "call_refused", "message": f"refused: you sent {AZURE_KEY}"}
+    fake.body = orjson.dumps({"error": quoted})
+    url = relay.make_url(f"{CALLS}/{call_id}/hangup")
+    answer_status, _, body = await post(http, url, json={})
+    assert answer_status == status
+    assert body["error"]["code"] == "call_refused"
+    assert AZURE_KEY not in orjson.dumps(body).decode()
+    assert body["error"]["message"].startswith("refused: you sent ")
+
+
 async def test_a_relay_shutdown_stops_observing_and_counts_the_call(simulator, start_relay, http):
     relay = await start_relay(calls_config(simulator.url))
     call_id = await place_call(http, relay)

@@ -47,6 +47,7 @@ from relay.edge.webrtc.requests import (
     parse_minted,
     parse_secret_request,
     parse_session,
+    upstream_rejection,
     upstream_session,
 )
 from relay.edge.webrtc.secret_book import MintedSecret, ProcessSecrets, RedisSecrets, SecretRecords
@@ -355,6 +356,12 @@ async def _control(
     )
     _, answer = await forward(state, live, deployment, [backend], outbound)
     _log.info("call_control", action=action, call_id=call_id, status=answer.status)
+    if answer.status >= 300:
+        # The upstream's refusal with its status, its words cleaned as every upstream
+        # message is: never a credential it may have quoted.
+        rejection = upstream_rejection(answer.body)
+        rejection.status = answer.status
+        return error_response(rejection)
     headers = {}
     if "Content-Type" in answer.headers:
         headers["Content-Type"] = answer.headers["Content-Type"]
