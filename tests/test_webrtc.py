@@ -258,6 +258,16 @@ def test_effective_session_refuses_what_the_websocket_path_refuses(fragment, par
     assert info.value.param == param and info.value.code == "policy_violation"
 
 
+@pytest.mark.parametrize("locked", [["instructions"], []])
+def test_null_instructions_keep_the_teams_prefix(monkeypatch, locked):
+    """On a new session (a secret, a call) null instructions mean the service's default
+    ones: the team's prefix stays in front of them (it was dropped with the defaults')."""
+    monkeypatch.setitem(RULES, "locked", locked)
+    session = effective_session(alpha_policy(), {"instructions": None})
+    expected = PREFIXED if locked else RULES["instructions_prefix"]
+    assert session["instructions"] == expected
+
+
 def test_effective_session_corrects_what_the_websocket_path_corrects():
     session = effective_session(
         alpha_policy(),

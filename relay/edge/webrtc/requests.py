@@ -137,7 +137,12 @@ def effective_session(policy: SessionPolicy, fragment: Mapping[str, Any]) -> dic
         if isinstance(judged, Rewritten):  # corrected to the rules: the secret carries that
             judged = judged.frame
         checked = orjson.loads(judged)["session"]
-    return {"type": "realtime", **merge_session(policy.defaults, checked)}
+    session = merge_session(policy.defaults, checked)
+    if policy.instructions_prefix and not isinstance(session.get("instructions"), str):
+        # A new session's null instructions are the service's default ones: the team's
+        # prefix is still kept in front of whatever the model is told.
+        session["instructions"] = policy.instructions_prefix
+    return {"type": "realtime", **session}
 
 
 def webrtc_url(backend_url: URL, leaf: str, query: Mapping[str, str]) -> URL:
