@@ -203,6 +203,31 @@ def test_a_reported_session_that_breaks_the_policy_is_restored():
     assert orjson.loads(pirate.update)["session"]["instructions"] == PREFIXED
 
 
+@pytest.mark.parametrize("in_force_input", [{"transcription": None}, {}])
+def test_a_locked_field_under_a_table_off_in_force_is_restored_by_turning_the_table_off(
+    in_force_input,
+):
+    """The device turns on transcription with a model of its choosing, where none was in
+    force: the restore turns transcription off again. It sent `{"model": null}` under it,
+    which the service refuses, so the device's model stayed (or none, where the table was
+    absent)."""
+    config = calls_config("http://127.0.0.1:1")
+    policy = build_policy(config.deployments["gpt-realtime"], config.teams["alpha"])
+    in_force = {
+        "type": "realtime",
+        "instructions": PREFIXED,
+        "audio": {"input": in_force_input, "output": {"voice": "alloy"}},
+    }
+    chosen = {"transcription": {"model": "gpt-4o-transcribe"}}
+    reported = {**in_force, "audio": {"input": chosen, "output": {"voice": "alloy"}}}
+    verdict = judge_reported(policy, in_force, reported)
+    assert verdict.violation is not None
+    assert orjson.loads(verdict.update)["session"] == {
+        "type": "realtime",
+        "audio": {"input": {"transcription": None}},
+    }
+
+
 # --- the relay observes the calls it places --------------------------------------------------
 
 

@@ -54,15 +54,29 @@ def judge_reported(
     except PolicyViolation as violation:
         restore: dict[str, Any] = {}
         for path in dict.fromkeys(paths):
-            present, value = get_path(in_force, path)
-            if present and get_path(changed, path)[0]:
-                set_path(restore, path, value)
+            if get_path(changed, path)[0]:
+                set_path(restore, *_in_force_at(in_force, path))
         return Verdict(dict(in_force), _update(policy, restore), violation)
     if judged is frame or not isinstance(judged, bytes):
         return Verdict(reported)
     # The instructions lost the prefix: put it back.
     fixed = orjson.loads(judged)["session"]["instructions"]
     return Verdict(reported, _update(policy, {"instructions": fixed}))
+
+
+def _in_force_at(in_force: Mapping[str, Any], path: str) -> tuple[str, Any]:
+    """Where and what to restore for ``path``: its value in force, or the nearest table on
+    the way that is null or absent there, as null (`transcription: null`, not
+    `transcription: {model: null}`, which the service refuses)."""
+    parts = path.split(".")
+    node: Any = in_force
+    for depth, part in enumerate(parts):
+        if not isinstance(node, Mapping):
+            return ".".join(parts[:depth]), node
+        if part not in node:
+            return ".".join(parts[: depth + 1]), None
+        node = node[part]
+    return path, node
 
 
 def _update(policy: SessionPolicy, session: dict[str, Any]) -> bytes:
