@@ -137,3 +137,79 @@ async def test_an_event_with_no_counterpart_is_answered_not_sent(simulator, star
         # The session goes on.
         await send(ws, {"type": "session.update", "session": {"instructions": "Hi."}})
         assert (await read_until(ws, "session.updated"))[-1]["session"]["instructions"]
+
+
+# --- events a strict parser takes and orjson does not (found by probing as a hostile client) -
+
+BIG = 123456789012345678901234567890  # past 64 bits: json reads it, orjson does not
+DEEP = '{"a":' * 300 + "1" + "}" * 300  # past orjson's 254 levels, within json's
+ODD_EVENTS = {
+    "truncated": '{"type":"session.update","session":{',
+    "lone_surrogate": '{"type":"session.update","session":{"instructions":"\\ud800"}}',
+    "big_integer": (
+        '{"type":"session.update","session":{"tools":[{"type":"function","name":"f",'
+        f'"parameters":{{"type":"object","maximum":{BIG}}}}}]}}}}'
+    ),
+    "deep": (
+        '{"type":"session.update","session":{"instructions":"x","tools":[{"type":"function",'
+        f'"name":"f","parameters":{DEEP}}}]}}}}'
+    ),
+    "response_metadata": (
+        '{"type":"response.create","response":{"instructions":"hello",'
+        f'"metadata":{{"n":{BIG}}}}}}}'
+    ),
+}
+
+
+def read_any_json(data: str) -> dict:
+    """An event as json reads it: the upstream may echo an integer orjson cannot read."""
+    import json  # noqa: TID251 (json's reading is what is under test)
+
+    return json.loads(data)
+
+
+@pytest.mark.parametrize("dialect", ["ga", "preview"])
+@pytest.mark.parametrize("name", list(ODD_EVENTS))
+async def test_an_odd_event_gets_an_answer_and_the_session_goes_on(
+    simulator, start_relay, http, dialect, name
+):
+    """Each was read by the strict parse (or passed unparsed by its prefix), then failed in
+    orjson while being translated or rewritten: the session ended with 1011
+    `relay_internal_error`, an error-level log line and an outcome that alerts operators."""
+    policy = {"instructions_prefix": "Be kind.", "locked": ["audio.input.transcription.model"]}
+    relay = await start_relay(
+        relay_config(
+            simulator.url,
+            deployments={
+                "gpt-realtime": {
+                    "endpoint": simulator.url,
+                    "credential": {"env": "TEST_AZURE_KEY"},
+                    "policy": policy,
+                }
+            },
+        )
+    )
+    path = (
+        "/openai/v1/realtime?model=gpt-realtime"
+        if dialect == "ga"
+        else "/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-realtime"
+    )
+    async with http.ws_connect(
+        f"http://127.0.0.1:{relay.port}{path}", headers={"api-key": ALPHA_KEY}
+    ) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str(ODD_EVENTS[name])
+        after = {"type": "conversation.item.retrieve", "event_id": "after", "item_id": "none"}
+        await send(ws, after)
+        seen = []
+        while True:
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.TEXT, (msg, seen)
+            event = read_any_json(msg.data)
+            seen.append(event)
+            if event["type"] == "error" and event["error"].get("event_id") == "after":
+                break
+        codes = [e["error"]["code"] for e in seen if e["type"] == "error"]
+        assert "relay_internal_error" not in codes, seen
+        if name == "truncated":
+            assert codes[0] == "invalid_json"

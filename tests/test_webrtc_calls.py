@@ -37,6 +37,7 @@ from tests.test_webrtc import (
     PREFIXED,
     RULES,
     SDP,
+    SECRETS,
     mint,
     multipart_parts,
     post,
@@ -435,6 +436,53 @@ async def test_a_secret_with_a_multipart_session_and_a_wrong_deployment(
                 sdp=OFFER, session={"type": "realtime", "model": "other"}
             )
         assert refused.value.body["code"] == "deployment_mismatch"
+
+
+# A tool schema nested past orjson's 254 levels (built as text: orjson cannot write it).
+DEEP = '{"type":"object","properties":{"a":' * 300 + '{"type":"object"}' + "}}" * 300
+
+
+@pytest.mark.parametrize(
+    "session",
+    [
+        '{"type":"realtime","model":"gpt-realtime","tools":[{"type":"function",'
+        f'"name":"f","parameters":{DEEP}}}]}}',
+        {"type": "transcription", "audio": "x"},
+        {"type": "transcription", "audio": {"input": None}},
+        {"type": "transcription", "audio": {"input": {"transcription": 7}}},
+    ],  # fmt: skip
+    ids=["nested_too_deep", "audio_not_a_table", "input_null", "transcription_not_a_table"],
+)
+async def test_an_odd_session_gets_a_400_not_a_500(simulator, start_relay, http, session):
+    """Valid JSON that the relay's session handling did not expect: a 500 and an error-level
+    traceback before."""
+    relay = await start_relay(calls_config(simulator.url, observe=False))
+    raw = session if isinstance(session, str) else orjson.dumps(session).decode()
+    headers = {"Content-Type": "application/json"}
+    data = f'{{"session":{raw}}}'
+    status, _, body = await post(http, relay.make_url(SECRETS), data=data, headers=headers)
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_chunked_multipart_call_is_held_to_the_body_limit(simulator, start_relay, http):
+    """A chunked body announces no length: its parts are measured once read (a 909 KB one
+    went upstream past the 256 KiB limit)."""
+    from relay.edge.webrtc.handlers import MAX_BODY_BYTES
+
+    relay = await start_relay(calls_config(simulator.url, observe=False))
+    padded = OFFER + "a=x-pad:" + "x" * MAX_BODY_BYTES + "\r\n"
+    body = multipart_call(padded.encode(), {"type": "realtime"}, "b0undary")
+
+    async def chunks():
+        for at in range(0, len(body), 65536):
+            yield body[at : at + 65536]
+
+    url = relay.make_url(CALLS).with_query(model="gpt-realtime")
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    status, _, answer = await post(http, url, data=chunks(), headers=headers)
+    assert status == 413, answer
+    assert answer["error"]["code"] == "request_too_large"
 
 
 # --- transcription sessions ------------------------------------------------------------------

@@ -309,6 +309,44 @@ def _decoded_size(encoded: str) -> int:
     return _span_size(data, 0, len(data))
 
 
+def load_json(frame: bytes) -> Any:
+    """JSON as orjson reads it (an integer past 64 bits as the nearest float); what only json
+    takes (a lone surrogate escape, nesting orjson refuses) as json reads it. ValueError when
+    neither can."""
+    try:
+        return orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return json.loads(frame)
+
+
+def dump_json(value: Any) -> bytes:
+    """``value`` as orjson writes it; what orjson cannot write (integers past 64 bits, lone
+    surrogates, nesting past 254) as json does, ASCII-escaped. A client's event the strict
+    parse accepted is always written back; FrameError `invalid_event` only for one past
+    Python's recursion limit."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        try:
+            return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+        except (ValueError, RecursionError) as exc:
+            raise FrameError(
+                "invalid_event", "The event is nested too deeply to be forwarded."
+            ) from exc
+
+
+def load_event(frame: bytes) -> dict[str, Any]:
+    """A client event the relay passed unparsed, parsed now to change it (a translation):
+    by orjson where it can, else strictly; FrameError where it is not a JSON object."""
+    try:
+        event = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return parse_event_strict(frame)
+    if not isinstance(event, dict):
+        raise FrameError("invalid_event", "An event must be a JSON object.")
+    return event
+
+
 def parse_event(frame: bytes) -> dict[str, Any]:
     try:
         event = orjson.loads(frame)

@@ -23,8 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import orjson
-
+from relay.session.codec import dump_json, load_event, load_json
 from relay.session.schema import (
     CONTENT_TO_PREVIEW,
     EVENT_TO_PREVIEW,
@@ -204,13 +203,13 @@ class Translator:
                 return (renamed,)
         elif kind not in self._server:
             return (frame,)
-        event = orjson.loads(frame)
+        event = load_json(frame)
         handler = self._server.get(kind)
         events = handler(event) if handler is not None else [event]
         for translated in events:
             if translated.get("type") == kind and kind in self._names:
                 translated["type"] = self._names[kind]
-        return tuple(orjson.dumps(translated) for translated in events)
+        return tuple(dump_json(translated) for translated in events)
 
     def _server_session(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         session = event.get("session")
@@ -290,14 +289,14 @@ class Translator:
         handler = self._client.get(kind)
         if handler is None:
             return Translation(frame)
-        parsed = event if event is not None else orjson.loads(frame)
+        parsed = event if event is not None else load_event(frame)
         event_id = parsed.get("event_id")
         event_id = event_id if isinstance(event_id, str) else None
         try:
             dropped = handler(parsed)
         except _NoCounterpart as missing:
             return Translation(None, (missing.param,), event_id)
-        return Translation(orjson.dumps(parsed), tuple(dropped), event_id)
+        return Translation(dump_json(parsed), tuple(dropped), event_id)
 
     def _client_session(self, event: dict[str, Any]) -> list[str]:
         session = event.get("session")

@@ -25,7 +25,13 @@ from typing import Any, Literal
 import orjson
 
 from relay.ops.config import DeploymentConfig, PolicyConfig, TeamConfig
-from relay.session.codec import FrameError, base64_size, parse_event_strict, read_client_frame
+from relay.session.codec import (
+    FrameError,
+    base64_size,
+    dump_json,
+    parse_event_strict,
+    read_client_frame,
+)
 from relay.session.event_types import CLIENT_EVENT_TYPES, PREVIEW_CLIENT_EVENT_TYPES
 from relay.session.rules import judge
 from relay.session.schema import (
@@ -259,8 +265,8 @@ class SessionPolicy:
             fragment["instructions"] = with_prefix(self.instructions_prefix, instructions)
             prefixed = fragment["instructions"] != instructions
         if breaches:
-            return Rewritten(orjson.dumps(event), tuple(b.param for b in breaches))
-        return orjson.dumps(event) if prefixed else frame
+            return Rewritten(dump_json(event), tuple(b.param for b in breaches))
+        return dump_json(event) if prefixed else frame
 
 
 def with_prefix(prefix: str, instructions: str) -> str:

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
-import orjson
 import structlog
 from aiohttp import WSMsgType, web
 from aiohttp._websocket.models import WSMessageTextBytes
@@ -52,6 +51,7 @@ from relay.session.codec import (
     ClientFrame,
     FrameError,
     is_utf8,
+    load_json,
     read_client_frame,
     read_large,
     sniff_type,
@@ -693,7 +693,8 @@ class Bridge:
         return translation.frame
 
     def _session_updated(self, frame: bytes) -> None:
-        session = orjson.loads(frame).get("session")
+        event = load_json(frame)
+        session = event.get("session") if isinstance(event, dict) else None
         if isinstance(session, dict):
             self.session = shared_strings.share(session)  # kept: see shared_strings
             self.meter.session_changed(session)
@@ -701,7 +702,8 @@ class Bridge:
     def _upstream_error(self, frame: bytes) -> None:
         """Log and count an upstream `error` event (its message, which may quote the
         client's input, is left out)."""
-        error = orjson.loads(frame).get("error")
+        event = load_json(frame)
+        error = event.get("error") if isinstance(event, dict) else None
         error = error if isinstance(error, dict) else {}
         code, error_type = error.get("code"), error.get("type")
         level = _log.warning if error_type == "server_error" else _log.info

@@ -175,6 +175,7 @@ class Engine:
             return [self.error_event(error, None)]
         client_event_id = event.get("event_id") if isinstance(event, dict) else None
         try:
+            _echoable(data, event)
             return self._dispatch(event)
         except ClientEventError as error:
             echoed = client_event_id if isinstance(client_event_id, str) else None
@@ -429,3 +430,22 @@ class Engine:
         raise ClientEventError(
             "invalid_value", f"{event['type']} is only supported in {where}.", "type"
         )
+
+
+# orjson writes at most this many levels: an event nested deeper could not be echoed.
+_MAX_ECHO_DEPTH = 254
+
+
+def _echoable(data: bytes | str, event: Any) -> None:
+    """Refuse, as the service refuses what it cannot hold, an event nested deeper than the
+    session could report back (it would otherwise fail in every later `session.updated`).
+    Counting brackets bounds the depth from above: only such frames are tried."""
+    raw = data.encode() if isinstance(data, str) else data
+    if raw.count(b"{") + raw.count(b"[") <= _MAX_ECHO_DEPTH:
+        return
+    try:
+        orjson.dumps(event)
+    except orjson.JSONEncodeError as exc:
+        raise ClientEventError(
+            "invalid_value", "The event is nested too deeply; flatten it and try again."
+        ) from exc

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from relay.edge.auth import hash_key
 from relay.ops.config import CredentialConfig, DeploymentConfig, PolicyConfig, TeamConfig
+from relay.session import codec
 from relay.session.codec import FrameError, base64_size, delta_size, sniff_type
 from relay.session.policy import (
     DOCUMENTED_CLIENT_EVENTS,
@@ -672,3 +673,46 @@ def test_a_cap_on_max_output_tokens_becomes_the_default_when_none_is_set():
         deployment(max_values={"max_output_tokens": 1024}), team(session={"max_output_tokens": 500})
     )
     assert chosen.defaults["max_output_tokens"] == 500
+
+
+# --- writing back what the strict parse accepted -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"x","n":123456789012345678901234567890}',
+        '{"type":"x","s":"\\ud800"}',
+        '{"type":"x","deep":' + "[" * 300 + "]" * 300 + "}",
+    ],
+    ids=["integer_past_64_bits", "lone_surrogate", "nested_past_254"],
+)
+def test_what_only_json_reads_is_written_back_as_json_reads_it(text):
+    event = codec.parse_event_strict(text.encode())
+    written = codec.dump_json(event)
+    assert codec.parse_event_strict(written) == event
+    # orjson reads an integer past 64 bits as the nearest float; the rest exactly.
+    assert codec.load_json(written).keys() == codec.load_event(text.encode()).keys() == event.keys()
+
+
+def test_an_event_past_pythons_recursion_limit_is_refused_not_a_crash():
+    with pytest.raises(codec.FrameError) as info:
+        codec.dump_json({"deep": nested(5_000)})
+    assert info.value.code == "invalid_event"
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [(b'{"type":"session.update","session":{', "invalid_json"), (b"[1]", "invalid_event")],
+)
+def test_an_unparsed_frame_parsed_to_be_changed_is_refused_cleanly(frame, code):
+    with pytest.raises(codec.FrameError) as info:
+        codec.load_event(frame)
+    assert info.value.code == code

@@ -374,11 +374,17 @@ async def _read_call(request: web.Request) -> tuple[bytes, SessionRequest | None
         return await _read_offer(request), None
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ClientRefused(413, "request_too_large", f"The body exceeds {MAX_BODY_BYTES} bytes.")
+    too_large = ClientRefused(413, "request_too_large", f"The body exceeds {MAX_BODY_BYTES} bytes.")
     try:
         async with _body_deadline(request):
             form = await request.post()
+    except web.HTTPRequestEntityTooLarge as exc:  # aiohttp's own cap, for chunked bodies
+        raise too_large from exc
     except (ValueError, web.HTTPException) as exc:
         raise RequestRejected("invalid_body", "The multipart body could not be read.") from exc
+    # A chunked body announces no length: its parts are measured once read.
+    if sum(len(_form_bytes(value) or b"") for value in form.values()) > MAX_BODY_BYTES:
+        raise too_large
     offer = _form_bytes(form.get("sdp"))
     if not offer or not offer.strip():
         raise RequestRejected("missing_offer", "The multipart body has no sdp part.", "sdp")

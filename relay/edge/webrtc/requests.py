@@ -13,7 +13,7 @@ from yarl import URL
 from relay.errors import RequestRejected, UpstreamRefused
 from relay.ops.redaction import SECRETS
 from relay.session.policy import PolicyViolation, Rewritten, SessionPolicy
-from relay.session.schema import get_path, merge_session, set_path
+from relay.session.schema import merge_session, set_path
 from relay.session.transcription import GA_MODEL_PATH as TRANSCRIPTION_MODEL
 
 DEFAULT_SECRET_SECONDS = 600  # the service's default
@@ -69,6 +69,12 @@ def parse_session(session: Any, query_model: str | None) -> SessionRequest:
     its transcription model (the relay's name for the transcription deployment)."""
     if not isinstance(session, dict):
         raise RequestRejected("invalid_type", "session must be an object.", "session")
+    try:
+        orjson.dumps(session)  # what the relay sends on must be written back
+    except orjson.JSONEncodeError as exc:
+        raise RequestRejected(
+            "invalid_value", "The session is nested too deeply; flatten it.", "session"
+        ) from exc
     kind = session.get("type", "realtime")
     if kind not in ("realtime", "transcription"):
         raise RequestRejected(
@@ -80,8 +86,9 @@ def parse_session(session: Any, query_model: str | None) -> SessionRequest:
     param = f"session.{TRANSCRIPTION_MODEL if transcription else 'model'}"
     fragment = {k: v for k, v in session.items() if k not in ("type", "model")}
     if transcription:
-        present, model = get_path(fragment, TRANSCRIPTION_MODEL)
-        if present:
+        table = _transcription_of(fragment)
+        model = table.get("model") if table is not None else None
+        if table is not None and "model" in table:
             fragment = merge_session(fragment, {})
             del fragment["audio"]["input"]["transcription"]["model"]
     else:
@@ -95,6 +102,15 @@ def parse_session(session: Any, query_model: str | None) -> SessionRequest:
             param,
         )
     return SessionRequest(model or query_model or None, fragment, transcription)
+
+
+def _transcription_of(fragment: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """``audio.input.transcription`` where each level is a table (else the upstream judges
+    the shape, as it would without the relay)."""
+    node: Any = fragment
+    for part in ("audio", "input", "transcription"):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
 
 
 def _requested_seconds(raw: Any) -> int:
