@@ -60,7 +60,7 @@ class LiveConfig:
 
     def client_address(self, request: web.BaseRequest) -> str:
         return client_address(
-            request.remote, request.headers.get("X-Forwarded-For", ""), self.trusted_proxies
+            request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted_proxies
         )
 
 

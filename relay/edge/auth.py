@@ -25,8 +25,10 @@ Owner = TypeVar("Owner")
 
 
 def hash_key(key: str) -> str:
-    """The form a relay key is stored in: ``sha256:<hex>``."""
-    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """The form a relay key is stored in: ``sha256:<hex>``. A presented key's bytes that
+    are not UTF-8 (aiohttp keeps them as surrogate escapes) are hashed as they came: no
+    key matches them, so they are a wrong key, counted by the brake (not a 500)."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_key() -> str:
@@ -90,14 +92,24 @@ def offered_subprotocols(header: str) -> list[str]:
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def client_address(peer: str | None, forwarded_for: str, trusted: Sequence[Network]) -> str:
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]
+) -> str:
     """The client's address: the peer, or, when the peer is a trusted proxy, the nearest
-    address in X-Forwarded-For that is not a trusted proxy (the rightmost untrusted hop)."""
+    address in X-Forwarded-For (every line of it, in order: a proxy may add its own line
+    after the client's) that is not a trusted proxy (the rightmost untrusted hop). A hop
+    that is not an address ends the search at the peer: nothing left of it can be believed,
+    and a client must not pick the brake's key (or its size)."""
     if not peer or not trusted or not _is_trusted(peer, trusted):
         return peer or "unknown"
-    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
-        if not _is_trusted(hop, trusted):
-            return hop
+    hops = [hop.strip() for line in forwarded_for for hop in line.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer
+        if not any(address in network for network in trusted):
+            return str(address)
     return peer
 
 

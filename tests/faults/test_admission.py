@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
+import structlog
 
 from relay.edge.admission import AuthThrottle, MemoryAdmission, TokenBucket
 from relay.edge.auth import hash_key
@@ -235,3 +238,35 @@ async def test_beta_key_cannot_use_alpha_deployment_even_with_capacity(
         403,
         "deployment_not_allowed",
     )
+
+
+async def test_a_key_that_is_not_utf8_is_a_wrong_key_counted_by_the_brake(simulator, start_relay):
+    """A key's bytes that are not UTF-8 got a 500 and an error-level traceback, and were
+    never counted: any client could flood the log. Now a 401 like any wrong key."""
+    relay = await start_relay(relay_config(simulator.url, limits={"auth_failures_allowed": 3}))
+    head = (
+        b"GET /openai/v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: relay\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\napi-key: rk-\xff\xfe-guess\r\n\r\n"
+    )
+
+    async def answer() -> tuple[int, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        try:
+            writer.write(head)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            body = orjson.loads(await reader.readexactly(length))
+            return int(status_line.split()[1]), body["error"]["code"]
+        finally:
+            writer.close()
+
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            assert await answer() == (401, "invalid_api_key")
+        assert await answer() == (429, "too_many_auth_failures")
+    assert not [e for e in logs if e["log_level"] == "error"]

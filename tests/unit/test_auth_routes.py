@@ -101,12 +101,19 @@ def test_client_address_behind_trusted_proxies():
 
     proxies = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")]
     # Not behind a trusted proxy: the peer, whatever the header claims.
-    assert client_address("203.0.113.9", "1.2.3.4", proxies) == "203.0.113.9"
+    assert client_address("203.0.113.9", ["1.2.3.4"], proxies) == "203.0.113.9"
     # Behind two trusted hops: the rightmost untrusted address (spoofed left parts ignored).
-    assert client_address("127.0.0.1", "6.6.6.6, 198.51.100.7, 10.1.2.3", proxies) == "198.51.100.7"
-    assert client_address("10.0.0.5", "", proxies) == "10.0.0.5"
-    assert client_address("10.0.0.5", "not-an-ip", proxies) == "not-an-ip"
-    assert client_address(None, "", []) == "unknown"
+    hops = ["6.6.6.6, 198.51.100.7, 10.1.2.3"]
+    assert client_address("127.0.0.1", hops, proxies) == "198.51.100.7"
+    # A proxy that adds its own line (HAProxy's option forwardfor): the lines in order, so a
+    # line the client sent first is still left of the proxy's.
+    assert client_address("127.0.0.1", ["6.6.6.6", "198.51.100.7"], proxies) == "198.51.100.7"
+    assert client_address("10.0.0.5", [], proxies) == "10.0.0.5"
+    # Not an address: the search ends at the peer (a client must not pick the brake's key).
+    assert client_address("10.0.0.5", ["not-an-ip"], proxies) == "10.0.0.5"
+    assert client_address("10.0.0.5", ["1.2.3.4, " + "x" * 16_000], proxies) == "10.0.0.5"
+    assert client_address("10.0.0.5", ["2001:DB8::1"], proxies) == "2001:db8::1"
+    assert client_address(None, [], []) == "unknown"
 
 
 @pytest.mark.parametrize(
