@@ -319,7 +319,9 @@ def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolic
         locked = tuple(preview_path(p) for p in locked)
         allowed_values = {preview_path(p): v for p, v in allowed_values.items()}
         max_values = {preview_path(p): v for p, v in max_values.items()}
-        if rules.allowed_events is None:
+        if rules.allowed_events is None and transcribing:
+            # Only a transcription session takes it (its `update_event`, judged as such);
+            # on a realtime session it would go unjudged.
             allowed_events |= PREVIEW_CLIENT_EVENT_TYPES
     elif defaults or transcribing:
         defaults.setdefault("type", "transcription" if transcribing else "realtime")  # required

@@ -167,10 +167,14 @@ def test_preview_dialect_of_the_same_policy():
     }
     assert policy.locked == ("voice", "input_audio_transcription.model")
     assert policy.max_values == {"max_response_output_tokens": 100}
-    assert "transcription_session.update" in policy.allowed_events
     assert violation(policy, {"type": "session.update", "session": {"voice": "echo"}}).param == (
         "session.voice"
     )
+    # A realtime session does not take transcription_session.update: the relay would not
+    # judge it (only a transcription session's policy does).
+    locked_off = {"input_audio_transcription": {"model": "evil"}}
+    refused = violation(policy, {"type": "transcription_session.update", "session": locked_off})
+    assert refused.param == "type"
 
 
 def test_to_preview_session_modalities_and_formats():
