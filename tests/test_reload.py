@@ -18,7 +18,15 @@ from relay.edge.auth import hash_key
 from relay.live import apply_config, reload
 from relay.ops.check import ConfigSource
 from relay.state import RELOAD, STATE
-from tests.helpers import ALPHA_KEY, BETA_KEY, ENVIRON, read_until, relay_config
+from tests.helpers import (
+    ALPHA_KEY,
+    BETA_KEY,
+    ENVIRON,
+    FakeUpstream,
+    echo,
+    read_until,
+    relay_config,
+)
 
 NEW_KEY = "rk-alpha-new-0000"
 ADMIN_KEY = "rk-admin-0000"
@@ -80,6 +88,34 @@ async def test_a_new_key_works_and_a_removed_keys_session_ends(simulator, start_
     assert registry.get_sample_value("relay_sessions_total", ended) == 1
     for ws in (kept, fresh):
         await ws.close()
+
+
+async def test_a_session_set_up_across_the_reload_that_removes_its_key_ends(
+    start_fake, start_relay, http
+):
+    """The key is removed while the session is being set up (its upstream has not started
+    it yet): the reload's revocation did not know it, and it went on for its whole life."""
+    reloaded = asyncio.Event()
+    dialled = asyncio.Event()
+
+    async def slow_start(ws, fake: FakeUpstream) -> None:
+        dialled.set()
+        await reloaded.wait()  # the upstream starts the session only after the reload
+        await echo(ws, fake)
+
+    upstream = await start_fake(FakeUpstream(script=slow_start).app())
+    endpoint = f"http://127.0.0.1:{upstream.port}"
+    relay = await start_relay(relay_config(endpoint))
+    connecting = asyncio.ensure_future(http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}))
+    await dialled.wait()
+    result = await apply_config(relay.app[STATE], with_alpha_keys(endpoint, NEW_KEY), ENVIRON)
+    assert (result.outcome, result.sessions_revoked) == ("applied", 0)  # not known yet
+    reloaded.set()
+    doomed = await connecting
+    events = await asyncio.wait_for(read_until(doomed, "error"), 10)
+    assert events[-1]["error"]["code"] == "key_revoked"
+    closed = await doomed.receive()
+    assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1008)
 
 
 async def test_a_bad_file_changes_nothing(simulator, start_relay, http, tmp_path: Path):

@@ -26,6 +26,7 @@ from relay.edge.connection import ClientSocket
 from relay.edge.responses import error_response, error_type
 from relay.edge.routes import RealtimeRequest, parse_realtime_request, resolve_deployment
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRefused
+from relay.live import revoke_sessions
 from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.exposition import exposition
 from relay.ops.logsetup import describe_error, redact_url
@@ -384,6 +385,10 @@ async def _serve(
             setup_seconds=live.config.upstream.connect_timeout_seconds,
         )
     state.track(bridge, admitted.opened_by)
+    if state.live is not live:
+        # A reload came while this session was set up, and revoked the sessions it knew:
+        # this one was not among them yet.
+        await revoke_sessions(state, state.live)
     setup_seconds = time.perf_counter() - began
     series = metrics.series(*labels, admitted.backend.name)
     series.session_setup.observe(setup_seconds)
