@@ -250,3 +250,44 @@ async def test_redis_down_keeps_the_spend_for_later(tmp_path):
     assert [e["event"] for e in logs] == ["spend_sync_failed"]
     assert book.spent("a").day == pytest.approx(0.75)
     await book.client.aclose()
+
+
+@pytest.mark.parametrize("leaving", ["close", "vanish"])
+async def test_a_client_that_hangs_up_mid_response_is_billed_for_it(start_relay, http, leaving):
+    """The upstream bills a response cut short by the client's leaving. The relay cancels it
+    and reads on to its `response.done` (nothing sent on), so the usage reaches the meter,
+    the team's spend and its budget; before, a client that hung up during every answer
+    spent without a trace."""
+    from relay.simulator import SimulatorOptions, start_simulator
+    from tests.helpers import AZURE_KEY
+
+    options = SimulatorOptions(
+        api_keys=frozenset({AZURE_KEY}),
+        speed=1.0,
+        reply_text="Here is a long answer that takes a few seconds to say out loud, slowly.",
+    )
+    simulator = await start_simulator(options)
+    try:
+        relay = await start_relay(budget_config(simulator.url, max_usd_per_day=1e9))
+        state = relay.app[STATE]
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            ws = await http.ws_connect(relay.make_url(URL), headers={"api-key": ALPHA_KEY})
+            await read_until(ws, "session.created")
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text",
+                                                                    "text": "Talk."}]}  # fmt: skip
+            await ws.send_str(
+                orjson.dumps({"type": "conversation.item.create", "item": item}).decode()
+            )
+            await ws.send_str('{"type": "response.create"}')
+            await read_until(ws, "response.output_audio.delta")
+            if leaving == "close":
+                await ws.close()
+            else:
+                ws._response.connection.transport.abort()  # gone without a close frame
+            await state.idle.wait()
+        (ended,) = [e for e in logs if e["event"] == "session_ended"]
+        assert ended["responses"] == 1 and ended["tokens"]["output_audio"] > 0
+        assert ended["cost_usd"] > 0
+        assert not [e for e in logs if e["event"] == "response_unsettled"]
+    finally:
+        await simulator.close()

@@ -141,7 +141,7 @@ class Bridge:
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
         "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
-        "__weakref__",
+        "settling", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -200,6 +200,9 @@ class Bridge:
         self.writing_out_since: float | None = None
         # Set while no response is being generated: what a graceful drain waits for.
         self.between_responses = Flag(True)
+        # The client left mid-response: the upstream is read on (nothing sent) until the
+        # response's `response.done`, with the usage the team is billed for, is metered.
+        self.settling: asyncio.Event | None = None
         self.violations = 0
         self.throttled = False
         # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
@@ -288,6 +291,8 @@ class Bridge:
         if self.ending is not None:
             return False
         self.ending = ending
+        if ending.side == "client" and not self.between_responses.is_set():
+            self.settling = asyncio.Event()
         self.between_responses.set()  # nothing is in progress any more: a drain need not wait
         self._disarm()
         return True
@@ -499,7 +504,20 @@ class Bridge:
                 reason = _describe_error(msg.type, msg.data)
                 self._end(Ending("client", code, reason, clean=False, cause=cause))
                 break
+        if self.settling is not None:
+            await self._settle(self.settling)
         await self._close_upstream()
+
+    async def _settle(self, settling: asyncio.Event) -> None:
+        """The client left mid-response: cancel the response and wait, at most
+        ``close_timeout``, for its `response.done`, whose usage the upstream bills (a client
+        that hangs up during every answer would otherwise spend unseen by its budget)."""
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await frames.send_text(self.upstream, _CANCEL)
+                await settling.wait()
+        except (TimeoutError, ConnectionError):
+            _log.info("response_unsettled")
 
     def _accepted_out(self, kind: str, frame: bytes) -> Sequence[bytes]:
         """An upstream event the client will get: metered and tracked; the frames to send."""
@@ -609,12 +627,19 @@ class Bridge:
                     await renewal.switch_at_marker(frame)  # the relay's own: not the client's
                     continue
                 outs = self._accepted_out(kind, frame)
+                settling = self.settling
+                if settling is not None:
+                    if kind == "response.done":
+                        settling.set()
+                    continue  # the client is gone: metered, not sent
                 writing = self.writing_out_since = now()
                 try:
                     for out in outs:
                         await client.send_frame(out, WSMsgType.TEXT)
                 except ConnectionError:
-                    break  # the client pump sees why
+                    if self.ending is not None and self.settling is None:
+                        break  # the client pump sees why
+                    continue  # the client is going: read on while the client pump decides
                 written = now()
                 self.writing_out_since = None
                 meter.forwarded("out", written - arrived, written - writing)
@@ -644,6 +669,8 @@ class Bridge:
                 break
         if renewal is not None:
             renewal.notify()  # a client pump waiting for a new upstream gives up
+        if self.settling is not None:
+            self.settling.set()  # nothing more will come
         await self._close_client()
 
     async def _resumed(self, kind: WSMsgType, data: object, renewal: Renewal) -> bool:
@@ -894,6 +921,9 @@ class Bridge:
         await asyncio.gather(self._close_client(), self._close_upstream(), return_exceptions=True)
         frames.forget_error(self.client)
         frames.forget_error(self.upstream)
+
+
+_CANCEL = b'{"type":"response.cancel","event_id":"relay_settle"}'
 
 
 def _rate_limited(rate: float, burst: float) -> PolicyViolation:
