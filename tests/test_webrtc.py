@@ -387,6 +387,19 @@ def test_secret_book_forgets_expired_and_oldest_secrets():
     assert book.find("ek_1") is None and book.find("ek_2") is not None  # expired, purged
 
 
+def test_a_team_minting_by_the_thousand_evicts_its_own_secrets_not_anothers():
+    """The book is shared by every team: full, it forgets the oldest secret of the team
+    holding the most. Before, one team's 100,001 mints evicted another team's live secret,
+    which was then refused as unknown (401)."""
+    book = SecretBook(max_entries=100, clock=lambda: 1000.0)
+    book.remember("ek_beta", MintedSecret("beta", "d", "b", 2000.0))
+    for i in range(1000):
+        book.remember(f"ek_alpha_{i}", MintedSecret("alpha", "d", "b", 2000.0))
+    assert len(book) == 100
+    assert book.find("ek_beta") is not None
+    assert book.find("ek_alpha_999") is not None and book.find("ek_alpha_0") is None
+
+
 def test_webrtc_url_is_https_on_the_backends_host():
     ws = URL("wss://res.openai.azure.com/openai/v1/realtime?model=dep")
     assert str(webrtc_url(ws, "calls", {"model": "dep"})) == (

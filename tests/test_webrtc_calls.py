@@ -167,6 +167,15 @@ async def test_the_process_call_book_forgets_calls_after_two_hours():
     assert await book.find("rtc_1") is None
 
 
+async def test_a_team_placing_calls_by_the_thousand_evicts_its_own_not_anothers():
+    book = ProcessCalls(max_entries=100, clock=lambda: 0.0)
+    await book.remember("rtc_beta", PlacedCall("beta", "gpt-realtime", "default", True))
+    for i in range(1000):
+        await book.remember(f"rtc_{i}", PlacedCall("alpha", "gpt-realtime", "default", True))
+    assert (await book.find("rtc_beta")).team == "beta"
+    assert await book.find("rtc_0") is None and await book.find("rtc_999") is not None
+
+
 def test_multipart_call_and_upstream_session():
     body = multipart_call(b"v=0\r\n", {"type": "realtime"}, "b0undary")
     assert multipart_parts("multipart/form-data; boundary=b0undary", body) == {

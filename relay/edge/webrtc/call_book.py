@@ -6,7 +6,6 @@ admission state lives there (then any relay process or host can serve them)."""
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,6 +13,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from relay.edge.webrtc.redis_records import RedisRecords
+from relay.edge.webrtc.team_book import TeamBook
 
 # A call lasts at most the service's session limit (60 minutes); its record a while longer.
 CALL_KEPT_SECONDS = 2 * 3600
@@ -44,23 +44,28 @@ class CallRecords(Protocol):
 
 @dataclass(slots=True)
 class ProcessCalls:
-    """Calls this process placed in the last two hours; at most ``max_entries``."""
+    """Calls this process placed in the last two hours; at most ``max_entries`` (full, the
+    oldest of the team holding the most is forgotten: `TeamBook`)."""
 
     max_entries: int = 100_000
     clock: Callable[[], float] = time.monotonic
-    _entries: OrderedDict[str, tuple[float, PlacedCall]] = field(default_factory=OrderedDict)
+    _entries: TeamBook[str, tuple[float, PlacedCall]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._entries = TeamBook(self.max_entries, _team_of)
 
     async def remember(self, call_id: str, call: PlacedCall) -> None:
         now = self.clock()
-        while self._entries and next(iter(self._entries.values()))[0] <= now:
-            self._entries.popitem(last=False)
-        self._entries[call_id] = (now + CALL_KEPT_SECONDS, call)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.drop_oldest_while(lambda entry: entry[0] <= now)
+        self._entries.put(call_id, (now + CALL_KEPT_SECONDS, call))
 
     async def find(self, call_id: str) -> PlacedCall | None:
         entry = self._entries.get(call_id)
         return entry[1] if entry is not None and entry[0] > self.clock() else None
+
+
+def _team_of(entry: tuple[float, PlacedCall]) -> str:
+    return entry[1].team
 
 
 @dataclass(slots=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,6 +13,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from relay.edge.webrtc.redis_records import RedisRecords
+from relay.edge.webrtc.team_book import TeamBook
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,20 +27,20 @@ class MintedSecret:
 @dataclass(slots=True)
 class SecretBook:
     """Secrets this process minted, by SHA-256, until they expire; at most `max_entries`
-    (the oldest forgotten first). `clock` is wall time, like the service's ``expires_at``."""
+    (full, the oldest of the team holding the most is forgotten: `TeamBook`). `clock` is
+    wall time, like the service's ``expires_at``."""
 
     max_entries: int = 100_000
     clock: Callable[[], float] = time.time
-    _entries: OrderedDict[bytes, MintedSecret] = field(default_factory=OrderedDict)
+    _entries: TeamBook[bytes, MintedSecret] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._entries = TeamBook(self.max_entries, _team_of)
 
     def remember(self, secret: str, minted: MintedSecret) -> None:
         now = self.clock()
-        # Lifetimes are capped, so expired entries gather at the front.
-        while self._entries and next(iter(self._entries.values())).expires_at <= now:
-            self._entries.popitem(last=False)
-        self._entries[_digest(secret)] = minted
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.drop_oldest_while(lambda known: known.expires_at <= now)
+        self._entries.put(_digest(secret), minted)
 
     def find(self, secret: str) -> MintedSecret | None:
         """The record of a secret this process minted, expired or not; None if unknown."""
@@ -48,6 +48,10 @@ class SecretBook:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _team_of(minted: MintedSecret) -> str:
+    return minted.team
 
 
 def _digest(secret: str) -> bytes:
