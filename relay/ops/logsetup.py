@@ -128,13 +128,20 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     # plain JSON value (containers, objects whose repr would be rendered) is walked.
     text = "\n".join(v for v in event_dict.values() if type(v) is str)
     if SECRETS.suspect(text):
-        return {key: clean(value) for key, value in event_dict.items()}
+        return {
+            key: value if key in _OWN_FIELDS else clean(value)
+            for key, value in event_dict.items()
+        }
     return {
         key: value if type(value) in _PLAIN else clean(value) for key, value in event_dict.items()
     }
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
+# Fields the relay fills itself, never with a secret: not cleaned, so a client presenting its
+# own address as its "key" cannot have it hidden from the lines about its guesses. (`event`
+# is not one: a stdlib logger's message lands there.)
+_OWN_FIELDS = frozenset({"level", "log_level", "logger", "timestamp", "peer", "session_id"})
 
 
 def _dumps_text(value: Any, **kwargs: Any) -> str:

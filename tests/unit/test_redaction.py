@@ -97,6 +97,21 @@ def test_the_log_processor_cleans_every_value_and_leaves_plain_lines_alone():
     assert line == {"event": f"GET /?token={REDACTED}", "code": 7}
 
 
+async def test_a_presented_key_cannot_hide_the_presenters_address():
+    """A request's presented key is cleaned out of its lines; a client that presents its
+    own address as the key must not hide it from the lines about its guesses."""
+    from relay.ops.logsetup import SECRETS
+
+    async def request() -> dict:
+        SECRETS.in_this_request("203.0.113.77")
+        line = {"event": "session_refused", "peer": "203.0.113.77", "note": "203.0.113.77"}
+        return redact_secrets(None, "warning", line)
+
+    async with asyncio.TaskGroup() as tasks:
+        task = tasks.create_task(request())
+    assert task.result() == {"event": "session_refused", "peer": "203.0.113.77", "note": REDACTED}
+
+
 def test_a_handshake_error_is_described_by_class_and_status_only():
     info = aiohttp.RequestInfo(
         URL("wss://azure/openai/v1/realtime"),
