@@ -213,3 +213,27 @@ async def test_an_odd_event_gets_an_answer_and_the_session_goes_on(
         assert "relay_internal_error" not in codes, seen
         if name == "truncated":
             assert codes[0] == "invalid_json"
+
+
+async def test_a_translated_event_too_complex_to_parse_is_refused_and_the_session_goes_on(
+    simulator, start_relay, http
+):
+    """A preview client's large item is translated, which parses it on the event loop: one
+    of 30 MiB of tiny parts held every session of the process for 1.2 s. The scan counts
+    its values off the loop, and past MAX_PARSED_VALUES the event is refused."""
+    from relay.session.codec import MAX_PARSED_VALUES
+
+    relay = await start_relay(relay_config(simulator.url))
+    path = "/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-realtime"
+    async with http.ws_connect(
+        f"http://127.0.0.1:{relay.port}{path}", headers={"api-key": ALPHA_KEY}, max_msg_size=0
+    ) as ws:
+        await read_until(ws, "session.created")
+        part = {"type": "input_text", "text": "a"}
+        item = {"type": "message", "role": "user", "content": [part] * MAX_PARSED_VALUES}
+        await send(ws, {"type": "conversation.item.create", "event_id": "big", "item": item})
+        error = (await read_until(ws, "error"))[-1]["error"]
+        assert (error["code"], error["event_id"]) == ("event_too_complex", "big")
+        item["content"] = [part]
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        await read_until(ws, "conversation.item.created")

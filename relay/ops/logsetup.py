@@ -129,8 +129,7 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     text = "\n".join(v for v in event_dict.values() if type(v) is str)
     if SECRETS.suspect(text):
         return {
-            key: value if key in _OWN_FIELDS else clean(value)
-            for key, value in event_dict.items()
+            key: value if key in _OWN_FIELDS else clean(value) for key, value in event_dict.items()
         }
     return {
         key: value if type(value) in _PLAIN else clean(value) for key, value in event_dict.items()

@@ -908,7 +908,8 @@ static PyTypeObject SplitterType = {
  * verdict on corpora and random bytes. This walks the JSON without building it, with the GIL
  * released, so a large event is judged in a thread while the event loop goes on. What it
  * answers: invalid (at a byte), a duplicate key (which), not an object, too deep for it (the
- * caller parses), or valid, with the raw spans of the top-level `type` and `audio` values.
+ * caller parses), or valid, with the raw spans of the top-level `type` and `audio` values
+ * and how many values it holds (what a parse of it would build).
  * Keys are compared decoded, as Python compares the str keys json makes: escapes written
  * out as UTF-8 (a \u surrogate pair joined; a lone surrogate as its three bytes, which no
  * valid UTF-8 holds, so it equals only itself), the rest as it is. Decoded keys are never
@@ -938,6 +939,7 @@ typedef struct {
     unsigned char *duplicate;  /* a copy of the duplicate key, for the message */
     Py_ssize_t duplicate_len;
     Py_ssize_t type_start, type_end, audio_start, audio_end; /* raw spans, quotes included */
+    Py_ssize_t values;         /* every value: objects, arrays, strings, numbers, literals */
 } Scan;
 
 static int scan_value(Scan *s);
@@ -1298,6 +1300,7 @@ scan_value(Scan *s)
 {
     if (s->pos >= s->n)
         return scan_fail(s, SCAN_INVALID);
+    s->values++;
     unsigned char c = s->p[s->pos];
     if (c == '{' || c == '[') {
         if (++s->depth > SCAN_MAX_DEPTH)
@@ -1418,8 +1421,8 @@ scan_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else if (s.status == SCAN_INVALID)
         result = Py_BuildValue("(in)", s.status, s.pos);
     else
-        result = Py_BuildValue("(innnn)", s.status, s.type_start, s.type_end, s.audio_start,
-                               s.audio_end);
+        result = Py_BuildValue("(innnnn)", s.status, s.type_start, s.type_end, s.audio_start,
+                               s.audio_end, s.values);
     PyMem_RawFree(s.points);
     PyMem_RawFree(s.keys);
     PyMem_RawFree(s.duplicate);

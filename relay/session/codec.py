@@ -121,6 +121,10 @@ def read_unparsed(frame: bytes) -> tuple[str, int] | None:
 
 # Nesting the scan follows; a deeper event is refused (stdlib json gives up near 1,000).
 SCAN_MAX_DEPTH = 512
+# A large event that must be parsed (the policy reads it, or it is translated) holds at most
+# this many values: its parse, which holds the event loop, stays near 10 ms. Real events
+# hold hundreds (a session with tools); a crafted 30 MiB one, millions (1.2 s held).
+MAX_PARSED_VALUES = 100_000
 
 
 def read_large(frame: bytes, parses: Callable[[str], bool]) -> ClientFrame:
@@ -136,9 +140,16 @@ def read_large(frame: bytes, parses: Callable[[str], bool]) -> ClientFrame:
         return unparsed[0], None, unparsed[1]
     if scan_event is None:  # pragma: no cover (built here)
         return read_parsed(frame)
-    kind, audio = read_scanned(frame)
+    kind, audio, values = _scan(frame)
     if not parses(kind):
         return kind, None, audio
+    if values > MAX_PARSED_VALUES:
+        raise FrameError(
+            "event_too_complex",
+            f"The event holds {values:,} JSON values; the relay reads at most "
+            f"{MAX_PARSED_VALUES:,} in an event its rules (or a translation) must read. "
+            "Send fewer, larger values.",
+        )
     try:
         event = orjson.loads(frame)  # valid and without duplicates: the same dict as json's
     except orjson.JSONDecodeError:  # what only json takes: integers past 64 bits, surrogates
@@ -149,6 +160,12 @@ def read_large(frame: bytes, parses: Callable[[str], bool]) -> ClientFrame:
 def read_scanned(frame: bytes) -> tuple[str, int]:
     """The type and an append's audio size, by `_accel.scan_event`; FrameError as
     `read_parsed` would raise it (its messages say less: no line and column)."""
+    kind, audio, _ = _scan(frame)
+    return kind, audio
+
+
+def _scan(frame: bytes) -> tuple[str, int, int]:
+    """`read_scanned`'s answer, and how many JSON values the event holds."""
     assert scan_event is not None
     status, *found = scan_event(frame, sys.get_int_max_str_digits())
     if status == _SCAN_INVALID:
@@ -162,16 +179,16 @@ def read_scanned(frame: bytes) -> tuple[str, int]:
         raise FrameError("invalid_json", f"The event nests more than {SCAN_MAX_DEPTH} deep.")
     if status == _SCAN_NOT_OBJECT:
         raise FrameError("invalid_event", "An event must be a JSON object.")
-    type_start, type_end, audio_start, audio_end = found
+    type_start, type_end, audio_start, audio_end, values = found
     kind = _string_value(frame[type_start:type_end]) if type_start >= 0 else None
     if not kind:
         raise FrameError("missing_event_type", "The event has no string `type` field.")
     if kind != _APPEND or audio_start < 0:
-        return kind, 0
+        return kind, 0, values
     audio = frame[audio_start + 1 : audio_end - 1]
     if audio.isascii() and b"\\" not in audio:
-        return kind, _span_size(audio, 0, len(audio))
-    return kind, _decoded_size(_string_value(frame[audio_start:audio_end]))
+        return kind, _span_size(audio, 0, len(audio)), values
+    return kind, _decoded_size(_string_value(frame[audio_start:audio_end])), values
 
 
 def _string_value(literal: bytes) -> str:

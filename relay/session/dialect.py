@@ -125,6 +125,8 @@ class Translation:
     dropped: tuple[str, ...] = ()
     # The client's `event_id`, for the `error` event naming what was dropped.
     event_id: str | None = None
+    # What ``frame`` holds, parsed (when it was): the policy judges it without a parse.
+    event: dict[str, Any] | None = None
 
 
 ServerHandler = Callable[[dict[str, Any]], list[dict[str, Any]]]
@@ -288,7 +290,7 @@ class Translator:
         caller has it."""
         handler = self._client.get(kind)
         if handler is None:
-            return Translation(frame)
+            return Translation(frame, event=event)
         parsed = event if event is not None else load_event(frame)
         event_id = parsed.get("event_id")
         event_id = event_id if isinstance(event_id, str) else None
@@ -296,7 +298,7 @@ class Translator:
             dropped = handler(parsed)
         except _NoCounterpart as missing:
             return Translation(None, (missing.param,), event_id)
-        return Translation(dump_json(parsed), tuple(dropped), event_id)
+        return Translation(dump_json(parsed), tuple(dropped), event_id, parsed)
 
     def _client_session(self, event: dict[str, Any]) -> list[str]:
         session = event.get("session")

@@ -155,7 +155,7 @@ class SessionPolicy:
             raise PolicyViolation(
                 f"The event type {kind!r} is not allowed here.",
                 param="type",
-                event_id=_event_id_of(frame),
+                event_id=event_id_of(frame),
             )
         if kind == "input_audio_buffer.append":
             if not 0 <= audio_bytes <= self.max_append_audio_bytes:
@@ -178,7 +178,7 @@ class SessionPolicy:
             raise PolicyViolation(
                 f"The event is {len(frame)} bytes; this deployment allows "
                 f"{self.max_frame_bytes} per event.",
-                event_id=_event_id_of(frame),
+                event_id=event_id_of(frame),
             )
 
     def parses(self, kind: str) -> bool:
@@ -224,7 +224,7 @@ class SessionPolicy:
                 f"The appended audio is {decoded} bytes; at most "
                 f"{self.max_append_audio_bytes} are allowed per append.",
                 param="audio",
-                event_id=_event_id_of(frame),
+                event_id=event_id_of(frame),
             )
 
     def _check_update(
@@ -275,7 +275,7 @@ def with_prefix(prefix: str, instructions: str) -> str:
     return f"{prefix}\n\n{instructions}" if instructions else prefix
 
 
-def _event_id_of(frame: bytes) -> str | None:
+def event_id_of(frame: bytes) -> str | None:
     """The event's `event_id`, for the `error` event that refuses it. A frame of
     `LARGE_EVENT_BYTES` and more is not parsed for it (orjson took 0.75 s, holding every
     session of the process, for 30 MiB of tiny objects): its first `"event_id"` is looked

@@ -57,12 +57,18 @@ from relay.session.codec import (
     sniff_type,
 )
 from relay.session.continuity import TRACKED
-from relay.session.dialect import Translator
+from relay.session.dialect import Translation, Translator
 from relay.session.event_types import AUDIO_DELTA_TYPES
 from relay.session.events import error_event
 from relay.session.flag import Flag
 from relay.session.lane import APPEND, Lane
-from relay.session.policy import LARGE_EVENT_BYTES, PolicyViolation, Rewritten, SessionPolicy
+from relay.session.policy import (
+    LARGE_EVENT_BYTES,
+    PolicyViolation,
+    Rewritten,
+    SessionPolicy,
+    event_id_of,
+)
 from relay.session.renewal import Renewal, is_loss
 
 ClientSocket = web.WebSocketResponse[bool]
@@ -368,9 +374,18 @@ class Bridge:
         it is over the policy's size, then checked and judged in a thread (`codec.read_large`).
         On the loop, a crafted 30 MiB event held every session of the process for 1.5 s, and
         the UTF-8 check of 30 MiB of Chinese text 28 ms."""
-        policy = self.policy
+        policy, translator = self.policy, self.translator
         policy.check_size(frame)
-        return await asyncio.to_thread(read_large, frame, policy.parses)
+        parses = policy.parses
+        if translator is not None:
+            translated = translator.client_events
+            parses = lambda kind: kind in translated or policy.parses(kind)  # noqa: E731
+        try:
+            return await asyncio.to_thread(read_large, frame, parses)
+        except FrameError as exc:
+            if exc.code == "invalid_utf8":
+                raise  # closes the connection (1007)
+            raise PolicyViolation(exc.message, code=exc.code, event_id=event_id_of(frame)) from exc
 
     def _keep_audio(self, kind: str, frame: bytes, audio: int) -> None:
         """With replay = "audio", the audio keeper follows the client's input buffer."""
@@ -395,12 +410,12 @@ class Bridge:
         frame = b""
         checked: bytes | Rewritten = b""
         event: dict[str, Any] | None = None
-        translated: bytes | None = None
+        translation: Translation | None = None
         # Frames already queued are received without suspending: yield now and then, so one
         # client's burst cannot hold the loop (and every other session) for its whole length.
         unyielded = 0
         while True:
-            msg, frame, checked, event, translated = None, b"", b"", None, None
+            msg, frame, checked, event, translation = None, b"", b"", None, None
             unyielded += 1
             if unyielded >= _YIELD_EVERY:
                 unyielded = 0
@@ -434,10 +449,10 @@ class Bridge:
                         kind, event, audio = await self._read_large(msg.data)
                     frame = msg.data
                     if translator is not None and kind in translator.client_events:
-                        translated = await self._translate_in(kind, frame, event)
-                        if translated is None:
+                        translation = await self._translate_in(kind, frame, event)
+                        if translation.frame is None:
                             continue
-                        frame, event = translated, None
+                        frame, event = translation.frame, translation.event
                     checked = policy.check(kind, frame, self.session, audio, event)
                 except FrameError as exc:
                     if exc.code == "invalid_utf8":
@@ -696,9 +711,9 @@ class Bridge:
 
     async def _translate_in(
         self, kind: str, frame: bytes, event: dict[str, Any] | None
-    ) -> bytes | None:
+    ) -> Translation:
         """A client event in the deployment's dialect; what has no counterpart there is left
-        out and named in an `error` event. None when nothing is left to send."""
+        out and named in an `error` event. Its frame is None when nothing is left to send."""
         assert self.translator is not None
         translation = self.translator.to_upstream(kind, frame, event)
         if translation.dropped:
@@ -717,7 +732,7 @@ class Bridge:
                         event_id=translation.event_id,
                     )
                 )
-        return translation.frame
+        return translation
 
     def _session_updated(self, frame: bytes) -> None:
         event = load_json(frame)

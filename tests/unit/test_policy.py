@@ -15,8 +15,8 @@ from relay.session.policy import (
     PolicyViolation,
     Rewritten,
     SessionPolicy,
-    _event_id_of,
     build_policy,
+    event_id_of,
     with_prefix,
 )
 from relay.session.schema import get_path, merge_session, to_preview_session
@@ -538,9 +538,9 @@ def test_a_large_frame_over_the_size_is_refused_without_being_read():
     assert info.value.event_id == "evt_big"  # found in its first 4 KiB, not by a parse
     # Under LARGE_EVENT_BYTES the event id is parsed as before; a large frame whose id is
     # not near its start, or escaped, has none.
-    assert _event_id_of(b'{"type": "x", "event_id": "e\\u0031"}') == "e1"
+    assert event_id_of(b'{"type": "x", "event_id": "e\\u0031"}') == "e1"
     late = b'{"type": "x", "pad": "' + b"p" * LARGE_EVENT_BYTES + b'", "event_id": "e2"}'
-    assert _event_id_of(late) is None
+    assert event_id_of(late) is None
 
 
 def test_item_roles_outside_the_allowed_ones_are_refused():

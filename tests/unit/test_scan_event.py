@@ -169,6 +169,25 @@ def test_the_event_is_parsed_only_for_the_types_the_policy_reads():
     assert event == read_parsed(frame)[1]  # past orjson's integers: json's dict
 
 
+def test_an_event_that_must_be_parsed_holds_a_bounded_number_of_values():
+    """Parsing holds the event loop (orjson holds the GIL): a large event the policy or a
+    translation reads is refused past MAX_PARSED_VALUES, judged by the scan's count; one
+    nobody reads passes whatever it holds."""
+    from relay.session.codec import MAX_PARSED_VALUES, _scan
+
+    n = MAX_PARSED_VALUES // 3 + 1  # three values a part: the object and its two strings
+    parts = b'{"type":"input_text","text":"a"},' * n
+    frame = b'{"type":"conversation.item.create","item":{"content":[' + parts + b"1]}}"
+    kind, _, values = _scan(frame)
+    assert values == 4 + 3 * n + 1 > MAX_PARSED_VALUES  # event, type, item, content; the 1
+    assert read_large(frame, lambda kind: False)[1] is None
+    with pytest.raises(FrameError) as info:
+        read_large(frame, lambda kind: True)
+    assert info.value.code == "event_too_complex"
+    fewer = frame.replace(parts, parts[: len(parts) // 2])
+    assert read_large(fewer, lambda kind: True)[1]["type"] == kind
+
+
 def test_the_scan_lets_other_threads_run():
     """It releases the GIL: another thread counts meanwhile."""
     frame = b'{"type":"conversation.item.create","pad":[' + b'{"a":1},' * 2_000_000 + b"1]}"
