@@ -71,8 +71,20 @@ def check_tools(dialect: Dialect, container: Mapping[str, Any], path: str) -> No
 
 
 def _check_tool_choice(dialect: Dialect, choice: Any, param: str) -> None:
-    if not isinstance(choice, dict) or not dialect.is_ga:
+    if not isinstance(choice, dict):
         v.choice(choice, param, _TOOL_CHOICE_MODES)
+        return
+    if not dialect.is_ga:
+        # A forced function, as the beta SDK documents it ({"function": {"name"}}) or in the
+        # flat form clients of both dialects send ({"name"}, LiveKit's preview mode).
+        v.choice(choice.get("type"), f"{param}.type", ("function",))
+        v.check_keys(choice, ("type", "name", "function"), param)
+        named = choice.get("function")
+        if named is not None:
+            named = v.obj(named, f"{param}.function")
+            v.string(v.required(named, "name", f"{param}.function"), f"{param}.function.name")
+        else:
+            v.string(v.required(choice, "name", param), f"{param}.name")
         return
     kind = v.choice(choice.get("type"), f"{param}.type", ("function", "mcp"))
     if kind == "function":
@@ -132,7 +144,14 @@ def _check_prompt(value: Any, param: str) -> None:
         v.string(prompt["version"], f"{param}.version")
     if prompt.get("variables") is not None:
         for key, item in v.obj(prompt["variables"], f"{param}.variables").items():
-            v.string(item, f"{param}.variables.{key}")
+            # A string, or a Responses input (text, image, file).
+            if not isinstance(item, str):
+                kind = v.obj(item, f"{param}.variables.{key}").get("type")
+                v.choice(
+                    kind,
+                    f"{param}.variables.{key}.type",
+                    ("input_text", "input_image", "input_file"),
+                )
 
 
 def _check_reasoning(value: Any, param: str) -> None:

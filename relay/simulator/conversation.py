@@ -185,10 +185,13 @@ def _content_part(
     if kind in ("input_text", "output_text", "text"):
         return {"type": kind, "text": v.string(v.required(part, "text", where), f"{where}.text")}
     if kind == "input_image":
-        return {
+        image = {
             "type": kind,
             "image_url": v.string(part.get("image_url", ""), f"{where}.image_url"),
         }
+        if part.get("detail") is not None:
+            image["detail"] = v.choice(part["detail"], f"{where}.detail", ("auto", "low", "high"))
+        return image
     transcript = part.get("transcript")
     if transcript is not None:
         v.string(transcript, f"{where}.transcript")

@@ -22,6 +22,7 @@ import orjson
 import structlog
 from aiohttp import WSCloseCode, web
 
+from relay.session.dialect import is_preview_api_version
 from relay.simulator.calls import CALLS_KEY
 from relay.simulator.connection import Connection
 from relay.simulator.engine import Engine
@@ -139,7 +140,10 @@ async def _preview_endpoint(request: web.Request) -> web.StreamResponse:
         )
     if not deployment and not intent:
         return http_error(400, "BadRequest", "Missing required query parameter: deployment")
-    return await _serve(request, BETA, deployment or "", options, transcription=intent)
+    # The path and api-version decide the dialect (protocol.md §9): a preview version speaks
+    # the beta schema; 2025-08-28, what openai-python's AzureOpenAI sends here, GA events.
+    dialect = BETA if is_preview_api_version(request.query["api-version"]) else GA
+    return await _serve(request, dialect, deployment or "", options, transcription=intent)
 
 
 def _intent(request: web.Request) -> bool | web.Response:

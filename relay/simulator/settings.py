@@ -83,7 +83,7 @@ def _parse_ga(session: Mapping[str, Any]) -> SessionSettings:
         input_format=parse_ga_format(inp.get("format"), "session.audio.input.format"),
         output_format=parse_ga_format(out.get("format"), "session.audio.output.format"),
         turn_detection=_parse_turn_detection(
-            inp.get("turn_detection"), "session.audio.input.turn_detection"
+            inp.get("turn_detection"), "session.audio.input.turn_detection", ga=True
         ),
         transcription_model=check_transcription(
             GA, inp.get("transcription"), "session.audio.input.transcription"
@@ -114,7 +114,7 @@ def _parse_beta(session: Mapping[str, Any]) -> SessionSettings:
             session.get("output_audio_format", "pcm16"), "session.output_audio_format"
         ),
         turn_detection=_parse_turn_detection(
-            session.get("turn_detection"), "session.turn_detection"
+            session.get("turn_detection"), "session.turn_detection", ga=False
         ),
         transcription_model=check_transcription(
             BETA, session.get("input_audio_transcription"), "session.input_audio_transcription"
@@ -173,12 +173,13 @@ def parse_beta_format(value: Any, param: str) -> AudioFormat:
     return BETA_FORMATS[v.choice(value, param, tuple(BETA_FORMATS))]
 
 
-def _parse_turn_detection(value: Any, param: str) -> TurnDetection | None:
+def _parse_turn_detection(value: Any, param: str, *, ga: bool) -> TurnDetection | None:
     if value is None:
         return None
     td = v.obj(value, param)
     kind = v.choice(td.get("type"), f"{param}.type", tuple(_VAD_KEYS))
-    v.check_keys(td, _VAD_KEYS[kind], param)
+    # `idle_timeout_ms` is GA's: the preview session has no such field.
+    v.check_keys(td, _VAD_KEYS[kind] if ga else _VAD_KEYS[kind] - {"idle_timeout_ms"}, param)
     create = v.boolean(td.get("create_response", True), f"{param}.create_response")
     interrupt = v.boolean(td.get("interrupt_response", True), f"{param}.interrupt_response")
     if kind == "semantic_vad":

@@ -30,6 +30,7 @@ _BETA_KEYS = (
             "input_audio_transcription",
             "turn_detection",
             "include",
+            "modalities",
         }
     )
     | _READ_ONLY

@@ -761,3 +761,16 @@ def test_an_append_may_carry_15_mib_and_no_more() -> None:
     assert harness.events({"type": "input_audio_buffer.append", "audio": b64(most)}) == []
     error = harness.error({"type": "input_audio_buffer.append", "audio": b64(most + b"\0\0")})
     assert (error["code"], error["param"]) == ("invalid_value", "audio")
+
+
+def test_an_images_detail_is_kept_and_checked() -> None:
+    """It was dropped from the item (the SDK's model has it), and any value taken."""
+    harness = Harness()
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AA==", "detail": "high"}
+    item = {"type": "message", "role": "user", "content": [image]}
+    added, _ = harness.events({"type": "conversation.item.create", "item": item})
+    assert added["item"]["content"] == [image]
+    wrong = {**item, "content": [{**image, "detail": "ultra"}]}
+    assert harness.error({"type": "conversation.item.create", "item": wrong})["param"] == (
+        "item.content[0].detail"
+    )

@@ -98,9 +98,10 @@ async def test_openai_client_server_vad(simulator: RunningSimulator) -> None:
     assert events[-1].response.status == "completed"
 
 
-async def test_azure_client_reaches_the_preview_path(simulator: RunningSimulator) -> None:
-    # The SDK's Azure client always uses /openai/realtime?api-version=…&deployment=…,
-    # which the simulator (like Azure) serves with the beta protocol.
+async def test_azure_client_on_the_preview_path_gets_ga_events(simulator: RunningSimulator) -> None:
+    # The SDK's Azure client always uses /openai/realtime?api-version=…&deployment=…; with
+    # api-version 2025-08-28 Azure serves GA events there (protocol.md §9: the path and
+    # api-version decide the dialect), and the SDK's own session.update must be taken.
     client = AsyncAzureOpenAI(
         azure_endpoint=simulator.url,
         websocket_base_url=ws_base(simulator, "/openai"),
@@ -108,9 +109,20 @@ async def test_azure_client_reaches_the_preview_path(simulator: RunningSimulator
         api_version="2025-08-28",
     )
     async with client.realtime.connect(model="gpt-realtime") as connection:
-        raw = await connection.recv_bytes()
-    event = sdk_types.check("beta", raw)
-    assert event["type"] == "session.created" and event["session"]["model"] == "gpt-realtime"
+        event = sdk_types.check("ga", await connection.recv_bytes())
+        assert event["type"] == "session.created" and event["session"]["type"] == "realtime"
+        await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
+        updated = sdk_types.check("ga", await connection.recv_bytes())
+        assert updated["type"] == "session.updated"
+    preview = AsyncAzureOpenAI(
+        azure_endpoint=simulator.url,
+        websocket_base_url=ws_base(simulator, "/openai"),
+        api_key=KEY,
+        api_version="2024-10-01-preview",
+    )
+    async with preview.beta.realtime.connect(model="gpt-realtime") as connection:
+        event = sdk_types.check("beta", await connection.recv_bytes())
+        assert event["type"] == "session.created" and "type" not in event["session"]
 
 
 async def test_azure_client_with_an_entra_token(simulator: RunningSimulator) -> None:

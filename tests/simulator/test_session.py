@@ -282,3 +282,56 @@ BETA_ERRORS = [
 def test_beta_update_errors(fragment: dict[str, Any], code: str, param: str) -> None:
     error = update_error(BETA, beta_session(), fragment)
     assert (error.code, error.param) == (code, param)
+
+
+# --- as strict as Azure, no stricter (found by validating against the SDK's models) --------
+
+
+def test_beta_forced_function_tool_choice_in_both_forms_is_taken() -> None:
+    """The beta SDK documents `{"type": "function", "function": {"name"}}`; LiveKit's preview
+    mode sends the flat `{"type": "function", "name"}`. Both were refused."""
+    for choice in (
+        {"type": "function", "function": {"name": "f"}},
+        {"type": "function", "name": "f"},
+    ):
+        apply_update(BETA, beta_session(), {"tool_choice": choice})
+    error = update_error(BETA, beta_session(), {"tool_choice": {"type": "function"}})
+    assert (error.code, error.param) == ("missing_required_parameter", "session.tool_choice.name")
+
+
+def test_beta_turn_detection_has_no_idle_timeout() -> None:
+    """`idle_timeout_ms` is GA's; a preview session took and echoed it."""
+    fragment = {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 6000}}
+    error = update_error(BETA, beta_session(), fragment)
+    assert (error.code, error.param) == (
+        "unknown_parameter",
+        "session.turn_detection.idle_timeout_ms",
+    )
+    ga = {"type": "realtime", "audio": {"input": {"turn_detection": fragment["turn_detection"]}}}
+    apply_update(GA, ga_session(), ga)
+
+
+def test_prompt_variables_may_be_responses_inputs() -> None:
+    variables = {"name": "Ada", "photo": {"type": "input_image", "image_url": "data:,"},
+                 "intro": {"type": "input_text", "text": "Hello"}}  # fmt: skip
+    apply_update(
+        GA, ga_session(), {"type": "realtime", "prompt": {"id": "p", "variables": variables}}
+    )
+    error = update_error(
+        GA,
+        ga_session(),
+        {"type": "realtime", "prompt": {"id": "p", "variables": {"x": {"type": "x"}}}},
+    )
+    assert (error.code, error.param) == ("invalid_value", "session.prompt.variables.x.type")
+
+
+def test_a_preview_transcription_session_takes_modalities() -> None:
+    """The beta SDK's transcription session has `modalities`; it was refused as unknown."""
+    from relay.simulator.transcription import (
+        apply_transcription_update,
+        default_transcription_session,
+    )
+
+    session = default_transcription_session(BETA, session_id="sess_1", expires_at=1800)
+    merged, _ = apply_transcription_update(BETA, session, {"modalities": ["text"]})
+    assert merged["modalities"] == ["text"]
