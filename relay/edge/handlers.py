@@ -163,6 +163,11 @@ async def _admit(
     dial = _dialer(state, deployment, session_id)
     try:
         backend, upstream, started = await _start_upstream(state, live, deployment, team, dial)
+        if state.draining:
+            # The drain began while the upstream was set up, and ended the sessions it knew:
+            # refused now, not upgraded into a shutdown that would drop it unexplained.
+            await upstream.close(code=1001, message=b"relay shutting down")
+            state.check_open()
     except BaseException:
         await lease.release()
         raise

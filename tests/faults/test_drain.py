@@ -105,3 +105,37 @@ async def test_grace_period_bounds_the_wait(tmp_path):
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_session_set_up_while_the_drain_begins_is_refused_not_dropped(
+    start_fake, start_relay
+):
+    """The drain ends the sessions it knows; one whose upstream was still being set up was
+    upgraded into the shutdown and dropped with 1006, logged as the client's loss. It is
+    now refused, 503 `relay_draining`, and its upstream closed."""
+    from relay.app import drain
+    from relay.state import STATE
+    from tests.helpers import ALPHA_KEY, FakeUpstream, echo, relay_config
+
+    draining = asyncio.Event()
+    dialled = asyncio.Event()
+
+    async def slow_start(ws, fake: FakeUpstream) -> None:
+        dialled.set()
+        await draining.wait()  # the upstream starts the session only once the drain began
+        await echo(ws, fake)
+
+    fake = FakeUpstream(script=slow_start)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(f"http://127.0.0.1:{upstream.port}"))
+    url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+    async with aiohttp.ClientSession() as http:
+        connecting = asyncio.ensure_future(http.get(url, headers={"api-key": ALPHA_KEY, **UPGRADE}))
+        await dialled.wait()
+        await drain(relay.app[STATE], grace_seconds=0)  # nothing to end yet
+        draining.set()
+        async with await connecting as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "relay_draining"
+    await fake.closed.wait()
+    assert fake.close_code == 1001
