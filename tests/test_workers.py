@@ -93,3 +93,31 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
 
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0
+
+
+async def test_a_sigterm_during_a_restart_delay_starts_the_drain_at_once(tmp_path):
+    """A worker that cannot start (its config file broke meanwhile) is restarted after a
+    growing delay. A SIGTERM in that delay waited for it (up to 30 s, serving new sessions
+    and ready meanwhile); it now stops every worker at once."""
+    config = tmp_path / "relay.toml"
+    config.write_text(CONFIG.format(metrics_port=free_port(), key=hash_key(KEY)))
+    lines: asyncio.Queue[dict] = asyncio.Queue()
+    env = {"RELAY_SIMULATOR_KEY": "sim"}
+    async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
+        config.write_text("not toml [")  # a worker started from now on exits at once
+        # The supervisor says it listens once every worker does: its children are they.
+        victim = _worker_pids(supervisor.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        exits = 0
+        while exits < 3:  # the kill, then two failed restarts: a 4 s delay is under way
+            event = await lines.get()
+            exits += event.get("event") == "worker_exited"
+        supervisor.send_signal(signal.SIGTERM)
+        while (event := await lines.get()).get("event") != "relay_stopping":
+            assert event.get("event") != "worker_started", "restarted after the SIGTERM"
+        await asyncio.wait_for(supervisor.wait(), timeout=15)
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as children:
+        return [int(pid) for pid in children.read().split()]

@@ -76,6 +76,7 @@ class Supervisor:
         self.count = count
         self.overrides = dict(overrides)
         self.stopping = False
+        self._stop = asyncio.Event()  # SIGTERM or SIGINT
         self.workers: dict[int, Worker] = {}
         self._metrics_dir = tempfile.TemporaryDirectory(prefix="relay-metrics-")
         self._loop = asyncio.get_running_loop()
@@ -194,7 +195,7 @@ class Supervisor:
             ready.set_exception(RuntimeError("a worker exited before listening"))
 
     async def _supervise(self) -> int:
-        stop = asyncio.Event()
+        stop = self._stop
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(signum, stop.set)
         while True:
@@ -223,7 +224,12 @@ class Supervisor:
         crashed_early = self._loop.time() - worker.started_at < _CRASH_WINDOW_SECONDS
         delay = min(_MAX_RESTART_DELAY_SECONDS, 2.0**worker.restarts) if crashed_early else 0.0
         if delay:
-            await asyncio.sleep(delay)
+            try:  # a SIGTERM meanwhile starts the drain at once, not after the delay
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+                return
+            except TimeoutError:
+                pass
         await self._spawn(index)
 
     async def _stop_all(self) -> int:
