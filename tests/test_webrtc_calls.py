@@ -706,3 +706,28 @@ async def test_an_unreachable_call_store_is_a_clear_503():
             assert (info.value.status, info.value.code) == (503, "call_store_unavailable")
     finally:
         await client.aclose()
+
+
+async def test_a_calls_answer_never_carries_the_relays_key(start_fake, start_relay, http):
+    """The service's `Location` and SDP answer came back byte for byte: one quoting the
+    credential it was sent (a query parameter, the body) passed it on."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            status=201,
+            text=f"v=0\r\na=note:{AZURE_KEY}\r\n",
+            content_type="application/sdp",
+            headers={"Location": f"/openai/v1/realtime/calls/rtc_q?api-key={AZURE_KEY}"},
+        )
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    server = await start_fake(app)
+    relay = await start_relay(calls_config(f"http://127.0.0.1:{server.port}", observe=False))
+    url = relay.make_url(CALLS).with_query(model="gpt-realtime")
+    status, headers, body = await post(http, url, data=OFFER, headers=SDP)
+    assert status == 201
+    assert AZURE_KEY not in headers["Location"] and AZURE_KEY not in body
+    assert headers["Location"].startswith("/openai/v1/realtime/calls/rtc_q")

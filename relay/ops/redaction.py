@@ -57,6 +57,7 @@ class SecretFilter:
         self._static: set[str] = set()
         self._recent: deque[str] = deque(maxlen=MAX_RECENT)
         self._all: tuple[str, ...] = ()
+        self._encoded: tuple[tuple[str, ...], tuple[bytes, ...]] = ((), ())
         self._stale = False
 
     def register(self, *values: str | None) -> None:
@@ -106,6 +107,31 @@ class SecretFilter:
         for pattern in _PATTERNS:
             text = pattern.sub(_keep_prefix, text)
         return text
+
+    def known_in(self, data: bytes) -> bool:
+        """Whether ``data`` holds one of the relay's own secrets as it is (an upstream that
+        quotes the credential it was sent)."""
+        return any(secret in data for secret in self._known_bytes())
+
+    def clean_known(self, value: Any) -> Any:
+        """``value`` with the relay's own secrets replaced, strings in containers included;
+        nothing else changed (no patterns: the text is the service's, not a log line)."""
+        if isinstance(value, str):
+            for secret in self._known():
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {k: self.clean_known(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.clean_known(v) for v in value]
+        return value
+
+    def _known_bytes(self) -> tuple[bytes, ...]:
+        known = self._known()
+        if self._encoded[0] is not known:
+            self._encoded = (known, tuple(s.encode() for s in known))
+        return self._encoded[1]
 
     def clean_value(self, value: Any) -> Any:
         """``value`` as safe to render: strings cleaned, containers walked, anything else

@@ -46,10 +46,12 @@ from aiohttp import WSMsgType, web
 from aiohttp._websocket.models import WSMessageTextBytes
 
 from relay.ops.metrics import FLUSH_INTERVAL_SECONDS, SessionMeter
+from relay.ops.redaction import SECRETS
 from relay.session import frames, shared_strings
 from relay.session.codec import (
     ClientFrame,
     FrameError,
+    dump_json,
     is_utf8,
     load_json,
     read_client_frame,
@@ -125,9 +127,10 @@ def close_for_upstream(ending: Ending) -> tuple[int, str]:
 
 
 def close_for_client(ending: Ending) -> tuple[int, str]:
-    """The close frame the client gets when the upstream side ended."""
+    """The close frame the client gets when the upstream side ended (its reason cleaned of
+    the relay's credentials: the upstream's words)."""
     if ending.side == "upstream" and ending.clean and is_sendable(ending.code):
-        return ending.code, ending.reason
+        return ending.code, SECRETS.clean_known(ending.reason)
     if ending.side == "relay" and is_sendable(ending.code):
         return ending.code, ending.reason
     return 1011, "upstream connection lost"
@@ -536,6 +539,10 @@ class Bridge:
 
     def _accepted_out(self, kind: str, frame: bytes) -> Sequence[bytes]:
         """An upstream event the client will get: metered and tracked; the frames to send."""
+        if kind == "error" and SECRETS.known_in(frame):
+            # The service's words may quote what it was sent: never the relay's credential.
+            _log.warning("upstream_error_quoted_a_secret")
+            frame = dump_json(SECRETS.clean_known(load_json(frame)))
         self.meter.upstream_event(kind, frame)
         renewal = self.renewal
         if renewal is not None and kind in TRACKED:

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 from relay.errors import UpstreamRefused
+from relay.ops.redaction import SECRETS
 from relay.session import shared_strings
 from relay.session.codec import FrameError, parse_event
 from relay.session.policy import SessionPolicy
@@ -91,7 +92,7 @@ async def put_in_force(
                         502,
                         "session_defaults_rejected",
                         "The upstream service rejected the relay's session defaults: "
-                        f"{detail.get('message', 'no message')}",
+                        f"{SECRETS.clean_known(str(detail.get('message', 'no message')))}",
                     )
                 pending.append(frame)
     except TimeoutError as exc:

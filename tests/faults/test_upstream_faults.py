@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 import structlog
 from aiohttp import WSMsgType
@@ -13,7 +14,7 @@ from aiohttp import WSMsgType
 from relay.app import drain
 from relay.state import STATE
 from tests.faults.peers import send_after_created, silent_mid_response, stall_after_created
-from tests.helpers import ALPHA_KEY, FakeUpstream, read_until, relay_config
+from tests.helpers import ALPHA_KEY, AZURE_KEY, UPGRADE, FakeUpstream, read_until, relay_config
 
 
 @pytest.fixture
@@ -115,3 +116,74 @@ async def test_a_drain_does_not_wait_past_a_stalled_response(start_fake, start_r
             await drain(state, grace_seconds=60)
         [error] = await read_until(ws, "error")
         assert error["error"]["code"] == "upstream_stalled"
+
+
+# --- an upstream that quotes the relay's credential back (found by probing) ----------------
+
+
+def _quoting(how: str):
+    async def script(ws, fake: FakeUpstream) -> None:
+        created = {"type": "session.created", "event_id": "e0", "session": {}}
+        await ws.send_str(orjson.dumps(created).decode())
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            quoted = f"you sent {AZURE_KEY}"
+            if how == "error":
+                error = {"type": "invalid_request_error", "code": "x", "message": quoted,
+                         "param": AZURE_KEY, "event_id": None}  # fmt: skip
+                await ws.send_str(orjson.dumps({"type": "error", "error": error}).decode())
+            else:
+                await ws.close(code=1008, message=quoted.encode())
+                return
+
+    return script
+
+
+@pytest.mark.parametrize("how", ["error", "close"])
+async def test_the_upstreams_words_never_carry_the_relays_key_to_the_client(
+    start_fake, start_relay, http, how
+):
+    """The service's `error` events and close reasons reach the client; one quoting the
+    credential it was sent passed it on byte for byte (the logs alone were cleaned)."""
+    relay = await relay_with(start_fake, start_relay, _quoting(how))
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        msg = await ws.receive()
+        if how == "error":
+            error = orjson.loads(msg.data)["error"]
+            assert error["message"] == "you sent [REDACTED]" and error["param"] == "[REDACTED]"
+        else:
+            assert (msg.type, msg.data, msg.extra) == (
+                WSMsgType.CLOSE,
+                1008,
+                "you sent [REDACTED]",
+            )
+        assert AZURE_KEY not in str(msg.data) + str(msg.extra)
+
+
+async def test_session_defaults_refused_in_words_quoting_the_key(start_fake, start_relay, http):
+    async def refuse_defaults(ws, fake: FakeUpstream) -> None:
+        created = {"type": "session.created", "event_id": "e0", "session": {}}
+        await ws.send_str(orjson.dumps(created).decode())
+        await ws.receive()  # the relay's session defaults
+        error = {"type": "invalid_request_error", "message": f"bad {AZURE_KEY}"}
+        await ws.send_str(orjson.dumps({"type": "error", "error": error}).decode())
+        await ws.receive()
+
+    upstream = await start_fake(FakeUpstream(script=refuse_defaults).app())
+    deployment = {
+        "endpoint": str(upstream.make_url("")),
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "session": {"instructions": "Be brief."},
+    }
+    endpoint = str(upstream.make_url(""))
+    relay = await start_relay(relay_config(endpoint, deployments={"gpt-realtime": deployment}))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY})
+    assert refused.value.status == 502
+    async with http.get(url(relay), headers={"api-key": ALPHA_KEY, **UPGRADE}) as response:
+        body = await response.text()
+    assert "session_defaults_rejected" in body and AZURE_KEY not in body
+    assert "bad [REDACTED]" in body

@@ -292,8 +292,11 @@ async def _call(
             _watch(state, live, webrtc, team, deployment, backend, call_id, lease)
     headers = {"Content-Type": answer.headers.get("Content-Type", "application/sdp")}
     if location is not None:
-        headers["Location"] = location
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
+        headers["Location"] = SECRETS.clean(location)
+    sdp = answer.body
+    if SECRETS.known_in(sdp):  # the service's answer, never the relay's credential
+        sdp = SECRETS.clean_known(sdp.decode("utf-8", "replace")).encode()
+    return web.Response(status=answer.status, body=sdp, headers=headers)
 
 
 def _watch(
