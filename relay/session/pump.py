@@ -72,6 +72,7 @@ from relay.session.policy import (
     event_id_of,
 )
 from relay.session.renewal import Renewal, is_loss
+from relay.upstream.handshake import abort as abort_upstream
 
 ClientSocket = web.WebSocketResponse[bool]
 UpstreamSocket = aiohttp.ClientWebSocketResponse[bool]
@@ -920,7 +921,9 @@ class Bridge:
             async with asyncio.timeout(self.close_timeout):
                 await self.upstream.close(code=code, message=_reason(reason))
         except TimeoutError:
-            _log.info("upstream_close_timeout")  # aiohttp has dropped the connection
+            # An upstream that stopped reading: its graceful close would wait for ever.
+            _log.info("upstream_close_timeout")
+            abort_upstream(self.upstream)
         finally:
             _after_close(self.upstream)
 

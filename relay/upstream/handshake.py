@@ -219,6 +219,17 @@ async def _upgrade(
     return upstream
 
 
+def abort(upstream: UpstreamSocket) -> None:
+    """Drop the connection at once, discarding what waits to be written: an upstream that
+    stopped reading never takes a close frame, and a graceful close would wait for it for
+    ever (the session, its slot and its socket with it)."""
+    # The writer's: aiohttp's protocol forgets its transport once asked to close it.
+    writer = upstream._writer
+    transport = writer.transport if writer is not None else None
+    if transport is not None:
+        transport.abort()
+
+
 def _header_lines(headers: Mapping[str, str]) -> bytes:
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     if lines.count("\r") != len(headers) or lines.count("\n") != len(headers):

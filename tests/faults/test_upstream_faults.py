@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -187,3 +188,45 @@ async def test_session_defaults_refused_in_words_quoting_the_key(start_fake, sta
         body = await response.text()
     assert "session_defaults_rejected" in body and AZURE_KEY not in body
     assert "bad [REDACTED]" in body
+
+
+async def test_an_upstream_that_stops_reading_is_dropped_and_the_session_ends(
+    start_fake, start_relay, http
+):
+    """The client is held by backpressure and told `upstream_stalled`; then the upstream's
+    close must not wait for ever. A graceful close waited for a write buffer the upstream
+    never drained: the session, its slot and its socket stayed until a restart."""
+    stopped, checked = asyncio.Event(), asyncio.Event()
+
+    async def stop_reading(ws, fake: FakeUpstream) -> None:
+        created = {"type": "session.created", "event_id": "e0", "session": {}}
+        await ws.send_str(orjson.dumps(created).decode())
+        assert ws._req is not None and ws._req.transport is not None
+        ws._req.transport.pause_reading()
+        stopped.set()
+        await checked.wait()  # reading nothing meanwhile
+        ws._req.transport.resume_reading()  # sees the relay's abort: the handler ends
+
+    relay = await relay_with(
+        start_fake,
+        start_relay,
+        stop_reading,
+        server={"close_timeout_seconds": 0.5, "stall_timeout_seconds": 1.0},
+    )
+    append = orjson.dumps({"type": "input_audio_buffer.append", "audio": "A" * 1_000_000})
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await stopped.wait()
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionError):
+                while not ws.closed:
+                    await ws.send_str(append.decode())
+
+        sender = asyncio.ensure_future(flood())
+        [error] = await read_until(ws, "error")
+        assert error["error"]["code"] == "upstream_stalled"
+        sender.cancel()
+    await asyncio.wait_for(relay.app[STATE].idle.wait(), 10)
+    assert outcomes(relay) == {"upstream_stalled": 1}
+    checked.set()
