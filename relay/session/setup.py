@@ -22,6 +22,9 @@ from relay.session.codec import FrameError, parse_event
 from relay.session.policy import SessionPolicy
 from relay.upstream.dial import UpstreamSocket
 
+# What an upstream may send between session.created and its session.updated (the service
+# sends a few events of a few hundred bytes): the relay holds them for the client.
+MAX_HELD_AT_START_BYTES = 1024 * 1024
 
 @dataclass(slots=True)
 class StartedSession:
@@ -79,12 +82,21 @@ async def put_in_force(
                 return StartedSession(created_frame, _session_of(created), policy=policy)
             await upstream.send_frame(update, aiohttp.WSMsgType.TEXT)
             pending: list[bytes] = []
+            held = 0
             updated = policy.session_event("updated")
             while True:
                 frame, event = await _next_event(upstream)
                 kind = event.get("type")
                 if kind == updated:
                     break
+                held += len(frame)
+                if held > MAX_HELD_AT_START_BYTES:
+                    # Events the client gets once the session is in force are held till
+                    # then: an upstream sending on and on would fill the process's memory.
+                    raise _refusal(
+                        f"more than {MAX_HELD_AT_START_BYTES} bytes of events before "
+                        "session.updated"
+                    )
                 if kind == "error":
                     error = event.get("error")
                     detail = error if isinstance(error, dict) else {}

@@ -230,3 +230,33 @@ async def test_an_upstream_that_stops_reading_is_dropped_and_the_session_ends(
     await asyncio.wait_for(relay.app[STATE].idle.wait(), 10)
     assert outcomes(relay) == {"upstream_stalled": 1}
     checked.set()
+
+
+async def test_an_upstream_flooding_before_it_confirms_the_session_is_refused(
+    start_fake, start_relay, http
+):
+    """Events before `session.updated` are held for the client: an upstream that sent on
+    and on took the process from 67 MiB to 2 GiB in 4 s. Past 1 MiB the start fails."""
+    from relay.session.setup import MAX_HELD_AT_START_BYTES
+
+    async def flood(ws, fake: FakeUpstream) -> None:
+        created = {"type": "session.created", "event_id": "e0", "session": {}}
+        await ws.send_str(orjson.dumps(created).decode())
+        await ws.receive()  # the relay's session defaults
+        note = orjson.dumps({"type": "rate_limits.updated", "pad": "x" * 100_000}).decode()
+        with contextlib.suppress(ConnectionError):
+            for _ in range(2 * MAX_HELD_AT_START_BYTES // 100_000):
+                await ws.send_str(note)
+        await ws.receive()
+
+    upstream = await start_fake(FakeUpstream(script=flood).app())
+    endpoint = str(upstream.make_url(""))
+    deployment = {
+        "endpoint": endpoint,
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "session": {"instructions": "Be brief."},
+    }
+    relay = await start_relay(relay_config(endpoint, deployments={"gpt-realtime": deployment}))
+    async with http.get(url(relay), headers={"api-key": ALPHA_KEY, **UPGRADE}) as response:
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "upstream_protocol_error"
