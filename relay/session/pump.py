@@ -569,6 +569,8 @@ class Bridge:
             kind = sniff_type(frame)
         except FrameError:
             return False  # the pump ends the session
+        if not frame.isascii() and not is_utf8(frame):
+            return False  # the pump ends the session: the client must not be blamed (1007)
         renewal = self.renewal
         if renewal is not None and kind == "error" and renewal.is_marker(frame):
             return False
@@ -584,7 +586,11 @@ class Bridge:
             lane.written(arrived)
         else:
             paused = False
-            for out in self._accepted_out(kind, frame):
+            try:
+                outs = self._accepted_out(kind, frame)
+            except (ValueError, FrameError):
+                return False  # not JSON past its type: the pump ends the session
+            for out in outs:
                 paused = frames.write_text(client, out)
             self._delay_out(_clock() - arrived)
         if paused:
@@ -643,13 +649,19 @@ class Bridge:
                 frame = msg.data
                 try:
                     kind = sniff_type(frame)
+                    if not frame.isascii() and not is_utf8(frame):
+                        raise FrameError("invalid_utf8", "invalid UTF-8 in a text frame")
                 except FrameError as exc:
                     await self._upstream_broke(f"invalid event ({exc.code})")
                     break
                 if renewal is not None and kind == "error" and renewal.is_marker(frame):
                     await renewal.switch_at_marker(frame)  # the relay's own: not the client's
                     continue
-                outs = self._accepted_out(kind, frame)
+                try:
+                    outs = self._accepted_out(kind, frame)
+                except (ValueError, FrameError):
+                    await self._upstream_broke("invalid event (invalid_json)")
+                    break
                 settling = self.settling
                 if settling is not None:
                     if kind == "response.done":

@@ -29,11 +29,16 @@ async def stall_after_created(ws: web.WebSocketResponse, fake: FakeUpstream) -> 
     await asyncio.Event().wait()  # until the test server shuts down and cancels us
 
 
-def send_after_created(payload: str | bytes):
+def send_after_created(payload: str | bytes | tuple[str, bytes]):
+    """The script of an upstream that answers the client's first event with ``payload``: a
+    text frame, a binary one (bytes), or ("text", bytes) for a text frame of any bytes."""
+
     async def script(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
         await ws.send_str(CREATED)
         await ws.receive()  # the client's first event
-        if isinstance(payload, bytes):
+        if isinstance(payload, tuple):
+            await ws.send_frame(payload[1], web.WSMsgType.TEXT)
+        elif isinstance(payload, bytes):
             await ws.send_bytes(payload)
         else:
             await ws.send_str(payload)

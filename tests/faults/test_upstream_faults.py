@@ -72,6 +72,18 @@ async def test_stalled_upstream_is_found_by_heartbeat(start_fake, start_relay, h
         ('["an", "array"]', "upstream_protocol_error"),
         (b"\x00binary", "upstream_protocol_error"),
         ('{"type":"x","pad":"' + "p" * 5000 + '"}', "upstream_message_too_big"),
+        # Past a type prefix the relay forwards on, what it reads must still be JSON: these
+        # ended as the relay's own failure (relay_internal_error, a traceback).
+        ('{"type":"response.done","response":{"usage":{}}} GARBAGE', "upstream_protocol_error"),
+        (
+            '{"type":"response.done","response":{"usage":{"total_tokens":1e999}}}',
+            "upstream_protocol_error",
+        ),  # fmt: skip
+        # Text that is not UTF-8: forwarded, the client closed with 1007 and was blamed.
+        (
+            ("text", b'{"type":"response.output_text.delta","delta":"\xff\xfe"}'),
+            "upstream_protocol_error",
+        ),  # fmt: skip
     ],
 )
 async def test_upstream_sending_garbage_ends_the_session(
