@@ -193,14 +193,23 @@ async def credential_headers(credential: UpstreamCredential) -> dict[str, str]:
         ) from exc
 
 
+# The longest Retry-After believed: the service's own ask for a pause is seconds to a
+# minute; a larger one (or `inf`) would take a backend out for as long, with no probe back.
+MAX_RETRY_AFTER_SECONDS = 300
+
+
 def retry_after_seconds(retry_after: str | None) -> str | None:
-    """Retry-After as whole seconds (it may also be an HTTP date: then a safe default)."""
+    """Retry-After as whole seconds, 1 to MAX_RETRY_AFTER_SECONDS (it may also be an HTTP
+    date, or nonsense: then a safe default)."""
     if retry_after is None:
         return None
     try:
-        return str(max(1, math.ceil(float(retry_after))))
+        seconds = float(retry_after)
     except ValueError:
         return "5"
+    if math.isnan(seconds):
+        return "5"
+    return str(math.ceil(min(max(seconds, 1.0), MAX_RETRY_AFTER_SECONDS)))
 
 
 def refusal_for_status(status: int, retry_after: str | None) -> UpstreamRefused:

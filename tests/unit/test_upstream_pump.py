@@ -2,7 +2,7 @@ import pytest
 
 from relay.ops.config import CredentialConfig, DeploymentConfig
 from relay.session.pump import Ending, close_for_client, close_for_upstream
-from relay.upstream.dial import realtime_url, refusal_for_status
+from relay.upstream.dial import realtime_url, refusal_for_status, retry_after_seconds
 
 CRED = CredentialConfig()
 
@@ -123,3 +123,22 @@ def test_transcription_urls_name_no_deployment():
         "wss://res.openai.azure.com/openai/realtime?api-version=2025-04-01-preview"
         "&intent=transcription"
     )
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("7", "7"),
+        ("0.2", "1"),
+        ("-3", "1"),
+        ("nan", "5"),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", "5"),
+        # An upstream's nonsense took a backend out for a year (or crashed the request).
+        ("inf", "300"),
+        ("-inf", "1"),
+        ("1e308", "300"),
+        ("31536000", "300"),
+    ],
+)
+def test_retry_after_is_whole_seconds_within_bounds(header, seconds):
+    assert retry_after_seconds(header) == seconds
