@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -36,11 +37,13 @@ from relay.ops.build import build_commit, build_version, frame_scans
 from relay.ops.config import PriceTable
 from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 from relay.ops.process_collector import ProcessStats
-from relay.ops.usage import cost_usd, response_tokens, transcription_usage
+from relay.ops.usage import cost_usd, implausible, response_tokens, transcription_usage
 from relay.session.codec import delta_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
 from relay.session.lane import Lane
 from relay.session.schema import audio_bytes_per_second
+
+_log = structlog.get_logger("relay.metrics")
 
 # Voice latencies: from a few ms (relay overhead) to seconds (a model's first audio).
 LATENCY_BUCKETS = (
@@ -774,11 +777,15 @@ class SessionMeter:
         self._turn_ended(None)  # a response without audio ends the turn too
         usage = response.get("usage")
         if isinstance(usage, Mapping):
+            if implausible(usage):
+                _log.warning("upstream_usage_implausible", event_type="response.done")
             self._count_usage(response_tokens(usage))
 
     def _transcription_usage(self, frame: bytes) -> None:
         usage = orjson.loads(frame).get("usage")
         if isinstance(usage, Mapping):
+            if implausible(usage):
+                _log.warning("upstream_usage_implausible", event_type="transcription")
             self._count_usage(*transcription_usage(usage))
 
     def _count_usage(self, counts: Mapping[str, int], seconds: float = 0.0) -> None:

@@ -19,6 +19,12 @@ from relay.ops.config import PriceTable
 
 _MODALITIES = ("text", "audio", "image")
 _PER_TOKEN = 1e-6  # prices are per million tokens
+# Counts past these are not believed (counted as 0, and logged by the meter): a realtime
+# response reads at most its context window (128k tokens) and a transcription at most a
+# session's audio. One crafted `response.done` would otherwise exhaust a team's budget
+# (its estimated cost $9e14) and leave the counters at 1e19 for good.
+MAX_TOKENS = 10_000_000
+MAX_TRANSCRIPTION_SECONDS = 4 * 3600.0
 
 
 def response_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
@@ -52,7 +58,11 @@ def transcription_usage(usage: Mapping[str, Any]) -> tuple[dict[str, int], float
     """(token counts by kind, seconds billed by duration) of a transcription's usage."""
     if usage.get("type") == "duration":
         seconds = usage.get("seconds")
-        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
+        if (
+            isinstance(seconds, int | float)
+            and not isinstance(seconds, bool)
+            and 0 < seconds <= MAX_TRANSCRIPTION_SECONDS
+        ):
             return {}, float(seconds)
         return {}, 0.0
     details = usage.get("input_token_details")
@@ -89,5 +99,16 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def implausible(usage: Any) -> bool:
+    """Whether a usage block holds a count past what a response or transcription can use."""
+    if isinstance(usage, Mapping):
+        return any(implausible(value) for value in usage.values())
+    if isinstance(usage, int | float) and not isinstance(usage, bool):
+        return not usage <= MAX_TOKENS  # inf and nan too
+    return False
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_TOKENS:
+        return value
+    return 0

@@ -90,3 +90,17 @@ def test_transcription_by_tokens_and_by_duration():
 def test_negative_prices_are_refused():
     with pytest.raises(ValueError, match="output_audio must be 0 or more"):
         PriceTable(output_audio=-1)
+
+
+def test_counts_past_what_a_response_can_use_are_not_believed():
+    """One crafted `response.done` (counts near 1e19) made a team's estimated spend $9e14,
+    closed all its sessions over budget until midnight, and left the counters at 1e19."""
+    from relay.ops.usage import implausible
+
+    inflated = {"output_token_details": {"audio_tokens": 10**19, "text_tokens": 12}}
+    assert response_tokens(inflated)["output_audio"] == 0
+    assert response_tokens(inflated)["output_text"] == 12
+    assert implausible(inflated) and implausible({"total_tokens": float("inf")})
+    assert not implausible({"total_tokens": 120_000, "input_token_details": {"text_tokens": 9}})
+    assert transcription_usage({"type": "duration", "seconds": 1e300}) == ({}, 0.0)
+    assert transcription_usage({"type": "duration", "seconds": 90.5}) == ({}, 90.5)
