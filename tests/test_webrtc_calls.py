@@ -731,3 +731,25 @@ async def test_a_calls_answer_never_carries_the_relays_key(start_fake, start_rel
     assert status == 201
     assert AZURE_KEY not in headers["Location"] and AZURE_KEY not in body
     assert headers["Location"].startswith("/openai/v1/realtime/calls/rtc_q")
+
+
+async def test_an_oversized_answer_from_the_upstream_is_refused_not_held(
+    start_fake, start_relay, http
+):
+    """A 315 MB SDP answer took the process to 668 MiB and went back whole."""
+    from aiohttp import web
+
+    from relay.edge.webrtc.forward import MAX_ANSWER_BYTES
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        sdp = "v=0\r\n" + "a=x:" + "y" * MAX_ANSWER_BYTES + "\r\n"
+        return web.Response(status=201, text=sdp, content_type="application/sdp")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    server = await start_fake(app)
+    relay = await start_relay(calls_config(f"http://127.0.0.1:{server.port}", observe=False))
+    url = relay.make_url(CALLS).with_query(model="gpt-realtime")
+    status, _, body = await post(http, url, data=OFFER, headers=SDP)
+    assert status == 502 and body["error"]["code"] == "upstream_invalid_response"

@@ -26,6 +26,7 @@ from relay.upstream.dial import UpstreamSocket
 # sends a few events of a few hundred bytes): the relay holds them for the client.
 MAX_HELD_AT_START_BYTES = 1024 * 1024
 
+
 @dataclass(slots=True)
 class StartedSession:
     # The `session.created` the client gets first (None: a call's sideband gets none).

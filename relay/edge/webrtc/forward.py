@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import aiohttp
 import structlog
 from multidict import CIMultiDictProxy
 
@@ -25,6 +26,11 @@ from relay.upstream.dial import (
 )
 
 _log = structlog.get_logger("relay.edge.webrtc")
+
+
+# The most of an upstream answer read (an SDP answer, a secret, an error: a few KiB); a
+# larger one is refused rather than held (315 MB of SDP took the process to 668 MiB).
+MAX_ANSWER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +109,26 @@ async def _send(
             async with state.http.post(
                 url, data=outbound.body(backend), headers=headers, allow_redirects=False
             ) as response:
-                answer = Answer(response.status, await response.read(), response.headers)
+                answer = Answer(response.status, await _read(response), response.headers)
     endpoint = outbound.leaf.rsplit("/", 1)[-1]  # a bounded label: no call ids
     state.metrics.webrtc_upstream.labels(deployment.name, endpoint).observe(
         time.perf_counter() - began
     )
     return answer
+
+
+async def _read(response: aiohttp.ClientResponse) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise UpstreamRefused(
+                502,
+                "upstream_invalid_response",
+                "The upstream service's answer was larger than the relay takes.",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _judge(answer: Answer, *, via_secret: bool) -> None:
