@@ -237,3 +237,42 @@ async def test_a_translated_event_too_complex_to_parse_is_refused_and_the_sessio
         item["content"] = [part]
         await send(ws, {"type": "conversation.item.create", "item": item})
         await read_until(ws, "conversation.item.created")
+
+
+@pytest.mark.parametrize("client", ["ga", "preview"])
+async def test_a_translated_tool_turn_validates_against_the_clients_sdk(
+    simulator, start_relay, http, client
+):
+    """Every event a translated client gets, a tool call's included, is one its SDK's own
+    models take: GA clients on a preview deployment got content parts retyped as items are,
+    and a `response.function_call_arguments.done` without the `name` GA requires."""
+    from tests.simulator import sdk_types
+
+    deployment = {"endpoint": simulator.url, "credential": {"env": "TEST_AZURE_KEY"}}
+    if client == "ga":
+        deployment |= {"protocol": "preview", "api_version": "2025-04-01-preview"}
+        path = "/openai/v1/realtime?model=gpt-realtime"
+        session: dict = {"type": "realtime"}
+    else:
+        path = "/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-realtime"
+        session = {}
+    relay = await start_relay(relay_config(simulator.url, deployments={"gpt-realtime": deployment}))
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    async with http.ws_connect(f"http://127.0.0.1:{relay.port}{path}",
+                               headers={"api-key": ALPHA_KEY}) as ws:  # fmt: skip
+        await read_until(ws, "session.created")
+        await send(ws, {"type": "session.update", "session": {**session, "tools": [tool]}})
+        await read_until(ws, "session.updated")
+        item = {"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "get weather please"}]}  # fmt: skip
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        await send(ws, {"type": "response.create"})
+        raws = []
+        while True:
+            msg = await ws.receive()
+            raws.append(msg.data.encode())
+            if b'"response.done"' in raws[-1]:
+                break
+    kinds = [sdk_types.check("beta" if client == "preview" else "ga", raw)["type"]
+             for raw in raws]  # fmt: skip
+    assert "response.function_call_arguments.done" in kinds

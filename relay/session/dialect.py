@@ -134,6 +134,10 @@ ServerHandler = Callable[[dict[str, Any]], list[dict[str, Any]]]
 ClientHandler = Callable[[dict[str, Any]], list[str]]
 
 
+# Function calls whose names are kept until their arguments are done (a response makes few).
+_MAX_CALLS_NAMED = 64
+
+
 class _NoCounterpart(Exception):
     """The whole event has no counterpart; ``param`` says which field makes it so."""
 
@@ -147,6 +151,7 @@ class Translator:
 
     __slots__ = (
         "client", "upstream", "client_events", "_names", "_byte_renames", "_server", "_client",
+        "_call_names",
     )  # fmt: skip
 
     def __init__(self, client: Dialect, upstream: Dialect) -> None:
@@ -172,8 +177,8 @@ class Translator:
             "conversation.item.retrieved": item,
             "response.output_item.added": item,
             "response.output_item.done": item,
-            "response.content_part.added": self._server_part,
-            "response.content_part.done": self._server_part,
+            # (Content parts are `text` and `audio` in both dialects: only items differ.)
+            "response.function_call_arguments.done": self._server_arguments_done,
             "response.created": self._server_response,
             "response.done": self._server_response,
             "error": self._server_error,
@@ -192,6 +197,9 @@ class Translator:
         }
         # The client event types that are reshaped; all others pass untouched.
         self.client_events = frozenset(self._client)
+        # A function call's name by item id, from `response.output_item.added`: GA's
+        # `response.function_call_arguments.done` names the function, preview's does not.
+        self._call_names: dict[str, str] = {}
 
     # Server -> client.
 
@@ -234,7 +242,28 @@ class Translator:
         return [*self._server_session(event), conversation]
 
     def _server_item(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        self._item(event.get("item"), self.client)
+        item = event.get("item")
+        self._item(item, self.client)
+        if (
+            self.client == "ga"
+            and event.get("type") == "response.output_item.added"
+            and isinstance(item, dict)
+            and item.get("type") == "function_call"
+            and isinstance(item.get("id"), str)
+            and isinstance(item.get("name"), str)
+        ):
+            self._call_names[item["id"]] = item["name"]
+            while len(self._call_names) > _MAX_CALLS_NAMED:
+                del self._call_names[next(iter(self._call_names))]
+        return [event]
+
+    def _server_arguments_done(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.client == "preview":
+            event.pop("name", None)
+        else:
+            name = self._call_names.pop(str(event.get("item_id")), None)
+            if name is not None and "name" not in event:
+                event["name"] = name
         return [event]
 
     def _server_item_created(self, event: dict[str, Any]) -> list[dict[str, Any]]:
@@ -245,10 +274,6 @@ class Translator:
         if isinstance(event.get("event_id"), str):
             done["event_id"] = event["event_id"] + "_done"
         return [added, done]
-
-    def _server_part(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        _retype(event.get("part"), self.client)
-        return [event]
 
     def _server_response(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         response = event.get("response")

@@ -250,15 +250,32 @@ def test_ga_server_events_reach_a_preview_client_in_its_names():
         PREVIEW_TO_GA.to_client("conversation.item.done", dumps({"type": "conversation.item.done"}))
         == ()
     )
-    part = one(
-        PREVIEW_TO_GA.to_client(
-            "response.content_part.added",
-            dumps(
-                {"type": "response.content_part.added", "part": {"type": "output_text", "text": ""}}
-            ),
-        )
+    # Content parts are `text` and `audio` in both dialects (the SDKs' models say so): as
+    # they are. (They were retyped like items, which GA clients' models refused.)
+    added = {"type": "response.content_part.added", "part": {"type": "audio", "transcript": ""}}
+    assert PREVIEW_TO_GA.to_client("response.content_part.added", dumps(added)) == (dumps(added),)
+    assert GA_TO_PREVIEW.to_client("response.content_part.added", dumps(added)) == (dumps(added),)
+
+
+def test_a_ga_client_hears_the_name_of_the_function_whose_arguments_are_done():
+    """GA's `response.function_call_arguments.done` names the function (its models require
+    it); preview's does not: the name comes from the call's `response.output_item.added`."""
+    translator = Translator("ga", "preview")
+    call = {"id": "item_1", "type": "function_call", "name": "get_weather", "call_id": "c1"}
+    translator.to_client(
+        "response.output_item.added",
+        dumps({"type": "response.output_item.added", "item": call}),
     )
-    assert part["part"] == {"type": "text", "text": ""}
+    done = {"type": "response.function_call_arguments.done", "item_id": "item_1",
+            "call_id": "c1", "arguments": "{}"}  # fmt: skip
+    translated = one(translator.to_client("response.function_call_arguments.done", dumps(done)))
+    assert translated == {**done, "name": "get_weather"}
+    # A preview client gets the preview shape: without it.
+    with_name = {**done, "name": "get_weather"}
+    assert (
+        one(PREVIEW_TO_GA.to_client("response.function_call_arguments.done", dumps(with_name)))
+        == done
+    )
 
 
 def test_response_objects_and_error_params():
