@@ -32,7 +32,7 @@ from relay.errors import ConfigError
 from relay.ops.check import ConfigSource
 from relay.ops.config import SIMULATOR_ENDPOINT, CredentialConfig, DeploymentConfig, RelayConfig
 from relay.ops.logsetup import configure_logging
-from relay.ops.metrics import WATCHED_OUTCOMES
+from relay.ops.metrics import WATCHED_OUTCOMES, configured_series
 from relay.session.continuity import ContinuitySettings, build_continuity
 from relay.session.policy import SessionPolicy, build_policy
 from relay.state import LiveConfig, RelayState
@@ -182,13 +182,14 @@ def budget_gauges(state: RelayState, old: RelayConfig | None = None) -> None:
         spent = metrics.budget_spent.labels(team, window)
         state.live_gauges.forget(spent)
         state.live_gauges.track(spent, _spent_in(budgets.book, team, window))
-    for team_config in old.teams.values() if old else ():
-        for window in ("day", "month"):
-            if (team_config.name, window) not in wanted:
-                state.live_gauges.forget(metrics.budget_spent.labels(team_config.name, window))
-                for gauge in (metrics.budget, metrics.budget_spent):
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(team_config.name, window)
+    # Only the series ``old`` had: asking for any other would create it (at 0, for good in
+    # a worker's metric file).
+    had = configured_series(old)["relay_budget_usd"][1] if old else frozenset()
+    for team, window in had - wanted.keys():
+        state.live_gauges.forget(metrics.budget_spent.labels(team, window))
+        for gauge in (metrics.budget, metrics.budget_spent):
+            with contextlib.suppress(KeyError):
+                gauge.remove(team, window)
 
 
 def _spent_in(book: SpendBook, team: str, window: str) -> Callable[[], float]:
@@ -265,9 +266,13 @@ async def apply_config(
     state.message_budget.limit = config.server.message_buffer_bytes
     for new_team in config.teams.values():
         state.message_budget_for(new_team)  # a team added: its budget and series
-    for name, budget in state.team_message_budgets.items():
+    for name, budget in list(state.team_message_budgets.items()):
         team = config.teams.get(name)
         budget.limit = (team.limits.message_buffer_bytes or 0) if team is not None else 0
+        if team is None:  # gone: its series too (sessions that hold the budget keep it)
+            del state.team_message_budgets[name]
+            state.live_gauges.forget(state.metrics.message_buffer_team.labels(name))
+            state.metrics.message_buffer_team.remove(name)
     if config.logging != old.config.logging:
         configure_logging(config.logging.level, config.logging.format)
     _forget_backends(state, old, live)

@@ -90,6 +90,11 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
                     break
                 await asyncio.sleep(0.05)  # a process restart: no event to await from here
             assert str(victim) not in pids and len(pids) == 2
+            found = await scrape(http, metrics_port)
+            assert [s.value for s in found["relay_workers"]] == [2]
+            assert [s.value for s in found["relay_workers_running"]] == [2]
+            restarts = {s.labels["worker"]: s.value for s in found["relay_worker_restarts_total"]}
+            assert sorted(restarts.values()) == [0, 1]
 
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0
@@ -121,3 +126,58 @@ async def test_a_sigterm_during_a_restart_delay_starts_the_drain_at_once(tmp_pat
 def _worker_pids(supervisor: int) -> list[int]:
     with open(f"/proc/{supervisor}/task/{supervisor}/children") as children:
         return [int(pid) for pid in children.read().split()]
+
+
+async def test_the_supervisors_scrape_leaves_out_what_a_reload_removed(tmp_path):
+    """Under --workers a worker's metric file keeps every series it ever wrote: a backend a
+    reload removed stayed in the scrape at 0 (RelayBackendEjected firing until a restart),
+    and a removed team's budget. The supervisor leaves out what the config no longer has,
+    and counts the log lines it dropped itself (the workers' lines go through it)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from relay.ops.check import ConfigSource
+    from relay.ops.workers import Supervisor
+    from tests.helpers import relay_config
+
+    def config(*backends: str, teams: tuple[str, ...]):
+        pool = [{"name": b, "endpoint": "http://127.0.0.1:1", "credential": {"env": "K"}}
+                for b in backends]  # fmt: skip
+        limits = {"max_usd_per_day": 5.0}
+        return relay_config(
+            "http://127.0.0.1:1",
+            deployments={"gpt-realtime": {"backends": pool, "prices": {"output_audio": 64.0}}},
+            teams={
+                t: {
+                    "keys": [hash_key(f"rk-{t}-0123456789")],
+                    "deployments": ["gpt-realtime"],
+                    "limits": limits,
+                }
+                for t in teams
+            },  # fmt: skip
+        )
+
+    supervisor = Supervisor(
+        config("good", "dead", teams=("a", "b")),
+        ConfigSource(tmp_path / "relay.toml", {}),
+        {},
+        2,
+        overrides={},
+    )
+    supervisor.config = config("good", teams=("a",))  # what the reload applied
+    up = GaugeMetricFamily("relay_backend_up", "", labels=["deployment", "backend"])
+    up.add_metric(["gpt-realtime", "good"], 1)
+    up.add_metric(["gpt-realtime", "dead"], 0)
+    budget = GaugeMetricFamily("relay_budget_usd", "", labels=["team", "window"])
+    budget.add_metric(["a", "day"], 5)
+    budget.add_metric(["b", "day"], 5)
+    budget.add_metric(["a", "month"], 0)  # a window without a budget
+    dropped = CounterMetricFamily("relay_log_lines_dropped", "")
+    dropped.add_metric([], 0)
+    supervisor.log_lines_dropped = 7
+    shaped = {f.name: f.samples for f in supervisor._shape([up, budget, dropped])}
+    assert [s.labels["backend"] for s in shaped["relay_backend_up"]] == ["good"]
+    assert [(s.labels["team"], s.labels["window"]) for s in shaped["relay_budget_usd"]] == [
+        ("a", "day")
+    ]
+    assert [s.value for s in shaped["relay_log_lines_dropped"]] == [7]
+    supervisor._metrics_dir.cleanup()

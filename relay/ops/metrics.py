@@ -34,7 +34,7 @@ from prometheus_client import (
 )
 
 from relay.ops.build import build_commit, build_version, frame_scans
-from relay.ops.config import PriceTable
+from relay.ops.config import PriceTable, RelayConfig
 from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 from relay.ops.process_collector import ProcessStats
 from relay.ops.usage import cost_usd, implausible, response_tokens, transcription_usage
@@ -44,6 +44,34 @@ from relay.session.lane import Lane
 from relay.session.schema import audio_bytes_per_second
 
 _log = structlog.get_logger("relay.metrics")
+
+
+def configured_series(config: RelayConfig) -> dict[str, tuple[tuple[str, ...], frozenset[Any]]]:
+    """The gauges that follow the config, by metric family: their label names and the label
+    values the config has. A series outside them belongs to a backend or team a reload
+    removed (under --workers its value stays in a worker's metric file: the supervisor's
+    scrape leaves it out)."""
+    budgets = frozenset(
+        (team.name, window)
+        for team in config.teams.values()
+        for window, limit in (
+            ("day", team.limits.max_usd_per_day),
+            ("month", team.limits.max_usd_per_month),
+        )
+        if limit is not None
+    )
+    backends = frozenset(
+        (deployment.name, backend.name)
+        for deployment in config.deployments.values()
+        for backend in deployment.backends
+    )
+    return {
+        "relay_backend_up": (("deployment", "backend"), backends),
+        "relay_budget_usd": (("team", "window"), budgets),
+        "relay_budget_spent_usd": (("team", "window"), budgets),
+        "relay_message_buffer_team_bytes": (("team",), frozenset((t,) for t in config.teams)),
+    }
+
 
 # Voice latencies: from a few ms (relay overhead) to seconds (a model's first audio).
 LATENCY_BUCKETS = (

@@ -29,15 +29,24 @@ class WorkerMetricFiles(MultiProcessCollector):
     reading one fails the whole scrape (prometheus/client_python#1199), and a worker killed
     in that instant would leave it for good."""
 
-    def __init__(self, registry: CollectorRegistry | None, path: str) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None,
+        path: str,
+        shape: Callable[[list[Metric]], list[Metric]] | None = None,
+    ) -> None:
+        """``shape``: the supervisor's last word on the merged families (its own counts
+        added, series of what a reload removed left out)."""
         super().__init__(registry, path=path)  # type: ignore[no-untyped-call]
         self._directory = path
+        self._shape = shape
 
     def collect(self) -> Iterable[Metric]:
         files = [
             f for f in glob.glob(os.path.join(self._directory, "*.db")) if _size(f) >= _HEADER_BYTES
         ]
-        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+        families: list[Metric] = list(self.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+        return families if self._shape is None else self._shape(families)
 
 
 def _size(path: str) -> int:

@@ -29,12 +29,15 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from relay.errors import ConfigError, StartupError
 from relay.ops.build import frame_scans
 from relay.ops.check import ConfigSource
 from relay.ops.config import RelayConfig
-from relay.ops.logsetup import write_log_line
+from relay.ops.logsetup import count_dropped_lines, write_log_line
+from relay.ops.metrics import configured_series
 from relay.ops.watch import watch_file
 
 _log = structlog.get_logger("relay.ops.workers")
@@ -77,6 +80,8 @@ class Supervisor:
         self.overrides = dict(overrides)
         self.stopping = False
         self._stop = asyncio.Event()  # SIGTERM or SIGINT
+        # Lines the supervisor's own log writer dropped (the workers' go through it).
+        self.log_lines_dropped = 0
         self.workers: dict[int, Worker] = {}
         self._metrics_dir = tempfile.TemporaryDirectory(prefix="relay-metrics-")
         self._loop = asyncio.get_running_loop()
@@ -140,8 +145,10 @@ class Supervisor:
         from relay.server import runner_options
 
         registry = CollectorRegistry()
-        WorkerMetricFiles(registry, path=self._metrics_dir.name)
+        WorkerMetricFiles(registry, path=self._metrics_dir.name, shape=self._shape)
         registry.register(WorkerProcesses(self._live_pids))
+        registry.register(_WorkerStats(self))
+        count_dropped_lines(self._dropped_line)
         PlatformCollector(registry=registry)
         runner = RelayRunner(
             create_metrics_app(registry), **runner_options(self.config, access_log=False)
@@ -155,6 +162,39 @@ class Supervisor:
         host, port = runner.addresses[0][:2]
         _log.info("metrics_listening", url=f"http://{host}:{port}/metrics")
         return runner
+
+    def _dropped_line(self) -> None:
+        self.log_lines_dropped += 1
+
+    def _shape(self, families: list[Metric]) -> list[Metric]:
+        """The workers' merged families as the scrape shows them: what a reload removed
+        (a backend, a team, a budget) left out, since a worker's metric file keeps a series
+        for good; the lines the supervisor dropped counted with the workers' (whose lines
+        it writes, so they never drop any)."""
+        series = configured_series(self.config)
+        dropped_seen = False
+        for family in families:
+            kept = series.get(family.name)
+            if kept is not None:
+                names, allowed = kept
+                family.samples = [
+                    s for s in family.samples if tuple(s.labels.get(n) for n in names) in allowed
+                ]
+            elif family.name == "relay_log_lines_dropped":
+                dropped_seen = True
+                family.samples = [
+                    s._replace(value=s.value + self.log_lines_dropped)
+                    if s.name.endswith("_total")
+                    else s
+                    for s in family.samples
+                ]
+        if not dropped_seen and self.log_lines_dropped:
+            family = CounterMetricFamily(
+                "relay_log_lines_dropped", "Log lines dropped: stdout was not read."
+            )
+            family.add_metric([], self.log_lines_dropped)
+            families.append(family)
+        return families
 
     def _live_pids(self) -> list[int]:
         return [w.process.pid for w in self.workers.values() if w.process.returncode is None]
@@ -251,6 +291,36 @@ class Supervisor:
             return 1
         _log.info("relay_stopped", exit_codes=codes)
         return 0 if all(code == 0 for code in codes) else 1
+
+
+# The series only the supervisor exports (tests/test_workers.py scrapes them).
+SUPERVISOR_METRICS = frozenset(
+    {"relay_workers", "relay_workers_running", "relay_worker_restarts_total"}
+)
+
+
+class _WorkerStats(Collector):
+    """How many workers run, of how many, and how often each was restarted: a worker that
+    cannot start again (a config file broken meanwhile) leaves the pod at part capacity
+    with /readyz green."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> list[Metric]:
+        supervisor = self._supervisor
+        configured = GaugeMetricFamily("relay_workers", "Worker processes configured.")
+        configured.add_metric([], supervisor.count)
+        running = GaugeMetricFamily("relay_workers_running", "Worker processes running now.")
+        running.add_metric([], len(supervisor._live_pids()))
+        restarts = CounterMetricFamily(
+            "relay_worker_restarts",
+            "Worker processes started again after one exited.",
+            labels=["worker"],
+        )
+        for index, worker in sorted(supervisor.workers.items()):
+            restarts.add_metric([str(index)], worker.restarts)
+        return [configured, running, restarts]
 
 
 def _die_with_parent() -> None:
