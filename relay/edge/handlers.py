@@ -351,6 +351,13 @@ async def _serve(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server.client_send_buffer_bytes)
     try:
         await client.prepare(request)
+    except ConnectionError as exc:
+        # The client left while its upstream was set up: counted and logged as a refusal of
+        # its own kind (it was an unexplained 500 on the access line alone).
+        await upstream.close(code=1001, message=b"client left during set-up")
+        state.metrics.session_refusals.labels(team.name, "499", "client_gone").inc()
+        _log.info("session_abandoned", cause=describe_error(exc))
+        return web.Response(status=499)
     except BaseException:
         await upstream.close(code=1001, message=b"client handshake failed")
         raise

@@ -15,7 +15,15 @@ from aiohttp import WSMsgType
 from relay.app import drain
 from relay.state import STATE
 from tests.faults.peers import send_after_created, silent_mid_response, stall_after_created
-from tests.helpers import ALPHA_KEY, AZURE_KEY, UPGRADE, FakeUpstream, read_until, relay_config
+from tests.helpers import (
+    ALPHA_KEY,
+    AZURE_KEY,
+    UPGRADE,
+    FakeUpstream,
+    echo,
+    read_until,
+    relay_config,
+)
 
 
 @pytest.fixture
@@ -272,3 +280,42 @@ async def test_an_upstream_flooding_before_it_confirms_the_session_is_refused(
     async with http.get(url(relay), headers={"api-key": ALPHA_KEY, **UPGRADE}) as response:
         assert response.status == 502
         assert (await response.json())["error"]["code"] == "upstream_protocol_error"
+
+
+async def test_a_client_leaving_while_its_upstream_is_set_up_is_counted_not_a_500(
+    start_fake, start_relay
+):
+    dialled, go = asyncio.Event(), asyncio.Event()
+
+    async def slow_start(ws, fake: FakeUpstream) -> None:
+        dialled.set()
+        await go.wait()
+        await echo(ws, fake)
+
+    fake = FakeUpstream(script=slow_start)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    head = (
+        "GET /openai/v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: relay\r\n"
+        f"api-key: {ALPHA_KEY}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in UPGRADE.items())
+        + "\r\n"
+    )
+    with structlog.testing.capture_logs() as logs:
+        writer.write(head.encode())
+        await dialled.wait()
+        writer.transport.abort()  # the client gives up while the upstream starts
+        go.set()
+        await fake.closed.wait()
+        refusals = relay.app[STATE].metrics.session_refusals.labels("alpha", "499", "client_gone")
+        for _ in range(500):
+            if refusals._value.get():
+                break
+            # The relay's handler ends once the upstream's close returns: no event of its
+            # own to await from here.
+            await asyncio.sleep(0.01)
+    assert fake.close_code == 1001
+    assert refusals._value.get() == 1
+    assert [e for e in logs if e["event"] == "session_abandoned"]
+    assert not [e for e in logs if e["log_level"] == "error"]
