@@ -56,6 +56,9 @@ class SecretFilter:
     def __init__(self) -> None:
         self._static: set[str] = set()
         self._recent: deque[str] = deque(maxlen=MAX_RECENT)
+        # Client secrets the relay minted, apart: any client can mint many, and they must
+        # not push the relay's own tokens out of `_recent`.
+        self._minted: deque[str] = deque(maxlen=MAX_RECENT)
         self._all: tuple[str, ...] = ()
         self._encoded: tuple[tuple[str, ...], tuple[bytes, ...]] = ((), ())
         self._stale = False
@@ -67,10 +70,12 @@ class SecretFilter:
                 self._static.add(value)
                 self._stale = True
 
-    def register_recent(self, value: str | None) -> None:
-        """A secret learnt while running: an Entra token, a minted client secret."""
-        if value and len(value) >= MIN_SECRET_LENGTH and value not in self._recent:
-            self._recent.append(value)
+    def register_recent(self, value: str | None, *, minted: bool = False) -> None:
+        """A secret learnt while running: an Entra token, or (``minted``) a client secret
+        the relay minted."""
+        held = self._minted if minted else self._recent
+        if value and len(value) >= MIN_SECRET_LENGTH and value not in held:
+            held.append(value)
             self._stale = True
 
     def in_this_request(self, value: str | None) -> None:
@@ -114,15 +119,16 @@ class SecretFilter:
         return any(secret in data for secret in self._known_bytes())
 
     def clean_known(self, value: Any) -> Any:
-        """``value`` with the relay's own secrets replaced, strings in containers included;
-        nothing else changed (no patterns: the text is the service's, not a log line)."""
+        """``value`` with the relay's own secrets replaced, strings in containers (keys
+        included) too; nothing else changed (no patterns: the text is the service's, not a
+        log line)."""
         if isinstance(value, str):
             for secret in self._known():
                 if secret in value:
                     value = value.replace(secret, REDACTED)
             return value
         if isinstance(value, dict):
-            return {k: self.clean_known(v) for k, v in value.items()}
+            return {self.clean_known(k): self.clean_known(v) for k, v in value.items()}
         if isinstance(value, list):
             return [self.clean_known(v) for v in value]
         return value
@@ -150,7 +156,8 @@ class SecretFilter:
     def _known(self) -> tuple[str, ...]:
         if self._stale:
             # Longest first: a secret that contains another is replaced whole.
-            self._all = tuple(sorted({*self._static, *self._recent}, key=len, reverse=True))
+            every = {*self._static, *self._recent, *self._minted}
+            self._all = tuple(sorted(every, key=len, reverse=True))
             self._stale = False
         return self._all
 

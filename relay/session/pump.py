@@ -540,10 +540,8 @@ class Bridge:
 
     def _accepted_out(self, kind: str, frame: bytes) -> Sequence[bytes]:
         """An upstream event the client will get: metered and tracked; the frames to send."""
-        if kind == "error" and SECRETS.known_in(frame):
-            # The service's words may quote what it was sent: never the relay's credential.
-            _log.warning("upstream_error_quoted_a_secret")
-            frame = dump_json(SECRETS.clean_known(load_json(frame)))
+        if kind == "error" or (kind == "response.done" and b'"error"' in frame):
+            frame = _without_secrets(frame)
         self.meter.upstream_event(kind, frame)
         renewal = self.renewal
         if renewal is not None and kind in TRACKED:
@@ -961,6 +959,18 @@ class Bridge:
 
 
 _CANCEL = b'{"type":"response.cancel","event_id":"relay_settle"}'
+
+
+def _without_secrets(frame: bytes) -> bytes:
+    """An upstream's error, in its words, which may quote what it was sent: never the
+    relay's credential, however written (escaped, a key). Read as JSON: raw bytes miss a
+    `\\u0061`."""
+    event = load_json(frame)
+    cleaned = SECRETS.clean_known(event)
+    if cleaned == event:
+        return frame
+    _log.warning("upstream_error_quoted_a_secret")
+    return dump_json(cleaned)
 
 
 def _rate_limited(rate: float, burst: float) -> PolicyViolation:

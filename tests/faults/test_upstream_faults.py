@@ -154,6 +154,18 @@ def _quoting(how: str):
                 error = {"type": "invalid_request_error", "code": "x", "message": quoted,
                          "param": AZURE_KEY, "event_id": None}  # fmt: skip
                 await ws.send_str(orjson.dumps({"type": "error", "error": error}).decode())
+            elif how == "escaped":  # the same words, JSON-escaped: raw bytes miss them
+                error = {"type": "invalid_request_error", "message": quoted, AZURE_KEY: 1}
+                text = orjson.dumps({"type": "error", "error": error}).decode()
+                await ws.send_str(
+                    text.replace(AZURE_KEY, "\\u" + f"{ord(AZURE_KEY[0]):04x}" + AZURE_KEY[1:])
+                )
+            elif how == "failed_response":
+                details = {"type": "failed", "error": {"type": "server_error", "message": quoted}}
+                response = {"id": "resp_1", "status": "failed", "status_details": details}
+                await ws.send_str(
+                    orjson.dumps({"type": "response.done", "response": response}).decode()
+                )
             else:
                 await ws.close(code=1008, message=quoted.encode())
                 return
@@ -161,7 +173,7 @@ def _quoting(how: str):
     return script
 
 
-@pytest.mark.parametrize("how", ["error", "close"])
+@pytest.mark.parametrize("how", ["error", "escaped", "failed_response", "close"])
 async def test_the_upstreams_words_never_carry_the_relays_key_to_the_client(
     start_fake, start_relay, http, how
 ):
@@ -175,6 +187,9 @@ async def test_the_upstreams_words_never_carry_the_relays_key_to_the_client(
         if how == "error":
             error = orjson.loads(msg.data)["error"]
             assert error["message"] == "you sent [REDACTED]" and error["param"] == "[REDACTED]"
+        elif how in ("escaped", "failed_response"):
+            assert AZURE_KEY not in str(orjson.loads(msg.data))
+            assert "you sent [REDACTED]" in str(orjson.loads(msg.data))
         else:
             assert (msg.type, msg.data, msg.extra) == (
                 WSMsgType.CLOSE,

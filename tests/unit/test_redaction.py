@@ -159,3 +159,20 @@ def test_stdlib_and_structlog_lines_come_out_as_the_same_redacted_json():
     assert theirs["logger"] == "aiohttp.server" and theirs["level"] == "error"
     assert "ValueError" in theirs["exception"] and KEY.encode() not in run.stdout
     assert (debug["logger"], debug["level"]) == ("asyncio", "debug")
+
+
+def test_minting_many_client_secrets_never_pushes_out_the_relays_own_tokens():
+    """Any client may mint client secrets by the dozen; they filled the 64 places that hold
+    the relay's Entra token, which upstream words were then no longer cleaned of."""
+    from relay.ops.redaction import MAX_RECENT
+
+    secrets = SecretFilter()
+    token = "entra-token-" + "t" * 40
+    secrets.register_recent(token)
+    for n in range(2 * MAX_RECENT):
+        secrets.register_recent(f"ek_minted_{n:06d}_xxxxxxxx", minted=True)
+    assert secrets.known_in(token.encode())
+    assert secrets.clean_known({"message": token, token: 1}) == {
+        "message": REDACTED,
+        REDACTED: 1,
+    }

@@ -190,7 +190,7 @@ async def _mint(
     backend, answer = await forward(state, live, deployment, backends, outbound)
     minted = parse_minted(answer.body)
     expires_at = min(float(minted["expires_at"]), webrtc.book.clock() + wanted.seconds)
-    SECRETS.register_recent(minted["value"])
+    SECRETS.register_recent(minted["value"], minted=True)
     await webrtc.book.remember(
         minted["value"], MintedSecret(team.name, deployment.name, backend.name, expires_at)
     )
