@@ -104,13 +104,26 @@ def client_address(
         return peer or "unknown"
     hops = [hop.strip() for line in forwarded_for for hop in line.split(",") if hop.strip()]
     for hop in reversed(hops):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
+        address = _hop_address(hop)
+        if address is None:
             return peer
         if not any(address in network for network in trusted):
             return str(address)
     return peer
+
+
+def _hop_address(hop: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A hop's IP address: bare, or with the port some gateways add (`203.0.113.5:41234`,
+    `[2001:db8::1]:443`, as Azure Application Gateway writes them); None if it is none."""
+    if hop.startswith("["):
+        host, bracket, _ = hop[1:].partition("]")
+        hop = host if bracket else hop
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return ipaddress.ip_address(hop)
+    except ValueError:
+        return None
 
 
 def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:

@@ -113,6 +113,13 @@ def test_client_address_behind_trusted_proxies():
     assert client_address("10.0.0.5", ["not-an-ip"], proxies) == "10.0.0.5"
     assert client_address("10.0.0.5", ["1.2.3.4, " + "x" * 16_000], proxies) == "10.0.0.5"
     assert client_address("10.0.0.5", ["2001:DB8::1"], proxies) == "2001:db8::1"
+    # With the port some gateways add (Azure Application Gateway): the address alone, so
+    # clients behind it are not one brake bucket (the gateway's).
+    assert client_address("10.0.0.5", ["203.0.113.5:41234"], proxies) == "203.0.113.5"
+    assert client_address("10.0.0.5", ["[2001:db8::1]:443"], proxies) == "2001:db8::1"
+    assert client_address("10.0.0.5", ["198.51.100.7:5555, 10.1.2.3:80"], proxies) == (
+        "198.51.100.7"
+    )
     assert client_address(None, [], []) == "unknown"
 
 
