@@ -222,3 +222,26 @@ utf8_pieces = st.sampled_from(
 def test_utf8_is_checked_as_python_decodes(pieces):
     data = b"".join(pieces)
     assert _accel.is_utf8(data) == codec._is_utf8(data), data
+
+
+def test_a_mid_size_frame_that_would_be_parsed_is_judged_off_the_loop():
+    """Past SCANNED_EVENT_BYTES, a frame its bytes cannot judge (a backslash) or one the
+    policy reads goes to the scan in a thread: 200 frames of `{}` just under 256 KiB, each
+    parsed strictly on the loop (about 15 ms), held every session 1.2 s. Audio appends and
+    small events stay on the loop."""
+    from types import SimpleNamespace
+
+    from relay.session.pump import SCANNED_EVENT_BYTES, Bridge
+
+    def off(frame: bytes, reads: tuple[str, ...] = ()) -> bool:
+        stub = SimpleNamespace(_parses=lambda kind: kind in reads)
+        return Bridge._off_the_loop(stub, frame)  # type: ignore[arg-type]
+
+    pad = b"{}," * (SCANNED_EVENT_BYTES // 3)
+    escaped = b'{"type":"conversation.item.create","a":"\\n","pad":[' + pad + b"1]}"
+    plain = b'{"type":"conversation.item.create","pad":[' + pad + b"1]}"
+    append = b'{"type":"input_audio_buffer.append","audio":"' + b"A" * 200_000 + b'"}'
+    assert off(escaped) and not off(escaped[: SCANNED_EVENT_BYTES // 2])
+    assert not off(plain) and off(plain, reads=("conversation.item.create",))
+    assert not off(append)
+    assert off(append + b" " * 256 * 1024)  # large: always
