@@ -252,7 +252,7 @@ async def test_redis_down_keeps_the_spend_for_later(tmp_path):
     await book.client.aclose()
 
 
-@pytest.mark.parametrize("leaving", ["close", "vanish"])
+@pytest.mark.parametrize("leaving", ["close", "vanish", "invalid_utf8", "before_created"])
 async def test_a_client_that_hangs_up_mid_response_is_billed_for_it(start_relay, http, leaving):
     """The upstream bills a response cut short by the client's leaving. The relay cancels it
     and reads on to its `response.done` (nothing sent on), so the usage reaches the meter,
@@ -279,15 +279,20 @@ async def test_a_client_that_hangs_up_mid_response_is_billed_for_it(start_relay,
                 orjson.dumps({"type": "conversation.item.create", "item": item}).decode()
             )
             await ws.send_str('{"type": "response.create"}')
-            await read_until(ws, "response.output_audio.delta")
-            if leaving == "close":
+            if leaving == "before_created":  # the response is asked for, not yet started
                 await ws.close()
             else:
+                await read_until(ws, "response.output_audio.delta")
+            if leaving == "close":
+                await ws.close()
+            elif leaving == "vanish":
                 ws._response.connection.transport.abort()  # gone without a close frame
+            elif leaving == "invalid_utf8":  # closed by the relay (1007) for its own fault
+                await ws._writer.send_frame(b'{"type":"x","y":"\xff"}', aiohttp.WSMsgType.TEXT)
             await state.idle.wait()
         (ended,) = [e for e in logs if e["event"] == "session_ended"]
-        assert ended["responses"] == 1 and ended["tokens"]["output_audio"] > 0
-        assert ended["cost_usd"] > 0
+        # Billed: what it generated before the cancel (before_created: its input alone).
+        assert ended["responses"] == 1 and ended["cost_usd"] > 0
         assert not [e for e in logs if e["event"] == "response_unsettled"]
     finally:
         await simulator.close()

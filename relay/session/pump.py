@@ -152,7 +152,7 @@ class Bridge:
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
         "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
-        "settling", "__weakref__",
+        "settling", "requested", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -214,6 +214,8 @@ class Bridge:
         # The client left mid-response: the upstream is read on (nothing sent) until the
         # response's `response.done`, with the usage the team is billed for, is metered.
         self.settling: asyncio.Event | None = None
+        # A client's `response.create` went up and its `response.created` has not come back.
+        self.requested = False
         self.violations = 0
         self.throttled = False
         # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
@@ -296,13 +298,22 @@ class Bridge:
         if tell_client and not self.client.closed:
             event = error_event(cause, message or reason, error_type=error_type)
             await self._send_to_client(event)
-        await self._close_both()
+        settling = self.settling
+        if settling is None:
+            await self._close_both()
+            return
+        # Ended for something of the client's making mid-response: the response is billed.
+        await self._close_client()
+        await self._settle(settling)
+        await self._close_upstream()
+        frames.forget_error(self.client)
+        frames.forget_error(self.upstream)
 
     def _end(self, ending: Ending) -> bool:
         if self.ending is not None:
             return False
         self.ending = ending
-        if ending.side == "client" and not self.between_responses.is_set():
+        if _settles(ending) and (self.requested or not self.between_responses.is_set()):
             self.settling = asyncio.Event()
         self.between_responses.set()  # nothing is in progress any more: a drain need not wait
         self._disarm()
@@ -361,6 +372,8 @@ class Bridge:
         self.tokens -= 1.0
         self.last_client_event_at = arrived
         self.meter.client_event(kind, checked, audio)
+        if kind == "response.create":
+            self.requested = True
         renewal = self.renewal
         if renewal is not None:
             if kind == "response.create":
@@ -490,6 +503,8 @@ class Bridge:
                 if not gate.is_set():
                     await gate.wait()  # held while the upstream is switched
                 upstream = self.upstream
+                if kind == "response.create":
+                    self.requested = True
                 if kind == "response.create" and self.renewal is not None:
                     self.renewal.response_requested()  # before the send: see there
                 writing = self.writing_in_since = now()
@@ -546,6 +561,8 @@ class Bridge:
         """The client left mid-response: cancel the response and wait, at most
         ``close_timeout``, for its `response.done`, whose usage the upstream bills (a client
         that hangs up during every answer would otherwise spend unseen by its budget)."""
+        if settling.is_set():
+            return  # settled already (a relay-side end settles before the client pump ends)
         try:
             async with asyncio.timeout(self.close_timeout):
                 await frames.send_text(self.upstream, _CANCEL)
@@ -564,8 +581,10 @@ class Bridge:
         if kind == self.updated:
             self._session_updated(frame)
         elif kind == "error":
+            self.requested = False  # the request refused (or another event: no matter)
             self._upstream_error(frame)
         elif kind == "response.created":
+            self.requested = False
             self.between_responses.clear()
         elif kind == "response.done":
             self.between_responses.set()
@@ -974,6 +993,18 @@ class Bridge:
 
 
 _CANCEL = b'{"type":"response.cancel","event_id":"relay_settle"}'
+# Relay-side ends after which a response in progress is not settled: the upstream is the
+# trouble (nothing more would come), the client is not reading (the upstream pump is held
+# writing to it), or the relay is shutting down (its drain already waited).
+_UNSETTLED_CAUSES = ("upstream", "client_stalled", "relay_shutting_down")
+
+
+def _settles(ending: Ending) -> bool:
+    """Whether a response in progress is still read to its end (and billed) after this end:
+    the client left, or was closed for something of its making."""
+    if ending.side == "client":
+        return True
+    return ending.side == "relay" and not ending.cause.startswith(_UNSETTLED_CAUSES)
 
 
 # A frame past this size that its bytes alone cannot judge (an escape, a second `type`) goes
