@@ -162,7 +162,8 @@ async def test_redis_going_down_fails_open_or_closed_per_team(tmp_path, start_re
             await http.ws_connect(url_, headers={"api-key": BETA_KEY})
         assert info.value.status == 503
     registry = relay.app[STATE].metrics.registry
-    assert registry.get_sample_value("relay_admission_redis_errors_total", {"team": "alpha"}) == 1
+    # Alpha's: its admission, and its slot's release (the slot expires by itself).
+    assert registry.get_sample_value("relay_admission_redis_errors_total", {"team": "alpha"}) == 2
     assert registry.get_sample_value("relay_admission_redis_errors_total", {"team": "beta"}) == 1
 
 
@@ -306,3 +307,44 @@ async def test_the_brake_falls_back_to_the_process_when_redis_is_unreachable():
         assert info.value.code == "too_many_auth_failures"
     finally:
         await client.aclose()
+
+
+async def test_slots_redis_lost_are_put_back_and_slow_rates_hold(tmp_path):
+    """Found by probing with two relays and a real Redis: after a FLUSHALL (or a restart
+    without persistence) the refresh only extended slots still there, so a team's live
+    sessions stopped counting (12 live against a cap of 3); a team rate under one a second
+    had its window cut to the relay's 1 s (10 of 10 starts let in for a limit of 3); a
+    release under `maxmemory` went through MULTI, which an out-of-memory Redis refuses."""
+    import redis.asyncio as aioredis
+
+    async with redis_server(tmp_path) as url:
+        store = RedisAdmission.connect(
+            AdmissionConfig(backend="redis", slot_ttl_seconds=30.0),
+            LimitsConfig(),
+            {"a": TeamLimits(max_sessions=2), "slow": TeamLimits(max_new_sessions_per_second=0.2)},
+            url,
+        )
+        admin = aioredis.Redis.from_url(url)
+        try:
+            held = [await store.acquire("a"), await store.acquire("a")]
+            await admin.flushall()
+            await store.refresh()  # the live sessions count again
+            with pytest.raises(ClientRefused) as info:
+                await store.acquire("a")
+            assert info.value.code == "team_session_limit"
+
+            await admin.config_set("maxmemory", 1)  # out of memory: noeviction refuses writes
+            for lease in held:
+                await lease.release()
+            await admin.config_set("maxmemory", 0)
+            assert await admin.zcard("relay:slots:team:a") == 0
+            await (await store.acquire("a")).release()
+
+            await (await store.acquire("slow")).release()
+            await asyncio.sleep(1.1)  # past a 1 s window: Redis's clock must move on
+            with pytest.raises(ClientRefused) as info:
+                await store.acquire("slow")  # one start per 5 s
+            assert info.value.code == "team_rate_limit"
+        finally:
+            await admin.aclose()
+            await store.close()

@@ -31,8 +31,8 @@ from relay.ops.config import AdmissionConfig, LimitsConfig, TeamLimits
 _log = structlog.get_logger("relay.edge.admission")
 
 # KEYS: team slots, relay slots, team window counter, relay window counter
-# ARGV: slot id, ttl ms, team max, relay max, team budget, relay budget, window ms
-# (-1 = no limit). Returns {0, 0} when admitted, else {reason, retry ms}.
+# ARGV: slot id, ttl ms, team max, relay max, team budget, relay budget, team window ms,
+# relay window ms (-1 = no limit). Returns {0, 0} when admitted, else {reason, retry ms}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -48,9 +48,8 @@ end
 if relay_budget >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= relay_budget then
   return {4, redis.call('PTTL', KEYS[4])}
 end
-local window = tonumber(ARGV[7])
 for i = 3, 4 do
-  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], window) end
+  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[i + 4]) end
 end
 local ttl = tonumber(ARGV[2])
 for i = 1, 2 do
@@ -59,13 +58,14 @@ for i = 1, 2 do
 end
 return {0, 0}
 """
-# KEYS: the slot sets; ARGV: ttl ms, then slot ids. Extends the live slots (XX: only those
-# still there, so a released or expired slot is not brought back).
+# KEYS: the slot sets; ARGV: ttl ms, then slot ids. Extends the live slots, and puts back
+# any Redis lost (flushed, restarted, or down when the session was let in): every session
+# this process serves counts again (a released slot left `live` before its ZREM).
 _REFRESH = """
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', expiry, ARGV[i + 1])
+  redis.call('ZADD', KEYS[i], expiry, ARGV[i + 1])
   redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1]) * 2)
 end
 return #KEYS
@@ -117,21 +117,16 @@ class RedisLease:
         self.store.live.pop(self.slot, None)
         try:
             async with asyncio.timeout(self.store.config.redis_timeout_seconds):
-                async with self.store.client.pipeline(transaction=True) as pipe:
+                # Plain ZREMs, no MULTI: a Redis out of memory refuses a transaction, even
+                # of deletes, and the team's slots would stay taken for the TTL.
+                async with self.store.client.pipeline(transaction=False) as pipe:
                     for key in self.keys:
                         pipe.zrem(key, self.slot)
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             # The slot expires by itself within the TTL.
+            self.store.on_redis_error(self.team)
             _log.warning("admission_release_failed", team=self.team, error=type(exc).__name__)
-
-
-@dataclass(slots=True)
-class _OpenLease:
-    """Admitted while Redis was unreachable (fail open): nothing to release."""
-
-    async def release(self) -> None:
-        pass
 
 
 @dataclass(slots=True)
@@ -156,7 +151,9 @@ class RedisAdmission:
     ) -> RedisAdmission:
         client = aioredis.Redis.from_url(
             url,
-            socket_timeout=config.redis_timeout_seconds,
+            # Each call has its own deadline (asyncio.timeout); the refresh allows itself 4x
+            # the timeout, which a socket timeout of 1x cut short (live slots then expired).
+            socket_timeout=config.redis_timeout_seconds * 4,
             socket_connect_timeout=config.redis_timeout_seconds,
             retry_on_timeout=False,
         )
@@ -178,7 +175,7 @@ class RedisAdmission:
             await asyncio.gather(self._refresher, return_exceptions=True)
         await self.client.aclose()
 
-    async def acquire(self, team: str) -> RedisLease | _OpenLease:
+    async def acquire(self, team: str) -> RedisLease:
         own = self.team_limits.get(team, TeamLimits())
         team_window, team_budget = window(own.max_new_sessions_per_second)
         relay_window, relay_budget = window(self.limits.max_new_sessions_per_second)
@@ -202,10 +199,15 @@ class RedisAdmission:
                     -1 if self.limits.max_sessions is None else self.limits.max_sessions,
                     team_budget,
                     relay_budget,
-                    min(team_window, relay_window),
+                    team_window,
+                    relay_window,
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            return self._unreachable(team, own, exc)
+            self._unreachable(team, own, exc)
+            # Let in (fail open) with a slot Redis has not got yet: the refresher adds it once
+            # Redis answers, so the session counts against the caps for the rest of its life.
+            self.live[slot] = slots
+            return RedisLease(self, team, slot, slots)
         if int(reason):
             status, code, message = _REFUSALS[int(reason)]
             retry = str(max(1, math.ceil(max(int(retry_ms), 0) / 1000)))
@@ -274,7 +276,7 @@ class RedisAdmission:
         which = "team" if int(full) == 1 else "relay"
         return which, str(max(1, math.ceil(max(int(retry_ms), 0) / 1000)))
 
-    def _unreachable(self, team: str, own: TeamLimits, exc: BaseException) -> _OpenLease:
+    def _unreachable(self, team: str, own: TeamLimits, exc: BaseException) -> None:
         self.on_redis_error(team)
         _log.error(
             "admission_redis_unreachable",
@@ -289,7 +291,6 @@ class RedisAdmission:
                 "The relay cannot check this team's limits right now; retry shortly.",
                 retry_after="5",
             )
-        return _OpenLease()
 
     async def _refresh_forever(self) -> None:
         interval = self.config.slot_ttl_seconds / 3
