@@ -296,3 +296,39 @@ async def test_a_client_that_hangs_up_mid_response_is_billed_for_it(start_relay,
         assert not [e for e in logs if e["event"] == "response_unsettled"]
     finally:
         await simulator.close()
+
+
+@needs_redis
+async def test_the_shared_spend_counts_a_push_once_and_survives_redis_losing_it(tmp_path):
+    """Found by probing with a slow Redis: a push whose answer timed out after Redis had run
+    it was added again (INCRBY), so $668 of spend read as $1,002; and a FLUSHALL forgave
+    every team's budget. Each replica now sets its cumulative spend (idempotent), and puts
+    it back at its next push."""
+    import redis.asyncio as aioredis
+
+    from relay.edge.spend_book import RedisSpend
+
+    async with redis_server(tmp_path) as url:
+        client = aioredis.Redis.from_url(url)
+        book = RedisSpend(client, "relay", 1.0, ("alpha",))
+        try:
+            book.add("alpha", 2.5)
+            real_eval = client.eval
+
+            async def ran_then_timed_out(*args):
+                await real_eval(*args)
+                raise TimeoutError
+
+            client.eval = ran_then_timed_out  # type: ignore[method-assign]
+            await book.sync()  # Redis has it; the relay does not know
+            client.eval = real_eval  # type: ignore[method-assign]
+            await book.sync()
+            assert book.spent("alpha").day == pytest.approx(2.5)
+            await client.flushall()
+            await book.sync()
+            assert book.spent("alpha").day == pytest.approx(2.5)
+            other = RedisSpend(client, "relay", 1.0, ("alpha",))
+            await other.sync()
+            assert other.spent("alpha").day == pytest.approx(2.5)
+        finally:
+            await client.aclose()

@@ -3,17 +3,20 @@
 `MemorySpend` serves one process. `RedisSpend` shares the sums between every relay process
 and host, as admission in Redis does:
 - spend is counted locally at once (`add` never waits on the network) and pushed once a
-  second: one Lua script adds each team's pending micro-dollars to its day and month keys
-  (INCRBY: atomic, so no replica's spend is lost) and reads every team's totals back;
+  second: one Lua script sets this replica's cumulative spend in each current window (a
+  field of a hash per team and window: idempotent, so a push sent again after a timeout
+  counts once, and Redis losing its data is repaired by the next push of every live
+  replica) and reads every team's totals back (each hash summed);
 - a replica's view is those totals plus what it has not pushed yet, at most a second old;
-- if Redis cannot be reached the pending spend is kept for the next push, and the view
-  stays what it was (logged and counted).
+- if Redis cannot be reached the spend is pushed with the next sync, and the view stays
+  what it was (logged and counted).
 `changed` is set whenever a team's spend grows, so live sessions can be checked at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,20 +33,22 @@ _DAY_TTL_SECONDS = 3 * 86400
 _MONTH_TTL_SECONDS = 35 * 86400
 SYNC_INTERVAL_SECONDS = 1.0
 
-# KEYS: (day key, month key) per team with pending spend, then every team's (day, month) keys
-# to read. ARGV: number of pending teams, day ttl, month ttl, then each one's micro-dollars.
+# KEYS: the n keys this replica sets, then the keys to read. ARGV: n, this replica's id,
+# then each set key's value (this replica's cumulative micro-dollars in that window) and ttl.
+# A key is a hash of replicas' cumulative spends: setting is idempotent (a push whose answer
+# timed out, sent again, counts once) and a replica that pushes again after Redis lost its
+# data (a flush, a restart) puts its share back. A read sums a key's replicas.
 _SYNC = """
 local n = tonumber(ARGV[1])
 for i = 1, n do
-  local amount = tonumber(ARGV[3 + i])
-  redis.call('INCRBY', KEYS[2 * i - 1], amount)
-  redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[2])
-  redis.call('INCRBY', KEYS[2 * i], amount)
-  redis.call('EXPIRE', KEYS[2 * i], ARGV[3])
+  redis.call('HSET', KEYS[i], ARGV[2], ARGV[1 + 2 * i])
+  redis.call('EXPIRE', KEYS[i], ARGV[2 + 2 * i])
 end
 local totals = {}
-for i = 2 * n + 1, #KEYS do
-  totals[#totals + 1] = redis.call('GET', KEYS[i]) or '0'
+for i = n + 1, #KEYS do
+  local sum = 0
+  for _, value in ipairs(redis.call('HVALS', KEYS[i])) do sum = sum + tonumber(value) end
+  totals[#totals + 1] = sum
 end
 return totals
 """
@@ -113,8 +118,11 @@ class RedisSpend:
     on_redis_error: Callable[[], None] = lambda: None
     clock: Callable[[], datetime] = utc_now
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    # Not pushed yet: (team, day, month) -> USD.
-    _pending: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    replica: str = field(default_factory=lambda: secrets.token_hex(8))
+    # This process's own spend, in USD, by (team, "day:<d>" or "month:<m>"): cumulative, and
+    # as last pushed (what the shared totals already hold of it).
+    _mine: dict[tuple[str, str], float] = field(default_factory=dict)
+    _pushed: dict[tuple[str, str], float] = field(default_factory=dict)
     # Every team's totals as last read from Redis.
     _shared: dict[str, Spend] = field(default_factory=dict)
     _shared_windows: tuple[str, str] = ("", "")
@@ -124,8 +132,8 @@ class RedisSpend:
         if usd <= 0:
             return
         now = windows(self.clock())
-        key = (team, now.day, now.month)
-        self._pending[key] = self._pending.get(key, 0.0) + usd
+        for window in (f"day:{now.day}", f"month:{now.month}"):
+            self._mine[(team, window)] = self._mine.get((team, window), 0.0) + usd
         self.changed.set()
 
     def spent(self, team: str) -> Spend:
@@ -136,11 +144,13 @@ class RedisSpend:
             if self._shared_windows == (now.day, now.month)
             else (0.0, 0.0)
         )
-        for (who, d, m), usd in self._pending.items():
-            if who == team:
-                day += usd if d == now.day else 0.0
-                month += usd if m == now.month else 0.0
+        day += self._unpushed(team, f"day:{now.day}")
+        month += self._unpushed(team, f"month:{now.month}")
         return Spend(day, month)
+
+    def _unpushed(self, team: str, window: str) -> float:
+        key = (team, window)
+        return self._mine.get(key, 0.0) - self._pushed.get(key, 0.0)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,7 +160,7 @@ class RedisSpend:
         if self._syncer is not None:
             self._syncer.cancel()
             await asyncio.gather(self._syncer, return_exceptions=True)
-        if self._pending:
+        if any(self._unpushed(*key) for key in self._mine):
             await self.sync()  # what this process spent last is not lost
 
     async def _sync_forever(self) -> None:
@@ -159,36 +169,38 @@ class RedisSpend:
             await asyncio.sleep(SYNC_INTERVAL_SECONDS)
 
     def _key(self, team: str, window: str) -> str:
-        return ":".join((self.key_prefix, "spend", team, window))
+        return ":".join((self.key_prefix, "spend_by_replica", team, window))
 
     async def sync(self) -> None:
-        """Push this process's pending spend; read every team's totals."""
+        """Set this process's spend in the current windows; read every team's totals."""
         now = windows(self.clock())
-        pushed = {key: round(usd * _MICRO) for key, usd in self._pending.items()}
-        pushed = {key: micro for key, micro in pushed.items() if micro > 0}
-        keys = [self._key(t, w) for (t, d, m) in pushed for w in (f"day:{d}", f"month:{m}")]
-        keys += [
-            self._key(t, w) for t in self.teams for w in (f"day:{now.day}", f"month:{now.month}")
-        ]
+        current = (f"day:{now.day}", f"month:{now.month}")
+        for key in [k for k in self._mine if k[1] not in current]:  # past windows: done
+            self._mine.pop(key)
+            self._pushed.pop(key, None)
+        mine = dict(self._mine)
+        keys = [self._key(team, window) for team, window in mine]
+        values: list[int] = []
+        for (_, window), usd in mine.items():
+            values += [
+                round(usd * _MICRO),
+                _DAY_TTL_SECONDS if window[0] == "d" else _MONTH_TTL_SECONDS,
+            ]
+        keys += [self._key(t, w) for t in self.teams for w in current]
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 totals = await self.client.eval(
-                    _SYNC, len(keys), *keys, len(pushed), _DAY_TTL_SECONDS, _MONTH_TTL_SECONDS,
-                    *pushed.values(),
-                )  # fmt: skip
+                    _SYNC, len(keys), *keys, len(mine), self.replica, *values
+                )
         except (RedisError, OSError, TimeoutError) as exc:
             self.on_redis_error()
-            _log.warning("spend_sync_failed", error=type(exc).__name__, pending=len(self._pending))
+            unpushed = sum(1 for key in self._mine if self._unpushed(*key))
+            _log.warning("spend_sync_failed", error=type(exc).__name__, pending=unpushed)
             return
-        for key, micro in pushed.items():
-            left = self._pending[key] - micro / _MICRO
-            if abs(left) < 0.5 / _MICRO:
-                del self._pending[key]
-            else:
-                self._pending[key] = left
+        self._pushed.update(mine)
         self._read(now.day, now.month, _pairs(totals))
 
-    def _read(self, day: str, month: str, totals: Iterable[tuple[bytes, bytes]]) -> None:
+    def _read(self, day: str, month: str, totals: Iterable[tuple[int, int]]) -> None:
         shared = {
             team: Spend(int(d) / _MICRO, int(m) / _MICRO)
             for team, (d, m) in zip(self.teams, totals, strict=True)
@@ -198,5 +210,5 @@ class RedisSpend:
         self._shared, self._shared_windows = shared, (day, month)
 
 
-def _pairs(values: list[bytes]) -> list[tuple[bytes, bytes]]:
+def _pairs(values: list[int]) -> list[tuple[int, int]]:
     return [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
