@@ -23,6 +23,7 @@ from relay.edge.routes import REALTIME_PATHS
 from relay.edge.spend_book import MemorySpend, RedisSpend
 from relay.errors import ClientRefused, ConfigError
 from relay.live import budget_gauges, build_live, build_pools, zero_series
+from relay.ops.check import redis_url_problem
 from relay.ops.config import RelayConfig
 from relay.ops.logsetup import count_dropped_lines
 from relay.ops.loop_lag import LoopLag
@@ -189,10 +190,10 @@ def _admission(config: RelayConfig, environ: Mapping[str, str], metrics: Metrics
     team_limits = {t.name: t.limits for t in config.teams.values()}
     if config.admission.backend == "memory":
         return MemoryAdmission(config.limits, team_limits)
-    url = environ.get(config.admission.redis_url_env, "").strip()
-    if not url:
-        env = config.admission.redis_url_env
-        raise ConfigError([f"environment: admission.redis_url_env: {env} is not set or empty"])
+    problem = redis_url_problem(config.admission.redis_url_env, environ)
+    if problem is not None:
+        raise ConfigError([problem])
+    url = environ[config.admission.redis_url_env].strip()
     SECRETS.register(URL(url).password)
     return RedisAdmission.connect(
         config.admission,

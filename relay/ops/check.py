@@ -137,6 +137,24 @@ def _remove(fragment: dict[str, Any], param: str) -> bool:
     return False
 
 
+def redis_url_problem(env: str, environ: Mapping[str, str]) -> str | None:
+    """What is wrong with the Redis URL in ``env``, if anything (never the URL itself: it
+    may hold a password)."""
+    from redis.asyncio.connection import parse_url
+
+    url = environ.get(env, "").strip()
+    if not url:
+        return f"environment: admission.redis_url_env: {env} is not set or empty"
+    try:
+        parse_url(url)
+    except ValueError:
+        return (
+            f"environment: admission.redis_url_env: {env} is not a Redis URL "
+            "(redis://, rediss:// or unix://, with a numeric port)"
+        )
+    return None
+
+
 def secret_problems(config: RelayConfig, environ: Mapping[str, str]) -> list[str]:
     """Every secret the config names that the environment lacks."""
     from relay.upstream.backends import build_credentials
@@ -147,9 +165,9 @@ def secret_problems(config: RelayConfig, environ: Mapping[str, str]) -> list[str
     except ConfigError as exc:
         problems += exc.problems
     if config.admission.backend == "redis":
-        env = config.admission.redis_url_env
-        if not environ.get(env, "").strip():
-            problems.append(f"environment: admission.redis_url_env: {env} is not set or empty")
+        problem = redis_url_problem(config.admission.redis_url_env, environ)
+        if problem is not None:
+            problems.append(problem)
     metrics = config.metrics
     if metrics.enabled and metrics.on_main_port and metrics.token_env:
         if not environ.get(metrics.token_env, ""):

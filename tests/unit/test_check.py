@@ -160,3 +160,25 @@ async def test_a_configmap_style_symlink_swap_is_noticed(tmp_path):
         await asyncio.wait_for(changed.wait(), timeout=5)
     finally:
         watch.cancel()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("", "is not set or empty"),
+        ("redis://:hunter2-password@127.0.0.1:19o03/0", "is not a Redis URL"),
+        ("http://127.0.0.1:6379", "is not a Redis URL"),
+        ("redis://:hunter2-password@127.0.0.1:6379/0", None),
+        ("unix:///run/redis.sock", None),
+    ],
+)
+def test_a_redis_url_is_checked_without_being_quoted(url, problem):
+    """A malformed URL passed `check-config --strict` and then crashed `serve` with a
+    traceback; the problem never quotes the URL (it may hold a password)."""
+    from relay.ops.check import redis_url_problem
+
+    found = redis_url_problem("RELAY_REDIS_URL", {"RELAY_REDIS_URL": url})
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found and "hunter2" not in found
