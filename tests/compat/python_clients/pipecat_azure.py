@@ -260,7 +260,7 @@ async def main() -> None:
             await worker.queue_frame(
                 InputAudioRawFrame(audio=audio[i : i + chunk], sample_rate=RATE, num_channels=1)
             )
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # an input transport's pace: 20 ms of audio a frame
         if failed := await wait_reply(2, until):
             return failed
         return "completed"
