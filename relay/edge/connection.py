@@ -306,6 +306,18 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             await self._lingering
         return closed
 
+    def discard_incoming(self, seconds: float) -> None:
+        """Before the relay closes a client for its own fault: what it still sends is read
+        and dropped, not parsed. aiohttp's close reads the client's messages until its close
+        frame, without yielding while they are queued: a client flooding tiny frames held
+        the event loop, every session's, for the whole close timeout, again on each
+        reconnect."""
+        protocol = self._request.protocol if self._request is not None else None
+        if isinstance(protocol, RelayConnection) and self._lingering is None:
+            self._mid_frame = True
+            max_bytes = max(LINGER_MIN_BYTES, 2 * self._limit)
+            self._lingering = protocol.linger(seconds=seconds, max_bytes=max_bytes)
+
     def _close_transport(self) -> None:
         protocol = self._request.protocol if self._request is not None else None
         if not self._mid_frame or not isinstance(protocol, RelayConnection):

@@ -974,6 +974,11 @@ class Bridge:
     async def _close_client(self) -> None:
         if self.client.closed or self.ending is None:
             return
+        cause = self.ending.cause
+        if cause == "too_many_violations" or cause.startswith("client_"):
+            discard = getattr(self.client, "discard_incoming", None)
+            if discard is not None:  # the relay's ClientSocket
+                discard(self.close_timeout)
         code, reason = close_for_client(self.ending)
         try:
             async with asyncio.timeout(self.close_timeout):

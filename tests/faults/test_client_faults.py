@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -421,3 +422,50 @@ async def test_a_ping_flood_is_answered_at_the_cap(start_fake, start_relay, http
     assert {"event": "client_throttled", "what": "pings"}.items() <= next(
         e for e in logs if e["event"] == "client_throttled"
     ).items()
+
+
+async def test_a_client_closed_for_its_own_fault_has_what_it_sends_next_dropped(
+    start_fake, start_relay, http, monkeypatch
+):
+    """Closed for too many violations, a client flooding tiny frames kept every session's
+    event loop busy for the whole close timeout (aiohttp's close reads to the client's
+    close frame without yielding while messages are queued: a victim's round trip went
+    from 0.5 to 36-51 ms; now 0.6). What it sends after the close is dropped unread."""
+    from relay.edge.connection import ClientSocket
+
+    discarded: list[float] = []
+    real = ClientSocket.discard_incoming
+
+    def noted(self: ClientSocket, seconds: float) -> None:
+        discarded.append(seconds)
+        real(self, seconds)
+
+    monkeypatch.setattr(ClientSocket, "discard_incoming", noted)
+    upstream = await start_fake(FakeUpstream().app())
+    endpoint = str(upstream.make_url(""))
+    deployment = {
+        "endpoint": endpoint,
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "policy": {"max_violations": 1},
+    }
+    relay = await start_relay(
+        relay_config(
+            endpoint,
+            server={"close_timeout_seconds": 1.0},
+            deployments={"gpt-realtime": deployment},
+        )
+    )
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        for _ in range(3):
+            await ws.send_bytes(b"not text")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(2000):  # the flood after the close
+                await ws.pong()
+        events = await read_until(ws, "error")
+        while events[-1]["error"]["code"] != "too_many_violations":
+            events = await read_until(ws, "error")
+        closed = await ws.receive()
+        assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+    await relay.app[STATE].idle.wait()
+    assert discarded == [1.0]
