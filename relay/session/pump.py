@@ -360,7 +360,7 @@ class Bridge:
         if self._off_the_loop(data) or (not data.isascii() and not is_utf8(data)):
             return False  # the pump checks a large frame's size before reading it
         try:
-            kind, event, audio = read_client_frame(data)
+            kind, event, audio = read_client_frame(data, self._parses)
             translator = self.translator
             if translator is not None and kind in translator.client_events:
                 return False  # may have to tell the client what it left out
@@ -476,7 +476,7 @@ class Bridge:
                     break
                 try:
                     if not large:
-                        kind, event, audio = read_client_frame(msg.data)
+                        kind, event, audio = read_client_frame(msg.data, self._parses)
                     else:
                         kind, event, audio = await self._read_large(msg.data)
                     frame = msg.data
