@@ -301,6 +301,11 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             if reader is not None and isinstance(reader.exception(), frames.MessageBufferFull):
                 self._mid_frame = True  # its splitter refused a frame (a message budget)
                 message = frames.MessageBufferFull.REASON.encode()
+        elif code == WSCloseCode.POLICY_VIOLATION and not message and not self.closed:
+            reader = self._reader
+            if reader is not None and isinstance(reader.exception(), frames.MessageTooFragmented):
+                self._mid_frame = True  # its splitter refused a frame (too many fragments)
+                message = frames.MessageTooFragmented.REASON.encode()
         closed = await super().close(code=code, message=message, drain=drain)
         if self._lingering is not None:
             await self._lingering

@@ -637,7 +637,13 @@ typedef struct {
     Py_ssize_t holding;         /* bytes reserved there for the message arriving */
     int ends_message;           /* the frame being passed on is its message's last */
     int refused;                /* a frame was refused: nothing more is read */
+    Py_ssize_t fragments;       /* frames of the data message arriving */
 } Splitter;
+
+/* Frames one data message may arrive in: each costs the reader as much as a whole message,
+ * so a message in millions of 1-byte fragments held the event loop for seconds. Clients
+ * send a message whole, or in a few large fragments. */
+#define MAX_FRAGMENTS 16384
 
 /* Give back what the message arriving held: it is whole, or its connection is gone. */
 static void
@@ -707,6 +713,7 @@ splitter_init(Splitter *self, PyObject *args, PyObject *kwargs)
     self->head_len = 0;
     self->skip = 0;
     self->fragmented = 0;
+    self->fragments = 0;
     self->filled = self->size = 0;
     return 0;
 }
@@ -804,6 +811,19 @@ splitter_split(Splitter *self, PyObject *data)
         }
         self->head_len = 0;
         self->ends_message = opcode < 3 && fin;
+        if (opcode < 3) {
+            self->fragments = opcode == 0 ? self->fragments + 1 : 1;
+            if (self->fragments > MAX_FRAGMENTS) { /* refused: kind None, length -1 */
+                if (start > seg &&
+                    emit(&out, Py_False,
+                         PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)
+                    goto error;
+                if (emit(&out, Py_None, PyLong_FromLong(-1)) < 0)
+                    goto error;
+                self->refused = 1;
+                return out;
+            }
+        }
         /* A data frame's length is reserved, unless aiohttp's reader refuses it as too big
          * (its test, with the message's earlier fragments: 1009 follows). */
         if (opcode < 3 && self->budget != NULL && length > 0 &&
@@ -1479,6 +1499,10 @@ PyInit__accel(void)
     Py_INCREF(&MessageBudgetType);
     if (PyModule_AddObject(module, "MessageBudget", (PyObject *)&MessageBudgetType) < 0) {
         Py_DECREF(&MessageBudgetType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "MAX_FRAGMENTS", MAX_FRAGMENTS) < 0) {
         Py_DECREF(module);
         return NULL;
     }

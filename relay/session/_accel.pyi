@@ -65,3 +65,5 @@ class Splitter:
     # (True, payload): a large frame's message; (False, data): bytes for the reader;
     # (None, length): a frame the budget refused (nothing after it is read).
     def split(self, data: builtins.bytes, /) -> list[tuple[bool | None, Any]] | None: ...
+
+MAX_FRAGMENTS: int

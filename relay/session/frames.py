@@ -217,6 +217,21 @@ class MessageBufferFull(WebSocketError):
         super().__init__(WSCloseCode.TRY_AGAIN_LATER, self.REASON)
 
 
+# The splitter's (`_accel.MAX_FRAGMENTS`, held equal by tests/unit/test_splitter.py).
+MAX_FRAGMENTS = 16384
+
+
+class MessageTooFragmented(WebSocketError):
+    """A client's data message in more than MAX_FRAGMENTS frames: each costs the reader as
+    much as a whole message (millions of 1-byte fragments held the event loop for seconds).
+    The client is closed with 1008 (policy violation)."""
+
+    REASON = f"message sent in more than {MAX_FRAGMENTS} fragments"
+
+    def __init__(self) -> None:
+        super().__init__(WSCloseCode.POLICY_VIOLATION, self.REASON)
+
+
 def splitter(
     queue: Any, *, masked: bool, max_size: int, budget: MessageBudget | None = None
 ) -> Splitter | None:
@@ -246,6 +261,10 @@ def _feed_parts(
             result = parser.feed_data(part)
             if result[0]:
                 break  # the reader failed (its queue holds why): nothing after counts
+        elif part < 0:
+            _log.warning("message_too_fragmented", max_fragments=MAX_FRAGMENTS)
+            splitter.queue.set_exception(MessageTooFragmented())
+            return True, b""
         else:
             team = splitter.budget
             process = team.parent if team is not None else None

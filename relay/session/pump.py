@@ -548,6 +548,12 @@ class Bridge:
                 if isinstance(msg.data, frames.MessageBufferFull):  # the relay refused it: 1013
                     self._end(Ending("relay", 1013, msg.data.REASON, cause="message_buffer_full"))
                     break
+                if isinstance(msg.data, frames.MessageTooFragmented):  # refused: 1008
+                    reason = msg.data.REASON
+                    self._end(
+                        Ending("relay", 1008, reason, cause="client_message_too_fragmented")
+                    )
+                    break
                 code = _error_code(msg.data) or client.close_code or 1006
                 cause = "client_message_too_big" if code == 1009 else ""
                 reason = _describe_error(msg.type, msg.data)

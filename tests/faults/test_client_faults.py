@@ -469,3 +469,36 @@ async def test_a_client_closed_for_its_own_fault_has_what_it_sends_next_dropped(
         assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1008)
     await relay.app[STATE].idle.wait()
     assert discarded == [1.0]
+
+
+async def test_a_message_in_too_many_fragments_is_refused_with_1008(start_fake, start_relay):
+    """One client sending a message in 1-byte fragments held every session's event loop
+    80-290 ms at a time, until 32 MiB of payload (about 32 million frames) closed it."""
+    from relay.session.frames import MAX_FRAGMENTS, MessageTooFragmented
+    from tests.unit.test_splitter import frame
+
+    relay = await start_relay(
+        relay_config(str((await start_fake(FakeUpstream().app())).make_url("")))
+    )
+    reader, writer = await raw_client(
+        relay.port, "/openai/v1/realtime?model=gpt-realtime", ALPHA_KEY
+    )
+    more = frame(0, b"b", fin=False, masked=True)
+    writer.write(frame(1, b"a", fin=False, masked=True) + more * (MAX_FRAGMENTS + 10))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    while True:  # the server's frames (unmasked, short): until its close
+        head = await reader.readexactly(2)
+        size = head[1] & 0x7F
+        if size == 126:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await reader.readexactly(size)
+        if head[0] & 0x0F == 8:
+            break
+    assert int.from_bytes(payload[:2], "big") == 1008
+    assert payload[2:].decode() == MessageTooFragmented.REASON
+    writer.close()
+    await relay.app[STATE].idle.wait()
+    assert outcomes(relay) == {"client_message_too_fragmented": 1}

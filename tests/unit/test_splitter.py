@@ -278,3 +278,21 @@ def test_a_teams_budget_bounds_its_part_of_the_process():
     assert (alpha.held, beta.held, process.held) == (0, 0, 0)
     with pytest.raises(TypeError):
         _accel.MessageBudget(1, parent=alpha)  # one level: a team's budget under the process's
+
+
+def test_a_message_in_more_than_max_fragments_is_refused():
+    """Each fragment costs the reader as much as a whole message: one client sending a
+    message in millions of 1-byte fragments held the event loop 80-290 ms at a time. Past
+    MAX_FRAGMENTS frames (control frames between them do not count) it is refused."""
+    assert frames.MAX_FRAGMENTS == _accel.MAX_FRAGMENTS
+    first = frame(1, b"a", fin=False, masked=True)
+    more = frame(0, b"b", fin=False, masked=True)
+    ping = frame(9, b"", masked=True)
+    last = frame(0, b"c", masked=True)
+    whole = first + (more + ping) * (_accel.MAX_FRAGMENTS - 2) + last
+    splitter = _accel.Splitter(None, True, LARGE, MAX_SIZE)
+    assert splitter.split(whole) is None  # at the cap: all of it to the reader
+    over = _accel.Splitter(None, True, LARGE, MAX_SIZE)
+    parts = over.split(first + more * (_accel.MAX_FRAGMENTS - 1) + more)
+    assert parts is not None and parts[-1] == (None, -1)
+    assert over.split(frame(1, b"later", masked=True)) == []  # nothing more is read
