@@ -550,9 +550,7 @@ class Bridge:
                     break
                 if isinstance(msg.data, frames.MessageTooFragmented):  # refused: 1008
                     reason = msg.data.REASON
-                    self._end(
-                        Ending("relay", 1008, reason, cause="client_message_too_fragmented")
-                    )
+                    self._end(Ending("relay", 1008, reason, cause="client_message_too_fragmented"))
                     break
                 code = _error_code(msg.data) or client.close_code or 1006
                 cause = "client_message_too_big" if code == 1009 else ""
