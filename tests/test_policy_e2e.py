@@ -433,3 +433,70 @@ async def test_a_frame_with_two_readings_is_refused_and_the_session_is_unchanged
         [updated] = (await read_until(ws, "session.updated"))[-1:]
         assert updated["session"]["instructions"] == created["session"]["instructions"]
         assert updated["session"]["audio"]["output"]["voice"] == "alloy"
+
+
+async def test_an_upstream_session_that_breaks_the_policy_is_logged(start_fake, start_relay, http):
+    """Every client update is judged before it goes up, so a reported session that breaks
+    the policy is the upstream's doing (a misconfigured service): it was taken in silence.
+    A session the policy corrected is not reported."""
+    from structlog.testing import capture_logs
+
+    from tests.helpers import FakeUpstream
+
+    async def off_policy(ws, fake: FakeUpstream) -> None:
+        created = {"type": "session.created", "event_id": "e0", "session": {}}
+        await ws.send_str(orjson.dumps(created).decode())
+        async for msg in ws:
+            event = orjson.loads(msg.data)
+            session = {**event["session"], "audio": {"output": {"voice": "echo"}}}
+            await ws.send_str(
+                orjson.dumps({"type": "session.updated", "session": session}).decode()
+            )
+
+    upstream = await start_fake(FakeUpstream(script=off_policy).app())
+    endpoint = str(upstream.make_url(""))
+    deployment = {
+        "endpoint": endpoint,
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "policy": {"allowed_values": {"audio.output.voice": ["alloy", "marin"]}},
+    }
+    relay = await start_relay(relay_config(endpoint, deployments={"gpt-realtime": deployment}))
+    url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+    with capture_logs() as logs:
+        async with http.ws_connect(url, headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            update = {"type": "session.update", "session": {"type": "realtime",
+                      "audio": {"output": {"voice": "marin"}}}}  # fmt: skip
+            await ws.send_str(orjson.dumps(update).decode())
+            await read_until(ws, "session.updated")
+    [warned] = [e for e in logs if e["event"] == "upstream_session_off_policy"]
+    assert warned["param"] == "session.audio.output.voice"
+
+
+async def test_a_session_the_policy_corrected_is_not_taken_for_the_upstreams(
+    simulator, start_relay, http
+):
+    from structlog.testing import capture_logs
+
+    deployment = {
+        "endpoint": simulator.url,
+        "credential": {"env": "TEST_AZURE_KEY"},
+        "policy": {
+            "allowed_values": {"audio.output.voice": ["alloy", "marin"]},
+            "locked": ["audio.input.transcription.model"],
+            "max_values": {"max_output_tokens": 1000},
+            "instructions_prefix": "Be kind.",
+        },
+    }
+    relay = await start_relay(relay_config(simulator.url, deployments={"gpt-realtime": deployment}))
+    url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+    with capture_logs() as logs:
+        async with http.ws_connect(url, headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            update = {"type": "session.update", "session": {"type": "realtime",
+                      "instructions": "Hi.", "max_output_tokens": "inf",
+                      "audio": {"output": {"voice": "echo"},
+                                "input": {"transcription": {"model": "x"}}}}}  # fmt: skip
+            await ws.send_str(orjson.dumps(update).decode())
+            await read_until(ws, "session.updated")
+    assert [e for e in logs if e["event"] == "upstream_session_off_policy"] == []

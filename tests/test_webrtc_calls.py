@@ -16,8 +16,8 @@ from relay.edge.auth import hash_key
 from relay.edge.webrtc import WEBRTC
 from relay.edge.webrtc.call_book import PlacedCall, ProcessCalls, call_id_from_location
 from relay.edge.webrtc.requests import multipart_call, upstream_session
-from relay.edge.webrtc.restore import judge_reported
 from relay.session.policy import build_policy
+from relay.session.reported import judge_reported
 from relay.simulator.calls import CALLS_KEY
 from relay.state import STATE
 from tests.helpers import (

@@ -73,6 +73,7 @@ from relay.session.policy import (
     event_id_of,
 )
 from relay.session.renewal import Renewal, is_loss
+from relay.session.reported import judge_reported
 from relay.upstream.handshake import abort as abort_upstream
 
 ClientSocket = web.WebSocketResponse[bool]
@@ -794,6 +795,13 @@ class Bridge:
         event = load_json(frame)
         session = event.get("session") if isinstance(event, dict) else None
         if isinstance(session, dict):
+            policy = self.policy
+            if policy.inspects_session or policy.instructions_prefix:
+                verdict = judge_reported(policy, self.session, session)
+                if verdict.violation is not None:
+                    # Every client update was judged before it went up: the upstream's doing
+                    # (a misconfigured or misbehaving service). Its session is in force.
+                    _log.warning("upstream_session_off_policy", param=verdict.violation.param)
             self.session = shared_strings.share(session)  # kept: see shared_strings
             self.meter.session_changed(session)
 

@@ -30,13 +30,13 @@ import structlog
 
 from relay.edge.admission import Lease
 from relay.edge.webrtc.forward import Outbound, forward
-from relay.edge.webrtc.restore import judge_reported
 from relay.errors import HttpRefusal
 from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.metrics import SessionMeter
 from relay.session import shared_strings
 from relay.session.codec import FrameError, sniff_type
 from relay.session.policy import SessionPolicy
+from relay.session.reported import judge_reported
 from relay.state import RelayState
 from relay.upstream.backends import Backend
 from relay.upstream.dial import UpstreamSocket, open_upstream, socket_options

@@ -1,10 +1,12 @@
-"""What the relay does when a WebRTC call's session changes under it. Pure.
+"""A session the upstream reports (`session.updated`), judged against the policy. Pure.
 
-The device's `session.update` travels on its data channel, out of the relay's reach; its
-effect comes back on the relay's sideband socket as `session.updated`. The fields the policy
-governs (locked, allowed values, caps, the instructions prefix) are compared with the
-session in force; a change the policy refuses is undone with a `session.update` that
-restores them, and one that drops the instructions prefix gets it back.
+The fields the policy governs (locked, allowed values, caps, the instructions prefix) are
+compared with the session in force. On a WebRTC call the device's `session.update` travels
+on its data channel, out of the relay's reach, and its effect comes back on the relay's
+sideband socket: a change the policy refuses is undone with a `session.update` that restores
+them, and one that drops the instructions prefix gets it back (`edge/webrtc/observer.py`).
+On a WebSocket session every client update was judged before it went up, so a reported
+session that breaks the policy is the upstream's doing: the pump logs it.
 """
 
 from __future__ import annotations
