@@ -708,6 +708,18 @@ async def test_an_unreachable_call_store_is_a_clear_503():
         await client.aclose()
 
 
+async def call_answered_by(answer, start_fake, start_relay, http) -> tuple[int, Any, Any]:
+    """A call placed through the relay, its upstream answering with ``answer``."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    server = await start_fake(app)
+    relay = await start_relay(calls_config(f"http://127.0.0.1:{server.port}", observe=False))
+    url = relay.make_url(CALLS).with_query(model="gpt-realtime")
+    return await post(http, url, data=OFFER, headers=SDP)
+
+
 async def test_a_calls_answer_never_carries_the_relays_key(start_fake, start_relay, http):
     """The service's `Location` and SDP answer came back byte for byte: one quoting the
     credential it was sent (a query parameter, the body) passed it on."""
@@ -722,12 +734,7 @@ async def test_a_calls_answer_never_carries_the_relays_key(start_fake, start_rel
             headers={"Location": f"/openai/v1/realtime/calls/rtc_q?api-key={AZURE_KEY}"},
         )
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", answer)
-    server = await start_fake(app)
-    relay = await start_relay(calls_config(f"http://127.0.0.1:{server.port}", observe=False))
-    url = relay.make_url(CALLS).with_query(model="gpt-realtime")
-    status, headers, body = await post(http, url, data=OFFER, headers=SDP)
+    status, headers, body = await call_answered_by(answer, start_fake, start_relay, http)
     assert status == 201
     assert AZURE_KEY not in headers["Location"] and AZURE_KEY not in body
     assert headers["Location"].startswith("/openai/v1/realtime/calls/rtc_q")
@@ -746,10 +753,5 @@ async def test_an_oversized_answer_from_the_upstream_is_refused_not_held(
         sdp = "v=0\r\n" + "a=x:" + "y" * MAX_ANSWER_BYTES + "\r\n"
         return web.Response(status=201, text=sdp, content_type="application/sdp")
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", answer)
-    server = await start_fake(app)
-    relay = await start_relay(calls_config(f"http://127.0.0.1:{server.port}", observe=False))
-    url = relay.make_url(CALLS).with_query(model="gpt-realtime")
-    status, _, body = await post(http, url, data=OFFER, headers=SDP)
+    status, _, body = await call_answered_by(answer, start_fake, start_relay, http)
     assert status == 502 and body["error"]["code"] == "upstream_invalid_response"

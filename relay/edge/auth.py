@@ -100,14 +100,14 @@ def client_address(
     after the client's) that is not a trusted proxy (the rightmost untrusted hop). A hop
     that is not an address ends the search at the peer: nothing left of it can be believed,
     and a client must not pick the brake's key (or its size)."""
-    if not peer or not trusted or not _is_trusted(peer, trusted):
+    if not peer or not trusted or not _trusted(_hop_address(peer), trusted):
         return peer or "unknown"
     hops = [hop.strip() for line in forwarded_for for hop in line.split(",") if hop.strip()]
     for hop in reversed(hops):
         address = _hop_address(hop)
         if address is None:
             return peer
-        if not any(address in network for network in trusted):
+        if not _trusted(address, trusted):
             return str(address)
     return peer
 
@@ -126,9 +126,7 @@ def _hop_address(hop: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return None
 
 
-def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in trusted)
+def _trusted(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: Sequence[Network]
+) -> bool:
+    return address is not None and any(address in network for network in trusted)

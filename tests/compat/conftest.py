@@ -9,11 +9,14 @@ session in force (minus what the policy rewrote), a reply with audio and a trans
 
 from __future__ import annotations
 
+import asyncio
+import os
 import ssl
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trustme
 
@@ -71,3 +74,33 @@ async def tls_relay(simulator, start_relay, test_ca):
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     test_ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
     return await start_relay(compat_config(simulator.url), ssl=server_ctx)
+
+
+def require(reason: str | None, what: str) -> None:
+    """Skip, naming what is missing (``reason``), unless in CI (CI=true), where ``what``
+    must run: fail."""
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run {what})")
+    pytest.skip(reason)
+
+
+async def run_reporting(
+    program: str, script: str, *, cwd: Path, seconds: float, **env: str
+) -> dict[str, Any]:
+    """Run a client script that prints what it saw as one JSON line last; that line."""
+    process = await asyncio.create_subprocess_exec(
+        program,
+        script,
+        cwd=cwd,
+        env={"PATH": os.environ.get("PATH", ""), "RELAY_KEY": ALPHA_KEY, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=seconds)
+    assert process.returncode == 0, f"{script} failed:\n{err.decode()}"
+    lines = out.decode().strip().splitlines()
+    assert lines, f"{script} printed nothing:\n{err.decode()}"
+    result: dict[str, Any] = orjson.loads(lines[-1])
+    return result

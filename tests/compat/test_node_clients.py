@@ -9,13 +9,10 @@ CI (CI=true), where they fail.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from tests.compat.conftest import (
@@ -25,8 +22,9 @@ from tests.compat.conftest import (
     TOKEN_CAP,
     VOICE,
     expected_instructions,
+    require,
+    run_reporting,
 )
-from tests.helpers import ALPHA_KEY
 
 NODE_DIR = Path(__file__).parent / "node"
 NODE = shutil.which("node")
@@ -43,29 +41,12 @@ def _unavailable() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _node_clients_installed() -> None:
-    reason = _unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the Node compat clients)")
-    pytest.skip(reason)
+    require(_unavailable(), "the Node compat clients")
 
 
 async def run_script(script: str, **env: str) -> dict[str, Any]:
     assert NODE is not None
-    process = await asyncio.create_subprocess_exec(
-        NODE,
-        script,
-        cwd=NODE_DIR,
-        env={"PATH": os.environ.get("PATH", ""), "RELAY_KEY": ALPHA_KEY, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=45)
-    assert process.returncode == 0, f"{script} failed:\n{err.decode()}"
-    lines = out.decode().strip().splitlines()
-    assert lines, f"{script} printed nothing:\n{err.decode()}"
-    return orjson.loads(lines[-1])
+    return await run_reporting(NODE, script, cwd=NODE_DIR, seconds=45, **env)
 
 
 async def test_openai_npm_realtime_ws_azure(tls_relay, test_ca, tmp_path):

@@ -11,16 +11,19 @@ against config/local.toml's policy. Without that venv the tests skip and say so,
 
 from __future__ import annotations
 
-import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
-from tests.compat.conftest import LOCKED_TRANSCRIPTION, TOKEN_CAP, VOICE, expected_instructions
-from tests.helpers import ALPHA_KEY
+from tests.compat.conftest import (
+    LOCKED_TRANSCRIPTION,
+    TOKEN_CAP,
+    VOICE,
+    expected_instructions,
+    require,
+    run_reporting,
+)
 
 CLIENTS_DIR = Path(__file__).parent / "python_clients"
 ROOT = Path(__file__).parents[2]
@@ -30,28 +33,13 @@ CLIENTS_PYTHON = CLIENTS_VENV / "bin" / "python"
 
 @pytest.fixture(autouse=True)
 def _python_clients_installed() -> None:
-    if (CLIENTS_VENV / ".installed").exists():
-        return
-    reason = ".venv-clients is not installed: run `make client-deps`"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the Python agent frameworks)")
-    pytest.skip(reason)
+    installed = (CLIENTS_VENV / ".installed").exists()
+    missing = ".venv-clients is not installed: run `make client-deps`"
+    require(None if installed else missing, "the Python agent frameworks")
 
 
 async def run_client(script: str, **env: str) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        str(CLIENTS_PYTHON),
-        script,
-        cwd=CLIENTS_DIR,
-        env={"PATH": os.environ.get("PATH", ""), "RELAY_KEY": ALPHA_KEY, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=50)
-    assert process.returncode == 0, f"{script} failed:\n{err.decode()}"
-    lines = out.decode().strip().splitlines()
-    assert lines, f"{script} printed nothing:\n{err.decode()}"
-    return orjson.loads(lines[-1])
+    return await run_reporting(str(CLIENTS_PYTHON), script, cwd=CLIENTS_DIR, seconds=50, **env)
 
 
 def assert_tool_turn_and_spoken_turn(result: dict[str, Any]) -> None:
