@@ -22,6 +22,7 @@ from relay.edge.pass_gate import PassGate
 from relay.errors import ClientRefused
 from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.ops.descriptors import DescriptorWatch
+from relay.ops.logsetup import CLIENT_ADDRESS
 from relay.ops.metrics import LiveGauges, Metrics
 from relay.session.continuity import ContinuitySettings
 from relay.session.frames import MessageBudget
@@ -59,9 +60,12 @@ class LiveConfig:
         return bool(self.config.playground.enabled and host and urlsplit(origin).netloc == host)
 
     def client_address(self, request: web.BaseRequest) -> str:
-        return client_address(
+        """The client's address (`auth.client_address`), kept on the request for its access line."""
+        address = client_address(
             request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted_proxies
         )
+        request[CLIENT_ADDRESS] = address
+        return address
 
 
 @dataclass(frozen=True, slots=True)

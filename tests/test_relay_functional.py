@@ -98,6 +98,31 @@ async def test_a_session_logs_its_own_lines_and_other_requests_the_access_line(
     assert all(line["status"] == 401 and "api-key=REDACTED" in line["url"] for line in access)
 
 
+async def test_behind_a_trusted_proxy_every_line_names_the_client_not_the_proxy(
+    simulator, start_relay, http
+):
+    """The refusal's line and the access line both give the address X-Forwarded-For names
+    (the access line gave the proxy's, so a client's refusals could not be traced from it)."""
+    relay = await start_relay(
+        relay_config(simulator.url, server={"trusted_proxies": ["127.0.0.0/8"]})
+    )
+    forwarded = {"X-Forwarded-For": "203.0.113.7"}
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        await refused(
+            http,
+            ws_url(relay, **{"api-key": "wrong-key-123"}),
+            401,
+            "invalid_api_key",
+            headers=forwarded,
+        )
+    refusal = next(entry for entry in logs if entry["event"] == "session_refused")
+    access = [entry for entry in logs if entry["event"] == "http_request"]
+    assert refusal["peer"] == "203.0.113.7"
+    assert access and all(line["peer"] == "203.0.113.7" for line in access)
+
+
 @pytest.mark.parametrize(
     ("headers", "code"),
     [({}, "missing_api_key"), ({"api-key": "nope"}, "invalid_api_key")],

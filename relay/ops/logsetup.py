@@ -189,8 +189,12 @@ class AccessLogger(aiohttp.abc.AbstractAccessLogger):
             url=redact_url(request.rel_url),
             status=response.status,
             duration_seconds=round(time, 6),
-            peer=request.remote,
+            peer=request.get(CLIENT_ADDRESS) or request.remote,
         )
 
 
 _access = structlog.get_logger("relay.access")
+# Where a request keeps the client's address once the relay has worked it out (behind a
+# trusted proxy, from X-Forwarded-For): the access line names the client, as the session's
+# lines do, not the proxy.
+CLIENT_ADDRESS = aiohttp.web.RequestKey("client_address", str)
