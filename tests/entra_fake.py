@@ -77,6 +77,7 @@ class FakeIdentityEndpoint:
         self.lifetime = lifetime
         self.refresh_in = refresh_in
         self.failing = False
+        self.failure_message = "identity endpoint failing"
         self.requests: list[dict[str, str]] = []
         self.bad_headers = 0
         self.issued: list[str] = []
@@ -112,7 +113,7 @@ class FakeIdentityEndpoint:
         if self._gate is not None:
             await self._gate.wait()
         if self.failing:
-            return _json({"statusCode": 500, "message": "identity endpoint failing"}, status=500)
+            return _json({"statusCode": 500, "message": self.failure_message}, status=500)
         return _json(self._token(request.query["resource"]))
 
     def _token(self, resource: str) -> dict[str, Any]:

@@ -94,6 +94,19 @@ async def make_credential(
 # --- the first token -----------------------------------------------------------------------
 
 
+async def test_an_endpoints_error_quoting_its_header_is_shown_without_it(
+    endpoint: FakeIdentityEndpoint, make_credential: MakeCredential
+) -> None:
+    """`last_error` is shown in /status, which no log filter passes: the App Service
+    identity header an endpoint's error quoted was shown as it was."""
+    endpoint.failing = True
+    endpoint.failure_message = f"header {IDENTITY_HEADER} refused"
+    credential = make_credential()
+    await credential.start()
+    assert IDENTITY_HEADER not in credential.describe()["last_error"]
+    assert "header [REDACTED] refused" in credential.describe()["last_error"]
+
+
 async def test_first_token_fetched_at_start(
     endpoint: FakeIdentityEndpoint, make_credential: MakeCredential, fake_time: FakeTime
 ) -> None:

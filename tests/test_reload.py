@@ -20,6 +20,7 @@ from relay.ops.check import ConfigSource
 from relay.state import RELOAD, STATE
 from tests.helpers import (
     ALPHA_KEY,
+    AZURE_KEY,
     BETA_KEY,
     ENVIRON,
     FakeUpstream,
@@ -231,6 +232,18 @@ async def test_admin_endpoint_reloads_with_an_admin_key(simulator, start_relay, 
     async with http.post(endpoint, headers=admin) as response:
         assert response.status == 200
         assert (await response.json())["outcome"] == "unchanged"
+
+    async def rejecting() -> dict[str, object]:
+        # A secret pasted where a variable's name goes: the relay holds it, its log line
+        # cleans it, and the answer showed it.
+        problem = f"environment variable {AZURE_KEY} is not set or empty"
+        return {"outcome": "rejected", "problems": [problem]}
+
+    relay.app._state[RELOAD] = rejecting
+    async with http.post(endpoint, headers=admin) as response:
+        assert response.status == 422
+        body = await response.json()
+    assert body["problems"] == ["environment variable [REDACTED] is not set or empty"]
 
 
 async def test_unknown_paths_and_methods_get_json_and_no_version(simulator, start_relay, http):

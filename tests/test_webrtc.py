@@ -795,6 +795,28 @@ async def test_the_upstreams_400_reaches_the_caller(start_fake, start_relay, htt
     assert samples("relay_webrtc_refusals_total", labels) == 1
 
 
+async def test_the_upstreams_400_quoting_the_key_reaches_the_caller_without_it(
+    start_fake, start_relay, http
+):
+    """Only the message was cleaned: a code or a parameter quoting the relay's Azure key
+    passed it to the caller."""
+    error = {
+        "type": "invalid_request_error",
+        "code": AZURE_KEY,
+        "message": f"bad key {AZURE_KEY}",
+        "param": f"session.{AZURE_KEY}",
+    }
+    fake = RecordingUpstream(status=400, body=orjson.dumps({"error": error}))
+    server = await start_fake(fake.app())
+    relay = await start_relay(policy_config(f"http://127.0.0.1:{server.port}"))
+    status, _, body = await post(
+        http, relay.make_url(SECRETS), json={"session": {"model": "gpt-realtime"}}
+    )
+    assert status == 400 and AZURE_KEY not in orjson.dumps(body).decode()
+    assert body["error"]["code"] == "invalid_request"
+    assert body["error"]["param"] == "session.[REDACTED]"
+
+
 async def test_a_secret_the_upstream_no_longer_accepts_is_401(start_fake, start_relay, http):
     fake = RecordingUpstream()
     server = await start_fake(fake.app())

@@ -485,7 +485,8 @@ async def status(request: web.Request) -> web.Response:
         },
         "teams": state.budgets.describe(),
     }
-    return web.json_response(body, dumps=_dumps)
+    # Errors quoted in it (a token endpoint's) pass the log filter's secrets check too.
+    return web.json_response(SECRETS.clean_value(body), dumps=_dumps)
 
 
 async def admin_reload(request: web.Request) -> web.Response:
@@ -500,7 +501,9 @@ async def admin_reload(request: web.Request) -> web.Response:
         )
     result = await reload()
     status = 422 if result.get("outcome") == "rejected" else 200
-    return web.json_response(result, status=status, dumps=_dumps)
+    # A rejected file's errors quote its values: a secret pasted in the wrong place, which
+    # the relay may already hold, is cleaned here as in the reload's log line.
+    return web.json_response(SECRETS.clean_value(result), status=status, dumps=_dumps)
 
 
 async def _admin_refusal(

@@ -3,10 +3,12 @@
 Two nets. Patterns catch a credential by where it sits, including keys the relay has never
 seen (a wrong guess): values of credential-like URL query parameters, of `api-key` /
 `Authorization`-like headers and JSON/dict fields, bearer tokens, the key subprotocol, JWTs
-(Entra tokens) and minted client secrets (`ek_…`). Known values catch a secret wherever it
-ends up: the relay's upstream keys, Entra client secrets, tokens and minted client secrets
-are registered when they are read or received, and the key a request presented is
-registered for that request's task only (`in_this_request`).
+(Entra tokens), minted client secrets (`ek_…`) and relay keys as `relay keys new` makes them
+(`rk-…`). Known values catch a secret wherever it ends up, whole or cut short (from its first
+`FRAGMENT` characters): the relay's upstream keys, Entra client secrets, tokens, managed
+identity headers and minted client secrets are registered when they are read or received,
+and the key a request presented is registered for that request's task only
+(`in_this_request`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ REDACTED = "[REDACTED]"
 # Shorter values are not registered: replacing them everywhere would garble logs, and a
 # credential that short is not one the relay accepts or holds.
 MIN_SECRET_LENGTH = 8
+# A known secret this long is also caught cut short (a close reason cut at 123 bytes): from
+# its first FRAGMENT characters to the end of the key-like run there.
+FRAGMENT = 16
+_KEYLIKE_RUN = r"[\w.~+/=%-]*"
 # Secrets learnt while running (tokens, minted client secrets): the most recent ones are
 # matched exactly; the patterns cover their shapes anyway.
 MAX_RECENT = 64
 
 # Every pattern below needs one of these words: text without any skips the patterns.
 _WORDS = ("key", "token", "secret", "sig", "passw", "auth", "credential", "cookie", "bearer")
-_TRIGGERS = (*_WORDS, "eyj", "ek_")
+_TRIGGERS = (*_WORDS, "eyj", "ek_", "rk-")
 _NAME = r"[\w.-]*?(?i:key|token|secret|sig|passw|auth|credential|cookie)[\w.-]*"
 _HEADER = r"(?i:api-key|authorization|cookie|ocp-apim-subscription-key)"
 _PATTERNS = (
@@ -40,6 +46,7 @@ _PATTERNS = (
     re.compile(r"(openai-insecure-api-key\.)[^\s,'\"]+"),
     re.compile(r"()\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"),  # a JWT (Entra tokens)
     re.compile(r"()\bek_[\w-]{8,}"),  # a realtime client secret
+    re.compile(r"()\brk-[\w-]{20,}"),  # a relay key as `relay keys new` makes them
 )
 
 
@@ -60,6 +67,10 @@ class SecretFilter:
         # not push the relay's own tokens out of `_recent`.
         self._minted: deque[str] = deque(maxlen=MAX_RECENT)
         self._all: tuple[str, ...] = ()
+        # What finds a known secret in text (itself, or its first FRAGMENT characters), and
+        # the pattern that takes a fragment's whole run out.
+        self._needles: tuple[str, ...] = ()
+        self._runs: re.Pattern[str] | None = None
         self._encoded: tuple[tuple[str, ...], tuple[bytes, ...]] = ((), ())
         self._stale = False
 
@@ -89,7 +100,7 @@ class SecretFilter:
         over a whole log line's text is cheaper than `clean` on each of its values."""
         if any(secret in text for secret in _request_secrets.get()):
             return True
-        if any(secret in text for secret in self._known()):
+        if any(needle in text for needle in self._needles_now()):
             return True
         lowered = text.lower()
         return any(word in lowered for word in _TRIGGERS)
@@ -100,9 +111,7 @@ class SecretFilter:
                 text = text.replace(secret, REDACTED)
         if len(text) < MIN_SECRET_LENGTH:
             return text
-        for secret in self._known():
-            if secret in text:
-                text = text.replace(secret, REDACTED)
+        text = self._without_known(text)
         lowered = text.lower()
         for word in _TRIGGERS:
             if word in lowered:
@@ -116,28 +125,41 @@ class SecretFilter:
     def known_in(self, data: bytes) -> bool:
         """Whether ``data`` holds one of the relay's own secrets as it is (an upstream that
         quotes the credential it was sent)."""
-        return any(secret in data for secret in self._known_bytes())
+        return any(needle in data for needle in self._needle_bytes())
 
     def clean_known(self, value: Any) -> Any:
         """``value`` with the relay's own secrets replaced, strings in containers (keys
         included) too; nothing else changed (no patterns: the text is the service's, not a
         log line)."""
         if isinstance(value, str):
-            for secret in self._known():
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            return self._without_known(value)
         if isinstance(value, dict):
             return {self.clean_known(k): self.clean_known(v) for k, v in value.items()}
         if isinstance(value, list):
             return [self.clean_known(v) for v in value]
         return value
 
-    def _known_bytes(self) -> tuple[bytes, ...]:
-        known = self._known()
-        if self._encoded[0] is not known:
-            self._encoded = (known, tuple(s.encode() for s in known))
+    def _without_known(self, text: str) -> str:
+        """``text`` with the relay's own secrets replaced: whole, then cut short or run on."""
+        needles = self._needles_now()
+        if not any(needle in text for needle in needles):
+            return text
+        for secret in self._all:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if self._runs is not None:
+            text = self._runs.sub(REDACTED, text)
+        return text
+
+    def _needle_bytes(self) -> tuple[bytes, ...]:
+        needles = self._needles_now()
+        if self._encoded[0] is not needles:
+            self._encoded = (needles, tuple(s.encode() for s in needles))
         return self._encoded[1]
+
+    def _needles_now(self) -> tuple[str, ...]:
+        self._known()
+        return self._needles
 
     def clean_value(self, value: Any) -> Any:
         """``value`` as safe to render: strings cleaned, containers walked, anything else
@@ -158,6 +180,15 @@ class SecretFilter:
             # Longest first: a secret that contains another is replaced whole.
             every = {*self._static, *self._recent, *self._minted}
             self._all = tuple(sorted(every, key=len, reverse=True))
+            fragments = {secret[:FRAGMENT] for secret in every if len(secret) > FRAGMENT}
+            self._needles = tuple(
+                {secret for secret in every if len(secret) <= FRAGMENT} | fragments
+            )
+            self._runs = (
+                re.compile("|".join(re.escape(f) + _KEYLIKE_RUN for f in sorted(fragments)))
+                if fragments
+                else None
+            )
             self._stale = False
         return self._all
 

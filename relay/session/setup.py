@@ -133,5 +133,13 @@ def _session_of(event: dict[str, Any]) -> dict[str, Any]:
     return shared_strings.share(session) if isinstance(session, dict) else {}
 
 
+_MAX_DETAIL_CHARS = 200
+
+
 def _refusal(detail: str) -> UpstreamRefused:
+    # The detail may quote the upstream (its first event's type): never the relay's own
+    # credential, which a confused service may echo.
+    detail = SECRETS.clean_known(detail)
+    if len(detail) > _MAX_DETAIL_CHARS:  # a whole event's worth of "type" is no help
+        detail = detail[:_MAX_DETAIL_CHARS] + "..."
     return UpstreamRefused(502, "upstream_protocol_error", f"Session start failed: {detail}.")

@@ -31,6 +31,7 @@ Tokens and secrets never appear in logs, reprs, ``describe()`` or error messages
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -95,6 +96,9 @@ def error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
     for secret in secrets:
         message = message.replace(secret, "***")
     message = _TOKEN_LIKE.sub("***", message)
+    # Shown in /status, which the log filter does not pass: the client secret a token
+    # endpoint quotes back, and every other secret the relay knows, out here too.
+    message = SECRETS.clean(message)
     if len(message) > _ERROR_MAX_CHARS:
         message = message[:_ERROR_MAX_CHARS] + "..."
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
@@ -112,6 +116,9 @@ def build_token_source(
     Raises:
         ValueError: a setting or environment variable the method needs is missing.
     """
+    # The header App Service's identity endpoint demands (azure-identity reads it from the
+    # process's environment): a secret an error from that endpoint may quote.
+    SECRETS.register(os.environ.get("IDENTITY_HEADER"), os.environ.get("MSI_SECRET"))
     if config.method == "managed-identity":
         return ManagedIdentityCredential(client_id=config.client_id, **options)
     if config.method == "workload-identity":

@@ -225,6 +225,23 @@ async def test_session_defaults_refused_in_words_quoting_the_key(start_fake, sta
     assert "bad [REDACTED]" in body
 
 
+async def test_a_first_event_quoting_the_key_is_refused_without_it(start_fake, start_relay, http):
+    """The refusal quoted the unexpected first event's type: the upstream's words, which
+    carried the relay's key (cut short too) to the client's 502."""
+
+    async def confused(ws, fake: FakeUpstream) -> None:
+        event = {"type": f"unauthorized api-key {AZURE_KEY}, or {AZURE_KEY[:20]}"}
+        await ws.send_str(orjson.dumps(event).decode())
+        await ws.receive()
+
+    relay = await relay_with(start_fake, start_relay, confused)
+    async with http.get(url(relay), headers={"api-key": ALPHA_KEY, **UPGRADE}) as response:
+        assert response.status == 502
+        body = await response.text()
+    assert "upstream_protocol_error" in body and AZURE_KEY[:16] not in body
+    assert "unauthorized api-key [REDACTED], or [REDACTED]" in body
+
+
 async def test_an_upstream_that_stops_reading_is_dropped_and_the_session_ends(
     start_fake, start_relay, http
 ):

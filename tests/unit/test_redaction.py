@@ -32,6 +32,8 @@ KEY = "rk-some-relay-key-0123456789"
         (f"realtime, openai-insecure-api-key.{KEY}", "realtime, openai-insecure-api-key."),
         ("token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl end", "token "),
         ("the secret ek_0123456789abcdef0123 end", "the secret "),
+        (f"GET /openai/v1/realtime/{KEY} HTTP/1.1", "GET /openai/v1/realtime/"),
+        (f"/openai/v1/realtime?model={KEY}", "?model="),
     ],
 )
 def test_patterns_catch_credentials_by_where_they_sit(text, kept):
@@ -59,6 +61,18 @@ def test_known_values_are_caught_anywhere_and_short_ones_are_not_registered():
     secrets.register_recent("entra-token-not-a-jwt-456")
     text = "azure-key-value-123|entra-token-not-a-jwt-456|short"
     assert secrets.clean(text) == f"{REDACTED}|{REDACTED}|short"
+
+
+def test_known_values_are_caught_cut_short_and_in_what_goes_to_clients():
+    secrets = SecretFilter()
+    key = "AZKEYsecretA1b2C3d4E5f6G7h8I9j0K1"
+    secrets.register(key)
+    cut = f"1008 check the resource keys. key={key[:21]}"  # a close reason cut at its limit
+    assert secrets.clean(cut) == f"1008 check the resource keys. key={REDACTED}"
+    assert secrets.clean_known(cut) == secrets.clean(cut)
+    assert secrets.clean_known({"message": f"got '{key[:20]}'"}) == {"message": f"got '{REDACTED}'"}
+    assert secrets.known_in(cut.encode()) and secrets.suspect(cut)
+    assert secrets.clean(f"the first {key[:12]} chars") == f"the first {key[:12]} chars"
 
 
 async def test_a_requests_key_is_caught_in_its_own_task_only():

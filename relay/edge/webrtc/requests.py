@@ -198,11 +198,14 @@ def upstream_rejection(body: bytes) -> UpstreamRejected:
         error = None
     error = error if isinstance(error, dict) else {}
     code, message, param = error.get("code"), error.get("message"), error.get("param")
+    # The upstream's words reach the caller: never a credential it may have quoted, in any
+    # field (a code that quotes one is replaced whole: a code is a word to match on).
+    if not isinstance(code, str) or len(code) > 64 or SECRETS.clean(code) != code:
+        code = "invalid_request"
     return UpstreamRejected(
-        code if isinstance(code, str) and len(code) <= 64 else "invalid_request",
-        # The upstream's words reach the caller: never a credential it may have quoted.
+        code,
         SECRETS.clean(message) if isinstance(message, str) else _REFUSED,
-        param if isinstance(param, str) else None,
+        SECRETS.clean(param) if isinstance(param, str) else None,
     )
 
 
