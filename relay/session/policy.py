@@ -279,9 +279,11 @@ def event_id_of(frame: bytes) -> str | None:
     """The event's `event_id`, for the `error` event that refuses it. A frame of
     `LARGE_EVENT_BYTES` and more is not parsed for it (orjson took 0.75 s, holding every
     session of the process, for 30 MiB of tiny objects): its first `"event_id"` is looked
-    for in its first 4 KiB, where clients put it."""
+    for in its first 4 KiB, where most clients put it, else as the event's last member,
+    where the agents SDK puts it (`{...event, event_id}`): ending the frame with only the
+    top-level object's brace after it, it can be no nested object's."""
     if len(frame) >= LARGE_EVENT_BYTES:
-        found = _EVENT_ID.search(frame, 0, 4096)
+        found = _EVENT_ID.search(frame, 0, 4096) or _LAST_EVENT_ID.search(frame, len(frame) - 4096)
         return found.group(1).decode() if found is not None else None
     try:
         event_id = orjson.loads(frame).get("event_id")
@@ -292,6 +294,7 @@ def event_id_of(frame: bytes) -> str | None:
 
 # An event id without escapes, as clients make them (`event_...`, UUIDs).
 _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([\x20-\x21\x23-\x5b\x5d-\x7e]{1,256})"')
+_LAST_EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([\x20-\x21\x23-\x5b\x5d-\x7e]{1,256})"\s*\}\s*\Z')
 
 
 def build_policy(deployment: DeploymentConfig, team: TeamConfig) -> SessionPolicy:

@@ -463,7 +463,7 @@ class Bridge:
                 arrived = self.last_client_event_at = now()
                 if self._refill(arrived) < 1.0:
                     if not throttle:
-                        await self._refuse(_rate_limited(rate, burst))
+                        await self._refuse(_rate_limited(rate, burst, event_id_of(msg.data)))
                         continue
                     # Stop reading this client until a token is back: TCP holds the rest,
                     # nothing is dropped, and the excess costs the relay nothing.
@@ -1042,11 +1042,14 @@ def _without_secrets(frame: bytes) -> bytes:
     return dump_json(cleaned)
 
 
-def _rate_limited(rate: float, burst: float) -> PolicyViolation:
+def _rate_limited(rate: float, burst: float, event_id: str | None) -> PolicyViolation:
+    # With the event's id, as every refusal: SDKs match a refused `response.create` to
+    # its request by it (the agents SDK's response queue waited for ever without it).
     return PolicyViolation(
         f"More than {rate:g} events a second (bursts of {burst:g}); this event was dropped. "
         "Send fewer, larger audio chunks.",
         code="rate_limit_exceeded",
+        event_id=event_id,
     )
 
 

@@ -392,12 +392,15 @@ async def test_events_over_the_rate_are_refused_then_the_flood_is_closed(
         await read_until(ws, "session.created")
         for i in range(10):
             await ws.send_str(f'{{"type":"input_audio_buffer.clear","event_id":"c{i}"}}')
-        codes = []
+        codes, ids = [], []
         while (msg := await ws.receive()).type is WSMsgType.TEXT:
             event = orjson.loads(msg.data)
             if event["type"] == "error":
                 codes.append(event["error"]["code"])
+                ids.append(event["error"]["event_id"])
         assert codes == ["rate_limit_exceeded"] * 5 + ["too_many_violations"]
+        # Each refusal names the event it dropped (SDKs match their requests by it).
+        assert ids[:5] == ["c3", "c4", "c5", "c6", "c7"]
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1008)
     # The burst passed; the rest was refused until persistent abuse closed the session.
     await fake.closed.wait()

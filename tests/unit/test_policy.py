@@ -536,11 +536,15 @@ def test_a_large_frame_over_the_size_is_refused_without_being_read():
         policy.check_size(crafted)
     assert info.value.message.startswith(f"The event is {len(crafted)} bytes")
     assert info.value.event_id == "evt_big"  # found in its first 4 KiB, not by a parse
-    # Under LARGE_EVENT_BYTES the event id is parsed as before; a large frame whose id is
-    # not near its start, or escaped, has none.
+    # Under LARGE_EVENT_BYTES the event id is parsed as before. A large frame's id is also
+    # found as its last member (the agents SDK's layout, `{...event, event_id}`), but not
+    # as a nested object's last member, nor in its middle.
     assert event_id_of(b'{"type": "x", "event_id": "e\\u0031"}') == "e1"
-    late = b'{"type": "x", "pad": "' + b"p" * LARGE_EVENT_BYTES + b'", "event_id": "e2"}'
-    assert event_id_of(late) is None
+    pad = b'"pad": "' + b"p" * LARGE_EVENT_BYTES + b'"'
+    assert event_id_of(b'{"type": "x", ' + pad + b', "event_id": "e2"}\n') == "e2"
+    assert event_id_of(b'{"type": "x", ' + pad + b', "m": {"event_id": "e3"}}') is None
+    middle = b'{"type": "x", ' + pad + b', "event_id": "e4", ' + pad.replace(b"pad", b"p2") + b"}"
+    assert event_id_of(middle) is None
 
 
 def test_item_roles_outside_the_allowed_ones_are_refused():
