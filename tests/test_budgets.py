@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from relay.edge.auth import hash_key
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, read_until, relay_config
+from tests.helpers import ALPHA_KEY, FakeUpstream, read_until, relay_config
 from tests.processes import needs_redis, redis_server, relay_process
 from tests.test_webrtc import CALLS, OFFER, SDP, SECRETS, post
 
@@ -332,3 +332,60 @@ async def test_the_shared_spend_counts_a_push_once_and_survives_redis_losing_it(
             assert other.spent("alpha").day == pytest.approx(2.5)
         finally:
             await client.aclose()
+
+
+def _usage(text_tokens: int) -> dict[str, Any]:
+    return {
+        "total_tokens": text_tokens, "input_tokens": 0, "output_tokens": text_tokens,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": 0, "cached_tokens": 0},
+        "output_token_details": {"text_tokens": text_tokens, "audio_tokens": 0},
+    }  # fmt: skip
+
+
+async def two_out_of_band_responses(ws: Any, fake: FakeUpstream) -> None:
+    """Starts two responses side by side on the second `response.create`, ends the second
+    ($1), and the first ($5) only when it is cancelled by its id."""
+
+    async def send(**event: Any) -> None:
+        await ws.send_str(orjson.dumps(event).decode())
+
+    await send(type="session.created", event_id="e0", session={})
+    creates = 0
+    async for msg in ws:
+        fake.received.append(msg.data.encode())
+        event = orjson.loads(msg.data)
+        if event["type"] == "response.create":
+            creates += 1
+            if creates == 2:
+                for response_id in ("r1", "r2"):
+                    response = {"id": response_id, "status": "in_progress", "conversation_id": None}
+                    await send(type="response.created", response=response)
+                done = {"id": "r2", "status": "completed", "usage": _usage(1)}
+                await send(type="response.done", response=done)
+        elif event["type"] == "response.cancel" and event.get("response_id") == "r1":
+            done = {"id": "r1", "status": "cancelled", "usage": _usage(5)}
+            await send(type="response.done", response=done)
+
+
+async def test_a_client_that_hangs_up_during_side_by_side_responses_is_billed_for_both(
+    start_fake, start_relay, http
+):
+    """Out-of-band responses (`conversation: "none"`) run side by side: one flag for "a
+    response is in progress" was cleared by the first `response.done`, so the other one,
+    still running when the client left, was neither cancelled nor metered."""
+    fake = FakeUpstream(script=two_out_of_band_responses)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(budget_config(str(upstream.make_url("")), max_usd_per_day=1e9))
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        ws = await http.ws_connect(relay.make_url(URL), headers={"api-key": ALPHA_KEY})
+        await read_until(ws, "session.created")
+        create = '{"type": "response.create", "response": {"conversation": "none"}}'
+        await ws.send_str(create)
+        await ws.send_str(create)
+        await read_until(ws, "response.done")
+        await ws.close()
+        await relay.app[STATE].idle.wait()
+    (ended,) = [e for e in logs if e["event"] == "session_ended"]
+    assert ended["responses"] == 2 and ended["cost_usd"] == pytest.approx(6.0)
+    cancels = [orjson.loads(f) for f in fake.received if b"response.cancel" in f]
+    assert [c.get("response_id") for c in cancels] == ["r1"]

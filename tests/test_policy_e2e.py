@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp import WSMsgType
 from openai import AsyncOpenAI
 
 from relay.state import STATE
-from tests.helpers import ALPHA_KEY, b64, read_until, relay_config, tone_pcm
+from tests.helpers import ALPHA_KEY, FakeUpstream, b64, read_until, relay_config, tone_pcm
 
 VOICE_APP_DEFAULTS = {
     "instructions": "You are the support line of Contoso. Be brief.",
@@ -388,6 +389,39 @@ async def test_duration_and_idle_limits_close_with_an_error(
         assert error["error"]["code"] == code
         msg = await ws.receive()
         assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, close, reason)
+
+
+async def slow_answer(ws, fake: FakeUpstream) -> None:
+    """Answers each `response.create` over 0.9 s: a long spoken answer."""
+    await ws.send_str('{"type": "session.created", "event_id": "e0", "session": {}}')
+    async for msg in ws:
+        if '"response.create"' in msg.data:
+            await ws.send_str('{"type": "response.created", "response": {"id": "r1"}}')
+            await asyncio.sleep(0.9)  # the answer's length: three idle timeouts
+            await ws.send_str('{"type": "response.done", "response": {"id": "r1"}}')
+
+
+async def test_a_long_answer_is_not_the_client_being_idle(start_fake, start_relay, http):
+    """The idle timeout ended sessions while the assistant was still speaking: idle counts
+    from the client's last event or the last response's end, whichever is later."""
+    upstream = await start_fake(FakeUpstream(script=slow_answer).app())
+    config = relay_config(
+        str(upstream.make_url("")),
+        deployments={
+            "gpt-realtime": {
+                "endpoint": str(upstream.make_url("")),
+                "credential": {"env": "TEST_AZURE_KEY"},
+                "policy": {"idle_timeout_seconds": 0.3},
+            }
+        },
+    )
+    relay = await start_relay(config)
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type": "response.create"}')
+        events = await read_until(ws, "error")
+        assert [e["type"] for e in events] == ["response.created", "response.done", "error"]
+        assert events[-1]["error"]["code"] == "idle_timeout"
 
 
 async def test_defaults_the_upstream_rejects_fail_the_handshake(simulator, start_relay, http):

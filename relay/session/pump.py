@@ -153,7 +153,7 @@ class Bridge:
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
         "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
-        "settling", "requested", "__weakref__",
+        "settling", "requested", "responding", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -212,6 +212,8 @@ class Bridge:
         self.writing_out_since: float | None = None
         # Set while no response is being generated: what a graceful drain waits for.
         self.between_responses = Flag(True)
+        # The ids of the responses being generated: out-of-band ones run side by side.
+        self.responding: list[str] = []
         # The client left mid-response: the upstream is read on (nothing sent) until the
         # response's `response.done`, with the usage the team is billed for, is metered.
         self.settling: asyncio.Event | None = None
@@ -314,7 +316,7 @@ class Bridge:
         if self.ending is not None:
             return False
         self.ending = ending
-        if _settles(ending) and (self.requested or not self.between_responses.is_set()):
+        if _settles(ending) and (self.requested or self.responding):
             self.settling = asyncio.Event()
         self.between_responses.set()  # nothing is in progress any more: a drain need not wait
         self._disarm()
@@ -563,17 +565,45 @@ class Bridge:
         await self._close_upstream()
 
     async def _settle(self, settling: asyncio.Event) -> None:
-        """The client left mid-response: cancel the response and wait, at most
-        ``close_timeout``, for its `response.done`, whose usage the upstream bills (a client
-        that hangs up during every answer would otherwise spend unseen by its budget)."""
+        """The client left mid-response: cancel the responses and wait, at most
+        ``close_timeout``, for their `response.done`, whose usage the upstream bills (a client
+        that hangs up during every answer would otherwise spend unseen by its budget). One
+        asked for and not started yet is cancelled once it starts (see `_settled_by`)."""
         if settling.is_set():
             return  # settled already (a relay-side end settles before the client pump ends)
         try:
             async with asyncio.timeout(self.close_timeout):
-                await frames.send_text(self.upstream, _CANCEL)
+                for response_id in self.responding or [""]:
+                    await frames.send_text(self.upstream, _cancel(response_id))
                 await settling.wait()
         except (TimeoutError, ConnectionError):
             _log.info("response_unsettled")
+
+    def _response_done(self, response_id: str) -> None:
+        responding = self.responding
+        if response_id in responding:
+            responding.remove(response_id)
+        elif responding:
+            responding.pop(0)  # a done without a known id ends the oldest
+        if not responding:
+            self.between_responses.set()
+            # Idle counts from here: a long answer is not the client being idle.
+            self.last_client_event_at = max(self.last_client_event_at, time.perf_counter())
+
+    def responses_lost(self) -> None:
+        """The upstream that was generating them is gone (continuity's resume)."""
+        self.responding.clear()
+        self.between_responses.set()
+
+    async def _settled_by(self, kind: str, frame: bytes, settling: asyncio.Event) -> None:
+        """An upstream event read after the client left mid-response (already metered)."""
+        if kind == "response.created":  # asked for before the client left: cancelled too
+            try:
+                await frames.send_text(self.upstream, _cancel(_response_id(frame)))
+            except ConnectionError:
+                pass  # the upstream is going: its pump ends and sets `settling`
+        if not self.responding and not self.requested:
+            settling.set()
 
     def _accepted_out(self, kind: str, frame: bytes) -> Sequence[bytes]:
         """An upstream event the client will get: metered and tracked; the frames to send."""
@@ -590,9 +620,10 @@ class Bridge:
             self._upstream_error(frame)
         elif kind == "response.created":
             self.requested = False
+            self.responding.append(_response_id(frame))
             self.between_responses.clear()
         elif kind == "response.done":
-            self.between_responses.set()
+            self._response_done(_response_id(frame))
         translator = self.translator
         return (frame,) if translator is None else translator.to_client(kind, frame)
 
@@ -701,8 +732,7 @@ class Bridge:
                     break
                 settling = self.settling
                 if settling is not None:
-                    if kind == "response.done":
-                        settling.set()
+                    await self._settled_by(kind, frame, settling)
                     continue  # the client is gone: metered, not sent
                 writing = self.writing_out_since = now()
                 try:
@@ -922,7 +952,11 @@ class Bridge:
         responding = not self.between_responses.is_set()
         if responding and now >= self.last_upstream_event_at + self.response_timeout:
             return self._upstream_silent()
-        if idle_seconds is not None and now >= self.last_client_event_at + idle_seconds:
+        if (
+            idle_seconds is not None
+            and not responding
+            and now >= self.last_client_event_at + idle_seconds
+        ):
             return self.stop(
                 1008,
                 "idle timeout",
@@ -1009,7 +1043,23 @@ class Bridge:
         frames.forget_error(self.upstream)
 
 
-_CANCEL = b'{"type":"response.cancel","event_id":"relay_settle"}'
+def _cancel(response_id: str) -> bytes:
+    """The `response.cancel` that settles a response (by its id; without one, the default
+    conversation's)."""
+    cancel: dict[str, str] = {"type": "response.cancel", "event_id": "relay_settle"}
+    if response_id:
+        cancel["response_id"] = response_id
+    return dump_json(cancel)
+
+
+def _response_id(frame: bytes) -> str:
+    """A `response.created` or `response.done`'s response id ("" if it has none)."""
+    event = load_json(frame)
+    response = event.get("response") if isinstance(event, dict) else None
+    response_id = response.get("id") if isinstance(response, dict) else None
+    return response_id if isinstance(response_id, str) else ""
+
+
 # Relay-side ends after which a response in progress is not settled: the upstream is the
 # trouble (nothing more would come), the client is not reading (the upstream pump is held
 # writing to it), or the relay is shutting down (its drain already waited).

@@ -467,7 +467,7 @@ class Renewal:
         shadow.response_id = None
         shadow.speaking = False
         self._requested = False  # a request the lost upstream had not started is lost with it
-        self.bridge.between_responses.set()
+        self.bridge.responses_lost()
         self.quiet.set()
 
     def _record(self, reason: str, outcome: str) -> None:
