@@ -749,3 +749,42 @@ async def test_a_clients_error_is_never_taken_for_a_switch_marker(start_relay, h
                 assert error["type"] == "error" and error["error"]["event_id"] == event_id
     finally:
         await simulator.close()
+
+
+async def test_push_to_talk_audio_is_not_lost_to_a_switch(start_relay, http):
+    """Without turn detection, audio appended and not yet committed is the upstream's alone:
+    a switch in the middle of an utterance lost all of it before the switch (the model
+    heard 0.8 s of 3 s). It now waits for the commit."""
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}), speed=0, max_session_seconds=SESSION_SECONDS
+        )
+    )
+    try:
+        relay = await start_relay(continuity_config(simulator.url))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            manual = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+            await ws.send_str(orjson.dumps({"type": "session.update", "session": manual}).decode())
+            while (await next_event(ws))["type"] != "session.updated":
+                pass
+            chunk = orjson.dumps({"type": "input_audio_buffer.append", "audio": b64(tone_pcm(100))})
+            began = asyncio.get_running_loop().time()
+            # Past the renewal's start (1.5 s into the session), short of its deadline (3 s).
+            for n in range(18):
+                await ws.send_str(chunk.decode())
+                await asyncio.sleep(
+                    max(0.0, began + (n + 1) * 0.1 - asyncio.get_running_loop().time())
+                )  # a speaker's pace
+            assert renewals(relay) == 0
+            await ws.send_str('{"type":"input_audio_buffer.commit"}')
+            event = await next_event(ws)
+            while event["type"] != "conversation.item.input_audio_transcription.completed":
+                event = await next_event(ws)
+            assert event["transcript"].startswith("Hello, this is 1.8 seconds"), event
+            n = 0
+            while renewals(relay) < 1:  # then, quiet, the session is renewed
+                await turn(ws, "And now?", n)
+                n += 1
+    finally:
+        await simulator.close()

@@ -56,6 +56,10 @@ KEEP_SPEAKING_NOTE = (
 # A rough estimate (about four characters a token) plus each item's framing.
 _CHARS_PER_TOKEN = 4
 _TOKENS_PER_ITEM = 4
+# An image as the model's input, by OpenAI's vision rule: a 1024 x 1024 image in detail
+# (85 + 170 per 512-pixel tile), or any image at low detail.
+_IMAGE_TOKENS = 765
+_IMAGE_TOKENS_LOW = 85
 # User audio: 1 token per 100 ms (the service's published rate; audio tokens cost ~8x text).
 _AUDIO_TOKENS_PER_SECOND = 10
 _SPEECH_ENDS = frozenset(
@@ -105,6 +109,11 @@ def _overlay(base: ContinuityConfig, override: ContinuityConfig) -> ContinuityCo
     )
 
 
+# Where an added item goes when its event names no previous item, or names none.
+_UNSAID = object()
+_ROOT = object()
+
+
 @dataclass(slots=True)
 class ShadowItem:
     wire: dict[str, Any]
@@ -131,9 +140,12 @@ class ShadowConversation:
     def observe(self, kind: str, event: Mapping[str, Any]) -> None:
         """Take one upstream event (one of `TRACKED`)."""
         if kind in ("conversation.item.added", "conversation.item.created"):
-            self._put(event.get("item"), event.get("previous_item_id"))
+            # A null `previous_item_id` is the conversation's start (an item the client put
+            # at "root", or the first); one left out says nothing, as in the other events.
+            previous = event.get("previous_item_id", _UNSAID)
+            self._put(event.get("item"), _ROOT if previous is None else previous)
         elif kind in ("conversation.item.done", "response.output_item.done"):
-            self._put(event.get("item"), None)
+            self._put(event.get("item"), _UNSAID)
         elif kind == "conversation.item.deleted":
             self._delete(event.get("item_id"))
         elif kind == "conversation.item.truncated":
@@ -164,7 +176,9 @@ class ShadowConversation:
         else:
             self.seq += 1
             self.items[item_id] = ShadowItem(wire, self.seq)
-            if isinstance(previous_id, str) and previous_id in self.items:
+            if previous_id is _ROOT:
+                self.order.insert(0, item_id)
+            elif isinstance(previous_id, str) and previous_id in self.items:
                 self.order.insert(self.order.index(previous_id) + 1, item_id)
             else:
                 self.order.append(item_id)
@@ -181,8 +195,12 @@ class ShadowConversation:
         )
 
     def _delete(self, item_id: Any) -> None:
-        if isinstance(item_id, str) and self.items.pop(item_id, None) is not None:
+        item = self.items.pop(item_id, None) if isinstance(item_id, str) else None
+        if item is not None:
             self.order.remove(item_id)
+            if item.wire.get("type") == "function_call":
+                # Deleted, it waits for no output: it must not hold off every switch.
+                self.pending_calls.discard(str(item.wire.get("call_id")))
 
     def _set_transcript(self, item_id: Any, index: Any, transcript: str) -> None:
         item = self.items.get(item_id) if isinstance(item_id, str) else None
@@ -305,11 +323,22 @@ def _fields(wire: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
 
 def estimate_tokens(item: Mapping[str, Any]) -> int:
     """Tokens ``item`` costs as the model's input, roughly; a user turn with its audio costs
-    `audio_tokens` instead."""
-    text = orjson.dumps(item.get("content") or "") + orjson.dumps(
+    `audio_tokens` instead, an image `_IMAGE_TOKENS` (not its data URL's length: a photo
+    counted as 20,000 tokens pushed the whole history out of the replay)."""
+    content = item.get("content") or ""
+    images = 0
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "input_image":
+                images += _IMAGE_TOKENS_LOW if part.get("detail") == "low" else _IMAGE_TOKENS
+            else:
+                parts.append(part)
+        content = parts
+    text = orjson.dumps(content) + orjson.dumps(
         [item.get(k) for k in ("name", "arguments", "output")]
     )
-    return _TOKENS_PER_ITEM + len(text) // _CHARS_PER_TOKEN
+    return _TOKENS_PER_ITEM + images + len(text) // _CHARS_PER_TOKEN
 
 
 def audio_tokens(seconds: float) -> int:
@@ -356,9 +385,11 @@ def plan_replay(
     kept.reverse()
     calls = {i.get("call_id") for i in kept if i["type"] == "function_call"}
     kept = [i for i in kept if i["type"] != "function_call_output" or i.get("call_id") in calls]
-    if note is not None:
+    if note is not None and kept:  # with nothing to replay, no earlier turns to speak after
         kept.insert(0, note)
         tokens += estimate_tokens(note)
+    else:
+        note = None
     frames = create_frames(kept, previous=None)
     return ReplayPlan(
         frames=frames,
@@ -445,6 +476,19 @@ def session_update(session: Mapping[str, Any], flavour: Flavour) -> bytes:
         fields["type"] = fields.get("type") or "realtime"
     return orjson.dumps(
         {"type": "session.update", "event_id": "relay_continuity_session", "session": fields}
+    )
+
+
+def manual_turns(session: Mapping[str, Any], flavour: Flavour) -> bool:
+    """Whether the session has no turn detection: the client commits its own turns."""
+    if flavour == "preview":
+        return "turn_detection" in session and session["turn_detection"] is None
+    audio = session.get("audio")
+    source = audio.get("input") if isinstance(audio, Mapping) else None
+    return (
+        isinstance(source, Mapping)
+        and "turn_detection" in source
+        and (source["turn_detection"] is None)
     )
 
 

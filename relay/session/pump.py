@@ -153,7 +153,7 @@ class Bridge:
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
         "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
-        "settling", "requested", "responding", "__weakref__",
+        "settling", "requested", "responding", "appended", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -219,6 +219,9 @@ class Bridge:
         self.settling: asyncio.Event | None = None
         # A client's `response.create` went up and its `response.created` has not come back.
         self.requested = False
+        # Audio appended since the upstream last reported the input buffer committed or
+        # cleared: without turn detection, a switch then would lose it (continuity).
+        self.appended = False
         self.violations = 0
         self.throttled = False
         # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
@@ -355,6 +358,8 @@ class Bridge:
             # An append the lane judged and counted as the general way below would have.
             self.tokens -= 1.0
             self.last_client_event_at = arrived
+            if not self.appended:
+                self._audio_pending()
             paused = frames.write_text(upstream, data)
             lane.written(arrived)
             if paused:
@@ -377,6 +382,8 @@ class Bridge:
         self.meter.client_event(kind, checked, audio)
         if kind == "response.create":
             self.requested = True
+        elif kind == APPEND and not self.appended:
+            self._audio_pending()
         renewal = self.renewal
         if renewal is not None:
             if kind == "response.create":
@@ -421,6 +428,11 @@ class Bridge:
             if exc.code == "invalid_utf8":
                 raise  # closes the connection (1007)
             raise PolicyViolation(exc.message, code=exc.code, event_id=event_id_of(frame)) from exc
+
+    def _audio_pending(self) -> None:
+        self.appended = True
+        if self.renewal is not None:
+            self.renewal.audio_pending()
 
     def _keep_audio(self, kind: str, frame: bytes, audio: int) -> None:
         """With replay = "audio", the audio keeper follows the client's input buffer."""
@@ -508,6 +520,8 @@ class Bridge:
                 upstream = self.upstream
                 if kind == "response.create":
                     self.requested = True
+                elif kind == APPEND and not self.appended:
+                    self._audio_pending()
                 if kind == "response.create" and self.renewal is not None:
                     self.renewal.response_requested()  # before the send: see there
                 writing = self.writing_in_since = now()

@@ -45,6 +45,7 @@ from relay.session.continuity import (
     ReplayPlan,
     ShadowConversation,
     cut_response_done,
+    manual_turns,
     plan_delta,
     plan_replay,
     session_update,
@@ -168,9 +169,25 @@ class Renewal:
                 self.keeper.observe(kind, event, self.bridge.session)
         if kind in ("response.created", "error"):
             self._requested = False  # the requested response started, or was refused
-        if self.shadow.quiet and not self._requested:
+        elif kind in ("input_audio_buffer.committed", "input_audio_buffer.cleared"):
+            self.bridge.appended = False
+        if self._quiet_now():
             self.quiet.set()
         else:
+            self.quiet.clear()
+
+    def _quiet_now(self) -> bool:
+        return self.shadow.quiet and not self._requested and not self._audio_unheard()
+
+    def _audio_unheard(self) -> bool:
+        """Audio appended and not committed, without turn detection (push to talk): the
+        upstream will not hear it until the client commits, and a switch would lose it
+        (with server VAD, buffered audio outside speech is silence, and speech is in flight)."""
+        return self.bridge.appended and manual_turns(self.bridge.session, self.settings.flavour)
+
+    def audio_pending(self) -> None:
+        """The client appended audio since the buffer was last committed or cleared."""
+        if self._audio_unheard():
             self.quiet.clear()
 
     def response_requested(self) -> None:
@@ -200,7 +217,7 @@ class Renewal:
         if prepared.upstream.closed:
             _settle_failed(switch.done, RenewalFailed("switch_failed", "the new upstream closed"))
             return
-        if not self.shadow.quiet or self._requested:
+        if not self._quiet_now():
             _settle(switch.done, False)  # something started: wait for the next quiet point
             return
         frames, created = plan_delta(

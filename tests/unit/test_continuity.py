@@ -17,6 +17,7 @@ from relay.session.continuity import (
     build_continuity,
     cut_response_done,
     estimate_tokens,
+    manual_turns,
     plan_delta,
     plan_replay,
     replay_item,
@@ -122,13 +123,18 @@ def assistant(item_id: str, transcript: str) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "content": [part]}
 
 
-def added(item: dict[str, Any], previous: str | None = None) -> tuple[str, dict[str, Any]]:
+LAST = "<the last item>"  # as the service reports an item added at the end
+
+
+def added(item: dict[str, Any], previous: str | None = LAST) -> tuple[str, dict[str, Any]]:
     return "conversation.item.added", {"item": item, "previous_item_id": previous}
 
 
 def shadow_of(*events: tuple[str, dict[str, Any]]) -> ShadowConversation:
     shadow = ShadowConversation()
     for kind, event in events:
+        if event.get("previous_item_id") == LAST:
+            event = {**event, "previous_item_id": shadow.order[-1] if shadow.order else None}
         shadow.observe(kind, event)
     return shadow
 
@@ -144,10 +150,10 @@ def test_items_follow_the_upstream_events():
         ("conversation.item.input_audio_transcription.completed",
          {"item_id": "u2", "content_index": 0, "transcript": "what time is it"}),
         ("response.output_item.done", {"item": assistant("a1", "It is noon.")}),
-        added(user_text("u0", "first"), None),
+        added(user_text("u0", "first"), None),  # put at "root": a null previous item
         added(user_text("u1b", "between"), "u1"),
     )  # fmt: skip
-    assert shadow.order == ["u1", "u1b", "u2", "a1", "u0"]
+    assert shadow.order == ["u0", "u1", "u1b", "u2", "a1"]
     assert shadow.items["u2"].wire["content"][0]["transcript"] == "what time is it"
 
 
@@ -191,6 +197,43 @@ def test_quiet_only_when_nothing_is_in_flight():
     output = {"id": "o1", "type": "function_call_output", "call_id": "c1", "output": "42"}
     shadow.observe(*added(output))
     assert shadow.quiet
+
+
+def test_a_deleted_call_waits_for_no_output():
+    """A client that deletes a call it will not answer: the call held off every switch for
+    the rest of the session (no quiet point, then the session expired)."""
+    call = {"id": "f1", "type": "function_call", "status": "completed", "call_id": "c1",
+            "name": "lookup", "arguments": "{}"}  # fmt: skip
+    shadow = shadow_of(("response.output_item.done", {"item": call}))
+    assert not shadow.quiet
+    shadow.observe("conversation.item.deleted", {"item_id": "f1"})
+    assert shadow.quiet
+
+
+def test_manual_turns_are_a_session_without_turn_detection():
+    assert manual_turns({"audio": {"input": {"turn_detection": None}}}, "ga")
+    assert not manual_turns({"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}, "ga")
+    assert not manual_turns({"audio": {"input": {}}}, "ga")  # not said: the service's default
+    assert manual_turns({"turn_detection": None}, "preview")
+    assert not manual_turns({}, "preview")
+
+
+def test_an_image_counts_as_an_image_not_as_its_data_url():
+    """A 60 KB photo was estimated at 20,000 tokens, and the whole history before it was
+    dropped from the replay."""
+    url = "data:image/png;base64," + "A" * 82_000
+    image = {"id": "u1", "type": "message", "role": "user",
+             "content": [{"type": "input_image", "image_url": url},
+                         {"type": "input_image", "image_url": url, "detail": "low"},
+                         {"type": "input_text", "text": "What is this?"}]}  # fmt: skip
+    assert 765 + 85 < estimate_tokens(image) < 765 + 85 + 30
+
+
+def test_nothing_to_replay_needs_no_note():
+    """The note to keep speaking, with no earlier turn after it, was the first item a client
+    saw its own next item placed after (`previous_item_id`), and billed as input."""
+    plan = plan_replay(ShadowConversation(), flavour="ga", max_tokens=8000, note_id="relay_note_x")
+    assert plan.frames == () and plan.item_ids == () and plan.tokens == 0
 
 
 # --- replay ----------------------------------------------------------------------------------
