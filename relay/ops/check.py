@@ -22,7 +22,7 @@ from typing import Any
 from relay.errors import ConfigError
 from relay.ops.config import DeploymentConfig, RelayConfig, TeamConfig, read_config
 from relay.session.policy import build_policy
-from relay.session.schema import ga_path
+from relay.session.schema import ga_path, get_path, set_path
 from relay.simulator.errors import ClientEventError
 from relay.simulator.schema import BETA, GA
 from relay.simulator.session import apply_update, default_session
@@ -57,6 +57,7 @@ def check_config(path: str | Path, environ: Mapping[str, str], *, strict: bool) 
     source = str(path)
     problems = list(reading.problems)
     problems += session_default_problems(reading.deployments, reading.teams, source)
+    problems += policy_path_problems(reading.deployments, reading.teams, source)
     if reading.config is None or problems:
         raise ConfigError(problems)
     config = reading.config
@@ -112,6 +113,65 @@ def _refused_defaults(deployment: DeploymentConfig, team: TeamConfig) -> list[tu
             if not param or not _remove(fragment, param):
                 break
     return found
+
+
+def policy_path_problems(
+    deployments: Mapping[str, DeploymentConfig], teams: Mapping[str, TeamConfig], source: str
+) -> list[str]:
+    """Each path of a `locked`, `allowed_values` or `max_values` rule that names no session
+    field: a typo there (`audio.output.voise`) held nothing, and the client set the field."""
+    owners = [
+        (f"deployments.{name}.policy", d.policy)
+        for name, d in deployments.items()
+        if d.kind == "realtime"  # a transcription session's paths are checked with its config
+    ]
+    owners += [(f"teams.{name}.policy", team.policy) for name, team in teams.items()]
+    problems = []
+    for where, policy in owners:
+        rules: dict[str, Mapping[str, Any]] = {
+            "locked": dict.fromkeys(policy.locked or ()),
+            "allowed_values": {
+                p: (v or [None])[0] for p, v in (policy.allowed_values or {}).items()
+            },
+            "max_values": dict(policy.max_values or {}),
+        }
+        for rule, values in rules.items():
+            for path, value in values.items():
+                if _names_no_field(path, value):
+                    problems.append(
+                        f"{source}: {where}.{rule}: {path!r} is not a session field "
+                        "(the rule would hold nothing)"
+                    )
+    return problems
+
+
+# A turn detection table's fields depend on its type: a path is a field under either.
+_TURN_DETECTION = "audio.input.turn_detection"
+_TURN_DETECTION_TYPES = ("server_vad", "semantic_vad")
+
+
+def _names_no_field(path: str, value: Any) -> bool:
+    """Whether the service refuses ``path`` (set to ``value``, or its default's value) as
+    an unknown parameter, however its tables are typed."""
+    base = default_session(GA, session_id="sess_check", model="check", expires_at=0)
+    present, default = get_path(base, path)
+    probe = value if value is not None else (default if present else "x")
+    variants: tuple[str | None, ...] = (None,)
+    if path.startswith(_TURN_DETECTION + "."):
+        variants = _TURN_DETECTION_TYPES
+    for kind in variants:
+        fragment: dict[str, Any] = {"type": "realtime"}
+        set_path(fragment, path, _plain(probe))
+        if kind is not None:
+            set_path(fragment, _TURN_DETECTION + ".type", kind)
+        try:
+            apply_update(GA, base, fragment)
+        except ClientEventError as exc:
+            param = exc.param or ""
+            if exc.code == "unknown_parameter" and f"session.{path}.".startswith(param + "."):
+                continue  # unknown under this type: perhaps known under another
+        return False
+    return True
 
 
 def _plain(value: Any) -> Any:

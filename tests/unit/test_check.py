@@ -99,6 +99,29 @@ def test_table_problems_and_default_problems_come_in_one_report(tmp_path):
     assert "deployments.ga.session.audio.output.voice" in found[1]
 
 
+def test_a_policy_path_that_names_no_field_is_refused(tmp_path):
+    """A typo in a rule's path held nothing: the client set the voice or the transcription
+    model the team meant to restrict, and `check-config --strict` said nothing."""
+    path = write(tmp_path)
+    path.write_text(
+        path.read_text()
+        + '[deployments.ga.policy]\nlocked = ["audio.input.transcripton.model", "instructions"]\n'
+        'allowed_values = { "audio.output.voise" = ["alloy"], "audio.output.voice" = ["alloy"] }\n'
+        "[teams.t1.policy]\n"
+        'max_values = { "audio.output.speeed" = 1.2, "audio.output.speed" = 1.2 }\n'
+        'locked = ["audio.input.turn_detection.eagerness", "audio.input.turn_detection.silence_duration_ms"]\n'
+    )
+    found = problems(path)
+    assert found == [
+        f"{path}: deployments.ga.policy.locked: 'audio.input.transcripton.model' is not a "
+        "session field (the rule would hold nothing)",
+        f"{path}: deployments.ga.policy.allowed_values: 'audio.output.voise' is not a session "
+        "field (the rule would hold nothing)",
+        f"{path}: teams.t1.policy.max_values: 'audio.output.speeed' is not a session field "
+        "(the rule would hold nothing)",
+    ]  # a field of either turn detection type is one
+
+
 def test_missing_secrets_fail_only_when_strict(tmp_path):
     path = write(tmp_path)
     assert problems(path, {}) == [
