@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import structlog
 from yarl import URL
 
 from relay.edge.auth import hash_key
@@ -156,8 +157,14 @@ async def test_sessions_land_on_the_healthy_backend(
         ]
     )
     relay = await start_relay(config)
-    for _ in range(4):
-        await one_session(http, relay)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(4):
+            await one_session(http, relay)
+    # Every session was served: only the failure's own line says why the backend failed.
+    failed = [e for e in logs if e["event"] == "upstream_connect_failed"]
+    assert failed and all(e["backend"] == "bad" for e in failed)
+    expected = "ConnectionRefusedError" if status is None else "HandshakeRefused"
+    assert all(e["cause"].startswith(expected) for e in failed), failed
     state = relay.app[STATE]
     bad_backend, good_backend = state.live.pools["gpt-realtime"].backends
     assert bad_backend.consecutive_failures >= 1 or bad_backend.state(0) != "healthy"

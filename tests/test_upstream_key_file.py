@@ -9,6 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from relay.errors import ConfigError
+from relay.ops.config import parse_config
 from relay.state import STATE
 from relay.upstream.credentials import ApiKeyFileCredential
 from tests.helpers import ALPHA_KEY, AZURE_KEY, UPGRADE, read_until, relay_config
@@ -79,3 +81,21 @@ def test_a_missing_or_empty_key_file_is_a_start_up_problem(tmp_path):
             build_credentials(config, {"TEST_AZURE_KEY": AZURE_KEY})
         [problem] = info.value.problems
         assert problem.startswith(f"environment: deployments.other.credential: key file {key_file}")
+
+
+def test_a_key_from_the_environment_and_a_file_is_refused():
+    """Both given, the file won, and `check-config` showed the variable as if in use."""
+    data = {
+        "deployments": {
+            "d": {
+                "endpoint": "https://x.openai.azure.com",
+                "credential": {"env": "GOOD_KEY", "file": "/run/secrets/azure-key"},
+            }
+        },
+        "teams": {"t": {"keys": [f"sha256:{'0' * 64}"], "deployments": ["d"]}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="relay.toml")
+    assert info.value.problems == [
+        "relay.toml: deployments.d.credential: env and file are two places for one key: give one"
+    ]

@@ -319,7 +319,14 @@ def upstream_failed(
     state.metrics.upstream_connect_failures.labels(
         deployment.name, backend.name, refusal.code
     ).inc()
-    _log.warning("upstream_connect_failed", backend=backend.name, code=refusal.code)
+    # With its cause (DNS, a refused connection, TLS, a status): a pool fails over, so no
+    # refusal says why an ejected backend failed.
+    _log.warning(
+        "upstream_connect_failed",
+        backend=backend.name,
+        code=refusal.code,
+        cause=describe_error(refusal.__cause__),
+    )
 
 
 async def _serve(

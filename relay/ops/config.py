@@ -314,6 +314,8 @@ class PlaygroundConfig:
 
 
 COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
+# Where an api-key credential's key is read from when neither `env` nor `file` is given.
+DEFAULT_KEY_ENV = "AZURE_OPENAI_API_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,8 +324,8 @@ class CredentialConfig:
     (one token cache) however many backends use them."""
 
     type: Literal["api-key", "entra"] = "api-key"
-    # api-key: the environment variable that holds the Azure key...
-    env: str = "AZURE_OPENAI_API_KEY"
+    # api-key: the environment variable that holds the Azure key (unset: `DEFAULT_KEY_ENV`)...
+    env: str | None = None
     # ...or a file that does (a mounted Secret), read again when it changes; instead of env.
     file: Path | None = None
     # entra: which azure-identity credential gets the tokens.
@@ -345,6 +347,9 @@ class CredentialConfig:
                 problems.append(f"{name} must be an environment variable name, got {value!r}")
         if self.type == "entra" and self.file is not None:
             problems.append("file holds an api-key: type entra takes none")
+        if self.env is not None and self.file is not None:
+            # Both given, the file won and the variable was shown as if in use.
+            problems.append("env and file are two places for one key: give one")
         if self.type == "entra" and self.method == "client-secret":
             if not (self.client_id and self.tenant_id):
                 problems.append("method client-secret needs client_id and tenant_id")

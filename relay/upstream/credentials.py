@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from relay.ops.config import CredentialConfig
+from relay.ops.config import DEFAULT_KEY_ENV, CredentialConfig
 from relay.ops.redaction import SECRETS
 from relay.ops.watch import watch_file
 
@@ -140,8 +140,9 @@ def build_credential(
         return EntraCredential(config, environ, on_refresh_failure=on_refresh_failure)
     if config.file is not None:
         return ApiKeyFileCredential(config.file)
-    key = environ.get(config.env, "").strip()
+    name = config.env or DEFAULT_KEY_ENV
+    key = environ.get(name, "").strip()
     if not key:
-        raise ValueError(f"environment variable {config.env} is not set or empty")
+        raise ValueError(f"environment variable {name} is not set or empty")
     SECRETS.register(key)
-    return ApiKeyCredential(key, config.env)
+    return ApiKeyCredential(key, name)
