@@ -262,6 +262,9 @@ async def apply_config(
     state.budgets.limits = team_limits
     if isinstance(state.budgets.book, RedisSpend):
         state.budgets.book.teams = tuple(config.teams)  # whose shared spend it reads back
+    # A lowered budget (or `live_sessions_over_budget = "end"`) may put a team over now: its
+    # live sessions are judged at once, not when it next spends.
+    state.budgets.book.changed.set()
     state.auth_throttle.update(config.limits)
     state.message_budget.limit = config.server.message_buffer_bytes
     for new_team in config.teams.values():

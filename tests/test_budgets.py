@@ -389,3 +389,23 @@ async def test_a_client_that_hangs_up_during_side_by_side_responses_is_billed_fo
     assert ended["responses"] == 2 and ended["cost_usd"] == pytest.approx(6.0)
     cancels = [orjson.loads(f) for f in fake.received if b"response.cancel" in f]
     assert [c.get("response_id") for c in cancels] == ["r1"]
+
+
+async def test_a_reload_that_lowers_a_budget_ends_the_teams_idle_sessions(
+    simulator, start_relay, http
+):
+    """A session idle after spending stayed open past a reload that put its team over, and
+    could start one more whole response before it was judged."""
+    from relay.live import apply_config
+    from tests.helpers import ENVIRON
+
+    relay = await start_relay(budget_config(simulator.url, max_usd_per_day=1e9))
+    async with http.ws_connect(relay.make_url(URL), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await respond(ws)  # some dollars, under the budget
+        lowered = budget_config(simulator.url, max_usd_per_day=0.5)
+        assert (await apply_config(relay.app[STATE], lowered, ENVIRON)).outcome == "applied"
+        error = await ws.receive_json()
+        assert error["error"]["code"] == "budget_exceeded"
+        closing = await ws.receive()
+        assert closing.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1008

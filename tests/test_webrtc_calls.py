@@ -50,6 +50,7 @@ def calls_config(
     rules: dict | None = None,
     observe: bool = True,
     alpha_limits: dict | None = None,
+    priced: bool = False,
 ):
     """Alpha on an observed gpt-realtime and a transcription deployment; beta on `other`,
     and on gpt-realtime too (so its key can try alpha's calls)."""
@@ -92,6 +93,9 @@ def calls_config(
         },
         "beta": {"keys": [hash_key(BETA_KEY)], "deployments": ["other", "gpt-realtime"]},
     }
+    if priced:
+        for deployment in deployments.values():
+            deployment["prices"] = {"input_text": 4.0, "output_audio": 64.0}
     return relay_config(endpoint, deployments=deployments, teams=teams)
 
 
@@ -755,3 +759,20 @@ async def test_an_oversized_answer_from_the_upstream_is_refused_not_held(
 
     status, _, body = await call_answered_by(answer, start_fake, start_relay, http)
     assert status == 502 and body["error"]["code"] == "upstream_invalid_response"
+
+
+async def test_an_observed_call_is_hung_up_when_its_team_goes_over_budget(
+    simulator, start_relay, http
+):
+    """A call is costed like a session: it ran on past its team's budget to its duration
+    limit, while the team's WebSocket sessions were ended."""
+    config = calls_config(simulator.url, alpha_limits={"max_usd_per_day": 1.0}, priced=True)
+    relay = await start_relay(config)
+    call_id = await place_call(http, relay)
+    watch = relay.app[WEBRTC].watches[call_id]
+    relay.app[STATE].budgets.book.add("alpha", 2.0)  # another session's spend
+    await watch.ended.wait()
+    assert watch.outcome == "budget_exceeded"
+    assert call_id not in simulator.app[CALLS_KEY].calls
+    labels = {"team": "alpha", "deployment": "gpt-realtime", "outcome": "budget_exceeded"}
+    assert sample(relay, "relay_sessions_total", labels) == 1

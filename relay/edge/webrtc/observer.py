@@ -220,14 +220,23 @@ async def _read(watch: CallWatch, upstream: UpstreamSocket) -> None:
 
 
 async def _tick(state: RelayState, watch: CallWatch) -> None:
-    """Flush the meter every second; hang the call up at its duration limit."""
+    """Flush the meter every second; hang the call up at its duration limit, or once its
+    team is over budget (with `live_sessions_over_budget = "end"`): a call is costed like a
+    session, and would otherwise spend on past the budget to its duration limit."""
     loop = asyncio.get_running_loop()
     limit = watch.policy.max_session_seconds
     deadline = None if limit is None else loop.time() + limit
+    budgets, team = state.budgets, watch.team.name
     while deadline is None or loop.time() < deadline:
         wake = 1.0 if deadline is None else min(1.0, deadline - loop.time())
-        await asyncio.sleep(max(wake, 0))
+        await asyncio.sleep(max(wake, 0))  # a second's tick: the meter's flush
         watch.meter.flush()
+        over = budgets.over(team) if budgets.ends_live_sessions(team) else None
+        if over is not None:
+            watch.outcome = "budget_exceeded"
+            _log.info("call_over_budget", window=over.window)
+            await hang_up(state, watch.deployment, watch.backend, watch.call_id)
+            return
     watch.outcome = "session_expired"
     _log.info("call_duration_limit", max_session_seconds=limit)
     await hang_up(state, watch.deployment, watch.backend, watch.call_id)
