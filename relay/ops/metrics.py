@@ -37,7 +37,13 @@ from relay.ops.build import build_commit, build_version, frame_scans
 from relay.ops.config import PriceTable, RelayConfig
 from relay.ops.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 from relay.ops.process_collector import ProcessStats
-from relay.ops.usage import cost_usd, implausible, response_tokens, transcription_usage
+from relay.ops.usage import (
+    cost_usd,
+    implausible,
+    response_tokens,
+    transcription_usage,
+    unsplit_tokens,
+)
 from relay.session.codec import delta_size
 from relay.session.event_types import AUDIO_DELTA_TYPES, KNOWN_EVENT_TYPES
 from relay.session.lane import Lane
@@ -807,6 +813,8 @@ class SessionMeter:
         if isinstance(usage, Mapping):
             if implausible(usage):
                 _log.warning("upstream_usage_implausible", event_type="response.done")
+            elif unsplit := unsplit_tokens(usage):
+                _log.warning("upstream_usage_unsplit", tokens=unsplit, counted_as="text")
             self._count_usage(response_tokens(usage))
 
     def _transcription_usage(self, frame: bytes) -> None:

@@ -28,7 +28,9 @@ MAX_TRANSCRIPTION_SECONDS = 4 * 3600.0
 
 
 def response_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
-    """Token counts by kind from a `response.done` usage block."""
+    """Token counts by kind from a `response.done` usage block. Input or output tokens its
+    details leave out (a block with totals only) are counted as text: counted at the lowest
+    rate, not at none (see `unsplit_tokens`)."""
     din = _mapping(usage.get("input_token_details"))
     dout = _mapping(usage.get("output_token_details"))
     counts = {f"input_{m}": _int(din.get(f"{m}_tokens")) for m in _MODALITIES}
@@ -36,7 +38,30 @@ def response_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
     counts |= {f"input_cached_{m}": cached[m] for m in _MODALITIES}
     counts["output_text"] = _int(dout.get("text_tokens"))
     counts["output_audio"] = _int(dout.get("audio_tokens"))
+    unsplit_in, unsplit_out = _unsplit(usage, counts)
+    counts["input_text"] += unsplit_in
+    counts["output_text"] += unsplit_out
     return counts
+
+
+def unsplit_tokens(usage: Mapping[str, Any]) -> int:
+    """Tokens a `response.done` usage block counts in its totals and not in its details (the
+    service gives both, adding up): the meter logs them."""
+    din = _mapping(usage.get("input_token_details"))
+    dout = _mapping(usage.get("output_token_details"))
+    counts = {f"input_{m}": _int(din.get(f"{m}_tokens")) for m in _MODALITIES}
+    counts["output_text"] = _int(dout.get("text_tokens"))
+    counts["output_audio"] = _int(dout.get("audio_tokens"))
+    return sum(_unsplit(usage, counts))
+
+
+def _unsplit(usage: Mapping[str, Any], counts: Mapping[str, int]) -> tuple[int, int]:
+    split_in = sum(counts[f"input_{m}"] for m in _MODALITIES)
+    split_out = counts["output_text"] + counts["output_audio"]
+    return (
+        max(0, _int(usage.get("input_tokens")) - split_in),
+        max(0, _int(usage.get("output_tokens")) - split_out),
+    )
 
 
 def _cached_by_modality(details: Mapping[str, Any], counts: Mapping[str, int]) -> dict[str, int]:

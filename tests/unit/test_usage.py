@@ -3,7 +3,7 @@
 import pytest
 
 from relay.ops.config import PriceTable
-from relay.ops.usage import cost_usd, response_tokens, transcription_usage
+from relay.ops.usage import cost_usd, response_tokens, transcription_usage, unsplit_tokens
 
 # gpt-realtime's list prices (protocol.md §9, read 2026-11-30), image cached unknown: 0.
 GPT_REALTIME = PriceTable(
@@ -50,6 +50,17 @@ def test_cached_tokens_without_a_split_count_as_text_first():
 )
 def test_missing_or_odd_details_count_nothing(usage):
     assert set(response_tokens(usage).values()) == {0}
+
+
+def test_totals_the_details_leave_out_count_as_text_not_as_nothing():
+    """A block with totals only was costed $0 without a word: metering and budgets off."""
+    totals = {"total_tokens": 1500, "input_tokens": 1000, "output_tokens": 500}
+    counts = response_tokens(totals)
+    assert (counts["input_text"], counts["output_text"]) == (1000, 500)
+    assert unsplit_tokens(totals) == 1500
+    partial = {**GA_USAGE, "output_token_details": None}
+    assert response_tokens(partial)["output_text"] == 480 and unsplit_tokens(partial) == 480
+    assert unsplit_tokens(GA_USAGE) == 0  # the service's blocks add up
 
 
 def test_cost_prices_cached_tokens_at_the_cached_rate():
