@@ -4,6 +4,9 @@
   within `header_timeout_seconds` of opening (or of a later request's first byte), else it
   is closed (with a 408 if it sent part of one). aiohttp's keep-alive timeout closes
   connections idle between requests.
+- A request head past `HEAD_LINES` times `max_header_bytes` in all is refused (431) before
+  it is complete: aiohttp bounds each line, not their sum (128 headers of 16 KB each, 2 MB
+  a connection, held a few hundred MiB for a few hundred keyless connections).
 - A malformed or oversized request head gets the relay's JSON error, never aiohttp's
   plain-text one (which quotes the start of the line, a key in the query included), and one
   log line naming the error's class only.
@@ -39,6 +42,10 @@ from relay.session import frames
 
 _log = structlog.get_logger("relay.edge.connection")
 
+# A request head may hold this many lines of `max_header_bytes` (nginx: 4 x 8 KiB).
+HEAD_LINES = 4
+HEAD_LINGER_SECONDS = 2.0
+
 # After an oversized frame: how long without data before the connection is closed (the
 # client has stopped sending), and the bytes discarded at most before it is reset.
 LINGER_QUIET_SECONDS = 0.5
@@ -50,13 +57,15 @@ class RelayConnection(RequestHandler):
     malformed requests and a lingering close after an oversized frame."""
 
     __slots__ = (
-        "_header_timeout", "_awaiting_head", "_head_bytes", "_head_deadline", "_linger",
+        "_header_timeout", "_max_head_bytes", "_awaiting_head", "_head_bytes", "_head_deadline",
+        "_linger",
         "upgrading", "large_frames",
     )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
+        self._max_head_bytes = HEAD_LINES * self.max_field_size
         self._awaiting_head = True
         self._head_bytes = 0
         self._head_deadline: asyncio.TimerHandle | None = None
@@ -115,6 +124,27 @@ class RelayConnection(RequestHandler):
             if self._head_deadline is None:
                 self._arm_head_deadline()
         super().data_received(data)
+        # Still no whole head (a complete one resets the count): past the bound, refused.
+        if self._awaiting_head and self._head_bytes > self._max_head_bytes:
+            self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        transport = self.transport
+        self._disarm_head_deadline()
+        self._awaiting_head = False
+        if transport is not None and not transport.is_closing():
+            _log.info(
+                "request_head_too_large",
+                peer=_peer(transport),
+                bytes_received=self._head_bytes,
+                max_head_bytes=self._max_head_bytes,
+            )
+            transport.write(_head_answer(self._max_head_bytes))
+            # What the client still sends is read and dropped, so that it reads the answer
+            # rather than a reset; past twice the bound, or a few seconds, it is reset.
+            self.linger(seconds=HEAD_LINGER_SECONDS, max_bytes=2 * self._max_head_bytes)
+            return
+        self.force_close()
 
     def head_received(self) -> None:
         """A request head is complete (called as its request object is made)."""
@@ -393,3 +423,20 @@ def _timeout_answer() -> bytes:
 
 
 _REQUEST_TIMEOUT = _timeout_answer()
+
+
+def _head_answer(limit: int) -> bytes:
+    body = orjson.dumps(
+        {
+            "error": {
+                "type": "invalid_request_error",
+                "code": "request_head_too_large",
+                "message": f"The request line and headers are longer than {limit} bytes in all.",
+            }
+        }
+    )
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body

@@ -53,6 +53,26 @@ async def test_oversized_request_head_gets_a_json_400_without_echo(
     assert KEY_IN_QUERY[:12] not in repr(line)
 
 
+async def test_a_request_head_too_large_in_all_is_refused_before_it_ends(simulator, start_relay):
+    """Each line under `max_header_bytes`, but 2 MB in all: aiohttp held it (3.5 MiB a
+    keyless connection). Past four lines' worth, the relay answers 431 and closes."""
+    relay = await start_relay(relay_config(simulator.url))
+    headers = "".join(f"x-pad-{i}: {'y' * 15000}\r\n" for i in range(10))
+    unfinished = f"GET /openai/v1/realtime HTTP/1.1\r\nHost: relay\r\n{headers}".encode()
+    with structlog.testing.capture_logs() as logs:
+        status, body, _ = await exchange(relay.port, unfinished)  # its end never comes
+    assert (status, body["error"]["code"]) == (431, "request_head_too_large")
+    [line] = [e for e in logs if e["event"] == "request_head_too_large"]
+    assert line["max_head_bytes"] == 4 * 16384 < line["bytes_received"]
+    # A head just under the bound is served.
+    three = "".join(f"x-pad-{i}: {'y' * 15000}\r\n" for i in range(3))
+    fits = f"GET /healthz HTTP/1.1\r\nHost: relay\r\n{three}\r\n".encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(fits)
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
 async def test_malformed_request_gets_a_json_400(simulator, start_relay):
     relay = await start_relay(relay_config(simulator.url))
     with structlog.testing.capture_logs() as logs:
