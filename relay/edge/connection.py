@@ -33,6 +33,7 @@ import orjson
 import structlog
 from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_websocket import WebSocketError
 from aiohttp.web_protocol import RequestHandler
 
 from relay.edge.responses import error_response
@@ -336,6 +337,15 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             if reader is not None and isinstance(reader.exception(), frames.MessageTooFragmented):
                 self._mid_frame = True  # its splitter refused a frame (too many fragments)
                 message = frames.MessageTooFragmented.REASON.encode()
+        elif code in _PROTOCOL_ERRORS and not message and not self.closed:
+            # aiohttp's receive() closing after its reader (or the splitter) found the
+            # client's frames broken: the close says how (aiohttp's close has no reason),
+            # and the rest it sends is read and dropped, so it reads the close, not a reset.
+            reader = self._reader
+            found = reader.exception() if reader is not None else None
+            if isinstance(found, WebSocketError):
+                self._mid_frame = True
+                message = f"protocol error: {found}".encode()[:_MAX_REASON_BYTES]
         closed = await super().close(code=code, message=message, drain=drain)
         if self._lingering is not None:
             await self._lingering
@@ -361,6 +371,11 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
         if self._lingering is None:
             max_bytes = max(LINGER_MIN_BYTES, 2 * self._limit)
             self._lingering = protocol.linger(seconds=self._linger_seconds, max_bytes=max_bytes)
+
+
+# Close codes of a client's broken frames; a close reason holds at most 123 bytes.
+_PROTOCOL_ERRORS = frozenset({WSCloseCode.PROTOCOL_ERROR, WSCloseCode.INVALID_TEXT})
+_MAX_REASON_BYTES = 123
 
 
 class RelayServer(web.Server):

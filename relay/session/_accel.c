@@ -617,7 +617,9 @@ static PyTypeObject MessageBudgetType = {
  * uncompressed text frame of at least `large` bytes and under `max_size`, masked as this
  * side's frames are, it fills into one `bytes` of the announced length, unmasking as the
  * pieces arrive. Every other byte goes to aiohttp's reader, in order. Its oracle is that
- * reader (tests/unit/test_splitter.py): the same messages, in the same order. */
+ * reader (tests/unit/test_splitter.py): the same messages, in the same order. A frame
+ * masked otherwise than this side's must be (a client's unmasked, a server's masked), which
+ * aiohttp's reader takes, is refused (RFC 6455 5.1: the connection MUST be failed). */
 
 typedef struct {
     PyObject_HEAD
@@ -810,6 +812,15 @@ splitter_split(Splitter *self, PyObject *data)
                 length = (length << 8) | head[2 + i];
         }
         self->head_len = 0;
+        if (masked != self->masked) { /* RFC 6455 5.1: refused, kind None, length -2 */
+            if (start > seg &&
+                emit(&out, Py_False, PyBytes_FromStringAndSize((const char *)p + seg, start - seg)) < 0)
+                goto error;
+            if (emit(&out, Py_None, PyLong_FromLong(-2)) < 0)
+                goto error;
+            self->refused = 1;
+            return out;
+        }
         self->ends_message = opcode < 3 && fin;
         if (opcode < 3) {
             self->fragments = opcode == 0 ? self->fragments + 1 : 1;
@@ -896,6 +907,8 @@ static PyMemberDef splitter_members[] = {
     {"queue", T_OBJECT, offsetof(Splitter, queue), READONLY, "Where the messages go."},
     {"budget", T_OBJECT, offsetof(Splitter, budget), READONLY,
      "The MessageBudget its messages are counted in, or None."},
+    {"masked", T_INT, offsetof(Splitter, masked), READONLY,
+     "1 when this side's frames must be masked (a client's), else 0."},
     {NULL, 0, 0, 0, NULL},
 };
 

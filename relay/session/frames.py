@@ -232,6 +232,18 @@ class MessageTooFragmented(WebSocketError):
         super().__init__(WSCloseCode.POLICY_VIOLATION, self.REASON)
 
 
+class WronglyMasked(WebSocketError):
+    """A frame masked otherwise than RFC 6455 5.1 requires: a client's unmasked, or an
+    upstream's masked. aiohttp's reader takes either; a client that works through the relay
+    would then fail against the service itself. Closed with 1002 (protocol error)."""
+
+    def __init__(self, masked: bool) -> None:
+        reason = (
+            "a client's frames must be masked" if masked else "a server's frames must not be masked"
+        )
+        super().__init__(WSCloseCode.PROTOCOL_ERROR, reason)
+
+
 def splitter(
     queue: Any, *, masked: bool, max_size: int, budget: MessageBudget | None = None
 ) -> Splitter | None:
@@ -261,6 +273,11 @@ def _feed_parts(
             result = parser.feed_data(part)
             if result[0]:
                 break  # the reader failed (its queue holds why): nothing after counts
+        elif part == -2:
+            masked = bool(splitter.masked)
+            _log.warning("frame_wrongly_masked", must_be_masked=masked)
+            splitter.queue.set_exception(WronglyMasked(masked))
+            return True, b""
         elif part < 0:
             _log.warning("message_too_fragmented", max_fragments=MAX_FRAGMENTS)
             splitter.queue.set_exception(MessageTooFragmented())

@@ -505,3 +505,32 @@ async def test_a_message_in_too_many_fragments_is_refused_with_1008(start_fake, 
     writer.close()
     await relay.app[STATE].idle.wait()
     assert outcomes(relay) == {"client_message_too_fragmented": 1}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        # RFC 6455 5.1: a client's frames must be masked. aiohttp's reader took this one,
+        # and the upstream got it.
+        (
+            b"\x81\x0f" + b'{"type":"x.y"}' + b" ",
+            "protocol error: a client's frames must be masked",
+        ),
+        # A reserved bit without an extension: closed 1002 with no reason before.
+        (b"\xc1\x80\x00\x00\x00\x00", "protocol error: Received frame with non-zero reserved bits"),
+    ],
+    ids=["unmasked", "reserved-bit"],
+)
+async def test_a_broken_frame_closes_1002_saying_what_broke(
+    start_fake, start_relay, http, raw, reason
+):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        ws._writer.transport.write(raw)
+        msg = await ws.receive()
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1002, reason)
+    await fake.closed.wait()
+    assert fake.received == []  # nothing of it went upstream

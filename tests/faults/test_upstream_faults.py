@@ -106,6 +106,23 @@ async def test_upstream_sending_garbage_ends_the_session(
     assert any(entry["event"] == code for entry in logs)
 
 
+async def test_a_masked_frame_from_the_upstream_ends_the_session(start_fake, start_relay, http):
+    """RFC 6455 5.1: a client MUST fail a connection whose server masks a frame. aiohttp's
+    reader took it, and the client got the event."""
+
+    async def masking(ws, fake: FakeUpstream) -> None:
+        await ws.send_str('{"type": "session.created", "event_id": "e0", "session": {}}')
+        await ws.receive()  # the client's first event
+        payload = b'{"type":"response.created","response":{"id":"masked"}}'
+        ws._writer.transport.write(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+        await ws.receive()  # until the relay closes
+
+    relay = await relay_with(start_fake, start_relay, masking)
+    with structlog.testing.capture_logs() as logs:
+        await session_fails(http, relay, code="upstream_disconnected", close=1011)
+    assert [e["must_be_masked"] for e in logs if e["event"] == "frame_wrongly_masked"] == [False]
+
+
 async def test_upstream_silent_mid_response_is_stalled_and_closed(start_fake, start_relay, http):
     relay = await relay_with(
         start_fake, start_relay, silent_mid_response, upstream={"response_timeout_seconds": 0.3}

@@ -133,7 +133,6 @@ async def test_large_text_frames_are_filled_past_the_reader():
     [
         frame(1, b"x" * MAX_SIZE, masked=True),  # at the limit: the reader refuses it
         frame(1, b"x" * 100, masked=True, rsv=0x40),  # compressed, on a connection without
-        frame(1, b"x" * 100, masked=False),  # unmasked from a client
         bytes([0x81, 0xFF]) + b"\xff" * 8 + b"key!",  # a length past 2**63
         frame(0, b"x" * 100, masked=True),  # a continuation of nothing
     ],
@@ -142,6 +141,54 @@ async def test_a_stream_the_reader_refuses_is_refused_the_same(bad):
     data = frame(1, b"ok" * 40, masked=True) + bad + frame(1, b"after" * 30, masked=True)
     chunks = reads(data, random.Random(len(bad)))
     assert through(chunks, True, split=True) == through(chunks, True, split=False)
+
+
+def through_refusing_wrong_masks(chunks: list[bytes], masked: bool) -> tuple[list[Any], Any]:
+    """The oracle: aiohttp's reader, which takes frames masked either way, up to the first
+    frame masked otherwise than ``masked`` says (RFC 6455 5.1), refused there."""
+    data = b"".join(chunks)
+    cut = first_wrongly_masked(data, masked)
+    if cut is None:
+        return through(chunks, masked, split=False)
+    prefix, taken = [], 0
+    for chunk in chunks:
+        prefix.append(chunk[: cut - taken])
+        taken += len(prefix[-1])
+    messages, exc = through([c for c in prefix if c], masked, split=False)
+    if exc is not None:
+        return messages, exc  # the reader failed first
+    return messages, (frames.WronglyMasked, str(frames.WronglyMasked(masked)))
+
+
+def first_wrongly_masked(data: bytes, masked: bool) -> int | None:
+    """Where the first whole frame header masked otherwise than ``masked`` starts."""
+    pos = 0
+    while pos + 2 <= len(data):
+        second = data[pos + 1]
+        short = second & 0x7F
+        extended = 2 if short == 126 else 8 if short == 127 else 0
+        need = 2 + extended + (4 if second & 0x80 else 0)
+        if pos + need > len(data):
+            return None
+        if bool(second & 0x80) != masked:
+            return pos
+        length = int.from_bytes(data[pos + 2 : pos + 2 + extended]) if extended else short
+        pos += need + length
+    return None
+
+
+async def test_a_frame_masked_wrongly_is_refused_which_the_reader_takes():
+    """A client's unmasked frame reached the upstream, an upstream's masked one the client:
+    RFC 6455 5.1 says the connection MUST be failed."""
+    for masked in (True, False):
+        data = frame(1, b"ok" * 40, masked=masked) + frame(1, b"x" * 100, masked=not masked)
+        chunks = reads(data + frame(1, b"after" * 30, masked=masked), random.Random(3))
+        alone = through(chunks, masked, split=False)
+        assert len(alone[0]) == 3 and alone[1] is None  # aiohttp's reader takes it
+        messages, refused = through(chunks, masked, split=True)
+        assert messages == alone[0][:1]
+        assert refused == (frames.WronglyMasked, str(frames.WronglyMasked(masked)))
+        assert through(chunks, masked, split=True) == through_refusing_wrong_masks(chunks, masked)
 
 
 @settings(max_examples=300, deadline=None)
@@ -153,7 +200,7 @@ def test_any_bytes_give_the_same_as_the_reader(data, cuts):
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)
-        alone = through(chunks, True, split=False)
+        alone = through_refusing_wrong_masks(chunks, True)
         assert through(chunks, True, split=True) == alone
         budget = _accel.MessageBudget(0)
         assert through(chunks, True, split=True, budget=budget) == alone
