@@ -81,7 +81,7 @@ class RelayConnection(RequestHandler):
             super().set_parser(parser, data_received_cb)
             return
         self.large_frames = frames.splitter(
-            socket._reader, masked=True, max_size=socket._limit, budget=socket.message_budget
+            socket._reader, masked=True, max_size=socket._limit + 1, budget=socket.message_budget
         )
         # The splitter must see every byte the reader sees, from the first: frames that came
         # with the request (a client that did not wait for the 101) go through it too.
@@ -299,7 +299,9 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
         message_budget: frames.MessageBudget | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(max_msg_size=max_msg_size, **kwargs)
+        # aiohttp refuses a message of its max_msg_size bytes and more; the relay's limit is
+        # the largest message it takes (a message of exactly max_message_bytes passes).
+        super().__init__(max_msg_size=max_msg_size + 1, **kwargs)
         self._limit = max_msg_size
         self._linger_seconds = linger_seconds
         self._lingering: asyncio.Future[None] | None = None

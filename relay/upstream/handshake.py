@@ -207,13 +207,11 @@ async def _upgrade(
         loop,
         heartbeat=options.heartbeat,
     )
-    upstream._parser = WebSocketReader(
-        reader, options.max_message_bytes, compress=False, decode_text=False
-    )
+    # The reader refuses a message of its size and more: the largest taken is the limit.
+    refused_from = options.max_message_bytes + 1
+    upstream._parser = WebSocketReader(reader, refused_from, compress=False, decode_text=False)
     if isinstance(proto, _UpstreamProtocol):  # before the first byte goes to the reader
-        proto.large_frames = frames.splitter(
-            reader, masked=False, max_size=options.max_message_bytes
-        )
+        proto.large_frames = frames.splitter(reader, masked=False, max_size=refused_from)
     # Bytes that came with the 101 (the service's session.created) are parsed now.
     proto.set_parser(upstream._parser, reader, data_received_cb=upstream._on_data_received)
     return upstream

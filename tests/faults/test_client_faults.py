@@ -82,6 +82,22 @@ async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_re
     assert outcomes(relay) == {"client_message_too_big": 1}
 
 
+async def test_a_message_of_exactly_the_limit_goes_through_both_ways(start_fake, start_relay, http):
+    """`max_message_bytes` is the largest message taken: aiohttp refuses its own limit
+    itself, and a message of exactly the configured size got 1009 "the limit is" that size."""
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(
+        relay_config(str(upstream.make_url("")), server={"max_message_bytes": 4096})
+    )
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        prefix = '{"type":"input_audio_buffer.append","audio":"'
+        event = prefix + "A" * (4096 - len(prefix) - 2) + '"}'
+        await ws.send_str(event)
+        assert (await ws.receive()).data == event  # up and echoed back down
+
+
 async def send_part(ws: aiohttp.ClientWebSocketResponse, event: bytes) -> bytes:
     """Send the first 30,000 bytes of ``event``'s frame, in the read that carries an event
     whose echo says the relay has read them; return the rest of the frame."""
