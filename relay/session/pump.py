@@ -120,10 +120,17 @@ def is_sendable(code: int) -> bool:
     return code in _SENDABLE or 3000 <= code <= 4999
 
 
+# What aiohttp reads a close frame without a status as (RFC 6455 7.1.5: "no status", 1005):
+# a normal close, passed on as 1000.
+_NO_STATUS = 0
+
+
 def close_for_upstream(ending: Ending) -> tuple[int, str]:
     """The close frame the upstream gets when the client side ended."""
     if ending.side == "client" and ending.clean and is_sendable(ending.code):
         return ending.code, ending.reason
+    if ending.side == "client" and ending.clean and ending.code == _NO_STATUS:
+        return 1000, ""
     if ending.side == "relay":
         return 1001, "relay closed the session"
     return 1001, "client went away"
@@ -134,6 +141,8 @@ def close_for_client(ending: Ending) -> tuple[int, str]:
     the relay's credentials: the upstream's words)."""
     if ending.side == "upstream" and ending.clean and is_sendable(ending.code):
         return ending.code, SECRETS.clean_known(ending.reason)
+    if ending.side == "upstream" and ending.clean and ending.code == _NO_STATUS:
+        return 1000, ""  # it was an error close (1011 "upstream connection lost")
     if ending.side == "relay" and is_sendable(ending.code):
         return ending.code, ending.reason
     return 1011, "upstream connection lost"
