@@ -534,3 +534,18 @@ async def test_a_session_the_policy_corrected_is_not_taken_for_the_upstreams(
             await ws.send_str(orjson.dumps(update).decode())
             await read_until(ws, "session.updated")
     assert [e for e in logs if e["event"] == "upstream_session_off_policy"] == []
+
+
+async def test_a_refusal_names_the_field_as_the_client_does(simulator, start_relay, http):
+    """A GA client on a preview deployment got `param` in its own names and a message in
+    the deployment's ("voice must be one of ...")."""
+    relay = await start_relay(
+        policy_config(simulator.url, protocol="preview", on_violation="refuse")
+    )
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        voice = {"type": "realtime", "audio": {"output": {"voice": "echo"}}}
+        await send(ws, type="session.update", session=voice, event_id="e1")
+        [error] = [e for e in await read_until(ws, "error") if e["type"] == "error"]
+    assert error["error"]["param"] == "session.audio.output.voice"
+    assert error["error"]["message"].startswith("audio.output.voice "), error

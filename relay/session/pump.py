@@ -898,9 +898,14 @@ class Bridge:
     async def _refuse(self, violation: PolicyViolation) -> None:
         self.violations += 1
         self.meter.violation(violation.code)
-        param = violation.param
+        param, message = violation.param, violation.message
         if param is not None and self.translator is not None:
+            named = param.partition(".")[2]
             param = self.translator.client_param(param)
+            # The message names the field as the deployment does: as the client does, too.
+            as_client = param.partition(".")[2]
+            if named and as_client and named != as_client:
+                message = message.replace(named, as_client, 1)
         _log.info(
             "client_event_refused",
             code=violation.code,
@@ -910,7 +915,7 @@ class Bridge:
         await self._send_to_client(
             error_event(
                 violation.code,
-                violation.message,
+                message,
                 error_type="invalid_request_error",
                 param=param,
                 event_id=violation.event_id,
