@@ -17,7 +17,8 @@
   part: see `frames.MessageBufferFull`) is closed the same way, with 1013.
 
 aiohttp internals used, pinned by tests/faults/test_connection.py: `web.Server._kwargs`
-(the handler options) and `_loop`, `RequestHandler.handle_error` and
+(the handler options) and `_loop`, `RequestHandler.handle_error`, `_messages` (the requests
+parsed and not yet handled) and
 `WebSocketResponse._close_transport`; and, for an upgraded connection's bytes, the
 handler's `_payload_parser` (the WebSocket reader: `feed_data` returns an EOF flag),
 `_data_received_cb`, `_force_close` and `_close` (pinned by tests/test_frames.py).
@@ -125,9 +126,14 @@ class RelayConnection(RequestHandler):
             if self._head_deadline is None:
                 self._arm_head_deadline()
         super().data_received(data)
-        # Still no whole head (a complete one resets the count): past the bound, refused.
-        if self._awaiting_head and self._head_bytes > self._max_head_bytes:
-            self._head_too_large()
+        if self._awaiting_head:
+            if self._messages:
+                # A whole head was parsed (its request is made later, in the handler's task):
+                # what follows is its body, or its frames, not head.
+                self._awaiting_head = False
+                self._head_bytes = 0
+            elif self._head_bytes > self._max_head_bytes:
+                self._head_too_large()  # still no whole head: past the bound, refused
 
     def _head_too_large(self) -> None:
         transport = self.transport

@@ -71,6 +71,12 @@ async def test_a_request_head_too_large_in_all_is_refused_before_it_ends(simulat
     writer.write(fits)
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")
     writer.close()
+    # A body is no head: 200 KB in the same read as a short head is not refused as one.
+    body = b"x" * 200_000
+    post = b"POST /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n"
+    post += b"Content-Length: 200000\r\n\r\n" + body
+    status, answer, _ = await exchange(relay.port, post)
+    assert (status, answer["error"]["code"]) == (405, "method_not_allowed")
 
 
 async def test_malformed_request_gets_a_json_400(simulator, start_relay):
