@@ -7,6 +7,7 @@ them fails here rather than in production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 from collections.abc import AsyncIterator
@@ -514,3 +515,29 @@ async def test_frames_sent_in_one_segment_reach_the_upstream_in_order(
                 assert echoed["event_id"] == orjson.loads(payload)["event_id"]
     assert fake.received == [_append(seq) for seq in range(30)]
     assert sum(taken["in"]) >= 25
+
+
+async def test_a_drain_wait_outlives_another_waiters_cancellation():
+    """aiohttp's drain waiters share one future (`_drain_waiter`): a close that timed out
+    waiting cancelled it, and with it the upstream pump's wait, which tore the session
+    down before it could bill the response it cut. `frames._drain` waits on alone."""
+    from aiohttp.base_protocol import BaseProtocol
+
+    from relay.session.frames import _drain
+
+    protocol = BaseProtocol(asyncio.get_running_loop())
+    protocol.transport = object()  # connected: only whether it is None is read
+    protocol.pause_writing()
+
+    async def close_that_times_out() -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0):
+                await protocol._drain_helper()
+
+    async with asyncio.TaskGroup() as tasks:
+        pump = tasks.create_task(_drain(protocol))
+        await asyncio.sleep(0)  # the pump waits on the shared future first
+        await close_that_times_out()
+        await asyncio.sleep(0)  # the pump sees the cancelled future, and waits again
+        assert not pump.done()
+        protocol.resume_writing()

@@ -18,6 +18,8 @@ when any of these moves):
   `_output_size`, `_limit`, `transport` and `protocol`, whose `_paused` (`writing_paused`) is
   true while the transport's buffer is past its high-water mark and `_drain_helper()` waits
   until it is not;
+- the protocol's `_drain_waiter`, the future every `_drain_helper()` waiter shares (a
+  cancelled one is dropped: see `_drain`);
 - the queue's `feed_eof` (called when the connection is lost) and `_protocol`, and the
   protocols' `_data_received_cb` (the heartbeat callback, cleared then: see `feed_eof`);
 - a socket's `_exception` (what `exception()` returns), cleared once it is closed;
@@ -404,7 +406,7 @@ async def _send_in_fragments(ws: Any, frame: bytes) -> None:
             writer.transport.write(head)
             writer.transport.write(body)
             if writer.protocol._paused:
-                await writer.protocol._drain_helper()  # ConnectionError if the peer is gone
+                await _drain(writer.protocol)  # ConnectionError if the peer is gone
     finally:
         del _FRAGMENTED[key]
         ended.set_result(None)
@@ -440,7 +442,26 @@ async def drained(ws: Any) -> None:
     """Until ``ws``'s transport is below its low-water mark (at once if it is)."""
     writer = ws._writer
     if writer is not None and writer.protocol.writing_paused:
-        await writer.protocol._drain_helper()
+        await _drain(writer.protocol)
+
+
+async def _drain(protocol: Any) -> None:
+    """``protocol._drain_helper()``, waited for alone. aiohttp's waiters share one future:
+    a close that timed out waiting for the drain cancelled it, and so every other waiter
+    (the upstream pump, whose session was then torn down unsettled, its response unbilled).
+    A cancellation that is not this task's is taken as the end of that wait."""
+    while protocol.writing_paused and protocol.transport is not None:
+        try:
+            await protocol._drain_helper()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this task's own cancellation
+            waiter = protocol._drain_waiter
+            if waiter is not None and waiter.done():
+                protocol._drain_waiter = None  # another waiter's: wait again, on a new future
+    if protocol.transport is None:
+        raise ClientConnectionResetError("Connection lost")
 
 
 def forget_error(ws: Any) -> None:

@@ -1089,9 +1089,10 @@ def _response_id(frame: bytes) -> str:
 
 
 # Relay-side ends after which a response in progress is not settled: the upstream is the
-# trouble (nothing more would come), the client is not reading (the upstream pump is held
-# writing to it), or the relay is shutting down (its drain already waited).
-_UNSETTLED_CAUSES = ("upstream", "client_stalled", "relay_shutting_down")
+# trouble (nothing more would come). A client too slow to read is settled once its
+# connection is dropped (the upstream pump, held writing to it, then reads on), and a drain
+# past its grace settles what it cuts: both were billed by the service and counted nowhere.
+_UNSETTLED_CAUSES = ("upstream",)
 
 
 def _settles(ending: Ending) -> bool:

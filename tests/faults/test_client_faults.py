@@ -13,10 +13,11 @@ import orjson
 import pytest
 import structlog
 from aiohttp import WSMsgType
+from structlog.contextvars import merge_contextvars
 
 from relay.edge.auth import hash_key
 from relay.state import STATE
-from tests.faults.peers import Firehose, masked_text_frame, raw_client
+from tests.faults.peers import CREATED, DELTA, Firehose, masked_text_frame, raw_client
 from tests.faults.test_upstream_faults import outcomes, url
 from tests.helpers import ALPHA_KEY, BETA_KEY, FakeUpstream, echo, read_until, relay_config
 
@@ -550,3 +551,68 @@ async def test_a_broken_frame_closes_1002_saying_what_broke(
         assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1002, reason)
     await fake.closed.wait()
     assert fake.received == []  # nothing of it went upstream
+
+
+class CancellableAnswer:
+    """A response streamed as fast as TCP takes it, until it is cancelled: then its
+    `response.done`, with the usage the service bills for what it generated."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    async def __call__(self, ws: Any, fake: FakeUpstream) -> None:
+        await ws.send_str(CREATED)
+        await ws.receive()  # the client's response.create
+        self.asked.set()
+        await ws.send_str('{"type":"response.created","response":{"id":"r1"}}')
+        cancelled = asyncio.Event()
+
+        async def read() -> None:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT and '"response.cancel"' in msg.data:
+                    cancelled.set()
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(read())
+            while not cancelled.is_set() and not ws.closed:
+                try:
+                    await ws.send_str(DELTA)
+                except ConnectionError:
+                    break
+            usage = {"total_tokens": 900, "input_tokens": 100, "output_tokens": 800,
+                     "input_token_details": {"text_tokens": 100, "audio_tokens": 0},
+                     "output_token_details": {"text_tokens": 0, "audio_tokens": 800}}  # fmt: skip
+            done = {"id": "r1", "status": "cancelled", "usage": usage}
+            await ws.send_str(orjson.dumps({"type": "response.done", "response": done}).decode())
+
+
+@pytest.mark.parametrize("end", ["stalled", "drain"])
+async def test_a_response_the_relay_cuts_is_billed(start_fake, start_relay, end):
+    """Cut by the relay (a client too slow to read, a drain past its grace), a response
+    was never cancelled nor read to its `response.done`: the service billed it, and the
+    team's spend and budget never saw it."""
+    answer = CancellableAnswer()
+    upstream = await start_fake(FakeUpstream(script=answer).app())
+    prices = {"input_text": 4.0, "output_audio": 64.0}
+    deployment = {"endpoint": str(upstream.make_url("")), "credential": {"env": "TEST_AZURE_KEY"}}
+    config = relay_config(
+        str(upstream.make_url("")),
+        server={"stall_timeout_seconds": 0.5, "close_timeout_seconds": 1.0,
+                "client_send_buffer_bytes": 65536, "drain_grace_seconds": 0.2},
+        deployments={"gpt-realtime": {**deployment, "prices": prices}},
+    )  # fmt: skip
+    relay = await start_relay(config)
+    state = relay.app[STATE]
+    _, slow = await raw_client(relay.port, "/openai/v1/realtime?model=gpt-realtime", ALPHA_KEY)
+    with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+        slow.write(masked_text_frame(b'{"type":"response.create"}'))  # then never read
+        if end == "drain":
+            await answer.asked.wait()
+            await relay.app.shutdown()
+        await state.idle.wait()
+    slow.close()
+    (ended,) = [e for e in logs if e["event"] == "session_ended"]
+    assert ended["outcome"] == ("client_stalled" if end == "stalled" else "relay_shutting_down")
+    assert ended["responses"] == 1 and ended["tokens"]["output_audio"] == 800
+    assert ended["cost_usd"] == pytest.approx((100 * 4 + 800 * 64) / 1e6)
+    assert not [e for e in logs if e["event"] == "response_unsettled"]
