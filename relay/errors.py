@@ -14,6 +14,8 @@ message that is safe to show: never a key, token or upstream URL with credential
 
 from __future__ import annotations
 
+import errno
+
 
 class RelayError(Exception):
     """Base of every error the relay raises on purpose."""
@@ -29,6 +31,17 @@ class ConfigError(RelayError):
 
 class StartupError(RelayError):
     """The relay cannot start as configured; the message says what to change."""
+
+    @classmethod
+    def cannot_listen(cls, host: str, port: int, exc: OSError, setting: str) -> StartupError:
+        """A port that is taken (or not ours to take), naming the setting that changes it."""
+        reason = {
+            errno.EADDRINUSE: "the port is in use by another process",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)",
+            errno.EADDRNOTAVAIL: "the address is not one of this host's",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        shown = f"[{host}]" if ":" in host else host
+        return cls(f"cannot listen on {shown}:{port}: {reason}; change {setting}")
 
 
 class HttpRefusal(RelayError):

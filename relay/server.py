@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import os
 import signal
@@ -166,14 +165,7 @@ async def listen(site: web.TCPSite, host: str, port: int, setting: str) -> None:
     try:
         await site.start()
     except OSError as exc:
-        reason = {
-            errno.EADDRINUSE: "the port is in use by another process",
-            errno.EACCES: "permission denied (ports below 1024 need privileges)",
-            errno.EADDRNOTAVAIL: "the address is not one of this host's",
-        }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise StartupError(
-            f"cannot listen on {_host_for_url(host)}:{port}: {reason}; change {setting}"
-        ) from exc
+        raise StartupError.cannot_listen(host, port, exc, setting) from exc
 
 
 @contextmanager

@@ -181,3 +181,23 @@ async def test_the_supervisors_scrape_leaves_out_what_a_reload_removed(tmp_path)
     ]
     assert [s.value for s in shaped["relay_log_lines_dropped"]] == [7]
     supervisor._metrics_dir.cleanup()
+
+
+def test_the_supervisor_takes_a_port_its_last_sessions_left_in_time_wait():
+    """A relay that closed its sessions leaves their server side in TIME_WAIT for a minute;
+    `--workers N` started on that port then failed ("Address already in use") where one
+    process started, as asyncio's listener reuses the address."""
+    import socket
+
+    from relay.ops.workers import _reserve_port
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server closes first: its side of the connection waits
+    client.recv(1)
+    client.close()
+    listener.close()
+    with _reserve_port("127.0.0.1", port) as reserved:
+        assert reserved == port

@@ -346,13 +346,14 @@ class _reserve_port:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # As asyncio's listeners do: the port's connections a restart left in TIME_WAIT (a
+        # drain closes its sessions first) must not keep it for a minute.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((host, port))
         except OSError as exc:
             self.sock.close()
-            raise StartupError(
-                f"cannot listen on {host}:{port}: {exc.strerror}; change server.port (--port)"
-            ) from exc
+            raise StartupError.cannot_listen(host, port, exc, "server.port (--port)") from exc
 
     def __enter__(self) -> int:
         return int(self.sock.getsockname()[1])
