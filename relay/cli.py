@@ -20,7 +20,7 @@ from relay.errors import ConfigError, StartupError
 from relay.ops.check import ConfigSource, check_config
 from relay.ops.config import RelayConfig, masked_config
 from relay.ops.descriptors import raise_limit
-from relay.ops.logsetup import configure_logging, flush_logs
+from relay.ops.logsetup import bind_process_fields, configure_logging, flush_logs
 from relay.ops.redaction import SECRETS
 from relay.ops.workers import worker_count
 from relay.talk import command as talk
@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from relay.server import run_server
 
     if args.worker is not None:
-        structlog.contextvars.bind_contextvars(worker=args.worker)
+        bind_process_fields(worker=args.worker)
         _run(run_server(config, environ, source=source, worker=True))
         return 0
     if args.workers > 1:

@@ -29,7 +29,7 @@ from relay.errors import ClientRefused, HttpRefusal, RequestRejected, UpstreamRe
 from relay.live import revoke_sessions
 from relay.ops.config import DeploymentConfig, TeamConfig
 from relay.ops.exposition import exposition
-from relay.ops.logsetup import describe_error, redact_url
+from relay.ops.logsetup import describe_error, fresh_context, redact_url
 from relay.ops.metrics import SessionMeter
 from relay.ops.redaction import SECRETS
 from relay.session.dialect import Translator
@@ -81,7 +81,7 @@ async def run_session(request: web.Request, admit: Admit) -> web.StreamResponse:
     session_id = "rs_" + secrets.token_hex(8)
     began = time.perf_counter()
     # Every log line of this session carries these (tasks it starts inherit them).
-    structlog.contextvars.clear_contextvars()
+    fresh_context()
     structlog.contextvars.bind_contextvars(session_id=session_id, peer=live.client_address(request))
     try:
         admitted = await admit(request, state, live, session_id)

@@ -31,6 +31,24 @@ _LEVELS["error"] = logging.ERROR
 _SECRET_QUERY_WORDS = ("key", "token", "secret", "sig", "password", "auth", "credential")
 
 
+# Fields of every line this process writes (a worker's index), kept when a request or a
+# session starts its own context (`fresh_context`).
+_PROCESS_FIELDS: dict[str, Any] = {}
+
+
+def bind_process_fields(**fields: Any) -> None:
+    _PROCESS_FIELDS.update(fields)
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+def fresh_context() -> None:
+    """The current task's log context emptied of another request's fields, but for the
+    process's own (under --workers, which worker held the session)."""
+    structlog.contextvars.clear_contextvars()
+    if _PROCESS_FIELDS:
+        structlog.contextvars.bind_contextvars(**_PROCESS_FIELDS)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     writer = _writer(sys.stdout.buffer)

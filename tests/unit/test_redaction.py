@@ -190,3 +190,20 @@ def test_minting_many_client_secrets_never_pushes_out_the_relays_own_tokens():
         "message": REDACTED,
         REDACTED: 1,
     }
+
+
+def test_a_workers_index_stays_on_its_sessions_lines():
+    """Each session starts a fresh log context; under --workers it lost the `worker` field,
+    so a drain's lines could not be told apart by worker."""
+    import structlog
+
+    from relay.ops import logsetup
+
+    try:
+        logsetup.bind_process_fields(worker=1)
+        structlog.contextvars.bind_contextvars(session_id="rs_earlier")
+        logsetup.fresh_context()
+        assert structlog.contextvars.get_contextvars() == {"worker": 1}
+    finally:
+        logsetup._PROCESS_FIELDS.clear()
+        structlog.contextvars.clear_contextvars()

@@ -53,7 +53,7 @@ from relay.edge.webrtc.requests import (
 from relay.edge.webrtc.secret_book import MintedSecret, ProcessSecrets, RedisSecrets, SecretRecords
 from relay.errors import ClientRefused, HttpRefusal, RequestRejected
 from relay.ops.config import DeploymentConfig, TeamConfig
-from relay.ops.logsetup import describe_error
+from relay.ops.logsetup import describe_error, fresh_context
 from relay.ops.metrics import SessionMeter
 from relay.ops.redaction import SECRETS
 from relay.session.policy import PolicyViolation
@@ -142,7 +142,7 @@ async def _handle(
 ) -> web.Response:
     state = request.app[STATE]
     live = state.live  # this request's config, whatever a reload does meanwhile
-    structlog.contextvars.clear_contextvars()
+    fresh_context()
     structlog.contextvars.bind_contextvars(
         request_id="rq_" + secrets.token_hex(8), endpoint=endpoint, peer=request.remote
     )

@@ -32,6 +32,7 @@ from relay.edge.admission import Lease
 from relay.edge.webrtc.forward import Outbound, forward
 from relay.errors import HttpRefusal
 from relay.ops.config import DeploymentConfig, TeamConfig
+from relay.ops.logsetup import fresh_context
 from relay.ops.metrics import SessionMeter
 from relay.session import shared_strings
 from relay.session.codec import FrameError, sniff_type
@@ -132,7 +133,7 @@ class CallWatch:
 
 async def watch_call(state: RelayState, watch: CallWatch) -> None:
     """Observe the call until it ends; count it; give its slot back. Never raises."""
-    structlog.contextvars.clear_contextvars()  # not the placing request's
+    fresh_context()  # not the placing request's
     structlog.contextvars.bind_contextvars(
         call_id=watch.call_id,
         team=watch.team.name,
