@@ -201,3 +201,25 @@ def test_the_supervisor_takes_a_port_its_last_sessions_left_in_time_wait():
     listener.close()
     with _reserve_port("127.0.0.1", port) as reserved:
         assert reserved == port
+
+
+def test_the_supervisor_refuses_a_port_another_relay_listens_on():
+    """With SO_REUSEPORT alone, a second `--workers` relay on the port joined it and took
+    half the connections."""
+    import socket
+
+    import pytest
+
+    from relay.errors import StartupError
+    from relay.ops.workers import _reserve_port
+
+    with _reserve_port("127.0.0.1", 0) as port:
+        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", port))
+        other.listen()  # the first relay's workers
+        try:
+            with pytest.raises(StartupError, match="the port is in use by another process"):
+                _reserve_port("127.0.0.1", port)
+        finally:
+            other.close()

@@ -60,7 +60,7 @@ class RelayConnection(RequestHandler):
 
     __slots__ = (
         "_header_timeout", "_max_head_bytes", "_awaiting_head", "_head_bytes", "_head_deadline",
-        "_linger",
+        "_unread_body", "_linger",
         "upgrading", "large_frames",
     )  # fmt: skip
 
@@ -71,6 +71,9 @@ class RelayConnection(RequestHandler):
         self._awaiting_head = True
         self._head_bytes = 0
         self._head_deadline: asyncio.TimerHandle | None = None
+        # A body its request was answered before it was read: what arrives next is its rest
+        # (aiohttp reads it and drops it), not the next request's head.
+        self._unread_body: Any = None
         self._linger: _Linger | None = None
         # The ClientSocket being prepared on this connection, until it sets its parser.
         self.upgrading: ClientSocket | None = None
@@ -121,6 +124,10 @@ class RelayConnection(RequestHandler):
                 if eof:
                     self.close()
             return
+        body = self._unread_body
+        if body is not None and body.is_eof():
+            self._unread_body = None
+            self._awaiting_head = True
         if self._awaiting_head:
             self._head_bytes += len(data)
             if self._head_deadline is None:
@@ -161,8 +168,11 @@ class RelayConnection(RequestHandler):
 
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: Any) -> None:
         super().log_access(request, response, time)
-        # The response is done: the next bytes start a new head.
-        self._awaiting_head = True
+        # The response is done: the next bytes start a new head, once its body has all come.
+        if request.content.is_eof():
+            self._awaiting_head = True
+        else:
+            self._unread_body = request.content
 
     def _arm_head_deadline(self) -> None:
         loop = asyncio.get_running_loop()

@@ -339,11 +339,28 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def _check_free(family: socket.AddressFamily, host: str, port: int) -> None:
+    """Refuse a port another process listens on. SO_REUSEPORT lets any process of the same
+    user join a port: a second `--workers` relay (an old one left running, with its old
+    config and keys) took half the connections without a word. A bind without it fails
+    there, and still takes a port only TIME_WAIT connections hold."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        raise StartupError.cannot_listen(host, port, exc, "server.port (--port)") from exc
+    finally:
+        probe.close()
+
+
 class _reserve_port:
     """Hold (host, port) bound with SO_REUSEPORT while the workers listen on it."""
 
     def __init__(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if port:
+            _check_free(family, host, port)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # As asyncio's listeners do: the port's connections a restart left in TIME_WAIT (a

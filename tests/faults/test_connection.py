@@ -230,3 +230,29 @@ async def test_the_aiohttp_internals_the_connection_uses_are_there():
     server = web.Server(lambda request: None, keepalive_timeout=1.0)  # type: ignore[arg-type,return-value]
     assert server._kwargs == {"keepalive_timeout": 1.0}
     assert server._loop is asyncio.get_running_loop()
+
+
+async def test_a_body_sent_after_its_request_was_answered_is_no_head(simulator, start_relay):
+    """Refused before its body was read, a request's body kept coming, and was counted as
+    the next request's head: an unasked 431, a false `request_head_too_large` line and a
+    reset."""
+    relay = await start_relay(relay_config(simulator.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    size = 300_000
+    writer.write(
+        b"POST /openai/v1/realtime/calls HTTP/1.1\r\nHost: relay\r\n"
+        b"Content-Type: application/sdp\r\nContent-Length: %d\r\n\r\n" % size
+    )
+    with structlog.testing.capture_logs() as logs:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        for _ in range(size // 15_000):
+            writer.write(b"v" * 15_000)  # the body, after its answer
+            await writer.drain()
+        writer.write_eof()
+        rest = await reader.read()  # up to the relay's close: no second answer
+    writer.close()
+    assert rest == b""
+    assert not [e for e in logs if e["event"] == "request_head_too_large"]

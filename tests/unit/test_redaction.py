@@ -207,3 +207,32 @@ def test_a_workers_index_stays_on_its_sessions_lines():
     finally:
         logsetup._PROCESS_FIELDS.clear()
         structlog.contextvars.clear_contextvars()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "GET /openai/v1/realtime?model=m&a=;" + "key" * 5330,  # a keyless client's query
+        '"' + "key" * 5330 + '"',
+        "'" + "token" * 3200,
+    ],
+)
+def test_a_long_run_of_a_credential_word_costs_the_filter_no_more_than_its_length(text):
+    """The name patterns backtracked quadratically over a run of a credential word with no
+    `=` or quote after it: 145-505 ms a 16 KB line, on the event loop, for one keyless
+    request. Bounded names: a linear scan. A complexity check, not a performance target:
+    against the same length of plain text in one process, best of three, with a wide
+    margin (quadratic was 100x and more)."""
+    import time
+
+    def best(line: str) -> float:
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            secrets.clean(line)
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    secrets = SecretFilter()
+    baseline = best("x" * len(text) + "token")  # the triggers found: every pattern runs
+    assert best(text) < 20 * baseline + 0.005
