@@ -120,9 +120,9 @@ def is_sendable(code: int) -> bool:
     return code in _SENDABLE or 3000 <= code <= 4999
 
 
-# What aiohttp reads a close frame without a status as (RFC 6455 7.1.5: "no status", 1005):
-# a normal close, passed on as 1000.
-_NO_STATUS = 0
+# A close frame without a status (aiohttp reads its code as 0), logged as RFC 6455 7.1.5
+# names it, "no status received": a normal close, passed on as 1000.
+_NO_STATUS = 1005
 
 
 def close_for_upstream(ending: Ending) -> tuple[int, str]:
@@ -568,7 +568,7 @@ class Bridge:
                     )
                 )
             elif msg.type is WSMsgType.CLOSE:
-                self._end(Ending("client", msg.data, msg.extra or ""))
+                self._end(Ending("client", msg.data or _NO_STATUS, msg.extra or ""))
                 break
             else:  # CLOSING, CLOSED, ERROR: gone without a close frame, or broke the protocol
                 if isinstance(msg.data, frames.MessageBufferFull):  # the relay refused it: 1013
@@ -774,7 +774,7 @@ class Bridge:
             elif renewal is not None and await self._resumed(msg.type, msg.data, renewal):
                 continue
             elif msg.type is WSMsgType.CLOSE:
-                self._end(Ending("upstream", msg.data, msg.extra or ""))
+                self._end(Ending("upstream", msg.data or _NO_STATUS, msg.extra or ""))
                 break
             elif upstream.close_code == 1009:
                 await self._upstream_broke(

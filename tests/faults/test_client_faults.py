@@ -616,3 +616,22 @@ async def test_a_response_the_relay_cuts_is_billed(start_fake, start_relay, end)
     assert ended["responses"] == 1 and ended["tokens"]["output_audio"] == 800
     assert ended["cost_usd"] == pytest.approx((100 * 4 + 800 * 64) / 1e6)
     assert not [e for e in logs if e["event"] == "response_unsettled"]
+
+
+async def test_a_close_without_a_status_is_passed_on_as_a_normal_close(
+    start_fake, start_relay, http
+):
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            ws._writer.transport.write(b"\x88\x80\x00\x00\x00\x00")  # close, no status
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1000)
+        await fake.closed.wait()
+        await relay.app[STATE].idle.wait()
+    assert fake.close_code == 1000  # not 1001 "client went away"
+    (ended,) = [e for e in logs if e["event"] == "session_ended"]
+    assert (ended["outcome"], ended["close_code"]) == ("client_closed", 1005)

@@ -93,14 +93,13 @@ def test_429_without_retry_after_still_says_when():
         (Ending("client", 1000, "bye"), (1000, "bye"), (1011, "upstream connection lost")),
         (Ending("client", 4001, "app"), (4001, "app"), (1011, "upstream connection lost")),
         (Ending("client", 1006, "lost", clean=False), (1001, "client went away"), None),
-        (Ending("client", 1005, ""), (1001, "client went away"), None),
+        (Ending("client", 1005, ""), (1000, ""), None),
         (Ending("upstream", 1000, "done"), None, (1000, "done")),
         (Ending("upstream", 4000, "x"), None, (4000, "x")),
         (Ending("upstream", 1006, "lost", clean=False), None, (1011, "upstream connection lost")),
-        # A close frame without a status (aiohttp reads it as 0) is a normal close: it was
-        # passed on as an error (1011), or as the client going away.
-        (Ending("upstream", 0, ""), None, (1000, "")),
-        (Ending("client", 0, ""), (1000, ""), None),
+        # A close frame without a status (1005, "no status received") is a normal close: it
+        # was passed on as an error (1011), or as the client going away.
+        (Ending("upstream", 1005, ""), None, (1000, "")),
         (
             Ending("relay", 1001, "shutting down"),
             (1001, "relay closed the session"),
