@@ -401,9 +401,17 @@ async def slow_answer(ws, fake: FakeUpstream) -> None:
             await ws.send_str('{"type": "response.done", "response": {"id": "r1"}}')
 
 
-async def test_a_long_answer_is_not_the_client_being_idle(start_fake, start_relay, http):
+async def test_a_long_answer_is_not_the_client_being_idle(
+    start_fake, start_relay, http, monkeypatch
+):
     """The idle timeout ended sessions while the assistant was still speaking: idle counts
-    from the client's last event or the last response's end, whichever is later."""
+    from the client's last event or the last response's end, whichever is later (and the
+    watchdog does not wake at every loop pass for a deadline that is not one)."""
+    from relay.session.pump import Bridge
+
+    watches = []
+    watch = Bridge._watch
+    monkeypatch.setattr(Bridge, "_watch", lambda self: (watches.append(1), watch(self)))
     upstream = await start_fake(FakeUpstream(script=slow_answer).app())
     config = relay_config(
         str(upstream.make_url("")),
@@ -422,6 +430,7 @@ async def test_a_long_answer_is_not_the_client_being_idle(start_fake, start_rela
         events = await read_until(ws, "error")
         assert [e["type"] for e in events] == ["response.created", "response.done", "error"]
         assert events[-1]["error"]["code"] == "idle_timeout"
+    assert len(watches) < 20  # about one a second, and at the deadlines
 
 
 async def test_defaults_the_upstream_rejects_fail_the_handshake(simulator, start_relay, http):

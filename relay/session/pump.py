@@ -955,7 +955,7 @@ class Bridge:
         wake = now + min(FLUSH_INTERVAL_SECONDS, self.stall_timeout)
         if max_seconds is not None:
             wake = min(wake, self.started_at + max_seconds)
-        if idle_seconds is not None:
+        if idle_seconds is not None and not responding:  # never idle while responding
             wake = min(wake, self.last_client_event_at + idle_seconds)
         if responding:
             wake = min(wake, self.last_upstream_event_at + self.response_timeout)
