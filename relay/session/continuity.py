@@ -109,6 +109,14 @@ def _overlay(base: ContinuityConfig, override: ContinuityConfig) -> ContinuityCo
     )
 
 
+def _out_of_band(response: Mapping[str, Any]) -> bool:
+    """A response outside the default conversation: its `conversation_id` is null (GA), or
+    its `conversation` is "none" where a service still reports it so."""
+    if "conversation_id" in response:
+        return response["conversation_id"] is None
+    return response.get("conversation") == "none"
+
+
 # Where an added item goes when its event names no previous item, or names none.
 _UNSAID = object()
 _ROOT = object()
@@ -132,6 +140,8 @@ class ShadowConversation:
     speaking: bool = False
     # call_id of function calls the model made whose output has not been added yet.
     pending_calls: set[str] = field(default_factory=set)
+    # Ids of out-of-band responses (`conversation: "none"`) in progress.
+    out_of_band: set[str] = field(default_factory=set)
 
     @property
     def quiet(self) -> bool:
@@ -144,8 +154,12 @@ class ShadowConversation:
             # at "root", or the first); one left out says nothing, as in the other events.
             previous = event.get("previous_item_id", _UNSAID)
             self._put(event.get("item"), _ROOT if previous is None else previous)
-        elif kind in ("conversation.item.done", "response.output_item.done"):
+        elif kind == "conversation.item.done":
             self._put(event.get("item"), _UNSAID)
+        elif kind == "response.output_item.done":
+            # An out-of-band response's output is in no conversation: never replayed into one.
+            if event.get("response_id") not in self.out_of_band:
+                self._put(event.get("item"), _UNSAID)
         elif kind == "conversation.item.deleted":
             self._delete(event.get("item_id"))
         elif kind == "conversation.item.truncated":
@@ -158,8 +172,13 @@ class ShadowConversation:
             response = event.get("response")
             rid = response.get("id") if isinstance(response, Mapping) else None
             self.response_id = rid if isinstance(rid, str) else "unknown"
+            if isinstance(response, Mapping) and _out_of_band(response):
+                self.out_of_band.add(self.response_id)
         elif kind == "response.done":
             self.response_id = None
+            response = event.get("response")
+            if isinstance(response, Mapping):
+                self.out_of_band.discard(response.get("id"))
         elif kind == "input_audio_buffer.speech_started":
             self.speaking = True
         elif kind in _SPEECH_ENDS:
@@ -268,7 +287,7 @@ def replay_item(
     wire: Mapping[str, Any], flavour: Flavour, audio: str | None = None
 ) -> dict[str, Any] | None:
     """The `conversation.item.create` item that re-creates ``wire``; None when nothing of it
-    can be replayed (user audio never transcribed, assistant audio cut before any text).
+    can be replayed (user audio never transcribed).
     ``audio`` (base64), when kept, replays a user turn's audio part as itself."""
     kind = wire.get("type")
     base = {"id": wire["id"], "type": kind}
@@ -282,9 +301,11 @@ def replay_item(
     parts = [p for p in wire.get("content") or () if isinstance(p, Mapping)]
     content: list[dict[str, Any]]
     if role == "assistant":
+        # A reply cut before any of it was heard (a barge-in) keeps its place, empty: the
+        # client still refers to it (`previous_item_id`, a history edit next to it).
         text = "".join(str(p.get("text") or p.get("transcript") or "") for p in parts)
         kind_of_text = "output_text" if flavour == "ga" else "text"
-        content = [{"type": kind_of_text, "text": text}] if text else []
+        content = [{"type": kind_of_text, "text": text}]
     elif audio is not None and role == "user":
         parted = (_audio_part(p, audio) or _input_part(p) for p in parts)
         content = [c for c in parted if c is not None]

@@ -177,7 +177,10 @@ def test_deletions_and_truncations_are_honoured():
     )
     assert shadow.order == ["a1", "u2"]
     plan = plan_replay(shadow, flavour="ga", max_tokens=8000, note_id=None)
-    assert plan.item_ids == ("u2",)  # the truncated answer has no text left
+    # The truncated answer has no text left: it keeps its place, empty (a client refers to
+    # it: a history edit next to it failed when it was left out).
+    assert plan.item_ids == ("a1", "u2")
+    assert created_items(plan.frames)[0]["item"]["content"] == [{"type": "output_text", "text": ""}]
 
 
 def test_quiet_only_when_nothing_is_in_flight():
@@ -227,6 +230,23 @@ def test_an_image_counts_as_an_image_not_as_its_data_url():
                          {"type": "input_image", "image_url": url, "detail": "low"},
                          {"type": "input_text", "text": "What is this?"}]}  # fmt: skip
     assert 765 + 85 < estimate_tokens(image) < 765 + 85 + 30
+
+
+def test_an_out_of_band_responses_output_is_never_replayed_into_the_conversation():
+    """Out-of-band output (`conversation: "none"`, a classification) was replayed into the
+    conversation at the next switch: the model saw it, and the client got it as a
+    `previous_item_id` it had never seen added."""
+    oob = {"id": "r2", "conversation_id": None}
+    shadow = shadow_of(
+        added(user_text("u1", "hi")),
+        ("response.created", {"response": {"id": "r1", "conversation_id": "conv_1"}}),
+        ("response.output_item.done", {"response_id": "r1", "item": assistant("a1", "Hello.")}),
+        ("response.done", {"response": {"id": "r1"}}),
+        ("response.created", {"response": oob}),
+        ("response.output_item.done", {"response_id": "r2", "item": assistant("x1", "billing")}),
+        ("response.done", {"response": oob}),
+    )  # fmt: skip
+    assert shadow.order == ["u1", "a1"] and shadow.quiet and not shadow.out_of_band
 
 
 def test_nothing_to_replay_needs_no_note():
