@@ -12,6 +12,7 @@ import structlog
 from playwright.async_api import async_playwright, expect
 
 from relay.edge.playground import CONTENT_SECURITY_POLICY
+from relay.state import STATE
 from tests.browser import CHROMIUM, HELLO, launch
 from tests.helpers import ALPHA_KEY, relay_config
 
@@ -201,3 +202,32 @@ async def test_a_relay_that_is_gone_is_named_as_such(browser, local_relay):
     await page.wait_for_selector("#status[data-state=error]")
     await expect(page.locator("#status")).to_have_text("could not connect")
     await expect(page.locator("#error")).to_contain_text("is it running")
+
+
+@needs_chromium
+async def test_double_clicks_open_one_session_and_one_microphone(browser, local_relay):
+    """Two clicks on Connect opened two sessions (the page could close only the second);
+    two on "Start microphone" started two captures, and Stop stopped only one: the page
+    kept sending the microphone after the user said stop."""
+    page = await browser.new_page()
+    await page.goto(str(local_relay.make_url("/playground")))
+    await page.fill("#key", "rk-local-demo")
+    await page.dblclick("#connect")
+    await page.wait_for_selector("#status[data-state=connected]")
+    assert len(local_relay.app[STATE].bridges) == 1
+    await page.dblclick("#mic")
+    await expect(page.locator("#mic")).to_have_text("Stop microphone")
+    await page.click("#mic")
+    await expect(page.locator("#mic")).to_have_text("Start microphone")
+    sent = await page.get_attribute("#counters", "data-sent")
+    # Stopped: no append goes out any more (a capture runs at 25 chunks a second).
+    await page.wait_for_timeout(400)  # four chunks' worth, had a capture stayed on
+    assert await page.get_attribute("#counters", "data-sent") == sent
+
+
+@needs_chromium
+async def test_a_key_a_browser_cannot_send_is_named_without_showing_it(browser, local_relay):
+    page, _ = await open_playground(browser, local_relay, key="Bearer rk-local-demo")
+    await page.wait_for_selector("#status[data-state=error]")
+    error = await page.inner_text("#error")
+    assert "cannot send" in error and "rk-local-demo" not in error

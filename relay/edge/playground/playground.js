@@ -316,6 +316,13 @@ class Session {
   }
 
   async startMicrophone() {
+    if (!navigator.mediaDevices) {
+      // Browsers offer the microphone to secure pages only: https, localhost or 127.0.0.1.
+      throw new Error(
+        "this page is not a secure context: open it at http://127.0.0.1 or http://localhost " +
+          "(or over https) to use the microphone; a WAV file works from anywhere",
+      );
+    }
     const stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
@@ -327,6 +334,7 @@ class Session {
     mute.gain.value = 0; // keeps the graph pulled without echoing the microphone
     context.createMediaStreamSource(stream).connect(capture).connect(mute).connect(context.destination);
     this.microphone = { stream, context };
+    if (this.ws.readyState !== WebSocket.OPEN) this.stopMicrophone(); // closed meanwhile
   }
 
   stopMicrophone() {
@@ -363,6 +371,7 @@ class Session {
     clearInterval(this.probeTimer);
     this.stopMicrophone();
     this.player.close();
+    if (session !== this) return; // a session the page already left: the view is another's
     view.connected(false);
     const reason = close.reason ? ` ${close.reason}` : "";
     if (this.refusal) {
@@ -387,30 +396,59 @@ class Session {
 
 $("connect-form").addEventListener("submit", (submitted) => {
   submitted.preventDefault();
+  if (session) return; // one session a page: a second click while connecting opened another
   view.error("");
   view.status("connecting…", "disconnected");
+  $("connect").disabled = true;
+  $("disconnect").disabled = false; // an upstream that never answers can be given up on
   try {
     session = new Session($("key").value.trim(), $("deployment").value.trim());
   } catch (error) {
+    $("connect").disabled = false;
     view.status("could not connect", "error");
-    view.error(String(error)); // e.g. a key with characters a subprotocol cannot carry
+    // The browser's message quotes the key: never shown.
+    view.error(
+      error instanceof DOMException && error.name === "SyntaxError"
+        ? "The key holds characters a browser cannot send (a space, a comma, a non-ASCII " +
+            "character): paste the key alone."
+        : `could not connect: ${error.name}`,
+    );
   }
 });
 
 $("disconnect").addEventListener("click", () => session?.close());
+
+// While the microphone starts, or a file streams, the other inputs wait: two captures at
+// once interleaved their audio, and Stop stopped only one of them.
+function busy(on) {
+  $("mic").disabled = on || !session;
+  $("wav").disabled = on || !session;
+  $("wav-label").dataset.disabled = String(on || !session);
+}
 
 $("mic").addEventListener("click", async () => {
   if (!session) return;
   if (session.microphone) {
     session.stopMicrophone();
     $("mic").textContent = "Start microphone";
+    $("wav").disabled = false;
+    $("wav-label").dataset.disabled = "false";
     return;
   }
+  const own = session;
+  view.error("");
+  busy(true);
   try {
-    await session.startMicrophone();
-    $("mic").textContent = "Stop microphone";
+    await own.startMicrophone();
+    if (session === own && own.microphone) $("mic").textContent = "Stop microphone";
   } catch (error) {
     view.error(`microphone: ${error.message}`);
+  } finally {
+    if (session === own) {
+      $("mic").disabled = false;
+      $("wav").disabled = Boolean(own.microphone);
+      $("wav-label").dataset.disabled = String(Boolean(own.microphone));
+    }
   }
 });
 
@@ -418,10 +456,15 @@ $("wav").addEventListener("change", async () => {
   const file = $("wav").files[0];
   $("wav").value = "";
   if (!session || !file) return;
+  const own = session;
+  view.error("");
+  busy(true);
   try {
-    await session.sendFile(file);
+    await own.sendFile(file);
   } catch (error) {
     view.error(`${file.name}: ${error.message}`);
+  } finally {
+    if (session === own) busy(false);
   }
 });
 
