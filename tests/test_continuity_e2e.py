@@ -258,10 +258,10 @@ async def test_a_renewal_waiting_for_a_quiet_point_leaves_a_loss_to_the_resume(
     waiting = asyncio.Event()
     until_quiet = Renewal._until_quiet
 
-    async def noted(renewal: Renewal, old: Any, deadline: float) -> bool:
+    async def noted(renewal: Renewal, old: Any, deadline: float, relax_at: float) -> bool:
         if not renewal.quiet.is_set():
             waiting.set()
-        return await until_quiet(renewal, old, deadline)
+        return await until_quiet(renewal, old, deadline, relax_at)
 
     monkeypatch.setattr(Renewal, "_until_quiet", noted)
     try:
@@ -786,5 +786,49 @@ async def test_push_to_talk_audio_is_not_lost_to_a_switch(start_relay, http):
             while renewals(relay) < 1:  # then, quiet, the session is renewed
                 await turn(ws, "And now?", n)
                 n += 1
+    finally:
+        await simulator.close()
+
+
+async def test_a_reply_still_playing_is_not_switched_away_from_its_truncate(
+    start_relay, http, monkeypatch
+):
+    """The service streams a reply faster than the client plays it. A switch at its
+    `response.done` turned it into text on the new upstream, and the client's barge-in a
+    moment later (`conversation.item.truncate`) failed there: text has no audio to cut.
+    The quiet point now waits for the playback, estimated, for the first half of the
+    renewal's window."""
+    renewed = asyncio.Event()
+    done = Renewal._done
+    monkeypatch.setattr(Renewal, "_done", lambda self, *a: (done(self, *a), renewed.set()))
+    simulator = await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text="Here is a long answer that takes a few seconds to say out loud, slowly.",
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+    try:
+        relay = await start_relay(
+            continuity_config(simulator.url, renew_before_seconds=10 * SESSION_SECONDS)
+        )
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            await ask(ws, "Tell me something long.", 0)
+            answer = ""
+            while (event := await next_event(ws))["type"] != "response.done":
+                if event["type"] == "response.output_item.added":
+                    answer = event["item"]["id"]
+            await asyncio.sleep(0.3)  # the client plays the first of it; then the user speaks
+            truncate = {"type": "conversation.item.truncate", "item_id": answer,
+                        "content_index": 0, "audio_end_ms": 300}  # fmt: skip
+            await ws.send_str(orjson.dumps(truncate).decode())
+            event = await next_event(ws)
+            assert event["type"] == "conversation.item.truncated", event
+            assert renewals(relay) == 0
+            # The client goes quiet: the session is renewed before it expires all the same.
+            async with asyncio.timeout(SESSION_SECONDS):
+                await renewed.wait()
     finally:
         await simulator.close()

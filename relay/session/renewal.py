@@ -151,6 +151,16 @@ class Renewal:
         self._resuming = False
         # A client's `response.create` sent, its `response.created` not yet seen.
         self._requested = False
+        # Until when the client is likely still playing the last response's audio (the
+        # service sends it faster than real time), and the meter's output audio at the
+        # start of the response in progress (see `_playback`).
+        self._playing_until = 0.0
+        self._response_began = 0.0
+        self._audio_out_at_start = 0.0
+        self._recheck: asyncio.TimerHandle | None = None
+        # Whether a quiet point waits for playback (the first half of a renewal's window: a
+        # client that never leaves a gap after playing must still be renewed in the second).
+        self._mind_playback = True
         self._settled = asyncio.Event()
         # Upstream sessions this client session moved to (renewed or resumed).
         self.moves = 0
@@ -171,13 +181,48 @@ class Renewal:
             self._requested = False  # the requested response started, or was refused
         elif kind in ("input_audio_buffer.committed", "input_audio_buffer.cleared"):
             self.bridge.appended = False
+        if kind in ("response.created", "response.done"):
+            self._playback(kind)
         if self._quiet_now():
             self.quiet.set()
         else:
             self.quiet.clear()
 
     def _quiet_now(self) -> bool:
-        return self.shadow.quiet and not self._requested and not self._audio_unheard()
+        return (
+            self.shadow.quiet
+            and not self._requested
+            and not self._audio_unheard()
+            and (not self._mind_playback or time.perf_counter() >= self._playing_until)
+        )
+
+    def _playback(self, kind: str) -> None:
+        """A response's audio is played after it is sent: a barge-in then truncates it.
+        After a switch it is text (the replay's), which the service cannot truncate, so the
+        quiet point waits for the client to have played it, estimated from its start and
+        its audio's length; a timer looks again then."""
+        meter = self.bridge.meter
+        meter.flush()  # the audio counted so far (the lane's tallies are flushed once a second)
+        audio = meter.audio_seconds_total["out"]
+        now = time.perf_counter()
+        if kind == "response.created":
+            self._audio_out_at_start = audio
+            self._playing_until = now  # nothing heard yet to wait for
+            self._response_began = now
+            return
+        heard = audio - self._audio_out_at_start
+        self._playing_until = max(self._playing_until, self._response_began + heard)
+        if self._playing_until > now:
+            if self._recheck is not None:
+                self._recheck.cancel()
+            self._recheck = asyncio.get_running_loop().call_later(
+                self._playing_until - now, self._played
+            )
+
+    def _played(self) -> None:
+        self._recheck = None
+        if self._quiet_now():
+            self.quiet.set()
 
     def _audio_unheard(self) -> bool:
         """Audio appended and not committed, without turn detection (push to talk): the
@@ -284,6 +329,14 @@ class Renewal:
 
     async def run(self) -> None:
         """Renew before each expiry, for as long as the session lasts."""
+        try:
+            await self._renew_each_expiry()
+        finally:
+            if self._recheck is not None:  # no timer outlives its session
+                self._recheck.cancel()
+                self._recheck = None
+
+    async def _renew_each_expiry(self) -> None:
         while True:
             expires_at = _expires_at(self.bridge.session)
             if expires_at is None:
@@ -309,13 +362,15 @@ class Renewal:
         old = self.bridge.upstream
         old_id = self.bridge.session.get("id")
         deadline = expires_at - _EXPIRY_MARGIN_SECONDS
+        # Quiet points wait for playback in the first half of the window only.
+        relax_at = (self._clock() + deadline) / 2
         prepared: Prepared | None = None
         try:
-            if not await self._until_quiet(old, deadline):
+            if not await self._until_quiet(old, deadline, relax_at):
                 return True  # a resume replaced the upstream meanwhile: its expiry is new
             prepared = await self._prepare()
             while True:
-                if not await self._until_quiet(old, deadline):
+                if not await self._until_quiet(old, deadline, relax_at):
                     await _close(prepared.upstream, "renewal superseded by a resume")
                     return True
                 if self.bridge.ending is not None:
@@ -338,18 +393,32 @@ class Renewal:
         await _close(old, "session renewed")
         return True
 
-    async def _until_quiet(self, old: UpstreamSocket, deadline: float) -> bool:
+    async def _until_quiet(self, old: UpstreamSocket, deadline: float, relax_at: float) -> bool:
         """Wait for a quiet point on ``old``; False when a resume replaced it meanwhile. A
         resume reports the cut response, which makes the session quiet while the new upstream
         is still being dialled: a switch then would go to the lost one."""
+        now = self._clock()
+        self._mind_playback = now < relax_at
+        if not self._quiet_now():
+            self.quiet.clear()
+        relax = asyncio.get_running_loop().call_later(
+            max(0.0, relax_at - now), self._stop_minding_playback
+        )
         try:
-            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+            async with asyncio.timeout(max(0.0, deadline - now)):
                 await self.quiet.wait()
                 while self._resuming:
                     await self._settled.wait()
         except TimeoutError as exc:
             raise RenewalFailed("no_quiet_point", "no quiet point before the expiry") from exc
+        finally:
+            relax.cancel()
         return self.bridge.upstream is old
+
+    def _stop_minding_playback(self) -> None:
+        self._mind_playback = False
+        if self._quiet_now():
+            self.quiet.set()
 
     async def _switch_over(self, old: UpstreamSocket, prepared: Prepared) -> bool:
         """Hold client frames, send the marker, let the upstream pump swap at its answer."""
