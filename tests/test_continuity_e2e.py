@@ -832,3 +832,80 @@ async def test_a_reply_still_playing_is_not_switched_away_from_its_truncate(
                 await renewed.wait()
     finally:
         await simulator.close()
+
+
+async def test_a_turn_the_service_answers_by_itself_is_not_switched_away_from(
+    start_fake, start_relay, http
+):
+    """With server VAD the service starts a turn's response itself, a moment after
+    `speech_stopped`. Quiet by its events in between, a switch whose marker was answered
+    first left that response on the old upstream: the client never heard it. Here the old
+    upstream holds `response.created` until the marker or 1.5 s, and the renewal reaches
+    its switch just after the turn ends."""
+    connections = 0
+    dialled, spoken = asyncio.Event(), asyncio.Event()
+    vad = {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}
+
+    async def upstream(ws: Any, fake: Any) -> None:
+        nonlocal connections
+        connections += 1
+        this = connections
+        if this == 2:
+            dialled.set()
+            await spoken.wait()  # the renewal's set-up waits for the turn to end
+        session = {"id": f"sess_{this}", "object": "realtime.session", **vad}
+        session["expires_at"] = time.time() + SESSION_SECONDS
+
+        async def send(event: dict[str, Any]) -> None:
+            await ws.send_str(orjson.dumps(event).decode())
+
+        await send({"type": "session.created", "event_id": "e0", "session": session})
+        held: str | None = None  # the turn's response, whose start waits for the marker
+        while True:
+            try:
+                async with asyncio.timeout(1.5 if held else None):
+                    msg = await ws.receive()
+            except TimeoutError:
+                msg = None
+            if msg is not None and msg.type is not aiohttp.WSMsgType.TEXT:
+                return
+            event = orjson.loads(msg.data) if msg is not None else {"type": "none"}
+            kind = event["type"]
+            if kind == "session.update":
+                session |= event["session"]
+                session["audio"]["input"].setdefault("turn_detection", {"type": "server_vad"})
+                await send({"type": "session.updated", "event_id": "e1", "session": session})
+            elif kind == "conversation.item.create":
+                item = {**event["item"], "status": "completed"}
+                await send({"type": "conversation.item.added", "event_id": "e2", "item": item})
+                await send({"type": "conversation.item.done", "event_id": "e3", "item": item})
+            elif kind == "conversation.item.retrieve":
+                error = {"type": "invalid_request_error", "code": "item_not_found",
+                         "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
+                await send({"type": "error", "event_id": "e4", "error": error})
+            elif kind == "input_audio_buffer.append":
+                for stage in ("speech_started", "speech_stopped", "committed"):
+                    await send({"type": f"input_audio_buffer.{stage}", "item_id": "item_u1"})
+                held = f"resp_{this}"
+                spoken.set()
+                continue
+            if held is not None:
+                response = {"id": held, "object": "realtime.response", "status": "completed"}
+                await send({"type": "response.created", "event_id": "e5", "response": response})
+                await send({"type": "response.done", "event_id": "e6", "response": response})
+                held = None
+
+    fake = FakeUpstream(script=upstream)
+    server = await start_fake(fake.app())
+    endpoint = str(server.make_url("")).rstrip("/")
+    relay = await start_relay(
+        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
+    )
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        assert (await next_event(ws))["type"] == "session.created"
+        await dialled.wait()  # the renewal is setting up its new upstream
+        append = {"type": "input_audio_buffer.append", "audio": b64(tone_pcm(100))}
+        await ws.send_str(orjson.dumps(append).decode())
+        async with asyncio.timeout(2 * SESSION_SECONDS):
+            while (await next_event(ws))["type"] != "response.done":
+                pass  # the turn's answer reaches the client, wherever the switch fell

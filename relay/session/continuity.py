@@ -502,15 +502,26 @@ def session_update(session: Mapping[str, Any], flavour: Flavour) -> bytes:
 
 def manual_turns(session: Mapping[str, Any], flavour: Flavour) -> bool:
     """Whether the session has no turn detection: the client commits its own turns."""
+    said, detection = _turn_detection(session, flavour)
+    return said and detection is None
+
+
+def answers_turns(session: Mapping[str, Any], flavour: Flavour) -> bool:
+    """Whether the service starts a response itself when its turn detection ends a turn
+    (`create_response`, true unless set false)."""
+    _, detection = _turn_detection(session, flavour)
+    return isinstance(detection, Mapping) and detection.get("create_response") is not False
+
+
+def _turn_detection(session: Mapping[str, Any], flavour: Flavour) -> tuple[bool, Any]:
+    """(whether the session says, its turn detection table or None)."""
     if flavour == "preview":
-        return "turn_detection" in session and session["turn_detection"] is None
+        return "turn_detection" in session, session.get("turn_detection")
     audio = session.get("audio")
     source = audio.get("input") if isinstance(audio, Mapping) else None
-    return (
-        isinstance(source, Mapping)
-        and "turn_detection" in source
-        and (source["turn_detection"] is None)
-    )
+    if not isinstance(source, Mapping):
+        return False, None
+    return "turn_detection" in source, source.get("turn_detection")
 
 
 def speaks(session: Mapping[str, Any]) -> bool:

@@ -44,6 +44,7 @@ from relay.session.continuity import (
     ContinuitySettings,
     ReplayPlan,
     ShadowConversation,
+    answers_turns,
     cut_response_done,
     manual_turns,
     plan_delta,
@@ -68,6 +69,9 @@ _MAX_MARKERS = 16
 HOLD_SECONDS = 1.0
 # The switch must happen this long before the service's own expiry, or not at all.
 _EXPIRY_MARGIN_SECONDS = 1.0
+# How long after its turn detection ends a turn the service may take to start the answer
+# before the session counts as quiet again (it starts it within a second or so).
+_ANSWER_DUE_SECONDS = 5.0
 # No renewal before this share of an upstream session's life: a renew_before_seconds as long
 # as the session itself would otherwise renew each new session at once, over and over.
 _EARLIEST_RENEWAL = 0.25
@@ -158,6 +162,9 @@ class Renewal:
         self._response_began = 0.0
         self._audio_out_at_start = 0.0
         self._recheck: asyncio.TimerHandle | None = None
+        # The service's turn detection ended a turn and will answer it: not quiet until its
+        # `response.created` (or `_ANSWER_DUE_SECONDS`, if none comes).
+        self._answer_due: asyncio.TimerHandle | None = None
         # Whether a quiet point waits for playback (the first half of a renewal's window: a
         # client that never leaves a gap after playing must still be renewed in the second).
         self._mind_playback = True
@@ -179,8 +186,19 @@ class Renewal:
                 self.keeper.observe(kind, event, self.bridge.session)
         if kind in ("response.created", "error"):
             self._requested = False  # the requested response started, or was refused
+            if kind == "response.created":
+                self._answered()
         elif kind in ("input_audio_buffer.committed", "input_audio_buffer.cleared"):
             self.bridge.appended = False
+        elif kind == "input_audio_buffer.speech_stopped" and answers_turns(
+            self.bridge.session, self.settings.flavour
+        ):
+            # The service starts the turn's response on its own, a moment later: a switch
+            # in between (the marker answered first) left it on the old upstream, lost.
+            self._answered()
+            self._answer_due = asyncio.get_running_loop().call_later(
+                _ANSWER_DUE_SECONDS, self._answered
+            )
         if kind in ("response.created", "response.done"):
             self._playback(kind)
         if self._quiet_now():
@@ -188,10 +206,19 @@ class Renewal:
         else:
             self.quiet.clear()
 
+    def _answered(self) -> None:
+        """The turn's response started, or none came in time: quiet again if all else is."""
+        if self._answer_due is not None:
+            self._answer_due.cancel()
+            self._answer_due = None
+            if self._quiet_now():
+                self.quiet.set()
+
     def _quiet_now(self) -> bool:
         return (
             self.shadow.quiet
             and not self._requested
+            and self._answer_due is None
             and not self._audio_unheard()
             and (not self._mind_playback or time.perf_counter() >= self._playing_until)
         )
@@ -332,9 +359,10 @@ class Renewal:
         try:
             await self._renew_each_expiry()
         finally:
-            if self._recheck is not None:  # no timer outlives its session
-                self._recheck.cancel()
-                self._recheck = None
+            for timer in (self._recheck, self._answer_due):  # no timer outlives its session
+                if timer is not None:
+                    timer.cancel()
+            self._recheck = self._answer_due = None
 
     async def _renew_each_expiry(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from relay.session.continuity import (
     KEEP_SPEAKING_NOTE,
     ContinuitySettings,
     ShadowConversation,
+    answers_turns,
     build_continuity,
     cut_response_done,
     estimate_tokens,
@@ -219,6 +220,15 @@ def test_manual_turns_are_a_session_without_turn_detection():
     assert not manual_turns({"audio": {"input": {}}}, "ga")  # not said: the service's default
     assert manual_turns({"turn_detection": None}, "preview")
     assert not manual_turns({}, "preview")
+
+
+def test_the_service_answers_turns_its_turn_detection_ends_unless_told_not_to():
+    vad = {"type": "server_vad"}
+    assert answers_turns({"audio": {"input": {"turn_detection": vad}}}, "ga")
+    off = {**vad, "create_response": False}
+    assert not answers_turns({"audio": {"input": {"turn_detection": off}}}, "ga")
+    assert not answers_turns({"audio": {"input": {"turn_detection": None}}}, "ga")
+    assert answers_turns({"turn_detection": {"type": "semantic_vad"}}, "preview")
 
 
 def test_an_image_counts_as_an_image_not_as_its_data_url():
