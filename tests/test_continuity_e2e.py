@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from relay.session.renewal import Renewal
+from relay.session.schema import merge_session
 from relay.simulator import RunningSimulator, SimulatorOptions, start_simulator
 from relay.simulator.server import SOCKETS_KEY
 from relay.state import STATE
@@ -312,23 +313,37 @@ async def test_renew_before_as_long_as_the_session_renews_each_session_once(star
         await simulator.close()
 
 
-async def test_a_response_requested_as_a_switch_begins_is_not_left_on_the_old_upstream(
-    start_fake, start_relay, http
-):
-    """The service may answer the switch marker before the `response.created` of a
-    `response.create` sent just ahead of it (the simulator does, now and then: CI once hung
-    here). Quiet by the upstream's events alone, the relay switched, closed the old upstream
-    and the client never heard its response. Here the upstream holds `response.created`
-    until its next event (the marker) or 1.5 s, on purpose."""
-    connections = 0
-    renewed = asyncio.Event()  # the relay dialled a second upstream
+class HoldingUpstream:
+    """A scripted service whose sessions expire in SESSION_SECONDS, and which holds a
+    response's start (`response.created`) until its next event (a switch marker) or 1.5 s:
+    the service answering a marker first, on purpose. A `response.create` starts one."""
 
-    async def upstream(ws: Any, fake: Any) -> None:
-        nonlocal connections
-        connections += 1
-        if connections == 2:
-            renewed.set()
-        session = {"id": f"sess_{connections}", "object": "realtime.session"}
+    def __init__(self, session: dict[str, Any] | None = None) -> None:
+        self.session = session or {}
+        self.connections = 0
+        self.dialled = asyncio.Event()  # a second upstream: a renewal's
+
+    async def relay(self, start_fake: Any, start_relay: Any) -> Any:
+        server = await start_fake(FakeUpstream(script=self).app())
+        endpoint = str(server.make_url("")).rstrip("/")
+        return await start_relay(
+            continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
+        )
+
+    async def before_created(self, this: int) -> None:
+        """What a connection waits for before its `session.created`."""
+
+    async def starts_response(self, kind: str, send: Any) -> bool:
+        """Whether the client event ``kind`` starts a response (after what ``send`` sent)."""
+        return kind == "response.create"
+
+    async def __call__(self, ws: Any, fake: FakeUpstream) -> None:
+        self.connections += 1
+        this = self.connections
+        if this == 2:
+            self.dialled.set()
+        await self.before_created(this)
+        session = {"id": f"sess_{this}", "object": "realtime.session", **self.session}
         session["expires_at"] = time.time() + SESSION_SECONDS
 
         async def send(event: dict[str, Any]) -> None:
@@ -347,19 +362,19 @@ async def test_a_response_requested_as_a_switch_begins_is_not_left_on_the_old_up
             event = orjson.loads(msg.data) if msg is not None else {"type": "none"}
             kind = event["type"]
             if kind == "session.update":
-                session |= event["session"]
+                session = merge_session(session, event["session"])
                 await send({"type": "session.updated", "event_id": "e1", "session": session})
             elif kind == "conversation.item.create":
                 item = {**event["item"], "status": "completed"}
-                item.setdefault("id", f"item_{connections}_{len(fake.received)}")
+                item.setdefault("id", f"item_{this}_{len(fake.received)}")
                 await send({"type": "conversation.item.added", "event_id": "e2", "item": item})
                 await send({"type": "conversation.item.done", "event_id": "e3", "item": item})
             elif kind == "conversation.item.retrieve":
                 error = {"type": "invalid_request_error", "code": "item_not_found",
                          "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
                 await send({"type": "error", "event_id": "e4", "error": error})
-            elif kind == "response.create":
-                held = f"resp_{connections}"
+            elif await self.starts_response(kind, send):
+                held = f"resp_{this}"
                 continue
             fake.received.append(kind.encode())
             if held is not None:
@@ -368,19 +383,45 @@ async def test_a_response_requested_as_a_switch_begins_is_not_left_on_the_old_up
                 await send({"type": "response.done", "event_id": "e6", "response": response})
                 held = None
 
-    fake = FakeUpstream(script=upstream)
-    server = await start_fake(fake.app())
-    endpoint = str(server.make_url("")).rstrip("/")
-    relay = await start_relay(
-        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
-    )
+
+class TurnEndingUpstream(HoldingUpstream):
+    """With server VAD: an append is a whole spoken turn, whose response the service starts
+    itself; the renewal's second upstream waits for that turn before it starts."""
+
+    def __init__(self) -> None:
+        super().__init__({"audio": {"input": {"turn_detection": {"type": "server_vad"}}}})
+        self.spoken = asyncio.Event()
+
+    async def before_created(self, this: int) -> None:
+        if this == 2:
+            await self.spoken.wait()  # the renewal's set-up waits for the turn to end
+
+    async def starts_response(self, kind: str, send: Any) -> bool:
+        if kind != "input_audio_buffer.append":
+            return False
+        for stage in ("speech_started", "speech_stopped", "committed"):
+            await send({"type": f"input_audio_buffer.{stage}", "item_id": "item_u1"})
+        self.spoken.set()
+        return True
+
+
+async def test_a_response_requested_as_a_switch_begins_is_not_left_on_the_old_upstream(
+    start_fake, start_relay, http
+):
+    """The service may answer the switch marker before the `response.created` of a
+    `response.create` sent just ahead of it (the simulator does, now and then: CI once hung
+    here). Quiet by the upstream's events alone, the relay switched, closed the old upstream
+    and the client never heard its response. Here the upstream holds `response.created`
+    until its next event (the marker) or 1.5 s, on purpose."""
+    holding = HoldingUpstream()
+    relay = await holding.relay(start_fake, start_relay)
     async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         assert (await next_event(ws))["type"] == "session.created"
         await ws.send_str(orjson.dumps({"type": "response.create"}).decode())
         async with asyncio.timeout(2 * SESSION_SECONDS):
             while (await next_event(ws))["type"] != "response.done":
                 pass  # the response reaches the client, wherever the switch fell
-            await renewed.wait()  # and the renewal went ahead (at the quiet point after it)
+            await holding.dialled.wait()  # and the renewal went ahead (at the quiet point after it)
 
 
 async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay, http):
@@ -842,68 +883,11 @@ async def test_a_turn_the_service_answers_by_itself_is_not_switched_away_from(
     first left that response on the old upstream: the client never heard it. Here the old
     upstream holds `response.created` until the marker or 1.5 s, and the renewal reaches
     its switch just after the turn ends."""
-    connections = 0
-    dialled, spoken = asyncio.Event(), asyncio.Event()
-    vad = {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}
-
-    async def upstream(ws: Any, fake: Any) -> None:
-        nonlocal connections
-        connections += 1
-        this = connections
-        if this == 2:
-            dialled.set()
-            await spoken.wait()  # the renewal's set-up waits for the turn to end
-        session = {"id": f"sess_{this}", "object": "realtime.session", **vad}
-        session["expires_at"] = time.time() + SESSION_SECONDS
-
-        async def send(event: dict[str, Any]) -> None:
-            await ws.send_str(orjson.dumps(event).decode())
-
-        await send({"type": "session.created", "event_id": "e0", "session": session})
-        held: str | None = None  # the turn's response, whose start waits for the marker
-        while True:
-            try:
-                async with asyncio.timeout(1.5 if held else None):
-                    msg = await ws.receive()
-            except TimeoutError:
-                msg = None
-            if msg is not None and msg.type is not aiohttp.WSMsgType.TEXT:
-                return
-            event = orjson.loads(msg.data) if msg is not None else {"type": "none"}
-            kind = event["type"]
-            if kind == "session.update":
-                session |= event["session"]
-                session["audio"]["input"].setdefault("turn_detection", {"type": "server_vad"})
-                await send({"type": "session.updated", "event_id": "e1", "session": session})
-            elif kind == "conversation.item.create":
-                item = {**event["item"], "status": "completed"}
-                await send({"type": "conversation.item.added", "event_id": "e2", "item": item})
-                await send({"type": "conversation.item.done", "event_id": "e3", "item": item})
-            elif kind == "conversation.item.retrieve":
-                error = {"type": "invalid_request_error", "code": "item_not_found",
-                         "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
-                await send({"type": "error", "event_id": "e4", "error": error})
-            elif kind == "input_audio_buffer.append":
-                for stage in ("speech_started", "speech_stopped", "committed"):
-                    await send({"type": f"input_audio_buffer.{stage}", "item_id": "item_u1"})
-                held = f"resp_{this}"
-                spoken.set()
-                continue
-            if held is not None:
-                response = {"id": held, "object": "realtime.response", "status": "completed"}
-                await send({"type": "response.created", "event_id": "e5", "response": response})
-                await send({"type": "response.done", "event_id": "e6", "response": response})
-                held = None
-
-    fake = FakeUpstream(script=upstream)
-    server = await start_fake(fake.app())
-    endpoint = str(server.make_url("")).rstrip("/")
-    relay = await start_relay(
-        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
-    )
+    holding = TurnEndingUpstream()
+    relay = await holding.relay(start_fake, start_relay)
     async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         assert (await next_event(ws))["type"] == "session.created"
-        await dialled.wait()  # the renewal is setting up its new upstream
+        await holding.dialled.wait()  # the renewal is setting up its new upstream
         append = {"type": "input_audio_buffer.append", "audio": b64(tone_pcm(100))}
         await ws.send_str(orjson.dumps(append).decode())
         async with asyncio.timeout(2 * SESSION_SECONDS):

@@ -438,38 +438,29 @@ def _peer(transport: asyncio.BaseTransport) -> str | None:
     return str(peer[0]) if isinstance(peer, tuple) else None
 
 
-def _timeout_answer() -> bytes:
+def _raw_answer(status: str, code: str, message: str) -> bytes:
+    """A JSON error answer written straight to the transport (no request to answer yet),
+    closing the connection."""
     body = orjson.dumps(
-        {
-            "error": {
-                "type": "invalid_request_error",
-                "code": "request_head_timeout",
-                "message": "The request line and headers did not arrive in time.",
-            }
-        }
+        {"error": {"type": "invalid_request_error", "code": code, "message": message}}
     )
     head = (
-        "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
 
 
-_REQUEST_TIMEOUT = _timeout_answer()
+_REQUEST_TIMEOUT = _raw_answer(
+    "408 Request Timeout",
+    "request_head_timeout",
+    "The request line and headers did not arrive in time.",
+)
 
 
 def _head_answer(limit: int) -> bytes:
-    body = orjson.dumps(
-        {
-            "error": {
-                "type": "invalid_request_error",
-                "code": "request_head_too_large",
-                "message": f"The request line and headers are longer than {limit} bytes in all.",
-            }
-        }
+    return _raw_answer(
+        "431 Request Header Fields Too Large",
+        "request_head_too_large",
+        f"The request line and headers are longer than {limit} bytes in all.",
     )
-    head = (
-        "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body

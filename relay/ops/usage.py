@@ -31,13 +31,7 @@ def response_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
     """Token counts by kind from a `response.done` usage block. Input or output tokens its
     details leave out (a block with totals only) are counted as text: counted at the lowest
     rate, not at none (see `unsplit_tokens`)."""
-    din = _mapping(usage.get("input_token_details"))
-    dout = _mapping(usage.get("output_token_details"))
-    counts = {f"input_{m}": _int(din.get(f"{m}_tokens")) for m in _MODALITIES}
-    cached = _cached_by_modality(din, counts)
-    counts |= {f"input_cached_{m}": cached[m] for m in _MODALITIES}
-    counts["output_text"] = _int(dout.get("text_tokens"))
-    counts["output_audio"] = _int(dout.get("audio_tokens"))
+    counts = _split(usage)
     unsplit_in, unsplit_out = _unsplit(usage, counts)
     counts["input_text"] += unsplit_in
     counts["output_text"] += unsplit_out
@@ -47,12 +41,19 @@ def response_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
 def unsplit_tokens(usage: Mapping[str, Any]) -> int:
     """Tokens a `response.done` usage block counts in its totals and not in its details (the
     service gives both, adding up): the meter logs them."""
+    return sum(_unsplit(usage, _split(usage)))
+
+
+def _split(usage: Mapping[str, Any]) -> dict[str, int]:
+    """The counts a usage block's details give, by kind."""
     din = _mapping(usage.get("input_token_details"))
     dout = _mapping(usage.get("output_token_details"))
     counts = {f"input_{m}": _int(din.get(f"{m}_tokens")) for m in _MODALITIES}
+    cached = _cached_by_modality(din, counts)
+    counts |= {f"input_cached_{m}": cached[m] for m in _MODALITIES}
     counts["output_text"] = _int(dout.get("text_tokens"))
     counts["output_audio"] = _int(dout.get("audio_tokens"))
-    return sum(_unsplit(usage, counts))
+    return counts
 
 
 def _unsplit(usage: Mapping[str, Any], counts: Mapping[str, int]) -> tuple[int, int]:

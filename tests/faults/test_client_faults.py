@@ -61,17 +61,22 @@ async def test_invalid_utf8_closes_with_1007(start_fake, start_relay, http, pad)
     assert outcomes(relay) == {"client_invalid_utf8": 1}
 
 
-@pytest.mark.parametrize("size", [4096 + 1, 64 * 1024 * 1024], ids=["limit+1", "64MiB"])
-async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_relay, http, size):
+async def echo_relay_of_4096(start_fake, start_relay) -> tuple[FakeUpstream, Any]:
+    """An echo upstream behind a relay that takes messages of up to 4096 bytes."""
     fake = FakeUpstream(script=echo)
     upstream = await start_fake(fake.app())
     relay = await start_relay(
         relay_config(str(upstream.make_url("")), server={"max_message_bytes": 4096})
     )
+    return fake, relay
+
+
+@pytest.mark.parametrize("size", [4096 + 1, 64 * 1024 * 1024], ids=["limit+1", "64MiB"])
+async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_relay, http, size):
+    fake, relay = await echo_relay_of_4096(start_fake, start_relay)
     async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")
-        prefix = '{"type":"input_audio_buffer.append","audio":"'
-        await ws.send_str(prefix + "A" * (size - len(prefix) - 2) + '"}')
+        await ws.send_str(append_of(size).decode())
         # The relay reads and drops the rest of the frame, so its close frame is not lost
         # to a reset while the frame is still arriving.
         msg = await ws.receive()
@@ -86,15 +91,10 @@ async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_re
 async def test_a_message_of_exactly_the_limit_goes_through_both_ways(start_fake, start_relay, http):
     """`max_message_bytes` is the largest message taken: aiohttp refuses its own limit
     itself, and a message of exactly the configured size got 1009 "the limit is" that size."""
-    fake = FakeUpstream(script=echo)
-    upstream = await start_fake(fake.app())
-    relay = await start_relay(
-        relay_config(str(upstream.make_url("")), server={"max_message_bytes": 4096})
-    )
+    _, relay = await echo_relay_of_4096(start_fake, start_relay)
     async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         await read_until(ws, "session.created")
-        prefix = '{"type":"input_audio_buffer.append","audio":"'
-        event = prefix + "A" * (4096 - len(prefix) - 2) + '"}'
+        event = append_of(4096).decode()
         await ws.send_str(event)
         assert (await ws.receive()).data == event  # up and echoed back down
 

@@ -431,8 +431,7 @@ $("mic").addEventListener("click", async () => {
   if (session.microphone) {
     session.stopMicrophone();
     $("mic").textContent = "Start microphone";
-    $("wav").disabled = false;
-    $("wav-label").dataset.disabled = "false";
+    busy(false);
     return;
   }
   const own = session;
@@ -445,9 +444,8 @@ $("mic").addEventListener("click", async () => {
     view.error(`microphone: ${error.message}`);
   } finally {
     if (session === own) {
+      busy(Boolean(own.microphone)); // a live microphone keeps the file input waiting
       $("mic").disabled = false;
-      $("wav").disabled = Boolean(own.microphone);
-      $("wav-label").dataset.disabled = String(Boolean(own.microphone));
     }
   }
 });
