@@ -65,6 +65,25 @@ async def test_browser_subprotocol_key_gets_realtime_selected(simulator, start_r
         assert events[0]["session"]["type"] == "realtime"
 
 
+async def test_a_key_subprotocol_without_realtime_is_a_400_before_the_upstream_is_dialled(
+    start_relay, start_fake, http, caplog
+):
+    """The relay can select none of the offered subprotocols (selecting the key's would echo
+    it): upgraded, a browser aborts the handshake at once (1006), after an upstream session
+    had been started for it."""
+    fake = FakeUpstream()
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    offer = f"openai-insecure-api-key.{ALPHA_KEY}, openai-project.p1"
+    headers = {**UPGRADE, "Sec-WebSocket-Protocol": offer}
+    async with http.get(ws_url(relay), headers=headers) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert body["error"]["code"] == "realtime_subprotocol_required"
+    assert ALPHA_KEY not in str(body) and ALPHA_KEY not in caplog.text
+    assert fake.requests == []
+
+
 async def test_query_key_is_accepted_and_never_logged(simulator, start_relay, http):
     relay = await start_relay(relay_config(simulator.url))
     with structlog.testing.capture_logs() as logs:

@@ -21,6 +21,8 @@ from relay.ops.config import TeamConfig
 # subprotocol; the server must then select `realtime` or the browser aborts the handshake.
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 REALTIME_SUBPROTOCOL = "realtime"
+# Subprotocols that carry a credential: selecting one would echo it in the response.
+_CREDENTIAL_SUBPROTOCOLS = (KEY_SUBPROTOCOL_PREFIX, "openai-organization.", "openai-project.")
 Owner = TypeVar("Owner")
 
 
@@ -87,6 +89,14 @@ class KeyRing(Generic[Owner]):
 
 def offered_subprotocols(header: str) -> list[str]:
     return [p.strip() for p in header.split(",") if p.strip()]
+
+
+def offers_only_credentials(offered: Iterable[str]) -> bool:
+    """Whether a client offered subprotocols, every one of them a credential: the relay can
+    select none of them, and a browser (or Node's `ws`) that offered some and saw none
+    selected aborts the handshake."""
+    offered = list(offered)
+    return bool(offered) and all(p.startswith(_CREDENTIAL_SUBPROTOCOLS) for p in offered)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

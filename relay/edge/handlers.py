@@ -21,7 +21,13 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay.edge.admission import Lease
-from relay.edge.auth import REALTIME_SUBPROTOCOL, find_key, hash_key, offered_subprotocols
+from relay.edge.auth import (
+    REALTIME_SUBPROTOCOL,
+    find_key,
+    hash_key,
+    offered_subprotocols,
+    offers_only_credentials,
+)
 from relay.edge.connection import ClientSocket
 from relay.edge.responses import error_response, error_type
 from relay.edge.routes import RealtimeRequest, parse_realtime_request, resolve_deployment
@@ -214,6 +220,16 @@ def check_handshake(request: web.Request) -> None:
     the client's upgrade is under way: after the upstream session has started, in plain text
     ("Handshake error: None"). Checked after the other refusals, so that a plain request with
     `Upgrade: websocket` still reads why it would be refused."""
+    if offers_only_credentials(
+        offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
+    ):
+        # Upgraded, such a client would abort at once, after an upstream session was started.
+        raise ClientRefused(
+            400,
+            "realtime_subprotocol_required",
+            "Offer the `realtime` subprotocol with the key's: "
+            "['realtime', 'openai-insecure-api-key.<key>'].",
+        )
     if not _upgradable(request):
         raise ClientRefused(
             400,
