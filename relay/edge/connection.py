@@ -364,6 +364,11 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             if isinstance(found, WebSocketError):
                 self._mid_frame = True
                 message = f"protocol error: {found}".encode()[:_MAX_REASON_BYTES]
+        elif code == WSCloseCode.OK and self._closing and not self.closed:
+            # aiohttp answering the client's close frame, whose code it takes as it came.
+            sent = self._close_code
+            if sent and not frames.is_sendable(sent):
+                code, message = WSCloseCode.PROTOCOL_ERROR, frames.invalid_close_code(sent).encode()
         closed = await super().close(code=code, message=message, drain=drain)
         if self._lingering is not None:
             await self._lingering

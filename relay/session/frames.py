@@ -304,6 +304,19 @@ def _budget_fields(prefix: str, budget: MessageBudget | None) -> dict[str, int]:
     return {f"{prefix}held_bytes": budget.held, f"{prefix}limit_bytes": budget.limit}
 
 
+# Close codes an endpoint may put in a close frame (RFC 6455 7.4, IANA registry).
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def is_sendable(code: int) -> bool:
+    return code in _SENDABLE or 3000 <= code <= 4999
+
+
+def invalid_close_code(code: int) -> str:
+    """The close reason for a peer's close frame with a code it may not send."""
+    return f"protocol error: Invalid close code: {code}"  # as aiohttp words it
+
+
 def write_text(ws: Any, frame: bytes) -> bool:
     """Write ``frame`` as one text frame to a `writable` socket; True when its transport is
     then past its high-water mark (its peer reads too slowly: wait for `drained`). Inside

@@ -82,8 +82,6 @@ ClientMessage = aiohttp.WSMessage | WSMessageTextBytes
 UpstreamMessage = ClientMessage
 Side = Literal["client", "upstream", "relay"]
 
-# Close codes an endpoint may put in a close frame (RFC 6455 7.4, IANA registry).
-_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 _MAX_REASON_BYTES = 123
 _YIELD_EVERY = 16
 # The per-frame clock, one global lookup (not `time.perf_counter`: two).
@@ -116,18 +114,24 @@ class Ending:
         return f"{self.side}_{'closed' if self.clean else 'lost'}"
 
 
-def is_sendable(code: int) -> bool:
-    return code in _SENDABLE or 3000 <= code <= 4999
-
-
 # A close frame without a status (aiohttp reads its code as 0), logged as RFC 6455 7.1.5
 # names it, "no status received": a normal close, passed on as 1000.
 _NO_STATUS = 1005
 
 
+def _client_close(code: int, reason: str) -> Ending:
+    """How a client's close frame ends the session: one whose code may not be sent (1005,
+    1006, 1015, 5000 and up: aiohttp takes them) broke the protocol, answered with 1002."""
+    if not code:
+        return Ending("client", _NO_STATUS, reason)
+    if not frames.is_sendable(code):
+        return Ending("client", 1002, frames.invalid_close_code(code), clean=False)
+    return Ending("client", code, reason)
+
+
 def close_for_upstream(ending: Ending) -> tuple[int, str]:
     """The close frame the upstream gets when the client side ended."""
-    if ending.side == "client" and ending.clean and is_sendable(ending.code):
+    if ending.side == "client" and ending.clean and frames.is_sendable(ending.code):
         return ending.code, ending.reason
     if ending.side == "client" and ending.clean and ending.code == _NO_STATUS:
         return 1000, ""
@@ -139,11 +143,11 @@ def close_for_upstream(ending: Ending) -> tuple[int, str]:
 def close_for_client(ending: Ending) -> tuple[int, str]:
     """The close frame the client gets when the upstream side ended (its reason cleaned of
     the relay's credentials: the upstream's words)."""
-    if ending.side == "upstream" and ending.clean and is_sendable(ending.code):
+    if ending.side == "upstream" and ending.clean and frames.is_sendable(ending.code):
         return ending.code, SECRETS.clean_known(ending.reason)
     if ending.side == "upstream" and ending.clean and ending.code == _NO_STATUS:
         return 1000, ""  # it was an error close (1011 "upstream connection lost")
-    if ending.side == "relay" and is_sendable(ending.code):
+    if ending.side == "relay" and frames.is_sendable(ending.code):
         return ending.code, ending.reason
     return 1011, "upstream connection lost"
 
@@ -568,7 +572,7 @@ class Bridge:
                     )
                 )
             elif msg.type is WSMsgType.CLOSE:
-                self._end(Ending("client", msg.data or _NO_STATUS, msg.extra or ""))
+                self._end(_client_close(msg.data, msg.extra or ""))
                 break
             else:  # CLOSING, CLOSED, ERROR: gone without a close frame, or broke the protocol
                 if isinstance(msg.data, frames.MessageBufferFull):  # the relay refused it: 1013

@@ -635,3 +635,27 @@ async def test_a_close_without_a_status_is_passed_on_as_a_normal_close(
     assert fake.close_code == 1000  # not 1001 "client went away"
     (ended,) = [e for e in logs if e["event"] == "session_ended"]
     assert (ended["outcome"], ended["close_code"]) == ("client_closed", 1005)
+
+
+@pytest.mark.parametrize("code", [1005, 1006, 1015, 2999, 5000])
+async def test_a_close_with_a_code_no_endpoint_may_send_is_a_protocol_error(
+    start_fake, start_relay, http, code
+):
+    """RFC 6455 7.4: aiohttp took 1006, 1015 and 5000 up as a normal close; the relay answers 1002 and
+    logs the session as lost, and the upstream gets "client went away"."""
+    fake = FakeUpstream(script=echo)
+    upstream = await start_fake(fake.app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            status = code.to_bytes(2, "big")
+            ws._writer.transport.write(b"\x88\x82\x00\x00\x00\x00" + status)  # masked by 0
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1002)
+            assert msg.extra == f"protocol error: Invalid close code: {code}"
+        await fake.closed.wait()
+        await relay.app[STATE].idle.wait()
+    assert fake.close_code == 1001
+    (ended,) = [e for e in logs if e["event"] == "session_ended"]
+    assert (ended["outcome"], ended["close_code"]) == ("client_lost", 1002)
