@@ -274,10 +274,20 @@ def told(error: BaseException) -> str:
         lambda key: switching(key).replace(b"Connection: Upgrade", b"Connection: close"),
         lambda key: switching(key).replace(b"Upgrade: websocket\r\n", b""),
         lambda key: switching(key).replace(b"Sec-WebSocket-Accept: " + accept(key) + b"\r\n", b""),
+        lambda key: switching(key)[:-2] + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+        lambda key: switching(key)[:-2] + b"Sec-WebSocket-Protocol: realtime\r\n\r\n",
     ],
-    ids=["wrong accept", "wrong upgrade", "wrong connection", "no upgrade", "no accept"],
+    ids=[
+        "wrong accept",
+        "wrong upgrade",
+        "wrong connection",
+        "no upgrade",
+        "no accept",
+        "an extension not offered",
+        "a subprotocol not offered",
+    ],
 )
-async def test_a_101_that_aiohttp_would_refuse_is_refused(raw_server, bad):
+async def test_a_101_that_is_not_a_valid_answer_is_refused(raw_server, bad):
     raw = await raw_server(bad)
     with pytest.raises(UpstreamRefused) as refused:
         await dial(raw.port)

@@ -5,7 +5,8 @@ multidicts, cookie jar, auto headers, proxy and redirect handling, a connector's
 bookkeeping, traces): on the set-up bench (`bench/setup_profile.py`) it was the largest single
 cost of a session start. Here a backend's request head is built once (`UpstreamTarget`), the
 connection is opened through happy eyeballs on a DNS answer cached like aiohttp caches it,
-the 101 is parsed by aiohttp's own response parser and checked as aiohttp checks it, and the
+the 101 is parsed by aiohttp's own response parser and checked as aiohttp checks it (and for
+an extension or subprotocol never offered, which RFC 6455 4.1 refuses), and the
 socket handed back is aiohttp's own `ClientWebSocketResponse` on aiohttp's own frame reader
 and writer: every frame after the handshake takes exactly the path it took before.
 
@@ -189,6 +190,9 @@ async def _upgrade(
         answer.get("Upgrade", "").lower() != "websocket"
         or answer.get("Connection", "").lower() != "upgrade"
         or answer.get("Sec-WebSocket-Accept", "") != accept
+        # Neither was offered (RFC 6455 4.1): a compressed frame would end the session later.
+        or "Sec-WebSocket-Extensions" in answer
+        or "Sec-WebSocket-Protocol" in answer
     ):
         raise HandshakeRefused(101)
     # The queue class aiohttp's own client builds, looked up now: the frame layer replaces
