@@ -77,6 +77,7 @@ class RawServer:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     partial_head: bytes | None = None
     head: bytes = b""  # the request head it read
+    after: bytes = b""  # what it read after the head, till the client closed
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ async def raw_server() -> AsyncIterator[Callable[[RawAnswer], Awaitable[RawServe
             if reply != SILENT:
                 writer.write(reply)
             if not hang_up:
-                await reader.read()  # until the client closes
+                raw.after = await reader.read()  # until the client closes
             writer.close()
             raw.closed.set()
 
@@ -294,6 +295,26 @@ async def test_a_101_that_is_not_a_valid_answer_is_refused(raw_server, bad):
     assert (refused.value.status, refused.value.code) == (502, "upstream_error")
     assert isinstance(refused.value.__cause__, HandshakeRefused)
     await raw.closed.wait()
+
+
+async def test_a_session_start_that_times_out_drops_the_upstream_at_once(raw_server, start_relay):
+    """An upstream silent after its 101 would not answer a close either: the client's 504
+    waited close_timeout_seconds more for it."""
+    raw = await raw_server(switching)
+    config = relay_config(
+        f"http://127.0.0.1:{raw.port}",
+        upstream={"connect_timeout_seconds": 0.2},
+        server={"close_timeout_seconds": 60},
+    )
+    relay = await start_relay(config)
+    url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+    async with aiohttp.ClientSession() as http:
+        headers = {**UPGRADE, "api-key": ALPHA_KEY}
+        async with http.get(url, headers=headers) as response:
+            assert response.status == 504
+            assert (await response.json())["error"]["code"] == "upstream_timeout"
+    await raw.closed.wait()
+    assert raw.after == b""  # dropped, with no close frame
 
 
 async def test_a_silent_upstream_times_out_and_is_closed(raw_server):

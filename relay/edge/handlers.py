@@ -47,6 +47,7 @@ from relay.session.transcription import transcription_policy
 from relay.state import METRICS_TOKEN, REGISTRY, RELOAD, STATE, LiveConfig, RelayState, SessionKey
 from relay.upstream.backends import Backend
 from relay.upstream.dial import UpstreamSocket, connect_pool, socket_options
+from relay.upstream.handshake import abort as abort_upstream
 
 _log = structlog.get_logger("relay.session")
 
@@ -318,6 +319,14 @@ async def _start_upstream(
         started = await start_session(
             upstream, policy, setup_seconds=config.upstream.connect_timeout_seconds
         )
+    except UpstreamRefused as refused:
+        if refused.status == 504:
+            # Silent since its 101, it would not answer a close either: the client's 504
+            # would wait close_timeout_seconds more for it.
+            abort_upstream(upstream)
+        else:
+            await upstream.close(code=1011, message=b"session start failed")
+        raise
     except BaseException:
         await upstream.close(code=1011, message=b"session start failed")
         raise
