@@ -12,11 +12,13 @@ import structlog
 from playwright.async_api import async_playwright, expect
 
 from relay.edge.playground import CONTENT_SECURITY_POLICY
+from relay.ops.config import load_config
 from relay.state import STATE
 from tests.browser import CHROMIUM, HELLO, launch
 from tests.helpers import ALPHA_KEY, relay_config
 
-PAGE_DIR = Path(__file__).parent.parent / "relay" / "edge" / "playground"
+ROOT = Path(__file__).parent.parent
+PAGE_DIR = ROOT / "relay" / "edge" / "playground"
 
 
 @pytest.fixture
@@ -231,3 +233,27 @@ async def test_a_key_a_browser_cannot_send_is_named_without_showing_it(browser, 
     await page.wait_for_selector("#status[data-state=error]")
     error = await page.inner_text("#error")
     assert "cannot send" in error and "rk-local-demo" not in error
+
+
+@needs_chromium
+async def test_a_forgotten_page_stops_probing_and_meets_the_idle_timeout(
+    browser, start_relay, tmp_path
+):
+    """The page's round-trip probes are client events: a tab left open kept its session
+    (and the team's slot) to max_session_seconds. Five minutes unused, they stop."""
+    local = (ROOT / "config" / "local.toml").read_text()
+    assert "idle_timeout_seconds = 300" in local
+    config_path = tmp_path / "local.toml"
+    config_path.write_text(local.replace("idle_timeout_seconds = 300", "idle_timeout_seconds = 3"))
+    config = load_config(config_path, {"RELAY_SIMULATOR__SPEED": "0"})
+    relay = await start_relay(config, environ={"RELAY_SIMULATOR_KEY": "local-simulator-key"})
+    page = await browser.new_page()
+    await page.clock.install()  # the page's own clock, running at real pace until moved
+    await page.goto(str(relay.make_url("/playground")))
+    await page.fill("#key", "rk-local-demo")
+    await page.click("#connect")
+    await page.wait_for_selector("#status[data-state=connected]")
+    await page.wait_for_selector("#plot:not([data-rtt='0'])")  # probing (every 2 s)
+    await page.clock.fast_forward("05:01")  # the page left unused for five minutes
+    # Probing, the page kept the session from its 3-second idle timeout.
+    await expect(page.locator("#status")).to_have_text("closed (1008 idle timeout)")

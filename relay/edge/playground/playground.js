@@ -6,6 +6,9 @@ const RATE = 24000;
 const CHUNK_SAMPLES = RATE / 25; // 40 ms
 const TRAILING_SILENCE_MS = 1200; // lets server VAD hear the end of a file's speech
 const PROBE_EVERY_MS = 2000;
+// Probes keep the session from its idle timeout: they stop while the page is hidden and
+// once nobody has used it for this long, so a forgotten tab does not hold its slot.
+const PROBE_UNTIL_IDLE_MS = 5 * 60 * 1000;
 const PLOT_POINTS = 30;
 const LOG_ROWS = 300;
 
@@ -218,6 +221,7 @@ class Session {
     this.firstAudioSeen = new Set();
     this.probes = [];
     this.probeTimer = null;
+    this.lastUsedAt = performance.now();
     this.microphone = null;
     this.ws.onopen = () => {
       this.opened = true;
@@ -234,7 +238,10 @@ class Session {
       this.counters.sent += 1;
       view.counters(this.counters);
     }
-    if (!event.event_id || !event.event_id.startsWith("probe_")) view.log("out", event);
+    if (!event.event_id || !event.event_id.startsWith("probe_")) {
+      view.log("out", event);
+      this.lastUsedAt = performance.now();
+    }
   }
 
   appendAudio(samples) {
@@ -303,6 +310,7 @@ class Session {
   }
 
   probe() {
+    if (document.hidden || performance.now() - this.lastUsedAt > PROBE_UNTIL_IDLE_MS) return;
     this.probes.push(performance.now());
     this.send({ type: "session.update", event_id: `probe_${Date.now()}`, session: { type: "realtime" } });
   }
