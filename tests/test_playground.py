@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -130,8 +131,10 @@ async def browser():
         await chromium.close()
 
 
-async def open_playground(browser, relay, key="rk-local-demo"):
+async def open_playground(browser, relay, key="rk-local-demo", clock=False):
     page = await browser.new_page()
+    if clock:
+        await page.clock.install()  # the page's own clock, at real pace until moved
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
@@ -247,13 +250,28 @@ async def test_a_forgotten_page_stops_probing_and_meets_the_idle_timeout(
     config_path.write_text(local.replace("idle_timeout_seconds = 300", "idle_timeout_seconds = 3"))
     config = load_config(config_path, {"RELAY_SIMULATOR__SPEED": "0"})
     relay = await start_relay(config, environ={"RELAY_SIMULATOR_KEY": "local-simulator-key"})
-    page = await browser.new_page()
-    await page.clock.install()  # the page's own clock, running at real pace until moved
-    await page.goto(str(relay.make_url("/playground")))
-    await page.fill("#key", "rk-local-demo")
-    await page.click("#connect")
+    page, _ = await open_playground(browser, relay, clock=True)
     await page.wait_for_selector("#status[data-state=connected]")
     await page.wait_for_selector("#plot:not([data-rtt='0'])")  # probing (every 2 s)
     await page.clock.fast_forward("05:01")  # the page left unused for five minutes
     # Probing, the page kept the session from its 3-second idle timeout.
     await expect(page.locator("#status")).to_have_text("closed (1008 idle timeout)")
+
+
+@needs_chromium
+async def test_a_relay_that_stops_answering_or_drops_the_connection_is_flagged(
+    browser, local_relay
+):
+    page, _ = await open_playground(browser, local_relay, clock=True)
+    await page.wait_for_selector("#status[data-state=connected]")
+    (bridge,) = local_relay.app[STATE].bridges
+    bridge.client_transport.pause_reading()  # frozen: the page's probes go unanswered
+    await page.clock.fast_forward(2_000)  # a probe goes out
+    await page.clock.fast_forward(12_000)  # the next finds it unanswered
+    await expect(page.locator("#status")).to_have_text(re.compile(r"no answer for \d+ s"))
+    bridge.client_transport.resume_reading()
+    await page.clock.fast_forward(2_000)
+    await expect(page.locator("#status")).to_have_text("connected")
+    bridge.client_transport.abort()  # gone without a close
+    await expect(page.locator("#status")).to_have_text("closed (1006)")
+    await expect(page.locator("#error")).to_contain_text("lost without a close")

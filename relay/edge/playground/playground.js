@@ -9,6 +9,8 @@ const PROBE_EVERY_MS = 2000;
 // Probes keep the session from its idle timeout: they stop while the page is hidden and
 // once nobody has used it for this long, so a forgotten tab does not hold its slot.
 const PROBE_UNTIL_IDLE_MS = 5 * 60 * 1000;
+// A probe unanswered this long: the relay (or what is behind it) has stopped answering.
+const PROBE_LATE_MS = 10000;
 const PLOT_POINTS = 30;
 const LOG_ROWS = 300;
 
@@ -222,6 +224,7 @@ class Session {
     this.probes = [];
     this.probeTimer = null;
     this.lastUsedAt = performance.now();
+    this.late = false; // a probe went unanswered too long
     this.microphone = null;
     this.ws.onopen = () => {
       this.opened = true;
@@ -263,7 +266,7 @@ class Session {
         this.probeTimer = setInterval(() => this.probe(), PROBE_EVERY_MS);
         break;
       case "session.updated":
-        if (isProbeReply) plot.add(plot.rtt, performance.now() - this.probes.shift());
+        if (isProbeReply) this.probeAnswered();
         else this.serverVad = Boolean(event.session?.audio?.input?.turn_detection);
         break;
       case "input_audio_buffer.speech_started":
@@ -309,8 +312,22 @@ class Session {
     this.player.play(pcm16FromBase64(event.delta));
   }
 
+  probeAnswered() {
+    plot.add(plot.rtt, performance.now() - this.probes.shift());
+    if (this.late) {
+      this.late = false;
+      view.status("connected", "connected");
+    }
+  }
+
   probe() {
-    if (document.hidden || performance.now() - this.lastUsedAt > PROBE_UNTIL_IDLE_MS) return;
+    const now = performance.now();
+    if (this.probes.length > 0 && now - this.probes[0] > PROBE_LATE_MS && !this.late) {
+      this.late = true;
+      const waited = Math.round((now - this.probes[0]) / 1000);
+      view.status(`no answer for ${waited} s`, "error");
+    }
+    if (document.hidden || now - this.lastUsedAt > PROBE_UNTIL_IDLE_MS) return;
     this.probes.push(performance.now());
     this.send({ type: "session.update", event_id: `probe_${Date.now()}`, session: { type: "realtime" } });
   }
@@ -390,6 +407,9 @@ class Session {
       view.error("The relay did not answer: is it running, and is this its address?");
     } else {
       view.status(`closed (${close.code}${reason})`, close.code === 1000 ? "disconnected" : "error");
+      if (close.code === 1006) {
+        view.error("The connection to the relay was lost without a close: the relay stopped, or the network between.");
+      }
     }
     view.log("in", { type: `close ${close.code}${reason}` });
     if (session === this) session = null;
