@@ -276,3 +276,54 @@ async def test_a_translated_tool_turn_validates_against_the_clients_sdk(
     kinds = [sdk_types.check("beta" if client == "preview" else "ga", raw)["type"]
              for raw in raws]  # fmt: skip
     assert "response.function_call_arguments.done" in kinds
+
+
+@pytest.mark.parametrize("on_violation", ["rewrite", "refuse"])
+@pytest.mark.parametrize(
+    "number", ["-1e400", "1e400", "1" + "0" * 400], ids=["minus_1e400", "1e400", "400_digits"]
+)
+async def test_a_number_past_a_doubles_range_is_refused_as_the_service_refuses_it(
+    simulator, start_relay, http, on_violation, number
+):
+    """The service (orjson in the simulator) refuses such a frame as invalid JSON; the
+    relay's fallback parse read it as infinity, judged that, and wrote it back as null, an
+    event the upstream then ran (`turn_detection: 1e400` turned server VAD off)."""
+    policy = {
+        "instructions_prefix": "Be kind.",
+        "max_values": {"max_output_tokens": 1024},
+        "on_violation": on_violation,
+    }
+    relay = await start_relay(
+        relay_config(
+            simulator.url,
+            deployments={
+                "gpt-realtime": {
+                    "endpoint": simulator.url,
+                    "credential": {"env": "TEST_AZURE_KEY"},
+                    "policy": policy,
+                }
+            },
+        )
+    )
+    url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
+    async with http.ws_connect(url, headers={"api-key": ALPHA_KEY}) as ws:
+        created = (await read_until(ws, "session.created"))[-1]["session"]
+        detection = created["audio"]["input"]["turn_detection"]
+        for field in ('"max_output_tokens"', '"audio":{"input":{"turn_detection"'):
+            closing = "}}}}" if "audio" in field else "}}"
+            await ws.send_str(
+                '{"type":"session.update","event_id":"odd","session":{"type":"realtime",'
+                f'"instructions":"hi",{field}:{number}{closing}'
+            )
+            await send(
+                ws, {"type": "conversation.item.retrieve", "event_id": "after", "item_id": "x"}
+            )
+            seen = await read_until(ws, "error")
+            while seen[-1]["error"].get("event_id") != "after":
+                seen += await read_until(ws, "error")
+            assert [e["type"] for e in seen if e["type"] == "session.updated"] == []
+            assert seen[0]["error"]["code"] == "invalid_json"
+        await send(ws, {"type": "session.update", "session": {"type": "realtime"}})
+        session = (await read_until(ws, "session.updated"))[-1]["session"]
+        assert session["audio"]["input"]["turn_detection"] == detection
+        assert session["max_output_tokens"] in ("inf", 1024)

@@ -18,6 +18,7 @@ without building the event and without the GIL.
 from __future__ import annotations
 
 import json  # noqa: TID251 (orjson cannot report duplicate keys; used only off the fast path)
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -301,6 +302,25 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(literal: str) -> float:
+    """A number as a double, as the service reads it: one past a double's range (1e400) is
+    refused there (orjson too). json would read it as infinity, which is written back as
+    null: the upstream would run a different event from the one the relay judged."""
+    value = float(literal)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"the number {literal[:40]} is infinity when parsed as a double")
+    return value
+
+
+def _integer(literal: str) -> int | float:
+    """An integer as orjson (and so the service) reads it: past 64 bits, as a double."""
+    if len(literal) <= 20:
+        value = int(literal)
+        if -(2**63) <= value < 2**64:
+            return value
+    return _finite(literal)
+
+
 def parse_event_strict(frame: bytes) -> dict[str, Any]:
     """Parse a client event, refusing a key that appears twice in any object.
 
@@ -309,7 +329,11 @@ def parse_event_strict(frame: bytes) -> dict[str, Any]:
     """
     try:
         event = json.loads(
-            frame.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant
+            frame.decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+            parse_float=_finite,
+            parse_int=_integer,
         )
     except _DuplicateKey as exc:
         raise FrameError(
@@ -349,7 +373,9 @@ def load_json(frame: bytes) -> Any:
     try:
         return orjson.loads(frame)
     except orjson.JSONDecodeError:
-        return json.loads(frame)
+        return json.loads(
+            frame, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer
+        )
 
 
 def dump_json(value: Any) -> bytes:

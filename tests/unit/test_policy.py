@@ -724,3 +724,15 @@ def test_an_unparsed_frame_parsed_to_be_changed_is_refused_cleanly(frame, code):
     with pytest.raises(codec.FrameError) as info:
         codec.load_event(frame)
     assert info.value.code == code
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1E400", "1" + "0" * 400, "-" + "9" * 400])
+def test_a_number_past_a_doubles_range_is_invalid_json_as_the_service_reads_it(number):
+    """json reads it as infinity (orjson, and the service, refuse it): judged as that and
+    written back, it reached the upstream as null."""
+    text = '{"type":"x","s":"\\ud800","n":' + number + "}"  # the surrogate: past orjson
+    with pytest.raises(codec.FrameError) as refused:
+        codec.parse_event_strict(text.encode())
+    assert refused.value.code == "invalid_json" and "infinity" in str(refused.value)
+    with pytest.raises(ValueError):
+        codec.load_json(text.encode())
