@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json  # noqa: TID251 (the reference reads frames as the upstream does: last key wins)
+import math
 from typing import Any
 
 import orjson
@@ -49,8 +50,19 @@ def the_policy(on_violation: str = "rewrite") -> SessionPolicy:
 
 
 def upstream_view(frame: bytes) -> Any:
-    """How the upstream reads a frame: last key wins, escapes decoded."""
-    return json.loads(frame)
+    """How the upstream reads a frame: last key wins, escapes decoded; numbers as doubles, a
+    frame with one past a double's range refused (None: nothing runs)."""
+
+    def double(literal: str) -> float:
+        value = float(literal)
+        if math.isinf(value):
+            raise ValueError(literal)
+        return value
+
+    try:
+        return json.loads(frame, parse_float=double)
+    except ValueError:
+        return None
 
 
 def has_duplicates(frame: bytes) -> bool:
@@ -144,8 +156,11 @@ types = st.sampled_from(
 )
 audio = st.integers(0, 80).map(lambda n: text(base64.b64encode(b"\0" * n).decode()))
 voices = st.sampled_from(["alloy", "marin", "echo", 7]).map(text)
-instructions = st.sampled_from(["Be brief.", "Talk like a pirate.", None]).map(text)
-tokens = st.sampled_from([10, 1000, 5000, "inf"]).map(text)
+# A lone surrogate escape: orjson refuses it, so the frame takes the fallback parse.
+instructions = st.sampled_from(["Be brief.", "Talk like a pirate.", None]).map(text) | st.just(
+    '"\\ud800"'
+)
+tokens = st.sampled_from([10, 1000, 5000, "inf"]).map(text) | st.just("-1e400")
 
 
 @st.composite
@@ -187,15 +202,15 @@ def frames(draw: st.DrawFn) -> bytes:
 def test_what_the_relay_forwards_obeys_every_rule_as_the_upstream_reads_it(frame: bytes) -> None:
     for policy in POLICIES:
         forwarded = relay_forwards(frame, policy)
-        if forwarded is not None:
-            view = upstream_view(forwarded)
+        if forwarded is not None and (view := upstream_view(forwarded)) is not None:
             assert reference_verdict(view), (frame, forwarded)
             assert read_client_frame(forwarded)[0] == view["type"]
         # Without duplicate keys there is one reading, and a frame within the rules passes.
         if not has_duplicates(frame) and reference_verdict(upstream_view(frame)):
             assert forwarded is not None, frame
     # Correcting: an unambiguous session.update or response.create is always forwarded.
-    if not has_duplicates(frame) and upstream_view(frame)["type"] in CORRECTABLE:
+    view = upstream_view(frame)
+    if not has_duplicates(frame) and view is not None and view["type"] in CORRECTABLE:
         assert relay_forwards(frame, POLICIES[0]) is not None, frame
 
 
@@ -277,6 +292,12 @@ def test_the_fast_path_is_taken_only_when_the_bytes_prove_the_frame_unambiguous(
             "invalid_event",
         ),
         (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+        # Past a double's range, in a frame only the fallback parse reads (the surrogate).
+        (
+            b'{"type":"session.update","session":{"instructions":"\\ud800",'
+            b'"max_output_tokens":-1e400,"audio":{"output":{"voice":"echo"}}}}',
+            "invalid_json",
+        ),
     ],
 )
 def test_frames_the_upstream_cannot_run_are_refused(frame: bytes, code: str) -> None:
