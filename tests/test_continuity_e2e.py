@@ -115,6 +115,26 @@ def elapsed(since: float) -> float:
     return asyncio.get_running_loop().time() - since
 
 
+async def paced_simulator(reply_text: str) -> RunningSimulator:
+    """The simulator at 4x real time, with sessions of SESSION_SECONDS."""
+    return await start_simulator(
+        SimulatorOptions(
+            api_keys=frozenset({AZURE_KEY}),
+            speed=4.0,
+            reply_text=reply_text,
+            max_session_seconds=SESSION_SECONDS,
+        )
+    )
+
+
+def renewal_done(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set when a session has moved to a new upstream."""
+    renewed = asyncio.Event()
+    done = Renewal._done
+    monkeypatch.setattr(Renewal, "_done", lambda self, *a: (done(self, *a), renewed.set()))
+    return renewed
+
+
 def renewals(relay: Any, outcome: str = "renewed", reason: str = "expiry") -> float:
     metric = relay.app[STATE].metrics.session_renewals
     return metric.labels("gpt-realtime", reason, outcome)._value.get()
@@ -140,14 +160,7 @@ async def test_a_session_with_continuity_is_freed_without_the_cycle_collector(
 
 
 async def test_a_conversation_outlives_four_upstream_sessions(start_relay, http):
-    simulator = await start_simulator(
-        SimulatorOptions(
-            api_keys=frozenset({AZURE_KEY}),
-            speed=4.0,
-            reply_text="Sure, noted.",
-            max_session_seconds=SESSION_SECONDS,
-        )
-    )
+    simulator = await paced_simulator("Sure, noted.")
     try:
         relay = await start_relay(continuity_config(simulator.url))
         with capture_logs() as logs:
@@ -425,14 +438,7 @@ async def test_a_response_requested_as_a_switch_begins_is_not_left_on_the_old_up
 
 
 async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay, http):
-    simulator = await start_simulator(
-        SimulatorOptions(
-            api_keys=frozenset({AZURE_KEY}),
-            speed=4.0,
-            reply_text="Sure.",
-            max_session_seconds=SESSION_SECONDS,
-        )
-    )
+    simulator = await paced_simulator("Sure.")
     try:
         relay = await start_relay(continuity_config(simulator.url, renew_before_seconds=3.0))
         with capture_logs() as logs:
@@ -459,14 +465,7 @@ async def test_a_failed_renewal_leaves_the_original_session_serving(start_relay,
 
 
 async def test_a_preview_deployment_is_renewed_in_preview_names(start_relay, http):
-    simulator = await start_simulator(
-        SimulatorOptions(
-            api_keys=frozenset({AZURE_KEY}),
-            speed=4.0,
-            reply_text="Sure.",
-            max_session_seconds=SESSION_SECONDS,
-        )
-    )
+    simulator = await paced_simulator("Sure.")
     try:
         deployment = {
             "endpoint": simulator.url,
@@ -839,16 +838,9 @@ async def test_a_reply_still_playing_is_not_switched_away_from_its_truncate(
     moment later (`conversation.item.truncate`) failed there: text has no audio to cut.
     The quiet point now waits for the playback, estimated, for the first half of the
     renewal's window."""
-    renewed = asyncio.Event()
-    done = Renewal._done
-    monkeypatch.setattr(Renewal, "_done", lambda self, *a: (done(self, *a), renewed.set()))
-    simulator = await start_simulator(
-        SimulatorOptions(
-            api_keys=frozenset({AZURE_KEY}),
-            speed=4.0,
-            reply_text="Here is a long answer that takes a few seconds to say out loud, slowly.",
-            max_session_seconds=SESSION_SECONDS,
-        )
+    renewed = renewal_done(monkeypatch)
+    simulator = await paced_simulator(
+        "Here is a long answer that takes a few seconds to say out loud, slowly."
     )
     try:
         relay = await start_relay(
@@ -893,3 +885,43 @@ async def test_a_turn_the_service_answers_by_itself_is_not_switched_away_from(
         async with asyncio.timeout(2 * SESSION_SECONDS):
             while (await next_event(ws))["type"] != "response.done":
                 pass  # the turn's answer reaches the client, wherever the switch fell
+
+
+async def test_a_truncate_of_a_reply_replayed_as_text_is_done_by_the_relay(
+    start_relay, http, monkeypatch
+):
+    """After a switch the last replies are text on the new upstream, which the service
+    cannot truncate (`invalid_value`: no audio), and the model kept all of their text. The
+    relay drops the part's text in place instead, as the service does to audio, and the
+    client gets `conversation.item.truncated`."""
+    renewed = renewal_done(monkeypatch)
+    simulator = await paced_simulator("Sure, noted.")
+    try:
+        relay = await start_relay(continuity_config(simulator.url))
+        async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            replies = []
+            for n in range(2):
+                await ask(ws, f"Remember the number {n}.", n)
+                while (event := await next_event(ws))["type"] != "response.done":
+                    pass
+                replies.append(event["response"]["output"][0]["id"])
+            async with asyncio.timeout(SESSION_SECONDS):
+                await renewed.wait()
+            for cut in replies:  # the first the shadow holds (after the note), then the next
+                truncate = {"type": "conversation.item.truncate", "event_id": f"cut_{cut}",
+                            "item_id": cut, "content_index": 0, "audio_end_ms": 100}  # fmt: skip
+                await ws.send_str(orjson.dumps(truncate).decode())
+                event = await next_event(ws)
+                assert event["type"] == "conversation.item.truncated", event
+                assert (event["item_id"], event["content_index"]) == (cut, 0)
+                assert event["audio_end_ms"] == 100
+                [part] = (await retrieved(ws, cut))["item"]["content"]
+                assert part["text"] == ""  # no unheard text left in the context
+            await retrieve_all(ws, ["item_user_0000", "item_user_0001"])
+            # Truncated again, as the service takes a second cut of audio.
+            await ws.send_str(orjson.dumps(truncate).decode())
+            assert (await next_event(ws))["type"] == "conversation.item.truncated"
+            await turn(ws, "And now?", 2)  # the conversation goes on
+    finally:
+        await simulator.close()

@@ -489,6 +489,70 @@ def plan_delta(
 NOTE_PREFIX = "relay_note_"
 
 
+def spoken_reply(wire: Mapping[str, Any]) -> bool:
+    """An assistant reply with audio: a replay turns it into text."""
+    return (
+        wire.get("type") == "message"
+        and wire.get("role") == "assistant"
+        and any(
+            isinstance(p, Mapping) and p.get("type") in ("output_audio", "audio")
+            for p in wire.get("content") or ()
+        )
+    )
+
+
+def emptying_frames(
+    shadow: ShadowConversation,
+    item_id: str,
+    content_index: int,
+    *,
+    first: str | None,
+    flavour: Flavour,
+    event_id: str,
+) -> tuple[bytes, ...] | None:
+    """A truncate of a reply the upstream holds as text (a replay's), done as the service
+    does it to audio: the part's text dropped (no unheard text stays in the context), in
+    place, with its id: a `conversation.item.delete` and a `conversation.item.create` after
+    the item before it (``first``, the replay's note, or the root, when it is the first the
+    shadow holds). None when the shadow does not hold such a part."""
+    shadowed = shadow.items.get(item_id)
+    content = shadowed.wire.get("content") if shadowed is not None else None
+    if not isinstance(content, list) or not 0 <= content_index < len(content):
+        return None
+    part = content[content_index]
+    if not isinstance(part, Mapping):
+        return None
+    parts = list(content)
+    parts[content_index] = {**part, "transcript": "", "text": ""}
+    assert shadowed is not None
+    item = replay_item({**shadowed.wire, "content": parts}, flavour)
+    if item is None:
+        return None
+    position = shadow.order.index(item_id)
+    previous = shadow.order[position - 1] if position else first or "root"
+    delete = {"type": "conversation.item.delete", "event_id": event_id, "item_id": item_id}
+    create = {
+        "type": "conversation.item.create",
+        "event_id": event_id,
+        "previous_item_id": previous,
+        "item": item,
+    }
+    return orjson.dumps(delete), orjson.dumps(create)
+
+
+def truncated_event(item_id: str, content_index: int, audio_end_ms: Any, event_id: str) -> bytes:
+    """The `conversation.item.truncated` the client gets for a truncate the relay did."""
+    return orjson.dumps(
+        {
+            "type": "conversation.item.truncated",
+            "event_id": event_id,
+            "item_id": item_id,
+            "content_index": content_index,
+            "audio_end_ms": audio_end_ms,
+        }
+    )
+
+
 def session_update(session: Mapping[str, Any], flavour: Flavour) -> bytes:
     """The `session.update` that puts ``session`` (as an upstream reported it) in force on
     another upstream session: output modalities, voice, instructions, tools and all."""

@@ -84,6 +84,7 @@ Side = Literal["client", "upstream", "relay"]
 
 _MAX_REASON_BYTES = 123
 _YIELD_EVERY = 16
+_TRUNCATE = "conversation.item.truncate"
 # The per-frame clock, one global lookup (not `time.perf_counter`: two).
 _clock = time.perf_counter
 _LARGE_FRAME = frames.LARGE_FRAME
@@ -390,6 +391,8 @@ class Bridge:
             return False  # the pump refuses it
         if not isinstance(checked, bytes) or not frames.writable(upstream):
             return False  # a rewrite is logged by the pump; a closing upstream is its to handle
+        if kind == _TRUNCATE and self.renewal is not None and self.renewal.textified:
+            return False  # perhaps a replayed reply's: the pump asks the renewal
         self.tokens -= 1.0
         self.last_client_event_at = arrived
         self.meter.client_event(kind, checked, audio)
@@ -539,7 +542,14 @@ class Bridge:
                     self.renewal.response_requested()  # before the send: see there
                 writing = self.writing_in_since = now()
                 try:
-                    await frames.send_text(upstream, frame)
+                    renewal = self.renewal
+                    if (
+                        kind != _TRUNCATE
+                        or renewal is None
+                        or not renewal.textified
+                        or not await renewal.emptied(upstream, frame)
+                    ):
+                        await frames.send_text(upstream, frame)
                 except ConnectionError:
                     if not await self._resend(upstream, frame):
                         break  # the upstream pump sees why
@@ -638,8 +648,13 @@ class Bridge:
             frame = _without_secrets(frame)
         self.meter.upstream_event(kind, frame)
         renewal = self.renewal
+        translator = self.translator
         if renewal is not None and kind in TRACKED:
-            renewal.track(kind, frame)
+            instead = renewal.track(kind, frame)
+            if instead is not None:  # an answer to the relay's own edits
+                if translator is None:
+                    return instead
+                return [o for f in instead for o in translator.to_client(sniff_type(f), f)]
         if kind == self.updated:
             self._session_updated(frame)
         elif kind == "error":
@@ -651,7 +666,6 @@ class Bridge:
             self.between_responses.clear()
         elif kind == "response.done":
             self._response_done(_response_id(frame))
-        translator = self.translator
         return (frame,) if translator is None else translator.to_client(kind, frame)
 
     def _forward_out(self, msg: Any) -> bool:

@@ -46,11 +46,14 @@ from relay.session.continuity import (
     ShadowConversation,
     answers_turns,
     cut_response_done,
+    emptying_frames,
     manual_turns,
     plan_delta,
     plan_replay,
     session_update,
     speaks,
+    spoken_reply,
+    truncated_event,
 )
 from relay.session.setup import put_in_force
 from relay.upstream.backends import Backend
@@ -76,6 +79,16 @@ _ANSWER_DUE_SECONDS = 5.0
 # as the session itself would otherwise renew each new session at once, over and over.
 _EARLIEST_RENEWAL = 0.25
 _RETRY_SECONDS = 30.0
+# The event ids of the relay's own edits doing a client's truncate of a replayed reply.
+EMPTYING_PREFIX = "relay_empty_"
+# Upstream events that may answer such an edit.
+_CREATED = "conversation.item.created"
+_EMPTYING_ANSWERS = frozenset(
+    {
+        "conversation.item.deleted", "conversation.item.added", "conversation.item.created",
+        "conversation.item.done", "error",
+    }
+)  # fmt: skip
 _log = structlog.get_logger("relay.session")
 
 
@@ -100,6 +113,16 @@ class Prepared:
     plan: ReplayPlan
     # Item ids the new upstream holds (replayed, and created by a switch's delta).
     present: set[str]
+
+
+@dataclass(slots=True)
+class _Emptying:
+    """A client's truncate of a replayed reply, being done by the relay's own edits."""
+
+    client_event_id: Any
+    content_index: int
+    audio_end_ms: Any
+    event_id: str
 
 
 @dataclass(slots=True)
@@ -171,15 +194,27 @@ class Renewal:
         self._settled = asyncio.Event()
         # Upstream sessions this client session moved to (renewed or resumed).
         self.moves = 0
+        # Spoken replies the upstream holds as text (replayed): the service cannot truncate
+        # text, so the relay does a client's truncate of one (`emptied`). The item before the
+        # first the shadow holds (the replay's note), and the truncates under way.
+        self.textified: set[str] = set()
+        self._first: str | None = None
+        self._emptying: dict[str, _Emptying] = {}
 
     # --- called by the upstream pump ---------------------------------------------------------
 
-    def track(self, kind: str, frame: bytes) -> None:
-        """Feed one upstream event of `continuity.TRACKED` to the shadow conversation."""
+    def track(self, kind: str, frame: bytes) -> tuple[bytes, ...] | None:
+        """Feed one upstream event of `continuity.TRACKED` to the shadow conversation. An
+        answer to the relay's own edits (`emptied`) is not: the frames the client gets
+        instead are returned."""
+        if self._emptying and kind in _EMPTYING_ANSWERS:
+            instead = self._emptying_answer(kind, frame)
+            if instead is not None:
+                return instead
         try:
             event = orjson.loads(frame)
         except orjson.JSONDecodeError:
-            return
+            return None
         if isinstance(event, dict):
             self.shadow.observe(kind, event)
             if self.keeper is not None:
@@ -205,6 +240,95 @@ class Renewal:
             self.quiet.set()
         else:
             self.quiet.clear()
+        return None
+
+    async def emptied(self, upstream: UpstreamSocket, frame: bytes) -> bool:
+        """A client's `conversation.item.truncate`: True when it names a spoken reply the
+        upstream holds as text, which the service would refuse to cut (`invalid_value`:
+        no audio), keeping all of its text in the model's context. The relay drops the
+        part's text in place instead, as the service does to audio, and tells the client
+        `conversation.item.truncated` once the upstream has confirmed (see `track`)."""
+        try:
+            event = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return False
+        item_id = event.get("item_id") if isinstance(event, dict) else None
+        index = event.get("content_index") if isinstance(event, dict) else None
+        if item_id not in self.textified or item_id in self._emptying:
+            return False
+        if not isinstance(index, int) or isinstance(index, bool):
+            return False
+        event_id = EMPTYING_PREFIX + secrets.token_hex(8)
+        edits = emptying_frames(
+            self.shadow,
+            item_id,
+            index,
+            first=self._first,
+            flavour=self.settings.flavour,
+            event_id=event_id,
+        )
+        if edits is None:
+            return False
+        self._emptying[item_id] = _Emptying(
+            event.get("event_id"), index, event.get("audio_end_ms"), event_id
+        )
+        self.quiet.clear()  # the item is briefly gone upstream: no replay plan meanwhile
+        for edit in edits:
+            await frames.send_text(upstream, edit)
+        return True
+
+    def _emptying_answer(self, kind: str, frame: bytes) -> tuple[bytes, ...] | None:
+        """What the client gets for an upstream event answering the relay's edits: nothing,
+        the `conversation.item.truncated` once done, or the error, under the client's
+        truncate's `event_id`; None for an event that answers something else."""
+        try:
+            event = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(event, dict):
+            return None
+        if kind == "error":
+            return self._emptying_error(event)
+        named = event.get("item_id") if kind == "conversation.item.deleted" else None
+        item = event.get("item")
+        if isinstance(item, dict):
+            named = item.get("id")
+        if not isinstance(named, str) or named not in self._emptying:
+            return None
+        emptying = self._emptying[named]
+        confirm = "conversation.item.done" if self.settings.flavour == "ga" else _CREATED
+        if kind != confirm:
+            return ()
+        self._finish_emptying(named)
+        index = emptying.content_index
+        # As the service's own truncate: the part keeps no text in the shadow either.
+        self.shadow.observe(
+            "conversation.item.truncated", {"item_id": named, "content_index": index}
+        )
+        done = truncated_event(named, index, emptying.audio_end_ms, "relay_" + secrets.token_hex(8))
+        return (done,)
+
+    def _emptying_error(self, event: dict[str, Any]) -> tuple[bytes, ...] | None:
+        """An edit refused: the error under the client's truncate's `event_id`, once."""
+        error = event.get("error")
+        if not isinstance(error, dict):
+            return None
+        event_id = error.get("event_id")
+        if not isinstance(event_id, str) or not event_id.startswith(EMPTYING_PREFIX):
+            return None
+        for item_id, emptying in list(self._emptying.items()):
+            if emptying.event_id == event_id:
+                self._finish_emptying(item_id)
+                told = {k: v for k, v in error.items() if k != "event_id"}
+                if emptying.client_event_id is not None:
+                    told["event_id"] = emptying.client_event_id
+                return (orjson.dumps({**event, "error": told}),)
+        return ()  # its second edit refused too: told once
+
+    def _finish_emptying(self, item_id: str) -> None:
+        del self._emptying[item_id]
+        if self._quiet_now():
+            self.quiet.set()
 
     def _answered(self) -> None:
         """The turn's response started, or none came in time: quiet again if all else is."""
@@ -219,6 +343,7 @@ class Renewal:
             self.shadow.quiet
             and not self._requested
             and self._answer_due is None
+            and not self._emptying
             and not self._audio_unheard()
             and (not self._mind_playback or time.perf_counter() >= self._playing_until)
         )
@@ -570,6 +695,13 @@ class Renewal:
                 self.keeper.forget(item_id)
         if self.keeper is not None:
             self.keeper.new_session()
+        shadow = self.shadow
+        self.textified = {
+            i for i in prepared.present if i in shadow.items and spoken_reply(shadow.items[i].wire)
+        }
+        first = prepared.plan.item_ids[0] if prepared.plan.item_ids else None
+        self._first = first if first is not None and first.startswith(NOTE_PREFIX) else None
+        self._emptying.clear()  # edits sent to the old upstream: moot on this one
         self._backend = prepared.backend
         self.notify()
 

@@ -17,6 +17,7 @@ from relay.session.continuity import (
     answers_turns,
     build_continuity,
     cut_response_done,
+    emptying_frames,
     estimate_tokens,
     manual_turns,
     plan_delta,
@@ -24,6 +25,7 @@ from relay.session.continuity import (
     replay_item,
     session_update,
     speaks,
+    spoken_reply,
 )
 
 HASH = "sha256:" + "a" * 64
@@ -367,3 +369,35 @@ def test_a_cut_response_is_reported_failed():
     assert event["type"] == "response.done" and event["response"]["id"] == "resp_1"
     assert event["response"]["status"] == "failed"
     assert event["response"]["status_details"]["error"]["code"] == "upstream_lost"
+
+
+# --- a truncate of a reply replayed as text -------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["ga", "preview"])
+def test_a_replayed_reply_is_emptied_in_place_with_its_id(flavour):
+    shadow = shadow_of(
+        added(user_text("u1", "hi")),
+        added(assistant("a1", "Hello there, how can I help?")),
+        added(user_text("u2", "nothing")),
+        added(assistant("a2", "Fine.")),
+    )
+    assert spoken_reply(shadow.items["a1"].wire) and not spoken_reply(shadow.items["u1"].wire)
+    edits = emptying_frames(shadow, "a2", 0, first="relay_note_1", flavour=flavour, event_id="e")
+    assert edits is not None
+    delete, create = created_items(edits)
+    assert delete == {"type": "conversation.item.delete", "event_id": "e", "item_id": "a2"}
+    assert create["previous_item_id"] == "u2"  # where it was
+    text = "output_text" if flavour == "ga" else "text"
+    assert create["item"] == {
+        "id": "a2", "type": "message", "role": "assistant", "content": [{"type": text, "text": ""}]
+    }  # fmt: skip
+    # The first the shadow holds goes after the replay's note, or at the root without one.
+    shadow = shadow_of(added(assistant("a0", "First.")))
+    for first, previous in (("relay_note_1", "relay_note_1"), (None, "root")):
+        edits = emptying_frames(shadow, "a0", 0, first=first, flavour=flavour, event_id="e")
+        assert edits is not None
+        assert created_items(edits)[1]["previous_item_id"] == previous
+    # Nothing to empty: an index out of range, an unknown item.
+    assert emptying_frames(shadow, "a0", 1, first=None, flavour=flavour, event_id="e") is None
+    assert emptying_frames(shadow, "zz", 0, first=None, flavour=flavour, event_id="e") is None
