@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from relay.edge.admission_redis import RedisAdmission, window
 from relay.edge.auth import hash_key
@@ -348,3 +349,31 @@ async def test_slots_redis_lost_are_put_back_and_slow_rates_hold(tmp_path):
         finally:
             await admin.aclose()
             await store.close()
+
+
+async def test_guesses_sent_at_once_get_exactly_the_failures_allowed(
+    tmp_path, simulator, start_relay
+):
+    """The check (is the address blocked?) and the count were two round trips to Redis:
+    of 2,000 guesses sent at once, 56-102 were judged against a limit of 5 (68 of 150 here).
+    The key is now judged first and the block checked and counted in one step. And past
+    100 calls at once, redis-py's pool raised: Redis was taken for unreachable, and each
+    process counted alone."""
+    async with redis_server(tmp_path) as url:
+        config = relay_config(
+            simulator.url,
+            admission={"backend": "redis", "redis_timeout_seconds": 10.0},
+            limits={"auth_failures_allowed": 4},
+        )
+        relay = await start_relay(config, {**ENVIRON, "RELAY_REDIS_URL": url})
+        realtime = relay.make_url("/openai/v1/realtime?model=gpt-realtime")
+
+        async def guess(http: aiohttp.ClientSession, n: int) -> int:
+            async with http.get(realtime, headers={**UPGRADE, "api-key": f"rk-{n}"}) as answer:
+                return answer.status
+
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+                answers = await asyncio.gather(*(guess(http, n) for n in range(150)))
+        assert sorted(answers) == [401] * 4 + [429] * 146, sorted(answers).count(401)
+        assert not [e for e in logs if e["event"] == "auth_brake_redis_unreachable"]

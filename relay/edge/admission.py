@@ -180,7 +180,12 @@ class MemoryAdmission:
 
 class AuthBrake(Protocol):
     """Refuses, for a while, addresses that failed authentication too often. A success
-    does not clear the count: a team's valid key must not buy its holder more guesses."""
+    does not clear the count: a team's valid key must not buy its holder more guesses.
+
+    Asked after the key is judged (`check` on a success, `failed` on a failure), each in
+    one step: a guess in flight when an address is blocked gets the block, right or wrong,
+    so an address gets exactly ``auth_failures_allowed`` answers, however many it sends at
+    once."""
 
     def update(self, limits: LimitsConfig) -> None:
         """Take the limits of a reloaded config."""
@@ -191,7 +196,8 @@ class AuthBrake(Protocol):
         ...
 
     async def failed(self, address: str) -> None:
-        """Count a failed authentication from ``address``."""
+        """Count a failed authentication from ``address``; ClientRefused (429), not
+        counted, when it is blocked already."""
         ...
 
 
@@ -222,6 +228,7 @@ class AuthThrottle:
             raise auth_blocked(entry[2] - self.clock())
 
     async def failed(self, address: str) -> None:
+        await self.check(address)
         now = self.clock()
         count, start, blocked_until = self._seen.pop(address, (0, now, 0.0))
         if now - start > self.window_seconds:

@@ -129,6 +129,10 @@ class RedisLease:
             _log.warning("admission_release_failed", team=self.team, error=type(exc).__name__)
 
 
+# Connections to Redis a process holds at most.
+REDIS_CONNECTIONS = 100
+
+
 @dataclass(slots=True)
 class RedisAdmission:
     config: AdmissionConfig
@@ -149,14 +153,20 @@ class RedisAdmission:
         url: str,
         on_redis_error: Callable[[str], None] = lambda team: None,
     ) -> RedisAdmission:
-        client = aioredis.Redis.from_url(
+        # A burst past the pool's connections waits for one (within each call's deadline):
+        # redis-py's default pool raised at once, and Redis was taken for unreachable (a team
+        # failing closed refused sessions; the brake counted each process alone).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=config.redis_timeout_seconds * 4,
             # Each call has its own deadline (asyncio.timeout); the refresh allows itself 4x
             # the timeout, which a socket timeout of 1x cut short (live slots then expired).
             socket_timeout=config.redis_timeout_seconds * 4,
             socket_connect_timeout=config.redis_timeout_seconds,
             retry_on_timeout=False,
         )
+        client = aioredis.Redis.from_pool(pool)
         return cls(config, limits, team_limits, client, on_redis_error)
 
     def _key(self, *parts: str) -> str:

@@ -23,8 +23,11 @@ from relay.ops.config import AdmissionConfig, LimitsConfig
 _log = structlog.get_logger("relay.edge.admission")
 
 # KEYS: the address's failure counter, its block flag. ARGV: window ms, failures allowed,
-# block ms. Returns the failures counted in the window (0 once it blocked).
+# block ms. Returns the failures counted in the window (0 once it blocked), or minus the
+# block's milliseconds left when it was blocked already (not counted).
 _FAILED = """
+local blocked = redis.call('PTTL', KEYS[2])
+if blocked > 0 then return -blocked end
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 if n >= tonumber(ARGV[2]) then
@@ -68,7 +71,7 @@ class RedisAuthThrottle:
         limits = self.limits
         try:
             async with asyncio.timeout(self.config.redis_timeout_seconds):
-                await self.client.eval(
+                counted = await self.client.eval(
                     _FAILED,
                     2,
                     *self._keys(address),
@@ -79,6 +82,9 @@ class RedisAuthThrottle:
         except (RedisError, OSError, TimeoutError) as exc:
             self._unreachable("failed", exc)
             await self.fallback.failed(address)
+            return
+        if int(counted) < 0:
+            raise auth_blocked(math.ceil(-int(counted) / 1000))
 
     def _unreachable(self, op: str, exc: BaseException) -> None:
         _log.warning("auth_brake_redis_unreachable", op=op, error=type(exc).__name__)

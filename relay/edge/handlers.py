@@ -206,7 +206,6 @@ async def admit_client(
     if origin is not None and not live.origin_allowed(origin, request.host):
         raise ClientRefused(403, "origin_not_allowed", "This Origin may not connect.")
     address = live.client_address(request)
-    await state.auth_throttle.check(address)
     subprotocols = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol", ""))
     key = find_key(request.headers, request.query, subprotocols)
     SECRETS.in_this_request(key)
@@ -250,7 +249,8 @@ def _upgradable(request: web.Request) -> bool:
 async def _authenticate(
     state: RelayState, live: LiveConfig, address: str, key: str | None
 ) -> tuple[TeamConfig, bytes]:
-    """The key's team and the key's hash; or a refusal."""
+    """The key's team and the key's hash; or a refusal. The brake is asked once the key is
+    judged (`AuthBrake`)."""
     if key is None:
         await state.auth_throttle.failed(address)
         raise ClientRefused(
@@ -264,6 +264,7 @@ async def _authenticate(
     if team is None:
         await state.auth_throttle.failed(address)
         raise ClientRefused(401, "invalid_api_key", "The relay key is not valid.")
+    await state.auth_throttle.check(address)
     return team, key_hash
 
 
@@ -544,15 +545,15 @@ async def _admin_refusal(
     """The refusal for a request without a valid admin key, or None. Admin keys are guessed
     like team keys: the same brake, the same count per address."""
     address = live.client_address(request)
-    try:
-        await state.auth_throttle.check(address)
-    except ClientRefused as refusal:
-        return error_response(refusal)
     presented = find_key(request.headers, {}, ())
     SECRETS.in_this_request(presented)
-    if presented is not None and live.admin_keys.identify(presented):
-        return None
-    await state.auth_throttle.failed(address)
+    try:
+        if presented is not None and live.admin_keys.identify(presented):
+            await state.auth_throttle.check(address)
+            return None
+        await state.auth_throttle.failed(address)
+    except ClientRefused as refusal:
+        return error_response(refusal)
     _log.warning("admin_refused", endpoint=what, peer=address)
     return error_response(ClientRefused(401, "invalid_admin_key", f"{what} needs an admin key."))
 

@@ -31,7 +31,6 @@ async def authenticate(
     minted, from the request's headers; or a refusal."""
     _check_open(state, live, request)
     address = live.client_address(request)
-    await state.auth_throttle.check(address)
     key = find_key(request.headers, {}, ())
     SECRETS.in_this_request(key)
     team = live.keyring.identify(key) if key is not None else None
@@ -48,6 +47,7 @@ async def authenticate(
                 "as the `api-key` header or `Authorization: Bearer`.",
             )
         raise ClientRefused(401, "invalid_api_key", _INVALID_KEY[book is not None])
+    await state.auth_throttle.check(address)  # after the key is judged: see AuthBrake
     if team is not None:
         structlog.contextvars.bind_contextvars(team=team.name)
     return team, minted
