@@ -223,3 +223,24 @@ def test_the_supervisor_refuses_a_port_another_relay_listens_on():
                 _reserve_port("127.0.0.1", port)
         finally:
             other.close()
+
+
+async def test_a_worker_line_past_the_limit_is_dropped_and_the_lines_after_it_pass(monkeypatch):
+    """readline's error on a line over the reader's limit ended the supervisor's reading of
+    that worker: every later line of it was lost while it went on serving."""
+    from structlog.testing import capture_logs
+
+    from relay.ops import workers
+
+    written: list[bytes] = []
+    monkeypatch.setattr(workers, "write_log_line", written.append)
+    stream = asyncio.StreamReader(limit=64)
+    stream.feed_data(b'{"event":"a"}\n' + b"x" * 100)
+    with capture_logs() as logs:
+        reading = asyncio.ensure_future(workers.relay_output(stream, None))
+        stream.feed_data(b"x" * 300)  # the long line arrives in pieces
+        stream.feed_data(b"x\n" + b'{"event":"b"}\n' + b"y" * 200 + b'\n{"event":"c"}')
+        stream.feed_eof()
+        await reading
+    assert written == [b'{"event":"a"}\n', b'{"event":"b"}\n', b'{"event":"c"}']
+    assert [e["event"] for e in logs] == ["worker_log_line_too_long"] * 2

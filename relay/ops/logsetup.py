@@ -166,11 +166,19 @@ def _dumps_text(value: Any, **kwargs: Any) -> str:
 
 
 def redact_url(url: URL) -> str:
-    """The URL as safe to log: values of credential-like query parameters replaced."""
-    if not any(_is_secret_name(k) for k in url.query):
-        return str(url)
-    query = [(k, "REDACTED" if _is_secret_name(k) else v) for k, v in url.query.items()]
-    return str(url.with_query(query))
+    """The URL as safe to log: values of credential-like query parameters replaced, and cut
+    at `MAX_LOGGED_URL_CHARS` (a keyless client's 16 KB URL made two 32 KB lines a request:
+    its quotes and backslashes double in JSON)."""
+    if any(_is_secret_name(k) for k in url.query):
+        query = [(k, "REDACTED" if _is_secret_name(k) else v) for k, v in url.query.items()]
+        url = url.with_query(query)
+    text = str(url)
+    if len(text) > MAX_LOGGED_URL_CHARS:
+        text = f"{text[:MAX_LOGGED_URL_CHARS]}…({len(text) - MAX_LOGGED_URL_CHARS} more)"
+    return text
+
+
+MAX_LOGGED_URL_CHARS = 1024
 
 
 def _is_secret_name(name: str) -> bool:

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import orjson
 import structlog
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,6 +42,8 @@ from relay.ops.metrics import configured_series
 from relay.ops.watch import watch_file
 
 _log = structlog.get_logger("relay.ops.workers")
+# The longest log line a worker's output may carry (the relay's own are far shorter).
+MAX_WORKER_LINE_BYTES = 1024 * 1024
 _CRASH_WINDOW_SECONDS = 10.0
 _MAX_RESTART_DELAY_SECONDS = 30.0
 
@@ -209,6 +212,7 @@ class Supervisor:
             sys.executable, "-m", "relay", "serve", "--config", str(self.source.path),
             "--worker", str(index),
             stdout=asyncio.subprocess.PIPE,
+            limit=MAX_WORKER_LINE_BYTES,
             env=env,
             preexec_fn=_die_with_parent,
         )  # fmt: skip
@@ -216,23 +220,8 @@ class Supervisor:
         restarts = previous.restarts + 1 if previous else 0
         self.workers[index] = Worker(index, process, self._loop.time(), restarts)
         assert process.stdout is not None
-        self._loop.create_task(
-            self._relay_output(process.stdout, ready), name=f"worker {index} log"
-        )
+        self._loop.create_task(relay_output(process.stdout, ready), name=f"worker {index} log")
         _log.info("worker_started", worker=index, pid=process.pid)
-
-    async def _relay_output(
-        self, stream: asyncio.StreamReader, ready: asyncio.Future[str] | None
-    ) -> None:
-        """Pass a worker's log lines through; note when it is listening."""
-        while line := await stream.readline():
-            write_log_line(line)
-            if ready is not None and not ready.done() and b'"relay_listening"' in line:
-                import orjson
-
-                ready.set_result(str(orjson.loads(line).get("url", "")))
-        if ready is not None and not ready.done():
-            ready.set_exception(RuntimeError("a worker exited before listening"))
 
     async def _supervise(self) -> int:
         stop = self._stop
@@ -377,3 +366,37 @@ class _reserve_port:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+async def relay_output(stream: asyncio.StreamReader, ready: asyncio.Future[str] | None) -> None:
+    """Pass a worker's log lines through; note when it is listening. A line past
+    `MAX_WORKER_LINE_BYTES` is dropped and said (readline's error ended this reading, and
+    every later line of the worker was lost while it went on serving)."""
+    while True:
+        try:
+            line = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as end:  # the worker's output ended
+            line = end.partial
+            if not line:
+                break
+        except asyncio.LimitOverrunError:
+            await _skip_line(stream)
+            _log.warning("worker_log_line_too_long", limit_bytes=MAX_WORKER_LINE_BYTES)
+            continue
+        write_log_line(line)
+        if ready is not None and not ready.done() and b'"relay_listening"' in line:
+            ready.set_result(str(orjson.loads(line).get("url", "")))
+    if ready is not None and not ready.done():
+        ready.set_exception(RuntimeError("a worker exited before listening"))
+
+
+async def _skip_line(stream: asyncio.StreamReader) -> None:
+    """Read and drop the rest of a line longer than the stream's limit, through its end."""
+    while True:
+        try:
+            await stream.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as over:
+            await stream.readexactly(over.consumed)
+        except asyncio.IncompleteReadError:
+            return

@@ -142,6 +142,14 @@ def test_a_handshake_error_is_described_by_class_and_status_only():
     assert describe_error(None) is None
 
 
+def test_a_logged_url_is_cut_short_after_its_credentials_are_replaced():
+    """A keyless client's 16 KB URL of quotes made two 32 KB lines a request."""
+    url = URL("/x").with_query({"api-key": "secret-value", "q": '"' * 16000})
+    logged = redact_url(url)
+    assert logged.startswith("/x?api-key=REDACTED&q=") and "secret-value" not in logged
+    assert len(logged) < 1100 and logged.endswith("more)")
+
+
 def test_redact_url_replaces_credential_query_values():
     url = URL(f"/openai/v1/realtime?model=m&api_key={KEY}&Token={KEY}")
     assert redact_url(url) == "/openai/v1/realtime?model=m&api_key=REDACTED&Token=REDACTED"
