@@ -558,3 +558,26 @@ async def test_a_refusal_names_the_field_as_the_client_does(simulator, start_rel
         [error] = [e for e in await read_until(ws, "error") if e["type"] == "error"]
     assert error["error"]["param"] == "session.audio.output.voice"
     assert error["error"]["message"].startswith("audio.output.voice "), error
+
+
+async def test_a_session_logs_its_first_event_lines_and_counts_the_rest(
+    simulator, start_relay, http
+):
+    """A client repeating a rewritten event wrote a 300-byte line for each, at up to 250
+    events a second, without end (rewrites are not violations)."""
+    from relay.session.pump import EVENT_LINES_PER_SESSION
+
+    relay = await start_relay(policy_config(simulator.url, **AGENT_RULES))
+    extra = 7
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            locked = {"type": "realtime", "audio": {"input": {"transcription": {"model": "x"}}}}
+            for _ in range(EVENT_LINES_PER_SESSION + extra):
+                await send(ws, type="session.update", session=locked)
+                await read_until(ws, "session.updated")
+        await relay.app[STATE].idle.wait()
+    rewrites = [e for e in logs if e["event"] == "client_event_rewritten"]
+    assert len(rewrites) == EVENT_LINES_PER_SESSION
+    (ended,) = [e for e in logs if e["event"] == "session_ended"]
+    assert ended["event_lines_left_out"] == extra

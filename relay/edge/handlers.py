@@ -466,6 +466,7 @@ async def _serve(
             cost_usd=round(meter.cost_usd, 6) if deployment.prices is not None else None,
             responses=meter.responses,
             violations=bridge.violations,
+            event_lines_left_out=bridge.event_lines_left_out,
             # upstream_session_id names the first; session_renewed lines name the others.
             upstream_sessions=1 + (bridge.renewal.moves if bridge.renewal else 0),
         )

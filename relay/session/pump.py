@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,6 +85,10 @@ Side = Literal["client", "upstream", "relay"]
 _MAX_REASON_BYTES = 123
 _YIELD_EVERY = 16
 _TRUNCATE = "conversation.item.truncate"
+# Lines about single events (a rewrite, a refusal, an upstream error, a field left out) a
+# session logs; the rest are counted (`session_ended`'s `event_lines_left_out`): a client
+# repeating a rewritten event wrote 300 bytes of log for each, at 250 events a second.
+EVENT_LINES_PER_SESSION = 100
 # The per-frame clock, one global lookup (not `time.perf_counter`: two).
 _clock = time.perf_counter
 _LARGE_FRAME = frames.LARGE_FRAME
@@ -167,7 +171,7 @@ class Bridge:
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
         "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
-        "settling", "requested", "responding", "appended", "__weakref__",
+        "settling", "requested", "responding", "appended", "event_lines", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -236,6 +240,7 @@ class Bridge:
         # Audio appended since the upstream last reported the input buffer committed or
         # cleared: without turn detection, a switch then would lose it (continuity).
         self.appended = False
+        self.event_lines = 0  # lines about single events so far (`_event_line`)
         self.violations = 0
         self.throttled = False
         # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
@@ -846,7 +851,9 @@ class Bridge:
         translation = self.translator.to_upstream(kind, frame, event)
         if translation.dropped:
             for param in translation.dropped:
-                _log.info("client_field_untranslatable", param=param, event_type=kind)
+                self._event_line(
+                    _log.info, "client_field_untranslatable", param=param, event_type=kind
+                )
                 await self._send_to_client(
                     error_event(
                         "untranslatable_field",
@@ -884,7 +891,8 @@ class Bridge:
         error = error if isinstance(error, dict) else {}
         code, error_type = error.get("code"), error.get("type")
         level = _log.warning if error_type == "server_error" else _log.info
-        level(
+        self._event_line(
+            level,
             "upstream_error_event",
             error_type=_clip(error_type),
             code=_clip(code),
@@ -909,7 +917,9 @@ class Bridge:
 
     def _rewritten(self, kind: str, rewritten: Rewritten) -> bytes:
         """The policy corrected a client event: say so, and forward the correction."""
-        _log.info("client_event_rewritten", event_type=kind, params=list(rewritten.params))
+        self._event_line(
+            _log.info, "client_event_rewritten", event_type=kind, params=list(rewritten.params)
+        )
         self.meter.rewritten(rewritten.params)
         return rewritten.frame
 
@@ -924,7 +934,8 @@ class Bridge:
             as_client = param.partition(".")[2]
             if named and as_client and named != as_client:
                 message = message.replace(named, as_client, 1)
-        _log.info(
+        self._event_line(
+            _log.info,
             "client_event_refused",
             code=violation.code,
             param=violation.param,
@@ -948,6 +959,16 @@ class Bridge:
                 "the session is closed.",
                 error_type="invalid_request_error",
             )
+
+    def _event_line(self, level: Callable[..., Any], event: str, **fields: Any) -> None:
+        """A line about one event, while the session has `EVENT_LINES_PER_SESSION` left."""
+        self.event_lines += 1
+        if self.event_lines <= EVENT_LINES_PER_SESSION:
+            level(event, **fields)
+
+    @property
+    def event_lines_left_out(self) -> int:
+        return max(0, self.event_lines - EVENT_LINES_PER_SESSION)
 
     def _unwatch(self) -> None:
         self.tasks = None
