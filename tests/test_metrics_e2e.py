@@ -148,6 +148,23 @@ async def test_metrics_on_the_main_port_need_their_token(simulator, start_relay)
             assert "relay_sessions_active" in await response.text()
 
 
+async def test_metrics_token_guesses_meet_the_brake(simulator, start_relay):
+    """Guessed like a key (31 wrong tokens all got 401): the same brake, the same count."""
+    config = relay_config(
+        simulator.url,
+        metrics={"on_main_port": True, "token_env": "METRICS_TOKEN"},
+        limits={"auth_failures_allowed": 3},
+    )
+    relay = await start_relay(config, environ={**ENVIRON, "METRICS_TOKEN": "scrape-s3cret"})
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for token in ("a", "b", "c", "d", "scrape-s3cret"):
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(relay.make_url("/metrics"), headers=headers) as response:
+                statuses.append(response.status)
+    assert statuses == [401, 401, 401, 429, 429]
+
+
 async def _scrape(registry, aiohttp_server) -> str:
     listener = await aiohttp_server(create_metrics_app(registry))
     async with aiohttp.ClientSession() as http:

@@ -492,13 +492,20 @@ def _forget_when_done(state: RelayState, bridge: Bridge) -> None:
 async def metrics(request: web.Request) -> web.Response:
     token = request.app.get(METRICS_TOKEN)
     if token is not None:
+        # Guessed like a key: the same brake, the same count per address.
+        state = request.app[STATE]
+        address = state.live.client_address(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), token.encode()
-        ):
-            return error_response(
-                ClientRefused(401, "invalid_metrics_token", "The metrics token is not valid.")
-            )
+        try:
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                presented.strip().encode(), token.encode()
+            ):
+                await state.auth_throttle.check(address)
+            else:
+                await state.auth_throttle.failed(address)
+                raise ClientRefused(401, "invalid_metrics_token", "The metrics token is not valid.")
+        except ClientRefused as refusal:
+            return error_response(refusal)
     body = await exposition(request.app[REGISTRY])  # a slice at a time: frames flow meanwhile
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
