@@ -60,7 +60,7 @@ class RelayConnection(RequestHandler):
 
     __slots__ = (
         "_header_timeout", "_max_head_bytes", "_awaiting_head", "_head_bytes", "_head_deadline",
-        "_unread_body", "_linger",
+        "_head_overdue", "_unread_body", "_linger",
         "upgrading", "large_frames",
     )  # fmt: skip
 
@@ -71,6 +71,9 @@ class RelayConnection(RequestHandler):
         self._awaiting_head = True
         self._head_bytes = 0
         self._head_deadline: asyncio.TimerHandle | None = None
+        # A pipelined head timed out or outgrew the bound while a request before it was
+        # still to be answered: its 408 or 431 comes once that one is (`log_access`).
+        self._head_overdue: Callable[[], None] | None = None
         # A body its request was answered before it was read: what arrives next is its rest
         # (aiohttp reads it and drops it), not the next request's head.
         self._unread_body: Any = None
@@ -128,23 +131,40 @@ class RelayConnection(RequestHandler):
         if body is not None and body.is_eof():
             self._unread_body = None
             self._awaiting_head = True
-        if self._awaiting_head:
-            self._head_bytes += len(data)
-            if self._head_deadline is None:
-                self._arm_head_deadline()
+        if not self._awaiting_head:
+            super().data_received(data)
+            return
+        made = self._request_count
         super().data_received(data)
-        if self._awaiting_head:
-            if self._messages:
-                # A whole head was parsed (its request is made later, in the handler's task):
-                # what follows is its body, or its frames, not head.
-                self._awaiting_head = False
-                self._head_bytes = 0
-            elif self._head_bytes > self._max_head_bytes:
-                self._head_too_large()  # still no whole head: past the bound, refused
+        if self._request_count == made:
+            self._head_bytes += len(data)  # still no whole head
+        elif _head_only(self._messages[-1][0] if self._messages else None):
+            # Whole heads, and no body or frames after them: what follows the last is the
+            # next head (pipelined), held by the parser. Counted and timed like any head.
+            end = data.rfind(b"\r\n\r\n")
+            self._head_bytes = len(data) - (end + 4) if end >= 0 else len(data)
+        else:
+            # A body or frames follow (bounded by aiohttp's flow control): not head.
+            self._awaiting_head = False
+            self._head_bytes = 0
+        if not self._head_bytes:
+            self._disarm_head_deadline()
+        elif self._head_bytes > self._max_head_bytes:
+            self._head_too_large()  # no whole head within the bound: refused
+        elif self._head_deadline is None and self._head_overdue is None:
+            self._arm_head_deadline()
 
     def _head_too_large(self) -> None:
-        transport = self.transport
         self._disarm_head_deadline()
+        if self._answering():
+            if self.transport is not None:
+                self.transport.pause_reading()  # nothing more is taken meanwhile
+            self._head_overdue = self._refuse_large_head
+            return
+        self._refuse_large_head()
+
+    def _refuse_large_head(self) -> None:
+        transport = self.transport
         self._awaiting_head = False
         if transport is not None and not transport.is_closing():
             _log.info(
@@ -160,12 +180,6 @@ class RelayConnection(RequestHandler):
             return
         self.force_close()
 
-    def head_received(self) -> None:
-        """A request head is complete (called as its request object is made)."""
-        self._awaiting_head = False
-        self._head_bytes = 0
-        self._disarm_head_deadline()
-
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: Any) -> None:
         super().log_access(request, response, time)
         # The response is done: the next bytes start a new head, once its body has all come.
@@ -173,6 +187,14 @@ class RelayConnection(RequestHandler):
             self._awaiting_head = True
         else:
             self._unread_body = request.content
+        overdue = self._head_overdue
+        if overdue is not None and not self._messages:  # this answer is written: now
+            self._head_overdue = None
+            overdue()
+
+    def _answering(self) -> bool:
+        """Whether a request before the head being read is still to be answered."""
+        return bool(self._messages) or self._request_in_progress
 
     def _arm_head_deadline(self) -> None:
         loop = asyncio.get_running_loop()
@@ -187,6 +209,15 @@ class RelayConnection(RequestHandler):
         self._head_deadline = None
         transport = self.transport
         if transport is None or not self._awaiting_head:
+            return
+        if self._answering():
+            self._head_overdue = self._refuse_late_head
+            return
+        self._refuse_late_head()
+
+    def _refuse_late_head(self) -> None:
+        transport = self.transport
+        if transport is None:
             return
         if self._head_bytes:
             # Best effort: a client that is still sending may not read it.
@@ -396,6 +427,15 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             self._lingering = protocol.linger(seconds=self._linger_seconds, max_bytes=max_bytes)
 
 
+def _head_only(message: Any) -> bool:
+    """A parsed request with nothing after its head: no body, not an upgrade."""
+    headers = getattr(message, "headers", None)  # a parse error's entry has none
+    if headers is None or message.upgrade or message.chunked:
+        return False
+    length = headers.get("Content-Length", "0").strip() or "0"
+    return length.isdigit() and int(length) == 0
+
+
 # Close codes of a client's broken frames; a close reason holds at most 123 bytes.
 _PROTOCOL_ERRORS = frozenset({WSCloseCode.PROTOCOL_ERROR, WSCloseCode.INVALID_TEXT})
 _MAX_REASON_BYTES = 123
@@ -405,16 +445,9 @@ class RelayServer(web.Server):
     """aiohttp's low-level server, making `RelayConnection`s."""
 
     def __init__(self, server: web.Server, *, header_timeout: float) -> None:
-        factory = server.request_factory
-
-        def request_factory(message: Any, payload: Any, protocol: Any, *args: Any) -> Any:
-            if isinstance(protocol, RelayConnection):
-                protocol.head_received()
-            return factory(message, payload, protocol, *args)
-
         super().__init__(
             server.request_handler,
-            request_factory=request_factory,
+            request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             **server._kwargs,
         )

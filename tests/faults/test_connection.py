@@ -256,3 +256,36 @@ async def test_a_body_sent_after_its_request_was_answered_is_no_head(simulator, 
     writer.close()
     assert rest == b""
     assert not [e for e in logs if e["event"] == "request_head_too_large"]
+
+
+async def test_a_head_pipelined_behind_a_whole_one_is_bounded_and_timed(simulator, start_relay):
+    """Bytes in the same read as a whole head were never counted, nor timed once it was
+    answered: a `GET /healthz` with 200 KB of an unfinished second head behind it held its
+    memory to the keep-alive timeout (75 s), 150 such connections 61 MiB."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 1.0}))
+    first = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+    pad = "".join(f"x-pad-{i}: {'y' * 15000}\r\n" for i in range(10)).encode()
+    with structlog.testing.capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(first + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + pad)
+        answers = await reader.read()  # the relay closes
+        writer.close()
+    assert answers.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 431" in answers
+    assert [e["event"] for e in logs if e["event"].startswith("request_head")] == [
+        "request_head_too_large"
+    ]
+    # Under the bound, an unfinished pipelined head meets the header timeout (408).
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(first + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n")
+    answers = await reader.read()
+    writer.close()
+    assert answers.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in answers
+    # Whole heads pipelined, in one write: each is answered.
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(first * 3)
+    for _ in range(3):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+    writer.close()
