@@ -830,14 +830,16 @@ async def test_push_to_talk_audio_is_not_lost_to_a_switch(start_relay, http):
         await simulator.close()
 
 
+@pytest.mark.parametrize("then", ["nothing", "out_of_band"])
 async def test_a_reply_still_playing_is_not_switched_away_from_its_truncate(
-    start_relay, http, monkeypatch
+    start_relay, http, monkeypatch, then
 ):
     """The service streams a reply faster than the client plays it. A switch at its
     `response.done` turned it into text on the new upstream, and the client's barge-in a
     moment later (`conversation.item.truncate`) failed there: text has no audio to cut.
     The quiet point now waits for the playback, estimated, for the first half of the
-    renewal's window."""
+    renewal's window; a short out-of-band response after the reply (a classifier's) ended
+    that wait early."""
     renewed = renewal_done(monkeypatch)
     simulator = await paced_simulator(
         "Here is a long answer that takes a few seconds to say out loud, slowly."
@@ -853,6 +855,13 @@ async def test_a_reply_still_playing_is_not_switched_away_from_its_truncate(
             while (event := await next_event(ws))["type"] != "response.done":
                 if event["type"] == "response.output_item.added":
                     answer = event["item"]["id"]
+            if then == "out_of_band":
+                aside = {"conversation": "none", "output_modalities": ["text"]}
+                await ws.send_str(
+                    orjson.dumps({"type": "response.create", "response": aside}).decode()
+                )
+                while (await next_event(ws))["type"] != "response.done":
+                    pass
             await asyncio.sleep(0.3)  # the client plays the first of it; then the user speaks
             truncate = {"type": "conversation.item.truncate", "item_id": answer,
                         "content_index": 0, "audio_end_ms": 300}  # fmt: skip
@@ -925,3 +934,91 @@ async def test_a_truncate_of_a_reply_replayed_as_text_is_done_by_the_relay(
             await turn(ws, "And now?", 2)  # the conversation goes on
     finally:
         await simulator.close()
+
+
+class SideBySideUpstream:
+    """A scripted service that runs an out-of-band response (`conversation: "none"`) side
+    by side with the default conversation's, holding the out-of-band one open until told."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.finish = asyncio.Event()  # the out-of-band response may end
+        self.seen: list[str] = []  # the first upstream's story: "oob_done", "marker"
+
+    async def __call__(self, ws: Any, fake: FakeUpstream) -> None:
+        self.connections += 1
+        this = self.connections
+        session = {"id": f"sess_{this}", "object": "realtime.session"}
+        session["expires_at"] = time.time() + SESSION_SECONDS
+
+        async def send(event: dict[str, Any]) -> None:
+            await ws.send_str(orjson.dumps(event).decode())
+
+        async def out_of_band(response: dict[str, Any]) -> None:
+            await self.finish.wait()
+            self.seen.append("oob_done")
+            await send({"type": "response.done", "response": response})
+
+        await send({"type": "session.created", "event_id": "e0", "session": session})
+        async for msg in ws:
+            event = orjson.loads(msg.data)
+            kind = event["type"]
+            if kind == "session.update":
+                session = merge_session(session, event["session"])
+                await send({"type": "session.updated", "session": session})
+            elif kind == "conversation.item.retrieve":
+                if this == 1:
+                    self.seen.append("marker")
+                error = {"type": "invalid_request_error", "code": "item_not_found",
+                         "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
+                await send({"type": "error", "error": error})
+            elif kind == "response.create":
+                oob = (event.get("response") or {}).get("conversation") == "none"
+                response = {"id": f"resp_{this}_{'oob' if oob else 'main'}",
+                            "object": "realtime.response", "status": "completed",
+                            "conversation_id": None if oob else "conv_1"}  # fmt: skip
+                await send({"type": "response.created", "response": response})
+                if oob:
+                    asyncio.ensure_future(out_of_band(response))
+                else:
+                    await send({"type": "response.done", "response": response})
+
+
+async def test_an_out_of_band_response_side_by_side_is_not_switched_away_from(
+    start_fake, start_relay, http, monkeypatch
+):
+    """The shadow knew one response at a time: the default conversation's `response.done`
+    made the session quiet while an out-of-band response still ran, and the switch closed
+    the old upstream under it (never done, never metered; the session never idle after)."""
+    renewed = renewal_done(monkeypatch)
+    waiting = asyncio.Event()
+    until_quiet = Renewal._until_quiet
+
+    async def noted(renewal: Renewal, *args: Any) -> bool:
+        if not renewal.quiet.is_set():
+            waiting.set()
+        return await until_quiet(renewal, *args)
+
+    monkeypatch.setattr(Renewal, "_until_quiet", noted)
+    upstream = SideBySideUpstream()
+    server = await start_fake(FakeUpstream(script=upstream).app())
+    endpoint = str(server.make_url("")).rstrip("/")
+    relay = await start_relay(
+        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
+    )
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        assert (await next_event(ws))["type"] == "session.created"
+        oob = {"type": "response.create", "response": {"conversation": "none"}}
+        await ws.send_str(orjson.dumps(oob).decode())
+        assert (await next_event(ws))["type"] == "response.created"
+        await ws.send_str('{"type":"response.create"}')
+        while (await next_event(ws))["type"] != "response.done":
+            pass  # the default conversation's, while the out-of-band one runs on
+        async with asyncio.timeout(2 * SESSION_SECONDS):
+            await waiting.wait()  # the renewal waits for a quiet point: the out-of-band response
+        upstream.finish.set()
+        done = await next_event(ws)
+        assert (done["type"], done["response"]["id"]) == ("response.done", "resp_1_oob")
+        async with asyncio.timeout(2 * SESSION_SECONDS):
+            await renewed.wait()  # the switch follows, at the quiet point after it
+    assert upstream.seen == ["oob_done", "marker"]

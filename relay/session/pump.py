@@ -655,7 +655,7 @@ class Bridge:
         renewal = self.renewal
         translator = self.translator
         if renewal is not None and kind in TRACKED:
-            instead = renewal.track(kind, frame)
+            instead = renewal.own_answer(kind, frame)
             if instead is not None:  # an answer to the relay's own edits
                 if translator is None:
                     return instead
@@ -671,6 +671,8 @@ class Bridge:
             self.between_responses.clear()
         elif kind == "response.done":
             self._response_done(_response_id(frame))
+        if renewal is not None and kind in TRACKED:
+            renewal.track(kind, frame)  # after `responding` has the event: see its quiet point
         return (frame,) if translator is None else translator.to_client(kind, frame)
 
     def _forward_out(self, msg: Any) -> bool:

@@ -203,18 +203,19 @@ class Renewal:
 
     # --- called by the upstream pump ---------------------------------------------------------
 
-    def track(self, kind: str, frame: bytes) -> tuple[bytes, ...] | None:
-        """Feed one upstream event of `continuity.TRACKED` to the shadow conversation. An
-        answer to the relay's own edits (`emptied`) is not: the frames the client gets
-        instead are returned."""
+    def own_answer(self, kind: str, frame: bytes) -> tuple[bytes, ...] | None:
+        """For an upstream event answering the relay's own edits (`emptied`), the frames the
+        client gets instead (none, or one); None for any other event."""
         if self._emptying and kind in _EMPTYING_ANSWERS:
-            instead = self._emptying_answer(kind, frame)
-            if instead is not None:
-                return instead
+            return self._emptying_answer(kind, frame)
+        return None
+
+    def track(self, kind: str, frame: bytes) -> None:
+        """Feed one upstream event of `continuity.TRACKED` to the shadow conversation."""
         try:
             event = orjson.loads(frame)
         except orjson.JSONDecodeError:
-            return None
+            return
         if isinstance(event, dict):
             self.shadow.observe(kind, event)
             if self.keeper is not None:
@@ -240,7 +241,6 @@ class Renewal:
             self.quiet.set()
         else:
             self.quiet.clear()
-        return None
 
     async def emptied(self, upstream: UpstreamSocket, frame: bytes) -> bool:
         """A client's `conversation.item.truncate`: True when it names a spoken reply the
@@ -341,6 +341,7 @@ class Renewal:
     def _quiet_now(self) -> bool:
         return (
             self.shadow.quiet
+            and not self.bridge.responding  # every response, out-of-band ones side by side too
             and not self._requested
             and self._answer_due is None
             and not self._emptying
@@ -359,8 +360,8 @@ class Renewal:
         now = time.perf_counter()
         if kind == "response.created":
             self._audio_out_at_start = audio
-            self._playing_until = now  # nothing heard yet to wait for
-            self._response_began = now
+            # Its audio plays after what is still playing (a reply, then an out-of-band one).
+            self._response_began = max(now, self._playing_until)
             return
         heard = audio - self._audio_out_at_start
         self._playing_until = max(self._playing_until, self._response_began + heard)
