@@ -127,6 +127,9 @@ class ShadowItem:
     wire: dict[str, Any]
     # Order of arrival: what a switch replays is what arrived after its snapshot.
     seq: int
+    # When it last changed after it arrived (a transcript came, a truncate emptied it), on
+    # the same count: a switch replays again what changed after its snapshot.
+    changed: int = 0
 
 
 @dataclass(slots=True)
@@ -191,7 +194,10 @@ class ShadowConversation:
         wire = dict(raw)
         known = self.items.get(item_id)
         if known is not None:
-            known.wire = _keep_transcripts(known.wire, wire)
+            wire = _keep_transcripts(known.wire, wire)
+            if wire != known.wire:
+                known.wire = wire
+                self._changed(known)
         else:
             self.seq += 1
             self.items[item_id] = ShadowItem(wire, self.seq)
@@ -227,9 +233,16 @@ class ShadowConversation:
         if item is None or not isinstance(content, list) or not isinstance(index, int):
             return
         if 0 <= index < len(content) and isinstance(content[index], Mapping):
+            if content[index].get("transcript") == transcript:
+                return
             content = list(content)
             content[index] = {**content[index], "transcript": transcript}
             item.wire["content"] = content
+            self._changed(item)
+
+    def _changed(self, item: ShadowItem) -> None:
+        self.seq += 1
+        item.changed = self.seq
 
     def in_order(self) -> list[ShadowItem]:
         return [self.items[i] for i in self.order]
@@ -462,23 +475,35 @@ def plan_delta(
     audio: AudioKeeper | None = None,
 ) -> tuple[list[bytes], list[str]]:
     """What a prepared upstream still lacks at the switch: frames (creates for items that
-    arrived after the plan, deletes for items gone since) and the ids to confirm."""
+    arrived after the plan, creates in place of items that changed since, after a delete
+    of the copy it holds; deletes for items gone since) and the ids to confirm."""
     frames: list[bytes] = []
     created: list[str] = []
     previous: str | None = None
+    # Where an item goes when none the shadow holds is before it: after the replay's note.
+    first = next((i for i in sorted(present) if i.startswith(NOTE_PREFIX)), None) or "root"
     for shadowed in shadow.in_order():
         item_id = shadowed.wire["id"]
-        if item_id in present:
+        stale = item_id in present and shadowed.changed > since_seq
+        if item_id in present and not stale:
             previous = item_id
             continue
         item = None
-        if shadowed.seq > since_seq:
+        if shadowed.seq > since_seq or shadowed.changed > since_seq:
             if audio is not None:
                 item = _with_audio(shadowed.wire, flavour, audio)
             item = item or replay_item(shadowed.wire, flavour)
-        if item is not None:
+        if stale and item is not None:
+            frames.append(orjson.dumps({"type": "conversation.item.delete", "item_id": item_id}))
+            frames.extend(create_frames([item], previous or first))
+            created.append(item_id)
+        elif stale:
+            previous = item_id  # nothing of it to replay now: the copy stays
+            continue
+        elif item is not None:
             frames.extend(create_frames([item], previous))
             created.append(item_id)
+        if item is not None:
             previous = item_id
     for gone in sorted(present - set(shadow.items)):
         if not gone.startswith(NOTE_PREFIX):

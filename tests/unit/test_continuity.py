@@ -350,6 +350,32 @@ def test_delta_creates_what_arrived_after_the_plan_and_deletes_what_went():
     assert len(events) == 2  # the note stays
 
 
+def test_delta_replays_again_what_changed_after_the_plan_in_its_place():
+    """A truncate while the renewal was prepared left the whole reply in the new upstream's
+    replay (the user heard 2 s of it); a transcript that came late left its turn out."""
+    shadow = shadow_of(
+        added(assistant("a1", "A long story about a dragon.")),
+        added(user_audio("u1")),  # its transcript still to come
+        added(user_text("u2", "and then?")),
+        added(assistant("a2", "Then it flew.")),
+    )
+    plan = plan_replay(shadow, flavour="ga", max_tokens=8000, note_id="relay_note_n")
+    assert "u1" not in plan.item_ids
+    shadow.observe("conversation.item.truncated", {"item_id": "a1", "content_index": 0})
+    shadow.observe("conversation.item.input_audio_transcription.completed",
+                   {"item_id": "u1", "content_index": 0, "transcript": "tell me more"})  # fmt: skip
+    shadow.observe(*added(assistant("a2", "Then it flew.")))  # the same, reported again
+    frames, created = plan_delta(shadow, plan.seq, {*plan.item_ids}, "ga")
+    assert created == ["a1", "u1"]
+    events = created_items(frames)
+    assert events[0] == {"type": "conversation.item.delete", "item_id": "a1"}
+    assert events[1]["previous_item_id"] == "relay_note_n"  # where it was: after the note
+    assert events[1]["item"]["content"] == [{"type": "output_text", "text": ""}]
+    assert events[2]["previous_item_id"] == "a1" and events[2]["item"]["id"] == "u1"
+    assert events[2]["item"]["content"] == [{"type": "input_text", "text": "tell me more"}]
+    assert len(events) == 3
+
+
 def test_session_update_puts_the_session_in_force_without_read_only_fields():
     session = {"id": "sess_1", "object": "realtime.session", "expires_at": 9, "model": "m",
                "type": "realtime", "output_modalities": ["audio"], "instructions": "hi",
