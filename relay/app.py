@@ -308,8 +308,9 @@ async def _close_sessions(app: web.Application) -> None:
 
 
 async def drain(state: RelayState, *, grace_seconds: float) -> None:
-    """Stop taking sessions; give each open one until its response in progress is done (at
-    most ``grace_seconds``), then close it with an `error` event and 1001."""
+    """Stop taking sessions; give each open one until its turn in progress is over (a
+    response; a tool the client runs, then the answer it asks for: at most
+    ``grace_seconds``), then close it with an `error` event and 1001."""
     state.draining = True
     if state.bridges:
         _log.info("draining", sessions=len(state.bridges), grace_seconds=grace_seconds)
@@ -322,6 +323,7 @@ async def drain(state: RelayState, *, grace_seconds: float) -> None:
                     reason="relay shutting down",
                     cause="relay_shutting_down",
                     message="The relay is restarting; reconnect to continue.",
+                    whole_turn=True,
                 )
                 for bridge in list(state.bridges)
             )
@@ -337,12 +339,17 @@ async def end_after_response(
     cause: str,
     message: str,
     error_type: str = "server_error",
+    whole_turn: bool = False,
 ) -> None:
-    """Let the session finish its response in progress (at most ``grace_seconds``), then end
-    it from the relay's side with an `error` event ``cause`` and ``code``."""
+    """Let the session finish its response in progress (with ``whole_turn``, its turn: a
+    tool's output and its answer too; at most ``grace_seconds``), then end it from the
+    relay's side with an `error` event ``cause`` and ``code``."""
     try:
         async with asyncio.timeout(grace_seconds):
-            await bridge.between_responses.wait()
+            if whole_turn:
+                await bridge.turn_over.wait()
+            else:
+                await bridge.between_responses.wait()
     except TimeoutError:
         pass
     await bridge.stop(code, reason, cause=cause, message=message, error_type=error_type)

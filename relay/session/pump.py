@@ -74,6 +74,8 @@ from relay.session.policy import (
 )
 from relay.session.renewal import Renewal, is_loss
 from relay.session.reported import judge_reported
+from relay.session.tool_calls import EVENTS as TOOL_EVENTS
+from relay.session.tool_calls import ToolCalls
 from relay.upstream.handshake import abort as abort_upstream
 
 ClientSocket = web.WebSocketResponse[bool]
@@ -85,6 +87,8 @@ Side = Literal["client", "upstream", "relay"]
 _MAX_REASON_BYTES = 123
 _YIELD_EVERY = 16
 _TRUNCATE = "conversation.item.truncate"
+# After a tool's output came, how long a drain waits for the client to ask for the answer.
+_ANSWER_DUE = 3.0
 # Lines about single events (a rewrite, a refusal, an upstream error, a field left out) a
 # session logs; the rest are counted (`session_ended`'s `event_lines_left_out`): a client
 # repeating a rewritten event wrote 300 bytes of log for each, at 250 events a second.
@@ -171,7 +175,8 @@ class Bridge:
         "started_at", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
         "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
-        "settling", "requested", "responding", "appended", "event_lines", "__weakref__",
+        "settling", "requested", "responding", "appended", "event_lines", "tools", "turn_over",
+        "_answer_due", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -241,6 +246,12 @@ class Bridge:
         # cleared: without turn detection, a switch then would lose it (continuity).
         self.appended = False
         self.event_lines = 0  # lines about single events so far (`_event_line`)
+        # A turn in progress: a response, a tool the client runs (a call waiting for its
+        # output), or the answer the client asks for once the output came (`_ANSWER_DUE`).
+        # A drain waits for it (`turn_over`).
+        self.tools = ToolCalls()
+        self.turn_over = Flag(True)
+        self._answer_due: asyncio.TimerHandle | None = None
         self.violations = 0
         self.throttled = False
         # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
@@ -341,6 +352,8 @@ class Bridge:
         if _settles(ending) and (self.requested or self.responding):
             self.settling = asyncio.Event()
         self.between_responses.set()  # nothing is in progress any more: a drain need not wait
+        self.turn_over.set()
+        self._stop_answer_wait()
         self._disarm()
         return True
 
@@ -636,6 +649,31 @@ class Bridge:
         """The upstream that was generating them is gone (continuity's resume)."""
         self.responding.clear()
         self.between_responses.set()
+        self._turn_changed()
+
+    def _tool_event(self, kind: str, frame: bytes) -> None:
+        if self.tools.observe(kind, frame):
+            # The last output came: the client asks for the answer next.
+            self._stop_answer_wait()
+            loop = asyncio.get_running_loop()
+            self._answer_due = loop.call_later(_ANSWER_DUE, self._answer_waited)
+
+    def _answer_waited(self) -> None:
+        self._answer_due = None
+        self._turn_changed()
+
+    def _stop_answer_wait(self) -> None:
+        if self._answer_due is not None:
+            self._answer_due.cancel()
+            self._answer_due = None
+
+    def _turn_changed(self) -> None:
+        if self.ending is not None:
+            return
+        if self.between_responses.value and not self.tools.waiting and self._answer_due is None:
+            self.turn_over.set()
+        else:
+            self.turn_over.clear()
 
     async def _settled_by(self, kind: str, frame: bytes, settling: asyncio.Event) -> None:
         """An upstream event read after the client left mid-response (already metered)."""
@@ -669,8 +707,14 @@ class Bridge:
             self.requested = False
             self.responding.append(_response_id(frame))
             self.between_responses.clear()
+            self._stop_answer_wait()
         elif kind == "response.done":
             self._response_done(_response_id(frame))
+        if kind in TOOL_EVENTS:
+            self._tool_event(kind, frame)
+            self._turn_changed()
+        elif kind == "response.created":
+            self._turn_changed()
         if renewal is not None and kind in TRACKED:
             renewal.track(kind, frame)  # after `responding` has the event: see its quiet point
         return (frame,) if translator is None else translator.to_client(kind, frame)

@@ -156,6 +156,58 @@ async def test_a_drain_does_not_wait_past_a_stalled_response(start_fake, start_r
         assert error["error"]["code"] == "upstream_stalled"
 
 
+async def calling_a_tool(ws, fake: FakeUpstream) -> None:
+    """A service whose first response calls a tool, and whose next answers its output."""
+
+    async def send(event: dict) -> None:
+        await ws.send_str(orjson.dumps(event).decode())
+
+    await send({"type": "session.created", "event_id": "e0", "session": {}})
+    responses = 0
+    async for msg in ws:
+        event = orjson.loads(msg.data)
+        if event["type"] == "conversation.item.create":
+            await send({"type": "conversation.item.added", "item": event["item"]})
+        elif event["type"] == "response.create":
+            responses += 1
+            response = {"id": f"resp_{responses}", "status": "completed", "output": []}
+            await send({"type": "response.created", "response": response})
+            if responses == 1:
+                call = {"id": "item_call", "type": "function_call", "status": "completed",
+                        "call_id": "call_1", "name": "lookup", "arguments": "{}"}  # fmt: skip
+                response = {**response, "output": [call]}
+            await send({"type": "response.done", "response": response})
+
+
+async def test_a_drain_waits_for_a_tool_the_client_runs_and_its_answer(
+    start_fake, start_relay, http
+):
+    """The response that called the tool was done, so the drain closed the session at once:
+    the tool's output never went up and the user never heard an answer."""
+    relay = await relay_with(start_fake, start_relay, calling_a_tool)
+    state = relay.app[STATE]
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        await read_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        [*_, done] = await read_until(ws, "response.done")
+        assert done["response"]["output"][0]["call_id"] == "call_1"  # the tool runs now
+        draining = asyncio.ensure_future(drain(state, grace_seconds=60))
+        await asyncio.sleep(0)  # one pass of the loop: the drain's first step
+        assert state.draining
+        output = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+        await ws.send_str(
+            orjson.dumps({"type": "conversation.item.create", "item": output}).decode()
+        )
+        await read_until(ws, "conversation.item.added")
+        await ws.send_str('{"type":"response.create"}')
+        [*_, answer] = await read_until(ws, "response.done")
+        assert answer["response"]["id"] == "resp_2"
+        [error] = await read_until(ws, "error")
+        assert error["error"]["code"] == "relay_shutting_down"
+        async with asyncio.timeout(10):
+            await draining
+
+
 # --- an upstream that quotes the relay's credential back (found by probing) ----------------
 
 
