@@ -375,7 +375,7 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
         if code == WSCloseCode.MESSAGE_TOO_BIG and not message and not self.closed:
             # aiohttp's receive() closing after its reader refused an oversized frame.
             self._mid_frame = True
-            message = f"message too big: the limit is {self._limit} bytes".encode()
+            message = self.too_big_reason.encode()
         elif code == WSCloseCode.TRY_AGAIN_LATER and not message and not self.closed:
             reader = self._reader
             if reader is not None and isinstance(reader.exception(), frames.MessageBufferFull):
@@ -404,6 +404,10 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
         if self._lingering is not None:
             await self._lingering
         return closed
+
+    @property
+    def too_big_reason(self) -> str:
+        return f"message too big: the limit is {self._limit} bytes"
 
     def discard_incoming(self, seconds: float) -> None:
         """Before the relay closes a client for its own fault: what it still sends is read

@@ -613,6 +613,9 @@ class Bridge:
                 code = _error_code(msg.data) or client.close_code or 1006
                 cause = "client_message_too_big" if code == 1009 else ""
                 reason = _describe_error(msg.type, msg.data)
+                if code == 1009 and hasattr(client, "too_big_reason"):
+                    # As the client's close says it (aiohttp's words carry its limit + 1).
+                    reason = client.too_big_reason
                 self._end(Ending("client", code, reason, clean=False, cause=cause))
                 break
         if self.settling is not None:

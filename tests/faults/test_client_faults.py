@@ -74,18 +74,22 @@ async def echo_relay_of_4096(start_fake, start_relay) -> tuple[FakeUpstream, Any
 @pytest.mark.parametrize("size", [4096 + 1, 64 * 1024 * 1024], ids=["limit+1", "64MiB"])
 async def test_oversize_frame_closes_with_1009_and_a_reason(start_fake, start_relay, http, size):
     fake, relay = await echo_relay_of_4096(start_fake, start_relay)
-    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
-        await read_until(ws, "session.created")
-        await ws.send_str(append_of(size).decode())
-        # The relay reads and drops the rest of the frame, so its close frame is not lost
-        # to a reset while the frame is still arriving.
-        msg = await ws.receive()
-        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1009)
-        assert msg.extra == "message too big: the limit is 4096 bytes"
-    await fake.closed.wait()
+    with structlog.testing.capture_logs() as logs:
+        async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+            await read_until(ws, "session.created")
+            await ws.send_str(append_of(size).decode())
+            # The relay reads and drops the rest of the frame, so its close frame is not lost
+            # to a reset while the frame is still arriving.
+            msg = await ws.receive()
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1009)
+            assert msg.extra == "message too big: the limit is 4096 bytes"
+        await fake.closed.wait()
+        await relay.app[STATE].idle.wait()
     assert fake.close_code == 1001
-    await relay.app[STATE].idle.wait()
     assert outcomes(relay) == {"client_message_too_big": 1}
+    # The log says what the client was told (aiohttp's words named its own limit, 4097).
+    (ended,) = [e for e in logs if e["event"] == "session_ended"]
+    assert ended["close_reason"] == msg.extra
 
 
 async def test_a_message_of_exactly_the_limit_goes_through_both_ways(start_fake, start_relay, http):
