@@ -1022,3 +1022,92 @@ async def test_an_out_of_band_response_side_by_side_is_not_switched_away_from(
         async with asyncio.timeout(2 * SESSION_SECONDS):
             await renewed.wait()  # the switch follows, at the quiet point after it
     assert upstream.seen == ["oob_done", "marker"]
+
+
+class LateTranscriptUpstream:
+    """Push to talk, with transcription: a committed turn's transcript comes only when told
+    (Azure transcribes apart from the turn, sometimes seconds later)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.transcribe = asyncio.Event()
+        self.replayed: list[dict[str, Any]] = []  # items a later upstream was given
+
+    async def __call__(self, ws: Any, fake: FakeUpstream) -> None:
+        self.connections += 1
+        this = self.connections
+        audio = {"input": {"turn_detection": None, "transcription": {"model": "whisper-1"}}}
+        session = {"id": f"sess_{this}", "object": "realtime.session", "audio": audio}
+        session["expires_at"] = time.time() + SESSION_SECONDS
+
+        async def send(event: dict[str, Any]) -> None:
+            await ws.send_str(orjson.dumps(event).decode())
+
+        async def transcript(item_id: str) -> None:
+            await self.transcribe.wait()
+            await send({"type": "conversation.item.input_audio_transcription.completed",
+                        "item_id": item_id, "content_index": 0, "transcript": "hello"})  # fmt: skip
+
+        await send({"type": "session.created", "session": session})
+        async for msg in ws:
+            event = orjson.loads(msg.data)
+            kind = event["type"]
+            if kind == "session.update":
+                session = merge_session(session, event["session"])
+                await send({"type": "session.updated", "session": session})
+            elif kind == "input_audio_buffer.commit":
+                item = {"id": "item_user_1", "type": "message", "role": "user",
+                        "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
+                await send({"type": "input_audio_buffer.committed", "item_id": item["id"]})
+                await send({"type": "conversation.item.added", "item": item})
+                await send({"type": "conversation.item.done", "item": item})
+                asyncio.ensure_future(transcript(item["id"]))
+            elif kind == "conversation.item.create":
+                self.replayed.append(event["item"])
+                await send({"type": "conversation.item.added", "item": event["item"]})
+                await send({"type": "conversation.item.done", "item": event["item"]})
+            elif kind == "conversation.item.retrieve":
+                error = {"type": "invalid_request_error", "code": "item_not_found",
+                         "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
+                await send({"type": "error", "error": error})
+
+
+async def test_a_turn_whose_transcript_is_still_to_come_is_not_switched_away_from(
+    start_fake, start_relay, http, monkeypatch
+):
+    """A committed turn was quiet at once: switched before its transcript came, the
+    transcript went to the old upstream and the replay left the turn out (the model then
+    answered as if nothing had been said)."""
+    renewed = renewal_done(monkeypatch)
+    waiting = asyncio.Event()
+    until_quiet = Renewal._until_quiet
+
+    async def noted(renewal: Renewal, *args: Any) -> bool:
+        if not renewal.quiet.is_set():
+            waiting.set()
+        return await until_quiet(renewal, *args)
+
+    monkeypatch.setattr(Renewal, "_until_quiet", noted)
+    upstream = LateTranscriptUpstream()
+    server = await start_fake(FakeUpstream(script=upstream).app())
+    endpoint = str(server.make_url("")).rstrip("/")
+    relay = await start_relay(
+        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
+    )
+    async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        assert (await next_event(ws))["type"] == "session.created"
+        append = {"type": "input_audio_buffer.append", "audio": b64(tone_pcm(200))}
+        await ws.send_str(orjson.dumps(append).decode())
+        await ws.send_str('{"type":"input_audio_buffer.commit"}')
+        while (await next_event(ws))["type"] != "conversation.item.done":
+            pass
+        async with asyncio.timeout(2 * SESSION_SECONDS):
+            await waiting.wait()  # the renewal waits for a quiet point: the transcript
+        assert upstream.connections == 1
+        upstream.transcribe.set()
+        done = await next_event(ws)
+        assert done["type"] == "conversation.item.input_audio_transcription.completed"
+        async with asyncio.timeout(2 * SESSION_SECONDS):
+            await renewed.wait()
+    (turn,) = [i for i in upstream.replayed if i["id"] == "item_user_1"]
+    assert turn["content"] == [{"type": "input_text", "text": "hello"}]

@@ -41,7 +41,8 @@ TRACKED = frozenset(
     {
         "conversation.item.added", "conversation.item.created", "conversation.item.done",
         "conversation.item.deleted", "conversation.item.truncated",
-        "conversation.item.input_audio_transcription.completed", "response.output_item.done",
+        "conversation.item.input_audio_transcription.completed",
+        "conversation.item.input_audio_transcription.failed", "response.output_item.done",
         "response.created", "response.done", "input_audio_buffer.speech_started",
         "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
         "input_audio_buffer.cleared", "input_audio_buffer.timeout_triggered", "error",
@@ -586,6 +587,25 @@ def session_update(session: Mapping[str, Any], flavour: Flavour) -> bytes:
         fields["type"] = fields.get("type") or "realtime"
     return orjson.dumps(
         {"type": "session.update", "event_id": "relay_continuity_session", "session": fields}
+    )
+
+
+def transcribes(session: Mapping[str, Any], flavour: Flavour) -> bool:
+    """Whether the service transcribes the user's audio turns."""
+    if flavour == "preview":
+        return isinstance(session.get("input_audio_transcription"), Mapping)
+    audio = session.get("audio")
+    source = audio.get("input") if isinstance(audio, Mapping) else None
+    return isinstance(source, Mapping) and isinstance(source.get("transcription"), Mapping)
+
+
+def untranscribed(item: Any) -> bool:
+    """A user turn with audio whose transcript has not come (a replay would leave it out)."""
+    if not isinstance(item, Mapping) or item.get("role") != "user":
+        return False
+    return any(
+        isinstance(p, Mapping) and p.get("type") == "input_audio" and not p.get("transcript")
+        for p in item.get("content") or ()
     )
 
 

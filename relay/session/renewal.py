@@ -53,7 +53,9 @@ from relay.session.continuity import (
     session_update,
     speaks,
     spoken_reply,
+    transcribes,
     truncated_event,
+    untranscribed,
 )
 from relay.session.setup import put_in_force
 from relay.upstream.backends import Backend
@@ -75,6 +77,15 @@ _EXPIRY_MARGIN_SECONDS = 1.0
 # How long after its turn detection ends a turn the service may take to start the answer
 # before the session counts as quiet again (it starts it within a second or so).
 _ANSWER_DUE_SECONDS = 5.0
+# How long a user turn's transcript may take before the session counts as quiet without it
+# (a replay needs it: the turn would be left out).
+_TRANSCRIPT_DUE_SECONDS = 10.0
+_ITEM_REPORTS = ("conversation.item.added", "conversation.item.created", "conversation.item.done")
+_TRANSCRIPT_ENDS = (
+    "conversation.item.input_audio_transcription.completed",
+    "conversation.item.input_audio_transcription.failed",
+    "conversation.item.deleted",
+)
 # No renewal before this share of an upstream session's life: a renew_before_seconds as long
 # as the session itself would otherwise renew each new session at once, over and over.
 _EARLIEST_RENEWAL = 0.25
@@ -188,6 +199,8 @@ class Renewal:
         # The service's turn detection ended a turn and will answer it: not quiet until its
         # `response.created` (or `_ANSWER_DUE_SECONDS`, if none comes).
         self._answer_due: asyncio.TimerHandle | None = None
+        # User turns whose transcript is still to come, each until its own deadline.
+        self._transcripts: dict[str, asyncio.TimerHandle] = {}
         # Whether a quiet point waits for playback (the first half of a renewal's window: a
         # client that never leaves a gap after playing must still be renewed in the second).
         self._mind_playback = True
@@ -220,6 +233,7 @@ class Renewal:
             self.shadow.observe(kind, event)
             if self.keeper is not None:
                 self.keeper.observe(kind, event, self.bridge.session)
+            self._follow_transcripts(kind, event)
         if kind in ("response.created", "error"):
             self._requested = False  # the requested response started, or was refused
             if kind == "response.created":
@@ -330,6 +344,34 @@ class Renewal:
         if self._quiet_now():
             self.quiet.set()
 
+    def _follow_transcripts(self, kind: str, event: dict[str, Any]) -> None:
+        """A user turn whose transcript is to come is not quiet: switched away, its
+        transcript went to the old upstream and the replay left the turn out."""
+        if kind in _ITEM_REPORTS:
+            item = event.get("item")
+            item_id = item.get("id") if isinstance(item, dict) else None
+            shadowed = self.shadow.items.get(item_id) if isinstance(item_id, str) else None
+            if (
+                isinstance(item_id, str)
+                and item_id not in self._transcripts
+                and shadowed is not None  # its transcript may have come first: the shadow's
+                and untranscribed(shadowed.wire)
+                and transcribes(self.bridge.session, self.settings.flavour)
+            ):
+                loop = asyncio.get_running_loop()
+                self._transcripts[item_id] = loop.call_later(
+                    _TRANSCRIPT_DUE_SECONDS, self._transcript_waited, item_id
+                )
+        elif kind in _TRANSCRIPT_ENDS:
+            handle = self._transcripts.pop(str(event.get("item_id")), None)
+            if handle is not None:
+                handle.cancel()
+
+    def _transcript_waited(self, item_id: str) -> None:
+        self._transcripts.pop(item_id, None)
+        if self._quiet_now():
+            self.quiet.set()
+
     def _answered(self) -> None:
         """The turn's response started, or none came in time: quiet again if all else is."""
         if self._answer_due is not None:
@@ -345,6 +387,7 @@ class Renewal:
             and not self._requested
             and self._answer_due is None
             and not self._emptying
+            and not self._transcripts
             and not self._audio_unheard()
             and (not self._mind_playback or time.perf_counter() >= self._playing_until)
         )
@@ -485,10 +528,11 @@ class Renewal:
         try:
             await self._renew_each_expiry()
         finally:
-            for timer in (self._recheck, self._answer_due):  # no timer outlives its session
-                if timer is not None:
+            for timer in (self._recheck, self._answer_due, *self._transcripts.values()):
+                if timer is not None:  # no timer outlives its session
                     timer.cancel()
             self._recheck = self._answer_due = None
+            self._transcripts.clear()
 
     async def _renew_each_expiry(self) -> None:
         while True:
