@@ -268,3 +268,19 @@ async def test_all_backends_down_is_an_honest_answer(start_relay, http):
         assert response.status == 503
         assert (await response.json())["error"]["code"] == "no_backend_available"
         assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_a_rate_limited_backend_is_never_ejected_for_it():
+    """Three 429s in a row ejected the backend: a quota event was answered 503 "no backend"
+    (paging as an outage) and kept it out for eject_seconds, not Azure's Retry-After."""
+    clock = Clock()
+    p = pool(("a", 1, 1.0), clock=clock)
+    for _ in range(5):
+        p.failed(p.backends[0], UpstreamRefused(429, "upstream_rate_limited", "x", retry_after="3"))
+        assert p.backends[0].state(clock.now) == "rate_limited"
+        refusal = p.unavailable_refusal()
+        assert (refusal.status, refusal.code, refusal.retry_after) == (
+            429, "upstream_rate_limited", "3"
+        )  # fmt: skip
+    clock.now += 3
+    assert p.candidates() == p.backends

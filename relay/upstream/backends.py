@@ -6,8 +6,11 @@ Rules:
   order, if the handshake fails: connect failure, timeout, 401/403, 429 or 5xx.
 - A backend that fails `eject_after_failures` handshakes in a row is ejected for
   `eject_seconds`; the first session after that probes it (one more failure ejects it
-  again at once, a success makes it healthy). A 429's Retry-After keeps new sessions away
-  from that backend for that long. A backend whose credential has no valid token is skipped.
+  again at once, a success makes it healthy). A 429 is no failure: its Retry-After keeps
+  new sessions away from that backend for that long, and it is never ejected for it (a
+  quota event was answered 503 "no backend", paging as an outage, and kept the backend out
+  for eject_seconds rather than Azure's time). A backend whose credential has no valid
+  token is skipped.
 - The state is per process: each relay process learns its backends' health for itself.
 """
 
@@ -121,9 +124,11 @@ class BackendPool:
 
     def failed(self, backend: Backend, refusal: UpstreamRefused) -> None:
         now = self.clock()
+        if refusal.status == 429:
+            # Whole seconds, 1 to 300 (`dial.retry_after_seconds`); 1 without one.
+            backend.retry_after_until = now + float(refusal.retry_after or "1")
+            return
         backend.consecutive_failures += 1
-        if refusal.status == 429 and refusal.retry_after:
-            backend.retry_after_until = now + float(refusal.retry_after)
         if backend.consecutive_failures >= self.eject_after_failures:
             backend.ejected_until = now + self.eject_seconds
             _log.warning(
