@@ -74,6 +74,11 @@ class RequestRejected(ClientRefused):
         self.param = param
 
 
+class RelayUnavailable(HttpRefusal):
+    """The relay cannot take the request now (draining, out of file descriptors, its
+    admission store unreachable): a server error, not the client's."""
+
+
 class UpstreamRefused(HttpRefusal):
     """The upstream could not be reached, timed out, or refused the relay."""
 

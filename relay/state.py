@@ -19,7 +19,7 @@ from relay.edge.admission import AdmissionStore, AuthBrake
 from relay.edge.auth import KeyRing, client_address
 from relay.edge.budget import Budgets
 from relay.edge.pass_gate import PassGate
-from relay.errors import ClientRefused
+from relay.errors import RelayUnavailable
 from relay.ops.config import CredentialConfig, RelayConfig, TeamConfig
 from relay.ops.descriptors import DescriptorWatch
 from relay.ops.logsetup import CLIENT_ADDRESS
@@ -138,9 +138,9 @@ class RelayState:
     def check_open(self) -> None:
         """Refuse a new session or call (503) while this process takes none."""
         if self.draining:
-            raise ClientRefused(503, "relay_draining", "The relay is restarting; retry shortly.")
+            raise RelayUnavailable(503, "relay_draining", "The relay is restarting; retry shortly.")
         if self.descriptors.exhausted():
-            raise ClientRefused(
+            raise RelayUnavailable(
                 503,
                 "relay_out_of_file_descriptors",
                 "The relay has as many connections open as it can hold; retry later.",

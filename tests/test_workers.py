@@ -85,14 +85,15 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
             victim = int(next(iter(ready)))
             os.kill(victim, signal.SIGKILL)
             for _ in range(200):
-                pids = {s.labels["pid"] for s in (await scrape(http, metrics_port))["relay_ready"]}
-                if str(victim) not in pids and len(pids) == 2:
+                found = await scrape(http, metrics_port)
+                pids = {s.labels["pid"] for s in found["relay_ready"]}
+                running = [s.value for s in found["relay_workers_running"]]
+                # Running once its `relay_listening` line reached the supervisor.
+                if str(victim) not in pids and len(pids) == 2 and running == [2]:
                     break
                 await asyncio.sleep(0.05)  # a process restart: no event to await from here
-            assert str(victim) not in pids and len(pids) == 2
-            found = await scrape(http, metrics_port)
+            assert str(victim) not in pids and len(pids) == 2 and running == [2]
             assert [s.value for s in found["relay_workers"]] == [2]
-            assert [s.value for s in found["relay_workers_running"]] == [2]
             restarts = {s.labels["worker"]: s.value for s in found["relay_worker_restarts_total"]}
             assert sorted(restarts.values()) == [0, 1]
 
@@ -237,10 +238,26 @@ async def test_a_worker_line_past_the_limit_is_dropped_and_the_lines_after_it_pa
     stream = asyncio.StreamReader(limit=64)
     stream.feed_data(b'{"event":"a"}\n' + b"x" * 100)
     with capture_logs() as logs:
-        reading = asyncio.ensure_future(workers.relay_output(stream, None))
+        reading = asyncio.ensure_future(workers.relay_output(stream))
         stream.feed_data(b"x" * 300)  # the long line arrives in pieces
         stream.feed_data(b"x\n" + b'{"event":"b"}\n' + b"y" * 200 + b'\n{"event":"c"}')
         stream.feed_eof()
         await reading
     assert written == [b'{"event":"a"}\n', b'{"event":"b"}\n', b'{"event":"c"}']
     assert [e["event"] for e in logs] == ["worker_log_line_too_long"] * 2
+
+
+def test_a_worker_counts_as_running_once_it_listens_and_while_it_lives():
+    """A worker restarted onto a broken config runs half a second before it exits: counted
+    as running then, each attempt could reset RelayWorkersDown's `for:`."""
+    from types import SimpleNamespace
+
+    from relay.ops.workers import Worker
+
+    process = SimpleNamespace(returncode=None, pid=1)
+    worker = Worker(0, process, 0.0)  # type: ignore[arg-type]
+    assert not worker.running  # started, not listening yet
+    worker.listening = True
+    assert worker.running
+    process.returncode = 2
+    assert not worker.running

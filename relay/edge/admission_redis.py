@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from relay.errors import ClientRefused
+from relay.errors import ClientRefused, RelayUnavailable
 from relay.ops.config import AdmissionConfig, LimitsConfig, TeamLimits
 
 _log = structlog.get_logger("relay.edge.admission")
@@ -295,7 +295,7 @@ class RedisAdmission:
             policy=own.on_redis_error,
         )
         if own.on_redis_error == "closed":
-            raise ClientRefused(
+            raise RelayUnavailable(
                 503,
                 "admission_unavailable",
                 "The relay cannot check this team's limits right now; retry shortly.",

@@ -467,6 +467,8 @@ class Metrics:
             ),
         )
         metrics.build_info.labels(build_version(), build_commit(), frame_scans()).set(1)
+        for outcome in ("applied", "unchanged", "rejected"):  # at 0: `increase()` sees the first
+            metrics.config_reloads.labels(outcome)
         return metrics
 
 

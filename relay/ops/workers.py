@@ -64,6 +64,13 @@ class Worker:
     process: asyncio.subprocess.Process
     started_at: float
     restarts: int = 0
+    # It said it listens (`relay_listening`): a worker that exits while starting (a broken
+    # config) never counts as running, so its brief restarts cannot reset the alert.
+    listening: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.listening and self.process.returncode is None
 
 
 class Supervisor:
@@ -218,9 +225,11 @@ class Supervisor:
         )  # fmt: skip
         previous = self.workers.get(index)
         restarts = previous.restarts + 1 if previous else 0
-        self.workers[index] = Worker(index, process, self._loop.time(), restarts)
+        worker = self.workers[index] = Worker(index, process, self._loop.time(), restarts)
         assert process.stdout is not None
-        self._loop.create_task(relay_output(process.stdout, ready), name=f"worker {index} log")
+        self._loop.create_task(
+            _pass_output(worker, process.stdout, ready), name=f"worker {index} log"
+        )
         _log.info("worker_started", worker=index, pid=process.pid)
 
     async def _supervise(self) -> int:
@@ -301,7 +310,7 @@ class _WorkerStats(Collector):
         configured = GaugeMetricFamily("relay_workers", "Worker processes configured.")
         configured.add_metric([], supervisor.count)
         running = GaugeMetricFamily("relay_workers_running", "Worker processes running now.")
-        running.add_metric([], len(supervisor._live_pids()))
+        running.add_metric([], sum(1 for w in supervisor.workers.values() if w.running))
         restarts = CounterMetricFamily(
             "relay_worker_restarts",
             "Worker processes started again after one exited.",
@@ -368,8 +377,23 @@ class _reserve_port:
         self.sock.close()
 
 
-async def relay_output(stream: asyncio.StreamReader, ready: asyncio.Future[str] | None) -> None:
-    """Pass a worker's log lines through; note when it is listening. A line past
+async def _pass_output(
+    worker: Worker, stream: asyncio.StreamReader, ready: asyncio.Future[str] | None
+) -> None:
+    def listening(url: str) -> None:
+        worker.listening = True
+        if ready is not None and not ready.done():
+            ready.set_result(url)
+
+    await relay_output(stream, listening)
+    if ready is not None and not ready.done():
+        ready.set_exception(RuntimeError("a worker exited before listening"))
+
+
+async def relay_output(
+    stream: asyncio.StreamReader, on_listening: Callable[[str], None] | None = None
+) -> None:
+    """Pass a worker's log lines through; say when it is listening. A line past
     `MAX_WORKER_LINE_BYTES` is dropped and said (readline's error ended this reading, and
     every later line of the worker was lost while it went on serving)."""
     while True:
@@ -384,10 +408,9 @@ async def relay_output(stream: asyncio.StreamReader, ready: asyncio.Future[str] 
             _log.warning("worker_log_line_too_long", limit_bytes=MAX_WORKER_LINE_BYTES)
             continue
         write_log_line(line)
-        if ready is not None and not ready.done() and b'"relay_listening"' in line:
-            ready.set_result(str(orjson.loads(line).get("url", "")))
-    if ready is not None and not ready.done():
-        ready.set_exception(RuntimeError("a worker exited before listening"))
+        if on_listening is not None and b'"relay_listening"' in line:
+            on_listening(str(orjson.loads(line).get("url", "")))
+            on_listening = None
 
 
 async def _skip_line(stream: asyncio.StreamReader) -> None:
