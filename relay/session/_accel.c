@@ -14,7 +14,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -1128,8 +1130,30 @@ scan_string(Scan *s, int decode)
     }
 }
 
+/* Whether a number literal (valid JSON) is past a double's range: the service reads numbers
+ * as doubles (orjson: "number is infinity when parsed as double") and refuses the event.
+ * Only a literal with an exponent, or 309 integer digits or more, can be; strtod, not
+ * Python's parser: the scan may run without the GIL. */
+static int
+number_overflows(const unsigned char *t, Py_ssize_t len, Py_ssize_t int_digits, int exponent)
+{
+    if (!exponent && int_digits < 309)
+        return 0;
+    char small[64];
+    char *buf = len < (Py_ssize_t)sizeof(small) ? small : malloc((size_t)len + 1);
+    if (buf == NULL)
+        return 1; /* out of memory for a copy: refused rather than judged unread */
+    memcpy(buf, t, (size_t)len);
+    buf[len] = '\0';
+    double value = strtod(buf, NULL);
+    if (buf != small)
+        free(buf);
+    return isinf(value);
+}
+
 /* A number at s->pos, as json's scanner reads one; an integer of more than max_digits
- * digits is refused, as int() refuses it. */
+ * digits is refused, as int() refuses it, and one past a double's range as the service
+ * refuses it (`number_overflows`). */
 static int
 scan_number(Scan *s)
 {
@@ -1146,7 +1170,7 @@ scan_number(Scan *s)
         while (i < n && p[i] >= '0' && p[i] <= '9')
             i++;
     Py_ssize_t digits = i - digits_start;
-    int integer = 1;
+    int integer = 1, exponent = 0;
     if (i + 1 < n && p[i] == '.' && p[i + 1] >= '0' && p[i + 1] <= '9') {
         integer = 0;
         i += 2;
@@ -1159,12 +1183,15 @@ scan_number(Scan *s)
             j++;
         if (j < n && p[j] >= '0' && p[j] <= '9') {
             integer = 0;
+            exponent = 1;
             i = j;
             while (i < n && p[i] >= '0' && p[i] <= '9')
                 i++;
         }
     }
     if (integer && s->max_digits > 0 && digits > s->max_digits)
+        return scan_fail(s, SCAN_INVALID);
+    if (number_overflows(p + s->pos, i - s->pos, digits, exponent))
         return scan_fail(s, SCAN_INVALID);
     s->pos = i;
     return 0;
