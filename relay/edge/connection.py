@@ -59,8 +59,8 @@ class RelayConnection(RequestHandler):
     malformed requests and a lingering close after an oversized frame."""
 
     __slots__ = (
-        "_header_timeout", "_max_head_bytes", "_awaiting_head", "_head_bytes", "_head_deadline",
-        "_head_overdue", "_unread_body", "_linger",
+        "_header_timeout", "_max_head_bytes", "_counting", "_head_bytes", "_head_deadline",
+        "_head_overdue", "_received", "_tail", "_body_end", "_chunked", "_linger",
         "upgrading", "large_frames",
     )  # fmt: skip
 
@@ -68,15 +68,21 @@ class RelayConnection(RequestHandler):
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._max_head_bytes = HEAD_LINES * self.max_field_size
-        self._awaiting_head = True
+        # The bytes of a head not yet whole (`_head_bytes`) are what came after the end of
+        # the last whole head and its body: offsets in all the connection received, its last
+        # three bytes kept so that a head's end split over two reads is found. Not counted
+        # once a request asks for an upgrade (frames follow), nor inside a chunked body
+        # (its end is not counted: once its payload has all come, counting starts afresh).
+        self._counting = True
         self._head_bytes = 0
+        self._received = 0
+        self._tail = b""
+        self._body_end = 0
+        self._chunked: Any = None
         self._head_deadline: asyncio.TimerHandle | None = None
         # A pipelined head timed out or outgrew the bound while a request before it was
         # still to be answered: its 408 or 431 comes once that one is (`log_access`).
         self._head_overdue: Callable[[], None] | None = None
-        # A body its request was answered before it was read: what arrives next is its rest
-        # (aiohttp reads it and drops it), not the next request's head.
-        self._unread_body: Any = None
         self._linger: _Linger | None = None
         # The ClientSocket being prepared on this connection, until it sets its parser.
         self.upgrading: ClientSocket | None = None
@@ -127,32 +133,40 @@ class RelayConnection(RequestHandler):
                 if eof:
                     self.close()
             return
-        body = self._unread_body
-        if body is not None and body.is_eof():
-            self._unread_body = None
-            self._awaiting_head = True
-        if not self._awaiting_head:
+        if not self._counting:
             super().data_received(data)
             return
+        received, tail = self._received, self._tail
+        self._received += len(data)
+        self._tail = (tail + data)[-3:]
         made = self._request_count
         super().data_received(data)
-        if self._request_count == made:
-            self._head_bytes += len(data)  # still no whole head
-        elif _head_only(self._messages[-1][0] if self._messages else None):
-            # Whole heads, and no body or frames after them: what follows the last is the
-            # next head (pipelined), held by the parser. Counted and timed like any head.
-            end = data.rfind(b"\r\n\r\n")
-            self._head_bytes = len(data) - (end + 4) if end >= 0 else len(data)
-        else:
-            # A body or frames follow (bounded by aiohttp's flow control): not head.
-            self._awaiting_head = False
-            self._head_bytes = 0
+        if self._request_count > made:  # whole heads in this read: the last one's end
+            end = (tail + data).rfind(b"\r\n\r\n")
+            head_end = received - len(tail) + end + 4 if end >= 0 else self._received
+            message, payload = self._messages[-1] if self._messages else (None, None)
+            length = _body_length(message)
+            if length is _UPGRADE:
+                self._stop_counting()  # frames follow (or its refusal, then the close)
+                return
+            self._chunked = payload if length is None else None
+            self._body_end = head_end + (length or 0)
+        chunked = self._chunked
+        if chunked is not None and chunked.is_eof():
+            self._chunked, self._body_end = None, self._received
+        pending = 0 if self._chunked is not None else self._received - self._body_end
+        self._head_bytes = max(0, pending)
         if not self._head_bytes:
             self._disarm_head_deadline()
         elif self._head_bytes > self._max_head_bytes:
             self._head_too_large()  # no whole head within the bound: refused
         elif self._head_deadline is None and self._head_overdue is None:
             self._arm_head_deadline()
+
+    def _stop_counting(self) -> None:
+        self._counting = False
+        self._head_bytes = 0
+        self._disarm_head_deadline()
 
     def _head_too_large(self) -> None:
         self._disarm_head_deadline()
@@ -165,7 +179,7 @@ class RelayConnection(RequestHandler):
 
     def _refuse_large_head(self) -> None:
         transport = self.transport
-        self._awaiting_head = False
+        self._counting = False
         if transport is not None and not transport.is_closing():
             _log.info(
                 "request_head_too_large",
@@ -182,11 +196,11 @@ class RelayConnection(RequestHandler):
 
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: Any) -> None:
         super().log_access(request, response, time)
-        # The response is done: the next bytes start a new head, once its body has all come.
-        if request.content.is_eof():
-            self._awaiting_head = True
-        else:
-            self._unread_body = request.content
+        if not self._counting and self._payload_parser is None and self._linger is None:
+            # An upgrade refused over HTTP: what came after it is no head (aiohttp keeps it
+            # aside, bounded); a head starts with the next bytes.
+            self._counting = True
+            self._body_end = self._received
         overdue = self._head_overdue
         if overdue is not None and not self._messages:  # this answer is written: now
             self._head_overdue = None
@@ -208,7 +222,7 @@ class RelayConnection(RequestHandler):
     def _head_timed_out(self) -> None:
         self._head_deadline = None
         transport = self.transport
-        if transport is None or not self._awaiting_head:
+        if transport is None or not self._counting:
             return
         if self._answering():
             self._head_overdue = self._refuse_late_head
@@ -431,13 +445,20 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             self._lingering = protocol.linger(seconds=self._linger_seconds, max_bytes=max_bytes)
 
 
-def _head_only(message: Any) -> bool:
-    """A parsed request with nothing after its head: no body, not an upgrade."""
-    headers = getattr(message, "headers", None)  # a parse error's entry has none
-    if headers is None or message.upgrade or message.chunked:
-        return False
+_UPGRADE = -1
+
+
+def _body_length(message: Any) -> int | None:
+    """What follows a parsed request's head: its body's length (0: none), None for a
+    chunked body, `_UPGRADE` for frames (an upgrade, or a parse error's entry: the
+    connection is then answered and closed)."""
+    headers = getattr(message, "headers", None)
+    if headers is None or message.upgrade:
+        return _UPGRADE
+    if message.chunked:
+        return None
     length = headers.get("Content-Length", "0").strip() or "0"
-    return length.isdigit() and int(length) == 0
+    return int(length) if length.isdigit() else _UPGRADE
 
 
 # Close codes of a client's broken frames; a close reason holds at most 123 bytes.

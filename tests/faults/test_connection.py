@@ -289,3 +289,54 @@ async def test_a_head_pipelined_behind_a_whole_one_is_bounded_and_timed(simulato
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         await reader.readexactly(length)
     writer.close()
+
+
+@pytest.mark.parametrize("body", ["length", "chunked"])
+async def test_a_head_pipelined_behind_a_body_is_bounded(simulator, start_relay, body):
+    """Behind a request with a body, an unfinished second head was neither counted nor
+    timed: held to the keep-alive timeout (75 s)."""
+    relay = await start_relay(relay_config(simulator.url))
+    if body == "length":
+        first = b"POST /healthz HTTP/1.1\r\nHost: relay\r\nContent-Length: 1\r\n\r\nX"
+    else:
+        first = b"POST /healthz HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        first += b"1\r\nX\r\n0\r\n\r\n"
+    pad = "".join(f"x-pad-{i}: {'y' * 15000}\r\n" for i in range(10)).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(first)
+    head = await reader.readuntil(b"\r\n\r\n")  # its answer (405), the connection kept
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + pad)
+    rest = await reader.read()
+    writer.close()
+    assert rest.startswith(b"HTTP/1.1 431")
+    if body == "length":  # and in the same read as the body
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(first + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + pad)
+        answers = await reader.read()
+        writer.close()
+        assert answers.startswith(b"HTTP/1.1 405") and b"HTTP/1.1 431" in answers
+
+
+async def test_a_head_whose_end_comes_in_the_next_read_leaves_no_deadline(simulator, start_relay):
+    """A head whose blank line came in a read of its own left its deadline armed: an idle
+    keep-alive connection got an unasked 408 at header_timeout_seconds."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 0.5}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    for split in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+    ):
+        writer.write(split)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # a read of its own for the rest
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[len(split) :])
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        await asyncio.sleep(1.0)  # idle past the header timeout: the connection stays open
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    writer.close()
