@@ -24,6 +24,7 @@ from relay.ops.check import ConfigSource
 from relay.ops.config import RelayConfig
 from relay.ops.logsetup import AccessLogger
 from relay.ops.watch import watch_file
+from relay.ops.workers import beat
 from relay.state import REGISTRY, RELOAD, STATE, RelayState
 
 _log = structlog.get_logger("relay.server")
@@ -57,6 +58,7 @@ async def run_server(
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     watcher: asyncio.Task[None] | None = None
+    heartbeat: asyncio.Task[None] | None = None
     certificate_watch: asyncio.Task[None] | None = None
     try:
         tls = config.server.tls
@@ -105,6 +107,8 @@ async def run_server(
             watcher = loop.create_task(
                 watch_file(source.path, reloads.run), name="config file watch"
             )
+        if worker:  # the supervisor kills a worker whose loop stops beating
+            heartbeat = loop.create_task(beat(environ), name="worker heartbeat")
         with pid_file(None if worker else config.server.pid_file):
             _log.info("relay_listening", url=url, frame_scans=frame_scans())
             on_ready(url)
@@ -114,7 +118,7 @@ async def run_server(
             _log.info("relay_stopping", grace_seconds=grace)
             await drain(state, grace_seconds=grace)
     finally:
-        for task in (watcher, certificate_watch):
+        for task in (watcher, certificate_watch, heartbeat):
             if task is not None:
                 task.cancel()
         await reloads.cancel()

@@ -261,3 +261,35 @@ def test_a_worker_counts_as_running_once_it_listens_and_while_it_lives():
     assert worker.running
     process.returncode = 2
     assert not worker.running
+
+
+async def test_a_worker_whose_loop_stops_beating_is_killed_and_restarted(tmp_path):
+    """A stopped worker kept its share of the port: half the connections hung, its frozen
+    metrics said all was well, and nothing alerted. Its heartbeat stops: the supervisor
+    kills it, and starts another."""
+    metrics_port = free_port()
+    config = tmp_path / "relay.toml"
+    text = CONFIG.format(metrics_port=metrics_port, key=hash_key(KEY))
+    config.write_text(text.replace("[server]\n", "[server]\nworker_unresponsive_seconds = 2\n"))
+    lines: asyncio.Queue = asyncio.Queue()
+    env = {"RELAY_SIMULATOR_KEY": "sim"}
+    async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                ready = [s.labels["pid"] for s in (await scrape(http, metrics_port))["relay_ready"]]
+                if len(ready) == 2:
+                    break
+                await asyncio.sleep(0.05)  # workers write their gauges every second: poll
+            victim = int(ready[0])
+            os.kill(victim, signal.SIGSTOP)
+            async with asyncio.timeout(30):
+                while (line := await lines.get()).get("event") != "worker_unresponsive":
+                    pass
+            assert line["pid"] == victim and line["silent_seconds"] > 2
+            async with asyncio.timeout(30):
+                while (line := await lines.get()).get("event") != "worker_started":
+                    pass
+                while (line := await lines.get()).get("event") != "relay_listening":
+                    pass  # the new worker's
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0

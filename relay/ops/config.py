@@ -107,6 +107,9 @@ class ServerConfig:
     keepalive_timeout_seconds: float = 75.0
     # On SIGTERM: how long sessions may finish the response in progress before 1001.
     drain_grace_seconds: float = 25.0
+    # Under --workers: a worker whose event loop has not beaten for this long (frozen,
+    # stopped, deadlocked) is killed and started again.
+    worker_unresponsive_seconds: float = 30.0
     tls: TlsConfig | None = None
     # Reload when the config file changes on disk (a Kubernetes ConfigMap update).
     watch_config: bool = False
@@ -120,6 +123,7 @@ class ServerConfig:
                 "max_message_bytes", "heartbeat_seconds", "close_timeout_seconds",
                 "stall_timeout_seconds", "max_header_bytes", "max_pings_per_second",
                 "header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog",
+                "worker_unresponsive_seconds",
             ),
         )  # fmt: skip
         if not 0 <= self.port <= 65535:

@@ -43,6 +43,9 @@ from relay.ops.watch import watch_file
 
 _log = structlog.get_logger("relay.ops.workers")
 # The longest log line a worker's output may carry (the relay's own are far shorter).
+# A worker's event loop writes a byte down a pipe to the supervisor this often.
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_FD_ENV = "RELAY_HEARTBEAT_FD"
 MAX_WORKER_LINE_BYTES = 1024 * 1024
 _CRASH_WINDOW_SECONDS = 10.0
 _MAX_RESTART_DELAY_SECONDS = 30.0
@@ -67,6 +70,11 @@ class Worker:
     # It said it listens (`relay_listening`): a worker that exits while starting (a broken
     # config) never counts as running, so its brief restarts cannot reset the alert.
     listening: bool = False
+    # When its event loop last beat (`beat`), on the supervisor's clock; and its end of the
+    # heartbeat pipe.
+    beat_at: float = 0.0
+    beats: int = -1
+    killed_unresponsive: bool = False
 
     @property
     def running(self) -> bool:
@@ -215,24 +223,77 @@ class Supervisor:
             **self.overrides,
             "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir.name,
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "serve", "--config", str(self.source.path),
-            "--worker", str(index),
-            stdout=asyncio.subprocess.PIPE,
-            limit=MAX_WORKER_LINE_BYTES,
-            env=env,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
+        beats, beating = os.pipe()
+        os.set_blocking(beats, False)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", "serve", "--config", str(self.source.path),
+                "--worker", str(index),
+                stdout=asyncio.subprocess.PIPE,
+                limit=MAX_WORKER_LINE_BYTES,
+                env={**env, HEARTBEAT_FD_ENV: str(beating)},
+                pass_fds=(beating,),
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        except BaseException:
+            os.close(beats)
+            raise
+        finally:
+            os.close(beating)
         previous = self.workers.get(index)
         restarts = previous.restarts + 1 if previous else 0
         worker = self.workers[index] = Worker(index, process, self._loop.time(), restarts)
+        worker.beat_at, worker.beats = self._loop.time(), beats
+        self._loop.add_reader(beats, self._heard, worker)
         assert process.stdout is not None
         self._loop.create_task(
             _pass_output(worker, process.stdout, ready), name=f"worker {index} log"
         )
         _log.info("worker_started", worker=index, pid=process.pid)
 
+    def _heard(self, worker: Worker) -> None:
+        """A worker's heartbeat pipe is readable: it beat, or it is gone (EOF)."""
+        try:
+            data = os.read(worker.beats, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            worker.beat_at = self._loop.time()
+            return
+        self._loop.remove_reader(worker.beats)
+        os.close(worker.beats)
+        worker.beats = -1
+
+    async def _watch_heartbeats(self) -> None:
+        """Kill a worker whose event loop stopped beating (SIGSTOP, a deadlock, a frozen
+        loop): its port share kept taking connections that hung, and its metrics, frozen
+        too, said all was well. Its restart is then counted and alerted on."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            limit = self.config.server.worker_unresponsive_seconds
+            now = self._loop.time()
+            for worker in self.workers.values():
+                silent = now - worker.beat_at
+                if worker.running and silent > limit and not worker.killed_unresponsive:
+                    worker.killed_unresponsive = True
+                    _log.error(
+                        "worker_unresponsive",
+                        worker=worker.index,
+                        pid=worker.process.pid,
+                        silent_seconds=round(silent, 1),
+                    )
+                    worker.process.kill()
+
     async def _supervise(self) -> int:
+        watchdog = self._loop.create_task(self._watch_heartbeats(), name="worker heartbeats")
+        try:
+            return await self._supervise_workers()
+        finally:
+            watchdog.cancel()
+
+    async def _supervise_workers(self) -> int:
         stop = self._stop
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(signum, stop.set)
@@ -423,3 +484,20 @@ async def _skip_line(stream: asyncio.StreamReader) -> None:
             await stream.readexactly(over.consumed)
         except asyncio.IncompleteReadError:
             return
+
+
+async def beat(environ: Mapping[str, str]) -> None:
+    """A worker's side of the heartbeat: a byte a second from its event loop, while the
+    supervisor reads (a full pipe skips a beat; a closed one ends it)."""
+    fd = int(environ.get(HEARTBEAT_FD_ENV, "-1"))
+    if fd < 0:
+        return
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            os.write(fd, b".")
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        await asyncio.sleep(HEARTBEAT_SECONDS)
