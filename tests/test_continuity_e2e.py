@@ -921,17 +921,34 @@ async def test_a_truncate_of_a_reply_replayed_as_text_is_done_by_the_relay(
                 truncate = {"type": "conversation.item.truncate", "event_id": f"cut_{cut}",
                             "item_id": cut, "content_index": 0, "audio_end_ms": 100}  # fmt: skip
                 await ws.send_str(orjson.dumps(truncate).decode())
-                event = await next_event(ws)
-                assert event["type"] == "conversation.item.truncated", event
-                assert (event["item_id"], event["content_index"]) == (cut, 0)
-                assert event["audio_end_ms"] == 100
+                # A second barge-in at once, while the relay's edit is under way: done too
+                # (it went up, and met the reply removed for the edit).
+                await ws.send_str(orjson.dumps({**truncate, "audio_end_ms": 50}).decode())
+                for end in (100, 50):
+                    event = await next_event(ws)
+                    assert event["type"] == "conversation.item.truncated", event
+                    assert (event["item_id"], event["content_index"]) == (cut, 0)
+                    assert event["audio_end_ms"] == end
                 [part] = (await retrieved(ws, cut))["item"]["content"]
                 assert part["text"] == ""  # no unheard text left in the context
             await retrieve_all(ws, ["item_user_0000", "item_user_0001"])
             # Truncated again, as the service takes a second cut of audio.
             await ws.send_str(orjson.dumps(truncate).decode())
             assert (await next_event(ws))["type"] == "conversation.item.truncated"
-            await turn(ws, "And now?", 2)  # the conversation goes on
+            await ask(ws, "And now?", 2)  # the conversation goes on
+            while (event := await next_event(ws))["type"] != "response.done":
+                pass
+            replies.append(event["response"]["output"][0]["id"])
+            # Everything deleted but the replay's note: the next item's previous one is the
+            # conversation's start (null), never the relay's note (`next_event` checks).
+            for item_id in ["item_user_0000", "item_user_0001", "item_user_0002", *replies]:
+                delete = {"type": "conversation.item.delete", "item_id": item_id}
+                await ws.send_str(orjson.dumps(delete).decode())
+            await ask(ws, "Fresh start.", 9)
+            while (event := await next_event(ws))["type"] != "response.done":
+                if event["type"] == "conversation.item.added":
+                    if event["item"]["id"] == "item_user_0009":
+                        assert event["previous_item_id"] is None
     finally:
         await simulator.close()
 

@@ -48,6 +48,13 @@ TRACKED = frozenset(
         "input_audio_buffer.cleared", "input_audio_buffer.timeout_triggered", "error",
     }
 )  # fmt: skip
+# Upstream events that name an item's previous one (the replay's note may be it).
+PREVIOUS_ITEM_EVENTS = frozenset(
+    {
+        "conversation.item.added", "conversation.item.created", "conversation.item.done",
+        "input_audio_buffer.committed",
+    }
+)  # fmt: skip
 # Session fields the service sets itself; a session.update carrying them is refused or moot.
 _READ_ONLY = frozenset({"id", "object", "expires_at", "client_secret", "model"})
 KEEP_SPEAKING_NOTE = (
@@ -485,7 +492,9 @@ def plan_delta(
     first = next((i for i in sorted(present) if i.startswith(NOTE_PREFIX)), None) or "root"
     for shadowed in shadow.in_order():
         item_id = shadowed.wire["id"]
-        stale = item_id in present and shadowed.changed > since_seq
+        # Changed since the plan, or deleted and made again under its id: the copy the
+        # prepared upstream holds is not the item's.
+        stale = item_id in present and max(shadowed.seq, shadowed.changed) > since_seq
         if item_id in present and not stale:
             previous = item_id
             continue
@@ -501,8 +510,8 @@ def plan_delta(
         elif stale:
             previous = item_id  # nothing of it to replay now: the copy stays
             continue
-        elif item is not None:
-            frames.extend(create_frames([item], previous))
+        elif item is not None:  # first the shadow holds: after the note, not at the end
+            frames.extend(create_frames([item], previous or first))
             created.append(item_id)
         if item is not None:
             previous = item_id

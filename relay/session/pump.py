@@ -59,7 +59,7 @@ from relay.session.codec import (
     read_unparsed,
     sniff_type,
 )
-from relay.session.continuity import TRACKED
+from relay.session.continuity import PREVIOUS_ITEM_EVENTS, TRACKED
 from relay.session.dialect import Translation, Translator
 from relay.session.event_types import AUDIO_DELTA_TYPES
 from relay.session.events import error_event
@@ -695,6 +695,8 @@ class Bridge:
         self.meter.upstream_event(kind, frame)
         renewal = self.renewal
         translator = self.translator
+        if renewal is not None and kind in PREVIOUS_ITEM_EVENTS:
+            frame = renewal.hide_note(frame)
         if renewal is not None and kind in TRACKED:
             instead = renewal.own_answer(kind, frame)
             if instead is not None:  # an answer to the relay's own edits

@@ -27,7 +27,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -134,6 +134,8 @@ class _Emptying:
     content_index: int
     audio_end_ms: Any
     event_id: str
+    # Truncates of the same reply sent meanwhile: each is told it is done, with this one.
+    more: list[tuple[int, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -212,6 +214,7 @@ class Renewal:
         # first the shadow holds (the replay's note), and the truncates under way.
         self.textified: set[str] = set()
         self._first: str | None = None
+        self._note_token = b""  # the note's id as a JSON string, to hide (`hide_note`)
         self._emptying: dict[str, _Emptying] = {}
 
     # --- called by the upstream pump ---------------------------------------------------------
@@ -222,6 +225,14 @@ class Renewal:
         if self._emptying and kind in _EMPTYING_ANSWERS:
             return self._emptying_answer(kind, frame)
         return None
+
+    def hide_note(self, frame: bytes) -> bytes:
+        """An upstream event naming the replay's note as an item's previous one (the first
+        the client knows of, or one it put first), as the service would name it: null, the
+        conversation's start. The note is the relay's own; a client inserting after its id
+        failed after the next renewal."""
+        token = self._note_token
+        return frame.replace(token, b"null") if token and token in frame else frame
 
     def track(self, kind: str, frame: bytes) -> None:
         """Feed one upstream event of `continuity.TRACKED` to the shadow conversation."""
@@ -268,10 +279,14 @@ class Renewal:
             return False
         item_id = event.get("item_id") if isinstance(event, dict) else None
         index = event.get("content_index") if isinstance(event, dict) else None
-        if item_id not in self.textified or item_id in self._emptying:
+        if item_id not in self.textified:
             return False
         if not isinstance(index, int) or isinstance(index, bool):
             return False
+        under_way = self._emptying.get(item_id)
+        if under_way is not None:  # a second barge-in on it: done with the first's edit
+            under_way.more.append((index, event.get("audio_end_ms")))
+            return True
         event_id = EMPTYING_PREFIX + secrets.token_hex(8)
         edits = emptying_frames(
             self.shadow,
@@ -319,8 +334,10 @@ class Renewal:
         self.shadow.observe(
             "conversation.item.truncated", {"item_id": named, "content_index": index}
         )
-        done = truncated_event(named, index, emptying.audio_end_ms, "relay_" + secrets.token_hex(8))
-        return (done,)
+        told = [(index, emptying.audio_end_ms), *emptying.more]
+        return tuple(
+            truncated_event(named, i, end, "relay_" + secrets.token_hex(8)) for i, end in told
+        )
 
     def _emptying_error(self, event: dict[str, Any]) -> tuple[bytes, ...] | None:
         """An edit refused: the error under the client's truncate's `event_id`, once."""
@@ -746,6 +763,7 @@ class Renewal:
         }
         first = prepared.plan.item_ids[0] if prepared.plan.item_ids else None
         self._first = first if first is not None and first.startswith(NOTE_PREFIX) else None
+        self._note_token = orjson.dumps(self._first) if self._first else b""
         self._emptying.clear()  # edits sent to the old upstream: moot on this one
         self._backend = prepared.backend
         self.notify()

@@ -376,6 +376,24 @@ def test_delta_replays_again_what_changed_after_the_plan_in_its_place():
     assert len(events) == 3
 
 
+def test_delta_keeps_a_first_item_first_and_replaces_an_item_made_again():
+    """Made after the plan, an item with none before it in the shadow (put at root) went to
+    the end; one deleted and made again under its id kept its old copy upstream."""
+    shadow = shadow_of(added(user_text("u1", "a")), added(user_text("v", "old")))
+    plan = plan_replay(shadow, flavour="ga", max_tokens=8000, note_id="relay_note_n")
+    shadow.observe(*added(user_text("u0", "first"), None))
+    shadow.observe("conversation.item.deleted", {"item_id": "v"})
+    shadow.observe(*added(user_text("v", "new"), "u1"))
+    frames, created = plan_delta(shadow, plan.seq, {*plan.item_ids}, "ga")
+    assert created == ["u0", "v"]
+    events = created_items(frames)
+    assert events[0]["previous_item_id"] == "relay_note_n" and events[0]["item"]["id"] == "u0"
+    assert events[1] == {"type": "conversation.item.delete", "item_id": "v"}
+    assert events[2]["previous_item_id"] == "u1"
+    assert events[2]["item"]["content"] == [{"type": "input_text", "text": "new"}]
+    assert len(events) == 3
+
+
 def test_session_update_puts_the_session_in_force_without_read_only_fields():
     session = {"id": "sess_1", "object": "realtime.session", "expires_at": 9, "model": "m",
                "type": "realtime", "output_modalities": ["audio"], "instructions": "hi",
