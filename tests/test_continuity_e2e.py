@@ -127,6 +127,27 @@ async def paced_simulator(reply_text: str) -> RunningSimulator:
     )
 
 
+def waits_for_quiet(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set when a renewal waits for a quiet point (the session was not quiet)."""
+    waiting = asyncio.Event()
+    until_quiet = Renewal._until_quiet
+
+    async def noted(renewal: Renewal, *args: Any) -> bool:
+        if not renewal.quiet.is_set():
+            waiting.set()
+        return await until_quiet(renewal, *args)
+
+    monkeypatch.setattr(Renewal, "_until_quiet", noted)
+    return waiting
+
+
+async def scripted_relay(script: Any, start_fake: Any, start_relay: Any) -> Any:
+    """A relay with continuity in front of a scripted upstream, renewing as soon as it may."""
+    server = await start_fake(FakeUpstream(script=script).app())
+    endpoint = str(server.make_url("")).rstrip("/")
+    return await start_relay(continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS))
+
+
 def renewal_done(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Set when a session has moved to a new upstream."""
     renewed = asyncio.Event()
@@ -269,15 +290,7 @@ async def test_a_renewal_waiting_for_a_quiet_point_leaves_a_loss_to_the_resume(
         max_session_seconds=SESSION_SECONDS,
     )
     simulators = [await start_simulator(options) for _ in range(2)]
-    waiting = asyncio.Event()
-    until_quiet = Renewal._until_quiet
-
-    async def noted(renewal: Renewal, old: Any, deadline: float, relax_at: float) -> bool:
-        if not renewal.quiet.is_set():
-            waiting.set()
-        return await until_quiet(renewal, old, deadline, relax_at)
-
-    monkeypatch.setattr(Renewal, "_until_quiet", noted)
+    waiting = waits_for_quiet(monkeypatch)
     try:
         # Renewal starts 0.5-1.5 s in (expires_at is in whole seconds), while the answer is
         # being spoken.
@@ -953,52 +966,82 @@ async def test_a_truncate_of_a_reply_replayed_as_text_is_done_by_the_relay(
         await simulator.close()
 
 
-class SideBySideUpstream:
-    """A scripted service that runs an out-of-band response (`conversation: "none"`) side
-    by side with the default conversation's, holding the out-of-band one open until told."""
+class ScriptedSessions:
+    """A scripted service whose sessions expire in SESSION_SECONDS: it keeps the session,
+    answers a switch marker (a retrieve of no item) and confirms created items; `handle`
+    does the rest."""
+
+    session: dict[str, Any] = {}
 
     def __init__(self) -> None:
         self.connections = 0
-        self.finish = asyncio.Event()  # the out-of-band response may end
-        self.seen: list[str] = []  # the first upstream's story: "oob_done", "marker"
+        self.replayed: list[dict[str, Any]] = []  # items a later upstream was given
 
     async def __call__(self, ws: Any, fake: FakeUpstream) -> None:
         self.connections += 1
         this = self.connections
-        session = {"id": f"sess_{this}", "object": "realtime.session"}
+        session = {"id": f"sess_{this}", "object": "realtime.session", **self.session}
         session["expires_at"] = time.time() + SESSION_SECONDS
 
         async def send(event: dict[str, Any]) -> None:
             await ws.send_str(orjson.dumps(event).decode())
 
-        async def out_of_band(response: dict[str, Any]) -> None:
-            await self.finish.wait()
-            self.seen.append("oob_done")
-            await send({"type": "response.done", "response": response})
-
-        await send({"type": "session.created", "event_id": "e0", "session": session})
+        await send({"type": "session.created", "session": session})
         async for msg in ws:
             event = orjson.loads(msg.data)
             kind = event["type"]
             if kind == "session.update":
                 session = merge_session(session, event["session"])
                 await send({"type": "session.updated", "session": session})
+            elif kind == "conversation.item.create":
+                self.replayed.append(event["item"])
+                await send({"type": "conversation.item.added", "item": event["item"]})
+                await send({"type": "conversation.item.done", "item": event["item"]})
             elif kind == "conversation.item.retrieve":
-                if this == 1:
-                    self.seen.append("marker")
+                self.marker(this)
                 error = {"type": "invalid_request_error", "code": "item_not_found",
                          "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
                 await send({"type": "error", "error": error})
-            elif kind == "response.create":
-                oob = (event.get("response") or {}).get("conversation") == "none"
-                response = {"id": f"resp_{this}_{'oob' if oob else 'main'}",
-                            "object": "realtime.response", "status": "completed",
-                            "conversation_id": None if oob else "conv_1"}  # fmt: skip
-                await send({"type": "response.created", "response": response})
-                if oob:
-                    asyncio.ensure_future(out_of_band(response))
-                else:
-                    await send({"type": "response.done", "response": response})
+            else:
+                await self.handle(kind, event, send, this)
+
+    def marker(self, this: int) -> None:
+        """Connection ``this`` got a switch marker."""
+
+    async def handle(self, kind: str, event: dict[str, Any], send: Any, this: int) -> None:
+        """Any other client event on connection ``this``."""
+
+
+class SideBySideUpstream(ScriptedSessions):
+    """Runs an out-of-band response (`conversation: "none"`) side by side with the default
+    conversation's, holding the out-of-band one open until told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finish = asyncio.Event()  # the out-of-band response may end
+        self.seen: list[str] = []  # the first upstream's story: "oob_done", "marker"
+
+    def marker(self, this: int) -> None:
+        if this == 1:
+            self.seen.append("marker")
+
+    async def handle(self, kind: str, event: dict[str, Any], send: Any, this: int) -> None:
+        if kind != "response.create":
+            return
+        oob = (event.get("response") or {}).get("conversation") == "none"
+        response = {"id": f"resp_{this}_{'oob' if oob else 'main'}",
+                    "object": "realtime.response", "status": "completed",
+                    "conversation_id": None if oob else "conv_1"}  # fmt: skip
+        await send({"type": "response.created", "response": response})
+        if oob:
+            asyncio.ensure_future(self.out_of_band(response, send))
+        else:
+            await send({"type": "response.done", "response": response})
+
+    async def out_of_band(self, response: dict[str, Any], send: Any) -> None:
+        await self.finish.wait()
+        self.seen.append("oob_done")
+        await send({"type": "response.done", "response": response})
 
 
 async def test_an_out_of_band_response_side_by_side_is_not_switched_away_from(
@@ -1008,21 +1051,9 @@ async def test_an_out_of_band_response_side_by_side_is_not_switched_away_from(
     made the session quiet while an out-of-band response still ran, and the switch closed
     the old upstream under it (never done, never metered; the session never idle after)."""
     renewed = renewal_done(monkeypatch)
-    waiting = asyncio.Event()
-    until_quiet = Renewal._until_quiet
-
-    async def noted(renewal: Renewal, *args: Any) -> bool:
-        if not renewal.quiet.is_set():
-            waiting.set()
-        return await until_quiet(renewal, *args)
-
-    monkeypatch.setattr(Renewal, "_until_quiet", noted)
+    waiting = waits_for_quiet(monkeypatch)
     upstream = SideBySideUpstream()
-    server = await start_fake(FakeUpstream(script=upstream).app())
-    endpoint = str(server.make_url("")).rstrip("/")
-    relay = await start_relay(
-        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
-    )
+    relay = await scripted_relay(upstream, start_fake, start_relay)
     async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         assert (await next_event(ws))["type"] == "session.created"
         oob = {"type": "response.create", "response": {"conversation": "none"}}
@@ -1041,52 +1072,30 @@ async def test_an_out_of_band_response_side_by_side_is_not_switched_away_from(
     assert upstream.seen == ["oob_done", "marker"]
 
 
-class LateTranscriptUpstream:
+class LateTranscriptUpstream(ScriptedSessions):
     """Push to talk, with transcription: a committed turn's transcript comes only when told
     (Azure transcribes apart from the turn, sometimes seconds later)."""
 
+    session = {"audio": {"input": {"turn_detection": None, "transcription": {"model": "m"}}}}
+
     def __init__(self) -> None:
-        self.connections = 0
+        super().__init__()
         self.transcribe = asyncio.Event()
-        self.replayed: list[dict[str, Any]] = []  # items a later upstream was given
 
-    async def __call__(self, ws: Any, fake: FakeUpstream) -> None:
-        self.connections += 1
-        this = self.connections
-        audio = {"input": {"turn_detection": None, "transcription": {"model": "whisper-1"}}}
-        session = {"id": f"sess_{this}", "object": "realtime.session", "audio": audio}
-        session["expires_at"] = time.time() + SESSION_SECONDS
+    async def handle(self, kind: str, event: dict[str, Any], send: Any, this: int) -> None:
+        if kind != "input_audio_buffer.commit":
+            return
+        item = {"id": "item_user_1", "type": "message", "role": "user",
+                "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
+        await send({"type": "input_audio_buffer.committed", "item_id": item["id"]})
+        await send({"type": "conversation.item.added", "item": item})
+        await send({"type": "conversation.item.done", "item": item})
+        asyncio.ensure_future(self.transcript(item["id"], send))
 
-        async def send(event: dict[str, Any]) -> None:
-            await ws.send_str(orjson.dumps(event).decode())
-
-        async def transcript(item_id: str) -> None:
-            await self.transcribe.wait()
-            await send({"type": "conversation.item.input_audio_transcription.completed",
-                        "item_id": item_id, "content_index": 0, "transcript": "hello"})  # fmt: skip
-
-        await send({"type": "session.created", "session": session})
-        async for msg in ws:
-            event = orjson.loads(msg.data)
-            kind = event["type"]
-            if kind == "session.update":
-                session = merge_session(session, event["session"])
-                await send({"type": "session.updated", "session": session})
-            elif kind == "input_audio_buffer.commit":
-                item = {"id": "item_user_1", "type": "message", "role": "user",
-                        "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
-                await send({"type": "input_audio_buffer.committed", "item_id": item["id"]})
-                await send({"type": "conversation.item.added", "item": item})
-                await send({"type": "conversation.item.done", "item": item})
-                asyncio.ensure_future(transcript(item["id"]))
-            elif kind == "conversation.item.create":
-                self.replayed.append(event["item"])
-                await send({"type": "conversation.item.added", "item": event["item"]})
-                await send({"type": "conversation.item.done", "item": event["item"]})
-            elif kind == "conversation.item.retrieve":
-                error = {"type": "invalid_request_error", "code": "item_not_found",
-                         "message": "no such item", "event_id": event["event_id"]}  # fmt: skip
-                await send({"type": "error", "error": error})
+    async def transcript(self, item_id: str, send: Any) -> None:
+        await self.transcribe.wait()
+        await send({"type": "conversation.item.input_audio_transcription.completed",
+                    "item_id": item_id, "content_index": 0, "transcript": "hello"})  # fmt: skip
 
 
 async def test_a_turn_whose_transcript_is_still_to_come_is_not_switched_away_from(
@@ -1096,21 +1105,9 @@ async def test_a_turn_whose_transcript_is_still_to_come_is_not_switched_away_fro
     transcript went to the old upstream and the replay left the turn out (the model then
     answered as if nothing had been said)."""
     renewed = renewal_done(monkeypatch)
-    waiting = asyncio.Event()
-    until_quiet = Renewal._until_quiet
-
-    async def noted(renewal: Renewal, *args: Any) -> bool:
-        if not renewal.quiet.is_set():
-            waiting.set()
-        return await until_quiet(renewal, *args)
-
-    monkeypatch.setattr(Renewal, "_until_quiet", noted)
+    waiting = waits_for_quiet(monkeypatch)
     upstream = LateTranscriptUpstream()
-    server = await start_fake(FakeUpstream(script=upstream).app())
-    endpoint = str(server.make_url("")).rstrip("/")
-    relay = await start_relay(
-        continuity_config(endpoint, renew_before_seconds=10 * SESSION_SECONDS)
-    )
+    relay = await scripted_relay(upstream, start_fake, start_relay)
     async with http.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY}) as ws:
         assert (await next_event(ws))["type"] == "session.created"
         append = {"type": "input_audio_buffer.append", "audio": b64(tone_pcm(200))}

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from relay.ops.config import RelayConfig
 from tests.helpers import ALPHA_KEY, b64, read_until, relay_config, tone_pcm
 
 GA_NAMES = ("response.output_audio", "response.output_text", "conversation.item.added")
@@ -161,6 +162,11 @@ ODD_EVENTS = {
 }
 
 
+def policy_config(endpoint: str, policy: dict) -> RelayConfig:
+    deployment = {"endpoint": endpoint, "credential": {"env": "TEST_AZURE_KEY"}, "policy": policy}
+    return relay_config(endpoint, deployments={"gpt-realtime": deployment})
+
+
 def read_any_json(data: str) -> dict:
     """An event as json reads it: the upstream may echo an integer orjson cannot read."""
     import json  # noqa: TID251 (json's reading is what is under test)
@@ -177,18 +183,7 @@ async def test_an_odd_event_gets_an_answer_and_the_session_goes_on(
     orjson while being translated or rewritten: the session ended with 1011
     `relay_internal_error`, an error-level log line and an outcome that alerts operators."""
     policy = {"instructions_prefix": "Be kind.", "locked": ["audio.input.transcription.model"]}
-    relay = await start_relay(
-        relay_config(
-            simulator.url,
-            deployments={
-                "gpt-realtime": {
-                    "endpoint": simulator.url,
-                    "credential": {"env": "TEST_AZURE_KEY"},
-                    "policy": policy,
-                }
-            },
-        )
-    )
+    relay = await start_relay(policy_config(simulator.url, policy))
     path = (
         "/openai/v1/realtime?model=gpt-realtime"
         if dialect == "ga"
@@ -293,18 +288,7 @@ async def test_a_number_past_a_doubles_range_is_refused_as_the_service_refuses_i
         "max_values": {"max_output_tokens": 1024},
         "on_violation": on_violation,
     }
-    relay = await start_relay(
-        relay_config(
-            simulator.url,
-            deployments={
-                "gpt-realtime": {
-                    "endpoint": simulator.url,
-                    "credential": {"env": "TEST_AZURE_KEY"},
-                    "policy": policy,
-                }
-            },
-        )
-    )
+    relay = await start_relay(policy_config(simulator.url, policy))
     url = f"http://127.0.0.1:{relay.port}/openai/v1/realtime?model=gpt-realtime"
     async with http.ws_connect(url, headers={"api-key": ALPHA_KEY}) as ws:
         created = (await read_until(ws, "session.created"))[-1]["session"]

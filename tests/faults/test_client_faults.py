@@ -61,14 +61,16 @@ async def test_invalid_utf8_closes_with_1007(start_fake, start_relay, http, pad)
     assert outcomes(relay) == {"client_invalid_utf8": 1}
 
 
-async def echo_relay_of_4096(start_fake, start_relay) -> tuple[FakeUpstream, Any]:
-    """An echo upstream behind a relay that takes messages of up to 4096 bytes."""
+async def echo_relay(start_fake, start_relay, **server: Any) -> tuple[FakeUpstream, Any]:
+    """An echo upstream behind a relay (with these `[server]` settings)."""
     fake = FakeUpstream(script=echo)
     upstream = await start_fake(fake.app())
-    relay = await start_relay(
-        relay_config(str(upstream.make_url("")), server={"max_message_bytes": 4096})
-    )
-    return fake, relay
+    return fake, await start_relay(relay_config(str(upstream.make_url("")), server=server))
+
+
+async def echo_relay_of_4096(start_fake, start_relay) -> tuple[FakeUpstream, Any]:
+    """An echo upstream behind a relay that takes messages of up to 4096 bytes."""
+    return await echo_relay(start_fake, start_relay, max_message_bytes=4096)
 
 
 @pytest.mark.parametrize("size", [4096 + 1, 64 * 1024 * 1024], ids=["limit+1", "64MiB"])
@@ -625,9 +627,7 @@ async def test_a_response_the_relay_cuts_is_billed(start_fake, start_relay, end)
 async def test_a_close_without_a_status_is_passed_on_as_a_normal_close(
     start_fake, start_relay, http
 ):
-    fake = FakeUpstream(script=echo)
-    upstream = await start_fake(fake.app())
-    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    fake, relay = await echo_relay(start_fake, start_relay)
     with structlog.testing.capture_logs() as logs:
         async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
             await read_until(ws, "session.created")
@@ -647,9 +647,7 @@ async def test_a_close_with_a_code_no_endpoint_may_send_is_a_protocol_error(
 ):
     """RFC 6455 7.4: aiohttp took 1006, 1015 and 5000 up as a normal close; the relay answers 1002 and
     logs the session as lost, and the upstream gets "client went away"."""
-    fake = FakeUpstream(script=echo)
-    upstream = await start_fake(fake.app())
-    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    fake, relay = await echo_relay(start_fake, start_relay)
     with structlog.testing.capture_logs() as logs:
         async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
             await read_until(ws, "session.created")
