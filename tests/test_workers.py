@@ -293,3 +293,25 @@ async def test_a_worker_whose_loop_stops_beating_is_killed_and_restarted(tmp_pat
                     pass  # the new worker's
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0
+
+
+async def test_a_stalled_supervisor_does_not_take_its_workers_for_hung(tmp_path):
+    """Paused itself (its workers beating all along, the beats unread in the pipes), the
+    supervisor killed every worker once it ran again: every live session dropped."""
+    metrics_port = free_port()
+    config = tmp_path / "relay.toml"
+    text = CONFIG.format(metrics_port=metrics_port, key=hash_key(KEY))
+    config.write_text(text.replace("[server]\n", "[server]\nworker_unresponsive_seconds = 2\n"))
+    lines: asyncio.Queue = asyncio.Queue()
+    env = {"RELAY_SIMULATOR_KEY": "sim"}
+    async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
+        supervisor.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(4)  # the supervisor stopped past the limit, its workers beating
+        supervisor.send_signal(signal.SIGCONT)
+        await asyncio.sleep(3)  # a negative check: a kill would come within a second or two
+        seen = []
+        while not lines.empty():
+            seen.append(lines.get_nowait().get("event"))
+        assert "worker_unresponsive" not in seen and "worker_exited" not in seen
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0

@@ -270,11 +270,19 @@ class Supervisor:
         """Kill a worker whose event loop stopped beating (SIGSTOP, a deadlock, a frozen
         loop): its port share kept taking connections that hung, and its metrics, frozen
         too, said all was well. Its restart is then counted and alerted on."""
+        ticked = self._loop.time()
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             limit = self.config.server.worker_unresponsive_seconds
             now = self._loop.time()
+            late, ticked = now - ticked > 2 * HEARTBEAT_SECONDS + limit / 2, now
             for worker in self.workers.values():
+                if worker.beats >= 0:
+                    self._heard(worker)  # beats waiting in the pipe count, read or not
+                if late:
+                    # The supervisor itself did not run (a paused container, a stopped
+                    # process group): its workers' silence is its own. A fresh window.
+                    worker.beat_at = now
                 silent = now - worker.beat_at
                 if worker.running and silent > limit and not worker.killed_unresponsive:
                     worker.killed_unresponsive = True
