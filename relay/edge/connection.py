@@ -141,16 +141,10 @@ class RelayConnection(RequestHandler):
         self._tail = (tail + data)[-3:]
         made = self._request_count
         super().data_received(data)
-        if self._request_count > made:  # whole heads in this read: the last one's end
-            end = (tail + data).rfind(b"\r\n\r\n")
-            head_end = received - len(tail) + end + 4 if end >= 0 else self._received
-            message, payload = self._messages[-1] if self._messages else (None, None)
-            length = _body_length(message)
-            if length is _UPGRADE:
-                self._stop_counting()  # frames follow (or its refusal, then the close)
-                return
-            self._chunked = payload if length is None else None
-            self._body_end = head_end + (length or 0)
+        made = self._request_count - made
+        if made and not self._heads_made(made, tail + data, received - len(tail), bool(data)):
+            self._stop_counting()  # frames follow (or its refusal, then the close)
+            return
         chunked = self._chunked
         if chunked is not None and chunked.is_eof():
             self._chunked, self._body_end = None, self._received
@@ -162,6 +156,42 @@ class RelayConnection(RequestHandler):
             self._head_too_large()  # no whole head within the bound: refused
         elif self._head_deadline is None and self._head_overdue is None:
             self._arm_head_deadline()
+
+    def _heads_made(self, count: int, seen: bytes, base: int, fresh: bool) -> bool:
+        """The ends of the ``count`` heads (and their bodies) the parser just made, walked
+        from where the first began: each head ends at the first blank line after its start
+        (a body may hold blank lines too: a multipart one does), its body after its
+        Content-Length. ``seen`` holds the bytes from offset ``base`` on. False when an
+        upgrade was asked for: no head follows."""
+        made = list(self._messages)[-count:]
+        if not fresh or self._chunked is not None:
+            # Made from what aiohttp held back (a full queue), or after a chunked body whose
+            # end is not known here: what came is taken as theirs (a gap, not a false 431),
+            # and the last one's body as still to come, less what its payload has had.
+            message, payload = made[-1]
+            length = _body_length(message)
+            if length is _UPGRADE:
+                return False
+            self._chunked = payload if length is None else None
+            had = getattr(payload, "total_bytes", 0)
+            self._body_end = self._received + max(0, (length or 0) - had)
+            return True
+        at = max(self._body_end - base, 0)
+        for message, payload in made:
+            length = _body_length(message)
+            if length is _UPGRADE:
+                return False
+            end = seen.find(b"\r\n\r\n", at)
+            if end < 0:  # not where it should be: take the rest as its
+                self._body_end = self._received
+                return True
+            head_end = base + end + 4
+            self._chunked = payload if length is None else None
+            self._body_end = head_end + (length or 0)
+            if length is None:
+                return True  # its end is its payload's: see `data_received`
+            at = self._body_end - base
+        return True
 
     def _stop_counting(self) -> None:
         self._counting = False
