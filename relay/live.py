@@ -138,11 +138,17 @@ def _pool(
     for backend in backends:
         up = metrics.backend_up.labels(deployment.name, backend.name)
         state.live_gauges.track(up, _availability(pool, backend))
+        limited = metrics.backend_rate_limited.labels(deployment.name, backend.name)
+        state.live_gauges.track(limited, _rate_limited(pool, backend))
     return pool
 
 
 def _availability(pool: BackendPool, backend: Backend) -> Callable[[], float]:
     return lambda: float(backend.available(pool.clock()))
+
+
+def _rate_limited(pool: BackendPool, backend: Backend) -> Callable[[], float]:
+    return lambda: float(pool.clock() < backend.retry_after_until)
 
 
 def zero_series(state: RelayState) -> None:
@@ -328,9 +334,9 @@ def _forget_backends(state: RelayState, old: LiveConfig, new: LiveConfig) -> Non
     for name, pool in old.pools.items():
         for backend in pool.backends:
             if (name, backend.name) not in kept:
-                gauge = state.metrics.backend_up.labels(name, backend.name)
-                state.live_gauges.forget(gauge)
-                state.metrics.backend_up.remove(name, backend.name)
+                for metric in (state.metrics.backend_up, state.metrics.backend_rate_limited):
+                    state.live_gauges.forget(metric.labels(name, backend.name))
+                    metric.remove(name, backend.name)
 
 
 async def revoke_sessions(state: RelayState, live: LiveConfig) -> int:

@@ -73,6 +73,7 @@ def configured_series(config: RelayConfig) -> dict[str, tuple[tuple[str, ...], f
     )
     return {
         "relay_backend_up": (("deployment", "backend"), backends),
+        "relay_backend_rate_limited": (("deployment", "backend"), backends),
         "relay_budget_usd": (("team", "window"), budgets),
         "relay_budget_spent_usd": (("team", "window"), budgets),
         "relay_message_buffer_team_bytes": (("team",), frozenset((t,) for t in config.teams)),
@@ -121,6 +122,7 @@ class Metrics:
     client_rewrites: Counter
     upstream_connect_failures: Counter
     backend_up: Gauge
+    backend_rate_limited: Gauge
     backend_ejections: Counter
     credential_refresh_failures: Counter
     admission_errors: Counter
@@ -290,6 +292,13 @@ class Metrics:
                 "Upstream handshakes that failed (each failover attempt counts).",
                 ("deployment", "backend", "reason"),
                 registry=r,
+            ),
+            backend_rate_limited=Gauge(
+                "relay_backend_rate_limited",
+                "1 while a backend's 429 Retry-After keeps new sessions away (quota spent).",
+                ("deployment", "backend"),
+                registry=r,
+                multiprocess_mode="liveall",
             ),
             backend_up=Gauge(
                 "relay_backend_up",
