@@ -221,7 +221,8 @@ class Renewal:
 
     def own_answer(self, kind: str, frame: bytes) -> tuple[bytes, ...] | None:
         """For an upstream event answering the relay's own edits (`emptied`), the frames the
-        client gets instead (none, or one); None for any other event."""
+        client gets instead (none, an error, or a `conversation.item.truncated` for each
+        truncate done); None for any other event."""
         if self._emptying and kind in _EMPTYING_ANSWERS:
             return self._emptying_answer(kind, frame)
         return None
@@ -272,7 +273,7 @@ class Renewal:
         upstream holds as text, which the service would refuse to cut (`invalid_value`:
         no audio), keeping all of its text in the model's context. The relay drops the
         part's text in place instead, as the service does to audio, and tells the client
-        `conversation.item.truncated` once the upstream has confirmed (see `track`)."""
+        `conversation.item.truncated` once the upstream has confirmed (`own_answer`)."""
         try:
             event = orjson.loads(frame)
         except orjson.JSONDecodeError:
