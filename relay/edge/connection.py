@@ -60,7 +60,7 @@ class RelayConnection(RequestHandler):
 
     __slots__ = (
         "_header_timeout", "_max_head_bytes", "_counting", "_head_bytes", "_head_deadline",
-        "_head_overdue", "_received", "_tail", "_body_end", "_chunked", "_linger",
+        "_head_overdue", "_received", "_tail", "_body_end", "_chunked", "_answered", "_linger",
         "upgrading", "large_frames",
     )  # fmt: skip
 
@@ -79,6 +79,7 @@ class RelayConnection(RequestHandler):
         self._tail = b""
         self._body_end = 0
         self._chunked: Any = None
+        self._answered = 0  # requests answered (`log_access`), of `_request_count` parsed
         self._head_deadline: asyncio.TimerHandle | None = None
         # A pipelined head timed out or outgrew the bound while a request before it was
         # still to be answered: its 408 or 431 comes once that one is (`log_access`).
@@ -147,7 +148,8 @@ class RelayConnection(RequestHandler):
             return
         chunked = self._chunked
         if chunked is not None and chunked.is_eof():
-            self._chunked, self._body_end = None, self._received
+            self._chunked = None
+            self._body_end = _chunked_end(tail + data, received - len(tail), self._received)
         pending = 0 if self._chunked is not None else self._received - self._body_end
         self._head_bytes = max(0, pending)
         if not self._head_bytes:
@@ -179,13 +181,14 @@ class RelayConnection(RequestHandler):
         at = max(self._body_end - base, 0)
         for message, payload in made:
             length = _body_length(message)
-            if length is _UPGRADE:
-                return False
             end = seen.find(b"\r\n\r\n", at)
             if end < 0:  # not where it should be: take the rest as its
                 self._body_end = self._received
-                return True
+                return length is not _UPGRADE
             head_end = base + end + 4
+            if length is _UPGRADE:
+                self._body_end = head_end  # what follows, should the upgrade be refused
+                return False
             self._chunked = payload if length is None else None
             self._body_end = head_end + (length or 0)
             if length is None:
@@ -226,19 +229,24 @@ class RelayConnection(RequestHandler):
 
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: Any) -> None:
         super().log_access(request, response, time)
+        self._answered += 1
         if not self._counting and self._payload_parser is None and self._linger is None:
-            # An upgrade refused over HTTP: what came after it is no head (aiohttp keeps it
-            # aside, bounded); a head starts with the next bytes.
+            # An upgrade refused over HTTP: what came after its head is timed and bounded
+            # like a head.
             self._counting = True
-            self._body_end = self._received
+            self._head_bytes = max(0, self._received - self._body_end)
+            if self._head_bytes and self._head_deadline is None:
+                self._arm_head_deadline()
         overdue = self._head_overdue
         if overdue is not None and not self._messages:  # this answer is written: now
             self._head_overdue = None
             overdue()
 
     def _answering(self) -> bool:
-        """Whether a request before the head being read is still to be answered."""
-        return bool(self._messages) or self._request_in_progress
+        """Whether a request before the head being read is still to be answered (counted:
+        between aiohttp taking a request off its queue and handling it, neither its queue
+        nor its flag says so, and a 431 went out before a chunked POST's answer)."""
+        return self._answered < self._request_count and not self._force_close
 
     def _arm_head_deadline(self) -> None:
         loop = asyncio.get_running_loop()
@@ -476,6 +484,14 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
 
 
 _UPGRADE = -1
+
+
+def _chunked_end(seen: bytes, base: int, received: int) -> int:
+    """Where a chunked body that ended in ``seen`` (bytes from offset ``base`` on) ends: past
+    its last chunk (a line `0`) and its trailers' blank line; else all that came."""
+    last = seen.rfind(b"\r\n0\r\n")
+    end = seen.find(b"\r\n\r\n", last + 3) if last >= 0 else -1
+    return base + end + 4 if end >= 0 else received
 
 
 def _body_length(message: Any) -> int | None:

@@ -344,3 +344,47 @@ async def test_a_head_whose_end_comes_in_the_next_read_leaves_no_deadline(simula
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+CHUNKED_POST = (
+    b"POST /healthz HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"
+)
+UNFINISHED = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nx-pad: " + b"y" * 8000 + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        CHUNKED_POST,
+        # An upgrade refused over HTTP (no key): aiohttp keeps what follows aside.
+        b"GET /openai/v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: relay\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    ],
+    ids=["chunked", "refused_upgrade"],
+)
+async def test_a_head_behind_a_chunked_body_or_a_refused_upgrade_is_timed(
+    simulator, start_relay, first
+):
+    """In the same write as a chunked body's end or a refused upgrade, an unfinished head
+    was taken for body: held to the keep-alive timeout (75 s), not header_timeout."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 1.0}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(first + UNFINISHED)
+    async with asyncio.timeout(10):  # the keep-alive timeout is 75 s: a hang fails here
+        answers = await reader.read()
+    writer.close()
+    assert b"HTTP/1.1 408" in answers
+
+
+async def test_a_431_comes_after_the_answer_to_a_chunked_post_before_it(simulator, start_relay):
+    """The 431 went out first: between aiohttp taking the POST off its queue and handling
+    it, nothing said a request was still to be answered."""
+    relay = await start_relay(relay_config(simulator.url))
+    pad = b"".join(b"x-pad-%d: %s\r\n" % (i, b"y" * 15000) for i in range(16))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(CHUNKED_POST + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + pad)
+    answers = await reader.read()
+    writer.close()
+    assert answers.startswith(b"HTTP/1.1 405") and b"HTTP/1.1 431" in answers
