@@ -275,7 +275,7 @@ class Supervisor:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             limit = self.config.server.worker_unresponsive_seconds
             now = self._loop.time()
-            late, ticked = now - ticked > 2 * HEARTBEAT_SECONDS + limit / 2, now
+            late, ticked = now - ticked > HEARTBEAT_SECONDS + limit / 2, now
             for worker in self.workers.values():
                 if worker.beats >= 0:
                     self._heard(worker)  # beats waiting in the pipe count, read or not
