@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -263,14 +264,21 @@ def test_a_worker_counts_as_running_once_it_listens_and_while_it_lives():
     assert not worker.running
 
 
+def watched_config(tmp_path, *, unresponsive_seconds: float) -> tuple[Any, int]:
+    """The workers' config, with a short `worker_unresponsive_seconds`; and its metrics port."""
+    metrics_port = free_port()
+    config = tmp_path / "relay.toml"
+    text = CONFIG.format(metrics_port=metrics_port, key=hash_key(KEY))
+    setting = f"[server]\nworker_unresponsive_seconds = {unresponsive_seconds}\n"
+    config.write_text(text.replace("[server]\n", setting))
+    return config, metrics_port
+
+
 async def test_a_worker_whose_loop_stops_beating_is_killed_and_restarted(tmp_path):
     """A stopped worker kept its share of the port: half the connections hung, its frozen
     metrics said all was well, and nothing alerted. Its heartbeat stops: the supervisor
     kills it, and starts another."""
-    metrics_port = free_port()
-    config = tmp_path / "relay.toml"
-    text = CONFIG.format(metrics_port=metrics_port, key=hash_key(KEY))
-    config.write_text(text.replace("[server]\n", "[server]\nworker_unresponsive_seconds = 2\n"))
+    config, metrics_port = watched_config(tmp_path, unresponsive_seconds=4)
     lines: asyncio.Queue = asyncio.Queue()
     env = {"RELAY_SIMULATOR_KEY": "sim"}
     async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
@@ -285,7 +293,7 @@ async def test_a_worker_whose_loop_stops_beating_is_killed_and_restarted(tmp_pat
             async with asyncio.timeout(30):
                 while (line := await lines.get()).get("event") != "worker_unresponsive":
                     pass
-            assert line["pid"] == victim and line["silent_seconds"] > 2
+            assert line["pid"] == victim and line["silent_seconds"] > 4
             async with asyncio.timeout(30):
                 while (line := await lines.get()).get("event") != "worker_started":
                     pass
@@ -298,15 +306,12 @@ async def test_a_worker_whose_loop_stops_beating_is_killed_and_restarted(tmp_pat
 async def test_a_stalled_supervisor_does_not_take_its_workers_for_hung(tmp_path):
     """Paused itself (its workers beating all along, the beats unread in the pipes), the
     supervisor killed every worker once it ran again: every live session dropped."""
-    metrics_port = free_port()
-    config = tmp_path / "relay.toml"
-    text = CONFIG.format(metrics_port=metrics_port, key=hash_key(KEY))
-    config.write_text(text.replace("[server]\n", "[server]\nworker_unresponsive_seconds = 2\n"))
+    config, metrics_port = watched_config(tmp_path, unresponsive_seconds=4)
     lines: asyncio.Queue = asyncio.Queue()
     env = {"RELAY_SIMULATOR_KEY": "sim"}
     async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
         supervisor.send_signal(signal.SIGSTOP)
-        await asyncio.sleep(4)  # the supervisor stopped past the limit, its workers beating
+        await asyncio.sleep(6)  # the supervisor stopped past the limit, its workers beating
         supervisor.send_signal(signal.SIGCONT)
         await asyncio.sleep(3)  # a negative check: a kill would come within a second or two
         seen = []
