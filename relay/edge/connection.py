@@ -137,19 +137,21 @@ class RelayConnection(RequestHandler):
         if not self._counting:
             super().data_received(data)
             return
-        received, tail = self._received, self._tail
+        # This read, with the last bytes of the one before (a head's end may straddle them),
+        # from offset `base` on.
+        seen, base = self._tail + data, self._received - len(self._tail)
         self._received += len(data)
-        self._tail = (tail + data)[-3:]
-        made = self._request_count
+        self._tail = seen[-3:]
+        before = self._request_count
         super().data_received(data)
-        made = self._request_count - made
-        if made and not self._heads_made(made, tail + data, received - len(tail), bool(data)):
+        made = self._request_count - before
+        if made and not self._heads_made(made, seen, base, bool(data)):
             self._stop_counting()  # frames follow (or its refusal, then the close)
             return
         chunked = self._chunked
         if chunked is not None and chunked.is_eof():
             self._chunked = None
-            self._body_end = _chunked_end(tail + data, received - len(tail), self._received)
+            self._body_end = _chunked_end(seen, base, self._received)
         pending = 0 if self._chunked is not None else self._received - self._body_end
         self._head_bytes = max(0, pending)
         if not self._head_bytes:

@@ -660,6 +660,7 @@ class Bridge:
             self._stop_answer_wait()
             loop = asyncio.get_running_loop()
             self._answer_due = loop.call_later(_ANSWER_DUE, self._answer_waited)
+        self._turn_changed()
 
     def _answer_waited(self) -> None:
         self._answer_due = None
@@ -713,13 +714,11 @@ class Bridge:
             self.responding.append(_response_id(frame))
             self.between_responses.clear()
             self._stop_answer_wait()
+            self._turn_changed()
         elif kind == "response.done":
             self._response_done(_response_id(frame))
         if kind in TOOL_EVENTS:
             self._tool_event(kind, frame)
-            self._turn_changed()
-        elif kind == "response.created":
-            self._turn_changed()
         if renewal is not None and kind in TRACKED:
             renewal.track(kind, frame)  # after `responding` has the event: see its quiet point
         return (frame,) if translator is None else translator.to_client(kind, frame)
