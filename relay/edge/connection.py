@@ -6,7 +6,8 @@
   connections idle between requests.
 - A request head past `HEAD_LINES` times `max_header_bytes` in all is refused (431) before
   it is complete: aiohttp bounds each line, not their sum (128 headers of 16 KB each, 2 MB
-  a connection, held a few hundred MiB for a few hundred keyless connections).
+  a connection, held a few hundred MiB for a few hundred keyless connections). Where heads
+  begin and end in the bytes is walked by `head_bound`.
 - A malformed or oversized request head gets the relay's JSON error, never aiohttp's
   plain-text one (which quotes the start of the line, a key in the query included), and one
   log line naming the error's class only.
@@ -37,6 +38,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.http_websocket import WebSocketError
 from aiohttp.web_protocol import RequestHandler
 
+from relay.edge.head_bound import UPGRADE, HeadBound, Unframed
 from relay.edge.responses import error_response
 from relay.errors import ClientRefused, HttpRefusal
 from relay.heartbeat import LazyHeartbeat
@@ -59,26 +61,19 @@ class RelayConnection(RequestHandler):
     malformed requests and a lingering close after an oversized frame."""
 
     __slots__ = (
-        "_header_timeout", "_max_head_bytes", "_counting", "_head_bytes", "_head_deadline",
-        "_head_overdue", "_received", "_tail", "_body_end", "_chunked", "_answered", "_linger",
-        "upgrading", "large_frames",
+        "_header_timeout", "_max_head_bytes", "_counting", "_heads", "_head_deadline",
+        "_head_overdue", "_answered", "_linger", "upgrading", "large_frames",
     )  # fmt: skip
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._max_head_bytes = HEAD_LINES * self.max_field_size
-        # The bytes of a head not yet whole (`_head_bytes`) are what came after the end of
-        # the last whole head and its body: offsets in all the connection received, its last
-        # three bytes kept so that a head's end split over two reads is found. Not counted
-        # once a request asks for an upgrade (frames follow), nor inside a chunked body
-        # (its end is not counted: once its payload has all come, counting starts afresh).
+        # The bytes of a head not yet whole, walked from the end of the last whole head and
+        # its body (`head_bound`). Not counted once a request asks for an upgrade (frames
+        # follow).
         self._counting = True
-        self._head_bytes = 0
-        self._received = 0
-        self._tail = b""
-        self._body_end = 0
-        self._chunked: Any = None
+        self._heads = HeadBound(self.max_field_size)
         self._answered = 0  # requests answered (`log_access`), of `_request_count` parsed
         self._head_deadline: asyncio.TimerHandle | None = None
         # A pipelined head timed out or outgrew the bound while a request before it was
@@ -137,70 +132,33 @@ class RelayConnection(RequestHandler):
         if not self._counting:
             super().data_received(data)
             return
-        # This read, with the last bytes of the one before (a head's end may straddle them),
-        # from offset `base` on.
-        seen, base = self._tail + data, self._received - len(self._tail)
-        self._received += len(data)
-        self._tail = seen[-3:]
         before = self._request_count
         super().data_received(data)
         made = self._request_count - before
-        if made and not self._heads_made(made, seen, base, bool(data)):
+        requests = list(self._messages)[-made:] if made else ()
+        try:
+            whole = self._heads.read(data, [_body_length(message) for message, _ in requests])
+        except Unframed as exc:
+            # Not HTTP/1.1 (the parser refuses a chunk size that is not hexadecimal), or a
+            # chunk line past `max_header_bytes`: what follows cannot be bounded.
+            _log.info("request_body_unframed", peer=_peer(self.transport), error=str(exc))
+            self.force_close()
+            return
+        if not whole:
             self._stop_counting()  # frames follow (or its refusal, then the close)
             return
-        chunked = self._chunked
-        if chunked is not None and chunked.is_eof():
-            self._chunked = None
-            self._body_end = _chunked_end(seen, base, self._received)
-        pending = 0 if self._chunked is not None else self._received - self._body_end
-        self._head_bytes = max(0, pending)
-        if not self._head_bytes:
+        if not self._heads.pending:
             self._disarm_head_deadline()
-        elif self._head_bytes > self._max_head_bytes:
+            if self._head_overdue == self._refuse_late_head:
+                self._head_overdue = None  # its head has come whole since (or was held back)
+        elif self._heads.pending > self._max_head_bytes:
             self._head_too_large()  # no whole head within the bound: refused
         elif self._head_deadline is None and self._head_overdue is None:
             self._arm_head_deadline()
 
-    def _heads_made(self, count: int, seen: bytes, base: int, fresh: bool) -> bool:
-        """The ends of the ``count`` heads (and their bodies) the parser just made, walked
-        from where the first began: each head ends at the first blank line after its start
-        (a body may hold blank lines too: a multipart one does), its body after its
-        Content-Length. ``seen`` holds the bytes from offset ``base`` on. False when an
-        upgrade was asked for: no head follows."""
-        made = list(self._messages)[-count:]
-        if not fresh or self._chunked is not None:
-            # Made from what aiohttp held back (a full queue), or after a chunked body whose
-            # end is not known here: what came is taken as theirs (a gap, not a false 431),
-            # and the last one's body as still to come, less what its payload has had.
-            message, payload = made[-1]
-            length = _body_length(message)
-            if length is _UPGRADE:
-                return False
-            self._chunked = payload if length is None else None
-            had = getattr(payload, "total_bytes", 0)
-            self._body_end = self._received + max(0, (length or 0) - had)
-            return True
-        at = max(self._body_end - base, 0)
-        for message, payload in made:
-            length = _body_length(message)
-            end = seen.find(b"\r\n\r\n", at)
-            if end < 0:  # not where it should be: take the rest as its
-                self._body_end = self._received
-                return length is not _UPGRADE
-            head_end = base + end + 4
-            if length is _UPGRADE:
-                self._body_end = head_end  # what follows, should the upgrade be refused
-                return False
-            self._chunked = payload if length is None else None
-            self._body_end = head_end + (length or 0)
-            if length is None:
-                return True  # its end is its payload's: see `data_received`
-            at = self._body_end - base
-        return True
-
     def _stop_counting(self) -> None:
         self._counting = False
-        self._head_bytes = 0
+        self._heads.pending = 0
         self._disarm_head_deadline()
 
     def _head_too_large(self) -> None:
@@ -219,7 +177,7 @@ class RelayConnection(RequestHandler):
             _log.info(
                 "request_head_too_large",
                 peer=_peer(transport),
-                bytes_received=self._head_bytes,
+                bytes_received=self._heads.pending,
                 max_head_bytes=self._max_head_bytes,
             )
             transport.write(_head_answer(self._max_head_bytes))
@@ -236,8 +194,9 @@ class RelayConnection(RequestHandler):
             # An upgrade refused over HTTP: what came after its head is timed and bounded
             # like a head.
             self._counting = True
-            self._head_bytes = max(0, self._received - self._body_end)
-            if self._head_bytes and self._head_deadline is None:
+            heads = self._heads
+            heads.pending = heads.received - heads.pos
+            if heads.pending and self._head_deadline is None:
                 self._arm_head_deadline()
         overdue = self._head_overdue
         if overdue is not None and not self._messages:  # this answer is written: now
@@ -273,12 +232,12 @@ class RelayConnection(RequestHandler):
         transport = self.transport
         if transport is None:
             return
-        if self._head_bytes:
+        if self._heads.pending:
             # Best effort: a client that is still sending may not read it.
             _log.info(
                 "request_head_timeout",
                 peer=_peer(transport),
-                bytes_received=self._head_bytes,
+                bytes_received=self._heads.pending,
                 header_timeout_seconds=self._header_timeout,
             )
             transport.write(_REQUEST_TIMEOUT)
@@ -485,28 +444,17 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             self._lingering = protocol.linger(seconds=self._linger_seconds, max_bytes=max_bytes)
 
 
-_UPGRADE = -1
-
-
-def _chunked_end(seen: bytes, base: int, received: int) -> int:
-    """Where a chunked body that ended in ``seen`` (bytes from offset ``base`` on) ends: past
-    its last chunk (a line `0`) and its trailers' blank line; else all that came."""
-    last = seen.rfind(b"\r\n0\r\n")
-    end = seen.find(b"\r\n\r\n", last + 3) if last >= 0 else -1
-    return base + end + 4 if end >= 0 else received
-
-
 def _body_length(message: Any) -> int | None:
     """What follows a parsed request's head: its body's length (0: none), None for a
-    chunked body, `_UPGRADE` for frames (an upgrade, or a parse error's entry: the
+    chunked body, `UPGRADE` for frames (an upgrade, or a parse error's entry: the
     connection is then answered and closed)."""
     headers = getattr(message, "headers", None)
     if headers is None or message.upgrade:
-        return _UPGRADE
+        return UPGRADE
     if message.chunked:
         return None
     length = headers.get("Content-Length", "0").strip() or "0"
-    return int(length) if length.isdigit() else _UPGRADE
+    return int(length) if length.isdigit() else UPGRADE
 
 
 # Close codes of a client's broken frames; a close reason holds at most 123 bytes.
@@ -544,8 +492,8 @@ class RelayRunner(web.AppRunner):
         return RelayServer(server, header_timeout=self._header_timeout)
 
 
-def _peer(transport: asyncio.BaseTransport) -> str | None:
-    peer = transport.get_extra_info("peername")
+def _peer(transport: asyncio.BaseTransport | None) -> str | None:
+    peer = transport.get_extra_info("peername") if transport is not None else None
     return str(peer[0]) if isinstance(peer, tuple) else None
 
 

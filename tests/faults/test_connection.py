@@ -388,3 +388,77 @@ async def test_a_431_comes_after_the_answer_to_a_chunked_post_before_it(simulato
     answers = await reader.read()
     writer.close()
     assert answers.startswith(b"HTTP/1.1 405") and b"HTTP/1.1 431" in answers
+
+
+async def _answers(reader: asyncio.StreamReader, count: int) -> list[bytes]:
+    """The status lines of ``count`` answers, each read whole."""
+    statuses = []
+    for _ in range(count):
+        head = await reader.readuntil(b"\r\n\r\n")
+        statuses.append(head.split(b"\r\n", 1)[0])
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+    return statuses
+
+
+@pytest.mark.parametrize("split", [None, 40, 80, 100])
+async def test_a_request_behind_a_chunked_one_in_the_same_read_holds_no_deadline(
+    simulator, start_relay, split
+):
+    """The walk stopped at a chunked request: the whole GET after it in the same read was
+    counted as a head still arriving, and the idle keep-alive connection got an unasked 408
+    at header_timeout_seconds (a proxy pipelining requests could pair it with the wrong
+    one). Whether the two come in one write or two, split anywhere."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 0.5}))
+    sent = CHUNKED_POST + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    for part in (sent,) if split is None else (sent[:split], sent[split:]):
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # a read of its own for each part
+    assert await _answers(reader, 2) == [b"HTTP/1.1 405 Method Not Allowed", b"HTTP/1.1 200 OK"]
+    await asyncio.sleep(1.0)  # idle past the header timeout: the connection stays open
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]
+    writer.close()
+
+
+async def test_a_body_behind_a_chunked_request_is_no_head(simulator, start_relay):
+    """A Content-Length body whose head came in the same read as a chunked request was
+    counted as a head: 431 at 64 KiB of a 200 KB body."""
+    relay = await start_relay(relay_config(simulator.url))
+    body = b"b" * 200_000
+    head = b"POST /healthz HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n\r\n" % len(body)
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    with structlog.testing.capture_logs() as logs:
+        writer.write(CHUNKED_POST + head + body[:1000])
+        await writer.drain()
+        for at in range(1000, len(body), 20_000):
+            await asyncio.sleep(0.01)  # reads of their own
+            writer.write(body[at : at + 20_000])
+            await writer.drain()
+        assert await _answers(reader, 2) == [b"HTTP/1.1 405 Method Not Allowed"] * 2
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]
+    writer.close()
+    assert not [e for e in logs if e["event"].startswith("request_head")]
+
+
+@pytest.mark.parametrize("count", [200, 3000])
+async def test_pipelined_requests_the_parser_holds_back_are_no_head(simulator, start_relay, count):
+    """aiohttp makes 32 requests of a read and holds the rest until they are handled: the
+    held heads were counted as one head still arriving, past 64 KiB a 431 (sent after every
+    answer, when nothing was counted any more) and a dropped connection."""
+    relay = await start_relay(relay_config(simulator.url))
+    one = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nUser-Agent: " + b"u" * 700 + b"\r\n\r\n"
+    if count > 200:
+        one = b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    with structlog.testing.capture_logs() as logs:
+        writer.write(one * count)
+        await writer.drain()
+        assert await _answers(reader, count) == [b"HTTP/1.1 200 OK"] * count
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]  # no 431 in between
+    writer.close()
+    assert not [e for e in logs if e["event"].startswith("request_head")]

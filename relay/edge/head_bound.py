@@ -1,0 +1,162 @@
+"""Where a connection's request heads begin and end in the bytes it sent: the part of a
+head still arriving, which the request-head bound (`connection.RelayConnection`) counts and
+times.
+
+aiohttp's parser says which requests it made from a read, not where in the bytes they
+were, so the bytes are walked here: a head ends at its first blank line (RFC 9112 2.1;
+aiohttp's request parser takes CRLF only); what follows is its body, of its Content-Length
+(from the parsed request) or chunked (walked chunk by chunk to its last chunk and trailers,
+RFC 9112 7.1: a body's own blank lines or `0` lines are data, not an end); then the next
+head. Empty lines before a request line are skipped, as the parser skips them.
+
+The parser stops making requests while 32 wait to be handled and holds the rest of the
+read (its reading paused meanwhile). A whole head past the last request it made is such
+a held request, not a head still arriving: its bytes are kept here until the parser makes
+it (at most what one read brought), and nothing is counted meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# A request's body length: frames follow its head (an upgrade), or the connection is done
+# (a request the parser refused: it is answered and closed).
+UPGRADE = -1
+_HEAD_END = b"\r\n\r\n"
+_HEX = b"0123456789abcdefABCDEF"
+
+
+class Unframed(ValueError):
+    """A chunked body whose framing the walk cannot follow: the parser refuses it too."""
+
+
+class ChunkWalk:
+    """A chunked body (RFC 9112 7.1), walked across reads to where it ends."""
+
+    __slots__ = ("_left", "_line", "_trailers", "_max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self._left = 0  # chunk data and its CRLF still to come
+        self._line = b""  # a size or trailer line begun in an earlier read
+        self._trailers = False  # past the last chunk (size 0)
+        self._max_line = max_line
+
+    def walk(self, buf: bytes, at: int) -> int | None:
+        """Where in ``buf`` the body ends (past its trailers' blank line), reading from
+        ``at``; None when all of it is the body's and more is to come."""
+        size = len(buf)
+        while at < size:
+            if self._left:
+                step = min(self._left, size - at)
+                self._left -= step
+                at += step
+                continue
+            if self._line.endswith(b"\r") and buf[at] == 0x0A:  # a CRLF split over two reads
+                line, self._line = self._line[:-1], b""
+                at += 1
+            else:
+                end = buf.find(b"\r\n", at)
+                if end < 0:
+                    self._line += buf[at:]
+                    if len(self._line) > self._max_line:
+                        raise Unframed("a chunk size or trailer line is too long")
+                    return None
+                line, self._line = self._line + buf[at:end], b""
+                at = end + 2
+            if len(line) > self._max_line:
+                raise Unframed("a chunk size or trailer line is too long")
+            if self._trailers:
+                if not line:
+                    return at  # the blank line after the trailers
+                continue
+            digits = line.split(b";", 1)[0]
+            if not digits or digits.strip(_HEX):
+                raise Unframed("a chunk size is not hexadecimal")
+            length = int(digits, 16)
+            if length:
+                self._left = length + 2  # its data, then CRLF
+            else:
+                self._trailers = True
+        return None
+
+
+class HeadBound:
+    """A connection's bytes walked request by request (see the module's docstring).
+    `pending` is the part of a head still arriving."""
+
+    __slots__ = ("received", "pos", "body_end", "pending", "_chunks", "_kept", "_max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self.received = 0  # bytes read from the connection
+        self.pos = 0  # where the walk stands: a head's start, or inside a body
+        self.body_end = 0  # the end of the last Content-Length body
+        self.pending = 0
+        self._chunks: ChunkWalk | None = None
+        # The bytes from offset `received - len(_kept)` on: the last three read (a head's
+        # end may straddle two reads), or, while the parser holds requests back, every
+        # byte from `pos` on.
+        self._kept = b""
+        self._max_line = max_line
+
+    def read(self, data: bytes, lengths: Sequence[int | None]) -> bool:
+        """``data`` was read (b"": the parser made requests from what it held), and the
+        parser made requests with these body lengths (`UPGRADE`; None: chunked), in order.
+        False when one asked for an upgrade: no head follows. Raises Unframed."""
+        seen = self._kept + data if data else self._kept
+        base = self.received - len(self._kept)
+        self.received += len(data)
+        pos, index = self.pos, 0
+        while True:
+            if self._chunks is not None:
+                end = self._chunks.walk(seen, max(pos - base, 0))
+                if end is None:
+                    pos = self.received
+                    break
+                self._chunks = None
+                pos = base + end
+            elif pos < self.body_end:
+                pos = min(self.body_end, self.received)
+                if pos < self.body_end:
+                    break
+            if index == len(lengths):
+                break
+            length = lengths[index]
+            index += 1
+            end = seen.find(_HEAD_END, _head_search(seen, pos - base))
+            if end < 0:  # not where it should be: what came is taken as its (a gap)
+                self.pos, self.pending, self._kept = self.received, 0, seen[-3:]
+                return length != UPGRADE
+            pos = base + end + 4
+            if length == UPGRADE:
+                self.pos, self.pending, self._kept = pos, 0, b""
+                return False
+            if length is None:
+                self._chunks = ChunkWalk(self._max_line)
+            else:
+                self.body_end = pos + length
+        self.pos = pos
+        if self._chunks is not None or pos < self.body_end:
+            self.pending, self._kept = 0, b""  # in a body: its end starts the next head
+            return True
+        at = _head_search(seen, pos - base)
+        if seen.find(_HEAD_END, at) >= 0:
+            # A whole head the parser holds back: kept until it makes its request.
+            self.pending, self._kept = 0, seen[at:]
+            return True
+        if pos >= base:
+            self.pos = base + at  # past the empty lines
+        self.pending = self.received - self.pos
+        self._kept = seen[-3:]
+        return True
+
+
+def _head_search(seen: bytes, start: int) -> int:
+    """Where to look for the end of a head that starts at ``start`` in ``seen`` (negative:
+    in an earlier read, so from the first byte kept): past the empty lines before its
+    request line, which the parser skips."""
+    if start < 0:
+        return 0
+    size = len(seen)
+    while start < size and seen[start] in (0x0D, 0x0A):
+        start += 1
+    return start
