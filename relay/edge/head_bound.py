@@ -23,6 +23,9 @@ from collections.abc import Sequence
 # (a request the parser refused: it is answered and closed).
 UPGRADE = -1
 _HEAD_END = b"\r\n\r\n"
+# The most bytes kept while the parser holds requests back: it pauses reading then, so it
+# holds at most a read or two (uvloop reads up to 256 KiB).
+MAX_HELD = 1 << 20
 _HEX = b"0123456789abcdefABCDEF"
 
 
@@ -142,6 +145,10 @@ class HeadBound:
         if seen.find(_HEAD_END, at) >= 0:
             # A whole head the parser holds back: kept until it makes its request.
             self.pending, self._kept = 0, seen[at:]
+            if len(self._kept) > MAX_HELD:
+                # The parser stops reading while it holds requests back: this many bytes
+                # are not that, but a walk that lost its way (nothing here to bound them).
+                raise Unframed("more bytes past the last request than the parser holds")
             return True
         if pos >= base:
             self.pos = base + at  # past the empty lines

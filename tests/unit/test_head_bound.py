@@ -199,3 +199,15 @@ _requests = st.one_of(
 def test_any_requests_split_anywhere(requests, partial, cuts, holds):
     bound = feed(requests, partial, cuts, holds)
     assert bound.received == sum(len(r.raw) for r in requests) + len(partial)
+
+
+def test_bytes_past_a_held_request_are_bounded():
+    """While the parser holds requests back it reads no more; bytes that keep coming past a
+    whole head it never makes are a walk that lost its way, not a queue: refused, not kept
+    without end."""
+    bound = HeadBound(MAX_LINE)
+    assert bound.read(get().raw * 2, [0])
+    assert bound.pending == 0
+    with pytest.raises(Unframed):
+        for _ in range(20):
+            bound.read(b"x" * 65536, [])
