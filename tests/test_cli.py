@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
 from relay.cli import _banner, main
 from relay.edge.auth import hash_key
@@ -68,6 +69,49 @@ def test_check_config_is_strict_about_secrets_only_when_asked(capsys, tmp_path):
     )
     code, _, err = run(capsys, "check-config", "--strict", str(path), environ={"AZ_TEST_KEY": "k"})
     assert (code, err) == (0, "")
+
+
+def test_tls_files_that_cannot_be_loaded_are_named_before_start(capsys, tmp_path):
+    """A missing or broken certificate, key or upstream CA bundle passed check-config
+    --strict, then `relay serve` died with a traceback naming no file (a wrong Secret mount
+    crash-looped the pod)."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, bundle = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    ca.cert_pem.write_to_path(bundle)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    environ = {"AZ_TEST_KEY": "k"}
+    path = tmp_path / "relay.toml"
+
+    def check(tls: str, ca_file: str, *, strict: bool = True) -> tuple[int, str]:
+        path.write_text(
+            f'[server]\ntls = {{ cert_file = "{tls[0]}", key_file = "{tls[1]}" }}\n'
+            f'[upstream]\nca_file = "{ca_file}"\n' + GOOD
+        )
+        argv = ("check-config", "--strict", str(path)) if strict else ("check-config", str(path))
+        code, _, err = run(capsys, *argv, environ=environ)
+        return code, err
+
+    assert check((cert, key), bundle) == (0, "")
+    code, err = check((tmp_path / "absent.pem", key), tmp_path / "absent-ca.pem")
+    assert code == 2
+    assert err.splitlines() == [
+        "relay: invalid configuration:",
+        f"  server.tls: cert_file {tmp_path}/absent.pem and key_file {key} cannot be "
+        "loaded (No such file or directory)",
+        f"  upstream.ca_file: {tmp_path}/absent-ca.pem cannot be loaded "
+        "(No such file or directory)",
+    ]
+    code, err = check((garbage, key), bundle)
+    assert code == 2 and "not PEM certificates and an unencrypted key that match" in err
+    code, err = check((cert, garbage), garbage, strict=False)
+    assert code == 0 and err.count("warning: ") == 2  # where the files are not: warnings
+    # `relay serve` checks the same way: one line, exit 2, no traceback.
+    code, _, err = run(capsys, "serve", "--config", str(path), environ=environ)
+    assert code == 2 and "Traceback" not in err and "server.tls: cert_file" in err
 
 
 def test_check_config_reports_every_problem_at_once(capsys, tmp_path):

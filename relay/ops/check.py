@@ -4,9 +4,10 @@ Besides what `config.py` checks table by table, this checks what needs the whole
 - session defaults as the service will judge them: each deployment's, then each team's on
   top, in the deployment's dialect, through the simulator's session validator (as strict as
   Azure and no stricter). A default the service refuses would fail every session with 502.
-- secrets: the environment variables the config names. A problem at start-up, on reload and
-  with `check-config --strict`; a warning for a plain `check-config` (run where the secrets
-  are not).
+- secrets: the environment variables and files the config names (TLS certificates and
+  keys, the upstream CA bundle included). A problem at start-up, on reload and with
+  `check-config --strict`; a warning for a plain `check-config` (run where the secrets are
+  not).
 Warnings, never problems: a relay reachable beyond loopback with every Origin allowed, or
 without TLS and no trusted proxy in front.
 """
@@ -14,6 +15,7 @@ without TLS and no trusted proxy in front.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +230,7 @@ def secret_problems(config: RelayConfig, environ: Mapping[str, str]) -> list[str
         problem = redis_url_problem(config.admission.redis_url_env, environ)
         if problem is not None:
             problems.append(problem)
+    problems += tls_file_problems(config)
     metrics = config.metrics
     if metrics.enabled and metrics.on_main_port and metrics.token_env:
         if not environ.get(metrics.token_env, ""):
@@ -235,6 +238,42 @@ def secret_problems(config: RelayConfig, environ: Mapping[str, str]) -> list[str
                 f"environment: metrics.token_env: {metrics.token_env} is not set or empty"
             )
     return problems
+
+
+def tls_file_problems(config: RelayConfig) -> list[str]:
+    """The TLS files the config names that cannot be loaded where the check runs (a wrong
+    mount crashed the relay at start with a traceback naming no file)."""
+    problems = []
+    tls = config.server.tls
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=_no_password)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            problems.append(
+                f"server.tls: cert_file {tls.cert_file} and key_file {tls.key_file} cannot be "
+                f"loaded ({_tls_error(exc)})"
+            )
+    ca_file = config.upstream.ca_file
+    if ca_file is not None:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"upstream.ca_file: {ca_file} cannot be loaded ({_tls_error(exc)})")
+    return problems
+
+
+def _no_password() -> bytes:
+    """An encrypted key is refused (OpenSSL would otherwise ask on the terminal)."""
+    raise ValueError("the key file is encrypted")
+
+
+def _tls_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return "not PEM certificates and an unencrypted key that match"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) if isinstance(exc, ValueError) else type(exc).__name__
 
 
 def exposure_warnings(config: RelayConfig) -> list[str]:
