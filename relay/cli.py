@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         help="processes sharing the port (SO_REUSEPORT); 'auto' = one per CPU (default: 1)",
     )
     serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    # The config in force, which a worker starts with (`Supervisor.keep_in_force`); reloads
+    # read --config.
+    serve.add_argument("--start-config", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     simulate = commands.add_parser("simulate", help="run the simulated Azure realtime service")
@@ -144,7 +147,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.metrics_port is not None:
         overrides["RELAY_METRICS__PORT"] = str(args.metrics_port)
     source = ConfigSource(args.config, overrides)
-    checked = check_config(args.config, overrides, strict=True)
+    checked = check_config(args.start_config or args.config, overrides, strict=True)
     config = checked.config
     configure_logging(config.logging.level, config.logging.format)
     if args.worker is None:  # the supervisor has said it already

@@ -103,17 +103,21 @@ async def test_two_workers_share_the_port_and_the_scrape(tmp_path):
 
 
 async def test_a_sigterm_during_a_restart_delay_starts_the_drain_at_once(tmp_path):
-    """A worker that cannot start (its config file broke meanwhile) is restarted after a
-    growing delay. A SIGTERM in that delay waited for it (up to 30 s, serving new sessions
-    and ready meanwhile); it now stops every worker at once."""
+    """A worker that cannot start (here the config it starts with is broken under it) is
+    restarted after a growing delay. A SIGTERM in that delay waited for it (up to 30 s,
+    serving new sessions and ready meanwhile); it now stops every worker at once."""
     config = tmp_path / "relay.toml"
     config.write_text(CONFIG.format(metrics_port=free_port(), key=hash_key(KEY)))
     lines: asyncio.Queue[dict] = asyncio.Queue()
     env = {"RELAY_SIMULATOR_KEY": "sim"}
     async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
-        config.write_text("not toml [")  # a worker started from now on exits at once
         # The supervisor says it listens once every worker does: its children are they.
         victim = _worker_pids(supervisor.pid)[0]
+        with open(f"/proc/{victim}/cmdline", "rb") as cmdline:
+            argv = cmdline.read().decode().split("\0")
+        in_force = argv[argv.index("--start-config") + 1]
+        with open(in_force, "w") as broken:
+            broken.write("not toml [")  # a worker started from now on exits at once
         os.kill(victim, signal.SIGKILL)
         exits = 0
         while exits < 3:  # the kill, then two failed restarts: a 4 s delay is under way
@@ -183,6 +187,7 @@ async def test_the_supervisors_scrape_leaves_out_what_a_reload_removed(tmp_path)
     ]
     assert [s.value for s in shaped["relay_log_lines_dropped"]] == [7]
     supervisor._metrics_dir.cleanup()
+    supervisor._config_dir.cleanup()
 
 
 def test_the_supervisor_takes_a_port_its_last_sessions_left_in_time_wait():
@@ -318,5 +323,60 @@ async def test_a_stalled_supervisor_does_not_take_its_workers_for_hung(tmp_path)
         while not lines.empty():
             seen.append(lines.get_nowait().get("event"))
         assert "worker_unresponsive" not in seen and "worker_exited" not in seen
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0
+
+
+async def test_a_restarted_worker_starts_with_the_config_in_force(tmp_path):
+    """A worker the supervisor restarted read the file on disk: a team removed there but
+    not reloaded was refused on that worker's share of connections (3-6 of 8 handshakes),
+    and nothing said so. It starts with the config the supervisor last loaded; a reload
+    then applies the file everywhere."""
+    metrics_port = free_port()
+    other = "rk-workers-other-team"
+    config = tmp_path / "relay.toml"
+    text = CONFIG.format(metrics_port=metrics_port, key=hash_key(KEY))
+    team_b = f'[teams.b]\nkeys = ["{hash_key(other)}"]\ndeployments = ["gpt-realtime"]\n'
+    config.write_text(text + team_b)
+    env = {"RELAY_SIMULATOR_KEY": "sim"}
+
+    async def handshakes(base: str) -> list[int]:
+        statuses = []
+        for _ in range(8):
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as own:
+                try:
+                    ws = await own.ws_connect(
+                        f"{base}/openai/v1/realtime?model=gpt-realtime", headers={"api-key": other}
+                    )
+                except aiohttp.WSServerHandshakeError as exc:
+                    statuses.append(exc.status)
+                    continue
+                statuses.append(101)
+                await ws.close()
+        return statuses
+
+    lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, base):
+        assert await handshakes(base) == [101] * 8
+        config.write_text(text)  # team b removed, not reloaded
+        while not lines.empty():
+            lines.get_nowait()
+        os.kill(_worker_pids(supervisor.pid)[0], signal.SIGKILL)
+        exited = None
+        while True:  # the restarted worker listens
+            line = await asyncio.wait_for(lines.get(), timeout=30)
+            if line["event"] == "worker_exited":
+                exited = line["worker"]
+            elif line["event"] == "relay_listening" and exited is not None:
+                if line.get("worker") == exited:
+                    break
+        assert await handshakes(base) == [101] * 8
+        supervisor.send_signal(signal.SIGHUP)
+        applied = 0
+        while applied < 2:
+            line = await asyncio.wait_for(lines.get(), timeout=20)
+            applied += line["event"] == "config_reloaded"
+        assert await handshakes(base) == [401] * 8
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0

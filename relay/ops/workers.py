@@ -26,6 +26,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import structlog
@@ -102,11 +103,17 @@ class Supervisor:
         self.log_lines_dropped = 0
         self.workers: dict[int, Worker] = {}
         self._metrics_dir = tempfile.TemporaryDirectory(prefix="relay-metrics-")
+        # The config file as the supervisor last loaded it (`keep_in_force`), which every
+        # worker starts with: one restarted after the file changed, without a reload, started
+        # with the file on disk (teams removed there refused on its share of connections).
+        self._config_dir = tempfile.TemporaryDirectory(prefix="relay-config-")
+        self._in_force = Path(self._config_dir.name) / "in-force.toml"
         self._loop = asyncio.get_running_loop()
 
     async def run(self, on_ready: Callable[[str], None]) -> int:
         from relay.server import pid_file
 
+        self.config = self.keep_in_force()  # raises ConfigError if it changed since
         server = self.config.server
         # From the start: a SIGHUP while workers start must not end the supervisor.
         self._loop.add_signal_handler(signal.SIGHUP, self.pass_reload)
@@ -136,13 +143,28 @@ class Supervisor:
                 if metrics_runner is not None:
                     await metrics_runner.cleanup()
                 self._metrics_dir.cleanup()
+                self._config_dir.cleanup()
+
+    def keep_in_force(self) -> RelayConfig:
+        """Load the config file and keep it as the one in force; ConfigError if it is bad
+        (the one in force stays)."""
+        with open(self.source.path, "rb") as file:
+            data = file.read()
+        loading = self._in_force.with_name("loading.toml")
+        fd = os.open(loading, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        config = ConfigSource(loading, self.source.environ).load(strict=True)
+        os.replace(loading, self._in_force)
+        return config
 
     def pass_reload(self) -> None:
-        """SIGHUP: every worker reloads. The supervisor's own settings (drain grace) follow
-        a valid file; a bad one each worker reports."""
+        """SIGHUP: every worker reloads. The supervisor's own settings (drain grace), and
+        what a worker it restarts starts with, follow a valid file; a bad one each worker
+        reports."""
         try:
-            self.config = self.source.load(strict=True)
-        except ConfigError:
+            self.config = self.keep_in_force()
+        except (ConfigError, OSError):
             pass  # each worker logs and counts the problems
         for worker in self.workers.values():
             if worker.process.returncode is None:
@@ -228,7 +250,7 @@ class Supervisor:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay", "serve", "--config", str(self.source.path),
-                "--worker", str(index),
+                "--start-config", str(self._in_force), "--worker", str(index),
                 stdout=asyncio.subprocess.PIPE,
                 limit=MAX_WORKER_LINE_BYTES,
                 env={**env, HEARTBEAT_FD_ENV: str(beating)},
