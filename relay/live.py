@@ -144,7 +144,13 @@ def _pool(
 
 
 def _availability(pool: BackendPool, backend: Backend) -> Callable[[], float]:
-    return lambda: float(backend.available(pool.clock()))
+    # Ejected backends stay down once their ejection ends, until a handshake succeeds: the
+    # next session only probes them. As "takes sessions", the gauge went back to 1 with the
+    # upstream still dead, and its alerts resolved as soon as traffic paused.
+    threshold = pool.eject_after_failures
+    return lambda: float(
+        backend.available(pool.clock()) and backend.consecutive_failures < threshold
+    )
 
 
 def _rate_limited(pool: BackendPool, backend: Backend) -> Callable[[], float]:

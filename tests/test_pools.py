@@ -238,8 +238,11 @@ async def test_ejection_and_recovery_end_to_end(simulator, start_fake, start_rel
     assert (primary["name"], primary["state"]) == ("primary", "ejected")
     assert AZURE_KEY not in str(page)
 
-    # The cool-down passes and the backend comes back: the next session probes it.
+    # The cool-down passes with the backend still down: it stays down until the next
+    # session probes it (it went back to 1, and its alerts resolved, with nothing up).
     clock.now += 61
+    assert registry.get_sample_value("relay_backend_up", labels) == 0
+    # It comes back: the next session probes it.
     flaky.refuse_status = None
     await one_session(http, relay)
     assert len(flaky.requests) == 3

@@ -303,7 +303,7 @@ class Metrics:
             backend_up=Gauge(
                 "relay_backend_up",
                 "1 while a backend takes new sessions (not ejected or rate limited, credential "
-                "usable).",
+                "usable); 0 from its ejection until a handshake succeeds again.",
                 ("deployment", "backend"),
                 registry=r,
                 multiprocess_mode="liveall",
