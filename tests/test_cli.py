@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -138,6 +139,27 @@ def test_a_missing_file_names_the_path_tried(capsys, tmp_path):
     assert (
         err == f"relay: nowhere.toml (from {Path.cwd()}): cannot read: No such file or directory\n"
     )
+
+
+def test_reload_checks_the_file_but_leaves_secrets_to_the_relay(capsys, tmp_path):
+    """`relay reload --config` refused (exit 2, nothing signalled) where the operator's shell
+    lacked the relay's secrets, saying a variable was not set as if the relay had lost it.
+    The relay judges its own environment when it reloads."""
+    path = tmp_path / "relay.toml"
+    pid_file = tmp_path / "relay.pid"
+    path.write_text(f'[server]\npid_file = "{pid_file}"\n' + GOOD)
+    reloads = []
+    previous = signal.signal(signal.SIGHUP, lambda *_: reloads.append(1))
+    try:
+        pid_file.write_text(str(os.getpid()))
+        code, out, err = run(capsys, "reload", "--config", str(path))
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert code == 0 and reloads == [1] and "is reloading" in out
+    assert "warning: environment: deployments.gpt-realtime.credential" in err
+    path.write_text(GOOD.replace('"marin"', "7"))  # a problem in the file: nothing signalled
+    code, _, err = run(capsys, "reload", "--config", str(path))
+    assert code == 2 and "voice" in err
 
 
 def test_reload_without_a_pid_file_says_how_to_find_the_relay(capsys, tmp_path):
