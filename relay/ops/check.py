@@ -9,7 +9,7 @@ Besides what `config.py` checks table by table, this checks what needs the whole
   `check-config --strict`; a warning for a plain `check-config` (run where the secrets are
   not).
 Warnings, never problems: a relay reachable beyond loopback with every Origin allowed, or
-without TLS and no trusted proxy in front.
+without TLS and no trusted proxy in front; spend budgets summed in the process.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def check_config(path: str | Path, environ: Mapping[str, str], *, strict: bool) 
     secrets = secret_problems(config, environ)
     if strict and secrets:
         raise ConfigError(secrets)
-    return CheckedConfig(config, [*secrets, *exposure_warnings(config)])
+    return CheckedConfig(config, [*secrets, *exposure_warnings(config), *budget_warnings(config)])
 
 
 def session_default_problems(
@@ -294,6 +294,21 @@ def exposure_warnings(config: RelayConfig) -> list[str]:
             "terminate TLS in a proxy and list it in server.trusted_proxies"
         )
     return warnings
+
+
+def budget_warnings(config: RelayConfig) -> list[str]:
+    """Budgets summed in the process: each process holds its own, forgotten at a restart."""
+    if config.admission.backend == "redis":
+        return []
+    teams = sorted(name for name, team in config.teams.items() if team.limits.has_budget)
+    if not teams:
+        return []
+    return [
+        f"teams {', '.join(teams)} have spend budgets summed in the process "
+        '(admission.backend = "memory"): each relay process (every worker, every replica) '
+        "holds its own, and a restart starts it again at 0; set admission.backend = "
+        '"redis" for budgets that hold across processes and restarts'
+    ]
 
 
 def _is_loopback(host: str) -> bool:

@@ -205,3 +205,17 @@ def test_a_redis_url_is_checked_without_being_quoted(url, problem):
         assert found is None
     else:
         assert found is not None and problem in found and "hunter2" not in found
+
+
+def test_budgets_summed_in_the_process_are_warned_about(tmp_path):
+    """With the memory backend a restart forgot a team's spend (over budget, then a new
+    session after the restart), and every worker held its own budget: said, not silent."""
+    path = write(tmp_path)
+    budget = "[teams.t1.limits]\nmax_usd_per_day = 5.0\n"
+    prices = "".join(f"[deployments.{d}.prices]\noutput_audio = 64.0\n" for d in ("ga", "preview"))
+    path.write_text(path.read_text() + prices + budget)
+    [warning] = check_config(path, {"AZ_KEY": "k"}, strict=True).warnings
+    assert warning.startswith("teams t1 have spend budgets summed in the process")
+    path.write_text(path.read_text() + '[admission]\nbackend = "redis"\n')
+    environ = {"AZ_KEY": "k", "RELAY_REDIS_URL": "redis://127.0.0.1:6379"}
+    assert check_config(path, environ, strict=True).warnings == []
