@@ -335,6 +335,55 @@ async def test_client_vanishing_closes_the_upstream(start_relay, start_fake):
     assert fake.close_code == 1001
 
 
+async def test_the_relays_own_cancel_meeting_an_ended_response_is_no_upstream_error(
+    start_relay, start_fake
+):
+    """A client that leaves mid-response gets its response cancelled by the relay (it is
+    billed); when the response had just ended, the service's `response_cancel_not_active`
+    for the relay's own cancel was counted and logged as the upstream's error (noise in the
+    Errors panel). A cancel the client sent itself is still counted."""
+    errors = []
+
+    async def ended_just_before(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
+        await ws.send_str('{"type":"session.created","event_id":"e","session":{}}')
+        async for msg in ws:
+            event = orjson.loads(msg.data)
+            if event["type"] == "response.create":
+                await ws.send_str('{"type":"response.created","response":{"id":"resp_1"}}')
+            elif event["type"] == "response.cancel":
+                error = {"type": "invalid_request_error", "code": "response_cancel_not_active",
+                         "message": "Cancellation failed: no active response found",
+                         "event_id": event.get("event_id")}  # fmt: skip
+                errors.append(event.get("event_id"))
+                await ws.send_str(orjson.dumps({"type": "error", "error": error}).decode())
+                done = {
+                    "type": "response.done",
+                    "response": {"id": "resp_1", "status": "completed"},
+                }
+                await ws.send_str(orjson.dumps(done).decode())
+
+    upstream = await start_fake(FakeUpstream(script=ended_just_before).app())
+    relay = await start_relay(relay_config(str(upstream.make_url(""))))
+    state = relay.app[STATE]
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as own:
+            ws = await own.ws_connect(ws_url(relay), headers={"api-key": ALPHA_KEY})
+            await read_until(ws, "session.created")
+            await ws.send_str('{"type":"response.cancel","event_id":"mine"}')
+            await read_until(ws, "error")
+            await ws.send_str('{"type":"response.create"}')
+            await read_until(ws, "response.created")
+            ws._response.connection.transport.abort()  # gone mid-response
+            await state.idle.wait()
+    assert errors == ["mine", "relay_settle"]
+    counted = state.metrics.registry.get_sample_value(
+        "relay_upstream_error_events_total",
+        {"deployment": "gpt-realtime", "code": "response_cancel_not_active"},
+    )
+    assert counted == 1  # the client's own
+    assert [e.get("event_id") for e in logs if e["event"] == "upstream_error_event"] == ["mine"]
+
+
 async def test_upstream_close_code_reaches_the_client(start_relay, start_fake, http):
     async def close_with_code(ws: web.WebSocketResponse, fake: FakeUpstream) -> None:
         await ws.send_str('{"type":"session.created","event_id":"e","session":{}}')

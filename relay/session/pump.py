@@ -940,6 +940,10 @@ class Bridge:
         error = event.get("error") if isinstance(event, dict) else None
         error = error if isinstance(error, dict) else {}
         code, error_type = error.get("code"), error.get("type")
+        if error.get("event_id") == SETTLE_EVENT_ID and code == "response_cancel_not_active":
+            # The relay's own cancel (the client left) met a response that had just ended:
+            # nobody's error, and not the upstream's to count.
+            return
         level = _log.warning if error_type == "server_error" else _log.info
         self._event_line(
             level,
@@ -1160,10 +1164,13 @@ class Bridge:
         frames.forget_error(self.upstream)
 
 
+SETTLE_EVENT_ID = "relay_settle"
+
+
 def _cancel(response_id: str) -> bytes:
     """The `response.cancel` that settles a response (by its id; without one, the default
     conversation's)."""
-    cancel: dict[str, str] = {"type": "response.cancel", "event_id": "relay_settle"}
+    cancel: dict[str, str] = {"type": "response.cancel", "event_id": SETTLE_EVENT_ID}
     if response_id:
         cancel["response_id"] = response_id
     return dump_json(cancel)
