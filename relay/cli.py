@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     reloading.add_argument(
         "--config",
-        default=os.environ.get("RELAY_CONFIG", DEFAULT_CONFIG),
-        help="the running relay's config: checked first, and its server.pid_file used",
+        help="the running relay's config: checked first, and its server.pid_file used "
+        "(default: $RELAY_CONFIG or config/local.toml; with --pid-file, none is checked)",
     )
     reloading.add_argument("--pid-file", help="the relay's pid file (default: server.pid_file)")
     reloading.add_argument(
@@ -296,13 +296,16 @@ def _check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _reload(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.url:
         return _reload_by_url(args.url, environ.get(args.key_env, "").strip(), args.key_env)
-    # Problems: exit 2 here. Secrets are the relay's, judged where it runs (it refuses a
-    # reload that lacks them): here, where the operator's shell may not hold them, warnings.
-    checked = check_config(args.config, environ, strict=False)
-    for warning in checked.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    config = checked.config
-    path = Path(args.pid_file) if args.pid_file else config.server.pid_file
+    config_file = args.config or environ.get("RELAY_CONFIG") or None
+    path: Path | None = Path(args.pid_file) if args.pid_file else None
+    if config_file is not None or path is None:
+        # Problems: exit 2 here. Secrets are the relay's, judged where it runs (it refuses a
+        # reload that lacks them): here, where the operator's shell may lack them, warnings.
+        config_file = config_file or DEFAULT_CONFIG
+        checked = check_config(config_file, environ, strict=False)
+        for warning in checked.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        path = path or checked.config.server.pid_file
     if path is None:
         raise StartupError(
             "no pid file to find the relay by: set server.pid_file, or pass --pid-file or --url"
@@ -312,7 +315,7 @@ def _reload(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot signal the relay in {path}: {exc}") from exc
-    print(f"relay (pid {pid}) is reloading {args.config}; its log says the outcome")
+    print(f"relay (pid {pid}) is reloading its config; its log says the outcome")
     return 0
 
 
@@ -336,6 +339,8 @@ def _reload_by_url(url: str, key: str, key_env: str) -> int:
         raise StartupError(f"cannot reach the relay at {url}: {exc}") from exc
     print(body.decode("utf-8", "replace"))
     outcome = orjson.loads(body).get("outcome") if body.startswith(b"{") else None
+    if outcome == "rejected":
+        return 2  # as `--config` exits on a file with problems
     return 0 if outcome in ("applied", "unchanged", "passed_to_every_worker") else 1
 
 

@@ -157,6 +157,14 @@ def test_reload_checks_the_file_but_leaves_secrets_to_the_relay(capsys, tmp_path
         signal.signal(signal.SIGHUP, previous)
     assert code == 0 and reloads == [1] and "is reloading" in out
     assert "warning: environment: deployments.gpt-realtime.credential" in err
+    # With --pid-file and no --config, no file is checked (it was config/local.toml, which
+    # the operator never named, and may not exist).
+    previous = signal.signal(signal.SIGHUP, lambda *_: reloads.append(2))
+    try:
+        code, out, err = run(capsys, "reload", "--pid-file", str(pid_file))
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (code, reloads, err) == (0, [1, 2], "")
     path.write_text(GOOD.replace('"marin"', "7"))  # a problem in the file: nothing signalled
     code, _, err = run(capsys, "reload", "--config", str(path))
     assert code == 2 and "voice" in err

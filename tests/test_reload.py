@@ -300,7 +300,7 @@ async def test_budgets_and_prices_follow_a_reload(simulator, start_relay):
     assert not state.budgets.limits["alpha"].has_budget
 
 
-@pytest.mark.parametrize(("outcome", "exit_code"), [("applied", 0), ("rejected", 1)])
+@pytest.mark.parametrize(("outcome", "exit_code"), [("applied", 0), ("rejected", 2)])
 async def test_relay_reload_by_url_prints_the_answer(simulator, start_relay, outcome, exit_code):
     config = relay_config(simulator.url, admin={"keys": [hash_key(ADMIN_KEY)]})
     relay = await start_relay(config)
