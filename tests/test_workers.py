@@ -113,11 +113,7 @@ async def test_a_sigterm_during_a_restart_delay_starts_the_drain_at_once(tmp_pat
     async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
         # The supervisor says it listens once every worker does: its children are they.
         victim = _worker_pids(supervisor.pid)[0]
-        with open(f"/proc/{victim}/cmdline", "rb") as cmdline:
-            argv = cmdline.read().decode().split("\0")
-        in_force = argv[argv.index("--start-config") + 1]
-        with open(in_force, "w") as broken:
-            broken.write("not toml [")  # a worker started from now on exits at once
+        _break_start_config(victim)  # a worker started from now on exits at once
         os.kill(victim, signal.SIGKILL)
         exits = 0
         while exits < 3:  # the kill, then two failed restarts: a 4 s delay is under way
@@ -127,6 +123,14 @@ async def test_a_sigterm_during_a_restart_delay_starts_the_drain_at_once(tmp_pat
         while (event := await lines.get()).get("event") != "relay_stopping":
             assert event.get("event") != "worker_started", "restarted after the SIGTERM"
         await asyncio.wait_for(supervisor.wait(), timeout=15)
+
+
+def _break_start_config(worker: int) -> None:
+    """Break the config the supervisor starts its workers with (`--start-config`)."""
+    with open(f"/proc/{worker}/cmdline", "rb") as cmdline:
+        argv = cmdline.read().decode().split("\0")
+    with open(argv[argv.index("--start-config") + 1], "w") as in_force:
+        in_force.write("not toml [")
 
 
 def _worker_pids(supervisor: int) -> list[int]:

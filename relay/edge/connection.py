@@ -73,7 +73,7 @@ class RelayConnection(RequestHandler):
         # its body (`head_bound`). Not counted once a request asks for an upgrade (frames
         # follow).
         self._counting = True
-        self._heads = HeadBound(self.max_field_size)
+        self._heads = HeadBound(self._max_head_bytes)
         self._answered = 0  # requests answered (`log_access`), of `_request_count` parsed
         self._head_deadline: asyncio.TimerHandle | None = None
         # A pipelined head timed out or outgrew the bound while a request before it was
@@ -95,6 +95,7 @@ class RelayConnection(RequestHandler):
         # The splitter must see every byte the reader sees, from the first: frames that came
         # with the request (a client that did not wait for the 101) go through it too.
         tail, self._message_tail = self._message_tail, b""
+        self._heads.forget()
         super().set_parser(parser, data_received_cb)
         if tail and frames.feed(parser, tail, self.large_frames)[0]:
             self.close()
@@ -111,6 +112,7 @@ class RelayConnection(RequestHandler):
         # would leave every closed session to the cycle collector (see frames.feed_eof).
         # So does a socket whose upgrade failed before `set_parser` took it.
         self.large_frames = self.upgrading = None
+        self._heads.forget()  # a closed connection may wait for the cycle collector
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -130,19 +132,27 @@ class RelayConnection(RequestHandler):
                     self.close()
             return
         if not self._counting:
+            if self._heads.upgrading:
+                self._heads.hold(data)  # aiohttp keeps it aside too, until the upgrade is decided
             super().data_received(data)
             return
         before = self._request_count
         super().data_received(data)
         made = self._request_count - before
-        requests = list(self._messages)[-made:] if made else ()
+        self._walk(data, list(self._messages)[-made:] if made else ())
+
+    def _walk(self, data: bytes, requests: Any) -> None:
+        """Walk ``data`` with the requests the parser made (`head_bound`); then refuse, time
+        or clear what is left of a head."""
+        lengths, ignored = [], set()
+        for index, (message, _) in enumerate(requests):
+            lengths.append(_body_length(message))
+            if getattr(message, "upgrade", False) and lengths[-1] != UPGRADE:
+                ignored.add(index)  # served as HTTP: aiohttp switches for WebSocket only
         try:
-            whole = self._heads.read(data, [_body_length(message) for message, _ in requests])
+            whole = self._heads.read(data, lengths, ignored)
         except Unframed as exc:
-            # Not HTTP/1.1 (the parser refuses a chunk size that is not hexadecimal), or a
-            # chunk line past `max_header_bytes`: what follows cannot be bounded.
-            _log.info("request_body_unframed", peer=_peer(self.transport), error=str(exc))
-            self.force_close()
+            self._unframed(str(exc))
             return
         if not whole:
             self._stop_counting()  # frames follow (or its refusal, then the close)
@@ -160,6 +170,26 @@ class RelayConnection(RequestHandler):
         self._counting = False
         self._heads.pending = 0
         self._disarm_head_deadline()
+
+    def _unframed(self, error: str) -> None:
+        """A chunked body whose framing the parser refuses too, or with a chunk line past
+        the head bound: what follows cannot be bounded. 400, after the answer before it."""
+        _log.info("request_body_unframed", peer=_peer(self.transport), error=error)
+        self._stop_counting()
+        if self._answering():
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._head_overdue = self._refuse_unframed
+            return
+        self._refuse_unframed()
+
+    def _refuse_unframed(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_UNFRAMED)
+            self.linger(seconds=HEAD_LINGER_SECONDS, max_bytes=2 * self._max_head_bytes)
+            return
+        self.force_close()
 
     def _head_too_large(self) -> None:
         self._disarm_head_deadline()
@@ -190,14 +220,11 @@ class RelayConnection(RequestHandler):
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: Any) -> None:
         super().log_access(request, response, time)
         self._answered += 1
-        if not self._counting and self._payload_parser is None and self._linger is None:
-            # An upgrade refused over HTTP: what came after its head is timed and bounded
-            # like a head.
+        if self._heads.upgrading and self._payload_parser is None and self._linger is None:
+            # An upgrade refused over HTTP: aiohttp has parsed what came after its head (the
+            # requests queued now), and so is it walked.
             self._counting = True
-            heads = self._heads
-            heads.pending = heads.received - heads.pos
-            if heads.pending and self._head_deadline is None:
-                self._arm_head_deadline()
+            self._walk(b"", list(self._messages))
         overdue = self._head_overdue
         if overdue is not None and not self._messages:  # this answer is written: now
             self._head_overdue = None
@@ -449,8 +476,12 @@ def _body_length(message: Any) -> int | None:
     chunked body, `UPGRADE` for frames (an upgrade, or a parse error's entry: the
     connection is then answered and closed)."""
     headers = getattr(message, "headers", None)
-    if headers is None or message.upgrade:
+    if headers is None or message.method == "CONNECT":
         return UPGRADE
+    if message.upgrade:
+        wanted = headers.get("Upgrade", "")
+        if wanted.isascii() and wanted.lower() == "websocket":  # as aiohttp's parser decides
+            return UPGRADE
     if message.chunked:
         return None
     length = headers.get("Content-Length", "0").strip() or "0"
@@ -510,6 +541,11 @@ def _raw_answer(status: str, code: str, message: str) -> bytes:
     return head.encode() + body
 
 
+_UNFRAMED = _raw_answer(
+    "400 Bad Request",
+    "bad_request",
+    "The request's chunked body is not valid HTTP/1.1, or a chunk line is too long.",
+)
 _REQUEST_TIMEOUT = _raw_answer(
     "408 Request Timeout",
     "request_head_timeout",

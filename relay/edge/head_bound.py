@@ -9,6 +9,11 @@ aiohttp's request parser takes CRLF only); what follows is its body, of its Cont
 RFC 9112 7.1: a body's own blank lines or `0` lines are data, not an end); then the next
 head. Empty lines before a request line are skipped, as the parser skips them.
 
+aiohttp switches protocols for a WebSocket upgrade only (and CONNECT): another upgrade
+(curl's h2c offer) is served as a request, and the rest of the read its body ends in is
+dropped, as the parser drops it. What follows an upgrade's head is kept until the upgrade
+is taken or declined; declined, the parser reads it as HTTP, and so does the walk.
+
 The parser stops making requests while 32 wait to be handled and holds the rest of the
 read (its reading paused meanwhile). A whole head past the last request it made is such
 a held request, not a head still arriving: its bytes are kept here until the parser makes
@@ -17,15 +22,16 @@ it (at most what one read brought), and nothing is counted meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Container, Sequence
 
 # A request's body length: frames follow its head (an upgrade), or the connection is done
 # (a request the parser refused: it is answered and closed).
 UPGRADE = -1
 _HEAD_END = b"\r\n\r\n"
 # The most bytes kept while the parser holds requests back: it pauses reading then, so it
-# holds at most a read or two (uvloop reads up to 256 KiB).
-MAX_HELD = 1 << 20
+# holds at most what one read brought (uvloop reads up to 256 KiB).
+MAX_HELD = 320 * 1024
 _HEX = b"0123456789abcdefABCDEF"
 
 
@@ -87,28 +93,47 @@ class HeadBound:
     """A connection's bytes walked request by request (see the module's docstring).
     `pending` is the part of a head still arriving."""
 
-    __slots__ = ("received", "pos", "body_end", "pending", "_chunks", "_kept", "_max_line")
+    __slots__ = (
+        "received", "pos", "body_end", "pending", "upgrading", "_chunks", "_in_request",
+        "_drops_rest", "_just_ended", "_kept", "_max_line",
+    )  # fmt: skip
 
     def __init__(self, max_line: int) -> None:
         self.received = 0  # bytes read from the connection
         self.pos = 0  # where the walk stands: a head's start, or inside a body
         self.body_end = 0  # the end of the last Content-Length body
         self.pending = 0
+        # Walked to an upgrade's head: until it is taken (frames follow) or declined (the
+        # parser reads on as HTTP), what follows is kept, not walked (`hold`).
+        self.upgrading = False
         self._chunks: ChunkWalk | None = None
+        self._in_request = False  # a head walked, its body not yet
+        # The request being walked is an upgrade the parser does not take (not a WebSocket):
+        # the parser drops what the read its body ends in holds after it.
+        self._drops_rest = False
+        # `pos` is where a request ended: one empty line there is a client's extra CRLF
+        # after a body (RFC 9112 2.2), not a head begun. Others count, and a connection
+        # that sends only empty lines meets the header deadline and the bound.
+        self._just_ended = False
         # The bytes from offset `received - len(_kept)` on: the last three read (a head's
         # end may straddle two reads), or, while the parser holds requests back, every
         # byte from `pos` on.
         self._kept = b""
         self._max_line = max_line
 
-    def read(self, data: bytes, lengths: Sequence[int | None]) -> bool:
+    def read(
+        self, data: bytes, lengths: Sequence[int | None], ignored_upgrades: Container[int] = ()
+    ) -> bool:
         """``data`` was read (b"": the parser made requests from what it held), and the
-        parser made requests with these body lengths (`UPGRADE`; None: chunked), in order.
-        False when one asked for an upgrade: no head follows. Raises Unframed."""
+        parser made requests with these body lengths (`UPGRADE`: it switches protocols;
+        None: chunked), in order; those at ``ignored_upgrades`` (indexes) asked for an
+        upgrade the parser does not take. False when one was `UPGRADE`: no head follows.
+        Raises Unframed."""
         seen = self._kept + data if data else self._kept
         base = self.received - len(self._kept)
         self.received += len(data)
         pos, index = self.pos, 0
+        self.upgrading = False
         while True:
             if self._chunks is not None:
                 end = self._chunks.walk(seen, max(pos - base, 0))
@@ -121,27 +146,41 @@ class HeadBound:
                 pos = min(self.body_end, self.received)
                 if pos < self.body_end:
                     break
+            if self._in_request:  # its body is done: the request ended at `pos`
+                self._in_request, self._just_ended = False, True
+                if self._drops_rest:
+                    self._drops_rest, pos = False, self.received
+                    break
             if index == len(lengths):
                 break
             length = lengths[index]
+            self._drops_rest = index in ignored_upgrades
             index += 1
-            end = seen.find(_HEAD_END, _head_search(seen, pos - base))
+            end = seen.find(_HEAD_END, _past_empty_lines(seen, pos - base))
             if end < 0:  # not where it should be: what came is taken as its (a gap)
                 self.pos, self.pending, self._kept = self.received, 0, seen[-3:]
+                self._drops_rest = self._just_ended = False
                 return length != UPGRADE
             pos = base + end + 4
             if length == UPGRADE:
-                self.pos, self.pending, self._kept = pos, 0, b""
+                self.pos, self.pending, self._kept = pos, 0, seen[pos - base :]
+                self.upgrading, self._drops_rest, self._just_ended = True, False, False
                 return False
+            self._in_request = True
             if length is None:
                 self._chunks = ChunkWalk(self._max_line)
             else:
                 self.body_end = pos + length
-        self.pos = pos
         if self._chunks is not None or pos < self.body_end:
-            self.pending, self._kept = 0, b""  # in a body: its end starts the next head
+            self.pos, self.pending, self._kept = pos, 0, b""  # in a body
             return True
-        at = _head_search(seen, pos - base)
+        start = pos - base
+        if self._just_ended and start >= 0 and len(seen) - start >= 2:
+            self._just_ended = False
+            if seen.startswith(b"\r\n", start):
+                pos, start = pos + 2, start + 2  # a client's extra CRLF after a body
+        self.pos = pos
+        at = _past_empty_lines(seen, start)
         if seen.find(_HEAD_END, at) >= 0:
             # A whole head the parser holds back: kept until it makes its request.
             self.pending, self._kept = 0, seen[at:]
@@ -150,20 +189,31 @@ class HeadBound:
                 # are not that, but a walk that lost its way (nothing here to bound them).
                 raise Unframed("more bytes past the last request than the parser holds")
             return True
-        if pos >= base:
-            self.pos = base + at  # past the empty lines
-        self.pending = self.received - self.pos
+        self.pending = self.received - pos
         self._kept = seen[-3:]
         return True
 
+    def hold(self, data: bytes) -> None:
+        """``data`` came while an upgrade is decided: the parser keeps it aside, to parse as
+        HTTP if the upgrade is declined (then `read(b"", ...)` walks it), and stops reading
+        past its own bound meanwhile."""
+        self._kept += data
+        self.received += len(data)
 
-def _head_search(seen: bytes, start: int) -> int:
+    def forget(self) -> None:
+        """The upgrade was taken, or the connection is gone: nothing more to walk."""
+        self._kept = b""
+        self._chunks = None
+        self.upgrading = False
+
+
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
+
+
+def _past_empty_lines(seen: bytes, start: int) -> int:
     """Where to look for the end of a head that starts at ``start`` in ``seen`` (negative:
     in an earlier read, so from the first byte kept): past the empty lines before its
     request line, which the parser skips."""
     if start < 0:
         return 0
-    size = len(seen)
-    while start < size and seen[start] in (0x0D, 0x0A):
-        start += 1
-    return start
+    return _EMPTY_LINES.match(seen, start).end()  # type: ignore[union-attr]

@@ -462,3 +462,84 @@ async def test_pipelined_requests_the_parser_holds_back_are_no_head(simulator, s
         assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]  # no 431 in between
     writer.close()
     assert not [e for e in logs if e["event"].startswith("request_head")]
+
+
+async def test_empty_lines_are_timed_and_bounded_as_a_head(simulator, start_relay):
+    """A connection that sent only an empty line was held to the keep-alive timeout (75 s,
+    not header_timeout_seconds), and a stream of them was never refused (224 MB in 8 s,
+    the loop busy skipping them). One CRLF after a request is a client's extra one."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 0.5}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(b"\r\n")
+    async with asyncio.timeout(5):  # the keep-alive timeout is 75 s: a hang fails here
+        assert (await reader.read()).startswith(b"HTTP/1.1 408")
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(b"\r\n" * 40_000)
+    async with asyncio.timeout(5):
+        assert (await reader.read()).startswith(b"HTTP/1.1 431")
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(b"POST /healthz HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\n\r\nX\r\n")
+    assert await _answers(reader, 1) == [b"HTTP/1.1 405 Method Not Allowed"]
+    await asyncio.sleep(1.0)  # idle past the header timeout: the extra CRLF holds no deadline
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]
+    writer.close()
+
+
+REFUSED_UPGRADE = (
+    b"GET /openai/v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: relay\r\n"
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+H2C_OFFER = (
+    b"POST /healthz HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Length: %d\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("first", ["refused_upgrade", "h2c_offer"])
+async def test_requests_after_an_upgrade_aiohttp_does_not_take_hold_no_deadline(
+    simulator, start_relay, first
+):
+    """After a refused WebSocket upgrade aiohttp parses what followed it past the walk, and
+    after an h2c offer (curl's) it serves the request as HTTP: the requests and bodies
+    behind either were counted as a head still arriving (an unasked 408 as the answer to a
+    pooled client's next request; a 431 behind a body of 200 KB)."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 0.5}))
+    body = b"b" * 200_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    if first == "refused_upgrade":
+        post = b"POST /healthz HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n\r\n" % len(body)
+        writer.write(REFUSED_UPGRADE + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n" + post)
+        writer.write(body)
+        expected = [b"HTTP/1.1 401 Unauthorized", b"HTTP/1.1 200 OK"]
+        expected.append(b"HTTP/1.1 405 Method Not Allowed")
+    else:
+        writer.write(H2C_OFFER % len(body))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the body in reads of its own, after the answer
+        writer.write(body)
+        expected = [b"HTTP/1.1 405 Method Not Allowed"]
+    assert await _answers(reader, len(expected)) == expected
+    await asyncio.sleep(1.0)  # idle past the header timeout: the connection stays open
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]
+    writer.close()
+
+
+async def test_a_chunk_line_past_the_head_bound_gets_a_400(simulator, start_relay):
+    """A chunk extension is served up to the head bound (aiohttp takes any length); past
+    it, the walk cannot follow the body: a JSON 400 after the answer, where the connection
+    was dropped with none."""
+    relay = await start_relay(relay_config(simulator.url))
+    head = b"POST /healthz HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(head + b"1;" + b"e" * 20_000 + b"\r\nX\r\n0\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    assert await _answers(reader, 2) == [b"HTTP/1.1 405 Method Not Allowed", b"HTTP/1.1 200 OK"]
+    writer.write(head + b"1;" + b"e" * 70_000 + b"\r\nX\r\n0\r\n\r\n")
+    answers = await reader.read()
+    writer.close()
+    assert answers.startswith(b"HTTP/1.1 405") and b"HTTP/1.1 400 Bad Request" in answers

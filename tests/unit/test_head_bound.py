@@ -53,12 +53,15 @@ def feed(requests: list[Request], partial: bytes, cuts: list[int], holds: set[in
     request after a read in ``holds`` (by index) until the end, where it makes them from
     what it held (a read of b""). Checks the count after each read."""
     stream = b"".join(r.raw for r in requests) + partial
+    # Where each head's bytes start (its empty lines before it included: they count, but
+    # for one CRLF right after a request, a client's extra one), and where its head ends.
     starts, ends, offset = [], [], 0
     for r in requests:
-        starts.append(offset + r.head_start)
+        starts.append((offset, bool(offset) and r.raw.startswith(b"\r\n")))
         ends.append(offset + r.head_end)
         offset += len(r.raw)
-    partial_start = offset + (len(partial) - len(partial.lstrip(b"\r\n")))
+    starts.append((offset, bool(offset) and partial.startswith(b"\r\n")))
+    ends.append(len(stream) + 1)
     bound = HeadBound(MAX_LINE)
     made = 0
     held = False
@@ -78,22 +81,27 @@ def feed(requests: list[Request], partial: bytes, cuts: list[int], holds: set[in
         if not bound.read(data, lengths):
             assert requests[made - 1].length == UPGRADE
             return bound
-        assert bound.pending == _expected(point, starts, ends, made, partial_start)
+        assert bound.pending == _expected(point, starts, ends, made)
     if held:
         lengths = [r.length for r in requests[made:]]
         made = len(requests)
         if bound.read(b"", lengths):
-            assert bound.pending == _expected(len(stream), starts, ends, made, partial_start)
+            assert bound.pending == _expected(len(stream), starts, ends, made)
     return bound
 
 
-def _expected(point: int, starts: list[int], ends: list[int], made: int, partial_start: int) -> int:
-    if any(end <= point for end in ends[made:]):
+def _expected(
+    point: int, starts: list[tuple[int, bool]], ends: list[int], made: int
+) -> int:
+    if any(end <= point for end in ends[made:-1]):
         return 0  # a whole head the parser holds back
-    for start, end in zip(starts, ends, strict=True):
+    for (start, extra_crlf), end in zip(starts, ends, strict=True):
         if start <= point < end:
-            return point - start
-    return max(0, point - partial_start)
+            got = point - start
+            if extra_crlf and got >= 2:
+                return got - 2  # a client's extra CRLF after a request
+            return got  # (one byte of it: not known yet)
+    return 0
 
 
 def test_a_chunked_post_then_a_get_in_one_read_leaves_nothing_counted():
@@ -173,7 +181,21 @@ def test_an_upgrade_ends_the_walk():
     bound = HeadBound(MAX_LINE)
     up = upgrade()
     assert not bound.read(get().raw + up.raw + b"\x81\x80frames", [0, UPGRADE])
-    assert bound.pos == len(get().raw) + len(up.raw)
+    assert bound.pos == len(get().raw) + len(up.raw) and bound.upgrading
+
+
+def test_what_follows_a_declined_upgrade_is_walked_as_http():
+    """A refused upgrade (401) with a GET behind it: aiohttp parses the GET from what it
+    kept aside, past the walk, and the GET's bytes were counted as a head once counting
+    resumed (an unasked 408 at header_timeout_seconds; a 431 behind a POST of 200 KB)."""
+    bound = HeadBound(MAX_LINE)
+    post = with_length(b"p" * 200_000)
+    assert not bound.read(upgrade().raw + get().raw + post.raw[:1000], [UPGRADE])
+    bound.hold(post.raw[1000:100_000])
+    assert bound.read(b"", [0, 200_000])  # declined: the parser made these from the tail
+    assert bound.pending == 0
+    assert bound.read(post.raw[100_000:] + b"GET / HT", [])
+    assert bound.pending == len(b"GET / HT")
 
 
 _bodies = st.binary(max_size=300).map(lambda b: b + b"\r\n\r\n" * (len(b) % 3))
@@ -211,3 +233,35 @@ def test_bytes_past_a_held_request_are_bounded():
     with pytest.raises(Unframed):
         for _ in range(20):
             bound.read(b"x" * 65536, [])
+
+
+def test_empty_lines_count_but_one_after_a_request():
+    """A connection that sent only empty lines kept no deadline: held to the keep-alive
+    timeout (75 s, not header_timeout_seconds), and a stream of them was never refused
+    (224 MB in 8 s, the loop busy skipping them byte by byte). They count as a head; only
+    one CRLF right after a request (a client's extra one after a body) does not."""
+    bound = HeadBound(MAX_LINE)
+    assert bound.read(b"\r\n", [])
+    assert bound.pending == 2
+    bound = HeadBound(MAX_LINE)
+    assert bound.read(with_length(b"X").raw + b"\r", [1])
+    assert bound.pending == 1  # perhaps the extra CRLF: not known yet
+    assert bound.read(b"\n", [])
+    assert bound.pending == 0
+    assert bound.read(b"\r\n" * 40_000, [])
+    assert bound.pending == 80_000
+
+
+def test_an_upgrade_the_parser_does_not_take_drops_the_rest_of_its_read():
+    """aiohttp switches protocols for WebSocket only; for another upgrade (curl's h2c offer)
+    it serves the request and drops what the read its body ended in held after it. The walk
+    stopped at such a request: its body, and what came after it, counted as a head (an
+    unasked 408, or 431 on a 200 KB body)."""
+    h2c = b"POST /x HTTP/1.1\r\nHost: r\r\nUpgrade: h2c\r\nContent-Length: 5\r\n\r\n"
+    bound = HeadBound(MAX_LINE)
+    assert bound.read(h2c + b"hel", [5], ignored_upgrades={0})
+    assert bound.pending == 0
+    assert bound.read(b"lo" + get().raw, [])  # dropped by the parser, with the body's end
+    assert bound.pending == 0
+    assert bound.read(b"GET / HTTP/1.1\r\n", [])
+    assert bound.pending == len(b"GET / HTTP/1.1\r\n")
