@@ -90,9 +90,7 @@ def feed(requests: list[Request], partial: bytes, cuts: list[int], holds: set[in
     return bound
 
 
-def _expected(
-    point: int, starts: list[tuple[int, bool]], ends: list[int], made: int
-) -> int:
+def _expected(point: int, starts: list[tuple[int, bool]], ends: list[int], made: int) -> int:
     if any(end <= point for end in ends[made:-1]):
         return 0  # a whole head the parser holds back
     for (start, extra_crlf), end in zip(starts, ends, strict=True):
