@@ -89,6 +89,33 @@ async def test_the_sdk_sees_the_effective_session_first(simulator, start_relay):
         assert updated.session.instructions == VOICE_APP_DEFAULTS["instructions"]
 
 
+@pytest.mark.parametrize("limit", [20.0, None])
+async def test_the_expiry_a_client_is_shown_is_the_relays_limit(
+    simulator, start_relay, http, limit
+):
+    """`expires_at` in `session.created` and `session.updated` said the service's 60
+    minutes while the policy ends the session at `max_session_seconds` (30 minutes in
+    config/local.toml): a client that reconnects before `expires_at`, as docs/clients.md
+    advises, was cut first."""
+    import time
+
+    rules = {} if limit is None else {"max_session_seconds": limit}
+    relay = await start_relay(policy_config(simulator.url, **rules))
+    began = time.time()
+    async with http.ws_connect(url(relay), headers={"api-key": ALPHA_KEY}) as ws:
+        created = (await read_until(ws, "session.created"))[-1]
+        voice = {"output": {"voice": "marin"}}
+        await send(ws, type="session.update", session={"type": "realtime", "audio": voice})
+        updated = (await read_until(ws, "session.updated"))[-1]
+    for event in (created, updated):
+        expires = event["session"]["expires_at"]
+        assert isinstance(expires, int)
+        if limit is None:  # the service's own
+            assert began + 3500 < expires
+        else:
+            assert began + limit - 2 <= expires <= time.time() + limit
+
+
 async def test_a_system_item_cannot_speak_past_locked_instructions(simulator, start_relay):
     relay = await start_relay(
         policy_config(simulator.url, allowed_item_roles=["user", "assistant"])

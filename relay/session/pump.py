@@ -74,6 +74,7 @@ from relay.session.policy import (
 )
 from relay.session.renewal import Renewal, is_loss
 from relay.session.reported import judge_reported
+from relay.session.setup import shown_expiry
 from relay.session.tool_calls import EVENTS as TOOL_EVENTS
 from relay.session.tool_calls import ToolCalls
 from relay.upstream.handshake import abort as abort_upstream
@@ -172,7 +173,7 @@ class Bridge:
         "client", "upstream", "policy", "session", "meter", "greeting", "close_timeout",
         "stall_timeout", "response_timeout", "max_pings_per_second", "client_transport",
         "ending", "writing_in_since", "writing_out_since", "between_responses", "violations",
-        "started_at", "last_client_event_at", "last_upstream_event_at",
+        "started_at", "started_wall", "last_client_event_at", "last_upstream_event_at",
         "throttled", "renewal", "gate", "translator", "tokens", "filled_at", "updated", "tasks",
         "timer", "_delay_in", "_delay_out", "_rate", "_burst", "lane_in", "lane_out",
         "settling", "requested", "responding", "appended", "event_lines", "tools", "turn_over",
@@ -257,6 +258,7 @@ class Bridge:
         # perf_counter, not loop.time(): uvloop's clock moves in 1 ms steps, which rounded
         # every forwarded frame's delay to 0 or 1 ms.
         self.started_at = time.perf_counter()
+        self.started_wall = time.time()  # for the `expires_at` clients are shown
         self.last_client_event_at = self.started_at
         self.last_upstream_event_at = self.started_at
         # Continuity (None when off), and the gate client frames wait at while it switches.
@@ -705,7 +707,7 @@ class Bridge:
                     return instead
                 return [o for f in instead for o in translator.to_client(sniff_type(f), f)]
         if kind == self.updated:
-            self._session_updated(frame)
+            frame = self._session_updated(frame)
         elif kind == "error":
             self.requested = False  # the request refused (or another event: no matter)
             self._upstream_error(frame)
@@ -919,7 +921,9 @@ class Bridge:
                 )
         return translation
 
-    def _session_updated(self, frame: bytes) -> None:
+    def _session_updated(self, frame: bytes) -> bytes:
+        """Keep the session the upstream reports; the frame the client gets (its expiry no
+        later than the relay's limit: `shown_expiry`)."""
         event = load_json(frame)
         session = event.get("session") if isinstance(event, dict) else None
         if isinstance(session, dict):
@@ -932,6 +936,11 @@ class Bridge:
                     _log.warning("upstream_session_off_policy", param=verdict.violation.param)
             self.session = shared_strings.share(session)  # kept: see shared_strings
             self.meter.session_changed(session)
+            shown = shown_expiry(session, self.policy.max_session_seconds, self.started_wall)
+            if shown is not session:
+                event["session"] = shown
+                return dump_json(event)
+        return frame
 
     def _upstream_error(self, frame: bytes) -> None:
         """Log and count an upstream `error` event (its message, which may quote the

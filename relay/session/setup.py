@@ -9,6 +9,7 @@ the session actually in force. No client event reaches the upstream before that.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +114,22 @@ async def put_in_force(
             504, "upstream_timeout", "The upstream service did not start the session in time."
         ) from exc
     session = _session_of(event)
-    created["session"] = session
+    # The client's copy says when the relay ends the session, if before the service would.
+    created["session"] = shown_expiry(session, policy.max_session_seconds, time.time())
     return StartedSession(orjson.dumps(created), session, pending, policy)
+
+
+def shown_expiry(
+    session: dict[str, Any], max_session_seconds: float | None, started: float
+) -> dict[str, Any]:
+    """``session`` as a client is shown it: its `expires_at` (Unix seconds) no later than
+    the relay's own limit from ``started``, which clients plan their reconnects by (it said
+    60 minutes for a session the policy ends at 30). The same dict when nothing changes."""
+    expires = session.get("expires_at")
+    if max_session_seconds is None or not isinstance(expires, int | float):
+        return session
+    ends = int(started + max_session_seconds)
+    return session if expires <= ends else {**session, "expires_at": ends}
 
 
 async def _next_event(upstream: UpstreamSocket) -> tuple[bytes, dict[str, Any]]:
