@@ -384,3 +384,29 @@ async def test_a_restarted_worker_starts_with_the_config_in_force(tmp_path):
         assert await handshakes(base) == [401] * 8
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0
+
+
+async def test_a_worker_hung_while_starting_is_killed_and_started_again(tmp_path):
+    """The heartbeat watched a worker only once it listened: one that hung while starting
+    (here stopped before it could listen) was never replaced, its share of the workers
+    missing until someone noticed `RelayWorkersDown`."""
+    config, _ = watched_config(tmp_path, unresponsive_seconds=2)
+    lines: asyncio.Queue = asyncio.Queue()
+    env = {"RELAY_SIMULATOR_KEY": "sim"}
+    async with relay_process(config, env, "--workers", "2", lines=lines) as (supervisor, _):
+        while not lines.empty():
+            lines.get_nowait()
+        os.kill(_worker_pids(supervisor.pid)[0], signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while (line := await lines.get()).get("event") != "worker_started":
+                pass
+        starting = line["pid"]
+        os.kill(starting, signal.SIGSTOP)  # before it listens: Python takes longer to start
+        async with asyncio.timeout(40):
+            while (line := await lines.get()).get("event") != "worker_unresponsive":
+                assert line.get("event") != "relay_listening" or line.get("worker") is None
+            assert line["pid"] == starting and line["listening"] is False
+            while (line := await lines.get()).get("event") != "relay_listening":
+                pass  # its replacement
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.wait(), timeout=15) == 0

@@ -47,6 +47,8 @@ _log = structlog.get_logger("relay.ops.workers")
 # A worker's event loop writes a byte down a pipe to the supervisor this often.
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_FD_ENV = "RELAY_HEARTBEAT_FD"
+# The least time a worker has to start listening before it is taken for hung.
+START_SECONDS = 10.0
 MAX_WORKER_LINE_BYTES = 1024 * 1024
 _CRASH_WINDOW_SECONDS = 10.0
 _MAX_RESTART_DELAY_SECONDS = 30.0
@@ -306,13 +308,23 @@ class Supervisor:
                     # process group): its workers' silence is its own. A fresh window.
                     worker.beat_at = now
                 silent = now - worker.beat_at
-                if worker.running and silent > limit and not worker.killed_unresponsive:
+                # One that never listened is silent since it was started (it beats once it
+                # listens): hung while starting, it is killed and started again too, given
+                # at least START_SECONDS (a loaded host starts Python slowly).
+                if worker.running:
+                    allowed = limit
+                elif not worker.listening and worker.process.returncode is None:
+                    allowed = max(limit, START_SECONDS)
+                else:
+                    continue
+                if silent > allowed and not worker.killed_unresponsive:
                     worker.killed_unresponsive = True
                     _log.error(
                         "worker_unresponsive",
                         worker=worker.index,
                         pid=worker.process.pid,
                         silent_seconds=round(silent, 1),
+                        listening=worker.listening,
                     )
                     worker.process.kill()
 
