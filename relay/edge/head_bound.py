@@ -7,7 +7,10 @@ were, so the bytes are walked here: a head ends at its first blank line (RFC 911
 aiohttp's request parser takes CRLF only); what follows is its body, of its Content-Length
 (from the parsed request) or chunked (walked chunk by chunk to its last chunk and trailers,
 RFC 9112 7.1: a body's own blank lines or `0` lines are data, not an end); then the next
-head. Empty lines before a request line are skipped, as the parser skips them.
+head. Empty lines before a request line are skipped to find its end, as the parser skips
+them, but count as a head still arriving (a connection that sends only empty lines meets
+the deadline and the bound), all but one CRLF right after a request: a client's extra one
+after a body (RFC 9112 2.2).
 
 aiohttp switches protocols for a WebSocket upgrade only (and CONNECT): another upgrade
 (curl's h2c offer) is served as a request, and the rest of the read its body ends in is
@@ -36,7 +39,8 @@ _HEX = b"0123456789abcdefABCDEF"
 
 
 class Unframed(ValueError):
-    """A chunked body whose framing the walk cannot follow: the parser refuses it too."""
+    """A chunked body whose framing the walk cannot follow (the parser refuses it too), or
+    a chunk line past the bound; or more bytes past a held request than a read brings."""
 
 
 class ChunkWalk:
@@ -196,7 +200,7 @@ class HeadBound:
     def hold(self, data: bytes) -> None:
         """``data`` came while an upgrade is decided: the parser keeps it aside, to parse as
         HTTP if the upgrade is declined (then `read(b"", ...)` walks it), and stops reading
-        past its own bound meanwhile."""
+        past its `read_bufsize` (64 KiB) meanwhile: no bound needed here."""
         self._kept += data
         self.received += len(data)
 
