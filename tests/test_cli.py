@@ -113,6 +113,14 @@ def test_tls_files_that_cannot_be_loaded_are_named_before_start(capsys, tmp_path
     # `relay serve` checks the same way: one line, exit 2, no traceback.
     code, _, err = run(capsys, "serve", "--config", str(path), environ=environ)
     assert code == 2 and "Traceback" not in err and "server.tls: cert_file" in err
+    # A reload loads no TLS file (the certificate watcher does): a certificate half-written
+    # by a rotation refused every reload, one revoking a leaked key included.
+    from relay.ops.check import ConfigSource, check_config
+
+    ConfigSource(path, environ).load(strict=True)
+    checked = check_config(path, environ, strict=True, reloading=True)
+    assert sum("server.tls: cert_file" in w for w in checked.warnings) == 1
+    assert sum("not PEM CA certificates" in w for w in checked.warnings) == 1
 
 
 def test_check_config_reports_every_problem_at_once(capsys, tmp_path):

@@ -50,11 +50,18 @@ class ConfigSource:
     environ: Mapping[str, str]
 
     def load(self, *, strict: bool) -> RelayConfig:
-        return check_config(self.path, self.environ, strict=strict).config
+        """The config a reload applies (`reloading`: see `check_config`)."""
+        return check_config(self.path, self.environ, strict=strict, reloading=True).config
 
 
-def check_config(path: str | Path, environ: Mapping[str, str], *, strict: bool) -> CheckedConfig:
-    """Raise ConfigError listing every problem found, or return the config and warnings."""
+def check_config(
+    path: str | Path, environ: Mapping[str, str], *, strict: bool, reloading: bool = False
+) -> CheckedConfig:
+    """Raise ConfigError listing every problem found, or return the config and warnings.
+    ``reloading``: the TLS files are warnings, not problems, since a reload does not load
+    them (the certificate watcher loads a changed pair itself, `upstream.ca_file` needs a
+    restart): a certificate half-written by a rotation refused every reload, one that
+    revokes a leaked key included."""
     reading = read_config(path, environ)
     source = str(path)
     problems = list(reading.problems)
@@ -64,9 +71,11 @@ def check_config(path: str | Path, environ: Mapping[str, str], *, strict: bool) 
         raise ConfigError(problems)
     config = reading.config
     secrets = secret_problems(config, environ)
-    if strict and secrets:
-        raise ConfigError(secrets)
-    return CheckedConfig(config, [*secrets, *exposure_warnings(config), *budget_warnings(config)])
+    files = tls_file_problems(config)
+    if strict and (secrets or (files and not reloading)):
+        raise ConfigError([*secrets, *([] if reloading else files)])
+    warnings = [*secrets, *files, *exposure_warnings(config), *budget_warnings(config)]
+    return CheckedConfig(config, warnings)
 
 
 def session_default_problems(
@@ -230,7 +239,6 @@ def secret_problems(config: RelayConfig, environ: Mapping[str, str]) -> list[str
         problem = redis_url_problem(config.admission.redis_url_env, environ)
         if problem is not None:
             problems.append(problem)
-    problems += tls_file_problems(config)
     metrics = config.metrics
     if metrics.enabled and metrics.on_main_port and metrics.token_env:
         if not environ.get(metrics.token_env, ""):
@@ -252,14 +260,17 @@ def tls_file_problems(config: RelayConfig) -> list[str]:
         except (OSError, ssl.SSLError, ValueError) as exc:
             problems.append(
                 f"server.tls: cert_file {tls.cert_file} and key_file {tls.key_file} cannot be "
-                f"loaded ({_tls_error(exc)})"
+                f"loaded ({_tls_error(exc, 'PEM certificates and an unencrypted key that match')})"
             )
     ca_file = config.upstream.ca_file
     if ca_file is not None:
         try:
             ssl.create_default_context().load_verify_locations(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            problems.append(f"upstream.ca_file: {ca_file} cannot be loaded ({_tls_error(exc)})")
+            problems.append(
+                f"upstream.ca_file: {ca_file} cannot be loaded "
+                f"({_tls_error(exc, 'PEM CA certificates')})"
+            )
     return problems
 
 
@@ -268,9 +279,9 @@ def _no_password() -> bytes:
     raise ValueError("the key file is encrypted")
 
 
-def _tls_error(exc: BaseException) -> str:
+def _tls_error(exc: BaseException, wanted: str) -> str:
     if isinstance(exc, ssl.SSLError):
-        return "not PEM certificates and an unencrypted key that match"
+        return f"not {wanted}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) if isinstance(exc, ValueError) else type(exc).__name__

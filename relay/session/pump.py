@@ -949,9 +949,14 @@ class Bridge:
         error = event.get("error") if isinstance(event, dict) else None
         error = error if isinstance(error, dict) else {}
         code, error_type = error.get("code"), error.get("type")
-        if error.get("event_id") == SETTLE_EVENT_ID and code == "response_cancel_not_active":
+        if (
+            self.settling is not None
+            and code == "response_cancel_not_active"
+            and error.get("event_id") == SETTLE_EVENT_ID
+        ):
             # The relay's own cancel (the client left) met a response that had just ended:
-            # nobody's error, and not the upstream's to count.
+            # nobody's error, and not the upstream's to count. (Only once the client has
+            # left: a client sending that id would hide its own.)
             return
         level = _log.warning if error_type == "server_error" else _log.info
         self._event_line(
