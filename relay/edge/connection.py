@@ -144,13 +144,17 @@ class RelayConnection(RequestHandler):
     def _walk(self, data: bytes, requests: Any) -> None:
         """Walk ``data`` with the requests the parser made (`head_bound`); then refuse, time
         or clear what is left of a head."""
-        lengths, ignored = [], set()
+        lengths, upgrades, ignored = [], set(), set()
         for index, (message, _) in enumerate(requests):
             lengths.append(_body_length(message))
-            if getattr(message, "upgrade", False) and lengths[-1] != UPGRADE:
+            if lengths[-1] == UPGRADE:
+                continue
+            if _switches(message):
+                upgrades.add(index)
+            elif message.upgrade:
                 ignored.add(index)  # served as HTTP: aiohttp switches for WebSocket only
         try:
-            whole = self._heads.read(data, lengths, ignored)
+            whole = self._heads.read(data, lengths, upgrades, ignored)
         except Unframed as exc:
             self._unframed(str(exc))
             return
@@ -172,8 +176,9 @@ class RelayConnection(RequestHandler):
         self._disarm_head_deadline()
 
     def _unframed(self, error: str) -> None:
-        """A chunked body whose framing the parser refuses too, or with a chunk line past
-        the head bound: what follows cannot be bounded. 400, after the answer before it."""
+        """A chunked body whose framing the parser refuses too, a chunk line past the head
+        bound, or more requests in flight than `head_bound.MAX_HELD`: what follows cannot
+        be bounded. 400, after the answer before it."""
         _log.info("request_body_unframed", peer=_peer(self.transport), error=error)
         self._stop_counting()
         if self._answering():
@@ -342,6 +347,8 @@ class _Linger:
         self.quiet = loop.call_later(LINGER_QUIET_SECONDS, self.close)
 
     def discarded(self, size: int) -> None:
+        if self.done.done():
+            return  # closed or reset already: reads the transport delivered before it ended
         self.discarded_bytes += size
         if self.discarded_bytes > self.max_bytes:
             self.reset()
@@ -471,17 +478,22 @@ class ClientSocket(LazyHeartbeat, web.WebSocketResponse):
             self._lingering = protocol.linger(seconds=self._linger_seconds, max_bytes=max_bytes)
 
 
+def _switches(message: Any) -> bool:
+    """Whether aiohttp's parser switches protocols after this request (and its body): a
+    WebSocket upgrade or CONNECT, as it decides."""
+    if message.method == "CONNECT":
+        return True
+    wanted = message.headers.get("Upgrade", "")
+    return bool(message.upgrade) and wanted.isascii() and wanted.lower() == "websocket"
+
+
 def _body_length(message: Any) -> int | None:
     """What follows a parsed request's head: its body's length (0: none), None for a
-    chunked body, `UPGRADE` for frames (an upgrade, or a parse error's entry: the
-    connection is then answered and closed)."""
+    chunked body, `UPGRADE` for a parse error's entry (the connection is then answered and
+    closed)."""
     headers = getattr(message, "headers", None)
-    if headers is None or message.method == "CONNECT":
+    if headers is None:
         return UPGRADE
-    if message.upgrade:
-        wanted = headers.get("Upgrade", "")
-        if wanted.isascii() and wanted.lower() == "websocket":  # as aiohttp's parser decides
-            return UPGRADE
     if message.chunked:
         return None
     length = headers.get("Content-Length", "0").strip() or "0"
@@ -544,7 +556,8 @@ def _raw_answer(status: str, code: str, message: str) -> bytes:
 _UNFRAMED = _raw_answer(
     "400 Bad Request",
     "bad_request",
-    "The request's chunked body is not valid HTTP/1.1, or a chunk line is too long.",
+    "The requests could not be followed: a chunked body that is not valid HTTP/1.1, a "
+    "chunk line over four times max_header_bytes, or over 2 MiB of requests in flight.",
 )
 _REQUEST_TIMEOUT = _raw_answer(
     "408 Request Timeout",

@@ -12,15 +12,16 @@ them, but count as a head still arriving (a connection that sends only empty lin
 the deadline and the bound), all but one CRLF right after a request: a client's extra one
 after a body (RFC 9112 2.2).
 
-aiohttp switches protocols for a WebSocket upgrade only (and CONNECT): another upgrade
-(curl's h2c offer) is served as a request, and the rest of the read its body ends in is
-dropped, as the parser drops it. What follows an upgrade's head is kept until the upgrade
-is taken or declined; declined, the parser reads it as HTTP, and so does the walk.
+aiohttp switches protocols for a WebSocket upgrade only (and CONNECT), once the request's
+body (if any) has come: what follows is kept until the upgrade is taken or declined;
+declined, the parser reads it as HTTP, and so does the walk. Another upgrade (curl's h2c
+offer) is served as a request, and the rest of the read its body ends in is dropped, as
+the parser drops it.
 
 The parser stops making requests while 32 wait to be handled and holds the rest of the
 read (its reading paused meanwhile). A whole head past the last request it made is such
 a held request, not a head still arriving: its bytes are kept here until the parser makes
-it (at most what one read brought), and nothing is counted meanwhile.
+it (up to `MAX_HELD`), and nothing is counted meanwhile.
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ from __future__ import annotations
 import re
 from collections.abc import Container, Sequence
 
-# A request's body length: frames follow its head (an upgrade), or the connection is done
-# (a request the parser refused: it is answered and closed).
+# A request's body length when nothing after its head is HTTP: a request the parser refused
+# (it is answered and the connection closed).
 UPGRADE = -1
 _HEAD_END = b"\r\n\r\n"
-# The most bytes kept while the parser holds requests back: it pauses reading then, so it
-# holds at most what one read brought (uvloop reads up to 256 KiB).
-MAX_HELD = 320 * 1024
+# The most bytes kept while the parser holds requests back. It reads on once fewer than 32
+# wait, so what it holds grows with what a client pipelines (1,000 requests of 1 KB after
+# a declined upgrade: 1 MiB); past this much in flight, the connection is refused (400).
+MAX_HELD = 2 << 20
 _HEX = b"0123456789abcdefABCDEF"
 
 
 class Unframed(ValueError):
     """A chunked body whose framing the walk cannot follow (the parser refuses it too), or
-    a chunk line past the bound; or more bytes past a held request than a read brings."""
+    a chunk line past the bound; or more requests held back than `MAX_HELD`."""
 
 
 class ChunkWalk:
@@ -50,7 +52,7 @@ class ChunkWalk:
 
     def __init__(self, max_line: int) -> None:
         self._left = 0  # chunk data and its CRLF still to come
-        self._line = b""  # a size or trailer line begun in an earlier read
+        self._line = bytearray()  # a size or trailer line begun in an earlier read
         self._trailers = False  # past the last chunk (size 0)
         self._max_line = max_line
 
@@ -65,16 +67,18 @@ class ChunkWalk:
                 at += step
                 continue
             if self._line.endswith(b"\r") and buf[at] == 0x0A:  # a CRLF split over two reads
-                line, self._line = self._line[:-1], b""
+                line = bytes(self._line[:-1])
+                self._line.clear()
                 at += 1
             else:
                 end = buf.find(b"\r\n", at)
                 if end < 0:
-                    self._line += buf[at:]
+                    self._line += buf[at:]  # a bytearray: a line trickled in costs no copies
                     if len(self._line) > self._max_line:
                         raise Unframed("a chunk size or trailer line is too long")
                     return None
-                line, self._line = self._line + buf[at:end], b""
+                line = bytes(self._line) + buf[at:end] if self._line else buf[at:end]
+                self._line.clear()
                 at = end + 2
             if len(line) > self._max_line:
                 raise Unframed("a chunk size or trailer line is too long")
@@ -99,7 +103,7 @@ class HeadBound:
 
     __slots__ = (
         "received", "pos", "body_end", "pending", "upgrading", "_chunks", "_in_request",
-        "_drops_rest", "_just_ended", "_kept", "_max_line",
+        "_drops_rest", "_switches", "_just_ended", "_kept", "_max_line",
     )  # fmt: skip
 
     def __init__(self, max_line: int) -> None:
@@ -115,6 +119,9 @@ class HeadBound:
         # The request being walked is an upgrade the parser does not take (not a WebSocket):
         # the parser drops what the read its body ends in holds after it.
         self._drops_rest = False
+        # The request being walked switches protocols once its body has come (aiohttp reads
+        # an upgrade's body first): what follows it is the upgrade's, kept (`upgrading`).
+        self._switches = False
         # `pos` is where a request ended: one empty line there is a client's extra CRLF
         # after a body (RFC 9112 2.2), not a head begun. Others count, and a connection
         # that sends only empty lines meets the header deadline and the bound.
@@ -126,13 +133,18 @@ class HeadBound:
         self._max_line = max_line
 
     def read(
-        self, data: bytes, lengths: Sequence[int | None], ignored_upgrades: Container[int] = ()
+        self,
+        data: bytes,
+        lengths: Sequence[int | None],
+        upgrades: Container[int] = (),
+        ignored_upgrades: Container[int] = (),
     ) -> bool:
         """``data`` was read (b"": the parser made requests from what it held), and the
-        parser made requests with these body lengths (`UPGRADE`: it switches protocols;
-        None: chunked), in order; those at ``ignored_upgrades`` (indexes) asked for an
-        upgrade the parser does not take. False when one was `UPGRADE`: no head follows.
-        Raises Unframed."""
+        parser made requests with these body lengths (None: chunked; `UPGRADE`: none, and
+        nothing after it is HTTP), in order; those at ``upgrades`` (indexes) switch
+        protocols once their body has come, those at ``ignored_upgrades`` asked for an
+        upgrade the parser does not take. False once a request switched: what follows is
+        kept (`hold`) until the upgrade is taken or declined. Raises Unframed."""
         seen = self._kept + data if data else self._kept
         base = self.received - len(self._kept)
         self.received += len(data)
@@ -152,6 +164,8 @@ class HeadBound:
                     break
             if self._in_request:  # its body is done: the request ended at `pos`
                 self._in_request, self._just_ended = False, True
+                if self._switches:
+                    return self._upgrade(seen, base, pos)
                 if self._drops_rest:
                     self._drops_rest, pos = False, self.received
                     break
@@ -159,17 +173,16 @@ class HeadBound:
                 break
             length = lengths[index]
             self._drops_rest = index in ignored_upgrades
+            self._switches = index in upgrades
             index += 1
             end = seen.find(_HEAD_END, _past_empty_lines(seen, pos - base))
             if end < 0:  # not where it should be: what came is taken as its (a gap)
                 self.pos, self.pending, self._kept = self.received, 0, seen[-3:]
-                self._drops_rest = self._just_ended = False
+                self._drops_rest = self._switches = self._just_ended = False
                 return length != UPGRADE
             pos = base + end + 4
             if length == UPGRADE:
-                self.pos, self.pending, self._kept = pos, 0, seen[pos - base :]
-                self.upgrading, self._drops_rest, self._just_ended = True, False, False
-                return False
+                return self._upgrade(seen, base, pos)
             self._in_request = True
             if length is None:
                 self._chunks = ChunkWalk(self._max_line)
@@ -189,13 +202,19 @@ class HeadBound:
             # A whole head the parser holds back: kept until it makes its request.
             self.pending, self._kept = 0, seen[at:]
             if len(self._kept) > MAX_HELD:
-                # The parser stops reading while it holds requests back: this many bytes
-                # are not that, but a walk that lost its way (nothing here to bound them).
-                raise Unframed("more bytes past the last request than the parser holds")
+                # Requests in flight past any client's pipelining, or a walk that lost its
+                # way: nothing here would bound them.
+                raise Unframed("more requests in flight than a connection may pipeline")
             return True
         self.pending = self.received - pos
         self._kept = seen[-3:]
         return True
+
+    def _upgrade(self, seen: bytes, base: int, pos: int) -> bool:
+        self.pos, self.pending, self._kept = pos, 0, seen[pos - base :]
+        self.upgrading = True
+        self._drops_rest = self._switches = self._just_ended = False
+        return False
 
     def hold(self, data: bytes) -> None:
         """``data`` came while an upgrade is decided: the parser keeps it aside, to parse as

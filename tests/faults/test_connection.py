@@ -543,3 +543,29 @@ async def test_a_chunk_line_past_the_head_bound_gets_a_400(simulator, start_rela
     answers = await reader.read()
     writer.close()
     assert answers.startswith(b"HTTP/1.1 405") and b"HTTP/1.1 400 Bad Request" in answers
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"Content-Length: 6\r\n\r\nab\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+    ],
+    ids=["length", "chunked"],
+)
+async def test_a_declined_upgrade_with_a_body_leaves_the_bound_on(simulator, start_relay, body):
+    """aiohttp reads an upgrade's body before it switches; declined, the walk took the body
+    for the next head and fell a request behind: after it, a head was neither timed nor
+    bounded (held to the keep-alive timeout, 75 s, and 310 KiB of it kept)."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 0.5}))
+    upgrade = (
+        b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(upgrade + body + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    assert await _answers(reader, 2) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"]
+    pad = b"".join(b"x-pad-%d: %s\r\n" % (i, b"y" * 15000) for i in range(6))  # 90 KB
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + pad)
+    async with asyncio.timeout(5):  # the keep-alive timeout is 75 s: a hang fails here
+        assert (await reader.read()).startswith(b"HTTP/1.1 431")
+    writer.close()
