@@ -5,9 +5,9 @@ Besides what `config.py` checks table by table, this checks what needs the whole
   top, in the deployment's dialect, through the simulator's session validator (as strict as
   Azure and no stricter). A default the service refuses would fail every session with 502.
 - secrets: the environment variables and files the config names (TLS certificates and
-  keys, the upstream CA bundle included). A problem at start-up, on reload and with
-  `check-config --strict`; a warning for a plain `check-config` (run where the secrets are
-  not).
+  keys, the upstream CA bundle included). A problem at start-up, on reload (the TLS files
+  excepted: a reload does not load them) and with `check-config --strict`; a warning for a
+  plain `check-config` (run where the secrets are not).
 Warnings, never problems: a relay reachable beyond loopback with every Origin allowed, or
 without TLS and no trusted proxy in front; spend budgets summed in the process.
 """

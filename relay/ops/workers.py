@@ -156,7 +156,11 @@ class Supervisor:
         fd = os.open(loading, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
-        config = ConfigSource(loading, self.source.environ).load(strict=True)
+        try:
+            config = ConfigSource(loading, self.source.environ).load(strict=True)
+        except ConfigError:
+            loading.unlink()  # a bad file is not kept
+            raise
         os.replace(loading, self._in_force)
         return config
 
