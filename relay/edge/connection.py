@@ -160,6 +160,12 @@ class RelayConnection(RequestHandler):
             return
         if not whole:
             self._stop_counting()  # frames follow (or its refusal, then the close)
+            if self.upgrading is None and self._answered >= self._request_count:
+                # An upgrade answered over HTTP (declined) before its body had all come:
+                # aiohttp switches once the body is read, then parses nothing more, so what
+                # follows would wait, unanswered and unbounded, for the keep-alive timeout.
+                _log.info("declined_upgrade_closed", peer=_peer(self.transport))
+                self.force_close()
             return
         if not self._heads.pending:
             self._disarm_head_deadline()

@@ -569,3 +569,23 @@ async def test_a_declined_upgrade_with_a_body_leaves_the_bound_on(simulator, sta
     async with asyncio.timeout(5):  # the keep-alive timeout is 75 s: a hang fails here
         assert (await reader.read()).startswith(b"HTTP/1.1 431")
     writer.close()
+
+
+@pytest.mark.parametrize("late", [b"ab\r\n\r\ncd", b"d"], ids=["body", "last_byte"])
+async def test_a_declined_upgrade_whose_body_ends_after_its_answer_is_closed(
+    simulator, start_relay, late
+):
+    """Answered before its body had all come, a declined upgrade left aiohttp switched
+    once the body was read, parsing nothing more: the requests after it went unanswered and
+    a head after them neither timed nor bounded, held to the keep-alive timeout (75 s; 150
+    connections +95 MiB). The connection is closed instead."""
+    relay = await start_relay(relay_config(simulator.url, server={"header_timeout_seconds": 0.5}))
+    body = b"ab\r\n\r\ncd"
+    head = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) - len(late)])
+    assert await _answers(reader, 1) == [b"HTTP/1.1 200 OK"]
+    writer.write(late + b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    async with asyncio.timeout(5):  # the keep-alive timeout is 75 s: a hang fails here
+        assert await reader.read() == b""
+    writer.close()
