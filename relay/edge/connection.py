@@ -187,29 +187,14 @@ class RelayConnection(RequestHandler):
         be bounded. 400, after the answer before it."""
         _log.info("request_body_unframed", peer=_peer(self.transport), error=error)
         self._stop_counting()
-        if self._answering():
-            if self.transport is not None:
-                self.transport.pause_reading()
-            self._head_overdue = self._refuse_unframed
-            return
-        self._refuse_unframed()
+        self._once_answered(self._refuse_unframed)
 
     def _refuse_unframed(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(_UNFRAMED)
-            self.linger(seconds=HEAD_LINGER_SECONDS, max_bytes=2 * self._max_head_bytes)
-            return
-        self.force_close()
+        self._close_with(_UNFRAMED)
 
     def _head_too_large(self) -> None:
         self._disarm_head_deadline()
-        if self._answering():
-            if self.transport is not None:
-                self.transport.pause_reading()  # nothing more is taken meanwhile
-            self._head_overdue = self._refuse_large_head
-            return
-        self._refuse_large_head()
+        self._once_answered(self._refuse_large_head)
 
     def _refuse_large_head(self) -> None:
         transport = self.transport
@@ -221,7 +206,22 @@ class RelayConnection(RequestHandler):
                 bytes_received=self._heads.pending,
                 max_head_bytes=self._max_head_bytes,
             )
-            transport.write(_head_answer(self._max_head_bytes))
+        self._close_with(_head_answer(self._max_head_bytes))
+
+    def _once_answered(self, refuse: Callable[[], None]) -> None:
+        """``refuse`` now, or once the request before it is answered (`log_access`), nothing
+        more being read meanwhile."""
+        if self._answering():
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._head_overdue = refuse
+            return
+        refuse()
+
+    def _close_with(self, answer: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(answer)
             # What the client still sends is read and dropped, so that it reads the answer
             # rather than a reset; past twice the bound, or a few seconds, it is reset.
             self.linger(seconds=HEAD_LINGER_SECONDS, max_bytes=2 * self._max_head_bytes)

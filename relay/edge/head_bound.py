@@ -38,6 +38,8 @@ _HEAD_END = b"\r\n\r\n"
 # a declined upgrade: 1 MiB); past this much in flight, the connection is refused (400).
 MAX_HELD = 2 << 20
 _HEX = b"0123456789abcdefABCDEF"
+# What follows a request's body (`HeadBound._walking`).
+_PLAIN, _SWITCHES, _DROPS_REST = 0, 1, 2
 
 
 class Unframed(ValueError):
@@ -102,8 +104,8 @@ class HeadBound:
     `pending` is the part of a head still arriving."""
 
     __slots__ = (
-        "received", "pos", "body_end", "pending", "upgrading", "_chunks", "_in_request",
-        "_drops_rest", "_switches", "_just_ended", "_kept", "_max_line",
+        "received", "pos", "body_end", "pending", "upgrading", "_chunks", "_walking",
+        "_just_ended", "_kept", "_max_line",
     )  # fmt: skip
 
     def __init__(self, max_line: int) -> None:
@@ -115,13 +117,11 @@ class HeadBound:
         # parser reads on as HTTP), what follows is kept, not walked (`hold`).
         self.upgrading = False
         self._chunks: ChunkWalk | None = None
-        self._in_request = False  # a head walked, its body not yet
-        # The request being walked is an upgrade the parser does not take (not a WebSocket):
-        # the parser drops what the read its body ends in holds after it.
-        self._drops_rest = False
-        # The request being walked switches protocols once its body has come (aiohttp reads
-        # an upgrade's body first): what follows it is the upgrade's, kept (`upgrading`).
-        self._switches = False
+        # The request whose body is being walked, and what comes after it: `_PLAIN`, or
+        # `_SWITCHES` (an upgrade aiohttp takes once the body has come, which it reads first:
+        # what follows is kept, `upgrading`), or `_DROPS_REST` (an upgrade it does not take:
+        # it drops what the read the body ends in holds after it). None between requests.
+        self._walking: int | None = None
         # `pos` is where a request ended: one empty line there is a client's extra CRLF
         # after a body (RFC 9112 2.2), not a head begun. Others count, and a connection
         # that sends only empty lines meets the header deadline and the bound.
@@ -162,28 +162,33 @@ class HeadBound:
                 pos = min(self.body_end, self.received)
                 if pos < self.body_end:
                     break
-            if self._in_request:  # its body is done: the request ended at `pos`
-                self._in_request, self._just_ended = False, True
-                if self._switches:
+            if self._walking is not None:  # its body is done: the request ended at `pos`
+                after, self._walking, self._just_ended = self._walking, None, True
+                if after == _SWITCHES:
                     return self._upgrade(seen, base, pos)
-                if self._drops_rest:
-                    self._drops_rest, pos = False, self.received
+                if after == _DROPS_REST:
+                    pos = self.received
                     break
             if index == len(lengths):
                 break
             length = lengths[index]
-            self._drops_rest = index in ignored_upgrades
-            self._switches = index in upgrades
+            after = (
+                _SWITCHES
+                if index in upgrades
+                else _DROPS_REST
+                if index in ignored_upgrades
+                else _PLAIN
+            )
             index += 1
             end = seen.find(_HEAD_END, _past_empty_lines(seen, pos - base))
             if end < 0:  # not where it should be: what came is taken as its (a gap)
                 self.pos, self.pending, self._kept = self.received, 0, seen[-3:]
-                self._drops_rest = self._switches = self._just_ended = False
+                self._just_ended = False
                 return length != UPGRADE
             pos = base + end + 4
             if length == UPGRADE:
                 return self._upgrade(seen, base, pos)
-            self._in_request = True
+            self._walking = after
             if length is None:
                 self._chunks = ChunkWalk(self._max_line)
             else:
@@ -212,8 +217,7 @@ class HeadBound:
 
     def _upgrade(self, seen: bytes, base: int, pos: int) -> bool:
         self.pos, self.pending, self._kept = pos, 0, seen[pos - base :]
-        self.upgrading = True
-        self._drops_rest = self._switches = self._just_ended = False
+        self.upgrading, self._walking, self._just_ended = True, None, False
         return False
 
     def hold(self, data: bytes) -> None:
